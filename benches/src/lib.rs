@@ -1,0 +1,1 @@
+//! Shared fixtures for benchmarks and the load generator.

@@ -1,0 +1,1 @@
+//! The Coder tailnet coordinator.

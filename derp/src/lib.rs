@@ -1,0 +1,1 @@
+//! The DERP relay: server, client and STUN.

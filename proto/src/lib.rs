@@ -1,0 +1,4 @@
+//! Wire formats spoken by tailnetd, kept pure so that every codec can be tested and fuzzed without
+//! sockets, tasks or a clock. Anything that needs randomness (nonces, keys) takes it as an argument
+//! or from the caller's RNG.
+#![forbid(unsafe_code)]
