@@ -1,1 +1,422 @@
-fn main() {}
+//! The `tailnetd` binary: parses the configuration, composes the relay and the coordinator for
+//! the chosen role, serves until SIGTERM/SIGINT, then drains.
+//!
+//! This is the only place where `derp` and `coordinator` meet: the coordinator learns the relay's
+//! public URL and STUN port for its DERP map, and the relay's HTTP front door hands every
+//! non-DERP request to a router built from the coordinator's routes. Keep it thin: protocol logic
+//! belongs in the library crates.
+
+mod config;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use clap::Parser;
+use coordinator::auth::{StaticAuthConfig, StaticAuthenticator};
+use coordinator::config::CoordinatorConfig;
+use coordinator::derpmap::{DerpMapConfig, DerpMapSource, EmbeddedRelay};
+use coordinator::dev::DevCredentials;
+use coordinator::Coordinator;
+use derp::http::{DerpHandler, HttpEdge};
+use derp::listener::ListenerOptions;
+use derp::server::{Server, ServerConfig};
+use serde_json::json;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Cli, Role, Settings};
+
+/// Exit status for a configuration error (EX_USAGE), so supervisors can tell it from a crash.
+const EXIT_CONFIG: u8 = 64;
+/// How long draining may take before the process exits anyway.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (role, args) = cli.role.split();
+    let settings = match Settings::resolve(role, args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tailnetd: invalid configuration: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_tracing(&settings);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tailnetd")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tailnetd: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "tailnetd stopped");
+            eprintln!("tailnetd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(s: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&s.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if s.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Shared by `/readyz` and the drain sequence.
+#[derive(Clone)]
+struct Health {
+    ready: Arc<AtomicBool>,
+    registry: prometheus::Registry,
+}
+
+async fn metrics(State(h): State<Health>) -> impl IntoResponse {
+    let mut out = String::new();
+    match prometheus::TextEncoder::new().encode_utf8(&h.registry.gather(), &mut out) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+            out,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "encoding metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+        }
+    }
+}
+
+async fn readyz(State(h): State<Health>) -> impl IntoResponse {
+    if h.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    }
+}
+
+fn ops_routes(health: Health) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(health)
+}
+
+async fn bind_tcp(addr: Option<SocketAddr>, what: &str) -> Result<Option<TcpListener>> {
+    match addr {
+        None => Ok(None),
+        Some(a) => TcpListener::bind(a)
+            .await
+            .map(Some)
+            .with_context(|| format!("binding {what} {a}")),
+    }
+}
+
+fn local(l: &Option<TcpListener>) -> Result<Option<SocketAddr>> {
+    l.as_ref()
+        .map(|l| l.local_addr().context("reading a listener's address"))
+        .transpose()
+}
+
+/// The URL clients use to reach this process: the configured public URL, else the first bound
+/// listener (HTTPS preferred).
+fn public_url(s: &Settings, http: Option<SocketAddr>, https: Option<SocketAddr>) -> String {
+    if let Some(u) = &s.public_url {
+        return u.trim_end_matches('/').to_string();
+    }
+    match (https, http) {
+        (Some(a), _) => format!("https://{}", display_host(a)),
+        (None, Some(a)) => format!("http://{}", display_host(a)),
+        (None, None) => String::new(),
+    }
+}
+
+/// An unspecified bind address is not somewhere a client can dial; advertise loopback instead.
+fn display_host(a: SocketAddr) -> String {
+    let ip = match a.ip() {
+        std::net::IpAddr::V4(v) if v.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(v) if v.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    SocketAddr::new(ip, a.port()).to_string()
+}
+
+fn relay_key(s: &Settings) -> Result<proto::key::NodePrivate> {
+    match &s.listen.key_file {
+        Some(path) => derp::keyfile::load_or_create(path)
+            .with_context(|| format!("key_file {}", path.display())),
+        None if s.role == Role::Dev => Ok(proto::key::NodePrivate::generate(
+            &mut rand::rngs::OsRng,
+        )),
+        None => anyhow::bail!(
+            "key_file: required for the {} role, so that the relay keeps its identity across restarts",
+            s.role.name()
+        ),
+    }
+}
+
+async fn run(s: Settings) -> Result<()> {
+    let registry = prometheus::Registry::new();
+    // process_resident_memory_bytes etc.: memory per connection is read from these.
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .context("registering process metrics")?;
+    let cancel = CancellationToken::new();
+    let health = Health {
+        ready: Arc::new(AtomicBool::new(false)),
+        registry: registry.clone(),
+    };
+
+    // Bind everything first, so that port 0 resolves before the DERP map is built.
+    let http = bind_tcp(s.http_addr, "http_addr").await?;
+    let https = bind_tcp(s.https_addr, "https_addr").await?;
+    let stun = match s.stun_addr {
+        Some(a) => Some(
+            UdpSocket::bind(a)
+                .await
+                .with_context(|| format!("binding stun_addr {a}"))?,
+        ),
+        None => None,
+    };
+    let http_local = local(&http)?;
+    let https_local = local(&https)?;
+    let stun_local = stun
+        .as_ref()
+        .map(|u| u.local_addr().context("reading the STUN socket's address"))
+        .transpose()?;
+    let base_url = public_url(&s, http_local, https_local);
+
+    let relay: Option<Arc<Server>> = if s.role.runs_relay() {
+        let mut cfg = ServerConfig::new(relay_key(&s)?);
+        s.listen.apply_to(&mut cfg);
+        if let Some(p) = &s.listen.mesh_psk_file {
+            cfg.mesh_key = Some(
+                derp::keyfile::load_mesh_key(p)
+                    .with_context(|| format!("mesh_psk_file {}", p.display()))?,
+            );
+        }
+        Some(Server::new(cfg, &registry).context("starting the relay")?)
+    } else {
+        None
+    };
+
+    let dev_credentials = (s.role == Role::Dev).then(DevCredentials::generate);
+    let coordinator: Option<Arc<Coordinator>> = if s.role.runs_coordinator() {
+        let mut tokens: StaticAuthConfig = s.auth.tokens.clone();
+        if let Some(dev) = &dev_credentials {
+            let extra = dev.auth_config();
+            tokens.agents.extend(extra.agents);
+            tokens.users.extend(extra.users);
+        }
+        let auth = StaticAuthenticator::new(&tokens).context("auth")?;
+        let embedded = relay.as_ref().map(|_| EmbeddedRelay {
+            region_id: s.region_id,
+            region_code: s.region_code.clone(),
+            region_name: s.region_name.clone(),
+            public_url: base_url.clone(),
+            stun_port: stun_local.map(|a| a.port()),
+        });
+        let source = DerpMapSource::new(DerpMapConfig {
+            file: s.derp_map_file.clone(),
+            embedded,
+            ..DerpMapConfig::default()
+        })
+        .context("derp_map_file")?;
+        let config = CoordinatorConfig {
+            resume_key: s
+                .auth
+                .resume_key
+                .as_ref()
+                .map(|k| k.to_key())
+                .transpose()
+                .context("auth.resume_key")?,
+            ..CoordinatorConfig::default()
+        };
+        Some(
+            Coordinator::new(config, Arc::new(auth), source, &registry)
+                .context("starting the coordinator")?,
+        )
+    } else {
+        None
+    };
+
+    let mut app = ops_routes(health.clone());
+    if let Some(c) = &coordinator {
+        app = app.merge(c.router());
+    }
+    let derp_handler: Option<Arc<dyn DerpHandler>> =
+        relay.clone().map(|r| r as Arc<dyn DerpHandler>);
+    let edge = HttpEdge::new(derp_handler, app, &registry).context("registering metrics")?;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let opts = ListenerOptions::from_config(&s.listen);
+    if let Some(l) = http {
+        tasks.spawn(derp::listener::serve(
+            l,
+            None,
+            edge.clone(),
+            opts.clone(),
+            cancel.clone(),
+        ));
+    }
+    if let Some(l) = https {
+        let (cert, key) = match (&s.listen.tls_cert, &s.listen.tls_key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            _ => anyhow::bail!("tls_cert and tls_key: required when https_addr is set"),
+        };
+        let meta = match &relay {
+            Some(r) => Some(
+                derp::metacert::generate(r.public_key().as_bytes())
+                    .context("generating the DERP meta certificate")?,
+            ),
+            None => None,
+        };
+        let reloader = Arc::new(
+            derp::tls::TlsReloader::new(cert, key, meta, &registry).context("tls_cert/tls_key")?,
+        );
+        let tls = reloader.server_config().context("TLS configuration")?;
+        tasks.spawn(derp::listener::serve(
+            l,
+            Some(tls),
+            edge.clone(),
+            opts.clone(),
+            cancel.clone(),
+        ));
+    }
+    if let Some(sock) = stun {
+        let m = derp::stun::StunMetrics::new(&registry).context("registering STUN metrics")?;
+        tasks.spawn(derp::stun::serve(sock, m, cancel.clone()));
+    }
+
+    health.ready.store(true, Ordering::Relaxed);
+    announce(
+        &s,
+        http_local,
+        https_local,
+        stun_local,
+        &base_url,
+        relay.as_deref(),
+        dev_credentials.as_ref(),
+    )?;
+
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("signal received: draining"),
+        Some(r) = tasks.join_next() => {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "a listener task failed");
+            }
+            tracing::error!("a listener stopped unexpectedly: draining");
+        }
+    }
+    health.ready.store(false, Ordering::Relaxed);
+    let drain = async {
+        let relay_drain = async {
+            if let Some(r) = &relay {
+                r.shutdown().await;
+            }
+        };
+        let coord_drain = async {
+            if let Some(c) = &coordinator {
+                c.shutdown().await;
+            }
+        };
+        tokio::join!(relay_drain, coord_drain);
+        cancel.cancel();
+        while tasks.join_next().await.is_some() {}
+    };
+    if tokio::time::timeout(DRAIN_DEADLINE, drain).await.is_err() {
+        tracing::warn!(
+            deadline = ?DRAIN_DEADLINE,
+            "drain deadline passed; exiting anyway"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Prints the one JSON line that tells operators and test harnesses where everything listens.
+#[allow(clippy::print_stdout, reason = "the announcement line is the CLI's output")]
+fn announce(
+    s: &Settings,
+    http: Option<SocketAddr>,
+    https: Option<SocketAddr>,
+    stun: Option<SocketAddr>,
+    base_url: &str,
+    relay: Option<&Server>,
+    dev: Option<&DevCredentials>,
+) -> Result<()> {
+    let mut line = json!({
+        "role": s.role.name(),
+        "http_addr": http.map(|a| a.to_string()),
+        "https_addr": https.map(|a| a.to_string()),
+        "stun_addr": stun.map(|a| a.to_string()),
+        "derp_public_key": relay.map(|r| r.public_key().to_string()),
+        "base_url": base_url,
+    });
+    if relay.is_some() {
+        line["derp_url"] = json!(format!("{base_url}/derp"));
+    }
+    if let Some(d) = dev {
+        line["agent_id"] = json!(d.agent_id.to_string());
+        line["agent_token"] = json!(d.agent_token.to_string());
+        line["client_token"] = json!(d.client_token);
+    }
+    let text = serde_json::to_string(&line).context("encoding the announcement")?;
+    if let Some(path) = &s.credentials {
+        std::fs::write(path, format!("{text}\n"))
+            .with_context(|| format!("credentials {}", path.display()))?;
+    }
+    println!("{text}");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "listening for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "listening for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,1 +1,20 @@
 //! The DERP relay: server, client and STUN.
+pub mod websocket;
+pub mod metacert;
+pub mod tls;
+pub mod keyfile;
+pub mod config;
+pub mod stun;
+pub mod http;
+pub mod listener;
+pub mod dial;
+pub mod admission;
+pub mod client;
+pub(crate) mod conn;
+pub mod metrics;
+pub(crate) mod queue;
+pub mod registry;
+pub mod server;
+pub use admission::{Admission, AdmitAll, AdmitFn};
+pub use client::{Client, ClientError, ClientOptions, ClientReader, ClientWriter, ReceivedFrame};
+pub use server::{ConnInfo, Server, ServerConfig, ServerError};

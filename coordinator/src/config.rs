@@ -1,0 +1,125 @@
+//! Tunables of the coordinator's API face, with Coder's defaults.
+//!
+//! Why: the binary fills this from flags/TOML; tests shrink the timers. Every value here bounds a
+//! queue, a message or a wait. This module must never read files or the environment itself.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::resume::{ResumeKey, DEFAULT_EXPIRY};
+
+/// Highest Tailnet API minor version served (Coder's `CurrentMinor` for major 2).
+pub const CURRENT_MINOR: u64 = 10;
+/// Highest Tailnet API major version served.
+pub const CURRENT_MAJOR: u64 = 2;
+
+/// Configuration of a [`crate::Coordinator`].
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// Resume token signing key; `None` = a random key per process (tokens verify only here).
+    pub resume_key: Option<ResumeKey>,
+    /// Older keys still accepted for verification (rotation).
+    pub resume_verify_keys: Vec<ResumeKey>,
+    /// Resume token lifetime (Coder: 24 h; clients refresh after half).
+    pub resume_expiry: Duration,
+    /// WebSocket ping interval on coordination and DERP map sockets (Coder: 15 s).
+    pub ws_ping_interval: Duration,
+    /// How long a WebSocket ping may stay unanswered before the session is closed with 1001.
+    pub ws_pong_timeout: Duration,
+    /// v1 sessions: a write that takes longer ends the session (Coder: 5 s).
+    pub v1_write_timeout: Duration,
+    /// v1 sessions: largest JSON value accepted from a peer before the session is ended.
+    pub v1_max_message: usize,
+    /// Responses buffered per peer before it is kicked as too slow (Coder: 512).
+    pub response_buffer: usize,
+    /// How long shutdown waits for sessions to say goodbye.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            resume_key: None,
+            resume_verify_keys: Vec::new(),
+            resume_expiry: DEFAULT_EXPIRY,
+            ws_ping_interval: Duration::from_secs(15),
+            ws_pong_timeout: Duration::from_secs(15),
+            v1_write_timeout: Duration::from_secs(5),
+            v1_max_message: 1 << 20,
+            response_buffer: 512,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A resume key as written in TOML: `{ id = "1", secret_hex = "<128 hex chars>" }`. Coder stores
+/// `crypto_keys.secret` as hex, so the same text works for both.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeKeyConfig {
+    /// Key id (`kid`); Coder uses the key's sequence number.
+    pub id: String,
+    /// The secret, hex encoded (at least 32 bytes).
+    pub secret_hex: String,
+}
+
+/// A resume key could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResumeKeyError {
+    /// Not hex.
+    #[error("resume key {0:?}: secret is not hex")]
+    NotHex(String),
+    /// Shorter than 32 bytes.
+    #[error("resume key {0:?}: secret must be at least 32 bytes, got {1}")]
+    TooShort(String, usize),
+    /// Empty key id.
+    #[error("resume key id must not be empty")]
+    EmptyId,
+}
+
+impl ResumeKeyConfig {
+    /// Decode into a [`ResumeKey`].
+    pub fn to_key(&self) -> Result<ResumeKey, ResumeKeyError> {
+        if self.id.is_empty() {
+            return Err(ResumeKeyError::EmptyId);
+        }
+        let secret = hex::decode(self.secret_hex.trim())
+            .map_err(|_| ResumeKeyError::NotHex(self.id.clone()))?;
+        if secret.len() < 32 {
+            return Err(ResumeKeyError::TooShort(self.id.clone(), secret.len()));
+        }
+        Ok(ResumeKey {
+            id: self.id.clone(),
+            secret,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_key_config() {
+        let k = ResumeKeyConfig {
+            id: "3".into(),
+            secret_hex: "ab".repeat(64),
+        };
+        assert_eq!(k.to_key().unwrap().secret.len(), 64);
+        let short = ResumeKeyConfig {
+            id: "3".into(),
+            secret_hex: "ab".repeat(8),
+        };
+        assert_eq!(
+            short.to_key().unwrap_err(),
+            ResumeKeyError::TooShort("3".into(), 8)
+        );
+        let bad = ResumeKeyConfig {
+            id: "3".into(),
+            secret_hex: "zz".into(),
+        };
+        assert!(bad.to_key().is_err());
+    }
+}

@@ -1,0 +1,1103 @@
+//! dRPC over yamux streams with storj drpc v0.0.34 semantics: the server side (one dRPC
+//! connection per accepted yamux stream, dispatching invokes to a [`Handler`]) and the client side
+//! ([`RpcClient`], one yamux stream per call, exactly Go's call patterns).
+//!
+//! Why: Coder's agents and clients run `drpcconn`/`drpcserver` over yamux; the byte-level rules
+//! (ids, kinds, half-close, error bodies, 4 MiB packets) must match or Go peers break. Frame and
+//! packet rules live in `proto::drpc`; this module owns the connection state machine.
+//!
+//! Per transport (yamux stream) the server runs one task that reads packets through
+//! `proto::drpc::PacketAssembler` and polls the active handler future in the same `select!`, plus
+//! one writer task that numbers outgoing packets and writes them. Handlers are cancelled by
+//! dropping their future (a new Invoke with a higher stream id, a Cancel, or the transport ending),
+//! so **handlers must be cancel-safe**; they can also watch [`RpcStream::cancelled`].
+//!
+//! Unknown methods get an Error packet with code 12 (`UNIMPLEMENTED`) and drpcmux's text
+//! `protocol error: unknown rpc: "<name>"`, so Coder clients recognise them either way. A later
+//! upstream proxy can take over a whole transport through [`Handler::take_over`], which receives
+//! the raw bytes already consumed (the Invoke) and both stream halves.
+//!
+//! This module must never buffer more than one packet (≤ 4 MiB) plus one read chunk per
+//! transport, never let one transport's protocol error affect another (it resets only its own
+//! yamux stream, logs and counts), and never hold a lock across `.await`.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use proto::drpc::{
+    decode_error, decode_metadata, encode_error, encode_packet_with, unknown_rpc_message,
+    DrpcError, Frame, Kind, Packet, PacketAssembler, MAX_PACKET_SIZE, UNIMPLEMENTED,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::yamux::{Session, SessionError, SessionHandle, Stream, StreamReader, StreamWriter};
+use super::{count, MetricsRef};
+
+/// How much we ask the transport for per read.
+const READ_CHUNK: usize = 64 * 1024;
+/// Raw bytes kept for [`Handler::take_over`] before the first dispatch (Invoke + metadata).
+const MAX_RAW_PREFIX: usize = 2 * MAX_PACKET_SIZE + 2 * READ_CHUNK;
+
+/// Errors seen by handlers and clients.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RpcError {
+    /// An application error: sent to / received from the peer as an Error packet.
+    #[error("{message}")]
+    Remote {
+        /// drpcerr code (0 = none, 12 = unimplemented).
+        code: u64,
+        /// Error text.
+        message: String,
+    },
+    /// The stream was closed (by us or the peer) and can't carry this operation.
+    #[error("drpc: stream closed")]
+    Closed,
+    /// The call was cancelled (peer Cancel/Close, superseded by a new Invoke, transport gone).
+    #[error("drpc: canceled")]
+    Canceled,
+    /// A message larger than the 4 MiB packet limit.
+    #[error("drpc: message of {0} bytes exceeds the 4 MiB packet limit")]
+    TooLarge(usize),
+    /// A message did not decode as the expected protobuf type.
+    #[error("drpc: decode: {0}")]
+    Decode(String),
+    /// The peer broke the dRPC protocol; the transport was closed.
+    #[error("drpc: protocol error: {0}")]
+    Protocol(String),
+    /// The yamux stream or session failed.
+    #[error("drpc: transport: {0}")]
+    Transport(String),
+}
+
+impl RpcError {
+    /// An application error with a code.
+    pub fn new(code: u64, message: impl Into<String>) -> Self {
+        RpcError::Remote {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The error a server sends for an unknown method (code 12 + drpcmux's text).
+    pub fn unimplemented(method: &str) -> Self {
+        RpcError::new(UNIMPLEMENTED, unknown_rpc_message(method))
+    }
+
+    /// The code sent in an Error packet for this error.
+    pub fn code(&self) -> u64 {
+        match self {
+            RpcError::Remote { code, .. } => *code,
+            _ => 0,
+        }
+    }
+
+    /// Coder's `IsDRPCUnimplementedError`: code 12 or text containing `unknown rpc: `.
+    pub fn is_unimplemented(&self) -> bool {
+        match self {
+            RpcError::Remote { code, message } => proto::drpc::is_unimplemented(*code, message),
+            _ => false,
+        }
+    }
+}
+
+/// A running call.
+pub type CallFuture = Pin<Box<dyn Future<Output = Result<(), RpcError>> + Send + 'static>>;
+/// A transport taken over by [`Handler::take_over`].
+pub type TakeOverFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// A transport handed to [`Handler::take_over`] before any reply was written.
+pub struct RawInvoke {
+    /// The method named by the first Invoke.
+    pub method: String,
+    /// Metadata from an InvokeMetadata packet with the same stream id, if any.
+    pub metadata: BTreeMap<String, String>,
+    /// Every byte read from the transport so far, verbatim (InvokeMetadata, Invoke and any
+    /// read-ahead of later frames). Replaying these to an upstream transport and then copying both
+    /// directions forwards the call byte for byte.
+    pub consumed: Bytes,
+    /// Read half of the yamux stream (positioned after `consumed`).
+    pub reader: StreamReader,
+    /// Write half of the yamux stream (nothing written yet).
+    pub writer: StreamWriter,
+}
+
+impl std::fmt::Debug for RawInvoke {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawInvoke")
+            .field("method", &self.method)
+            .field("consumed", &self.consumed.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves dRPC methods. One value serves every transport of every session.
+pub trait Handler: Send + Sync + 'static {
+    /// Starts `method` on `stream`. Returns `None` if the method is unknown; the server then
+    /// replies with [`RpcError::unimplemented`]. `Ok(())` from the future ends the call with
+    /// CloseSend (unless the handler already closed), `Err(e)` with an Error packet.
+    fn call(self: Arc<Self>, method: &str, stream: RpcStream) -> Option<CallFuture>;
+
+    /// Offered the raw transport when its *first* Invoke arrives, before [`Handler::call`]. Return
+    /// `Err(raw)` (the default) to decline; `Ok(fut)` runs `fut` as the whole transport.
+    fn take_over(self: Arc<Self>, raw: RawInvoke) -> Result<TakeOverFuture, RawInvoke> {
+        Err(raw)
+    }
+}
+
+/// Settings for dRPC connections.
+#[derive(Debug, Clone)]
+pub struct DrpcConfig {
+    /// Messages queued towards a handler's `recv` before we stop reading the transport.
+    pub recv_queue: usize,
+    /// Packets queued towards a transport's writer.
+    pub send_queue: usize,
+    /// Where to count protocol errors, unknown methods and calls.
+    pub metrics: MetricsRef,
+}
+
+impl Default for DrpcConfig {
+    fn default() -> Self {
+        DrpcConfig {
+            recv_queue: 4,
+            send_queue: 8,
+            metrics: None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream state shared between a call's handle and its connection
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Flags {
+    send_closed: bool,
+    recv_closed: bool,
+    terminated: bool,
+}
+
+struct CallShared {
+    flags: Mutex<Flags>,
+    cancel: CancellationToken,
+}
+
+impl CallShared {
+    fn new() -> Arc<Self> {
+        Arc::new(CallShared {
+            flags: Mutex::new(Flags::default()),
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Flags) -> R) -> R {
+        let mut g = self.flags.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut g)
+    }
+
+    fn terminate(&self) {
+        self.with(|f| {
+            f.terminated = true;
+            f.send_closed = true;
+            f.recv_closed = true;
+        });
+        self.cancel.cancel();
+    }
+
+    fn is_terminated(&self) -> bool {
+        self.with(|f| f.terminated)
+    }
+}
+
+enum Inbound {
+    Message(Bytes),
+    End,
+    Error(RpcError),
+}
+
+struct Out {
+    stream_id: u64,
+    kind: Kind,
+    control: bool,
+    body: Bytes,
+    ack: Option<oneshot::Sender<Result<(), RpcError>>>,
+}
+
+/// Sending side of a call. Cloneable.
+#[derive(Clone)]
+pub struct RpcSender {
+    stream_id: u64,
+    out: mpsc::Sender<Out>,
+    shared: Arc<CallShared>,
+}
+
+impl std::fmt::Debug for RpcSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcSender")
+            .field("stream_id", &self.stream_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RpcSender {
+    async fn write(&self, kind: Kind, control: bool, body: Bytes) -> Result<(), RpcError> {
+        let (tx, rx) = oneshot::channel();
+        let out = Out {
+            stream_id: self.stream_id,
+            kind,
+            control,
+            body,
+            ack: Some(tx),
+        };
+        self.out.send(out).await.map_err(|_| RpcError::Closed)?;
+        rx.await.unwrap_or(Err(RpcError::Closed))
+    }
+
+    /// Sends one message (split into ≤ 64 KiB frames) and waits until it is written.
+    pub async fn send(&self, msg: Bytes) -> Result<(), RpcError> {
+        if msg.len() > MAX_PACKET_SIZE {
+            return Err(RpcError::TooLarge(msg.len()));
+        }
+        let closed = self.shared.with(|f| f.send_closed || f.terminated);
+        if closed {
+            return Err(if self.shared.cancel.is_cancelled() {
+                RpcError::Canceled
+            } else {
+                RpcError::Closed
+            });
+        }
+        self.write(Kind::Message, false, msg).await
+    }
+
+    /// Encodes and sends a protobuf message.
+    pub async fn send_msg<M: prost::Message>(&self, msg: &M) -> Result<(), RpcError> {
+        self.send(Bytes::from(msg.encode_to_vec())).await
+    }
+
+    /// Half-closes: no more messages from us (CloseSend). No-op if already closed.
+    pub async fn close_send(&self) -> Result<(), RpcError> {
+        let send = self.shared.with(|f| {
+            if f.send_closed || f.terminated {
+                return false;
+            }
+            f.send_closed = true;
+            if f.recv_closed {
+                f.terminated = true;
+            }
+            true
+        });
+        if !send {
+            return Ok(());
+        }
+        self.write(Kind::CloseSend, false, Bytes::new()).await
+    }
+
+    /// Terminates the stream in both directions (Close). No-op if already terminated.
+    pub async fn close(&self) -> Result<(), RpcError> {
+        if !self.terminate_first() {
+            return Ok(());
+        }
+        self.write(Kind::Close, false, Bytes::new()).await
+    }
+
+    /// Terminates the stream with an Error packet (8-byte code + text). No-op if terminated.
+    pub async fn send_error(&self, code: u64, text: &str) -> Result<(), RpcError> {
+        if !self.terminate_first() {
+            return Ok(());
+        }
+        self.write(Kind::Error, false, encode_error(code, text))
+            .await
+    }
+
+    fn terminate_first(&self) -> bool {
+        self.shared.with(|f| {
+            if f.terminated {
+                return false;
+            }
+            f.terminated = true;
+            f.send_closed = true;
+            f.recv_closed = true;
+            true
+        })
+    }
+
+    /// Resolves when the call is cancelled or terminated by the peer or the transport.
+    pub async fn cancelled(&self) {
+        self.shared.cancel.cancelled().await
+    }
+}
+
+/// Receiving side of a call.
+pub struct RpcReceiver {
+    rx: mpsc::Receiver<Inbound>,
+    shared: Arc<CallShared>,
+    done: bool,
+}
+
+impl std::fmt::Debug for RpcReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcReceiver")
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RpcReceiver {
+    /// The next message body; `None` once the peer sent CloseSend or Close. A peer Error packet
+    /// is returned as [`RpcError::Remote`]. Cancel-safe.
+    pub async fn recv(&mut self) -> Result<Option<Bytes>, RpcError> {
+        if self.done {
+            return Ok(None);
+        }
+        match self.rx.recv().await {
+            Some(Inbound::Message(b)) => Ok(Some(b)),
+            Some(Inbound::End) => {
+                self.done = true;
+                Ok(None)
+            }
+            Some(Inbound::Error(e)) => {
+                self.done = true;
+                Err(e)
+            }
+            None => {
+                self.done = true;
+                if self.shared.is_terminated() {
+                    Ok(None)
+                } else {
+                    Err(RpcError::Canceled)
+                }
+            }
+        }
+    }
+
+    /// Receives and decodes one protobuf message.
+    pub async fn recv_msg<M: prost::Message + Default>(&mut self) -> Result<Option<M>, RpcError> {
+        match self.recv().await? {
+            Some(b) => M::decode(b)
+                .map(Some)
+                .map_err(|e| RpcError::Decode(e.to_string())),
+            None => Ok(None),
+        }
+    }
+}
+
+/// One dRPC call (server side: handed to [`Handler::call`]; client side: from
+/// [`RpcClient::open_stream`]). Use [`RpcStream::split`] to send and receive from different tasks.
+pub struct RpcStream {
+    method: String,
+    metadata: BTreeMap<String, String>,
+    tx: RpcSender,
+    rx: RpcReceiver,
+    /// Client side: dropping the stream ends the transport.
+    _client_guard: Option<ClientGuard>,
+}
+
+impl std::fmt::Debug for RpcStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcStream")
+            .field("method", &self.method)
+            .field("stream_id", &self.tx.stream_id)
+            .finish_non_exhaustive()
+    }
+}
+
+struct ClientGuard(CancellationToken);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+impl RpcStream {
+    /// The full method name, e.g. `/coder.tailnet.v2.Tailnet/Coordinate`.
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// InvokeMetadata sent with the call (empty for Coder's clients).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// See [`RpcReceiver::recv`].
+    pub async fn recv(&mut self) -> Result<Option<Bytes>, RpcError> {
+        self.rx.recv().await
+    }
+
+    /// See [`RpcReceiver::recv_msg`].
+    pub async fn recv_msg<M: prost::Message + Default>(&mut self) -> Result<Option<M>, RpcError> {
+        self.rx.recv_msg().await
+    }
+
+    /// See [`RpcSender::send`].
+    pub async fn send(&self, msg: Bytes) -> Result<(), RpcError> {
+        self.tx.send(msg).await
+    }
+
+    /// See [`RpcSender::send_msg`].
+    pub async fn send_msg<M: prost::Message>(&self, msg: &M) -> Result<(), RpcError> {
+        self.tx.send_msg(msg).await
+    }
+
+    /// See [`RpcSender::close_send`].
+    pub async fn close_send(&self) -> Result<(), RpcError> {
+        self.tx.close_send().await
+    }
+
+    /// See [`RpcSender::close`].
+    pub async fn close(&self) -> Result<(), RpcError> {
+        self.tx.close().await
+    }
+
+    /// See [`RpcSender::send_error`].
+    pub async fn send_error(&self, code: u64, text: &str) -> Result<(), RpcError> {
+        self.tx.send_error(code, text).await
+    }
+
+    /// See [`RpcSender::cancelled`].
+    pub async fn cancelled(&self) {
+        self.tx.cancelled().await
+    }
+
+    /// A cloneable sender for this call.
+    pub fn sender(&self) -> RpcSender {
+        self.tx.clone()
+    }
+
+    /// Splits into a cloneable sender and the receiver. On the client side the transport stays
+    /// open until the receiver is dropped (it owns the transport guard).
+    pub fn split(self) -> (RpcSender, RpcReceiverOwned) {
+        (
+            self.tx,
+            RpcReceiverOwned {
+                rx: self.rx,
+                _client_guard: self._client_guard,
+            },
+        )
+    }
+}
+
+/// The receiver returned by [`RpcStream::split`] (keeps a client transport alive).
+pub struct RpcReceiverOwned {
+    rx: RpcReceiver,
+    _client_guard: Option<ClientGuard>,
+}
+
+impl std::fmt::Debug for RpcReceiverOwned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.rx.fmt(f)
+    }
+}
+
+impl std::ops::Deref for RpcReceiverOwned {
+    type Target = RpcReceiver;
+    fn deref(&self) -> &RpcReceiver {
+        &self.rx
+    }
+}
+
+impl std::ops::DerefMut for RpcReceiverOwned {
+    fn deref_mut(&mut self) -> &mut RpcReceiver {
+        &mut self.rx
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transport plumbing shared by both sides
+// ---------------------------------------------------------------------------------------------
+
+/// Reads packets off one yamux stream. Cancel-safe: `next` only awaits inside `read_buf`.
+struct PacketReader {
+    rd: StreamReader,
+    buf: BytesMut,
+    asm: PacketAssembler,
+    raw: Option<BytesMut>,
+}
+
+enum ReadError {
+    Eof,
+    Io(std::io::Error),
+    Protocol(DrpcError),
+}
+
+impl PacketReader {
+    fn new(rd: StreamReader, keep_raw: bool) -> Self {
+        PacketReader {
+            rd,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            asm: PacketAssembler::new(),
+            raw: keep_raw.then(BytesMut::new),
+        }
+    }
+
+    async fn next(&mut self) -> Result<Packet, ReadError> {
+        loop {
+            while let Some(frame) = Frame::decode(&mut self.buf).map_err(ReadError::Protocol)? {
+                if let Some(p) = self.asm.push(frame).map_err(ReadError::Protocol)? {
+                    return Ok(p);
+                }
+            }
+            self.buf.reserve(READ_CHUNK);
+            let before = self.buf.len();
+            let n = self
+                .rd
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(ReadError::Io)?;
+            if n == 0 {
+                return Err(ReadError::Eof);
+            }
+            if let Some(raw) = self.raw.as_mut() {
+                if raw.len() + n > MAX_RAW_PREFIX {
+                    self.raw = None;
+                } else {
+                    raw.extend_from_slice(&self.buf[before..]);
+                }
+            }
+        }
+    }
+}
+
+/// Owns a transport's write half: numbers packets per dRPC stream id (from 1) and writes each
+/// packet as soon as it is queued. Ends with FIN when every sender is gone (and, if `hold` is set,
+/// once it fires too: a client keeps its transport open until the call is over), or with RST when
+/// `abort` fires.
+async fn writer_task(
+    mut wr: StreamWriter,
+    mut rx: mpsc::Receiver<Out>,
+    abort: CancellationToken,
+    hold: Option<CancellationToken>,
+) {
+    let mut buf = BytesMut::new();
+    let mut cur_stream = 0u64;
+    let mut message_id = 0u64;
+    loop {
+        let out = tokio::select! {
+            biased;
+            _ = abort.cancelled() => {
+                let _ = wr.reset().await;
+                return;
+            }
+            o = rx.recv() => o,
+        };
+        let Some(out) = out else { break };
+        if out.stream_id < cur_stream {
+            // A straggler from a superseded call: ids must never go backwards on the wire.
+            if let Some(ack) = out.ack {
+                let _ = ack.send(Err(RpcError::Canceled));
+            }
+            continue;
+        }
+        if out.stream_id != cur_stream {
+            cur_stream = out.stream_id;
+            message_id = 0;
+        }
+        message_id += 1;
+        buf.clear();
+        encode_packet_with(
+            out.stream_id,
+            message_id,
+            out.kind,
+            out.control,
+            &out.body,
+            &mut buf,
+        );
+        let res = tokio::select! {
+            biased;
+            _ = abort.cancelled() => {
+                let _ = wr.reset().await;
+                return;
+            }
+            r = wr.write_all(&buf) => r,
+        };
+        let failed = res.is_err();
+        if let Some(ack) = out.ack {
+            let _ = ack.send(res.map_err(|e| RpcError::Transport(e.to_string())));
+        }
+        if failed {
+            // Dropping `rx` fails every queued and future send.
+            return;
+        }
+    }
+    if let Some(hold) = hold {
+        tokio::select! {
+            _ = abort.cancelled() => {
+                let _ = wr.reset().await;
+                return;
+            }
+            _ = hold.cancelled() => {}
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+fn log_protocol_error(metrics: &MetricsRef, stream: u32, err: &DrpcError) {
+    count(metrics, |m| &m.drpc_protocol_errors);
+    tracing::info!(yamux_stream = stream, error = %err, "drpc: protocol error, closing transport");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server
+// ---------------------------------------------------------------------------------------------
+
+/// Accepts yamux streams on `session` and serves one dRPC connection on each until the session
+/// ends; returns why it ended. Dropping the future stops every transport of this session.
+pub async fn serve(
+    mut session: Session,
+    handler: Arc<dyn Handler>,
+    config: DrpcConfig,
+) -> SessionError {
+    let config = Arc::new(config);
+    let mut tasks = JoinSet::new();
+    let end = loop {
+        tokio::select! {
+            s = session.accept() => match s {
+                Ok(stream) => {
+                    tasks.spawn(serve_stream(stream, handler.clone(), config.clone()));
+                }
+                Err(e) => break e,
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    };
+    tasks.shutdown().await;
+    end
+}
+
+struct Current {
+    stream_id: u64,
+    shared: Arc<CallShared>,
+    in_tx: mpsc::Sender<Inbound>,
+    fut: Option<CallFuture>,
+}
+
+/// Serves one dRPC connection on one yamux stream until the peer closes it or breaks the protocol.
+pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc<DrpcConfig>) {
+    let yamux_id = stream.id();
+    let (rd, wr) = stream.into_split();
+    let mut reader = PacketReader::new(rd, true);
+    let mut writer: Option<StreamWriter> = Some(wr);
+    let abort = CancellationToken::new();
+    let mut out_tx: Option<mpsc::Sender<Out>> = None;
+    let mut current: Option<Current> = None;
+    let mut last_stream: u64 = 0;
+    let mut meta: Option<(u64, BTreeMap<String, String>)> = None;
+    let mut pending: Option<Inbound> = None;
+
+    loop {
+        let running = current.as_ref().is_some_and(|c| c.fut.is_some());
+        let deliver_to = current.as_ref().map(|c| c.in_tx.clone());
+        tokio::select! {
+            biased;
+            res = async {
+                match current.as_mut().and_then(|c| c.fut.as_mut()) {
+                    Some(f) => f.await,
+                    None => std::future::pending().await,
+                }
+            }, if running => {
+                let sender = match current.as_mut() {
+                    Some(c) => {
+                        c.fut = None;
+                        out_tx.as_ref().map(|out| RpcSender {
+                            stream_id: c.stream_id,
+                            out: out.clone(),
+                            shared: c.shared.clone(),
+                        })
+                    }
+                    None => None,
+                };
+                finish_call(sender, res).await;
+            }
+            permit = async {
+                match deliver_to.as_ref() {
+                    Some(tx) => tx.reserve().await.ok(),
+                    None => None,
+                }
+            }, if pending.is_some() => {
+                if let (Some(p), Some(item)) = (permit, pending.take()) {
+                    p.send(item);
+                }
+            }
+            pkt = reader.next(), if pending.is_none() => {
+                let pkt = match pkt {
+                    Ok(p) => p,
+                    Err(ReadError::Eof) => break,
+                    Err(ReadError::Io(e)) => {
+                        tracing::debug!(yamux_stream = yamux_id, error = %e, "drpc: transport ended");
+                        break;
+                    }
+                    Err(ReadError::Protocol(e)) => {
+                        log_protocol_error(&config.metrics, yamux_id, &e);
+                        abort.cancel();
+                        break;
+                    }
+                };
+                if pkt.stream_id < last_stream {
+                    continue; // packet for an old stream: ignored, like drpcmanager
+                }
+                let is_invoke = matches!(pkt.kind, Kind::Invoke | Kind::InvokeMetadata);
+                if pkt.stream_id == last_stream && last_stream != 0 {
+                    if is_invoke {
+                        let e = DrpcError::Metadata("invoke on existing stream".into());
+                        log_protocol_error(&config.metrics, yamux_id, &e);
+                        abort.cancel();
+                        break;
+                    }
+                    match on_call_packet(current.as_mut(), pkt) {
+                        Ok(item) => pending = item,
+                        Err(e) => {
+                            log_protocol_error(&config.metrics, yamux_id, &e);
+                            abort.cancel();
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                // A newer stream id: whatever it is, the current call is over.
+                if let Some(c) = current.take() {
+                    c.shared.terminate();
+                }
+                pending = None;
+                match pkt.kind {
+                    Kind::InvokeMetadata => match decode_metadata(&pkt.data) {
+                        Ok(m) => meta = Some((pkt.stream_id, m)),
+                        Err(e) => {
+                            log_protocol_error(&config.metrics, yamux_id, &e);
+                            abort.cancel();
+                            break;
+                        }
+                    },
+                    Kind::Invoke => {
+                        last_stream = pkt.stream_id;
+                        let method = String::from_utf8_lossy(&pkt.data).into_owned();
+                        let metadata = match meta.take() {
+                            Some((sid, m)) if sid == pkt.stream_id => m,
+                            _ => BTreeMap::new(),
+                        };
+                        // First invoke: offer the raw transport.
+                        if writer.is_some() && reader.raw.is_some() {
+                            let (Some(wr), Some(raw)) = (writer.take(), reader.raw.take()) else {
+                                break;
+                            };
+                            let raw_invoke = RawInvoke {
+                                method: method.clone(),
+                                metadata: metadata.clone(),
+                                consumed: raw.freeze(),
+                                reader: reader.rd,
+                                writer: wr,
+                            };
+                            match handler.clone().take_over(raw_invoke) {
+                                Ok(fut) => {
+                                    fut.await;
+                                    return;
+                                }
+                                Err(back) => {
+                                    reader = PacketReader {
+                                        rd: back.reader,
+                                        buf: reader.buf,
+                                        asm: reader.asm,
+                                        raw: None,
+                                    };
+                                    writer = Some(back.writer);
+                                }
+                            }
+                        }
+                        reader.raw = None;
+                        let tx = match (&out_tx, writer.take()) {
+                            (Some(tx), _) => tx.clone(),
+                            (None, Some(wr)) => {
+                                let (tx, rx) = mpsc::channel(config.send_queue.max(1));
+                                tokio::spawn(writer_task(wr, rx, abort.clone(), None));
+                                out_tx = Some(tx.clone());
+                                tx
+                            }
+                            (None, None) => break,
+                        };
+                        current = Some(start_call(
+                            &handler, &config, pkt.stream_id, method, metadata, tx,
+                        ).await);
+                    }
+                    _ => {
+                        // Non-invoke packet for a stream that was never invoked: ignored.
+                        last_stream = pkt.stream_id;
+                    }
+                }
+            }
+        }
+    }
+    // Transport over: cancel the call (dropping its future) and let the writer finish.
+    if let Some(c) = current.take() {
+        c.shared.terminate();
+    }
+    drop(out_tx);
+    drop(writer);
+}
+
+/// Maps a packet for the current call to an inbound item (or nothing).
+fn on_call_packet(
+    current: Option<&mut Current>,
+    pkt: Packet,
+) -> Result<Option<Inbound>, DrpcError> {
+    let Some(c) = current else {
+        return Ok(None);
+    };
+    let shared = &c.shared;
+    match pkt.kind {
+        Kind::Message => {
+            let open = shared.with(|f| !f.recv_closed && !f.terminated);
+            Ok(open.then_some(Inbound::Message(pkt.data)))
+        }
+        Kind::CloseSend => {
+            let deliver = shared.with(|f| {
+                if f.recv_closed || f.terminated {
+                    return false;
+                }
+                f.recv_closed = true;
+                if f.send_closed {
+                    f.terminated = true;
+                }
+                true
+            });
+            Ok(deliver.then_some(Inbound::End))
+        }
+        Kind::Close => {
+            let was = shared.is_terminated();
+            shared.terminate();
+            Ok((!was).then_some(Inbound::End))
+        }
+        Kind::Error => {
+            let was = shared.is_terminated();
+            shared.terminate();
+            let (code, message) = decode_error(&pkt.data);
+            Ok((!was).then_some(Inbound::Error(RpcError::Remote { code, message })))
+        }
+        Kind::Cancel => {
+            shared.terminate();
+            c.fut = None;
+            Ok(None)
+        }
+        Kind::Invoke | Kind::InvokeMetadata => {
+            Err(DrpcError::Metadata("invoke on existing stream".into()))
+        }
+        Kind::Unknown(k) => {
+            if pkt.control {
+                Ok(None)
+            } else {
+                Err(DrpcError::Metadata(format!("unknown packet kind {k}")))
+            }
+        }
+    }
+}
+
+async fn start_call(
+    handler: &Arc<dyn Handler>,
+    config: &DrpcConfig,
+    stream_id: u64,
+    method: String,
+    metadata: BTreeMap<String, String>,
+    out: mpsc::Sender<Out>,
+) -> Current {
+    let shared = CallShared::new();
+    let (in_tx, in_rx) = mpsc::channel(config.recv_queue.max(1));
+    let sender = RpcSender {
+        stream_id,
+        out,
+        shared: shared.clone(),
+    };
+    let stream = RpcStream {
+        method: method.clone(),
+        metadata,
+        tx: sender.clone(),
+        rx: RpcReceiver {
+            rx: in_rx,
+            shared: shared.clone(),
+            done: false,
+        },
+        _client_guard: None,
+    };
+    count(&config.metrics, |m| &m.drpc_calls);
+    let fut = handler.clone().call(&method, stream);
+    if fut.is_none() {
+        count(&config.metrics, |m| &m.drpc_unknown_methods);
+        tracing::debug!(method = %method, "drpc: unknown method");
+        let e = RpcError::unimplemented(&method);
+        let _ = sender.send_error(e.code(), &e.to_string()).await;
+    }
+    Current {
+        stream_id,
+        shared,
+        in_tx,
+        fut,
+    }
+}
+
+/// After a handler returns: CloseSend on success, Error on failure (no-ops once terminated).
+async fn finish_call(sender: Option<RpcSender>, res: Result<(), RpcError>) {
+    let Some(sender) = sender else { return };
+    match res {
+        Ok(()) => {
+            let _ = sender.close_send().await;
+        }
+        Err(e) => {
+            let _ = sender.send_error(e.code(), &e.to_string()).await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client
+// ---------------------------------------------------------------------------------------------
+
+/// dRPC client over a yamux client session: one yamux stream per call, dRPC stream id 1, exactly
+/// like Coder's `drpcsdk.MultiplexedConn`.
+#[derive(Debug)]
+pub struct RpcClient {
+    session: Session,
+    config: DrpcConfig,
+}
+
+impl RpcClient {
+    /// Wraps a client-role session.
+    pub fn new(session: Session, config: DrpcConfig) -> Self {
+        RpcClient { session, config }
+    }
+
+    /// The session (open, ping, close).
+    pub fn session(&self) -> SessionHandle {
+        self.session.handle()
+    }
+
+    /// Unary call: C→S Invoke, Message(req), CloseSend; expects S→C Message(resp) then
+    /// CloseSend (or Error). Sends Close only if the server's CloseSend has not arrived yet, then
+    /// closes the yamux stream — Go's `drpcconn.Invoke` sequence.
+    pub async fn invoke_unary<Req, Resp>(&self, method: &str, req: &Req) -> Result<Resp, RpcError>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        let mut stream = self.start(method).await?;
+        // A send can fail because the server already answered with an Error (e.g. unknown
+        // method); the receive below then reports that error, which is the useful one.
+        let sent = match stream.send_msg(req).await {
+            Ok(()) => stream.close_send().await,
+            Err(e) => Err(e),
+        };
+        let resp = match stream.recv_msg::<Resp>().await? {
+            Some(r) => r,
+            None => return Err(sent.err().unwrap_or(RpcError::Closed)),
+        };
+        let _ = stream.close().await;
+        Ok(resp)
+    }
+
+    /// Opens a streaming call (server-streaming or bidi): sends Invoke at once. Dropping the
+    /// returned stream (or its split receiver) closes the yamux stream.
+    pub async fn open_stream(&self, method: &str) -> Result<RpcStream, RpcError> {
+        self.start(method).await
+    }
+
+    async fn start(&self, method: &str) -> Result<RpcStream, RpcError> {
+        let stream = self
+            .session
+            .open()
+            .await
+            .map_err(|e| RpcError::Transport(e.to_string()))?;
+        let (rd, wr) = stream.into_split();
+        let abort = CancellationToken::new();
+        let (out_tx, out_rx) = mpsc::channel(self.config.send_queue.max(1));
+        let guard = CancellationToken::new();
+        tokio::spawn(writer_task(wr, out_rx, abort.clone(), Some(guard.clone())));
+        let shared = CallShared::new();
+        let (in_tx, in_rx) = mpsc::channel(self.config.recv_queue.max(1));
+        tokio::spawn(client_reader(
+            PacketReader::new(rd, false),
+            in_tx,
+            shared.clone(),
+            guard.clone(),
+            abort,
+            self.config.metrics.clone(),
+        ));
+        let sender = RpcSender {
+            stream_id: 1,
+            out: out_tx,
+            shared: shared.clone(),
+        };
+        sender
+            .write(
+                Kind::Invoke,
+                false,
+                Bytes::copy_from_slice(method.as_bytes()),
+            )
+            .await?;
+        Ok(RpcStream {
+            method: method.to_string(),
+            metadata: BTreeMap::new(),
+            tx: sender,
+            rx: RpcReceiver {
+                rx: in_rx,
+                shared,
+                done: false,
+            },
+            _client_guard: Some(ClientGuard(guard)),
+        })
+    }
+}
+
+async fn client_reader(
+    mut reader: PacketReader,
+    in_tx: mpsc::Sender<Inbound>,
+    shared: Arc<CallShared>,
+    guard: CancellationToken,
+    abort: CancellationToken,
+    metrics: MetricsRef,
+) {
+    let yamux_id = reader.rd.id();
+    loop {
+        let pkt = tokio::select! {
+            _ = guard.cancelled() => break,
+            p = reader.next() => p,
+        };
+        let pkt = match pkt {
+            Ok(p) => p,
+            Err(ReadError::Eof) | Err(ReadError::Io(_)) => break,
+            Err(ReadError::Protocol(e)) => {
+                log_protocol_error(&metrics, yamux_id, &e);
+                let _ = in_tx.try_send(Inbound::Error(RpcError::Protocol(e.to_string())));
+                abort.cancel();
+                break;
+            }
+        };
+        if pkt.stream_id != 1 {
+            continue;
+        }
+        let mut current = Current {
+            stream_id: 1,
+            shared: shared.clone(),
+            in_tx: in_tx.clone(),
+            fut: None,
+        };
+        let item = match on_call_packet(Some(&mut current), pkt) {
+            Ok(i) => i,
+            Err(e) => {
+                log_protocol_error(&metrics, yamux_id, &e);
+                let _ = in_tx.try_send(Inbound::Error(RpcError::Protocol(e.to_string())));
+                abort.cancel();
+                break;
+            }
+        };
+        if let Some(item) = item {
+            tokio::select! {
+                _ = guard.cancelled() => break,
+                r = in_tx.send(item) => if r.is_err() { break },
+            }
+        }
+    }
+    // The receiver sees the channel close: `None` if the call was terminated, else Canceled.
+    shared.cancel.cancel();
+}

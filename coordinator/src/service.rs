@@ -1,0 +1,321 @@
+//! v2 sessions: WebSocket → byte stream → yamux server → dRPC, serving Coder's
+//! `coder.tailnet.v2.Tailnet` service for one authenticated peer.
+//!
+//! Why: every modern Coder agent (`/me/rpc`), CLI/IDE (`{id}/coordinate?version=2.x`) and Coder
+//! Desktop (`/api/v2/tailnet`) speaks this stack. The HTTP layer fixes the peer's identity; this
+//! module binds it to the dRPC methods:
+//! - `Coordinate`: connects the peer to the graph and pumps requests in and responses out; the
+//!   stream ends with Close when the graph closes the peer's receiver. A request that fails to
+//!   decode ends only that stream (Error packet, log, metric; the peer is LOST).
+//! - `StreamDERPMaps`: the current map at once, then every change.
+//! - `RefreshResumeToken`: only on client endpoints (agents get "unimplemented", as from coderd).
+//! - `PostTelemetry`: accepted and counted.
+//! - `WorkspaceUpdates`, the `coder.agent.v2.Agent` methods and unknown names: unimplemented
+//!   (code 12 and `unknown rpc: ` text, which Go clients treat as "not supported").
+//!
+//! This module must never block the graph (it only calls its non-blocking API) and never keep a
+//! peer connected after its stream is gone (dropping the graph handle marks it LOST).
+
+use std::sync::Arc;
+
+use axum::extract::ws::WebSocket;
+use bytes::Bytes;
+use proto::tailnet::v2::methods;
+use proto::tailnet::v2::{
+    CoordinateRequest, RefreshResumeTokenRequest, StreamDerpMapsRequest, TelemetryRequest,
+    TelemetryResponse,
+};
+use uuid::Uuid;
+
+use crate::auth::UserIdentity;
+use crate::authz::{AllowedAgents, CoordinateeAuth, TunnelPermissions};
+use crate::graph::Flow;
+use crate::metrics::{Protocol, Role};
+use crate::rpc::drpc::{self, CallFuture, DrpcConfig, Handler, RpcError, RpcStream};
+use crate::rpc::wsio::{
+    WsConfig, WsEnd, WsIo, CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_NORMAL,
+};
+use crate::rpc::yamux::{self, Session, SessionError};
+use crate::Coordinator;
+
+/// What kind of peer a v2 session serves.
+#[derive(Debug, Clone)]
+pub(crate) enum PeerKind {
+    /// A workspace agent (its id is the peer id).
+    Agent,
+    /// A client of one agent.
+    Client {
+        /// The only agent it may reach.
+        agent_id: Uuid,
+    },
+    /// A user-scoped client; tunnels are checked with the authenticator as they are requested.
+    ClientUser {
+        /// The user.
+        user: UserIdentity,
+        /// Agents already allowed on this session.
+        allowed: Arc<AllowedAgents>,
+    },
+}
+
+/// Identity of a v2 session, fixed by the HTTP layer.
+#[derive(Debug, Clone)]
+pub(crate) struct V2Peer {
+    /// Peer id in the graph.
+    pub id: Uuid,
+    /// Display name.
+    pub name: String,
+    /// What it is.
+    pub kind: PeerKind,
+    /// Whether `RefreshResumeToken` is served (client endpoints only).
+    pub resume: bool,
+}
+
+impl V2Peer {
+    fn role(&self) -> Role {
+        match self.kind {
+            PeerKind::Agent => Role::Agent,
+            _ => Role::Client,
+        }
+    }
+
+    fn auth(&self) -> CoordinateeAuth {
+        match &self.kind {
+            PeerKind::Agent => CoordinateeAuth::Agent { id: self.id },
+            PeerKind::Client { agent_id } => CoordinateeAuth::Client {
+                agent_id: *agent_id,
+            },
+            PeerKind::ClientUser { allowed, .. } => CoordinateeAuth::ClientUser {
+                permissions: allowed.clone() as Arc<dyn TunnelPermissions>,
+            },
+        }
+    }
+}
+
+/// Serve one upgraded WebSocket as a v2 session until it ends.
+pub(crate) async fn serve_session(coord: Arc<Coordinator>, ws: WebSocket, peer: V2Peer) {
+    let _tracked = coord.sessions.track();
+    let _session = coord.metrics.session(peer.role(), Protocol::V2);
+    let metrics = Some(coord.rpc_metrics.clone());
+    let ws_config = WsConfig {
+        ping_interval: Some(coord.config.ws_ping_interval),
+        ping_timeout: coord.config.ws_pong_timeout,
+        metrics: metrics.clone(),
+        ..WsConfig::server()
+    };
+    let (io, ws_handle) = WsIo::new(ws, ws_config);
+    let session = Session::server(
+        io,
+        yamux::Config {
+            metrics: metrics.clone(),
+            ..Default::default()
+        },
+    );
+    let yamux_handle = session.handle();
+    let peer_id = peer.id;
+    let role = peer.role();
+    let handler: Arc<dyn Handler> = Arc::new(TailnetService {
+        coord: coord.clone(),
+        peer,
+    });
+    let config = DrpcConfig {
+        metrics,
+        ..Default::default()
+    };
+    tracing::debug!(peer = %peer_id, role = role.as_str(), "v2 session started");
+    let end = tokio::select! {
+        e = drpc::serve(session, handler, config) => Some(e),
+        _ = coord.cancel.cancelled() => None,
+    };
+    let ws_end = match end {
+        None => {
+            let _ = yamux_handle.close().await;
+            ws_handle
+                .close(CLOSE_GOING_AWAY, "coordinator shutting down")
+                .await
+        }
+        Some(SessionError::Eof | SessionError::Closed | SessionError::RemoteGoAwayNormal) => {
+            ws_handle.close(CLOSE_NORMAL, "").await
+        }
+        Some(e) => {
+            if matches!(e, SessionError::Protocol(_)) {
+                coord.metrics.protocol_error("yamux");
+            }
+            tracing::debug!(peer = %peer_id, error = %e, "v2 session ended with an error");
+            ws_handle.close(CLOSE_INTERNAL_ERROR, &e.to_string()).await
+        }
+    };
+    match ws_end {
+        WsEnd::TextMessage => {
+            coord.metrics.protocol_error("ws_text_message");
+            tracing::info!(peer = %peer_id, "text message on a v2 session; closed");
+        }
+        WsEnd::LivenessFailed => {
+            coord.metrics.protocol_error("liveness");
+            tracing::info!(peer = %peer_id, "v2 peer failed the liveness probe; closed");
+        }
+        _ => {}
+    }
+    tracing::debug!(peer = %peer_id, end = ?ws_end, "v2 session ended");
+}
+
+/// The Tailnet dRPC service bound to one session's peer.
+struct TailnetService {
+    coord: Arc<Coordinator>,
+    peer: V2Peer,
+}
+
+impl Handler for TailnetService {
+    fn call(self: Arc<Self>, method: &str, stream: RpcStream) -> Option<CallFuture> {
+        match method {
+            methods::COORDINATE => Some(Box::pin(self.coordinate(stream))),
+            methods::STREAM_DERP_MAPS => Some(Box::pin(self.stream_derp_maps(stream))),
+            methods::REFRESH_RESUME_TOKEN if self.peer.resume => {
+                Some(Box::pin(self.refresh_resume_token(stream)))
+            }
+            methods::POST_TELEMETRY => Some(Box::pin(self.post_telemetry(stream))),
+            _ => {
+                tracing::debug!(peer = %self.peer.id, method, "unimplemented dRPC method");
+                None
+            }
+        }
+    }
+}
+
+/// Decode failures end the call with an Error packet and are counted.
+fn decode_failure(coord: &Coordinator, peer: Uuid, what: &str, e: RpcError) -> RpcError {
+    match e {
+        RpcError::Decode(msg) => {
+            coord.metrics.protocol_error("protobuf_decode");
+            tracing::info!(peer = %peer, error = %msg, "undecodable {what}; ending the stream");
+            RpcError::new(0, format!("decode {what}: {msg}"))
+        }
+        other => other,
+    }
+}
+
+impl TailnetService {
+    async fn coordinate(self: Arc<Self>, mut stream: RpcStream) -> Result<(), RpcError> {
+        let coord = &self.coord;
+        let _coordinating = coord.coordinations.track();
+        let (handle, mut rx) =
+            coord
+                .graph
+                .connect(self.peer.id, self.peer.name.clone(), self.peer.auth());
+        loop {
+            tokio::select! {
+                req = stream.recv_msg::<CoordinateRequest>() => match req {
+                    Ok(Some(req)) => {
+                        self.preauthorize(&req).await;
+                        match coord.graph.handle(&handle, req) {
+                            Ok(Flow::Continue) | Ok(Flow::Close) => {}
+                            Err(e) => {
+                                // The error response is queued and the receiver closes after it.
+                                let kind = match e {
+                                    crate::graph::CoordinateError::Authz(_) => "coordinate_unauthorized",
+                                    crate::graph::CoordinateError::BadUuid(_) => "coordinate_bad_uuid",
+                                    crate::graph::CoordinateError::MissingNode => "coordinate_missing_node",
+                                };
+                                coord.metrics.protocol_error(kind);
+                            }
+                        }
+                    }
+                    // CloseSend/Close from the client without a Disconnect: the peer is LOST.
+                    Ok(None) => {
+                        drop(handle);
+                        let _ = stream.close().await;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(decode_failure(coord, self.peer.id, "CoordinateRequest", e)),
+                },
+                resp = rx.recv() => match resp {
+                    Some(resp) => stream.send_msg(&resp).await?,
+                    None => {
+                        let _ = stream.close().await;
+                        return Ok(());
+                    }
+                },
+            }
+        }
+    }
+
+    /// For user-scoped clients: ask the authenticator about every new `add_tunnel` destination
+    /// before the graph (which cannot wait) authorizes the request.
+    async fn preauthorize(&self, req: &CoordinateRequest) {
+        let PeerKind::ClientUser { user, allowed } = &self.peer.kind else {
+            return;
+        };
+        let Some(t) = &req.add_tunnel else { return };
+        let Ok(agent) = Uuid::from_slice(&t.id) else {
+            return;
+        };
+        if allowed.may_tunnel_to(agent) {
+            return;
+        }
+        match self.coord.auth.user_may_reach(user, agent).await {
+            Ok(true) => allowed.allow(agent),
+            Ok(false) => self.coord.metrics.auth_failure("tunnel_forbidden"),
+            Err(e) => {
+                self.coord.metrics.auth_failure(e.reason());
+                tracing::warn!(user = %user.username, agent = %agent, error = %e, "tunnel permission check failed");
+            }
+        }
+    }
+
+    async fn stream_derp_maps(self: Arc<Self>, mut stream: RpcStream) -> Result<(), RpcError> {
+        let coord = &self.coord;
+        stream
+            .recv_msg::<StreamDerpMapsRequest>()
+            .await
+            .map_err(|e| decode_failure(coord, self.peer.id, "StreamDERPMapsRequest", e))?;
+        let mut maps = coord.derp.subscribe();
+        loop {
+            let map = maps.borrow_and_update().proto.clone();
+            stream.send_msg(&map).await?;
+            tokio::select! {
+                changed = maps.changed() => {
+                    if changed.is_err() {
+                        let _ = stream.close().await;
+                        return Ok(());
+                    }
+                }
+                _ = stream.cancelled() => return Ok(()),
+                _ = coord.cancel.cancelled() => {
+                    let _ = stream.close().await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn refresh_resume_token(self: Arc<Self>, mut stream: RpcStream) -> Result<(), RpcError> {
+        let coord = &self.coord;
+        stream
+            .recv_msg::<RefreshResumeTokenRequest>()
+            .await
+            .map_err(|e| decode_failure(coord, self.peer.id, "RefreshResumeTokenRequest", e))?;
+        let issued = coord
+            .resume
+            .issue(self.peer.id)
+            .map_err(|e| RpcError::new(0, format!("generate resume token: {e}")))?;
+        stream.send_msg(&issued.to_proto()).await
+    }
+
+    async fn post_telemetry(self: Arc<Self>, mut stream: RpcStream) -> Result<(), RpcError> {
+        let coord = &self.coord;
+        let req = stream
+            .recv_msg::<TelemetryRequest>()
+            .await
+            .map_err(|e| decode_failure(coord, self.peer.id, "TelemetryRequest", e))?;
+        if let Some(req) = req {
+            coord
+                .metrics
+                .telemetry_events
+                .inc_by(req.events.len() as u64);
+        }
+        stream
+            .send(Bytes::from(prost::Message::encode_to_vec(
+                &TelemetryResponse {},
+            )))
+            .await
+    }
+}

@@ -1,0 +1,384 @@
+//! Operator-facing configuration of the relay's edge (listeners, TLS, STUN, key file, TCP and
+//! queue tuning), deserialized from the binary's TOML file and overridden by its flags.
+//!
+//! Why a separate type: the binary owns the CLI, but the meaning, defaults and validation of each
+//! knob live next to the code that uses them. `validate()` reports every problem with the field
+//! name, so a bad config fails at startup with a message an operator can act on, never later.
+//!
+//! Durations are written as text (`"2s"`, `"500ms"`, `"10m"`, `"1h"`) or as a number of seconds.
+//! Addresses are `host:port`, `[v6]:port`, or `:port` (all IPv4 interfaces); an empty string
+//! disables that listener.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The relay edge configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DerpConfig {
+    /// Plain HTTP listener (DERP over `http://`, probes, metrics); empty disables.
+    pub http_addr: String,
+    /// HTTPS listener; empty disables. Requires `tls_cert` and `tls_key`.
+    pub https_addr: String,
+    /// PEM certificate chain (leaf first) for `https_addr`; reloaded when it changes.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `https_addr`.
+    pub tls_key: Option<PathBuf>,
+    /// UDP STUN listener; empty disables.
+    pub stun_addr: String,
+    /// derper-format JSON key file; created if missing. `None` = ephemeral key (dev only).
+    pub key_file: Option<PathBuf>,
+    /// File holding the 64-hex-digit mesh key; `None` = no mesh.
+    pub mesh_psk_file: Option<PathBuf>,
+    /// Per-client send queue depth (packets).
+    pub queue_depth: usize,
+    /// Per-frame write deadline for non-mesh clients; `0s` = none.
+    #[serde(with = "duration_text")]
+    pub write_timeout: Duration,
+    /// Interval of DERP KeepAlive frames.
+    #[serde(with = "duration_text")]
+    pub keepalive: Duration,
+    /// Accepted TLS connections per second (token bucket); `None` = unlimited.
+    pub accept_connection_limit: Option<f64>,
+    /// Burst of the accept limiter (defaults to the limit rounded up, at least 1).
+    pub accept_connection_burst: Option<u32>,
+    /// TCP_USER_TIMEOUT on accepted connections (Linux); `0s` = system default.
+    #[serde(with = "duration_text")]
+    pub tcp_user_timeout: Duration,
+    /// TCP keepalive idle time on accepted connections; `0s` = keepalive off.
+    #[serde(with = "duration_text")]
+    pub tcp_keepalive: Duration,
+    /// Maximum concurrent connections per listener.
+    pub max_connections: usize,
+}
+
+impl Default for DerpConfig {
+    fn default() -> Self {
+        DerpConfig {
+            http_addr: "127.0.0.1:3340".into(),
+            https_addr: String::new(),
+            tls_cert: None,
+            tls_key: None,
+            stun_addr: String::new(),
+            key_file: None,
+            mesh_psk_file: None,
+            queue_depth: 32,
+            write_timeout: Duration::from_secs(2),
+            keepalive: Duration::from_secs(60),
+            accept_connection_limit: None,
+            accept_connection_burst: None,
+            tcp_user_timeout: Duration::from_secs(15),
+            tcp_keepalive: Duration::from_secs(600),
+            max_connections: 100_000,
+        }
+    }
+}
+
+/// A configuration problem, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config field `{field}`: {reason}")]
+pub struct ConfigError {
+    /// The field (as spelled in the TOML file).
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Every problem found by [`DerpConfig::validate`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid DERP configuration: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+/// Parses a listen address: `host:port`, `[v6]:port`, `:port` (0.0.0.0); empty → `None`.
+pub fn parse_listen_addr(s: &str) -> Result<Option<SocketAddr>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if let Some(port) = s.strip_prefix(':') {
+        let port: u16 = port.parse().map_err(|_| format!("bad port in {s:?}"))?;
+        return Ok(Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))));
+    }
+    if s.eq_ignore_ascii_case("localhost") || s.to_ascii_lowercase().starts_with("localhost:") {
+        let port = s.get(10..).unwrap_or("");
+        let port: u16 = port.parse().map_err(|_| format!("bad port in {s:?}"))?;
+        return Ok(Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port))));
+    }
+    s.parse::<SocketAddr>()
+        .map(Some)
+        .map_err(|_| format!("{s:?} is not host:port (an IP address and a port)"))
+}
+
+impl DerpConfig {
+    /// The parsed HTTP listen address (`None` = disabled). Call [`validate`](Self::validate) first.
+    pub fn http_socket_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        parse_listen_addr(&self.http_addr).map_err(|reason| ConfigError {
+            field: "http_addr",
+            reason,
+        })
+    }
+
+    /// The parsed HTTPS listen address (`None` = disabled).
+    pub fn https_socket_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        parse_listen_addr(&self.https_addr).map_err(|reason| ConfigError {
+            field: "https_addr",
+            reason,
+        })
+    }
+
+    /// The parsed STUN listen address (`None` = disabled).
+    pub fn stun_socket_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        parse_listen_addr(&self.stun_addr).map_err(|reason| ConfigError {
+            field: "stun_addr",
+            reason,
+        })
+    }
+
+    /// Copies the DERP core knobs (queue depth, write timeout, keepalive) into a server config.
+    pub fn apply_to(&self, server: &mut crate::server::ServerConfig) {
+        server.queue_depth = self.queue_depth;
+        server.write_timeout = self.write_timeout;
+        server.keepalive = self.keepalive;
+    }
+
+    /// Checks every field; returns all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errs = Vec::new();
+        let mut bad =
+            |field: &'static str, reason: String| errs.push(ConfigError { field, reason });
+
+        let http = self.http_socket_addr();
+        let https = self.https_socket_addr();
+        if let Err(e) = &http {
+            bad(e.field, e.reason.clone());
+        }
+        if let Err(e) = &https {
+            bad(e.field, e.reason.clone());
+        }
+        if let Err(e) = self.stun_socket_addr() {
+            bad(e.field, e.reason);
+        }
+        if matches!((&http, &https), (Ok(None), Ok(None))) {
+            bad(
+                "http_addr",
+                "no listener: set http_addr or https_addr".into(),
+            );
+        }
+        if let Ok(Some(_)) = https {
+            if self.tls_cert.is_none() {
+                bad("tls_cert", "required when https_addr is set".into());
+            }
+            if self.tls_key.is_none() {
+                bad("tls_key", "required when https_addr is set".into());
+            }
+        } else if self.tls_cert.is_some() != self.tls_key.is_some() {
+            let field = if self.tls_cert.is_some() {
+                "tls_key"
+            } else {
+                "tls_cert"
+            };
+            bad(field, "tls_cert and tls_key must be set together".into());
+        }
+        if let (Ok(Some(a)), Ok(Some(b))) = (&http, &https) {
+            if a == b && a.port() != 0 {
+                bad("https_addr", format!("same address as http_addr ({a})"));
+            }
+        }
+        if self
+            .key_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            bad("key_file", "empty path".into());
+        }
+        if self
+            .mesh_psk_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            bad("mesh_psk_file", "empty path".into());
+        }
+        if self.queue_depth == 0 || self.queue_depth > 65_536 {
+            bad(
+                "queue_depth",
+                format!("{} is out of range 1..=65536", self.queue_depth),
+            );
+        }
+        if self.write_timeout > Duration::from_secs(300) {
+            bad("write_timeout", "must be at most 5m".into());
+        }
+        if self.keepalive < Duration::from_secs(1) || self.keepalive > Duration::from_secs(110) {
+            bad(
+                "keepalive",
+                "must be between 1s and 110s (clients give up after 120s of silence)".into(),
+            );
+        }
+        if let Some(limit) = self.accept_connection_limit {
+            if !(limit.is_finite() && limit > 0.0) {
+                bad(
+                    "accept_connection_limit",
+                    format!("{limit} is not a positive number"),
+                );
+            }
+        }
+        if self.accept_connection_burst == Some(0) {
+            bad("accept_connection_burst", "must be at least 1".into());
+        }
+        if self.accept_connection_burst.is_some() && self.accept_connection_limit.is_none() {
+            bad(
+                "accept_connection_burst",
+                "set only together with accept_connection_limit".into(),
+            );
+        }
+        if self.tcp_user_timeout > Duration::from_secs(3600) {
+            bad("tcp_user_timeout", "must be at most 1h".into());
+        }
+        if !self.tcp_keepalive.is_zero() && self.tcp_keepalive < Duration::from_secs(1) {
+            bad("tcp_keepalive", "must be 0s (off) or at least 1s".into());
+        }
+        if self.max_connections == 0 {
+            bad("max_connections", "must be at least 1".into());
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errs))
+        }
+    }
+}
+
+/// Parses `"1h"`, `"10m"`, `"2s"`, `"500ms"`, `"1.5s"`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 2s, 500ms, 10m"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("unknown duration unit {other:?} in {s:?}")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is out of range"))
+}
+
+/// Formats a duration the way [`parse_duration`] reads it.
+pub fn format_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        let s = d.as_secs();
+        if s != 0 && s.checked_rem(3600) == Some(0) {
+            format!("{}h", s / 3600)
+        } else if s != 0 && s.checked_rem(60) == Some(0) {
+            format!("{}m", s / 60)
+        } else {
+            format!("{s}s")
+        }
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_duration(*d))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Int(u64),
+        Float(f64),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Text(t) => super::parse_duration(&t).map_err(serde::de::Error::custom),
+            Raw::Int(n) => Ok(Duration::from_secs(n)),
+            Raw::Float(f) => Duration::try_from_secs_f64(f).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod edge_tests {
+    use super::*;
+
+    #[test]
+    fn edge_defaults_validate() {
+        DerpConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn edge_durations_and_addrs() {
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("3 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+        assert_eq!(format_duration(Duration::from_secs(600)), "10m");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(
+            parse_listen_addr(":443").unwrap(),
+            Some("0.0.0.0:443".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listen_addr("[::1]:80").unwrap(),
+            Some("[::1]:80".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listen_addr("localhost:80").unwrap(),
+            Some("127.0.0.1:80".parse().unwrap())
+        );
+        assert_eq!(parse_listen_addr("").unwrap(), None);
+        assert!(parse_listen_addr("example.com:80").is_err());
+    }
+
+    #[test]
+    fn edge_toml_round_trip_and_errors_name_fields() {
+        let cfg: DerpConfig = toml::from_str(
+            r#"
+            http_addr = ""
+            https_addr = ":8443"
+            tls_cert = "/c.pem"
+            stun_addr = "nonsense"
+            queue_depth = 0
+            write_timeout = "1s"
+            keepalive = 200
+            accept_connection_burst = 0
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.write_timeout, Duration::from_secs(1));
+        let errs = cfg.validate().unwrap_err().0;
+        let fields: Vec<_> = errs.iter().map(|e| e.field).collect();
+        for f in [
+            "tls_key",
+            "stun_addr",
+            "queue_depth",
+            "keepalive",
+            "accept_connection_burst",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {errs:?}");
+        }
+        let text = toml::to_string(&DerpConfig::default()).unwrap();
+        let back: DerpConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, DerpConfig::default());
+        assert!(toml::from_str::<DerpConfig>("bogus = 1").is_err());
+    }
+}

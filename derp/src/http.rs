@@ -1,0 +1,764 @@
+//! The HTTP face of the relay: turns one accepted connection into either a DERP connection (raw or
+//! over WebSocket) or an ordinary HTTP/1.1 connection served by an axum router.
+//!
+//! Why we read the first request head by hand (with `httparse`) instead of letting hyper do it:
+//! - fast start: a client that saw our meta cert sends `Derp-Fast-Start: 1` and expects *no* HTTP
+//!   response at all, only DERP frames; hyper's upgrade API always writes a 101 first;
+//! - pipelining: such a client writes its sealed ClientInfo frame in the same TCP segment / TLS
+//!   record as the request, so bytes past the request head must reach the DERP frame reader.
+//!   Hyper keeps what it over-read in a buffer its upgrade hands back, but only after a 101.
+//!
+//! So: we read at most [`MAX_HEAD_LEN`] bytes (with a [`HEAD_TIMEOUT`]) until a complete head
+//! parses. `/derp` with `Upgrade: DERP` (or `websocket` without the `derp` subprotocol, as very
+//! old clients sent) becomes raw DERP: the exact 101 (unless fast start), then
+//! `DerpHandler::accept` with the leftover bytes. `/derp` with `Upgrade: websocket` and subprotocol
+//! `derp` completes a WebSocket handshake (tungstenite, replaying the bytes we read) and runs DERP
+//! over [`crate::websocket::WsByteStream`]. Everything else is replayed into hyper's HTTP/1.1
+//! server (keep-alive and upgrades work) serving [`routes`] in front of the caller's fallback
+//! router. A non-upgrade `/derp` thus gets 426 from [`routes`], also on a keep-alive connection.
+//!
+//! Must never: buffer more than [`MAX_HEAD_LEN`] before deciding, drop bytes read past the head,
+//! or let one bad client affect another (garbage gets a 400, a log line and a counter).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use bytes::{Buf, Bytes, BytesMut};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+use crate::websocket::{self, WsByteStream};
+
+/// Largest request head we read before deciding what the connection is.
+pub const MAX_HEAD_LEN: usize = 16 * 1024;
+/// Time allowed for the first request head (and a WebSocket handshake) to arrive.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Headers parsed in the first request head at most.
+const MAX_HEADERS: usize = 100;
+/// Time given to in-flight HTTP requests after shutdown begins.
+const HTTP_DRAIN: Duration = Duration::from_secs(5);
+
+/// Body of the 426 answer to a non-upgrade `/derp` request (derper's text).
+pub const UPGRADE_REQUIRED_BODY: &str = "DERP requires connection upgrade";
+
+/// Any bidirectional byte stream a DERP connection can run over.
+pub trait DerpIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> DerpIo for T {}
+
+/// A boxed [`DerpIo`].
+pub type BoxedIo = Box<dyn DerpIo>;
+
+/// How the connection reached the DERP core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpgradeInfo {
+    /// TCP peer address.
+    pub remote: SocketAddr,
+    /// The client sent `Ideal-Node` (it is not on its region's first node).
+    pub not_ideal: bool,
+    /// DERP runs over WebSocket binary messages.
+    pub websocket: bool,
+    /// The client asked for fast start (no HTTP response was written).
+    pub fast_start: bool,
+}
+
+/// The DERP server core as the HTTP edge sees it. Implemented for [`crate::server::Server`];
+/// tests may plug in their own.
+pub trait DerpHandler: Send + Sync + 'static {
+    /// The server's DERP public key (for `Derp-Public-Key`).
+    fn public_key_bytes(&self) -> [u8; 32];
+    /// Runs one DERP connection to completion. `leftover` holds bytes already read past the HTTP
+    /// request head; they come before anything else read from `io`.
+    fn accept_boxed(
+        self: Arc<Self>,
+        io: BoxedIo,
+        leftover: Bytes,
+        info: UpgradeInfo,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+}
+
+impl DerpHandler for crate::server::Server {
+    fn public_key_bytes(&self) -> [u8; 32] {
+        *self.public_key().as_bytes()
+    }
+
+    fn accept_boxed(
+        self: Arc<Self>,
+        io: BoxedIo,
+        leftover: Bytes,
+        info: UpgradeInfo,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        let conn = crate::server::ConnInfo {
+            remote: info.remote,
+            not_ideal: info.not_ideal,
+            websocket: info.websocket,
+        };
+        Box::pin(self.accept(io, leftover, conn))
+    }
+}
+
+/// Counters of the HTTP edge and its listeners (one set per process registry).
+#[derive(Clone, Debug)]
+pub struct HttpMetrics {
+    pub(crate) requests: prometheus::IntCounterVec,
+    pub(crate) bad_requests: prometheus::IntCounterVec,
+    pub(crate) websocket_text: prometheus::IntCounter,
+    pub(crate) accepted: prometheus::IntCounterVec,
+    pub(crate) rejected: prometheus::IntCounterVec,
+    pub(crate) accept_errors: prometheus::IntCounterVec,
+    pub(crate) tls_handshake_failures: prometheus::IntCounterVec,
+    pub(crate) open: prometheus::IntGaugeVec,
+}
+
+impl HttpMetrics {
+    /// Registers the edge metrics on `registry`.
+    pub fn new(registry: &prometheus::Registry) -> Result<Self, prometheus::Error> {
+        fn counter_vec(
+            registry: &prometheus::Registry,
+            name: &str,
+            help: &str,
+            labels: &[&str],
+        ) -> Result<prometheus::IntCounterVec, prometheus::Error> {
+            let c = prometheus::IntCounterVec::new(prometheus::Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        }
+        let websocket_text = prometheus::IntCounter::new(
+            "derp_websocket_text_messages_total",
+            "WebSocket DERP connections closed (1003) because the client sent a text message.",
+        )?;
+        registry.register(Box::new(websocket_text.clone()))?;
+        let open = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "derp_listener_open_connections",
+                "Connections currently open, by listener.",
+            ),
+            &["listener"],
+        )?;
+        registry.register(Box::new(open.clone()))?;
+        Ok(HttpMetrics {
+            requests: counter_vec(
+                registry,
+                "derp_http_connections_total",
+                "Connections by what their first request was (derp, derp_fast_start, websocket, http).",
+                &["kind"],
+            )?,
+            bad_requests: counter_vec(
+                registry,
+                "derp_http_bad_requests_total",
+                "Connections closed before or at a bad first request head, by reason.",
+                &["reason"],
+            )?,
+            websocket_text,
+            accepted: counter_vec(
+                registry,
+                "derp_listener_accepted_connections_total",
+                "TCP connections accepted, by listener.",
+                &["listener"],
+            )?,
+            rejected: counter_vec(
+                registry,
+                "derp_listener_rejected_connections_total",
+                "TCP connections accepted and closed at once, by listener and reason (rate_limit, max_connections).",
+                &["listener", "reason"],
+            )?,
+            accept_errors: counter_vec(
+                registry,
+                "derp_listener_accept_errors_total",
+                "accept() errors, by listener.",
+                &["listener"],
+            )?,
+            tls_handshake_failures: counter_vec(
+                registry,
+                "derp_tls_handshake_failures_total",
+                "TLS handshakes that failed or timed out, by reason.",
+                &["reason"],
+            )?,
+            open,
+        })
+    }
+}
+
+/// Everything a connection needs: the DERP core, the HTTP router, and metrics.
+pub struct HttpEdge {
+    derp: Arc<dyn DerpHandler>,
+    app: Router,
+    metrics: HttpMetrics,
+}
+
+impl std::fmt::Debug for HttpEdge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpEdge").finish_non_exhaustive()
+    }
+}
+
+impl HttpEdge {
+    /// Builds the edge for `derp`. `fallback` serves every request that is not DERP and not one of
+    /// [`routes`] (which take precedence, so merging them into `fallback` too is harmless).
+    pub fn new(
+        derp: Arc<dyn DerpHandler>,
+        fallback: Router,
+        registry: &prometheus::Registry,
+    ) -> Result<Arc<Self>, prometheus::Error> {
+        Ok(Arc::new(HttpEdge {
+            derp,
+            app: routes().fallback_service(fallback),
+            metrics: HttpMetrics::new(registry)?,
+        }))
+    }
+
+    /// The edge's metrics (shared with the listeners).
+    pub fn metrics(&self) -> &HttpMetrics {
+        &self.metrics
+    }
+
+    /// The DERP core.
+    pub fn derp(&self) -> &Arc<dyn DerpHandler> {
+        &self.derp
+    }
+}
+
+/// Whether the connection arrived over TLS; inserted as a request extension for fallback
+/// handlers (next to axum's `ConnectInfo<SocketAddr>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnScheme {
+    /// True on the HTTPS listener.
+    pub tls: bool,
+}
+
+/// An IO that first yields `prefix`, then reads from `inner`; writes go straight to `inner`.
+/// Used to replay bytes we already read into hyper or tungstenite.
+#[derive(Debug)]
+pub struct Rewind<IO> {
+    prefix: Bytes,
+    inner: IO,
+}
+
+impl<IO> Rewind<IO> {
+    /// Wraps `inner`, replaying `prefix` first.
+    pub fn new(inner: IO, prefix: Bytes) -> Self {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Why the first request head was not usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeadError {
+    /// Closed before any byte: not an error worth a response.
+    Closed,
+    /// Closed in the middle of a head.
+    Truncated,
+    Malformed,
+    TooLarge,
+    Timeout,
+    Io,
+}
+
+impl HeadError {
+    fn reason(self) -> &'static str {
+        match self {
+            HeadError::Closed => "closed",
+            HeadError::Truncated => "truncated",
+            HeadError::Malformed => "malformed",
+            HeadError::TooLarge => "too_large",
+            HeadError::Timeout => "timeout",
+            HeadError::Io => "io_error",
+        }
+    }
+}
+
+/// What the first request is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FirstRequest {
+    /// Raw DERP after the 101 (or straight away on fast start).
+    Derp { fast_start: bool, not_ideal: bool },
+    /// DERP over a WebSocket with subprotocol `derp`.
+    WebSocket { not_ideal: bool },
+    /// Anything else: hyper + axum.
+    Http,
+}
+
+/// The path part of a request target (origin-form or absolute-form), without the query.
+fn target_path(target: &str) -> &str {
+    let no_query = target.split(['?', '#']).next().unwrap_or("");
+    if let Some(idx) = no_query.find("://") {
+        let after = &no_query[idx + 3..];
+        return after.find('/').map(|i| &after[i..]).unwrap_or("/");
+    }
+    no_query
+}
+
+fn header_str<'a>(headers: &'a [httparse::Header<'_>], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .map(str::trim)
+}
+
+/// Parses a complete head; `Ok(None)` if more bytes are needed.
+fn classify(buf: &[u8]) -> Result<Option<(usize, FirstRequest)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let n = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Malformed),
+    };
+    let path = target_path(req.path.unwrap_or(""));
+    if path != "/derp" {
+        return Ok(Some((n, FirstRequest::Http)));
+    }
+    let headers = req.headers;
+    let upgrade = header_str(headers, "upgrade")
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let not_ideal = header_str(headers, "ideal-node").is_some_and(|v| !v.is_empty());
+    let kind = match upgrade.as_str() {
+        "derp" => FirstRequest::Derp {
+            fast_start: header_str(headers, "derp-fast-start") == Some("1"),
+            not_ideal,
+        },
+        "websocket" => {
+            let wants_derp = headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-protocol"))
+                .any(|h| h.value.windows(4).any(|w| w == b"derp"));
+            if wants_derp {
+                FirstRequest::WebSocket { not_ideal }
+            } else {
+                // Very early clients said "Upgrade: WebSocket" but spoke raw DERP.
+                FirstRequest::Derp {
+                    fast_start: header_str(headers, "derp-fast-start") == Some("1"),
+                    not_ideal,
+                }
+            }
+        }
+        other => {
+            if !other.is_empty() {
+                tracing::debug!(upgrade = other, "unexpected Upgrade header on /derp");
+            }
+            FirstRequest::Http
+        }
+    };
+    Ok(Some((n, kind)))
+}
+
+async fn read_head<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    buf: &mut BytesMut,
+) -> Result<(usize, FirstRequest), HeadError> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if !buf.is_empty() {
+            if let Some(found) = classify(buf)? {
+                return Ok(found);
+            }
+        }
+        if buf.len() >= MAX_HEAD_LEN {
+            return Err(HeadError::TooLarge);
+        }
+        let want = chunk.len().min(MAX_HEAD_LEN - buf.len());
+        let n = io
+            .read(&mut chunk[..want])
+            .await
+            .map_err(|_| HeadError::Io)?;
+        if n == 0 {
+            return Err(if buf.is_empty() {
+                HeadError::Closed
+            } else {
+                HeadError::Truncated
+            });
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The exact 101 derper writes before DERP frames (when not fast-starting).
+pub fn switching_protocols_response(public_key: &[u8; 32]) -> String {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nDerp-Version: 2\r\nDerp-Public-Key: {}\r\n\r\n",
+        hex::encode(public_key)
+    )
+}
+
+/// Writes a bodyless error response and closes. Unread input is drained for a moment first
+/// ("lingering close"): closing with unread bytes makes the kernel send a RST, which can destroy
+/// the response before the client reads it.
+async fn write_error_and_close<IO: AsyncRead + AsyncWrite + Unpin>(io: &mut IO, status: &str) {
+    let msg = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        io.write_all(msg.as_bytes()).await?;
+        io.shutdown().await
+    })
+    .await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut drained = 0usize;
+        while drained < 256 * 1024 {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
+}
+
+/// Serves one accepted connection (already past TLS if `is_tls`) until it ends. `cancel` starts a
+/// graceful stop of plain HTTP connections (DERP connections end through the server's shutdown).
+pub async fn serve_connection<IO>(
+    mut io: IO,
+    remote: SocketAddr,
+    edge: Arc<HttpEdge>,
+    is_tls: bool,
+    cancel: CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let metrics = &edge.metrics;
+    let mut buf = BytesMut::with_capacity(1024);
+    let head = tokio::select! {
+        _ = cancel.cancelled() => return,
+        r = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut io, &mut buf)) => {
+            r.unwrap_or(Err(HeadError::Timeout))
+        }
+    };
+    let (head_len, kind) = match head {
+        Ok(x) => x,
+        Err(e) => {
+            metrics.bad_requests.with_label_values(&[e.reason()]).inc();
+            match e {
+                HeadError::Malformed => {
+                    tracing::debug!(%remote, "malformed HTTP request head");
+                    write_error_and_close(&mut io, "400 Bad Request").await;
+                }
+                HeadError::TooLarge => {
+                    tracing::debug!(%remote, "HTTP request head too large");
+                    write_error_and_close(&mut io, "431 Request Header Fields Too Large").await;
+                }
+                HeadError::Timeout => {
+                    tracing::debug!(%remote, "timed out waiting for an HTTP request head");
+                    write_error_and_close(&mut io, "408 Request Timeout").await;
+                }
+                HeadError::Closed | HeadError::Truncated | HeadError::Io => {}
+            }
+            return;
+        }
+    };
+
+    match kind {
+        FirstRequest::Derp {
+            fast_start,
+            not_ideal,
+        } => {
+            let leftover = buf.split_off(head_len).freeze();
+            let label = if fast_start {
+                "derp_fast_start"
+            } else {
+                "derp"
+            };
+            metrics.requests.with_label_values(&[label]).inc();
+            if !fast_start {
+                let resp = switching_protocols_response(&edge.derp.public_key_bytes());
+                let wrote = tokio::time::timeout(HEAD_TIMEOUT, async {
+                    io.write_all(resp.as_bytes()).await?;
+                    io.flush().await
+                })
+                .await;
+                if !matches!(wrote, Ok(Ok(()))) {
+                    tracing::debug!(%remote, "failed to write the DERP 101 response");
+                    return;
+                }
+            }
+            let info = UpgradeInfo {
+                remote,
+                not_ideal,
+                websocket: false,
+                fast_start,
+            };
+            edge.derp
+                .clone()
+                .accept_boxed(Box::new(io), leftover, info)
+                .await;
+        }
+        FirstRequest::WebSocket { not_ideal } => {
+            metrics.requests.with_label_values(&["websocket"]).inc();
+            let replay = Rewind::new(io, buf.freeze());
+            let hs = tokio::time::timeout(
+                HEAD_TIMEOUT,
+                tokio_tungstenite::accept_hdr_async_with_config(
+                    replay,
+                    select_derp_subprotocol,
+                    Some(websocket::websocket_config()),
+                ),
+            )
+            .await;
+            let ws = match hs {
+                Ok(Ok(ws)) => ws,
+                Ok(Err(e)) => {
+                    metrics
+                        .bad_requests
+                        .with_label_values(&["websocket_handshake"])
+                        .inc();
+                    tracing::debug!(%remote, error = %e, "WebSocket handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics.bad_requests.with_label_values(&["timeout"]).inc();
+                    return;
+                }
+            };
+            let stream = WsByteStream::new(ws).with_text_counter(metrics.websocket_text.clone());
+            let info = UpgradeInfo {
+                remote,
+                not_ideal,
+                websocket: true,
+                fast_start: false,
+            };
+            edge.derp
+                .clone()
+                .accept_boxed(Box::new(stream), Bytes::new(), info)
+                .await;
+        }
+        FirstRequest::Http => {
+            metrics.requests.with_label_values(&["http"]).inc();
+            serve_http(Rewind::new(io, buf.freeze()), remote, &edge, is_tls, cancel).await;
+        }
+    }
+}
+
+/// tungstenite handshake callback: answer with the `derp` subprotocol (any Origin is fine).
+#[allow(clippy::result_large_err)] // the Err type is fixed by tungstenite's Callback trait
+fn select_derp_subprotocol(
+    _req: &tokio_tungstenite::tungstenite::handshake::server::Request,
+    mut resp: tokio_tungstenite::tungstenite::handshake::server::Response,
+) -> Result<
+    tokio_tungstenite::tungstenite::handshake::server::Response,
+    tokio_tungstenite::tungstenite::handshake::server::ErrorResponse,
+> {
+    resp.headers_mut().insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(websocket::SUBPROTOCOL),
+    );
+    Ok(resp)
+}
+
+async fn serve_http<IO>(
+    io: Rewind<IO>,
+    remote: SocketAddr,
+    edge: &HttpEdge,
+    is_tls: bool,
+    cancel: CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let app = edge.app.clone();
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(remote));
+        req.extensions_mut().insert(ConnScheme { tls: is_tls });
+        tower::ServiceExt::oneshot(app.clone(), req)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(HTTP_DRAIN, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%remote, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// Whether an `X-Tailscale-Challenge` value may be echoed: 1..=64 chars of `[A-Za-z0-9._:-]`.
+pub fn challenge_is_valid(challenge: &[u8]) -> bool {
+    !challenge.is_empty()
+        && challenge.len() <= 64
+        && challenge
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
+}
+
+async fn probe(method: Method) -> Response {
+    if method == Method::GET || method == Method::HEAD {
+        ([(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")], StatusCode::OK).into_response()
+    } else {
+        (StatusCode::METHOD_NOT_ALLOWED, "bogus probe method\n").into_response()
+    }
+}
+
+async fn generate_204(headers: HeaderMap) -> Response {
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-store, must-revalidate, no-transform, max-age=0"),
+    );
+    if let Some(ch) = headers.get("x-tailscale-challenge") {
+        if challenge_is_valid(ch.as_bytes()) {
+            let mut v = b"response ".to_vec();
+            v.extend_from_slice(ch.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&v) {
+                h.insert("x-tailscale-response", v);
+            }
+        }
+    }
+    resp
+}
+
+async fn upgrade_required() -> Response {
+    (StatusCode::UPGRADE_REQUIRED, UPGRADE_REQUIRED_BODY).into_response()
+}
+
+/// derper's small endpoints: `/derp/probe` and `/derp/latency-check` (GET/HEAD → 200 with
+/// `Access-Control-Allow-Origin: *`, else 405), `/generate_204` (captive portal check with the
+/// challenge echo), and `/derp` → 426 for requests that are not DERP upgrades.
+pub fn routes() -> Router {
+    Router::new()
+        .route("/derp", any(upgrade_required))
+        .route("/derp/probe", any(probe))
+        .route("/derp/latency-check", any(probe))
+        .route("/generate_204", any(generate_204))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod edge_tests {
+    use super::*;
+
+    #[test]
+    fn edge_classify_heads() {
+        let c = |s: &str| classify(s.as_bytes()).unwrap().map(|(_, k)| k);
+        assert_eq!(
+            c("GET /derp HTTP/1.1\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"),
+            Some(FirstRequest::Derp {
+                fast_start: false,
+                not_ideal: false
+            })
+        );
+        assert_eq!(
+            c("GET /derp?x=1 HTTP/1.1\r\nupgrade: derp\r\nDerp-Fast-Start: 1\r\nIdeal-Node: n1\r\n\r\n"),
+            Some(FirstRequest::Derp {
+                fast_start: true,
+                not_ideal: true
+            })
+        );
+        assert_eq!(
+            c("GET /derp HTTP/1.1\r\nUpgrade: WebSocket\r\n\r\n"),
+            Some(FirstRequest::Derp {
+                fast_start: false,
+                not_ideal: false
+            })
+        );
+        assert_eq!(
+            c("GET /derp HTTP/1.1\r\nUpgrade: websocket\r\nSec-WebSocket-Protocol: derp\r\n\r\n"),
+            Some(FirstRequest::WebSocket { not_ideal: false })
+        );
+        assert_eq!(c("GET /derp HTTP/1.1\r\n\r\n"), Some(FirstRequest::Http));
+        assert_eq!(
+            c("GET /derp/probe HTTP/1.1\r\nUpgrade: DERP\r\n\r\n"),
+            Some(FirstRequest::Http)
+        );
+        assert_eq!(
+            c("GET http://h/derp HTTP/1.1\r\nUpgrade: DERP\r\n\r\n"),
+            Some(FirstRequest::Derp {
+                fast_start: false,
+                not_ideal: false
+            })
+        );
+        assert_eq!(c("GET /derp HTTP/1.1\r\nUpgrade: DERP\r\n"), None);
+        assert_eq!(
+            classify(b"\x16\x03\x01garbage\r\n\r\n").unwrap_err(),
+            HeadError::Malformed
+        );
+        // Leftover bytes are not part of the head.
+        let req = b"GET /derp HTTP/1.1\r\nUpgrade: DERP\r\n\r\nEXTRA";
+        let (n, _) = classify(req).unwrap().unwrap();
+        assert_eq!(&req[n..], b"EXTRA");
+    }
+
+    #[test]
+    fn edge_challenge_rules() {
+        assert!(challenge_is_valid(b"ts_derp1.example.com:443-x"));
+        assert!(challenge_is_valid(&[b'a'; 64]));
+        assert!(!challenge_is_valid(&[b'a'; 65]));
+        assert!(!challenge_is_valid(b"a b"));
+        assert!(!challenge_is_valid(b"a\0b"));
+        assert!(!challenge_is_valid(b""));
+        assert!(!challenge_is_valid("é".as_bytes()));
+    }
+
+    #[tokio::test]
+    async fn edge_rewind_replays_prefix_first() {
+        let (a, mut b) = tokio::io::duplex(64);
+        b.write_all(b" world").await.unwrap();
+        drop(b);
+        let mut r = Rewind::new(a, Bytes::from_static(b"hello"));
+        let mut s = String::new();
+        r.read_to_string(&mut s).await.unwrap();
+        assert_eq!(s, "hello world");
+    }
+}

@@ -1,0 +1,407 @@
+//! The accept loop of an HTTP or HTTPS listener.
+//!
+//! Why it is more than `loop { accept }`: a relay faces the internet with hundreds of thousands of
+//! long-lived connections. Each accepted socket gets derper's TCP options (TCP_NODELAY; keepalive
+//! after 10 min idle, long on purpose for mobile batteries; TCP_USER_TIMEOUT 15 s to reap hung
+//! connections quickly); the number of open connections is capped; an optional token bucket
+//! limits accepts per second; and the TLS handshake runs in the connection's own task with a
+//! timeout, so one slow client never stalls the loop.
+//!
+//! Over-limit connections are accepted and closed at once (like derper: it tells the client
+//! immediately and keeps the kernel backlog from growing), and counted. Accept errors (EMFILE,
+//! ENOBUFS, ...) are counted and back off exponentially up to 1 s instead of spinning.
+//!
+//! Must never: block the accept loop on a client, or keep accepting after `cancel`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigErrors, DerpConfig};
+use crate::http::{serve_connection, HttpEdge};
+use crate::metacert::MetaCertError;
+use crate::stun::StunMetrics;
+use crate::tls::{TlsError, TlsReloader};
+
+/// A token bucket for accepted connections.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AcceptRateLimit {
+    /// Connections per second.
+    pub per_second: f64,
+    /// Bucket size.
+    pub burst: u32,
+}
+
+/// Listener tuning; [`Default`] gives derper's values.
+#[derive(Debug, Clone)]
+pub struct ListenerOptions {
+    /// Cap on concurrently open connections of this listener.
+    pub max_connections: usize,
+    /// TCP keepalive idle time (`None` = off).
+    pub tcp_keepalive: Option<Duration>,
+    /// TCP_USER_TIMEOUT (`None` = system default; Linux only).
+    pub tcp_user_timeout: Option<Duration>,
+    /// Time allowed for the TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Optional accept rate limit.
+    pub accept_limit: Option<AcceptRateLimit>,
+}
+
+impl Default for ListenerOptions {
+    fn default() -> Self {
+        ListenerOptions {
+            max_connections: 100_000,
+            tcp_keepalive: Some(Duration::from_secs(600)),
+            tcp_user_timeout: Some(Duration::from_secs(15)),
+            tls_handshake_timeout: Duration::from_secs(30),
+            accept_limit: None,
+        }
+    }
+}
+
+impl ListenerOptions {
+    /// Options from the operator config (zero durations mean "off" / "system default").
+    pub fn from_config(cfg: &crate::config::DerpConfig) -> Self {
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        ListenerOptions {
+            max_connections: cfg.max_connections,
+            tcp_keepalive: nonzero(cfg.tcp_keepalive),
+            tcp_user_timeout: nonzero(cfg.tcp_user_timeout),
+            tls_handshake_timeout: Duration::from_secs(30),
+            accept_limit: cfg
+                .accept_connection_limit
+                .map(|per_second| AcceptRateLimit {
+                    per_second,
+                    burst: cfg
+                        .accept_connection_burst
+                        .unwrap_or_else(|| (per_second.ceil() as u32).max(1)),
+                }),
+        }
+    }
+}
+
+/// A classic token bucket (not shared between tasks: only the accept loop uses it).
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(limit: AcceptRateLimit) -> Self {
+        let burst = f64::from(limit.burst.max(1));
+        TokenBucket {
+            rate: limit.per_second.max(0.0),
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Decrements the open-connections gauge when the connection task ends, however it ends.
+struct OpenGuard(prometheus::IntGauge);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn tune_socket(stream: &TcpStream, opts: &ListenerOptions) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY failed");
+    }
+    let sock = socket2::SockRef::from(stream);
+    if let Some(idle) = opts.tcp_keepalive {
+        let ka = socket2::TcpKeepalive::new().with_time(idle);
+        if let Err(e) = sock.set_tcp_keepalive(&ka) {
+            tracing::debug!(error = %e, "TCP keepalive failed");
+        }
+    }
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+    if let Some(t) = opts.tcp_user_timeout {
+        if let Err(e) = sock.set_tcp_user_timeout(Some(t)) {
+            tracing::debug!(error = %e, "TCP_USER_TIMEOUT failed");
+        }
+    }
+}
+
+/// Serves `listener` until `cancel` fires: plain HTTP if `tls` is `None`, else HTTPS with that
+/// config (e.g. [`crate::tls::TlsReloader::server_config`]). Returns once the loop has stopped;
+/// open connections keep running (DERP ones end through `Server::shutdown`, HTTP ones drain on
+/// `cancel`).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    edge: Arc<HttpEdge>,
+    opts: ListenerOptions,
+    cancel: CancellationToken,
+) {
+    let name = if tls.is_some() { "https" } else { "http" };
+    let metrics = edge.metrics().clone();
+    let accepted = metrics.accepted.with_label_values(&[name]);
+    let accept_errors = metrics.accept_errors.with_label_values(&[name]);
+    let rate_limited = metrics.rejected.with_label_values(&[name, "rate_limit"]);
+    let over_cap = metrics
+        .rejected
+        .with_label_values(&[name, "max_connections"]);
+    let open = metrics.open.with_label_values(&[name]);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let permits = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    let mut bucket = opts.accept_limit.map(TokenBucket::new);
+    let mut backoff = Duration::ZERO;
+    let local = listener.local_addr().ok();
+    tracing::debug!(?local, listener = name, "accept loop started");
+
+    loop {
+        let res = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, remote): (TcpStream, SocketAddr) = match res {
+            Ok(x) => {
+                backoff = Duration::ZERO;
+                x
+            }
+            Err(e) => {
+                accept_errors.inc();
+                backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                tracing::warn!(error = %e, listener = name, ?backoff, "accept failed");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => continue,
+                }
+            }
+        };
+        accepted.inc();
+        if let Some(b) = bucket.as_mut() {
+            if !b.allow() {
+                rate_limited.inc();
+                drop(stream);
+                continue;
+            }
+        }
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            over_cap.inc();
+            tracing::debug!(%remote, listener = name, "connection cap reached; closing");
+            drop(stream);
+            continue;
+        };
+        tune_socket(&stream, &opts);
+        let edge = edge.clone();
+        let cancel = cancel.clone();
+        let acceptor = acceptor.clone();
+        let open = open.clone();
+        let hs_failures = metrics.tls_handshake_failures.clone();
+        let hs_timeout = opts.tls_handshake_timeout;
+        open.inc();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _open = OpenGuard(open);
+            match acceptor {
+                None => serve_connection(stream, remote, edge, false, cancel).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(hs_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => serve_connection(tls, remote, edge, true, cancel).await,
+                        Ok(Err(e)) => {
+                            hs_failures.with_label_values(&["error"]).inc();
+                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            hs_failures.with_label_values(&["timeout"]).inc();
+                            tracing::debug!(%remote, "TLS handshake timed out");
+                        }
+                    }
+                }
+            }
+        });
+    }
+    tracing::debug!(?local, listener = name, "accept loop stopped");
+}
+
+/// Everything [`start`] bound and spawned.
+#[derive(Debug)]
+pub struct Bound {
+    /// Actual address of the HTTP listener (port 0 resolved).
+    pub http_addr: Option<SocketAddr>,
+    /// Actual address of the HTTPS listener.
+    pub https_addr: Option<SocketAddr>,
+    /// Actual address of the STUN socket.
+    pub stun_addr: Option<SocketAddr>,
+    /// The certificate reloader of the HTTPS listener.
+    pub tls: Option<Arc<TlsReloader>>,
+    /// The accept loops and the STUN loop; they end on `cancel`.
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Bound {
+    /// Waits for every loop to stop (after `cancel`).
+    pub async fn join(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Errors starting the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigErrors),
+    /// A socket could not be bound.
+    #[error("binding {what} listener on {addr}: {source}")]
+    Bind {
+        /// `http`, `https` or `stun`.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// TLS files could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The meta cert could not be generated.
+    #[error(transparent)]
+    MetaCert(#[from] MetaCertError),
+    /// Metric registration failed.
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Validates `cfg`, binds every configured socket (HTTP, HTTPS with the meta cert of the edge's
+/// DERP key, STUN) and spawns their loops. All sockets are bound before this returns, so the
+/// caller can print the actual addresses. Loops stop on `cancel`.
+pub async fn start(
+    cfg: &DerpConfig,
+    edge: Arc<HttpEdge>,
+    registry: &prometheus::Registry,
+    cancel: CancellationToken,
+) -> Result<Bound, StartError> {
+    cfg.validate()?;
+    let opts = ListenerOptions::from_config(cfg);
+    let mut tasks = Vec::new();
+    let mut bound = Bound {
+        http_addr: None,
+        https_addr: None,
+        stun_addr: None,
+        tls: None,
+        tasks: Vec::new(),
+    };
+    // Addresses were validated above; an error here cannot happen, but is reported anyway.
+    let http = cfg.http_socket_addr().map_err(|e| ConfigErrors(vec![e]))?;
+    let https = cfg.https_socket_addr().map_err(|e| ConfigErrors(vec![e]))?;
+    let stun = cfg.stun_socket_addr().map_err(|e| ConfigErrors(vec![e]))?;
+
+    let mut plan: Vec<(TcpListener, Option<Arc<rustls::ServerConfig>>)> = Vec::new();
+    if let Some(addr) = http {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "http",
+                addr,
+                source,
+            })?;
+        bound.http_addr = l.local_addr().ok();
+        plan.push((l, None));
+    }
+    if let (Some(addr), Some(cert), Some(key)) = (https, &cfg.tls_cert, &cfg.tls_key) {
+        let meta = crate::metacert::generate(&edge.derp().public_key_bytes())?;
+        let reloader = Arc::new(TlsReloader::new(cert, key, meta, registry)?);
+        let server_config = reloader.server_config()?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "https",
+                addr,
+                source,
+            })?;
+        bound.https_addr = l.local_addr().ok();
+        bound.tls = Some(reloader);
+        plan.push((l, Some(server_config)));
+    }
+    if let Some(addr) = stun {
+        let sock = tokio::net::UdpSocket::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "stun",
+                addr,
+                source,
+            })?;
+        bound.stun_addr = sock.local_addr().ok();
+        let metrics = StunMetrics::new(registry)?;
+        tasks.push(tokio::spawn(crate::stun::serve(
+            sock,
+            metrics,
+            cancel.clone(),
+        )));
+    }
+    for (l, tls) in plan {
+        tasks.push(tokio::spawn(serve(
+            l,
+            tls,
+            edge.clone(),
+            opts.clone(),
+            cancel.clone(),
+        )));
+    }
+    bound.tasks = tasks;
+    Ok(bound)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod edge_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn edge_socket_options_applied() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        tune_socket(&s, &ListenerOptions::default());
+        let sock = socket2::SockRef::from(&s);
+        assert!(s.nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(600));
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(15))
+        );
+        drop(c);
+    }
+
+    #[test]
+    fn edge_token_bucket_limits_bursts() {
+        let mut b = TokenBucket::new(AcceptRateLimit {
+            per_second: 0.001,
+            burst: 3,
+        });
+        assert!(b.allow());
+        assert!(b.allow());
+        assert!(b.allow());
+        assert!(!b.allow());
+    }
+}

@@ -1,0 +1,498 @@
+//! The DERP relay server: handshake, registration and the life of each connection.
+//!
+//! Why: this is the entry point the HTTP layer hands an upgraded byte stream to
+//! ([`Server::accept`]). The handshake follows derper exactly (ServerKey first, before reading
+//! anything; ClientInfo must be the first frame; ServerInfo after registration; everything under
+//! one deadline); the steady state lives in [`crate::conn`], routing in [`crate::registry`].
+//!
+//! Bad input ends only the offending connection: every handshake failure is logged once (with
+//! the remote address and connection id) and counted in `derp_handshake_failures{reason}`;
+//! every post-handshake protocol violation in `derp_protocol_errors{kind}`.
+//!
+//! Must never: answer a failed handshake with anything but a close, validate the client's
+//! `version`, open a box from a zero key, or wait unboundedly (handshake deadline; shutdown
+//! waits a bounded time).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use proto::derp::{
+    open_client_info, server_info_frame, server_key_frame, ClientInfo, FrameHeader, HandshakeError,
+    PeerPresentFlags, ServerInfo, FRAME_HEADER_LEN,
+};
+use proto::key::{MeshKey, NodePrivate, NodePublic};
+use rand::{Rng, RngCore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use tracing::Instrument;
+
+use crate::admission::Admission;
+use crate::conn::{Close, ConnHandle, ConnParams, ConnTask};
+use crate::metrics::{DropReason, Metrics, PacketKind};
+use crate::queue::{CloseRequest, SendQueue};
+use crate::registry::Registry;
+
+/// Write timeout for mesh peers (derper's `privilegedWriteTimeout`).
+pub const MESH_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Control items (PeerGone/PeerPresent) a connection may have pending before it is closed.
+const CONTROL_CAP: usize = 1 << 20;
+
+/// Relay configuration. Build with [`ServerConfig::new`] and override fields as needed.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// The server's DERP private key (its public half is what clients pin).
+    pub private_key: NodePrivate,
+    /// Pre-shared mesh key; clients presenting it are mesh peers.
+    pub mesh_key: Option<MeshKey>,
+    /// Packets queued per destination per queue (regular and disco each). derper: 32.
+    pub queue_depth: usize,
+    /// A connection whose writes make no progress for this long is closed. derper: 2 s.
+    /// Mesh peers get [`MESH_WRITE_TIMEOUT`] instead.
+    pub write_timeout: Duration,
+    /// KeepAlive interval (plus per-connection jitter of up to 1/12 of it). derper: 60 s.
+    pub keepalive: Duration,
+    /// Deadline for the whole handshake. derper: 10 s.
+    pub handshake_timeout: Duration,
+    /// Optional admission check for non-mesh clients.
+    pub admission: Option<Arc<dyn Admission>>,
+}
+
+impl ServerConfig {
+    /// derper's defaults with the given key.
+    pub fn new(private_key: NodePrivate) -> Self {
+        Self {
+            private_key,
+            mesh_key: None,
+            queue_depth: 32,
+            write_timeout: Duration::from_secs(2),
+            keepalive: proto::derp::KEEP_ALIVE,
+            handshake_timeout: Duration::from_secs(10),
+            admission: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("public_key", &self.private_key.public())
+            .field("mesh_key", &self.mesh_key.is_some())
+            .field("queue_depth", &self.queue_depth)
+            .field("write_timeout", &self.write_timeout)
+            .field("keepalive", &self.keepalive)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("admission", &self.admission.is_some())
+            .finish()
+    }
+}
+
+/// What the transport layer knows about a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// The client said this node is not its ideal node (`Ideal-Node` header mismatch).
+    pub not_ideal: bool,
+    /// The stream is DERP-over-WebSocket.
+    pub websocket: bool,
+}
+
+impl ConnInfo {
+    /// A plain connection from `remote`.
+    pub fn new(remote: SocketAddr) -> Self {
+        Self {
+            remote,
+            not_ideal: false,
+            websocket: false,
+        }
+    }
+}
+
+/// Errors creating a server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Registering the metrics failed (e.g. a second server on the same registry).
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Why a handshake failed (label of `derp_handshake_failures`).
+#[derive(Debug)]
+struct HandshakeFailure {
+    reason: &'static str,
+    detail: String,
+}
+
+impl HandshakeFailure {
+    fn new(reason: &'static str, detail: impl std::fmt::Display) -> Self {
+        Self {
+            reason,
+            detail: detail.to_string(),
+        }
+    }
+}
+
+/// The relay. Share it as `Arc<Server>`.
+pub struct Server {
+    config: ServerConfig,
+    public_key: NodePublic,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) registry: Registry,
+    next_conn_id: AtomicU64,
+    shutting_down: AtomicBool,
+    /// Accepted connections whose task has not finished (handshaking included).
+    tasks: AtomicUsize,
+    tasks_changed: Notify,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("public_key", &self.public_key)
+            .field("connections", &self.connection_count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Decrements the task count when a connection future ends (even if it is dropped).
+struct TaskGuard<'a>(&'a Server);
+
+impl Drop for TaskGuard<'_> {
+    fn drop(&mut self) {
+        self.0.tasks.fetch_sub(1, Ordering::AcqRel);
+        self.0.tasks_changed.notify_waiters();
+    }
+}
+
+impl Server {
+    /// Creates a server and registers its metrics in `registry`.
+    pub fn new(
+        config: ServerConfig,
+        registry: &prometheus::Registry,
+    ) -> Result<Arc<Server>, ServerError> {
+        let metrics = Arc::new(Metrics::new(registry)?);
+        let public_key = config.private_key.public();
+        let mut rng = rand::thread_rng();
+        let seed = [rng.next_u64(), rng.next_u64()];
+        Ok(Arc::new(Server {
+            registry: Registry::new(metrics.clone(), public_key, seed),
+            metrics,
+            public_key,
+            config,
+            next_conn_id: AtomicU64::new(1),
+            shutting_down: AtomicBool::new(false),
+            tasks: AtomicUsize::new(0),
+            tasks_changed: Notify::new(),
+        }))
+    }
+
+    /// The server's DERP public key.
+    pub fn public_key(&self) -> NodePublic {
+        self.public_key
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// Registered (post-handshake) client connections, duplicates included.
+    pub fn connection_count(&self) -> usize {
+        usize::try_from(self.metrics.current_connections.get()).unwrap_or(0)
+    }
+
+    /// Whether `key` currently has at least one local connection.
+    pub fn is_connected(&self, key: &NodePublic) -> bool {
+        self.registry.local_count(key) > 0
+    }
+
+    /// Number of local connections of `key` (more than one: duplicate connections).
+    pub fn connections_of(&self, key: &NodePublic) -> usize {
+        self.registry.local_count(key)
+    }
+
+    /// The connection id of the active connection of `key` (the one receiving its packets).
+    pub fn active_connection_id(&self, key: &NodePublic) -> Option<u64> {
+        self.registry.active_id(key)
+    }
+
+    /// Runs one connection to completion: `io` is the upgraded byte stream (TCP, TLS or
+    /// WebSocket), `leftover` any bytes already read past the HTTP request head.
+    pub fn accept<IO>(
+        self: &Arc<Self>,
+        io: IO,
+        leftover: Bytes,
+        info: ConnInfo,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let srv = self.clone();
+        let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!(
+            target: "derp",
+            "derp_conn",
+            conn_id = id,
+            remote = %info.remote,
+            peer = tracing::field::Empty
+        );
+        async move {
+            srv.metrics.accepts.inc();
+            srv.tasks.fetch_add(1, Ordering::AcqRel);
+            let _guard = TaskGuard(&srv);
+            srv.serve(id, io, leftover, info).await;
+        }
+        .instrument(span)
+    }
+
+    async fn serve<IO>(&self, id: u64, mut io: IO, leftover: Bytes, info: ConnInfo)
+    where
+        IO: AsyncRead + AsyncWrite + Send + Unpin,
+    {
+        let mut rbuf = BytesMut::from(&leftover[..]);
+        drop(leftover);
+        // Boxed: the handshake's state is large and short-lived; keeping it out of the
+        // connection future keeps every idle connection's task small.
+        let hs = Box::pin(tokio::time::timeout(
+            self.config.handshake_timeout,
+            self.handshake(&mut io, &mut rbuf, &info),
+        ))
+        .await;
+        let (key, client_info, mesh) = match hs {
+            Ok(Ok(v)) => v,
+            Ok(Err(f)) => {
+                self.metrics.handshake_failed(f.reason);
+                tracing::info!(target: "derp", conn_id = id, remote = %info.remote,
+                    reason = f.reason, "derp handshake failed: {}", f.detail);
+                return;
+            }
+            Err(_) => {
+                self.metrics.handshake_failed("timeout");
+                tracing::info!(target: "derp", conn_id = id, remote = %info.remote,
+                    reason = "timeout", "derp handshake failed: deadline exceeded");
+                return;
+            }
+        };
+        tracing::Span::current().record("peer", tracing::field::display(key));
+
+        let flags = PeerPresentFlags::for_client(client_info.is_prober, mesh, info.not_ideal);
+        drop(client_info);
+        let handle = Arc::new(ConnHandle {
+            id,
+            key,
+            queue: SendQueue::new(self.config.queue_depth, CONTROL_CAP),
+            is_dup: AtomicBool::new(false),
+            is_active: AtomicBool::new(false),
+            remote: info.remote,
+            presence_flags: flags.0,
+        });
+        let mut nonce = [0u8; proto::derp::NONCE_LEN];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        let server_info = server_info_frame(
+            &self.config.private_key,
+            &key,
+            &ServerInfo::current(),
+            nonce,
+        );
+        self.registry.register(&handle);
+        if self.shutting_down.load(Ordering::Acquire) {
+            // Registered after shutdown collected the connections: restart this one too.
+            handle.queue.request_close(restart_request());
+        }
+        let keepalive = self.config.keepalive;
+        let jitter_max = keepalive / 12;
+        let jitter = if jitter_max.is_zero() {
+            Duration::ZERO
+        } else {
+            rand::thread_rng().gen_range(Duration::ZERO..jitter_max)
+        };
+        let params = ConnParams {
+            mesh,
+            write_timeout: if mesh {
+                MESH_WRITE_TIMEOUT
+            } else {
+                self.config.write_timeout
+            },
+            keepalive,
+            keepalive_jitter: jitter,
+        };
+        // ServerInfo goes out after registration (so the client is routable once it sees it)
+        // and before anything queued for it. Bounded by the write timeout.
+        let write = async {
+            io.write_all(&server_info).await?;
+            io.flush().await
+        };
+        match Box::pin(tokio::time::timeout(params.write_timeout, write)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::info!(target: "derp", "derp connection closed: writing ServerInfo: {e}");
+                self.abandon(handle);
+                return;
+            }
+            Err(_) => {
+                self.metrics.hot.add(crate::metrics::Hot::WriteTimeouts, 1);
+                tracing::info!(target: "derp", "derp connection closed: writing ServerInfo timed out");
+                self.abandon(handle);
+                return;
+            }
+        }
+        drop(server_info);
+        tracing::debug!(target: "derp", mesh, "derp client connected");
+        let mut task = ConnTask::new(self, handle, io, rbuf, params);
+        let why = task.run().await;
+        drop(task);
+        match &why {
+            Close::Eof | Close::Shutdown | Close::KickedByMesh => {
+                tracing::debug!(target: "derp", "derp connection closed: {why}")
+            }
+            _ => tracing::info!(target: "derp", "derp connection closed: {why}"),
+        }
+    }
+
+    /// Unregisters a connection that failed before its task started.
+    fn abandon(&self, handle: Arc<ConnHandle>) {
+        let (disco, regular) = handle.queue.close();
+        for (kind, list) in [(PacketKind::Disco, disco), (PacketKind::Other, regular)] {
+            for b in list {
+                self.metrics.hot.drop_packet(
+                    DropReason::GoneDisconnected,
+                    kind,
+                    b.len().saturating_sub(proto::derp::PACKET_PREFIX_LEN),
+                );
+            }
+        }
+        self.registry.unregister(
+            &handle,
+            crate::registry::SentTo::with_hasher(Default::default()),
+        );
+    }
+
+    async fn handshake<IO>(
+        &self,
+        io: &mut IO,
+        rbuf: &mut BytesMut,
+        info: &ConnInfo,
+    ) -> Result<(NodePublic, ClientInfo, bool), HandshakeFailure>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        // ServerKey goes out first, before reading anything (also on fast start).
+        io.write_all(&server_key_frame(&self.public_key))
+            .await
+            .map_err(|e| HandshakeFailure::new("io", e))?;
+        io.flush()
+            .await
+            .map_err(|e| HandshakeFailure::new("io", e))?;
+
+        read_at_least(io, rbuf, FRAME_HEADER_LEN).await?;
+        let Some(hdr) = FrameHeader::decode(rbuf) else {
+            return Err(HandshakeFailure::new("io", "short header"));
+        };
+        if let Err(e) = hdr.validate_client_info() {
+            let reason = if hdr.typ == proto::derp::FrameType::ClientInfo.as_u8() {
+                "bad_length"
+            } else {
+                "not_client_info"
+            };
+            return Err(HandshakeFailure::new(reason, e));
+        }
+        let total = FRAME_HEADER_LEN + hdr.payload_len();
+        read_at_least(io, rbuf, total).await?;
+        let frame = rbuf.split_to(total);
+        let (key, client_info) = open_client_info(
+            &self.config.private_key,
+            &frame[FRAME_HEADER_LEN..],
+        )
+        .map_err(|e| {
+            let reason = match &e {
+                HandshakeError::ZeroKey => "zero_key",
+                HandshakeError::Box(_) => "open_failed",
+                HandshakeError::Info(_) => "bad_json",
+                HandshakeError::TooShort { .. } | HandshakeError::TooLong { .. } => "bad_length",
+                HandshakeError::Frame(_) => "not_client_info",
+            };
+            HandshakeFailure::new(reason, e)
+        })?;
+        drop(frame);
+        let mesh = match (&self.config.mesh_key, &client_info.mesh_key) {
+            (Some(ours), Some(theirs)) => !ours.is_zero() && ours == theirs,
+            _ => false,
+        };
+        if !mesh {
+            if let Some(adm) = &self.config.admission {
+                if !adm.admit(&key, info.remote.ip()).await {
+                    return Err(HandshakeFailure::new(
+                        "admission_denied",
+                        format_args!("{key} not admitted"),
+                    ));
+                }
+            }
+        }
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(HandshakeFailure::new(
+                "shutting_down",
+                "server is shutting down",
+            ));
+        }
+        Ok((key, client_info, mesh))
+    }
+
+    /// Graceful shutdown: sends Restarting (reconnect in 1 s, keep trying for 30 s) to every
+    /// client, closes every connection and waits up to 5 s for them to finish.
+    pub async fn shutdown(&self) {
+        self.shutdown_with(Duration::from_secs(5)).await;
+    }
+
+    /// Like [`shutdown`](Self::shutdown) with a custom bound on the wait. Returns whether every
+    /// connection finished in time.
+    pub async fn shutdown_with(&self, wait: Duration) -> bool {
+        self.shutting_down.store(true, Ordering::Release);
+        for c in self.registry.all_conns() {
+            c.queue.request_close(restart_request());
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.tasks_changed.notified();
+            if self.tasks.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.tasks.load(Ordering::Acquire) == 0;
+            }
+        }
+    }
+}
+
+fn restart_request() -> CloseRequest {
+    CloseRequest::Restarting {
+        reconnect_in_ms: 1_000,
+        try_for_ms: 30_000,
+    }
+}
+
+async fn read_at_least<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    buf: &mut BytesMut,
+    n: usize,
+) -> Result<(), HandshakeFailure> {
+    if buf.len() < n {
+        buf.reserve(n - buf.len());
+    }
+    while buf.len() < n {
+        let got = io
+            .read_buf(buf)
+            .await
+            .map_err(|e| HandshakeFailure::new("io", e))?;
+        if got == 0 {
+            return Err(HandshakeFailure::new(
+                "io",
+                "connection closed during handshake",
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,421 @@
+//! Command line, environment and TOML configuration for every role.
+//!
+//! One `Settings` value is resolved per run, in this order of precedence: a flag, then its
+//! `TAILNETD_*` environment twin (clap handles both), then the `--config` TOML file, then the
+//! role's default. Everything is validated here, before any socket is opened, so that a bad
+//! value fails at start-up with a message that names the field instead of surfacing later as a
+//! confusing runtime error.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use derp::config::DerpConfig;
+use serde::Deserialize;
+
+/// tailnetd: a Tailnet coordinator and DERP relay for Coder deployments.
+#[derive(Debug, Parser)]
+#[command(name = "tailnetd", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub role: RoleCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RoleCommand {
+    /// Everything on 127.0.0.1 with in-memory state and generated dev credentials (printed as JSON).
+    Dev(CommonArgs),
+    /// Coordinator and relay in one process: the sidecar next to coderd.
+    Serve(CommonArgs),
+    /// Coordinator only.
+    Coordinator(CommonArgs),
+    /// Relay and STUN only: what a regional relay node runs.
+    Derp(CommonArgs),
+}
+
+impl RoleCommand {
+    pub fn split(self) -> (Role, CommonArgs) {
+        match self {
+            RoleCommand::Dev(a) => (Role::Dev, a),
+            RoleCommand::Serve(a) => (Role::Serve, a),
+            RoleCommand::Coordinator(a) => (Role::Coordinator, a),
+            RoleCommand::Derp(a) => (Role::Derp, a),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Dev,
+    Serve,
+    Coordinator,
+    Derp,
+}
+
+impl Role {
+    pub fn runs_relay(self) -> bool {
+        matches!(self, Role::Dev | Role::Serve | Role::Derp)
+    }
+    pub fn runs_coordinator(self) -> bool {
+        matches!(self, Role::Dev | Role::Serve | Role::Coordinator)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Dev => "dev",
+            Role::Serve => "serve",
+            Role::Coordinator => "coordinator",
+            Role::Derp => "derp",
+        }
+    }
+}
+
+/// Flags shared by every role. Each has an environment twin; none has a clap default, so that
+/// the TOML file can fill in what the command line leaves out.
+#[derive(Debug, Default, Args)]
+pub struct CommonArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "TAILNETD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Plain HTTP listen address (`host:port`, port 0 picks one; empty disables).
+    #[arg(long, env = "TAILNETD_HTTP_ADDR")]
+    pub http_addr: Option<String>,
+    /// HTTPS listen address (needs --tls-cert and --tls-key; empty disables).
+    #[arg(long, env = "TAILNETD_HTTPS_ADDR")]
+    pub https_addr: Option<String>,
+    /// PEM certificate chain for HTTPS; reloaded when the file changes.
+    #[arg(long, env = "TAILNETD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS; reloaded when the file changes.
+    #[arg(long, env = "TAILNETD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// UDP STUN listen address (empty disables).
+    #[arg(long, env = "TAILNETD_STUN_ADDR")]
+    pub stun_addr: Option<String>,
+    /// DERP private key file in derper's JSON format; created when missing.
+    #[arg(long, env = "TAILNETD_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// DERP mesh pre-shared key file (64 hex characters).
+    #[arg(long, env = "TAILNETD_MESH_PSK_FILE")]
+    pub mesh_psk_file: Option<PathBuf>,
+    /// DERP map JSON file (Tailscale/Coder form), watched for changes.
+    #[arg(long, env = "TAILNETD_DERP_MAP_FILE")]
+    pub derp_map_file: Option<PathBuf>,
+    /// Region id of this process's own relay in the DERP map.
+    #[arg(long, env = "TAILNETD_REGION_ID")]
+    pub region_id: Option<i64>,
+    /// Region code of this process's own relay.
+    #[arg(long, env = "TAILNETD_REGION_CODE")]
+    pub region_code: Option<String>,
+    /// Region name of this process's own relay.
+    #[arg(long, env = "TAILNETD_REGION_NAME")]
+    pub region_name: Option<String>,
+    /// URL under which clients reach this process (defaults to the bound listener).
+    #[arg(long, env = "TAILNETD_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Where `dev` also writes its credentials JSON.
+    #[arg(long, env = "TAILNETD_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
+    /// Log filter (tracing env-filter syntax), e.g. `info,derp=debug`.
+    #[arg(long, env = "TAILNETD_LOG")]
+    pub log: Option<String>,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "TAILNETD_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The TOML file. Unknown keys are errors so that a typo never silently falls back to a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub http_addr: Option<String>,
+    pub https_addr: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub stun_addr: Option<String>,
+    pub key_file: Option<PathBuf>,
+    pub mesh_psk_file: Option<PathBuf>,
+    pub derp_map_file: Option<PathBuf>,
+    pub region_id: Option<i64>,
+    pub region_code: Option<String>,
+    pub region_name: Option<String>,
+    pub public_url: Option<String>,
+    pub credentials: Option<PathBuf>,
+    pub log: Option<String>,
+    pub log_format: Option<String>,
+    #[serde(default)]
+    pub relay: RelayFile,
+    #[serde(default)]
+    pub auth: AuthFile,
+}
+
+/// Relay tuning knobs (`[relay]`); durations are text such as `"2s"` or `"500ms"`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayFile {
+    pub queue_depth: Option<usize>,
+    pub write_timeout: Option<String>,
+    pub keepalive: Option<String>,
+    pub tcp_user_timeout: Option<String>,
+    pub tcp_keepalive: Option<String>,
+    pub accept_connection_limit: Option<f64>,
+    pub accept_connection_burst: Option<u32>,
+    pub max_connections: Option<usize>,
+}
+
+/// Static tokens and the resume-token key (`[auth]`), used when no upstream Coder server decides.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    #[serde(flatten)]
+    pub tokens: coordinator::auth::StaticAuthConfig,
+    /// Key for resume tokens; replicas sharing it accept each other's tokens.
+    pub resume_key: Option<coordinator::config::ResumeKeyConfig>,
+}
+
+/// Fully resolved and validated settings for one run.
+#[derive(Debug)]
+pub struct Settings {
+    pub role: Role,
+    /// Listeners, TLS files, key files and relay knobs, validated by the relay crate's own rules.
+    pub listen: DerpConfig,
+    pub http_addr: Option<SocketAddr>,
+    pub https_addr: Option<SocketAddr>,
+    pub stun_addr: Option<SocketAddr>,
+    pub derp_map_file: Option<PathBuf>,
+    pub region_id: i64,
+    pub region_code: String,
+    pub region_name: String,
+    pub public_url: Option<String>,
+    pub credentials: Option<PathBuf>,
+    pub log: String,
+    pub log_json: bool,
+    pub auth: AuthFile,
+}
+
+fn load_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+fn duration(field: &str, value: Option<String>, default: Duration) -> Result<Duration> {
+    match value {
+        None => Ok(default),
+        Some(v) => derp::config::parse_duration(&v).map_err(|e| anyhow!("{field}: {e}")),
+    }
+}
+
+/// Names a relay-crate config field the way the TOML file spells it.
+fn file_field(field: &str) -> String {
+    match field {
+        "http_addr" | "https_addr" | "tls_cert" | "tls_key" | "stun_addr" | "key_file"
+        | "mesh_psk_file" => field.to_string(),
+        other => format!("relay.{other}"),
+    }
+}
+
+impl Settings {
+    pub fn resolve(role: Role, args: CommonArgs) -> Result<Settings> {
+        let file = match &args.config {
+            Some(p) => load_file(p)?,
+            None => FileConfig::default(),
+        };
+        let dev = role == Role::Dev;
+        let defaults = DerpConfig::default();
+
+        let http_default = if dev { "127.0.0.1:3340" } else { "0.0.0.0:8080" };
+        let stun_default = match (role.runs_relay(), dev) {
+            (false, _) => "",
+            (true, true) => "127.0.0.1:3478",
+            (true, false) => "0.0.0.0:3478",
+        };
+        let stun_addr = args
+            .stun_addr
+            .or(file.stun_addr)
+            .unwrap_or_else(|| stun_default.to_string());
+        if !role.runs_relay() && !stun_addr.trim().is_empty() {
+            bail!("stun_addr: the {} role runs no relay", role.name());
+        }
+        let relay = file.relay;
+        let listen = DerpConfig {
+            http_addr: args
+                .http_addr
+                .or(file.http_addr)
+                .unwrap_or_else(|| http_default.to_string()),
+            https_addr: args.https_addr.or(file.https_addr).unwrap_or_default(),
+            tls_cert: args.tls_cert.or(file.tls_cert),
+            tls_key: args.tls_key.or(file.tls_key),
+            stun_addr,
+            key_file: args.key_file.or(file.key_file),
+            mesh_psk_file: args.mesh_psk_file.or(file.mesh_psk_file),
+            queue_depth: relay.queue_depth.unwrap_or(defaults.queue_depth),
+            write_timeout: duration(
+                "relay.write_timeout",
+                relay.write_timeout,
+                defaults.write_timeout,
+            )?,
+            keepalive: duration("relay.keepalive", relay.keepalive, defaults.keepalive)?,
+            accept_connection_limit: relay.accept_connection_limit,
+            accept_connection_burst: relay.accept_connection_burst,
+            tcp_user_timeout: duration(
+                "relay.tcp_user_timeout",
+                relay.tcp_user_timeout,
+                defaults.tcp_user_timeout,
+            )?,
+            tcp_keepalive: duration(
+                "relay.tcp_keepalive",
+                relay.tcp_keepalive,
+                defaults.tcp_keepalive,
+            )?,
+            max_connections: relay.max_connections.unwrap_or(defaults.max_connections),
+        };
+        if let Err(errs) = listen.validate() {
+            let text: Vec<String> = errs
+                .0
+                .iter()
+                .map(|e| format!("{}: {}", file_field(e.field), e.reason))
+                .collect();
+            bail!("{}", text.join("; "));
+        }
+        let http_addr = listen.http_socket_addr()?;
+        let https_addr = listen.https_socket_addr()?;
+        let stun_addr = listen.stun_socket_addr()?;
+
+        let region_id = args.region_id.or(file.region_id).unwrap_or(999);
+        if region_id <= 0 {
+            bail!("region_id: must be positive, got {region_id}");
+        }
+        let public_url = args.public_url.or(file.public_url);
+        if let Some(u) = &public_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                bail!("public_url: {u:?} must start with http:// or https://");
+            }
+        }
+        let log_format = args
+            .log_format
+            .or(file.log_format)
+            .unwrap_or_else(|| "text".into());
+        let log_json = match log_format.as_str() {
+            "text" => false,
+            "json" => true,
+            other => bail!("log_format: {other:?} is neither \"text\" nor \"json\""),
+        };
+        if let Some(k) = &file.auth.resume_key {
+            k.to_key().map_err(|e| anyhow!("auth.resume_key: {e}"))?;
+        }
+
+        Ok(Settings {
+            role,
+            listen,
+            http_addr,
+            https_addr,
+            stun_addr,
+            derp_map_file: args.derp_map_file.or(file.derp_map_file),
+            region_id,
+            region_code: args
+                .region_code
+                .or(file.region_code)
+                .unwrap_or_else(|| "coder".into()),
+            region_name: args
+                .region_name
+                .or(file.region_name)
+                .unwrap_or_else(|| "Coder Embedded Relay".into()),
+            public_url,
+            credentials: args.credentials.or(file.credentials),
+            log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
+            log_json,
+            auth: file.auth,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> CommonArgs {
+        CommonArgs::default()
+    }
+
+    #[test]
+    fn dev_defaults_to_loopback() {
+        let s = Settings::resolve(Role::Dev, args()).unwrap();
+        assert_eq!(s.http_addr, Some("127.0.0.1:3340".parse().unwrap()));
+        assert_eq!(s.stun_addr, Some("127.0.0.1:3478".parse().unwrap()));
+        assert_eq!(s.region_id, 999);
+    }
+
+    #[test]
+    fn empty_stun_disables_it() {
+        let mut a = args();
+        a.stun_addr = Some(String::new());
+        let s = Settings::resolve(Role::Derp, a).unwrap();
+        assert!(s.stun_addr.is_none());
+    }
+
+    #[test]
+    fn bad_address_names_the_field() {
+        let mut a = args();
+        a.http_addr = Some("not-an-addr".into());
+        let e = format!("{:#}", Settings::resolve(Role::Derp, a).unwrap_err());
+        assert!(e.contains("http_addr"), "{e}");
+    }
+
+    #[test]
+    fn https_requires_cert_and_key() {
+        let mut a = args();
+        a.https_addr = Some("127.0.0.1:0".into());
+        let e = format!("{:#}", Settings::resolve(Role::Derp, a).unwrap_err());
+        assert!(e.contains("tls_cert"), "{e}");
+    }
+
+    #[test]
+    fn coordinator_role_rejects_stun() {
+        let mut a = args();
+        a.stun_addr = Some("127.0.0.1:0".into());
+        let e = format!("{:#}", Settings::resolve(Role::Coordinator, a).unwrap_err());
+        assert!(e.contains("stun_addr"), "{e}");
+    }
+
+    #[test]
+    fn file_fills_in_and_flags_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(
+            &path,
+            "http_addr = \"127.0.0.1:1111\"\nregion_id = 900\n[relay]\nqueue_depth = 64\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(path.clone());
+        a.region_id = Some(901);
+        let s = Settings::resolve(Role::Derp, a).unwrap();
+        assert_eq!(s.http_addr, Some("127.0.0.1:1111".parse().unwrap()));
+        assert_eq!(s.region_id, 901);
+        assert_eq!(s.listen.queue_depth, 64);
+    }
+
+    #[test]
+    fn unknown_file_key_names_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, "htp_addr = \"127.0.0.1:1\"\n").unwrap();
+        let mut a = args();
+        a.config = Some(path);
+        let e = format!("{:#}", Settings::resolve(Role::Derp, a).unwrap_err());
+        assert!(e.contains("htp_addr"), "{e}");
+    }
+
+    #[test]
+    fn bad_queue_depth_names_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, "[relay]\nqueue_depth = 0\n").unwrap();
+        let mut a = args();
+        a.config = Some(path);
+        let e = format!("{:#}", Settings::resolve(Role::Derp, a).unwrap_err());
+        assert!(e.contains("relay.queue_depth"), "{e}");
+    }
+}
