@@ -6,7 +6,6 @@
 //! value fails at start-up with a message that names the field instead of surfacing later as a
 //! confusing runtime error.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -180,9 +179,6 @@ pub struct Settings {
     pub role: Role,
     /// Listeners, TLS files, key files and relay knobs, validated by the relay crate's own rules.
     pub listen: DerpConfig,
-    pub http_addr: Option<SocketAddr>,
-    pub https_addr: Option<SocketAddr>,
-    pub stun_addr: Option<SocketAddr>,
     pub derp_map_file: Option<PathBuf>,
     pub region_id: i64,
     pub region_code: String,
@@ -279,9 +275,6 @@ impl Settings {
                 .collect();
             bail!("{}", text.join("; "));
         }
-        let http_addr = listen.http_socket_addr()?;
-        let https_addr = listen.https_socket_addr()?;
-        let stun_addr = listen.stun_socket_addr()?;
 
         let region_id = args.region_id.or(file.region_id).unwrap_or(999);
         if region_id <= 0 {
@@ -309,9 +302,6 @@ impl Settings {
         Ok(Settings {
             role,
             listen,
-            http_addr,
-            https_addr,
-            stun_addr,
             derp_map_file: args.derp_map_file.or(file.derp_map_file),
             region_id,
             region_code: args
@@ -342,8 +332,8 @@ mod tests {
     #[test]
     fn dev_defaults_to_loopback() {
         let s = Settings::resolve(Role::Dev, args()).unwrap();
-        assert_eq!(s.http_addr, Some("127.0.0.1:3340".parse().unwrap()));
-        assert_eq!(s.stun_addr, Some("127.0.0.1:3478".parse().unwrap()));
+        assert_eq!(s.listen.http_addr, "127.0.0.1:3340");
+        assert_eq!(s.listen.stun_addr, "127.0.0.1:3478");
         assert_eq!(s.region_id, 999);
     }
 
@@ -352,7 +342,7 @@ mod tests {
         let mut a = args();
         a.stun_addr = Some(String::new());
         let s = Settings::resolve(Role::Derp, a).unwrap();
-        assert!(s.stun_addr.is_none());
+        assert_eq!(s.listen.stun_socket_addr().unwrap(), None);
     }
 
     #[test]
@@ -392,7 +382,7 @@ mod tests {
         a.config = Some(path.clone());
         a.region_id = Some(901);
         let s = Settings::resolve(Role::Derp, a).unwrap();
-        assert_eq!(s.http_addr, Some("127.0.0.1:1111".parse().unwrap()));
+        assert_eq!(s.listen.http_addr, "127.0.0.1:1111");
         assert_eq!(s.region_id, 901);
         assert_eq!(s.listen.queue_depth, 64);
     }

@@ -27,10 +27,8 @@ use coordinator::derpmap::{DerpMapConfig, DerpMapSource, EmbeddedRelay};
 use coordinator::dev::DevCredentials;
 use coordinator::Coordinator;
 use derp::http::{DerpHandler, HttpEdge};
-use derp::listener::ListenerOptions;
 use derp::server::{Server, ServerConfig};
 use serde_json::json;
-use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Cli, Role, Settings};
@@ -77,6 +75,7 @@ fn init_tracing(s: &Settings) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if s.log_json {
         builder.json().init();
@@ -122,22 +121,6 @@ fn ops_routes(health: Health) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(health)
-}
-
-async fn bind_tcp(addr: Option<SocketAddr>, what: &str) -> Result<Option<TcpListener>> {
-    match addr {
-        None => Ok(None),
-        Some(a) => TcpListener::bind(a)
-            .await
-            .map(Some)
-            .with_context(|| format!("binding {what} {a}")),
-    }
-}
-
-fn local(l: &Option<TcpListener>) -> Result<Option<SocketAddr>> {
-    l.as_ref()
-        .map(|l| l.local_addr().context("reading a listener's address"))
-        .transpose()
 }
 
 /// The URL clients use to reach this process: the configured public URL, else the first bound
@@ -191,25 +174,6 @@ async fn run(s: Settings) -> Result<()> {
         registry: registry.clone(),
     };
 
-    // Bind everything first, so that port 0 resolves before the DERP map is built.
-    let http = bind_tcp(s.http_addr, "http_addr").await?;
-    let https = bind_tcp(s.https_addr, "https_addr").await?;
-    let stun = match s.stun_addr {
-        Some(a) => Some(
-            UdpSocket::bind(a)
-                .await
-                .with_context(|| format!("binding stun_addr {a}"))?,
-        ),
-        None => None,
-    };
-    let http_local = local(&http)?;
-    let https_local = local(&https)?;
-    let stun_local = stun
-        .as_ref()
-        .map(|u| u.local_addr().context("reading the STUN socket's address"))
-        .transpose()?;
-    let base_url = public_url(&s, http_local, https_local);
-
     let relay: Option<Arc<Server>> = if s.role.runs_relay() {
         let mut cfg = ServerConfig::new(relay_key(&s)?);
         s.listen.apply_to(&mut cfg);
@@ -223,6 +187,14 @@ async fn run(s: Settings) -> Result<()> {
     } else {
         None
     };
+
+    // Bind everything before building the coordinator, so that port 0 resolves before the DERP
+    // map names this relay's own port.
+    let relay_key_bytes = relay.as_ref().map(|r| *r.public_key().as_bytes());
+    let mut bound = derp::listener::bind(&s.listen, relay_key_bytes.as_ref(), &registry)
+        .await
+        .context("opening listeners")?;
+    let base_url = public_url(&s, bound.http_addr, bound.https_addr);
 
     let dev_credentials = (s.role == Role::Dev).then(DevCredentials::generate);
     let coordinator: Option<Arc<Coordinator>> = if s.role.runs_coordinator() {
@@ -238,7 +210,7 @@ async fn run(s: Settings) -> Result<()> {
             region_code: s.region_code.clone(),
             region_name: s.region_name.clone(),
             public_url: base_url.clone(),
-            stun_port: stun_local.map(|a| a.port()),
+            stun_port: bound.stun_addr.map(|a| a.port()),
         });
         let source = DerpMapSource::new(DerpMapConfig {
             file: s.derp_map_file.clone(),
@@ -272,52 +244,20 @@ async fn run(s: Settings) -> Result<()> {
         relay.clone().map(|r| r as Arc<dyn DerpHandler>);
     let edge = HttpEdge::new(derp_handler, app, &registry).context("registering metrics")?;
 
+    let running = bound.spawn(edge, cancel.clone());
     let mut tasks = tokio::task::JoinSet::new();
-    let opts = ListenerOptions::from_config(&s.listen);
-    if let Some(l) = http {
-        tasks.spawn(derp::listener::serve(
-            l,
-            None,
-            edge.clone(),
-            opts.clone(),
-            cancel.clone(),
-        ));
-    }
-    if let Some(l) = https {
-        let (cert, key) = match (&s.listen.tls_cert, &s.listen.tls_key) {
-            (Some(c), Some(k)) => (c.clone(), k.clone()),
-            _ => anyhow::bail!("tls_cert and tls_key: required when https_addr is set"),
-        };
-        let meta = match &relay {
-            Some(r) => Some(
-                derp::metacert::generate(r.public_key().as_bytes())
-                    .context("generating the DERP meta certificate")?,
-            ),
-            None => None,
-        };
-        let reloader = Arc::new(
-            derp::tls::TlsReloader::new(cert, key, meta, &registry).context("tls_cert/tls_key")?,
-        );
-        let tls = reloader.server_config().context("TLS configuration")?;
-        tasks.spawn(derp::listener::serve(
-            l,
-            Some(tls),
-            edge.clone(),
-            opts.clone(),
-            cancel.clone(),
-        ));
-    }
-    if let Some(sock) = stun {
-        let m = derp::stun::StunMetrics::new(&registry).context("registering STUN metrics")?;
-        tasks.spawn(derp::stun::serve(sock, m, cancel.clone()));
+    for t in running.tasks {
+        tasks.spawn(async move {
+            if let Err(e) = t.await {
+                tracing::error!(error = %e, "a listener task panicked");
+            }
+        });
     }
 
     health.ready.store(true, Ordering::Relaxed);
     announce(
         &s,
-        http_local,
-        https_local,
-        stun_local,
+        &bound,
         &base_url,
         relay.as_deref(),
         dev_credentials.as_ref(),
@@ -325,10 +265,7 @@ async fn run(s: Settings) -> Result<()> {
 
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("signal received: draining"),
-        Some(r) = tasks.join_next() => {
-            if let Err(e) = r {
-                tracing::error!(error = %e, "a listener task failed");
-            }
+        Some(_) = tasks.join_next() => {
             tracing::error!("a listener stopped unexpectedly: draining");
         }
     }
@@ -362,18 +299,16 @@ async fn run(s: Settings) -> Result<()> {
 #[allow(clippy::print_stdout, reason = "the announcement line is the CLI's output")]
 fn announce(
     s: &Settings,
-    http: Option<SocketAddr>,
-    https: Option<SocketAddr>,
-    stun: Option<SocketAddr>,
+    bound: &derp::listener::Bound,
     base_url: &str,
     relay: Option<&Server>,
     dev: Option<&DevCredentials>,
 ) -> Result<()> {
     let mut line = json!({
         "role": s.role.name(),
-        "http_addr": http.map(|a| a.to_string()),
-        "https_addr": https.map(|a| a.to_string()),
-        "stun_addr": stun.map(|a| a.to_string()),
+        "http_addr": bound.http_addr.map(|a| a.to_string()),
+        "https_addr": bound.https_addr.map(|a| a.to_string()),
+        "stun_addr": bound.stun_addr.map(|a| a.to_string()),
         "derp_public_key": relay.map(|r| r.public_key().to_string()),
         "base_url": base_url,
     });

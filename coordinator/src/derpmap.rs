@@ -245,7 +245,8 @@ impl DerpMapSource {
                     .duration_since(m)
                     .map_or(true, |age| age < FRESH_WINDOW)
             });
-            if stamp == last && !fresh {
+            let touched = stamp != last;
+            if !touched && !fresh {
                 continue;
             }
             last = stamp;
@@ -260,8 +261,11 @@ impl DerpMapSource {
                 Ok(Ok(false)) => {
                     tracing::debug!(path = %path.display(), "DERP map file touched; map unchanged");
                 }
-                Ok(Err(e)) => {
+                Ok(Err(e)) if touched => {
                     tracing::warn!(error = %e, "DERP map file is broken; keeping the previous map");
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "DERP map file still broken; keeping the previous map");
                 }
                 Err(e) => tracing::warn!(error = %e, "DERP map reload task failed"),
             }

@@ -198,7 +198,35 @@ async fn plain_get_is_the_code_order_probe() {
             &[("Coder-Session-Token", USER_ONE)],
         )
         .await;
-    assert!(s >= 400, "status {s}");
+    assert_eq!(s, 426);
+    // So is the DERP map stream.
+    assert_eq!(h.get("/api/v2/derp-map", &[]).await.0, 426);
+}
+
+#[tokio::test]
+async fn cross_origin_upgrades_are_refused() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let h = Harness::start().await;
+    let tok = h.agent().token.to_string();
+    let dial = |origin: Option<String>| {
+        let mut req = h
+            .url("/api/v2/workspaceagents/me/rpc")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("Coder-Session-Token", tok.parse().unwrap());
+        if let Some(o) = origin {
+            req.headers_mut().insert("Origin", o.parse().unwrap());
+        }
+        tokio_tungstenite::connect_async(req)
+    };
+    match dial(Some("https://evil.example".into())).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!("unexpected {:?}", other.map(|_| ())),
+    }
+    // Same host: allowed (as coder/websocket does).
+    dial(Some(format!("http://{}", h.addr))).await.unwrap();
+    dial(None).await.unwrap();
 }
 
 #[tokio::test]

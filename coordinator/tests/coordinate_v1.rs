@@ -228,3 +228,46 @@ async fn v1_sessions_end_on_shutdown() {
     h.coord.shutdown().await;
     assert!(close_code(&mut agent).await.is_some());
 }
+
+#[tokio::test]
+async fn v1_agent_double_connect() {
+    let h = Harness::start().await;
+    let agent_id = h.agent().id;
+    let mut first = v1_agent(&h, 0, "").await;
+    send_bin(&mut first, v1_json(&node(agent_id, true, 1))).await;
+    let mut client = v1_client(&h, 0, "").await;
+    v1_recv(&mut client, W).await.unwrap();
+    let mut second = v1_agent(&h, 0, "").await;
+    let (code, reason) = close_code(&mut first).await.unwrap();
+    assert_eq!(code, 1000);
+    assert_eq!(reason, "peer ID overwritten by new connection");
+    let n2 = node(agent_id, true, 2);
+    send_bin(&mut second, v1_json(&n2)).await;
+    let got = v1_recv(&mut client, W).await.unwrap();
+    assert!(same(&got[0], &n2));
+}
+
+#[tokio::test]
+async fn v1_client_without_agent_then_agent_arrives() {
+    let h = Harness::start().await;
+    let agent_id = h.agent().id;
+    let mut client = v1_client(&h, 0, "").await;
+    let cnode = node(Uuid::nil(), false, 1);
+    send_bin(&mut client, v1_json(&cnode)).await;
+    // An agent without clients gets nothing; this one gets the waiting client's node.
+    let mut agent = v1_agent(&h, 0, "").await;
+    let got = v1_recv(&mut agent, W).await.unwrap();
+    assert!(same(&got[0], &cnode));
+    let anode = node(agent_id, true, 1);
+    send_bin(&mut agent, v1_json(&anode)).await;
+    let got = v1_recv(&mut client, W).await.unwrap();
+    assert!(same(&got[0], &anode));
+    // A lone agent hears nothing.
+    let mut lone = v1_agent(&h, 1, "").await;
+    send_bin(&mut lone, v1_json(&node(h.agents[1].id, true, 1))).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), v1_recv(&mut lone, W))
+            .await
+            .is_err()
+    );
+}

@@ -882,6 +882,34 @@ mod graph {
         assert_eq!(g.peer_count(), 0);
     }
 
+    #[test]
+    fn metrics_track_the_graph() {
+        let (g, reg) = graph_with(512);
+        let aid = Uuid::new_v4();
+        let a = Peer::new(&g, aid, CoordinateeAuth::Agent { id: aid });
+        let mut c = Peer::new(
+            &g,
+            Uuid::new_v4(),
+            CoordinateeAuth::Client { agent_id: aid },
+        );
+        let o = Peer::single(&g);
+        c.ok(add(aid));
+        c.ok(upd(node(1)));
+        a.ok(upd(node_addrs(2, &[agent_addr(aid)], &[])));
+        assert_node(c.updates(), aid, 2);
+        let m = |name, label| metric(&reg, name, label);
+        assert_eq!(m("coordinator_peers", Some(("role", "agent"))), 1.0);
+        assert_eq!(m("coordinator_peers", Some(("role", "client"))), 1.0);
+        assert_eq!(m("coordinator_peers", Some(("role", "other"))), 1.0);
+        assert_eq!(m("coordinator_tunnels", None), 1.0);
+        assert_eq!(m("coordinator_node_updates_received_total", None), 2.0);
+        assert_eq!(m("coordinator_peer_updates_sent_total", None), 2.0);
+        drop((a, c, o));
+        assert_eq!(m("coordinator_peers", None), 0.0);
+        assert_eq!(m("coordinator_tunnels", None), 0.0);
+        assert_eq!(m("coordinator_peers_kicked_total", None), 0.0);
+    }
+
     /// Views applied from a receiver: peer id → last node (NODE sets, LOST/DISCONNECTED clear).
     fn apply_view(view: &mut std::collections::HashMap<Uuid, Node>, rx: &mut PeerReceiver) {
         loop {
@@ -916,9 +944,10 @@ mod graph {
         const THREADS: usize = 4;
         const CLIENTS_PER_THREAD: usize = 8;
         const ROUNDS: i32 = 300;
+        type Conn = (PeerHandle, PeerReceiver, HashMap<Uuid, Node>);
         let (g, _reg) = graph_with(1 << 16);
         let agent_ids: Vec<Uuid> = (0..AGENTS).map(|_| Uuid::new_v4()).collect();
-        let mut agents: Vec<(PeerHandle, PeerReceiver, HashMap<Uuid, Node>)> = agent_ids
+        let mut agents: Vec<Conn> = agent_ids
             .iter()
             .map(|id| {
                 let (h, rx) = g.connect(*id, "a".into(), CoordinateeAuth::SingleTailnet);
@@ -949,8 +978,7 @@ mod graph {
                     }
                     (h, rx, HashMap::new())
                 };
-                let mut clients: Vec<(Uuid, (PeerHandle, PeerReceiver, HashMap<Uuid, Node>))> = (0
-                    ..CLIENTS_PER_THREAD)
+                let mut clients: Vec<(Uuid, Conn)> = (0..CLIENTS_PER_THREAD)
                     .map(|_| {
                         let id = Uuid::new_v4();
                         (id, connect(id))
@@ -958,7 +986,7 @@ mod graph {
                     .collect();
                 for round in 0..ROUNDS {
                     for (i, (id, c)) in clients.iter_mut().enumerate() {
-                        if (round as usize + i + t) % 97 == 0 {
+                        if (round as usize + i + t) % 97 == 5 {
                             // Reconnect: replace, then drop the old handle (must be a no-op).
                             let old = std::mem::replace(c, connect(*id));
                             drop(old);

@@ -429,8 +429,7 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
         let disco = looks_like_disco(&frame[PACKET_PREFIX_LEN..]);
         let srv = self.srv;
         let hot = &srv.metrics.hot;
-        hot.add(Hot::PacketsReceived, 1);
-        hot.add(Hot::BytesReceived, pkt_len as u64);
+        hot.add2(Hot::PacketsReceived, 1, Hot::BytesReceived, pkt_len as u64);
         frame[0] = FrameType::RecvPacket.as_u8();
         frame[FRAME_HEADER_LEN..PACKET_PREFIX_LEN].copy_from_slice(self.h.key.as_bytes());
         let frame = frame.freeze();
@@ -612,8 +611,7 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
                 .map(|b| b.len() - PACKET_PREFIX_LEN)
                 .sum();
             let hot = &self.srv.metrics.hot;
-            hot.add(Hot::PacketsSent, d.packets as u64);
-            hot.add(Hot::BytesSent, bytes as u64);
+            hot.add2(Hot::PacketsSent, d.packets as u64, Hot::BytesSent, bytes as u64);
         }
         while let Some(c) = self.ctl.pop_front() {
             let f = self.encode_control(c);

@@ -191,7 +191,7 @@ impl HttpMetrics {
 
 /// Everything a connection needs: the DERP core, the HTTP router, and metrics.
 pub struct HttpEdge {
-    derp: Arc<dyn DerpHandler>,
+    derp: Option<Arc<dyn DerpHandler>>,
     app: Router,
     metrics: HttpMetrics,
 }
@@ -205,14 +205,21 @@ impl std::fmt::Debug for HttpEdge {
 impl HttpEdge {
     /// Builds the edge for `derp`. `fallback` serves every request that is not DERP and not one of
     /// [`routes`] (which take precedence, so merging them into `fallback` too is harmless).
+    /// Without a relay (`derp` = `None`, the coordinator-only role) `/derp` answers 404
+    /// "derp server disabled", as derper does with `-derp=false`, and the probe routes are absent.
     pub fn new(
-        derp: Arc<dyn DerpHandler>,
+        derp: Option<Arc<dyn DerpHandler>>,
         fallback: Router,
         registry: &prometheus::Registry,
     ) -> Result<Arc<Self>, prometheus::Error> {
+        let app = if derp.is_some() {
+            routes().fallback_service(fallback)
+        } else {
+            fallback
+        };
         Ok(Arc::new(HttpEdge {
             derp,
-            app: routes().fallback_service(fallback),
+            app,
             metrics: HttpMetrics::new(registry)?,
         }))
     }
@@ -222,9 +229,9 @@ impl HttpEdge {
         &self.metrics
     }
 
-    /// The DERP core.
-    pub fn derp(&self) -> &Arc<dyn DerpHandler> {
-        &self.derp
+    /// The DERP core, if this process runs a relay.
+    pub fn derp(&self) -> Option<&Arc<dyn DerpHandler>> {
+        self.derp.as_ref()
     }
 }
 
@@ -505,6 +512,9 @@ pub async fn serve_connection<IO>(
             fast_start,
             not_ideal,
         } => {
+            let Some(derp) = relay_or_404(&edge, &mut io, remote).await else {
+                return;
+            };
             let leftover = buf.split_off(head_len).freeze();
             let label = if fast_start {
                 "derp_fast_start"
@@ -513,7 +523,7 @@ pub async fn serve_connection<IO>(
             };
             metrics.requests.with_label_values(&[label]).inc();
             if !fast_start {
-                let resp = switching_protocols_response(&edge.derp.public_key_bytes());
+                let resp = switching_protocols_response(&derp.public_key_bytes());
                 let wrote = tokio::time::timeout(HEAD_TIMEOUT, async {
                     io.write_all(resp.as_bytes()).await?;
                     io.flush().await
@@ -530,12 +540,12 @@ pub async fn serve_connection<IO>(
                 websocket: false,
                 fast_start,
             };
-            edge.derp
-                .clone()
-                .accept_boxed(Box::new(io), leftover, info)
-                .await;
+            derp.accept_boxed(Box::new(io), leftover, info).await;
         }
         FirstRequest::WebSocket { not_ideal } => {
+            let Some(derp) = relay_or_404(&edge, &mut io, remote).await else {
+                return;
+            };
             metrics.requests.with_label_values(&["websocket"]).inc();
             let replay = Rewind::new(io, buf.freeze());
             let hs = tokio::time::timeout(
@@ -569,16 +579,31 @@ pub async fn serve_connection<IO>(
                 websocket: true,
                 fast_start: false,
             };
-            edge.derp
-                .clone()
-                .accept_boxed(Box::new(stream), Bytes::new(), info)
-                .await;
+            derp.accept_boxed(Box::new(stream), Bytes::new(), info).await;
         }
         FirstRequest::Http => {
             metrics.requests.with_label_values(&["http"]).inc();
             serve_http(Rewind::new(io, buf.freeze()), remote, &edge, is_tls, cancel).await;
         }
     }
+}
+
+/// The relay, or (in a process without one) a 404 answer and `None`, like derper's `-derp=false`.
+async fn relay_or_404<IO: AsyncRead + AsyncWrite + Unpin>(
+    edge: &HttpEdge,
+    io: &mut IO,
+    remote: SocketAddr,
+) -> Option<Arc<dyn DerpHandler>> {
+    if let Some(d) = &edge.derp {
+        return Some(d.clone());
+    }
+    edge.metrics
+        .requests
+        .with_label_values(&["derp_disabled"])
+        .inc();
+    tracing::debug!(%remote, "DERP requested but this process runs no relay");
+    write_error_and_close(io, "404 Not Found").await;
+    None
 }
 
 /// tungstenite handshake callback: answer with the `derp` subprotocol (any Origin is fine).

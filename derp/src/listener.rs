@@ -239,7 +239,9 @@ pub async fn serve(
     tracing::debug!(?local, listener = name, "accept loop stopped");
 }
 
-/// Everything [`start`] bound and spawned.
+/// Every socket [`bind`] opened, not yet serving. Binding comes first so that a caller can learn
+/// the actual addresses (port 0 resolved) before it builds what it serves, e.g. a DERP map that
+/// names this relay's own port.
 #[derive(Debug)]
 pub struct Bound {
     /// Actual address of the HTTP listener (port 0 resolved).
@@ -250,16 +252,59 @@ pub struct Bound {
     pub stun_addr: Option<SocketAddr>,
     /// The certificate reloader of the HTTPS listener.
     pub tls: Option<Arc<TlsReloader>>,
+    opts: ListenerOptions,
+    http: Option<TcpListener>,
+    https: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
+    stun: Option<(tokio::net::UdpSocket, StunMetrics)>,
+}
+
+/// The running loops of a [`Bound`] set of sockets.
+#[derive(Debug)]
+pub struct Running {
     /// The accept loops and the STUN loop; they end on `cancel`.
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-impl Bound {
+impl Running {
     /// Waits for every loop to stop (after `cancel`).
     pub async fn join(self) {
         for t in self.tasks {
             let _ = t.await;
         }
+    }
+}
+
+impl Bound {
+    /// Spawns the accept loops (HTTP, HTTPS) and the STUN loop on the sockets not yet spawned;
+    /// they stop on `cancel`. The addresses stay readable afterwards.
+    pub fn spawn(&mut self, edge: Arc<HttpEdge>, cancel: CancellationToken) -> Running {
+        let mut tasks = Vec::new();
+        if let Some((sock, metrics)) = self.stun.take() {
+            tasks.push(tokio::spawn(crate::stun::serve(
+                sock,
+                metrics,
+                cancel.clone(),
+            )));
+        }
+        if let Some(l) = self.http.take() {
+            tasks.push(tokio::spawn(serve(
+                l,
+                None,
+                edge.clone(),
+                self.opts.clone(),
+                cancel.clone(),
+            )));
+        }
+        if let Some((l, tls)) = self.https.take() {
+            tasks.push(tokio::spawn(serve(
+                l,
+                Some(tls),
+                edge,
+                self.opts.clone(),
+                cancel,
+            )));
+        }
+        Running { tasks }
     }
 }
 
@@ -290,31 +335,29 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
 }
 
-/// Validates `cfg`, binds every configured socket (HTTP, HTTPS with the meta cert of the edge's
-/// DERP key, STUN) and spawns their loops. All sockets are bound before this returns, so the
-/// caller can print the actual addresses. Loops stop on `cancel`.
-pub async fn start(
+/// Validates `cfg` and binds every configured socket (HTTP, HTTPS, STUN). `derp_key` is the
+/// relay's DERP public key: with it, the HTTPS chain carries the fast-start meta certificate;
+/// without it (no relay in this process) the plain chain is served.
+pub async fn bind(
     cfg: &DerpConfig,
-    edge: Arc<HttpEdge>,
+    derp_key: Option<&[u8; 32]>,
     registry: &prometheus::Registry,
-    cancel: CancellationToken,
 ) -> Result<Bound, StartError> {
     cfg.validate()?;
-    let opts = ListenerOptions::from_config(cfg);
-    let mut tasks = Vec::new();
+    // Addresses were validated above; an error here cannot happen, but is reported anyway.
+    let http = cfg.http_socket_addr().map_err(|e| ConfigErrors(vec![e]))?;
+    let https = cfg.https_socket_addr().map_err(|e| ConfigErrors(vec![e]))?;
+    let stun = cfg.stun_socket_addr().map_err(|e| ConfigErrors(vec![e]))?;
     let mut bound = Bound {
         http_addr: None,
         https_addr: None,
         stun_addr: None,
         tls: None,
-        tasks: Vec::new(),
+        opts: ListenerOptions::from_config(cfg),
+        http: None,
+        https: None,
+        stun: None,
     };
-    // Addresses were validated above; an error here cannot happen, but is reported anyway.
-    let http = cfg.http_socket_addr().map_err(|e| ConfigErrors(vec![e]))?;
-    let https = cfg.https_socket_addr().map_err(|e| ConfigErrors(vec![e]))?;
-    let stun = cfg.stun_socket_addr().map_err(|e| ConfigErrors(vec![e]))?;
-
-    let mut plan: Vec<(TcpListener, Option<Arc<rustls::ServerConfig>>)> = Vec::new();
     if let Some(addr) = http {
         let l = TcpListener::bind(addr)
             .await
@@ -324,10 +367,10 @@ pub async fn start(
                 source,
             })?;
         bound.http_addr = l.local_addr().ok();
-        plan.push((l, None));
+        bound.http = Some(l);
     }
     if let (Some(addr), Some(cert), Some(key)) = (https, &cfg.tls_cert, &cfg.tls_key) {
-        let meta = crate::metacert::generate(&edge.derp().public_key_bytes())?;
+        let meta = derp_key.map(crate::metacert::generate).transpose()?;
         let reloader = Arc::new(TlsReloader::new(cert, key, meta, registry)?);
         let server_config = reloader.server_config()?;
         let l = TcpListener::bind(addr)
@@ -339,7 +382,7 @@ pub async fn start(
             })?;
         bound.https_addr = l.local_addr().ok();
         bound.tls = Some(reloader);
-        plan.push((l, Some(server_config)));
+        bound.https = Some((l, server_config));
     }
     if let Some(addr) = stun {
         let sock = tokio::net::UdpSocket::bind(addr)
@@ -350,24 +393,22 @@ pub async fn start(
                 source,
             })?;
         bound.stun_addr = sock.local_addr().ok();
-        let metrics = StunMetrics::new(registry)?;
-        tasks.push(tokio::spawn(crate::stun::serve(
-            sock,
-            metrics,
-            cancel.clone(),
-        )));
+        bound.stun = Some((sock, StunMetrics::new(registry)?));
     }
-    for (l, tls) in plan {
-        tasks.push(tokio::spawn(serve(
-            l,
-            tls,
-            edge.clone(),
-            opts.clone(),
-            cancel.clone(),
-        )));
-    }
-    bound.tasks = tasks;
     Ok(bound)
+}
+
+/// [`bind`] then [`Bound::spawn`] in one call, for an edge that already exists.
+pub async fn start(
+    cfg: &DerpConfig,
+    edge: Arc<HttpEdge>,
+    registry: &prometheus::Registry,
+    cancel: CancellationToken,
+) -> Result<(Bound, Running), StartError> {
+    let key = edge.derp().map(|d| d.public_key_bytes());
+    let mut bound = bind(cfg, key.as_ref(), registry).await?;
+    let running = bound.spawn(edge, cancel);
+    Ok((bound, running))
 }
 
 #[cfg(test)]

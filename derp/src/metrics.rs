@@ -215,6 +215,14 @@ impl HotCounters {
         self.shard().0[c as usize].fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Two counters with one shard lookup (packets + bytes).
+    #[inline]
+    pub(crate) fn add2(&self, c1: Hot, n1: u64, c2: Hot, n2: u64) {
+        let s = self.shard();
+        s.0[c1 as usize].fetch_add(n1, Ordering::Relaxed);
+        s.0[c2 as usize].fetch_add(n2, Ordering::Relaxed);
+    }
+
     #[inline]
     pub(crate) fn drop_packet(&self, reason: DropReason, kind: PacketKind, bytes: usize) {
         let i = HOT_SCALARS + (reason as usize) * 2 + kind as usize;

@@ -121,7 +121,7 @@ struct CheckState {
 pub struct TlsReloader {
     cert_path: PathBuf,
     key_path: PathBuf,
-    meta_cert: CertificateDer<'static>,
+    meta_cert: Option<CertificateDer<'static>>,
     current: ArcSwap<CertifiedKey>,
     check: Mutex<CheckState>,
     check_interval: Duration,
@@ -131,7 +131,7 @@ pub struct TlsReloader {
 fn load_pair(
     cert_path: &Path,
     key_path: &Path,
-    meta_cert: &CertificateDer<'static>,
+    meta_cert: Option<&CertificateDer<'static>>,
 ) -> Result<CertifiedKey, TlsError> {
     let read_err = |path: &Path| {
         let path = path.to_path_buf();
@@ -156,8 +156,11 @@ fn load_pair(
         path: key_path.to_path_buf(),
         source,
     })?;
-    // The served chain: the real chain, then the meta cert last (on our own copy).
-    chain.push(meta_cert.clone());
+    // The served chain: the real chain, then the meta cert last (on our own copy). A process
+    // without a relay (the coordinator role) serves the plain chain.
+    if let Some(meta) = meta_cert {
+        chain.push(meta.clone());
+    }
     let certified = CertifiedKey::new(chain, signing_key);
     certified.keys_match().map_err(|source| TlsError::BadKey {
         path: key_path.to_path_buf(),
@@ -172,7 +175,7 @@ impl TlsReloader {
     pub fn new(
         cert_path: impl Into<PathBuf>,
         key_path: impl Into<PathBuf>,
-        meta_cert: CertificateDer<'static>,
+        meta_cert: Option<CertificateDer<'static>>,
         registry: &prometheus::Registry,
     ) -> Result<Self, TlsError> {
         let cert_path = cert_path.into();
@@ -181,7 +184,7 @@ impl TlsReloader {
             cert: stat(&cert_path),
             key: stat(&key_path),
         };
-        let certified = load_pair(&cert_path, &key_path, &meta_cert)?;
+        let certified = load_pair(&cert_path, &key_path, meta_cert.as_ref())?;
         let metrics = TlsMetrics::new(registry)?;
         Ok(TlsReloader {
             cert_path,
@@ -227,7 +230,7 @@ impl TlsReloader {
             }
         }
         // Load outside the lock; a concurrent check may load the same files too (harmless).
-        match load_pair(&self.cert_path, &self.key_path, &self.meta_cert) {
+        match load_pair(&self.cert_path, &self.key_path, self.meta_cert.as_ref()) {
             Ok(certified) => {
                 self.current.store(Arc::new(certified));
                 let mut st = match self.check.lock() {

@@ -393,3 +393,36 @@ async fn edge_ideal_node_header_reaches_the_server() {
     }
     assert!(!seen[&plain_key].contains(proto::derp::PeerPresentFlags::NOT_IDEAL));
 }
+
+#[tokio::test]
+async fn edge_head_arriving_in_pieces_with_pipelined_bytes() {
+    // The head trickles in, and the last piece carries bytes past the head: they must reach the
+    // DERP reader (here: a ClientInfo that is not valid, so the server closes after ServerKey —
+    // proving the leftover was consumed as DERP, not as HTTP).
+    let relay = Relay::start().await;
+    let mut s = TcpStream::connect(relay.http_addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    for piece in [&b"GET /de"[..], b"rp HTTP/1.1\r\nUpgr", b"ade: DERP\r\n"] {
+        s.write_all(piece).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // End of head + a bogus frame (type 0x02, length 4, junk) in the same write.
+    s.write_all(b"\r\n\x02\x00\x00\x00\x04junk").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(SOON, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .ok();
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
+        "{text}"
+    );
+    let head_end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(out[head_end], 0x01, "ServerKey follows the 101");
+    assert_eq!(
+        out.len(),
+        head_end + 45,
+        "nothing but ServerKey before the close"
+    );
+}

@@ -39,9 +39,9 @@ async fn edge_start_binds_everything_from_config() {
     assert_eq!(server_cfg.queue_depth, 64);
     let registry = prometheus::Registry::new();
     let server = Server::new(server_cfg, &registry).unwrap();
-    let edge = HttpEdge::new(server.clone(), fallback(), &registry).unwrap();
+    let edge = HttpEdge::new(Some(server.clone()), fallback(), &registry).unwrap();
     let cancel = CancellationToken::new();
-    let bound = start(&cfg, edge, &registry, cancel.clone()).await.unwrap();
+    let (bound, running) = start(&cfg, edge, &registry, cancel.clone()).await.unwrap();
     let (http, https, stun) = (
         bound.http_addr.unwrap(),
         bound.https_addr.unwrap(),
@@ -77,14 +77,14 @@ async fn edge_start_binds_everything_from_config() {
     assert_eq!(addr, udp.local_addr().unwrap());
 
     cancel.cancel();
-    tokio::time::timeout(SOON, bound.join()).await.unwrap();
+    tokio::time::timeout(SOON, running.join()).await.unwrap();
 }
 
 #[tokio::test]
 async fn edge_start_rejects_bad_config_and_busy_ports() {
     let registry = prometheus::Registry::new();
     let server = Server::new(ServerConfig::new(key()), &registry).unwrap();
-    let edge = HttpEdge::new(server, fallback(), &registry).unwrap();
+    let edge = HttpEdge::new(Some(server), fallback(), &registry).unwrap();
     let cfg = DerpConfig {
         https_addr: "127.0.0.1:0".into(),
         ..DerpConfig::default()

@@ -73,7 +73,7 @@ async fn edge_tls_bad_files_at_startup_are_errors() {
     let err = derp::tls::TlsReloader::new(
         dir.path().join("missing.pem"),
         dir.path().join("k.pem"),
-        meta.clone(),
+        Some(meta.clone()),
         &registry,
     )
     .unwrap_err();
@@ -82,7 +82,7 @@ async fn edge_tls_bad_files_at_startup_are_errors() {
     let err = derp::tls::TlsReloader::new(
         dir.path().join("empty.pem"),
         dir.path().join("empty.pem"),
-        meta,
+        Some(meta),
         &registry,
     )
     .unwrap_err();

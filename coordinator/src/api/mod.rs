@@ -176,9 +176,9 @@ async fn agent_coordinate(
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
-    let ws = match ws {
+    let ws = match accept(ws, &headers) {
         Ok(ws) => ws,
-        Err(r) => return r.into_response(),
+        Err(r) => return r,
     };
     if v.major == 1 {
         let peer = V1Peer {
@@ -218,9 +218,9 @@ async fn agent_rpc(
     if let Err(e) = version(&coord, q, "2.0", false) {
         return e.into_response();
     }
-    let ws = match ws {
+    let ws = match accept(ws, &headers) {
         Ok(ws) => ws,
-        Err(r) => return r.into_response(),
+        Err(r) => return r,
     };
     let role = query_value(q, "role").unwrap_or_default();
     tracing::debug!(agent = %agent.agent_id, role = %role, "agent rpc connection");
@@ -288,9 +288,9 @@ async fn client_coordinate(
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
-    let ws = match ws {
+    let ws = match accept(ws, &headers) {
         Ok(ws) => ws,
-        Err(r) => return r.into_response(),
+        Err(r) => return r,
     };
     tracing::debug!(user = %user.username, agent = %agent_id, peer = %peer_id, "client coordinate connection");
     if v.major == 1 {
@@ -344,9 +344,9 @@ async fn tailnet(
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
-    let ws = match ws {
+    let ws = match accept(ws, &headers) {
         Ok(ws) => ws,
-        Err(r) => return r.into_response(),
+        Err(r) => return r,
     };
     let peer = V2Peer {
         id: peer_id,
@@ -358,6 +358,53 @@ async fn tailnet(
         resume: true,
     };
     upgrade_v2(coord, ws, peer)
+}
+
+/// The WebSocket layer's own checks, answered as coder/websocket's `Accept` does (plain text):
+/// 426 when the request is not an upgrade, 400 for a bad version/key, 403 when an `Origin`
+/// header names another host than `Host` (CLI and agents send no `Origin`).
+fn accept(ws: Upgrade, headers: &HeaderMap) -> Result<WebSocketUpgrade, Response> {
+    let ws = ws.map_err(|r| {
+        use WebSocketUpgradeRejection as R;
+        let (status, text) = match &r {
+            R::InvalidConnectionHeader(_) => (
+                StatusCode::UPGRADE_REQUIRED,
+                "WebSocket protocol violation: Connection header does not contain Upgrade",
+            ),
+            R::InvalidUpgradeHeader(_) | R::ConnectionNotUpgradable(_) => (
+                StatusCode::UPGRADE_REQUIRED,
+                "WebSocket protocol violation: Upgrade header does not contain websocket",
+            ),
+            _ => return r.into_response(),
+        };
+        (status, text).into_response()
+    })?;
+    if let Some(origin) = headers.get(http::header::ORIGIN) {
+        let host = headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        let origin = origin.to_str().unwrap_or("");
+        let origin_host = origin
+            .split_once("://")
+            .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(""))
+            .unwrap_or("");
+        if origin_host.is_empty() {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!("request Origin {origin:?} is not a valid URL with a host"),
+            )
+                .into_response());
+        }
+        if !origin_host.eq_ignore_ascii_case(host) {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!("request Origin {origin:?} is not authorized for Host {host:?}"),
+            )
+                .into_response());
+        }
+    }
+    Ok(ws)
 }
 
 fn upgrade_v1(coord: Arc<Coordinator>, ws: WebSocketUpgrade, peer: V1Peer) -> Response {
@@ -374,15 +421,19 @@ fn upgrade_v2(coord: Arc<Coordinator>, ws: WebSocketUpgrade, peer: V2Peer) -> Re
 }
 
 /// `GET /api/v2/derp-map`: unauthenticated, server → client JSON DERP maps.
-async fn derp_map(State(coord): State<Arc<Coordinator>>, ws: Upgrade) -> Response {
+async fn derp_map(
+    State(coord): State<Arc<Coordinator>>,
+    headers: HeaderMap,
+    ws: Upgrade,
+) -> Response {
     if coord.is_shutting_down() {
         return shutting_down().into_response();
     }
-    match ws {
+    match accept(ws, &headers) {
         Ok(ws) => ws
             .max_message_size(64 * 1024)
             .on_upgrade(move |socket| serve_derp_map(coord, socket)),
-        Err(r) => r.into_response(),
+        Err(r) => r,
     }
 }
 

@@ -12,6 +12,16 @@
 //! identical bytes — the only divergence is a NaN latency, which then re-sends, harmlessly); LOST
 //! and DISCONNECTED only about peers that are in `sent`, and they remove the entry.
 //! READY_FOR_HANDSHAKE bypasses the map.
+//!
+//! Where we knowingly differ from Coder's Go coordinator (all invisible to well-behaved peers):
+//! * A request is validated completely (authorization, node present, every UUID 16 bytes) before
+//!   any part is applied; Go applies `update_self` before discovering a bad `add_tunnel` id.
+//! * A fatal request error is sent to the peer as `CoordinateResponse.error` before the stream
+//!   ends (`"authorization: …"`, `"unable to convert bytes to UUID: …"`); Go only logs it.
+//! * `ready_for_handshake` in the same request as `disconnect` is ignored (the peer is gone).
+//! * Like Go's `removePeerLocked`, every removal (DISCONNECTED *and* LOST) deletes the tunnels the
+//!   peer is the *source* of; tunnels where it is the destination survive. Clients re-add their
+//!   tunnels on every reconnect, so this only matters to a peer that does not.
 
 use std::collections::HashMap;
 
@@ -324,7 +334,7 @@ impl<S: Store> State<S> {
             .unwrap_or_default()
     }
 
-    /// Tells `to` about `about`, subject to de-dup; appends to `batch` if anything is to be said.
+    /// Tells `to` about `about`, subject to de-dup: pushes a delivery if anything is to be said.
     fn mapping(
         &mut self,
         to: Uuid,

@@ -145,7 +145,7 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Offered the raw transport when its *first* Invoke arrives, before [`Handler::call`]. Return
     /// `Err(raw)` (the default) to decline; `Ok(fut)` runs `fut` as the whole transport.
-    fn take_over(self: Arc<Self>, raw: RawInvoke) -> Result<TakeOverFuture, RawInvoke> {
+    fn take_over(self: Arc<Self>, raw: Box<RawInvoke>) -> Result<TakeOverFuture, Box<RawInvoke>> {
         Err(raw)
     }
 }
@@ -785,19 +785,20 @@ pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc
                             let (Some(wr), Some(raw)) = (writer.take(), reader.raw.take()) else {
                                 break;
                             };
-                            let raw_invoke = RawInvoke {
+                            let raw_invoke = Box::new(RawInvoke {
                                 method: method.clone(),
                                 metadata: metadata.clone(),
                                 consumed: raw.freeze(),
                                 reader: reader.rd,
                                 writer: wr,
-                            };
+                            });
                             match handler.clone().take_over(raw_invoke) {
                                 Ok(fut) => {
                                     fut.await;
                                     return;
                                 }
                                 Err(back) => {
+                                    let back = *back;
                                     reader = PacketReader {
                                         rd: back.reader,
                                         buf: reader.buf,

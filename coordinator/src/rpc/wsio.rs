@@ -608,3 +608,36 @@ impl AsyncWrite for WsIo {
         Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_reason_fits_a_control_frame() {
+        assert_eq!(truncate_reason("short"), "short");
+        let long = "é".repeat(100); // 200 bytes, 2-byte chars
+        let t = truncate_reason(&long);
+        assert!(t.len() <= MAX_CLOSE_REASON);
+        assert_eq!(t.len(), 122, "cut on a char boundary");
+    }
+
+    #[test]
+    fn both_message_types_classify_alike() {
+        use axum::extract::ws::Message as A;
+        use tokio_tungstenite::tungstenite::Message as G;
+        let b = Bytes::from_static(b"x");
+        assert_eq!(A::binary(b.clone()).classify(), WsFrame::Binary(b.clone()));
+        assert_eq!(G::binary(b.clone()).classify(), WsFrame::Binary(b));
+        assert_eq!(A::Text("t".into()).classify(), WsFrame::Text);
+        assert_eq!(G::text("t").classify(), WsFrame::Text);
+        assert_eq!(
+            A::close(1011, "boom").classify(),
+            WsFrame::Close(Some((1011, "boom".into())))
+        );
+        assert_eq!(
+            G::close(1001, "bye").classify(),
+            WsFrame::Close(Some((1001, "bye".into())))
+        );
+    }
+}

@@ -8,7 +8,8 @@
 //! 256 KiB (more memory per stream than we want to promise); it has no per-frame write timeout
 //! (Go kills a session whose frame write blocks for 10 s); and it is driven by polling a
 //! `Connection` rather than by tasks with bounded queues. Matching Go's observable behaviour is
-//! the requirement, so the session below implements the spec directly in ~1000 lines.
+//! the requirement, so the session below implements the spec directly (reader task, writer task,
+//! keepalive loop, per-stream bounded buffers).
 //!
 //! Shape: [`Session::server`] / [`Session::client`] spawn one driver task running three futures:
 //! a reader (parses 12-byte headers with `proto::yamux`, routes frames, enforces windows), a
@@ -1040,6 +1041,8 @@ async fn keepalive_loop(inner: Arc<Inner>) {
         }
         match inner.ping().await {
             Ok(_) => {}
+            // Explicit pings fill the table; try again next period.
+            Err(SessionError::TooManyPings) => {}
             Err(SessionError::PingTimeout) => {
                 count(&inner.config.metrics, |m| &m.yamux_keepalive_timeouts);
                 tracing::info!("yamux: keepalive ping not answered in time; closing session");

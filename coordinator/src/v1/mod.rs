@@ -188,7 +188,9 @@ async fn run(
                     Some(Ok(Message::Text(t))) => Bytes::copy_from_slice(t.as_str().as_bytes()),
                     Some(Ok(Message::Pong(_))) => { pong_deadline = None; continue; }
                     Some(Ok(Message::Ping(_))) => continue,
-                    Some(Ok(Message::Close(_))) | None => return End::PeerClosed,
+                    Some(Ok(Message::Close(_))) => return End::PeerClosed,
+                    // The connection ended without a close frame: the peer is lost.
+                    None => return End::Lost,
                     Some(Err(e)) => {
                         tracing::debug!(peer = %peer.id, error = %e, "v1 websocket read failed");
                         return End::Lost;

@@ -121,7 +121,7 @@ impl Relay {
         let mut cfg = ServerConfig::new(key());
         cfg.mesh_key = opts.mesh_key;
         let server = Server::new(cfg, &registry).expect("server");
-        let edge = HttpEdge::new(server.clone(), fallback(), &registry).expect("edge");
+        let edge = HttpEdge::new(Some(server.clone()), fallback(), &registry).expect("edge");
         let cancel = CancellationToken::new();
         let dir = tempfile::tempdir().expect("tempdir");
         let cert_path = dir.path().join("cert.pem");
@@ -141,7 +141,7 @@ impl Relay {
             write_self_signed(&cert_path, &key_path);
             let meta = derp::metacert::generate(server.public_key().as_bytes()).expect("meta");
             let reloader = Arc::new(
-                TlsReloader::new(&cert_path, &key_path, meta, &registry)
+                TlsReloader::new(&cert_path, &key_path, Some(meta), &registry)
                     .expect("tls")
                     .with_check_interval(opts.check_interval),
             );

@@ -1,0 +1,458 @@
+//! The coordinator workload: A agents and C clients per agent speak Coder's v2 protocol
+//! (WebSocket → yamux → dRPC `Coordinate`), using the coordinator crate's client-side stack.
+//! Every client tunnels to its agent; clients send `update_self` at a fixed rate (reaching their
+//! agent), agents send `update_self` at a fixed rate (fanned out to their C clients). The send
+//! time (wall clock, ns) travels in the node's `as_of`, which coordinators pass through.
+//!
+//! Two server flavours: `tailnetd` (agents on `/api/v2/workspaceagents/me/rpc` with an agent
+//! token, clients on `/{agent}/coordinate` with a user token, from `--auth-file`) and `gocoord`
+//! (the Go coordinator harness in `interop/gocoord`: no auth, agents on `/{id}/coordinate?role=agent`).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use coordinator::rpc::drpc::{DrpcConfig, RpcClient, RpcReceiverOwned, RpcSender};
+use coordinator::rpc::wsio::{WsConfig, WsHandle, WsIo};
+use coordinator::rpc::yamux::{self, Session};
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use proto::tailnet::v2::coordinate_response::peer_update::Kind;
+use proto::tailnet::v2::{methods, CoordinateResponse};
+use serde::{Deserialize, Serialize};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use uuid::Uuid;
+
+use crate::fixtures::{add_tunnel, node, timestamp_ns, update_self};
+use crate::hist::Histogram;
+use crate::procfs;
+
+/// Which server the load generator talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavor {
+    /// tailnetd's coordinator (needs `--auth-file`).
+    Tailnetd,
+    /// Coder's Go in-memory coordinator served by `interop/gocoord`.
+    Gocoord,
+}
+
+/// Credentials shared by `compare` (which writes them into tailnetd's config) and the load
+/// generator.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuthFile {
+    /// Agents: id and token.
+    pub agents: Vec<AgentCred>,
+    /// A user token allowed to reach every agent.
+    pub client_token: String,
+}
+
+/// One agent's credentials.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct AgentCred {
+    /// Agent id.
+    pub id: Uuid,
+    /// Agent token.
+    pub token: Uuid,
+}
+
+impl AuthFile {
+    /// `n` fresh agents and a user token.
+    pub fn generate(n: usize) -> Self {
+        AuthFile {
+            agents: (0..n)
+                .map(|_| AgentCred {
+                    id: Uuid::new_v4(),
+                    token: Uuid::new_v4(),
+                })
+                .collect(),
+            client_token: "benchbench-aaaaaaaaaaaaaaaaaaaaaa".into(),
+        }
+    }
+
+    /// The `[auth]` TOML section accepting these credentials.
+    pub fn toml(&self) -> String {
+        let mut s = String::from("[auth]\n");
+        for a in &self.agents {
+            s.push_str(&format!(
+                "[[auth.agents]]\ntoken = \"{}\"\nid = \"{}\"\n",
+                a.token, a.id
+            ));
+        }
+        s.push_str(&format!(
+            "[[auth.users]]\ntoken = \"{}\"\nagents = \"all\"\n",
+            self.client_token
+        ));
+        s
+    }
+}
+
+/// Coordinator workload settings.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CoordArgs {
+    /// Base URL, `http://127.0.0.1:PORT`.
+    #[arg(long)]
+    pub url: String,
+    /// Server flavour.
+    #[arg(long, value_enum, default_value_t = Flavor::Tailnetd)]
+    pub flavor: Flavor,
+    /// Credentials (JSON, see `AuthFile`); required for `tailnetd`.
+    #[arg(long)]
+    pub auth_file: Option<PathBuf>,
+    /// Agents.
+    #[arg(long, default_value_t = 10)]
+    pub agents: usize,
+    /// Clients per agent.
+    #[arg(long, default_value_t = 10)]
+    pub clients_per_agent: usize,
+    /// update_self per second sent by each client.
+    #[arg(long, default_value_t = 1.0)]
+    pub rate: f64,
+    /// update_self per second sent by each agent (fanned out to its clients).
+    #[arg(long, default_value_t = 1.0)]
+    pub agent_rate: f64,
+    /// Measurement window, s.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// Warm-up before the window, s.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+    /// Connections set up at once.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Server process id: CPU during the window, RSS growth per connected peer, peak RSS.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Free-form label copied into the JSON.
+    #[arg(long, default_value = "")]
+    pub label: String,
+}
+
+/// What one coordinator run measured.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CoordReport {
+    /// Always "coordinator".
+    pub mode: String,
+    /// The `--label`.
+    pub label: String,
+    /// `tailnetd` or `gocoord`.
+    pub flavor: String,
+    /// Agents.
+    pub agents: usize,
+    /// Clients per agent.
+    pub clients_per_agent: usize,
+    /// Connected peers (agents + clients) after setup.
+    pub peers: usize,
+    /// Offered updates delivered per second if nothing is lost: clients→agent + agents→clients.
+    pub offered_deliveries_per_s: f64,
+    /// Peer updates (NODE) delivered per second during the window.
+    pub delivered_updates_per_s: f64,
+    /// Agent→client fan-out latency percentiles, ms.
+    pub fanout_p50_ms: f64,
+    /// p99, ms.
+    pub fanout_p99_ms: f64,
+    /// Max, ms.
+    pub fanout_max_ms: f64,
+    /// Client→agent latency, p50 ms.
+    pub to_agent_p50_ms: f64,
+    /// p99, ms.
+    pub to_agent_p99_ms: f64,
+    /// Peers connected (WebSocket + yamux + Coordinate + tunnel + first node) per second.
+    pub setup_peers_per_s: f64,
+    /// Server RSS growth per connected peer, bytes.
+    pub rss_per_peer_bytes: Option<f64>,
+    /// Server CPU seconds per window second.
+    pub server_cpu_util: Option<f64>,
+    /// Server peak RSS, bytes.
+    pub server_peak_rss_bytes: Option<u64>,
+    /// Streams that ended or reported an error before the end of the run.
+    pub failed_streams: u64,
+}
+
+struct Peer {
+    id: Uuid,
+    agent: bool,
+    /// The agent this client tunnels to (self for agents).
+    _rpc: RpcClient,
+    _ws: WsHandle,
+    tx: RpcSender,
+    rx: RpcReceiverOwned,
+}
+
+fn wall_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+async fn connect(base: &str, path: &str, token: Option<&str>) -> Result<(RpcClient, WsHandle)> {
+    let ws_base = base
+        .strip_prefix("http://")
+        .map(|r| format!("ws://{r}"))
+        .ok_or_else(|| anyhow!("only http:// base URLs, got {base}"))?;
+    let mut req = format!("{ws_base}{path}").into_client_request()?;
+    if let Some(t) = token {
+        req.headers_mut().insert("Coder-Session-Token", t.parse()?);
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .with_context(|| format!("websocket {path}"))?;
+    let (io, handle) = WsIo::new(ws, WsConfig::client());
+    let session = Session::client(io, yamux::Config::default());
+    Ok((RpcClient::new(session, DrpcConfig::default()), handle))
+}
+
+async fn open_peer(args: &CoordArgs, auth: &AuthFile, agent_idx: usize, agent: bool) -> Result<Peer> {
+    let cred = auth.agents[agent_idx];
+    let (rpc, ws, id) = match (args.flavor, agent) {
+        (Flavor::Tailnetd, true) => {
+            let token = cred.token.to_string();
+            let (r, w) = connect(
+                &args.url,
+                "/api/v2/workspaceagents/me/rpc?version=2.0",
+                Some(&token),
+            )
+            .await?;
+            (r, w, cred.id)
+        }
+        (Flavor::Tailnetd, false) => {
+            let path = format!("/api/v2/workspaceagents/{}/coordinate?version=2.0", cred.id);
+            let (r, w) = connect(&args.url, &path, Some(&auth.client_token)).await?;
+            (r, w, Uuid::new_v4())
+        }
+        (Flavor::Gocoord, true) => {
+            let path = format!(
+                "/api/v2/workspaceagents/{}/coordinate?version=2.0&role=agent",
+                cred.id
+            );
+            let (r, w) = connect(&args.url, &path, None).await?;
+            (r, w, cred.id)
+        }
+        (Flavor::Gocoord, false) => {
+            // The harness names the client by the `client` query parameter.
+            let id = Uuid::new_v4();
+            let path = format!(
+                "/api/v2/workspaceagents/{}/coordinate?version=2.0&client={id}",
+                cred.id
+            );
+            let (r, w) = connect(&args.url, &path, None).await?;
+            (r, w, id)
+        }
+    };
+    let stream = rpc
+        .open_stream(methods::COORDINATE)
+        .await
+        .map_err(|e| anyhow!("open Coordinate: {e}"))?;
+    let (tx, rx) = stream.split();
+    if !agent {
+        tx.send_msg(&add_tunnel(cred.id))
+            .await
+            .map_err(|e| anyhow!("add_tunnel: {e}"))?;
+    }
+    tx.send_msg(&update_self(node(id, agent, wall_ns())))
+        .await
+        .map_err(|e| anyhow!("update_self: {e}"))?;
+    let mut p = Peer {
+        id,
+        agent,
+        _rpc: rpc,
+        _ws: ws,
+        tx,
+        rx,
+    };
+    if !agent {
+        // Ready when the agent's node arrives.
+        let want = Bytes16(cred.id);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        'wait: loop {
+            let resp = tokio::time::timeout_at(deadline, p.rx.recv_msg::<CoordinateResponse>())
+                .await
+                .map_err(|_| anyhow!("agent node not received within 30 s"))?
+                .map_err(|e| anyhow!("recv: {e}"))?
+                .ok_or_else(|| anyhow!("stream ended during setup"))?;
+            if !resp.error.is_empty() {
+                bail!("coordinator error: {}", resp.error);
+            }
+            for u in &resp.peer_updates {
+                if u.kind == Kind::Node as i32 && u.id[..] == want.0.as_bytes()[..] {
+                    break 'wait;
+                }
+            }
+        }
+    }
+    Ok(p)
+}
+
+struct Bytes16(Uuid);
+
+#[derive(Default)]
+struct Counters {
+    delivered_window: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Runs the coordinator workload.
+pub async fn run(args: CoordArgs) -> Result<CoordReport> {
+    let auth = match (&args.auth_file, args.flavor) {
+        (Some(p), _) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
+            let a: AuthFile = serde_json::from_str(&text)?;
+            if a.agents.len() < args.agents {
+                bail!("auth file has {} agents, need {}", a.agents.len(), args.agents);
+            }
+            a
+        }
+        (None, Flavor::Gocoord) => AuthFile::generate(args.agents),
+        (None, Flavor::Tailnetd) => bail!("--auth-file is required for tailnetd"),
+    };
+    let rss_before = args.server_pid.and_then(procfs::rss_bytes);
+    let t = Instant::now();
+    // Agents first, then their clients.
+    let agents: Vec<Peer> = stream::iter(0..args.agents)
+        .map(|i| open_peer(&args, &auth, i, true))
+        .buffer_unordered(args.concurrency.max(1))
+        .try_collect()
+        .await?;
+    let clients: Vec<Peer> = stream::iter(0..args.agents * args.clients_per_agent)
+        .map(|i| open_peer(&args, &auth, i / args.clients_per_agent.max(1), false))
+        .buffer_unordered(args.concurrency.max(1))
+        .try_collect()
+        .await?;
+    let setup = t.elapsed().as_secs_f64();
+    let peers = agents.len() + clients.len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_after = args.server_pid.and_then(procfs::rss_bytes);
+
+    let start = Instant::now();
+    let wall0 = wall_ns();
+    let warm = Duration::from_secs_f64(args.warmup);
+    let dur = Duration::from_secs_f64(args.duration);
+    let win_end = warm + dur;
+    let win_start_wall = wall0 + warm.as_nanos() as u64;
+    let win_end_wall = wall0 + win_end.as_nanos() as u64;
+    let counters = Arc::new(Counters::default());
+    let mut tasks = Vec::with_capacity(peers);
+    for (k, p) in agents.into_iter().chain(clients).enumerate() {
+        let rate = if p.agent { args.agent_rate } else { args.rate };
+        let Peer {
+            id,
+            agent,
+            _rpc,
+            _ws,
+            tx,
+            mut rx,
+        } = p;
+        let c = counters.clone();
+        // Sender: evenly spread phases so the offered load is smooth.
+        let sender = tokio::spawn(async move {
+            if rate <= 0.0 {
+                return;
+            }
+            let period = Duration::from_secs_f64(1.0 / rate);
+            let phase = period.mul_f64(((k as f64) * 0.618_033_988_7).fract());
+            let mut next = start + phase;
+            while next < start + win_end {
+                tokio::time::sleep_until(next.into()).await;
+                if tx
+                    .send_msg(&update_self(node(id, agent, wall_ns())))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                next += period;
+            }
+        });
+        let receiver = tokio::spawn(async move {
+            let _keep = (_rpc, _ws);
+            let mut fan = Histogram::new();
+            let mut to_agent = Histogram::new();
+            let end = start + win_end + Duration::from_secs(1);
+            loop {
+                let resp = match tokio::time::timeout_at(end.into(), rx.recv_msg::<CoordinateResponse>())
+                    .await
+                {
+                    Err(_) => break,
+                    Ok(Ok(Some(r))) => r,
+                    Ok(Ok(None)) | Ok(Err(_)) => {
+                        c.failed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                };
+                if !resp.error.is_empty() {
+                    c.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                let now = wall_ns();
+                let mut n = 0;
+                for u in &resp.peer_updates {
+                    if u.kind != Kind::Node as i32 {
+                        continue;
+                    }
+                    let sent = timestamp_ns(u.node.as_ref().and_then(|n| n.as_of.as_ref()));
+                    if sent >= win_start_wall && sent < win_end_wall {
+                        n += 1;
+                        let lat = now.saturating_sub(sent);
+                        if agent {
+                            to_agent.record(lat);
+                        } else {
+                            fan.record(lat);
+                        }
+                    }
+                }
+                c.delivered_window.fetch_add(n, Ordering::Relaxed);
+            }
+            (fan, to_agent)
+        });
+        tasks.push((sender, receiver));
+    }
+    let mut cpu0 = None;
+    tokio::time::sleep_until((start + warm).into()).await;
+    if let Some(pid) = args.server_pid {
+        cpu0 = procfs::cpu_seconds(pid);
+    }
+    tokio::time::sleep_until((start + win_end).into()).await;
+    let cpu1 = args.server_pid.and_then(procfs::cpu_seconds);
+    let mut fan = Histogram::new();
+    let mut to_agent = Histogram::new();
+    for (s, r) in tasks {
+        let _ = s.await;
+        if let Ok((f, a)) = r.await {
+            fan.merge(&f);
+            to_agent.merge(&a);
+        }
+    }
+    let secs = dur.as_secs_f64();
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let n_clients = (args.agents * args.clients_per_agent) as f64;
+    Ok(CoordReport {
+        mode: "coordinator".into(),
+        label: args.label.clone(),
+        flavor: match args.flavor {
+            Flavor::Tailnetd => "tailnetd".into(),
+            Flavor::Gocoord => "gocoord".into(),
+        },
+        agents: args.agents,
+        clients_per_agent: args.clients_per_agent,
+        peers,
+        offered_deliveries_per_s: n_clients * args.rate + n_clients * args.agent_rate,
+        delivered_updates_per_s: counters.delivered_window.load(Ordering::Relaxed) as f64 / secs,
+        fanout_p50_ms: ms(fan.quantile(0.5)),
+        fanout_p99_ms: ms(fan.quantile(0.99)),
+        fanout_max_ms: ms(fan.max()),
+        to_agent_p50_ms: ms(to_agent.quantile(0.5)),
+        to_agent_p99_ms: ms(to_agent.quantile(0.99)),
+        setup_peers_per_s: peers as f64 / setup.max(1e-9),
+        rss_per_peer_bytes: match (rss_before, rss_after) {
+            (Some(b), Some(a)) if peers > 0 => Some((a as f64 - b as f64) / peers as f64),
+            _ => None,
+        },
+        server_cpu_util: match (cpu0, cpu1) {
+            (Some(a), Some(b)) => Some((b - a) / secs),
+            _ => None,
+        },
+        server_peak_rss_bytes: args.server_pid.and_then(procfs::peak_rss_bytes),
+        failed_streams: counters.failed.load(Ordering::Relaxed),
+    })
+}

@@ -1,0 +1,444 @@
+//! The relay workload: P sender→receiver pairs through a DERP server (or, for the ceiling, the
+//! same bytes through the plain TCP forwarder), open-loop at a fixed total packet rate or as fast
+//! as possible, with a send timestamp and sequence number in every payload.
+//!
+//! Payload layout (little endian): `seq: u64`, `send_ns: u64` (monotonic ns since the run
+//! started), zero padding up to the packet size.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::{Buf, Bytes, BytesMut};
+use derp::dial::{dial, DialOptions};
+use derp::{ClientReader, ClientWriter, ReceivedFrame};
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use proto::derp::{encode_send_packet, FrameHeader, FrameType, FRAME_HEADER_LEN, KEY_LEN};
+use proto::key::{NodePrivate, NodePublic};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use crate::hist::Histogram;
+use crate::procfs;
+
+/// Bytes of the payload header (sequence + timestamp).
+pub const PAYLOAD_HEADER: usize = 16;
+/// Most packets buffered before one flush.
+const BATCH: u64 = 32;
+
+/// How the pairs reach each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// DERP over plain HTTP upgrade (`http://host:port/derp`).
+    Derp,
+    /// The TCP forwarder (`tcpfwd`): raw DERP-framed bytes, no server-side parsing.
+    Raw,
+}
+
+/// Relay workload settings.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RelayArgs {
+    /// Server URL (`http://127.0.0.1:PORT/derp`) or, with `--transport raw`, `host:port`.
+    #[arg(long)]
+    pub url: String,
+    /// Sender/receiver pairs.
+    #[arg(long, default_value_t = 10)]
+    pub pairs: usize,
+    /// Packet (payload) size in bytes (≥ 16).
+    #[arg(long, default_value_t = 1400)]
+    pub size: usize,
+    /// Total offered packets per second over all pairs; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Measurement window in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// Warm-up before the window, in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+    /// Server process id: report its CPU seconds during the window and its peak RSS.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// `derp` or `raw` (the TCP-forward ceiling).
+    #[arg(long, value_enum, default_value_t = Transport::Derp)]
+    pub transport: Transport,
+    /// Free-form label copied into the JSON.
+    #[arg(long, default_value = "")]
+    pub label: String,
+}
+
+/// What one relay run measured.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct RelayReport {
+    /// Always "relay".
+    pub mode: String,
+    /// The `--label`.
+    pub label: String,
+    /// `derp` or `raw`.
+    pub transport: String,
+    /// Pairs.
+    pub pairs: usize,
+    /// Payload bytes per packet.
+    pub size: usize,
+    /// Offered packets/s (0 = as fast as possible).
+    pub offered_pps: f64,
+    /// Offered payload Gbit/s (0 = as fast as possible).
+    pub offered_gbps: f64,
+    /// Window length, s.
+    pub duration_s: f64,
+    /// Packets sent during the window.
+    pub sent_window: u64,
+    /// Packets received during the window.
+    pub received_window: u64,
+    /// Packets sent over the whole run.
+    pub sent_total: u64,
+    /// Packets received over the whole run (after a drain grace period).
+    pub received_total: u64,
+    /// `sent_total - received_total`.
+    pub drops: u64,
+    /// `drops / sent_total`.
+    pub loss: f64,
+    /// Delivered payload Gbit/s during the window.
+    pub delivered_gbps: f64,
+    /// Delivered packets/s during the window.
+    pub delivered_pps: f64,
+    /// One-way latency percentiles (µs) of packets sent and received in the window.
+    pub latency_p50_us: f64,
+    /// p99, µs.
+    pub latency_p99_us: f64,
+    /// p99.9, µs.
+    pub latency_p999_us: f64,
+    /// Max, µs.
+    pub latency_max_us: f64,
+    /// Server CPU seconds (user+system) during the window.
+    pub server_cpu_s: Option<f64>,
+    /// Server CPU seconds per window second (1.0 = one core busy).
+    pub server_cpu_util: Option<f64>,
+    /// Server peak RSS (VmHWM), bytes.
+    pub server_peak_rss_bytes: Option<u64>,
+    /// Delivered Gbit/s per server CPU second per second (Gbit/s per fully used core).
+    pub gbps_per_core: Option<f64>,
+}
+
+enum Writer {
+    Derp(ClientWriter),
+    Raw(OwnedWriteHalf, BytesMut),
+}
+
+impl Writer {
+    fn buffer(&mut self, dst: NodePublic, data: &[u8]) -> Result<()> {
+        match self {
+            Writer::Derp(w) => w.buffer_packet(dst, data).map_err(|e| anyhow!("{e}")),
+            Writer::Raw(_, buf) => {
+                encode_send_packet(buf, &dst, data);
+                Ok(())
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        match self {
+            Writer::Derp(w) => w.flush().await.map_err(|e| anyhow!("{e}")),
+            Writer::Raw(w, buf) => {
+                let b = buf.split();
+                w.write_all(&b).await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+enum Reader {
+    Derp(ClientReader),
+    Raw(OwnedReadHalf, BytesMut),
+}
+
+impl Reader {
+    /// The next packet's payload; `None` for frames that are not packets.
+    async fn next(&mut self) -> Result<Option<Bytes>> {
+        match self {
+            Reader::Derp(r) => match r.recv().await.map_err(|e| anyhow!("{e}"))? {
+                ReceivedFrame::Packet { data, .. } => Ok(Some(data)),
+                _ => Ok(None),
+            },
+            Reader::Raw(r, buf) => loop {
+                if let Some(h) = FrameHeader::decode(buf) {
+                    let len = h.payload_len();
+                    if buf.len() >= FRAME_HEADER_LEN + len {
+                        buf.advance(FRAME_HEADER_LEN);
+                        let mut p = buf.split_to(len).freeze();
+                        if h.typ != FrameType::SendPacket.as_u8() || p.len() < KEY_LEN {
+                            bail!("raw stream: unexpected frame 0x{:02x}", h.typ);
+                        }
+                        p.advance(KEY_LEN);
+                        return Ok(Some(p));
+                    }
+                    buf.reserve(FRAME_HEADER_LEN + len - buf.len());
+                }
+                if buf.capacity() - buf.len() < 16 << 10 {
+                    buf.reserve(64 << 10);
+                }
+                if r.read_buf(buf).await? == 0 {
+                    bail!("raw stream closed");
+                }
+            },
+        }
+    }
+}
+
+/// One end of a pair: its key and its halves.
+struct End {
+    key: NodePublic,
+    reader: Reader,
+    writer: Writer,
+}
+
+/// First bytes a `tcpfwd` connection sends: `b"FW"`, role (0 sender, 1 receiver), 0, pair (BE).
+pub fn raw_hello(receiver: bool, pair: u32) -> [u8; 8] {
+    let p = pair.to_be_bytes();
+    [b'F', b'W', u8::from(receiver), 0, p[0], p[1], p[2], p[3]]
+}
+
+async fn connect_end(args: &RelayArgs, pair: u32, receiver: bool) -> Result<End> {
+    let pk = NodePrivate::generate(&mut rand::thread_rng());
+    match args.transport {
+        Transport::Derp => {
+            let dialed = dial(&args.url, DialOptions::new(pk))
+                .await
+                .with_context(|| format!("dialing {}", args.url))?;
+            let mut client = dialed.client;
+            let key = client.public_key();
+            // Wait for ServerInfo: the handshake is complete and the server knows us.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let f = tokio::time::timeout_at(deadline.into(), client.recv())
+                    .await
+                    .map_err(|_| anyhow!("no ServerInfo within 10 s"))?
+                    .map_err(|e| anyhow!("{e}"))?;
+                if matches!(f, ReceivedFrame::ServerInfo(_)) {
+                    break;
+                }
+            }
+            let (r, w) = client.split();
+            Ok(End {
+                key,
+                reader: Reader::Derp(r),
+                writer: Writer::Derp(w),
+            })
+        }
+        Transport::Raw => {
+            let mut s = TcpStream::connect(args.url.trim_start_matches("http://"))
+                .await
+                .with_context(|| format!("connecting to {}", args.url))?;
+            s.set_nodelay(true)?;
+            s.write_all(&raw_hello(receiver, pair)).await?;
+            let (r, w) = s.into_split();
+            Ok(End {
+                key: pk.public(),
+                reader: Reader::Raw(r, BytesMut::with_capacity(64 << 10)),
+                writer: Writer::Raw(w, BytesMut::with_capacity(64 << 10)),
+            })
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    sent_total: AtomicU64,
+    sent_window: AtomicU64,
+    recv_total: AtomicU64,
+    recv_window: AtomicU64,
+}
+
+/// Runs the relay workload and returns its report.
+pub async fn run(args: RelayArgs) -> Result<RelayReport> {
+    if args.size < PAYLOAD_HEADER {
+        bail!("--size must be at least {PAYLOAD_HEADER}");
+    }
+    if args.pairs == 0 {
+        bail!("--pairs must be at least 1");
+    }
+    // Connect every pair (receivers first so nothing is sent to an unknown key).
+    let args2 = args.clone();
+    let pairs: Vec<(End, End)> = stream::iter(0..args.pairs)
+        .map(|i| {
+            let a = args2.clone();
+            async move {
+                let rx = connect_end(&a, i as u32, true).await?;
+                let tx = connect_end(&a, i as u32, false).await?;
+                Ok::<_, anyhow::Error>((tx, rx))
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect()
+        .await?;
+    // derper registers a client just after sending ServerInfo; give it a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let start = Instant::now();
+    let warm = Duration::from_secs_f64(args.warmup);
+    let dur = Duration::from_secs_f64(args.duration);
+    let win_start = warm;
+    let win_end = warm + dur;
+    let grace = Duration::from_secs(2);
+    let counters = Arc::new(Counters::default());
+    let per_sender_rate = args.rate / args.pairs as f64;
+
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for (tx, rx) in pairs {
+        let dst = rx.key;
+        let mut writer = tx.writer;
+        let mut reader = rx.reader;
+        let _keep_tx_reader = tx.reader;
+        let _keep_rx_writer = rx.writer;
+        let c = counters.clone();
+        let size = args.size;
+        senders.push(tokio::spawn(async move {
+            let _keep = _keep_tx_reader;
+            let mut payload = vec![0u8; size];
+            let mut seq = 0u64;
+            loop {
+                let now = start.elapsed();
+                if now >= win_end {
+                    break;
+                }
+                let n = if per_sender_rate > 0.0 {
+                    let due = (per_sender_rate * now.as_secs_f64()) as u64 + 1;
+                    let n = due.saturating_sub(seq).min(BATCH);
+                    if n == 0 {
+                        let next = Duration::from_secs_f64((seq as f64) / per_sender_rate);
+                        tokio::time::sleep_until((start + next).into()).await;
+                        continue;
+                    }
+                    n
+                } else {
+                    BATCH
+                };
+                let ns = now.as_nanos() as u64;
+                for _ in 0..n {
+                    payload[..8].copy_from_slice(&seq.to_le_bytes());
+                    payload[8..16].copy_from_slice(&ns.to_le_bytes());
+                    writer.buffer(dst, &payload)?;
+                    seq += 1;
+                }
+                writer.flush().await?;
+                c.sent_total.fetch_add(n, Ordering::Relaxed);
+                if now >= win_start {
+                    c.sent_window.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+            Ok::<_, anyhow::Error>(writer)
+        }));
+        let c = counters.clone();
+        receivers.push(tokio::spawn(async move {
+            let _keep = _keep_rx_writer;
+            let mut h = Histogram::new();
+            let end = start + win_end + grace;
+            let (mut total, mut window) = (0u64, 0u64);
+            loop {
+                let p = match tokio::time::timeout_at(end.into(), reader.next()).await {
+                    Err(_) => break,
+                    Ok(Err(_)) => break,
+                    Ok(Ok(None)) => continue,
+                    Ok(Ok(Some(p))) => p,
+                };
+                total += 1;
+                let now = start.elapsed();
+                if p.len() >= PAYLOAD_HEADER && now >= win_start && now < win_end {
+                    window += 1;
+                    let sent = u64::from_le_bytes(p[8..16].try_into().unwrap_or([0; 8]));
+                    if sent >= win_start.as_nanos() as u64 {
+                        h.record((now.as_nanos() as u64).saturating_sub(sent));
+                    }
+                }
+            }
+            c.recv_total.fetch_add(total, Ordering::Relaxed);
+            c.recv_window.fetch_add(window, Ordering::Relaxed);
+            h
+        }));
+    }
+
+    let mut cpu0 = None;
+    let mut cpu1 = None;
+    tokio::time::sleep_until((start + win_start).into()).await;
+    if let Some(pid) = args.server_pid {
+        cpu0 = procfs::cpu_seconds(pid);
+    }
+    tokio::time::sleep_until((start + win_end).into()).await;
+    if let Some(pid) = args.server_pid {
+        cpu1 = procfs::cpu_seconds(pid);
+    }
+    let mut writers = Vec::new();
+    let mut send_errors = 0;
+    for s in senders {
+        match s.await {
+            Ok(Ok(w)) => writers.push(w),
+            Ok(Err(e)) => {
+                send_errors += 1;
+                if send_errors == 1 {
+                    eprintln!("loadgen: sender error: {e:#}");
+                }
+            }
+            Err(e) => eprintln!("loadgen: sender task: {e}"),
+        }
+    }
+    let mut hist = Histogram::new();
+    for r in receivers {
+        if let Ok(h) = r.await {
+            hist.merge(&h);
+        }
+    }
+    drop(writers);
+
+    let sent_total = counters.sent_total.load(Ordering::Relaxed);
+    let recv_total = counters.recv_total.load(Ordering::Relaxed);
+    let recv_window = counters.recv_window.load(Ordering::Relaxed);
+    let secs = dur.as_secs_f64();
+    let delivered_gbps = recv_window as f64 * args.size as f64 * 8.0 / secs / 1e9;
+    let server_cpu_s = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let server_cpu_util = server_cpu_s.map(|c| c / secs);
+    let us = |ns: u64| ns as f64 / 1000.0;
+    Ok(RelayReport {
+        mode: "relay".into(),
+        label: args.label.clone(),
+        transport: match args.transport {
+            Transport::Derp => "derp".into(),
+            Transport::Raw => "raw".into(),
+        },
+        pairs: args.pairs,
+        size: args.size,
+        offered_pps: args.rate,
+        offered_gbps: args.rate * args.size as f64 * 8.0 / 1e9,
+        duration_s: secs,
+        sent_window: counters.sent_window.load(Ordering::Relaxed),
+        received_window: recv_window,
+        sent_total,
+        received_total: recv_total,
+        drops: sent_total.saturating_sub(recv_total),
+        loss: if sent_total == 0 {
+            0.0
+        } else {
+            sent_total.saturating_sub(recv_total) as f64 / sent_total as f64
+        },
+        delivered_gbps,
+        delivered_pps: recv_window as f64 / secs,
+        latency_p50_us: us(hist.quantile(0.5)),
+        latency_p99_us: us(hist.quantile(0.99)),
+        latency_p999_us: us(hist.quantile(0.999)),
+        latency_max_us: us(hist.max()),
+        server_cpu_s,
+        server_cpu_util,
+        server_peak_rss_bytes: args.server_pid.and_then(procfs::peak_rss_bytes),
+        gbps_per_core: server_cpu_util
+            .filter(|u| *u > 0.0)
+            .map(|u| delivered_gbps / u),
+    })
+}

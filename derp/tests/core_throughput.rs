@@ -1,0 +1,82 @@
+//! Loopback throughput smoke benchmark (ignored by default; run with
+//! `cargo test -p derp --release --test core_throughput -- --ignored --nocapture`).
+//! Not an assertion of speed: it prints what one process achieves so regressions are visible.
+
+mod core_support;
+
+/// Named so that `cargo test -p derp core_` selects these tests.
+mod core_throughput {
+    use std::time::{Duration, Instant};
+
+    use super::core_support::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "benchmark; run explicitly in release mode"]
+    async fn loopback_pairs_throughput() {
+        let ts = TestServer::start().await;
+        let pairs = 4;
+        let per_sender = 200_000u64;
+        let size = 1400usize;
+        let mut receivers = Vec::new();
+        let mut senders = Vec::new();
+        for _ in 0..pairs {
+            let a = ts.client().await;
+            let b = ts.client().await;
+            let bkey = b.public_key();
+            receivers.push(tokio::spawn(async move {
+                let mut b = b;
+                let mut got = 0u64;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while got < per_sender && Instant::now() < deadline {
+                    match tokio::time::timeout(Duration::from_millis(500), b.recv()).await {
+                        Ok(Ok(derp::ReceivedFrame::Packet { .. })) => got += 1,
+                        Ok(Ok(_)) => {}
+                        Ok(Err(_)) | Err(_) => break,
+                    }
+                }
+                got
+            }));
+            senders.push((a, bkey));
+        }
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for (a, bkey) in senders {
+            tasks.push(tokio::spawn(async move {
+                let (_r, mut w) = a.split();
+                let pkt = vec![0x5au8; size];
+                let mut sent = 0u64;
+                while sent < per_sender {
+                    for _ in 0..32 {
+                        w.buffer_packet(bkey, &pkt).expect("buffer");
+                    }
+                    w.flush().await.expect("flush");
+                    sent += 32;
+                }
+                (_r, w)
+            }));
+        }
+        let mut keep = Vec::new();
+        for t in tasks {
+            keep.push(t.await.expect("sender"));
+        }
+        let mut total = 0u64;
+        for r in receivers {
+            total += r.await.expect("receiver");
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let dropped = ts.metric("derp_packets_dropped{kind=\"other\",reason=\"queue_head\"}");
+        eprintln!(
+            "{pairs} pairs, {size}-byte packets: delivered {total} in {secs:.2}s = {:.0} pkt/s, \
+             {:.2} Gbit/s payload; head drops {dropped}",
+            total as f64 / secs,
+            total as f64 * size as f64 * 8.0 / secs / 1e9
+        );
+        let fams = prometheus::TextEncoder::new()
+            .encode_to_string(&ts.registry.gather())
+            .expect("encode");
+        for l in fams.lines().filter(|l| l.starts_with("derp_buffered_write_frames_")) {
+            eprintln!("{l}");
+        }
+        drop(keep);
+    }
+}
