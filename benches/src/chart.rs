@@ -79,7 +79,7 @@ pub fn fmt_num(v: f64) -> String {
     if a == 0.0 {
         "0".into()
     } else if a >= 1e6 {
-        format!("{:.3}M", v / 1e6).trim_end_matches('0').trim_end_matches('.').to_string().replace(".M", "M")
+        format!("{}M", trim(v / 1e6))
     } else if a >= 1e3 {
         format!("{}k", trim(v / 1e3))
     } else {

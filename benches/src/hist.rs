@@ -135,7 +135,7 @@ mod tests {
             assert!((got - want).abs() / want < 0.01, "q{q}: {got} vs {want}");
         }
         assert_eq!(h.count(), 100_000);
-        assert_eq!(h.quantile(0.0), 1000);
+        assert!((h.quantile(0.0) as f64 - 1000.0).abs() <= 10.0);
         let mut small = Histogram::new();
         small.record(5);
         assert_eq!(small.quantile(0.5), 5);

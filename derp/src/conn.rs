@@ -55,7 +55,7 @@ const MIN_SPARE: usize = 2048;
 /// Stack buffer used to read from an idle connection without holding heap memory.
 const IDLE_READ: usize = 512;
 /// Reads handled per poll before yielding to other tasks.
-const READS_PER_POLL: usize = 16;
+const READS_PER_POLL: usize = 2;
 /// Coalescing limit for one write (and the iovec count limit for vectored writes).
 const WRITE_BATCH_BYTES: usize = 64 << 10;
 const MAX_IOVECS: usize = 64;

@@ -37,6 +37,12 @@ pub const SUBPROTOCOL: &str = "derp";
 /// generous slack. Go's library defaults to 32 KiB; a 64 KiB DERP packet must fit.
 pub const MAX_MESSAGE_SIZE: usize = 2 << 20;
 
+/// Largest WebSocket message we send. Go's WebSocket library (coder/websocket, used by
+/// Tailscale's DERP client) refuses messages over 32 KiB on read and never raises that limit, so
+/// one 64 KiB DERP packet frame sent as one message kills the client's connection with 1009.
+/// DERP frames need not align with messages, so a larger write goes out as several messages.
+pub const MAX_OUTBOUND_MESSAGE: usize = 32 * 1024;
+
 /// The tungstenite configuration used on both sides: bounded messages, no compression
 /// (tungstenite never negotiates permessage-deflate in our build).
 pub fn websocket_config() -> WebSocketConfig {
@@ -256,14 +262,15 @@ where
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
+        let chunk = &buf[..buf.len().min(MAX_OUTBOUND_MESSAGE)];
         ready!(this.ws().poll_ready(cx)).map_err(ws_to_io)?;
         this.ws()
-            .start_send(Message::Binary(Bytes::copy_from_slice(buf)))
+            .start_send(Message::Binary(Bytes::copy_from_slice(chunk)))
             .map_err(ws_to_io)?;
         // Push the message out now so callers that forget to flush still make progress; an
         // error here resurfaces on the next write or flush.
         let _ = this.ws().poll_flush(cx);
-        Poll::Ready(Ok(buf.len()))
+        Poll::Ready(Ok(chunk.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -343,16 +350,36 @@ mod edge_tests {
     async fn edge_each_write_is_one_binary_message() {
         let (mut s, mut c) = pair().await;
         s.write_all(b"abc").await.unwrap();
-        s.write_all(&vec![7u8; 70_000]).await.unwrap();
+        s.write_all(&vec![7u8; MAX_OUTBOUND_MESSAGE]).await.unwrap();
         s.flush().await.unwrap();
         assert_eq!(
             c.next().await.unwrap().unwrap(),
             Message::Binary(Bytes::from_static(b"abc"))
         );
         match c.next().await.unwrap().unwrap() {
-            Message::Binary(b) => assert_eq!(b.len(), 70_000),
+            Message::Binary(b) => assert_eq!(b.len(), MAX_OUTBOUND_MESSAGE),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// Regression (found by the Go interop suite): Go's client reads at most 32 KiB per message.
+    #[tokio::test]
+    async fn edge_large_writes_are_split_into_32k_messages() {
+        let (mut s, mut c) = pair().await;
+        let data: Vec<u8> = (0..65_573u32).map(|i| i as u8).collect();
+        s.write_all(&data).await.unwrap();
+        s.flush().await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < data.len() {
+            match c.next().await.unwrap().unwrap() {
+                Message::Binary(b) => {
+                    assert!(b.len() <= MAX_OUTBOUND_MESSAGE, "message of {} bytes", b.len());
+                    got.extend_from_slice(&b);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, data);
     }
 
     #[tokio::test]

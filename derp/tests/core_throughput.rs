@@ -23,29 +23,46 @@ mod core_throughput {
             let a = ts.client().await;
             let b = ts.client().await;
             let bkey = b.public_key();
+            let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let rc = counter.clone();
             receivers.push(tokio::spawn(async move {
                 let mut b = b;
                 let mut got = 0u64;
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while got < per_sender && Instant::now() < deadline {
-                    match tokio::time::timeout(Duration::from_millis(500), b.recv()).await {
-                        Ok(Ok(derp::ReceivedFrame::Packet { .. })) => got += 1,
+                    match tokio::time::timeout(Duration::from_secs(3), b.recv()).await {
+                        Ok(Ok(derp::ReceivedFrame::Packet { .. })) => {
+                            got += 1;
+                            if got % 32 == 0 {
+                                rc.store(got, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
                         Ok(Ok(_)) => {}
                         Ok(Err(_)) | Err(_) => break,
                     }
                 }
                 got
             }));
-            senders.push((a, bkey));
+            senders.push((a, bkey, counter));
         }
         let start = Instant::now();
         let mut tasks = Vec::new();
-        for (a, bkey) in senders {
+        let window: u64 = std::env::var("DERP_BENCH_WINDOW")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX);
+        for (a, bkey, counter) in senders {
             tasks.push(tokio::spawn(async move {
                 let (_r, mut w) = a.split();
                 let pkt = vec![0x5au8; size];
                 let mut sent = 0u64;
                 while sent < per_sender {
+                    // Optional closed loop: keep at most `window` packets in flight.
+                    while sent.saturating_sub(counter.load(std::sync::atomic::Ordering::Relaxed))
+                        > window
+                    {
+                        tokio::task::yield_now().await;
+                    }
                     for _ in 0..32 {
                         w.buffer_packet(bkey, &pkt).expect("buffer");
                     }
@@ -59,10 +76,23 @@ mod core_throughput {
         for t in tasks {
             keep.push(t.await.expect("sender"));
         }
+        eprintln!(
+            "senders done after {:.2}s; server read {} packets, wrote {}",
+            start.elapsed().as_secs_f64(),
+            ts.metric("derp_packets_received"),
+            ts.metric("derp_packets_sent")
+        );
         let mut total = 0u64;
         for r in receivers {
-            total += r.await.expect("receiver");
+            let got = r.await.expect("receiver");
+            eprintln!("receiver got {got} at {:.2}s", start.elapsed().as_secs_f64());
+            total += got;
         }
+        eprintln!(
+            "server wrote {}, write timeouts {}",
+            ts.metric("derp_packets_sent"),
+            ts.metric("derp_sclient_write_timeouts")
+        );
         let secs = start.elapsed().as_secs_f64();
         let dropped = ts.metric("derp_packets_dropped{kind=\"other\",reason=\"queue_head\"}");
         eprintln!(

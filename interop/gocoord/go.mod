@@ -3,7 +3,7 @@ module tailnetd.test/interop/gocoord
 go 1.26.5
 
 require (
-	cdr.dev/slog v1.6.2-0.20251120224544-40ff19937ff2
+	cdr.dev/slog/v3 v3.1.0
 	github.com/coder/coder/v2 v2.36.1
 	github.com/coder/websocket v1.8.14
 	github.com/google/uuid v1.6.0
@@ -11,7 +11,6 @@ require (
 )
 
 require (
-	cdr.dev/slog/v3 v3.1.0 // indirect
 	filippo.io/edwards25519 v1.1.1 // indirect
 	github.com/DataDog/datadog-agent/comp/core/tagger/origindetection v0.77.0 // indirect
 	github.com/DataDog/datadog-agent/pkg/obfuscate v0.77.0 // indirect

@@ -27,7 +27,7 @@ import (
 	"syscall"
 	"time"
 
-	"cdr.dev/slog"
+	"cdr.dev/slog/v3"
 	"github.com/coder/websocket"
 	"github.com/google/uuid"
 	"tailscale.com/tailcfg"

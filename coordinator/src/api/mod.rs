@@ -178,7 +178,7 @@ async fn agent_coordinate(
     };
     let ws = match accept(ws, &headers) {
         Ok(ws) => ws,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if v.major == 1 {
         let peer = V1Peer {
@@ -220,7 +220,7 @@ async fn agent_rpc(
     }
     let ws = match accept(ws, &headers) {
         Ok(ws) => ws,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let role = query_value(q, "role").unwrap_or_default();
     tracing::debug!(agent = %agent.agent_id, role = %role, "agent rpc connection");
@@ -290,7 +290,7 @@ async fn client_coordinate(
     };
     let ws = match accept(ws, &headers) {
         Ok(ws) => ws,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     tracing::debug!(user = %user.username, agent = %agent_id, peer = %peer_id, "client coordinate connection");
     if v.major == 1 {
@@ -346,7 +346,7 @@ async fn tailnet(
     };
     let ws = match accept(ws, &headers) {
         Ok(ws) => ws,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let peer = V2Peer {
         id: peer_id,
@@ -363,7 +363,7 @@ async fn tailnet(
 /// The WebSocket layer's own checks, answered as coder/websocket's `Accept` does (plain text):
 /// 426 when the request is not an upgrade, 400 for a bad version/key, 403 when an `Origin`
 /// header names another host than `Host` (CLI and agents send no `Origin`).
-fn accept(ws: Upgrade, headers: &HeaderMap) -> Result<WebSocketUpgrade, Response> {
+fn accept(ws: Upgrade, headers: &HeaderMap) -> Result<WebSocketUpgrade, Box<Response>> {
     let ws = ws.map_err(|r| {
         use WebSocketUpgradeRejection as R;
         let (status, text) = match &r {
@@ -375,9 +375,9 @@ fn accept(ws: Upgrade, headers: &HeaderMap) -> Result<WebSocketUpgrade, Response
                 StatusCode::UPGRADE_REQUIRED,
                 "WebSocket protocol violation: Upgrade header does not contain websocket",
             ),
-            _ => return r.into_response(),
+            _ => return Box::new(r.into_response()),
         };
-        (status, text).into_response()
+        Box::new((status, text).into_response())
     })?;
     if let Some(origin) = headers.get(http::header::ORIGIN) {
         let host = headers
@@ -390,18 +390,22 @@ fn accept(ws: Upgrade, headers: &HeaderMap) -> Result<WebSocketUpgrade, Response
             .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(""))
             .unwrap_or("");
         if origin_host.is_empty() {
-            return Err((
-                StatusCode::FORBIDDEN,
-                format!("request Origin {origin:?} is not a valid URL with a host"),
-            )
-                .into_response());
+            return Err(Box::new(
+                (
+                    StatusCode::FORBIDDEN,
+                    format!("request Origin {origin:?} is not a valid URL with a host"),
+                )
+                    .into_response(),
+            ));
         }
         if !origin_host.eq_ignore_ascii_case(host) {
-            return Err((
-                StatusCode::FORBIDDEN,
-                format!("request Origin {origin:?} is not authorized for Host {host:?}"),
-            )
-                .into_response());
+            return Err(Box::new(
+                (
+                    StatusCode::FORBIDDEN,
+                    format!("request Origin {origin:?} is not authorized for Host {host:?}"),
+                )
+                    .into_response(),
+            ));
         }
     }
     Ok(ws)
@@ -433,7 +437,7 @@ async fn derp_map(
         Ok(ws) => ws
             .max_message_size(64 * 1024)
             .on_upgrade(move |socket| serve_derp_map(coord, socket)),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
