@@ -43,7 +43,14 @@ const COLORS: [RGBColor; 6] = [
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
 /// Draws `text` with its top-left corner at (x, y), each font pixel `scale` pixels wide.
-pub fn text(area: &Area<'_>, x: i32, y: i32, text: &str, scale: i32, color: &RGBColor) -> Result<()> {
+pub fn text(
+    area: &Area<'_>,
+    x: i32,
+    y: i32,
+    text: &str,
+    scale: i32,
+    color: &RGBColor,
+) -> Result<()> {
     let mut cx = x;
     for ch in text.chars() {
         let code = ch as usize;
@@ -56,11 +63,12 @@ pub fn text(area: &Area<'_>, x: i32, y: i32, text: &str, scale: i32, color: &RGB
                 if bits & (1 << col) != 0 {
                     let px = cx + col * scale;
                     let py = y + row as i32 * scale;
-                    area.draw(&Rectangle::new(
-                        [(px, py), (px + scale - 1, py + scale - 1)],
-                        color.filled(),
-                    ))
-                    .map_err(|e| anyhow!("draw: {e}"))?;
+                    for dx in 0..scale {
+                        for dy in 0..scale {
+                            area.draw_pixel((px + dx, py + dy), color)
+                                .map_err(|e| anyhow!("draw: {e}"))?;
+                        }
+                    }
                 }
             }
         }
@@ -127,7 +135,19 @@ fn draw_panel(area: &Area<'_>, p: &Panel) -> Result<()> {
     let grey = RGBColor(0xdd, 0xdd, 0xdd);
     let (left, right, top, bottom) = (80, 20, 40, 60);
     let (x0, x1, y0, y1) = (left, w - right, top, h - bottom);
-    text(area, (w - text_width(&p.title, 2)) / 2, 8, &p.title, 2, &black)?;
+    let ts = if text_width(&p.title, 2) <= w - 10 {
+        2
+    } else {
+        1
+    };
+    text(
+        area,
+        ((w - text_width(&p.title, ts)) / 2).max(2),
+        8,
+        &p.title,
+        ts,
+        &black,
+    )?;
 
     let pts: Vec<(f64, f64)> = p
         .series
@@ -144,9 +164,15 @@ fn draw_panel(area: &Area<'_>, p: &Panel) -> Result<()> {
     let (ymin, ymax) = if p.log_y {
         let lo = pts.iter().map(|p| p.1).fold(f64::MAX, f64::min);
         let hi = pts.iter().map(|p| p.1).fold(0.0f64, f64::max);
-        (10f64.powf(lo.log10().floor()), 10f64.powf(hi.log10().ceil().max(lo.log10().floor() + 1.0)))
+        (
+            10f64.powf(lo.log10().floor()),
+            10f64.powf(hi.log10().ceil().max(lo.log10().floor() + 1.0)),
+        )
     } else {
-        (0.0, pts.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-9) * 1.1)
+        (
+            0.0,
+            pts.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-9) * 1.1,
+        )
     };
     let fy = |y: f64| -> f64 {
         if p.log_y {
@@ -164,7 +190,8 @@ fn draw_panel(area: &Area<'_>, p: &Panel) -> Result<()> {
     let mut t = 0.0;
     while t <= xmax + 1e-12 {
         let x = px(t);
-        area.draw(&PathElement::new(vec![(x, y0), (x, y1)], grey)).map_err(e)?;
+        area.draw(&PathElement::new(vec![(x, y0), (x, y1)], grey))
+            .map_err(e)?;
         let l = fmt_num(t);
         text(area, x - text_width(&l, 1) / 2, y1 + 6, &l, 1, &black)?;
         t += xs;
@@ -173,7 +200,8 @@ fn draw_panel(area: &Area<'_>, p: &Panel) -> Result<()> {
         let mut d = ymin;
         while d <= ymax * 1.0001 {
             let y = py(d);
-            area.draw(&PathElement::new(vec![(x0, y), (x1, y)], grey)).map_err(e)?;
+            area.draw(&PathElement::new(vec![(x0, y), (x1, y)], grey))
+                .map_err(e)?;
             let l = fmt_num(d);
             text(area, x0 - 6 - text_width(&l, 1), y - 4, &l, 1, &black)?;
             d *= 10.0;
@@ -183,7 +211,8 @@ fn draw_panel(area: &Area<'_>, p: &Panel) -> Result<()> {
         let mut d = 0.0;
         while d <= ymax + 1e-12 {
             let y = py(d);
-            area.draw(&PathElement::new(vec![(x0, y), (x1, y)], grey)).map_err(e)?;
+            area.draw(&PathElement::new(vec![(x0, y), (x1, y)], grey))
+                .map_err(e)?;
             let l = fmt_num(d);
             text(area, x0 - 6 - text_width(&l, 1), y - 4, &l, 1, &black)?;
             d += ys;
@@ -191,7 +220,14 @@ fn draw_panel(area: &Area<'_>, p: &Panel) -> Result<()> {
     }
     area.draw(&PathElement::new(vec![(x0, y0), (x0, y1), (x1, y1)], black))
         .map_err(e)?;
-    text(area, (x0 + x1 - text_width(&p.x_label, 1)) / 2, y1 + 24, &p.x_label, 1, &black)?;
+    text(
+        area,
+        (x0 + x1 - text_width(&p.x_label, 1)) / 2,
+        y1 + 24,
+        &p.x_label,
+        1,
+        &black,
+    )?;
     text(area, 4, y0 - 14, &p.y_label, 1, &black)?;
 
     // Lines and legend.
@@ -209,8 +245,11 @@ fn draw_panel(area: &Area<'_>, p: &Panel) -> Result<()> {
             area.draw(&Circle::new(pt, 3, c.filled())).map_err(e)?;
         }
         let ly = y0 + 6 + 14 * i as i32;
-        area.draw(&Rectangle::new([(x0 + 10, ly), (x0 + 24, ly + 8)], c.filled()))
-            .map_err(e)?;
+        area.draw(&Rectangle::new(
+            [(x0 + 10, ly), (x0 + 24, ly + 8)],
+            c.filled(),
+        ))
+        .map_err(e)?;
         text(area, x0 + 30, ly, &s.name, 1, &black)?;
     }
     Ok(())
@@ -219,13 +258,14 @@ fn draw_panel(area: &Area<'_>, p: &Panel) -> Result<()> {
 /// Writes a PNG with the panels side by side.
 pub fn write_png(path: &Path, panels: &[Panel]) -> Result<()> {
     let n = panels.len().max(1) as u32;
-    let root = BitMapBackend::new(path, (560 * n, 420)).into_drawing_area();
+    let root = BitMapBackend::new(path, (640 * n, 440)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("fill: {e}"))?;
     let areas = root.split_evenly((1, n as usize));
     for (a, p) in areas.iter().zip(panels) {
         draw_panel(a, p)?;
     }
-    root.present().map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+    root.present()
+        .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
     Ok(())
 }
 

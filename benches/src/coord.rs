@@ -204,7 +204,12 @@ async fn connect(base: &str, path: &str, token: Option<&str>) -> Result<(RpcClie
     Ok((RpcClient::new(session, DrpcConfig::default()), handle))
 }
 
-async fn open_peer(args: &CoordArgs, auth: &AuthFile, agent_idx: usize, agent: bool) -> Result<Peer> {
+async fn open_peer(
+    args: &CoordArgs,
+    auth: &AuthFile,
+    agent_idx: usize,
+    agent: bool,
+) -> Result<Peer> {
     let cred = auth.agents[agent_idx];
     let (rpc, ws, id) = match (args.flavor, agent) {
         (Flavor::Tailnetd, true) => {
@@ -300,7 +305,11 @@ pub async fn run(args: CoordArgs) -> Result<CoordReport> {
             let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
             let a: AuthFile = serde_json::from_str(&text)?;
             if a.agents.len() < args.agents {
-                bail!("auth file has {} agents, need {}", a.agents.len(), args.agents);
+                bail!(
+                    "auth file has {} agents, need {}",
+                    a.agents.len(),
+                    args.agents
+                );
             }
             a
         }
@@ -371,16 +380,17 @@ pub async fn run(args: CoordArgs) -> Result<CoordReport> {
             let mut to_agent = Histogram::new();
             let end = start + win_end + Duration::from_secs(1);
             loop {
-                let resp = match tokio::time::timeout_at(end.into(), rx.recv_msg::<CoordinateResponse>())
-                    .await
-                {
-                    Err(_) => break,
-                    Ok(Ok(Some(r))) => r,
-                    Ok(Ok(None)) | Ok(Err(_)) => {
-                        c.failed.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                };
+                let resp =
+                    match tokio::time::timeout_at(end.into(), rx.recv_msg::<CoordinateResponse>())
+                        .await
+                    {
+                        Err(_) => break,
+                        Ok(Ok(Some(r))) => r,
+                        Ok(Ok(None)) | Ok(Err(_)) => {
+                            c.failed.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    };
                 if !resp.error.is_empty() {
                     c.failed.fetch_add(1, Ordering::Relaxed);
                 }

@@ -28,12 +28,14 @@ mod core_throughput {
             receivers.push(tokio::spawn(async move {
                 let mut b = b;
                 let mut got = 0u64;
+                let mut last = Instant::now();
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while got < per_sender && Instant::now() < deadline {
                     match tokio::time::timeout(Duration::from_secs(3), b.recv()).await {
                         Ok(Ok(derp::ReceivedFrame::Packet { .. })) => {
                             got += 1;
-                            if got % 32 == 0 {
+                            last = Instant::now();
+                            if got.is_multiple_of(32) {
                                 rc.store(got, std::sync::atomic::Ordering::Relaxed);
                             }
                         }
@@ -41,7 +43,7 @@ mod core_throughput {
                         Ok(Err(_)) | Err(_) => break,
                     }
                 }
-                got
+                (got, last)
             }));
             senders.push((a, bkey, counter));
         }
@@ -83,17 +85,22 @@ mod core_throughput {
             ts.metric("derp_packets_sent")
         );
         let mut total = 0u64;
+        let mut end = start;
         for r in receivers {
-            let got = r.await.expect("receiver");
-            eprintln!("receiver got {got} at {:.2}s", start.elapsed().as_secs_f64());
+            let (got, last) = r.await.expect("receiver");
+            eprintln!(
+                "receiver got {got}, last at {:.2}s",
+                (last - start).as_secs_f64()
+            );
             total += got;
+            end = end.max(last);
         }
         eprintln!(
             "server wrote {}, write timeouts {}",
             ts.metric("derp_packets_sent"),
             ts.metric("derp_sclient_write_timeouts")
         );
-        let secs = start.elapsed().as_secs_f64();
+        let secs = (end - start).as_secs_f64();
         let dropped = ts.metric("derp_packets_dropped{kind=\"other\",reason=\"queue_head\"}");
         eprintln!(
             "{pairs} pairs, {size}-byte packets: delivered {total} in {secs:.2}s = {:.0} pkt/s, \
@@ -104,7 +111,10 @@ mod core_throughput {
         let fams = prometheus::TextEncoder::new()
             .encode_to_string(&ts.registry.gather())
             .expect("encode");
-        for l in fams.lines().filter(|l| l.starts_with("derp_buffered_write_frames_")) {
+        for l in fams
+            .lines()
+            .filter(|l| l.starts_with("derp_buffered_write_frames_"))
+        {
             eprintln!("{l}");
         }
         drop(keep);

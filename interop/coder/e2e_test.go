@@ -9,7 +9,9 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"net/netip"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +19,9 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/coder/coder/v2/codersdk"
+	"github.com/coder/coder/v2/codersdk/agentsdk"
+	"github.com/coder/coder/v2/codersdk/workspacesdk"
 	"github.com/coder/coder/v2/tailnet"
 	"github.com/coder/coder/v2/tailnet/proto"
 	"github.com/coder/coder/v2/tailnet/test"
@@ -192,22 +197,62 @@ func requireNoLibErrors(t *testing.T, who string, e *libErrors) {
 
 // TestEndToEnd: a real agent (/me/rpc, agent coordination controller) and a real `coder ssh`
 // client ({agent}/coordinate, tunnel-source controller), both on DERP maps from StreamDERPMaps,
-// with endpoints blocked so every packet crosses tailnetd's DERP relay.
+// with endpoints blocked so every packet crosses tailnetd's DERP relay (Upgrade: DERP).
 func TestEndToEnd(t *testing.T) {
+	runEndToEnd(t, peerOpts{}, bulkSize)
+}
+
+// TestEndToEndDERPWebSockets: the same over DERP-over-WebSocket (Coder's derp_force_websockets,
+// the path browsers-era proxies force).
+func TestEndToEndDERPWebSockets(t *testing.T) {
+	runEndToEnd(t, peerOpts{derpForceWebSockets: true}, 4<<20)
+}
+
+func runEndToEnd(t *testing.T, opts peerOpts, size int) {
 	srv := startDev(t)
 	info := srv.announcement()
 	agentID := uuid.MustParse(info.AgentID)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 
-	agent := startRealAgent(t, info.BaseURL, agentID, info.AgentToken)
-	agentSide := serveDuplex(t, agent.Conn, func() int { return bulkSize })
-	client := startRealClient(ctx, t, info.BaseURL, agentID, info.ClientToken)
+	agent := startRealAgent(t, info.BaseURL, agentID, info.AgentToken, opts)
+	agentSide := serveDuplex(t, agent.Conn, func() int { return size })
+	client := startRealClient(ctx, t, info.BaseURL, agentID, info.ClientToken, opts)
 
 	awaitReachable(ctx, t, client.Conn, agent.IP(), "client")
 	pingOverDERP(ctx, t, client.Conn, agent.IP())
 	pingOverDERP(ctx, t, agent.Conn, client.IP)
-	transfer(ctx, t, client, agent.IP(), agentSide, bulkSize, 1)
+	transfer(ctx, t, client, agent.IP(), agentSide, size, 1)
+
+	// Coordination happened the way Coder's peers expect: the client got the agent's node and
+	// the agent's ReadyForHandshake; the agent got the client's node and acknowledged it.
+	clientID := client.peerID(ctx, t)
+	if !client.Coord.sawUpdate(agentID, proto.CoordinateResponse_PeerUpdate_NODE) {
+		t.Errorf("client never received a NODE update for the agent")
+	}
+	if !client.Coord.sawUpdate(agentID, proto.CoordinateResponse_PeerUpdate_READY_FOR_HANDSHAKE) {
+		t.Errorf("client never received READY_FOR_HANDSHAKE from the agent (it fell back to its 5 s timer)")
+	}
+	if !agent.Coord.sawUpdate(clientID, proto.CoordinateResponse_PeerUpdate_NODE) {
+		t.Errorf("agent never received a NODE update for the client %s", clientID)
+	}
+	if !agent.Coord.sentReadyForHandshake(clientID) {
+		t.Errorf("agent never sent ready_for_handshake for the client %s", clientID)
+	}
+	for who, r := range map[string]*coordRecorder{"agent": agent.Coord, "client": client.Coord} {
+		if e := r.errors(); len(e) > 0 {
+			t.Errorf("%s received coordinator errors: %q", who, e)
+		}
+	}
+
+	// The pings above emit telemetry; the client posts it with PostTelemetry.
+	waitFor(ctx, t, "a successful PostTelemetry", func() bool {
+		n, errs := client.Telemetry.counts()
+		if len(errs) > 0 {
+			t.Fatalf("PostTelemetry failed: %v", errs)
+		}
+		return n > 0
+	})
 
 	// The DERP map both sides use came from tailnetd over StreamDERPMaps.
 	for who, c := range map[string]*tailnet.Conn{"agent": agent.Conn, "client": client.Conn} {
@@ -250,7 +295,7 @@ func TestClientDisconnectAndLost(t *testing.T) {
 	t.Run("Graceful", func(t *testing.T) {
 		dumpLogsOnFailure(t, srv)
 		agent := newAgent(t)
-		client := startRealClient(ctx, t, info.BaseURL, agentID, info.ClientToken)
+		client := startRealClient(ctx, t, info.BaseURL, agentID, info.ClientToken, peerOpts{})
 		clientID := client.peerID(ctx, t)
 		region := awaitPreferredDERP(ctx, t, client.Conn)
 		agent.AssertEventuallyHasDERP(clientID, int32(region))
@@ -268,7 +313,7 @@ func TestClientDisconnectAndLost(t *testing.T) {
 	t.Run("Lost", func(t *testing.T) {
 		dumpLogsOnFailure(t, srv)
 		agent := newAgent(t)
-		client := startRealClient(ctx, t, info.BaseURL, agentID, info.ClientToken)
+		client := startRealClient(ctx, t, info.BaseURL, agentID, info.ClientToken, peerOpts{})
 		clientID := client.peerID(ctx, t)
 		region := awaitPreferredDERP(ctx, t, client.Conn)
 		agent.AssertEventuallyHasDERP(clientID, int32(region))
@@ -303,9 +348,9 @@ func TestRestart(t *testing.T) {
 	defer cancel()
 	resume := staticResumeProvider(cfg)
 
-	agent := startRealAgent(t, info.BaseURL, a.ID, a.Token.String())
+	agent := startRealAgent(t, info.BaseURL, a.ID, a.Token.String(), peerOpts{})
 	agentSide := serveDuplex(t, agent.Conn, func() int { return smallSize })
-	client := startRealClient(ctx, t, info.BaseURL, a.ID, cfg.UserToken)
+	client := startRealClient(ctx, t, info.BaseURL, a.ID, cfg.UserToken, peerOpts{})
 	awaitReachable(ctx, t, client.Conn, agent.IP(), "client")
 	transfer(ctx, t, client, agent.IP(), agentSide, smallSize, 10)
 
@@ -354,7 +399,135 @@ func TestRestart(t *testing.T) {
 	pingOverDERP(ctx, t, client.Conn, agent.IP())
 	transfer(ctx, t, client, agent.IP(), agentSide, smallSize, 11)
 
-	client2 := startRealClient(ctx, t, info.BaseURL, a.ID, cfg.UserToken)
+	client2 := startRealClient(ctx, t, info.BaseURL, a.ID, cfg.UserToken, peerOpts{})
 	awaitReachable(ctx, t, client2.Conn, agent.IP(), "new client after restart")
 	transfer(ctx, t, client2, agent.IP(), agentSide, smallSize, 12)
+}
+
+// TestRestartResumeKeyRotated: tailnetd comes back with a different resume key, so the client's
+// token no longer verifies. Coder's dialer must get a 401 whose validation names resume_token,
+// drop the token, redial without it and carry on under a fresh peer id.
+func TestRestartResumeKeyRotated(t *testing.T) {
+	cfg := newStaticConfig(1)
+	srv := startServe(t, cfg)
+	info := srv.announcement()
+	a := cfg.Agents[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	agent := startRealAgent(t, info.BaseURL, a.ID, a.Token.String(), peerOpts{})
+	agentSide := serveDuplex(t, agent.Conn, func() int { return smallSize })
+	client := startRealClient(ctx, t, info.BaseURL, a.ID, cfg.UserToken, peerOpts{})
+	awaitReachable(ctx, t, client.Conn, agent.IP(), "client")
+	waitFor(ctx, t, "a resume token", func() bool { return len(client.resume.received()) > 0 })
+	toks := client.resume.received()
+	idBefore, err := staticResumeProvider(cfg).VerifyResumeToken(ctx, toks[len(toks)-1].Token)
+	if err != nil {
+		t.Fatalf("resume token does not verify: %v", err)
+	}
+	tokensBefore := len(toks)
+	requestsBefore := len(client.transport.requests())
+
+	rotated := cfg
+	rotated.ResumeKeyID = "2"
+	rotated.ResumeKey = make([]byte, 64)
+	copy(rotated.ResumeKey, newStaticConfig(0).ResumeKey)
+	srv.rewriteConfig(rotated)
+	srv.restart()
+
+	waitFor(ctx, t, "the client to redial and get a token under the new key", func() bool {
+		return len(client.resume.received()) > tokensBefore
+	})
+	toks = client.resume.received()
+	idAfter, err := staticResumeProvider(rotated).VerifyResumeToken(ctx, toks[len(toks)-1].Token)
+	if err != nil {
+		t.Fatalf("post-rotation token does not verify under the new key: %v", err)
+	}
+	if idAfter == idBefore {
+		t.Errorf("client kept peer id %s although its resume token could not verify", idAfter)
+	}
+	var rejected, fresh bool
+	for _, r := range client.transport.requests()[requestsBefore:] {
+		if !strings.Contains(r, "/coordinate") {
+			continue
+		}
+		if strings.HasPrefix(r, "401 ") && strings.Contains(r, "resume_token=") {
+			rejected = true
+		}
+		if rejected && strings.HasPrefix(r, "101 ") && !strings.Contains(r, "resume_token=") {
+			fresh = true
+		}
+	}
+	if !rejected || !fresh {
+		t.Errorf("want a 401 for the stale resume token, then a 101 without one; dials were:\n  %s",
+			strings.Join(client.transport.requests()[requestsBefore:], "\n  "))
+	}
+	awaitReachable(ctx, t, client.Conn, agent.IP(), "client after rotation")
+	transfer(ctx, t, client, agent.IP(), agentSide, smallSize, 20)
+}
+
+// TestDialErrors: the HTTP answers Coder's dialers act on before any WebSocket exists.
+func TestDialErrors(t *testing.T) {
+	srv := startDev(t)
+	info := srv.announcement()
+	agentID := uuid.MustParse(info.AgentID)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	t.Run("ClientBadToken", func(t *testing.T) {
+		dumpLogsOnFailure(t, srv)
+		// Coder's WebsocketDialer treats 401 on the first dial as permanent.
+		c := newRealClient(t, info.BaseURL, agentID, "abcdefghij-abcdefghijklmnopqrstuv", peerOpts{})
+		var err error
+		select {
+		case err = <-c.dialer.Connected():
+		case <-ctx.Done():
+			t.Fatal("no answer to the first dial")
+		}
+		var sdkErr *codersdk.Error
+		if !errors.As(err, &sdkErr) || sdkErr.StatusCode() != http.StatusUnauthorized {
+			t.Fatalf("want a *codersdk.Error with 401, got %T %v", err, err)
+		}
+		t.Logf("client with a bad token: %v", err)
+	})
+	t.Run("AgentBadToken", func(t *testing.T) {
+		dumpLogsOnFailure(t, srv)
+		u, _ := url.Parse(info.BaseURL)
+		client := agentsdk.New(u, agentsdk.WithFixedToken(uuid.NewString()))
+		_, _, err := client.ConnectRPC210WithRole(ctx, "agent")
+		var sdkErr *codersdk.Error
+		if !errors.As(err, &sdkErr) || sdkErr.StatusCode() != http.StatusUnauthorized {
+			t.Fatalf("want a *codersdk.Error with 401, got %T %v", err, err)
+		}
+		t.Logf("agent with a bad token: %v", err)
+	})
+	for _, c := range []struct{ name, path, token string }{
+		{"ClientVersionTooNew", "/api/v2/workspaceagents/" + agentID.String() + "/coordinate?version=2.99", info.ClientToken},
+		{"ClientMajorTooNew", "/api/v2/workspaceagents/" + agentID.String() + "/coordinate?version=3.0", info.ClientToken},
+		{"AgentVersionTooNew", "/api/v2/workspaceagents/me/rpc?version=2.99&role=agent", info.AgentToken},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dumpLogsOnFailure(t, srv)
+			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, info.BaseURL+c.path, nil)
+			req.Header.Set(codersdk.SessionTokenHeader, c.token)
+			res, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer res.Body.Close()
+			err = codersdk.ReadBodyAsError(res)
+			var sdkErr *codersdk.Error
+			if !errors.As(err, &sdkErr) {
+				t.Fatalf("want a *codersdk.Error, got %T %v", err, err)
+			}
+			// workspacesdk.WebsocketDialer matches this message to explain a version mismatch.
+			if sdkErr.StatusCode() != http.StatusBadRequest || sdkErr.Message != workspacesdk.AgentAPIMismatchMessage {
+				t.Errorf("want 400 %q, got %d %q", workspacesdk.AgentAPIMismatchMessage, sdkErr.StatusCode(), sdkErr.Message)
+			}
+			if len(sdkErr.Validations) != 1 || sdkErr.Validations[0].Field != "version" {
+				t.Errorf("want one validation on field \"version\", got %+v", sdkErr.Validations)
+			}
+			t.Logf("%s: %v", c.path, err)
+		})
+	}
 }

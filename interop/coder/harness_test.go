@@ -49,6 +49,19 @@ type announcement struct {
 	ClientToken   string  `json:"client_token"`
 }
 
+// TestMain makes this package's results uncacheable: they depend on the tailnetd binary, which
+// go test's result cache cannot see (it only tracks files the test opens). Opening a file
+// written a moment ago makes go test refuse to cache the run ("file too new").
+func TestMain(m *testing.M) {
+	stamp := filepath.Join(os.TempDir(), "tailnetd-interop-coder.stamp")
+	if err := os.WriteFile(stamp, []byte(time.Now().String()), 0o600); err == nil {
+		if f, err := os.Open(stamp); err == nil {
+			_ = f.Close()
+		}
+	}
+	os.Exit(m.Run())
+}
+
 var (
 	buildOnce sync.Once
 	builtBin  string
@@ -140,6 +153,8 @@ type tailnetd struct {
 	bin  string
 	args []string
 	logs *logRing
+	// configPath is the --config file of a `serve` instance (rewritable before restart()).
+	configPath string
 
 	mu      sync.Mutex
 	cmd     *exec.Cmd
@@ -160,7 +175,11 @@ func logFilter() string {
 // when the test ends; if the test failed, the last log lines are printed with the test name.
 func startTailnetd(t *testing.T, args ...string) *tailnetd {
 	t.Helper()
-	s := &tailnetd{t: t, bin: tailnetdBinary(t), args: args, logs: newLogRing(4 * logTailLines)}
+	keep := 4 * logTailLines
+	if os.Getenv("TAILNETD_TEST_DUMP_LOGS") != "" {
+		keep = 100000
+	}
+	s := &tailnetd{t: t, bin: tailnetdBinary(t), args: args, logs: newLogRing(keep)}
 	// Registered first so it runs last, after the process is gone and every client closed.
 	dumpLogsOnFailure(t, s)
 	t.Cleanup(func() { s.stop(false) })
@@ -170,18 +189,24 @@ func startTailnetd(t *testing.T, args ...string) *tailnetd {
 	return s
 }
 
-// dumpLogsOnFailure prints the case name and tailnetd's log tail if t (a test or subtest) fails.
+// dumpLogsOnFailure prints the case name and tailnetd's log tail if t (a test or subtest) fails
+// (TAILNETD_TEST_DUMP_LOGS=1: the whole log, always).
 func dumpLogsOnFailure(t *testing.T, s *tailnetd) {
 	t.Cleanup(func() {
-		if !t.Failed() {
+		all := os.Getenv("TAILNETD_TEST_DUMP_LOGS") != ""
+		if !t.Failed() && !all {
 			return
 		}
 		lines := s.logs.tail()
-		if len(lines) > logTailLines {
+		if len(lines) > logTailLines && !all {
 			lines = lines[len(lines)-logTailLines:]
 		}
-		t.Logf("FAILED CASE %s: last %d tailnetd log lines (%s %s):\n%s",
-			t.Name(), len(lines), s.bin, strings.Join(s.args, " "), strings.Join(lines, "\n"))
+		verdict := "FAILED CASE"
+		if !t.Failed() {
+			verdict = "case (passed)"
+		}
+		t.Logf("%s %s: last %d tailnetd log lines (%s %s):\n%s",
+			verdict, t.Name(), len(lines), s.bin, strings.Join(s.args, " "), strings.Join(lines, "\n"))
 	})
 }
 
@@ -383,12 +408,22 @@ func startServe(t *testing.T, cfg staticConfig) *tailnetd {
 	if err := os.WriteFile(cfgPath, []byte(cfg.toml()), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	return startTailnetd(t, "serve",
+	s := startTailnetd(t, "serve",
 		"--config", cfgPath,
 		"--http-addr", freeTCPAddr(t),
 		"--stun-addr", freeUDPAddr(t),
 		"--key-file", filepath.Join(dir, "derp.key"),
 	)
+	s.configPath = cfgPath
+	return s
+}
+
+// rewriteConfig replaces the configuration the next restart() reads.
+func (s *tailnetd) rewriteConfig(cfg staticConfig) {
+	s.t.Helper()
+	if err := os.WriteFile(s.configPath, []byte(cfg.toml()), 0o600); err != nil {
+		s.t.Fatal(err)
+	}
 }
 
 // startDev runs `tailnetd dev` on ephemeral ports.

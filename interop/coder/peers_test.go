@@ -53,7 +53,13 @@ func (e *libErrors) LogEntry(_ context.Context, ent slog.SinkEntry) {
 	e.entries = append(e.entries, strings.Join(ent.LoggerNames, ".")+": "+ent.Message+" "+strings.Join(fields, " "))
 }
 
-func fmtValue(v any) string {
+func fmtValue(v any) (s string) {
+	// Libraries log typed-nil errors (e.g. a nil *codersdk.Error); don't crash on them.
+	defer func() {
+		if recover() != nil {
+			s = fmt.Sprintf("%T(nil)", v)
+		}
+	}()
 	if err, ok := v.(error); ok {
 		return err.Error()
 	}
@@ -139,9 +145,17 @@ type realAgent struct {
 	ctrl   *tailnet.Controller
 	cancel context.CancelFunc
 	Errs   *libErrors
+	Coord  *coordRecorder
 }
 
-func startRealAgent(t *testing.T, baseURL string, agentID uuid.UUID, agentToken string) *realAgent {
+// peerOpts are the few knobs the tests turn on Coder's peers.
+type peerOpts struct {
+	// derpForceWebSockets makes the DERP client use DERP-over-WebSocket (Coder's
+	// derp_force_websockets) instead of the Upgrade: DERP request.
+	derpForceWebSockets bool
+}
+
+func startRealAgent(t *testing.T, baseURL string, agentID uuid.UUID, agentToken string, opts peerOpts) *realAgent {
 	t.Helper()
 	logger, errs := testLogger(t)
 	logger = logger.Named("agent")
@@ -156,20 +170,23 @@ func startRealAgent(t *testing.T, baseURL string, agentID uuid.UUID, agentToken 
 			tailnet.TailscaleServicePrefix.PrefixFromUUID(agentID),
 			tailnet.CoderServicePrefix.PrefixFromUUID(agentID),
 		},
-		Logger:         logger.Named("net.tailnet"),
-		BlockEndpoints: true, // every packet through tailnetd's DERP relay
-		ClientType:     proto.TelemetryEvent_AGENT,
+		Logger:              logger.Named("net.tailnet"),
+		BlockEndpoints:      true, // every packet through tailnetd's DERP relay
+		DERPForceWebSockets: opts.derpForceWebSockets,
+		ClientType:          proto.TelemetryEvent_AGENT,
 	})
 	if err != nil {
 		t.Fatalf("agent tailnet.NewConn: %v", err)
 	}
 	dialer := &agentDialer{client: client}
-	ctrl := tailnet.NewController(logger.Named("controller"), dialer)
+	coordRec := &coordRecorder{}
+	ctrl := tailnet.NewController(logger.Named("controller"),
+		recordingDialer{inner: dialer, coord: coordRec, tel: &telemetryRecorder{}})
 	ctrl.CoordCtrl = tailnet.NewAgentCoordinationController(logger.Named("coord"), conn)
 	ctrl.DERPCtrl = tailnet.NewBasicDERPController(logger.Named("derp"), client, conn)
 	ctx, cancel := context.WithCancel(context.Background())
 	ctrl.Run(ctx)
-	a := &realAgent{ID: agentID, Conn: conn, dialer: dialer, ctrl: ctrl, cancel: cancel, Errs: errs}
+	a := &realAgent{ID: agentID, Conn: conn, dialer: dialer, ctrl: ctrl, cancel: cancel, Errs: errs, Coord: coordRec}
 	t.Cleanup(a.close)
 	return a
 }
@@ -223,18 +240,24 @@ func (r *recordingResumeCtrl) received() []*proto.RefreshResumeTokenResponse {
 	return append([]*proto.RefreshResumeTokenResponse(nil), r.tokens...)
 }
 
-// recordingTransport records the URL of every HTTP request (WebSocket dials included).
+// recordingTransport records the status and URL of every HTTP request (WebSocket dials included).
 type recordingTransport struct {
 	inner http.RoundTripper
 	mu    sync.Mutex
 	urls  []string
 }
 
+// RoundTrip records "<status> <url>" ("ERR <url>" when no response arrived).
 func (rt *recordingTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	res, err := rt.inner.RoundTrip(req)
+	status := "ERR"
+	if res != nil {
+		status = fmt.Sprint(res.StatusCode)
+	}
 	rt.mu.Lock()
-	rt.urls = append(rt.urls, req.URL.String())
+	rt.urls = append(rt.urls, status+" "+req.URL.String())
 	rt.mu.Unlock()
-	return rt.inner.RoundTrip(req)
+	return res, err
 }
 
 func (rt *recordingTransport) requests() []string {
@@ -257,10 +280,27 @@ type realClient struct {
 	net       *killableNet
 	cancel    context.CancelFunc
 	Errs      *libErrors
+	Coord     *coordRecorder
+	Telemetry *telemetryRecorder
 	closeOnce sync.Once
 }
 
-func startRealClient(ctx context.Context, t *testing.T, baseURL string, agentID uuid.UUID, userToken string) *realClient {
+func startRealClient(ctx context.Context, t *testing.T, baseURL string, agentID uuid.UUID, userToken string, opts peerOpts) *realClient {
+	t.Helper()
+	c := newRealClient(t, baseURL, agentID, userToken, opts)
+	select {
+	case <-ctx.Done():
+		t.Fatalf("client: timed out waiting for the first control-plane dial")
+	case err := <-c.dialer.Connected():
+		if err != nil {
+			t.Fatalf("client: first dial failed: %v", err)
+		}
+	}
+	return c
+}
+
+// newRealClient starts the client's controller without waiting for its first dial.
+func newRealClient(t *testing.T, baseURL string, agentID uuid.UUID, userToken string, opts peerOpts) *realClient {
 	t.Helper()
 	logger, errs := testLogger(t)
 	logger = logger.Named("client")
@@ -282,7 +322,9 @@ func startRealClient(ctx context.Context, t *testing.T, baseURL string, agentID 
 		t.Fatal(err)
 	}
 	dialer := workspacesdk.NewWebsocketDialer(logger.Named("dialer"), coordinateURL, wsOptions)
-	ctrl := tailnet.NewController(logger.Named("controller"), dialer)
+	coordRec, telRec := &coordRecorder{}, &telemetryRecorder{}
+	ctrl := tailnet.NewController(logger.Named("controller"),
+		recordingDialer{inner: dialer, coord: coordRec, tel: telRec})
 	resume := &recordingResumeCtrl{ResumeTokenController: tailnet.NewBasicResumeTokenController(logger.Named("resume"), quartz.NewReal())}
 	ctrl.ResumeTokenCtrl = resume
 	telemetry := tailnet.NewBasicTelemetryController(logger.Named("telemetry"))
@@ -290,11 +332,12 @@ func startRealClient(ctx context.Context, t *testing.T, baseURL string, agentID 
 
 	ip := tailnet.TailscaleServicePrefix.RandomAddr()
 	conn, err := tailnet.NewConn(&tailnet.Options{
-		Addresses:      []netip.Prefix{netip.PrefixFrom(ip, 128)},
-		Logger:         logger.Named("net.tailnet"),
-		BlockEndpoints: true,
-		ClientType:     proto.TelemetryEvent_CLI,
-		TelemetrySink:  telemetry,
+		Addresses:           []netip.Prefix{netip.PrefixFrom(ip, 128)},
+		Logger:              logger.Named("net.tailnet"),
+		BlockEndpoints:      true,
+		DERPForceWebSockets: opts.derpForceWebSockets,
+		ClientType:          proto.TelemetryEvent_CLI,
+		TelemetrySink:       telemetry,
 	})
 	if err != nil {
 		t.Fatalf("client tailnet.NewConn: %v", err)
@@ -306,17 +349,8 @@ func startRealClient(ctx context.Context, t *testing.T, baseURL string, agentID 
 	runCtx, cancel := context.WithCancel(context.Background())
 	ctrl.Run(runCtx)
 	c := &realClient{Conn: conn, IP: ip, dialer: dialer, ctrl: ctrl, resume: resume, transport: rt,
-		net: knet, cancel: cancel, Errs: errs}
+		net: knet, cancel: cancel, Errs: errs, Coord: coordRec, Telemetry: telRec}
 	t.Cleanup(func() { c.close() })
-
-	select {
-	case <-ctx.Done():
-		t.Fatalf("client: timed out waiting for the first control-plane dial")
-	case err := <-dialer.Connected():
-		if err != nil {
-			t.Fatalf("client: first dial of %s failed: %v", coordinateURL, err)
-		}
-	}
 	return c
 }
 
@@ -373,4 +407,127 @@ func unverifiedTokenSubject(token string) (uuid.UUID, error) {
 		return uuid.Nil, xerrors.Errorf("claims: %w", err)
 	}
 	return uuid.Parse(claims.Subject)
+}
+
+// coordRecorder keeps every CoordinateRequest a peer's controller sent and every
+// CoordinateResponse it received, across reconnects.
+type coordRecorder struct {
+	mu   sync.Mutex
+	sent []*proto.CoordinateRequest
+	recv []*proto.CoordinateResponse
+}
+
+// sawUpdate reports whether a response carried a peer update of kind about id.
+func (r *coordRecorder) sawUpdate(id uuid.UUID, kind proto.CoordinateResponse_PeerUpdate_Kind) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, resp := range r.recv {
+		for _, u := range resp.GetPeerUpdates() {
+			if uid, err := uuid.FromBytes(u.GetId()); err == nil && uid == id && u.GetKind() == kind {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// sentReadyForHandshake reports whether a request acknowledged id.
+func (r *coordRecorder) sentReadyForHandshake(id uuid.UUID) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, req := range r.sent {
+		for _, rfh := range req.GetReadyForHandshake() {
+			if uid, err := uuid.FromBytes(rfh.GetId()); err == nil && uid == id {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// errors returns the error strings the server sent.
+func (r *coordRecorder) errors() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []string
+	for _, resp := range r.recv {
+		if resp.GetError() != "" {
+			out = append(out, resp.GetError())
+		}
+	}
+	return out
+}
+
+type recordingCoordClient struct {
+	tailnet.CoordinatorClient
+	r *coordRecorder
+}
+
+func (c recordingCoordClient) Send(req *proto.CoordinateRequest) error {
+	c.r.mu.Lock()
+	c.r.sent = append(c.r.sent, req)
+	c.r.mu.Unlock()
+	return c.CoordinatorClient.Send(req)
+}
+
+func (c recordingCoordClient) Recv() (*proto.CoordinateResponse, error) {
+	resp, err := c.CoordinatorClient.Recv()
+	if err == nil {
+		c.r.mu.Lock()
+		c.r.recv = append(c.r.recv, resp)
+		c.r.mu.Unlock()
+	}
+	return resp, err
+}
+
+// telemetryRecorder counts PostTelemetry outcomes.
+type telemetryRecorder struct {
+	mu   sync.Mutex
+	ok   int
+	errs []error
+}
+
+func (r *telemetryRecorder) counts() (int, []error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.ok, append([]error(nil), r.errs...)
+}
+
+type recordingTelemetryClient struct {
+	tailnet.TelemetryClient
+	r *telemetryRecorder
+}
+
+func (c recordingTelemetryClient) PostTelemetry(ctx context.Context, in *proto.TelemetryRequest) (*proto.TelemetryResponse, error) {
+	resp, err := c.TelemetryClient.PostTelemetry(ctx, in)
+	c.r.mu.Lock()
+	defer c.r.mu.Unlock()
+	if err != nil {
+		c.r.errs = append(c.r.errs, err)
+	} else {
+		c.r.ok++
+	}
+	return resp, err
+}
+
+// recordingDialer wraps a ControlProtocolDialer so the harness sees the coordination and
+// telemetry traffic the controllers exchange with tailnetd.
+type recordingDialer struct {
+	inner tailnet.ControlProtocolDialer
+	coord *coordRecorder
+	tel   *telemetryRecorder
+}
+
+func (d recordingDialer) Dial(ctx context.Context, r tailnet.ResumeTokenController) (tailnet.ControlProtocolClients, error) {
+	c, err := d.inner.Dial(ctx, r)
+	if err != nil {
+		return c, err
+	}
+	if c.Coordinator != nil {
+		c.Coordinator = recordingCoordClient{c.Coordinator, d.coord}
+	}
+	if c.Telemetry != nil {
+		c.Telemetry = recordingTelemetryClient{c.Telemetry, d.tel}
+	}
+	return c, nil
 }

@@ -3,8 +3,13 @@
 //! Why: every rule of Coder's in-memory coordinator (tailnet/coordinator.go, peer.go) lives here as
 //! plain transitions `(state, event) -> deliveries`, so the semantics are unit- and property-
 //! testable with ordinary values. This module must never do I/O, read a clock, spawn, lock or
-//! `.await`; it only decides *what* each connection should be told. [`super::PeerGraph`] does the
-//! pushing.
+//! `.await`; it only decides *what* each connection should be told.
+//!
+//! It is the *specification* of [`super::PeerGraph`], which applies the same rules to a sharded
+//! peer table (with the de-duplication map kept by each receiving connection's outbox instead of
+//! here); a differential property test in `graph/tests.rs` runs both on the same random operation
+//! sequences and requires identical per-peer update streams. A rule changed here must be changed
+//! there too.
 //!
 //! De-duplication follows Coder's `storeMappingLocked`: each connected peer has a `sent` map of the
 //! last node it was told about each other peer. NODE is emitted only when the node differs from
@@ -200,8 +205,29 @@ fn uuid_bytes(id: Uuid) -> Bytes {
     Bytes::copy_from_slice(id.as_bytes())
 }
 
-fn parse_id(b: &[u8]) -> Result<Uuid, CoordinateError> {
+/// A peer id from wire bytes (16 bytes) or [`CoordinateError::BadUuid`].
+pub(crate) fn parse_id(b: &[u8]) -> Result<Uuid, CoordinateError> {
     Uuid::from_slice(b).map_err(|_| CoordinateError::BadUuid(b.len()))
+}
+
+/// Checks a request completely before any part of it is applied.
+pub(crate) fn validate(
+    auth: &CoordinateeAuth,
+    req: &CoordinateRequest,
+) -> Result<(), CoordinateError> {
+    auth.authorize(req)?;
+    if let Some(u) = &req.update_self {
+        if u.node.is_none() {
+            return Err(CoordinateError::MissingNode);
+        }
+    }
+    for t in [&req.add_tunnel, &req.remove_tunnel].into_iter().flatten() {
+        parse_id(&t.id)?;
+    }
+    for r in &req.ready_for_handshake {
+        parse_id(&r.id)?;
+    }
+    Ok(())
 }
 
 /// Coder's `storeMappingLocked`: decides whether `sent` warrants an update and records it.
@@ -415,23 +441,6 @@ impl<S: Store> State<S> {
         }
     }
 
-    /// Checks a request completely before any part of it is applied.
-    fn validate(auth: &CoordinateeAuth, req: &CoordinateRequest) -> Result<(), CoordinateError> {
-        auth.authorize(req)?;
-        if let Some(u) = &req.update_self {
-            if u.node.is_none() {
-                return Err(CoordinateError::MissingNode);
-            }
-        }
-        for t in [&req.add_tunnel, &req.remove_tunnel].into_iter().flatten() {
-            parse_id(&t.id)?;
-        }
-        for r in &req.ready_for_handshake {
-            parse_id(&r.id)?;
-        }
-        Ok(())
-    }
-
     /// Processes one request from `conn` in Coder's order: authorize (whole request) →
     /// update_self → add_tunnel → remove_tunnel → disconnect → ready_for_handshake.
     /// A fatal error closes `conn` with that error and removes it as LOST.
@@ -446,7 +455,7 @@ impl<S: Store> State<S> {
         }
         let me = conn.peer;
         let checked = match self.peers.get(&me) {
-            Some(p) => Self::validate(&p.auth, req),
+            Some(p) => validate(&p.auth, req),
             None => return Ok(Flow::Close),
         };
         if let Err(e) = checked {

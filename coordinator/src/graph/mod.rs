@@ -1,45 +1,125 @@
 //! The peer graph: Coder's in-memory coordinator semantics behind a small concurrent API.
 //!
 //! Why: every coordination session (v2 dRPC or v1 JSON, agent or client) feeds its peer's requests
-//! into one shared graph of peers and tunnels, and drains what the graph tells it. The rules live
-//! in [`core`] as a pure state machine; this module only serializes events into it and pushes the
-//! resulting [`Delivery`]s into each connection's bounded queue ([`PeerReceiver`] is the session's
-//! end of that queue).
+//! into one shared graph of peers and tunnels, and drains what the graph tells it. The rules are
+//! specified by [`core`], a pure state machine that the property tests exercise (and that a
+//! differential test runs side by side with this module). This module applies the same rules to a
+//! **sharded** peer table so that a node update never waits for updates of unrelated peers, and it
+//! pushes each resulting update straight into the receiving connection's bounded queue
+//! ([`PeerReceiver`] is the session's end of that queue).
 //!
-//! # Concurrency design and invariants
+//! # Data layout
 //!
-//! * **One lock for the graph.** State transitions *and* the pushes they produce happen under a
-//!   single `std::sync::Mutex` (as in Coder's in-memory coordinator). Therefore every queue
-//!   receives updates in the exact order the state changed: a stale node can never overtake a
-//!   newer one, and a NODE can never arrive after the DISCONNECTED that superseded it. We chose
-//!   this over sharding on purpose: per-shard locks make the init batch, the fan-out and tunnel
-//!   changes (which touch two peers) race with each other unless every push about peer X is done
-//!   under X's shard lock, which a later issue can add behind this same API once a benchmark shows
-//!   the lock matters. Work under the lock is O(tunnel peers) cheap pushes; no encoding, no I/O.
-//! * **Lock order:** graph mutex → a connection's outbox mutex (leaf). The receiving side
-//!   ([`PeerReceiver`]) only ever takes its own outbox mutex, so fan-out never waits for a reader.
-//! * **No `.await` in the graph.** Nothing here is async except [`PeerReceiver::recv`], which holds
-//!   no lock while it waits.
-//! * **Sends never block.** A full queue (default 512 responses) removes that peer (its tunnel
-//!   peers get DISCONNECTED "failed update"), counted in `coordinator_peers_kicked_total{reason=
-//!   "queue_full"}`. Closing bypasses the queue, so a kicked peer's stream ends at once.
+//! Peers are split by id hash into `N` shards (default: 4 × CPUs, at least 16), each a
+//! `std::sync::Mutex`. Everything about peer X lives in X's shard (an *entry*): X's current
+//! connection, X's node, and X's *links* — one per tunnel peer R, saying whether the tunnels
+//! X → R and R → X exist, plus a cached reference to R's current connection. The de-duplication
+//! memory (`sent`: the last node each connection was told about each other peer) lives with the
+//! receiving connection, in its outbox, behind that outbox's own small mutex.
+//!
+//! # Invariants
+//!
+//! * **I1 (link cache):** whenever no one holds X's shard lock, `X.links[R].conn` is R's current
+//!   connection (or `None` if R is not connected).
+//! * **I2 (symmetry):** `X.links[R].out` ⇔ `R.links[X].inc`; a link exists only while one of the two
+//!   is set; an entry exists only while it has a connection or a link.
+//! * **I3:** X has a node only while connected; tunnels *from* X exist only while X is connected
+//!   (removal deletes them, as Coder's `removePeerLocked` does); tunnels *to* X survive.
+//! * **Who changes what, holding which locks:**
+//!   - X's node: X's shard (update_self).
+//!   - a link X–R: both shards (add/remove tunnel) or X's whole neighbourhood (removal of X).
+//!   - X's connection (connect, replace, removal): X's shard **and the shard of every peer linked to
+//!     X** ("X's neighbourhood"), so every cached `R.links[X].conn` is updated in the same critical
+//!     section (I1).
+//!   - `sent[X]` in any outbox: only while holding X's shard (plus that outbox's mutex).
+//!
+//! # Lock order (deadlock freedom)
+//!
+//! Shard mutexes are only taken in increasing index order ([`shard`] is the only code that locks
+//! them), then at most one outbox mutex, which is a leaf: nothing is locked while holding it. A
+//! per-connection mutex serializes concurrent [`PeerGraph::handle`] calls on one handle; it is taken
+//! before any shard lock and never while holding one. Nothing blocks while holding a lock: there is
+//! no `.await`, no I/O and no allocation-heavy encoding in the graph. Which locks each operation
+//! takes:
+//!
+//! | operation | locks |
+//! |---|---|
+//! | update_self of X (the hot path) | X's shard only |
+//! | ready_for_handshake X → R | X's shard only (R's connection via I1) |
+//! | add/remove tunnel X → R | X's and R's shards |
+//! | connect, disconnect, lost, kick of X | X's neighbourhood (1 + distinct shards of X's links) |
+//! | shutdown | all shards |
+//!
+//! The neighbourhood is found optimistically: lock X's shard, read the shards of X's links; if one
+//! is missing, release and lock the union in index order, re-check (X's links only change under
+//! X's lock, so a set that is complete while X's lock is held stays complete); after three rounds
+//! of churn, lock every shard. So a client with one tunnel costs two locks; an agent with thousands
+//! of clients locks every shard, briefly, when it connects or leaves — not when it updates.
+//!
+//! # Ordering argument
+//!
+//! **Every push of an update *about* peer X — NODE, LOST, DISCONNECTED, READY_FOR_HANDSHAKE, to any
+//! receiver — is made while holding X's shard lock**, and its content (X's node, whether X is
+//! connected, whether X shares a tunnel) is read under that same lock: update_self of X holds X's
+//! shard; add/remove tunnel hold both endpoints' shards and push only about those two; connect of
+//! R sends its init batch (about each linked X) holding R's whole neighbourhood; removal of X
+//! pushes about X only; ready_for_handshake from X pushes about X only. A push appends to the
+//! receiver's FIFO queue before the lock is released. Hence, for each receiver, the updates about
+//! X arrive in exactly the order X's state changed, and the receiver's `sent[X]` evolves exactly as
+//! in the single-lock [`core`] restricted to X's history. In particular a receiver never sees an
+//! older node of X after a newer one, never a NODE of X after the LOST/DISCONNECTED that ended that
+//! connection of X, and LOST/DISCONNECTED only about a peer it holds a NODE for. Updates about
+//! *different* peers may interleave differently at different receivers (they did not share a lock);
+//! no rule relates them. A closed outbox refuses every push, so nothing follows a close.
+//!
+//! Races this covers, spelled out:
+//! * **Tunnel X → Y added while Y updates its node:** both take Y's shard. Either the update comes
+//!   first (add_tunnel then reads the new node and sends it to X) or the link exists first (the
+//!   update fans out to X). X ends with Y's latest node, in order.
+//! * **X leaves while Y adds a tunnel to X:** both take X's shard. If the add is first, the link is
+//!   there when X's removal re-checks its neighbourhood (so Y's shard is locked too) and Y is told
+//!   (if it was told X's node); if the removal is first, the add finds X absent and records a tunnel
+//!   to an absent peer (which survives, like Coder's).
+//! * **X's connection replaced while R fans out to X:** R is linked to X, so the replacement holds
+//!   R's shard. Either the fan-out is first (it reaches the old connection, which is then closed, and
+//!   the new connection's init batch carries R's latest node) or the replacement is first (the
+//!   fan-out finds the new connection through I1, after its init batch).
+//! * **Two peers update concurrently and share a receiver:** different shard locks, one outbox
+//!   mutex; each update's position is consistent with its own peer's order.
+//!
+//! # Back-pressure and liveness
+//!
+//! * **Sends never block.** A push into a full queue (default 512 responses) marks that outbox
+//!   *failed*: it refuses every later push, so its receiver sees a prefix of its stream, never a
+//!   gap. After its locks are released, the operation removes the failed connection like Coder does
+//!   (tunnel peers get DISCONNECTED "failed update"; `coordinator_peers_kicked_total{reason=
+//!   "queue_full"}`); that removal can fill other queues, so kicks run as a worklist (bounded: each
+//!   connection fails at most once). Any operation that meets a failed connection of its own peer
+//!   (a request, reconnect, drop, shutdown) removes it as kicked first, so the window between the
+//!   failed push and the removal is invisible to that peer's session: once it sees the stream end or
+//!   `Flow::Close`, the removal is complete. The stream is closed last in a removal, after the tunnel
+//!   peers were told.
 //! * **Liveness is per connection.** Each connection has a [`ConnId`] (peer id + generation). A
 //!   replaced, kicked or disconnected connection's later events (including dropping its
 //!   [`PeerHandle`]) are no-ops, so they never mark a newer connection of the same peer lost.
-//! * **Announce rule:** a receiver is told LOST/DISCONNECTED only about peers it holds a NODE for,
-//!   and NODE only when the node changed (see [`core`]).
-//! * **Chunking:** one delivery becomes responses of at most [`MAX_PEER_UPDATES_PER_RESPONSE`]
+//! * **A request is applied as consecutive steps** (update_self, add_tunnel, remove_tunnel,
+//!   disconnect, ready_for_handshake), each atomic; it is validated as a whole first, so a refused
+//!   request changes nothing. Another peer's operation may fall between two steps, which is
+//!   indistinguishable from this peer having sent the steps as separate requests.
+//! * **Chunking:** an init batch becomes responses of at most [`MAX_PEER_UPDATES_PER_RESPONSE`]
 //!   updates each (each counts against the queue).
 
 pub mod core;
 mod outbox;
+mod shard;
 pub mod store;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use proto::tailnet::v2::coordinate_response::peer_update::Kind;
 use proto::tailnet::v2::{CoordinateRequest, CoordinateResponse, Node};
 use uuid::Uuid;
 
@@ -47,8 +127,9 @@ pub use self::core::{
     CloseReason, ConnId, CoordinateError, Delivery, Event, Flow, Outbound, State,
     ERR_COORDINATOR_CLOSED, ERR_OVERWRITTEN,
 };
-use self::outbox::{Outbox, PushError};
+use self::outbox::{About, Outbox, PushError};
 pub use self::outbox::{PeerReceiver, TryRecvError};
+use self::shard::{Conn, Link, Locked, Shards};
 pub use self::store::{MemoryStore, PeerGone, Store};
 use crate::authz::{AuthzError, CoordinateeAuth};
 
@@ -56,6 +137,8 @@ use crate::authz::{AuthzError, CoordinateeAuth};
 pub const MAX_PEER_UPDATES_PER_RESPONSE: usize = 1024;
 /// Coder's `ResponseBufferSize`.
 pub const DEFAULT_RESPONSE_QUEUE: usize = 512;
+/// Upper bound on the shard count.
+pub const MAX_SHARDS: usize = 4096;
 
 /// Graph settings.
 #[derive(Clone, Debug)]
@@ -72,6 +155,15 @@ impl Default for GraphConfig {
     }
 }
 
+/// The shard count [`PeerGraph::new`] uses: 4 × available CPUs rounded up to a power of two,
+/// at least 16.
+pub fn default_shards() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
+    cpus.saturating_mul(4)
+        .next_power_of_two()
+        .clamp(16, MAX_SHARDS)
+}
+
 /// Errors building a graph.
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
@@ -82,7 +174,10 @@ pub enum GraphError {
 
 #[derive(Clone, Debug)]
 struct Metrics {
-    peers: IntGaugeVec,
+    /// `coordinator_peers{role="agent"|"client"|"other"}`.
+    agents: IntGauge,
+    clients: IntGauge,
+    others: IntGauge,
     tunnels: IntGauge,
     node_updates_received: IntCounter,
     peer_updates_sent: IntCounter,
@@ -92,11 +187,14 @@ struct Metrics {
 
 impl Metrics {
     fn new(reg: &Registry) -> Result<Self, prometheus::Error> {
+        let peers = IntGaugeVec::new(
+            Opts::new("coordinator_peers", "Connected coordination peers by role"),
+            &["role"],
+        )?;
         let m = Self {
-            peers: IntGaugeVec::new(
-                Opts::new("coordinator_peers", "Connected coordination peers by role"),
-                &["role"],
-            )?,
+            agents: peers.with_label_values(&["agent"]),
+            clients: peers.with_label_values(&["client"]),
+            others: peers.with_label_values(&["other"]),
             tunnels: IntGauge::new("coordinator_tunnels", "Tunnels in the peer graph")?,
             node_updates_received: IntCounter::new(
                 "coordinator_node_updates_received_total",
@@ -118,7 +216,7 @@ impl Metrics {
                 "Requests refused by authorization",
             )?,
         };
-        reg.register(Box::new(m.peers.clone()))?;
+        reg.register(Box::new(peers))?;
         reg.register(Box::new(m.tunnels.clone()))?;
         reg.register(Box::new(m.node_updates_received.clone()))?;
         reg.register(Box::new(m.peer_updates_sent.clone()))?;
@@ -126,20 +224,75 @@ impl Metrics {
         reg.register(Box::new(m.authz_failures.clone()))?;
         Ok(m)
     }
+
+    fn role(&self, auth: &CoordinateeAuth) -> &IntGauge {
+        match auth.role() {
+            "agent" => &self.agents,
+            "client" => &self.clients,
+            _ => &self.others,
+        }
+    }
+
+    fn kick(&self, reason: CloseReason) {
+        self.kicked.with_label_values(&[reason.as_str()]).inc();
+    }
 }
 
+/// How a connection leaves the graph.
 #[derive(Debug)]
-struct Inner {
-    state: State<MemoryStore>,
-    /// Outbox of each peer's current connection.
-    outboxes: HashMap<Uuid, (u64, Arc<Outbox>)>,
+enum Removal {
+    /// Dropped without `disconnect`.
+    Lost,
+    /// Sent `disconnect`.
+    Disconnect,
+    /// Its queue overflowed.
+    Kick,
+    /// Sent a request that failed validation; the string is its final error.
+    Invalid(String),
+    /// The coordinator is shutting down.
+    Shutdown,
 }
+
+impl Removal {
+    /// (kind told to tunnel peers, reason, final error, close reason)
+    fn parts(self) -> (Kind, &'static str, Option<String>, CloseReason) {
+        match self {
+            Removal::Lost => (Kind::Lost, "lost", None, CloseReason::Lost),
+            Removal::Disconnect => (
+                Kind::Disconnected,
+                "graceful disconnect",
+                None,
+                CloseReason::Disconnect,
+            ),
+            Removal::Kick => (
+                Kind::Disconnected,
+                "failed update",
+                None,
+                CloseReason::QueueFull,
+            ),
+            Removal::Invalid(e) => (Kind::Lost, "lost", Some(e), CloseReason::InvalidRequest),
+            Removal::Shutdown => (
+                Kind::Lost,
+                "coordinator close",
+                Some(ERR_COORDINATOR_CLOSED.to_owned()),
+                CloseReason::Shutdown,
+            ),
+        }
+    }
+}
+
+/// Connections whose queue overflowed during an operation; removed once its locks are released.
+type Kicks = Vec<ConnId>;
 
 /// The shared peer graph. Create one per coordinator with [`PeerGraph::new`].
 #[derive(Debug)]
 pub struct PeerGraph {
-    inner: Mutex<Inner>,
+    shards: Shards,
+    /// Set (with every shard locked) by [`PeerGraph::shutdown`].
+    closed: AtomicBool,
     next_gen: AtomicU64,
+    peers: AtomicUsize,
+    tunnels: AtomicUsize,
     config: GraphConfig,
     metrics: Metrics,
 }
@@ -149,47 +302,85 @@ pub struct PeerGraph {
 #[derive(Debug)]
 pub struct PeerHandle {
     graph: Arc<PeerGraph>,
-    conn: ConnId,
+    conn: Arc<Conn>,
+    /// Serializes [`PeerGraph::handle`] calls on this connection (its requests apply in order).
+    serial: Mutex<()>,
 }
 
 impl PeerHandle {
     /// The peer id.
     pub fn id(&self) -> Uuid {
-        self.conn.peer
+        self.conn.id.peer
     }
 
     /// The connection id (peer id + generation).
     pub fn conn(&self) -> ConnId {
-        self.conn
+        self.conn.id
     }
 }
 
 impl Drop for PeerHandle {
     fn drop(&mut self) {
-        self.graph.lost(self.conn);
+        let mut kicks = Kicks::new();
+        self.graph.remove(self.conn.id, Removal::Lost, &mut kicks);
+        self.graph.run_kicks(kicks);
+    }
+}
+
+/// Counts queued updates and overflowing receivers while one operation pushes.
+struct Pusher<'k> {
+    sent: u64,
+    kicks: &'k mut Kicks,
+}
+
+impl Pusher<'_> {
+    fn mapping(
+        &mut self,
+        to: &Conn,
+        about: &About<'_>,
+        kind: Kind,
+        node: Option<&Arc<Node>>,
+        reason: &str,
+    ) {
+        match to.outbox.push_mapping(about, kind, node, reason) {
+            Ok(true) => self.sent += 1,
+            Ok(false) | Err(PushError::Closed) => {}
+            Err(PushError::Full) => self.kicks.push(to.id),
+        }
     }
 }
 
 impl PeerGraph {
-    /// A new, empty graph whose metrics are registered in `registry`.
+    /// A new, empty graph with [`default_shards`] shards whose metrics are registered in
+    /// `registry`.
     pub fn new(config: GraphConfig, registry: &Registry) -> Result<Arc<Self>, GraphError> {
+        Self::with_shards(config, default_shards(), registry)
+    }
+
+    /// Like [`PeerGraph::new`] with an explicit shard count (clamped to 1..=[`MAX_SHARDS`]).
+    pub fn with_shards(
+        config: GraphConfig,
+        shards: usize,
+        registry: &Registry,
+    ) -> Result<Arc<Self>, GraphError> {
         let metrics = Metrics::new(registry)?;
-        for role in ["agent", "client", "other"] {
-            metrics.peers.with_label_values(&[role]).set(0);
+        for g in [&metrics.agents, &metrics.clients, &metrics.others] {
+            g.set(0);
         }
         Ok(Arc::new(Self {
-            inner: Mutex::new(Inner {
-                state: State::default(),
-                outboxes: HashMap::new(),
-            }),
+            shards: Shards::new(shards.clamp(1, MAX_SHARDS)),
+            closed: AtomicBool::new(false),
             next_gen: AtomicU64::new(1),
+            peers: AtomicUsize::new(0),
+            tunnels: AtomicUsize::new(0),
             config,
             metrics,
         }))
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
     }
 
     /// Connects peer `id`. An existing connection with the same id is closed with
@@ -201,30 +392,89 @@ impl PeerGraph {
         name: String,
         auth: CoordinateeAuth,
     ) -> (PeerHandle, PeerReceiver) {
-        let conn = ConnId {
-            peer: id,
-            gen: self.next_gen.fetch_add(1, Ordering::Relaxed),
-        };
-        let outbox = Outbox::new(self.config.response_queue);
-        let receiver = PeerReceiver::new(outbox.clone());
-        tracing::debug!(peer = %id, name = %name, role = auth.role(), "coordinator peer connecting");
+        let conn = Arc::new(Conn {
+            id: ConnId {
+                peer: id,
+                gen: self.next_gen.fetch_add(1, Ordering::Relaxed),
+            },
+            id_bytes: Bytes::copy_from_slice(id.as_bytes()),
+            name,
+            auth,
+            outbox: Outbox::new(self.config.response_queue),
+        });
+        let receiver = PeerReceiver::new(conn.outbox.clone());
+        tracing::debug!(peer = %id, name = %conn.name, role = conn.auth.role(), "coordinator peer connecting");
+        let mut kicks = Kicks::new();
         {
-            let mut inner = self.lock();
-            let old = inner
-                .outboxes
-                .insert(id, (conn.gen, outbox))
-                .map(|(gen, ob)| (ConnId { peer: id, gen }, ob));
-            let mut out = Vec::new();
-            inner.state.connect(conn, name, auth, &mut out);
-            self.dispatch(&mut inner, out, old);
+            let mut l = self.shards.lock_neighbourhood(id);
+            self.connect_locked(&mut l, &conn, &mut kicks);
         }
+        self.run_kicks(kicks);
         (
             PeerHandle {
                 graph: self.clone(),
                 conn,
+                serial: Mutex::new(()),
             },
             receiver,
         )
+    }
+
+    /// `conn` becomes its peer's connection. Holds the peer's neighbourhood.
+    fn connect_locked(&self, l: &mut Locked<'_>, conn: &Arc<Conn>, kicks: &mut Kicks) {
+        let id = conn.id.peer;
+        if self.closed.load(Ordering::Acquire) {
+            conn.outbox.close(Some(ERR_COORDINATOR_CLOSED.to_owned()));
+            return;
+        }
+        // A predecessor whose queue overflowed was (logically) kicked before this connect.
+        if let Some(old) = l.entry(id).and_then(|e| e.conn.clone()) {
+            if old.outbox.is_failed() {
+                self.remove_locked(l, old.id, Removal::Kick, kicks);
+            }
+        }
+        let Some(e) = l.entry_or_default(id) else {
+            conn.outbox.close(None);
+            return;
+        };
+        let replaced = e.conn.replace(conn.clone());
+        // Like Coder: the newcomer starts without a node; tunnel peers are not told.
+        e.node = None;
+        let links: Vec<Uuid> = e.links.keys().copied().collect();
+        match &replaced {
+            Some(old) => {
+                old.outbox.close(Some(ERR_OVERWRITTEN.to_owned()));
+                self.metrics.kick(CloseReason::Overwritten);
+                self.metrics.role(&old.auth).dec();
+                tracing::debug!(peer = %id, "coordinator connection overwritten");
+            }
+            None => {
+                self.peers.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.metrics.role(&conn.auth).inc();
+        let mut batch = Vec::new();
+        for x in links {
+            let Some(xe) = l.entry(x) else { continue };
+            if let Some(link) = xe.links.get_mut(&id) {
+                link.conn = Some(conn.clone());
+            }
+            if let (Some(xc), Some(node)) = (&xe.conn, &xe.node) {
+                if x != id {
+                    batch.push((x, xc.id_bytes.clone(), node.clone()));
+                }
+            }
+        }
+        if !batch.is_empty() {
+            match conn
+                .outbox
+                .push_batch(batch, "init", MAX_PEER_UPDATES_PER_RESPONSE)
+            {
+                Ok(n) => self.metrics.peer_updates_sent.inc_by(n as u64),
+                Err(PushError::Full) => kicks.push(conn.id),
+                Err(PushError::Closed) => {}
+            }
+        }
     }
 
     /// Applies one request from `handle`'s connection. `Ok(Flow::Close)` means the stream is done
@@ -235,163 +485,424 @@ impl PeerGraph {
         handle: &PeerHandle,
         req: CoordinateRequest,
     ) -> Result<Flow, CoordinateError> {
-        let mut inner = self.lock();
-        if req.update_self.is_some() && inner.state.is_current(handle.conn) {
-            self.metrics.node_updates_received.inc();
-        }
-        let mut out = Vec::new();
-        let res = inner.state.request(handle.conn, &req, &mut out);
-        match &res {
-            Err(CoordinateError::Authz(e)) => {
-                self.metrics.authz_failures.inc();
-                log_authz(handle.conn, e);
-            }
-            Err(e) => {
-                tracing::info!(peer = %handle.conn.peer, error = %e, "invalid coordinate request; closing")
-            }
-            Ok(_) => {}
-        }
-        self.dispatch(&mut inner, out, None);
+        let _serial = handle.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kicks = Kicks::new();
+        let res = self.request(&handle.conn, &req, &mut kicks);
+        self.run_kicks(kicks);
         res
     }
 
-    fn lost(&self, conn: ConnId) {
-        let mut inner = self.lock();
-        let mut out = Vec::new();
-        inner.state.lost(conn, &mut out);
-        self.dispatch(&mut inner, out, None);
+    fn request(
+        &self,
+        conn: &Arc<Conn>,
+        req: &CoordinateRequest,
+        kicks: &mut Kicks,
+    ) -> Result<Flow, CoordinateError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(Flow::Close);
+        }
+        if conn.outbox.is_failed() {
+            self.remove(conn.id, Removal::Kick, kicks);
+            return Ok(Flow::Close);
+        }
+        if let Err(e) = core::validate(&conn.auth, req) {
+            if !self.remove(conn.id, Removal::Invalid(e.to_string()), kicks) {
+                return Ok(Flow::Close);
+            }
+            if req.update_self.is_some() {
+                self.metrics.node_updates_received.inc();
+            }
+            match &e {
+                CoordinateError::Authz(a) => {
+                    self.metrics.authz_failures.inc();
+                    log_authz(conn.id, a);
+                }
+                e => {
+                    tracing::info!(peer = %conn.id.peer, error = %e, "invalid coordinate request; closing")
+                }
+            }
+            return Err(e);
+        }
+        if let Some(node) = req.update_self.as_ref().and_then(|u| u.node.as_ref()) {
+            if !self.update_self(conn, node, kicks) {
+                return Ok(Flow::Close);
+            }
+        }
+        if let Some(t) = &req.add_tunnel {
+            let dst = core::parse_id(&t.id)?;
+            if !self.add_tunnel(conn, dst, kicks) {
+                return Ok(Flow::Close);
+            }
+        }
+        if let Some(t) = &req.remove_tunnel {
+            let dst = core::parse_id(&t.id)?;
+            if !self.remove_tunnel(conn, dst, kicks) {
+                return Ok(Flow::Close);
+            }
+        }
+        if req.disconnect.is_some() {
+            self.remove(conn.id, Removal::Disconnect, kicks);
+            return Ok(Flow::Close);
+        }
+        for r in &req.ready_for_handshake {
+            let other = core::parse_id(&r.id)?;
+            if !self.ready_for_handshake(conn, other, kicks) {
+                return Ok(Flow::Close);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// The hot path: stores the node and fans it out, holding only the sender's shard. Returns
+    /// false if `conn` is no longer current.
+    fn update_self(&self, conn: &Conn, node: &Node, kicks: &mut Kicks) -> bool {
+        let me = conn.id.peer;
+        let node = Arc::new(node.clone());
+        let about = About {
+            id: me,
+            id_bytes: &conn.id_bytes,
+        };
+        let mut p = Pusher { sent: 0, kicks };
+        {
+            let mut shard = self.shards.lock_one(me);
+            let Some(e) = shard.peers.get_mut(&me) else {
+                return false;
+            };
+            if !e.is_current(conn.id) {
+                return false;
+            }
+            e.node = Some(node.clone());
+            for link in e.links.values() {
+                if let Some(to) = &link.conn {
+                    p.mapping(to, &about, Kind::Node, Some(&node), "node update");
+                }
+            }
+        }
+        self.metrics.node_updates_received.inc();
+        self.metrics.peer_updates_sent.inc_by(p.sent);
+        true
+    }
+
+    /// Records `conn`'s peer → `dst`, and introduces the two to each other if both are connected
+    /// and have nodes. Holds both shards.
+    fn add_tunnel(&self, conn: &Arc<Conn>, dst: Uuid, kicks: &mut Kicks) -> bool {
+        let me = conn.id.peer;
+        let mut l = self.shards.lock_peers(&[me, dst]);
+        let me_node = match l.entry(me) {
+            Some(e) if e.is_current(conn.id) => e.node.clone(),
+            _ => return false,
+        };
+        let (dst_conn, dst_node) = match l.entry(dst) {
+            Some(d) => (d.conn.clone(), d.node.clone()),
+            None => (None, None),
+        };
+        let mut new = false;
+        if let Some(e) = l.entry(me) {
+            let link = e.links.entry(dst).or_insert_with(|| Link {
+                out: false,
+                inc: false,
+                conn: dst_conn.clone(),
+            });
+            new = !link.out;
+            link.out = true;
+            if dst == me {
+                link.inc = true;
+            }
+        }
+        if dst != me {
+            if let Some(d) = l.entry_or_default(dst) {
+                d.links
+                    .entry(me)
+                    .or_insert_with(|| Link {
+                        out: false,
+                        inc: false,
+                        conn: Some(conn.clone()),
+                    })
+                    .inc = true;
+            }
+        }
+        if new {
+            self.tunnels.fetch_add(1, Ordering::Relaxed);
+            self.metrics.tunnels.inc();
+        }
+        let Some(dc) = dst_conn else { return true };
+        let mut p = Pusher { sent: 0, kicks };
+        if let Some(n) = &dst_node {
+            let about = About {
+                id: dst,
+                id_bytes: &dc.id_bytes,
+            };
+            p.mapping(conn, &about, Kind::Node, Some(n), "add tunnel");
+        }
+        if let Some(n) = &me_node {
+            let about = About {
+                id: me,
+                id_bytes: &conn.id_bytes,
+            };
+            p.mapping(&dc, &about, Kind::Node, Some(n), "add tunnel");
+        }
+        drop(l);
+        self.metrics.peer_updates_sent.inc_by(p.sent);
+        true
+    }
+
+    /// Tells both ends DISCONNECTED (if they were told about each other), then deletes the tunnel
+    /// `conn`'s peer → `dst`. Holds both shards.
+    fn remove_tunnel(&self, conn: &Arc<Conn>, dst: Uuid, kicks: &mut Kicks) -> bool {
+        let me = conn.id.peer;
+        let mut l = self.shards.lock_peers(&[me, dst]);
+        match l.entry(me) {
+            Some(e) if e.is_current(conn.id) => {}
+            _ => return false,
+        }
+        let dst_conn = l.entry(dst).and_then(|d| d.conn.clone());
+        let mut p = Pusher { sent: 0, kicks };
+        let dst_bytes = match &dst_conn {
+            Some(dc) => dc.id_bytes.clone(),
+            None => Bytes::copy_from_slice(dst.as_bytes()),
+        };
+        let about_dst = About {
+            id: dst,
+            id_bytes: &dst_bytes,
+        };
+        p.mapping(conn, &about_dst, Kind::Disconnected, None, "remove tunnel");
+        if let Some(dc) = &dst_conn {
+            let about_me = About {
+                id: me,
+                id_bytes: &conn.id_bytes,
+            };
+            p.mapping(dc, &about_me, Kind::Disconnected, None, "remove tunnel");
+        }
+        let mut removed = false;
+        if let Some(e) = l.entry(me) {
+            if let Some(link) = e.links.get_mut(&dst) {
+                if link.out {
+                    removed = true;
+                    link.out = false;
+                    if dst == me {
+                        link.inc = false;
+                    }
+                }
+                if !link.out && !link.inc {
+                    e.links.remove(&dst);
+                }
+            }
+        }
+        if removed && dst != me {
+            if let Some(d) = l.entry(dst) {
+                if let Some(link) = d.links.get_mut(&me) {
+                    link.inc = false;
+                    if !link.out {
+                        d.links.remove(&me);
+                    }
+                }
+            }
+            l.gc(dst);
+        }
+        if removed {
+            self.tunnels.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.tunnels.dec();
+        }
+        drop(l);
+        self.metrics.peer_updates_sent.inc_by(p.sent);
+        true
+    }
+
+    /// READY_FOR_HANDSHAKE from `conn`'s peer to `other`, or a non-fatal error if they share no
+    /// tunnel. Holds the sender's shard only: `other`'s connection is the cached one (I1).
+    fn ready_for_handshake(&self, conn: &Conn, other: Uuid, kicks: &mut Kicks) -> bool {
+        let me = conn.id.peer;
+        let mut p = Pusher { sent: 0, kicks };
+        {
+            let shard = self.shards.lock_one(me);
+            let Some(e) = shard.peers.get(&me) else {
+                return false;
+            };
+            if !e.is_current(conn.id) {
+                return false;
+            }
+            match e.links.get(&other) {
+                Some(link) if link.out || link.inc => {
+                    if let Some(to) = &link.conn {
+                        let about = About {
+                            id: me,
+                            id_bytes: &conn.id_bytes,
+                        };
+                        // Coder sends READY_FOR_HANDSHAKE without a reason.
+                        p.mapping(to, &about, Kind::ReadyForHandshake, None, "");
+                    }
+                }
+                _ => {
+                    let resp = CoordinateResponse {
+                        peer_updates: Vec::new(),
+                        error: format!(
+                            "ready for handshake error: you do not share a tunnel with \"{other}\""
+                        ),
+                    };
+                    if conn.outbox.try_push(resp) == Err(PushError::Full) {
+                        p.kicks.push(conn.id);
+                    }
+                }
+            }
+        }
+        self.metrics.peer_updates_sent.inc_by(p.sent);
+        true
+    }
+
+    /// Removes `conn` if it is still its peer's connection; returns whether it was.
+    fn remove(&self, conn: ConnId, how: Removal, kicks: &mut Kicks) -> bool {
+        // Cheap check first: a stale connection must not lock a whole neighbourhood.
+        {
+            let shard = self.shards.lock_one(conn.peer);
+            if !shard
+                .peers
+                .get(&conn.peer)
+                .is_some_and(|e| e.is_current(conn))
+            {
+                return false;
+            }
+        }
+        let mut l = self.shards.lock_neighbourhood(conn.peer);
+        self.remove_locked(&mut l, conn, how, kicks)
+    }
+
+    /// Removes `conn` (holding its peer's neighbourhood): tunnel peers are told (subject to the
+    /// announce rule), tunnels from it are deleted, tunnels to it kept, and its stream is closed
+    /// last.
+    fn remove_locked(
+        &self,
+        l: &mut Locked<'_>,
+        conn: ConnId,
+        how: Removal,
+        kicks: &mut Kicks,
+    ) -> bool {
+        let me = conn.peer;
+        let Some(e) = l.entry(me) else { return false };
+        if !e.is_current(conn) {
+            return false;
+        }
+        let Some(c) = e.conn.take() else { return false };
+        e.node = None;
+        let links: Vec<(Uuid, bool)> = e.links.iter().map(|(x, k)| (*x, k.out)).collect();
+        // A connection whose queue overflowed was kicked before anything else happened to it.
+        let how = if c.outbox.is_failed() {
+            Removal::Kick
+        } else {
+            how
+        };
+        let (kind, reason, error, close_reason) = how.parts();
+        let about = About {
+            id: me,
+            id_bytes: &c.id_bytes,
+        };
+        let mut p = Pusher { sent: 0, kicks };
+        let mut removed_tunnels = 0usize;
+        for (x, out) in links {
+            if out {
+                removed_tunnels += 1;
+            }
+            if x == me {
+                // The tunnel me → me goes with me.
+                if let Some(e) = l.entry(me) {
+                    e.links.remove(&me);
+                }
+                continue;
+            }
+            let Some(xe) = l.entry(x) else { continue };
+            if let Some(link) = xe.links.get_mut(&me) {
+                link.conn = None;
+                if out {
+                    link.inc = false;
+                }
+                if !link.out && !link.inc {
+                    xe.links.remove(&me);
+                }
+            }
+            if let Some(to) = &xe.conn {
+                p.mapping(to, &about, kind, None, reason);
+            }
+            l.gc(x);
+        }
+        if let Some(e) = l.entry(me) {
+            e.links.retain(|_, k| {
+                k.out = false;
+                k.inc
+            });
+        }
+        l.gc(me);
+        self.peers.fetch_sub(1, Ordering::Relaxed);
+        self.tunnels.fetch_sub(removed_tunnels, Ordering::Relaxed);
+        self.metrics.tunnels.sub(removed_tunnels as i64);
+        self.metrics.role(&c.auth).dec();
+        self.metrics.peer_updates_sent.inc_by(p.sent);
+        match close_reason {
+            CloseReason::QueueFull | CloseReason::InvalidRequest => {
+                self.metrics.kick(close_reason);
+            }
+            CloseReason::Overwritten
+            | CloseReason::Disconnect
+            | CloseReason::Lost
+            | CloseReason::Shutdown => {}
+        }
+        if close_reason == CloseReason::QueueFull {
+            tracing::warn!(peer = %me, "coordinator response queue full; removing peer");
+        }
+        c.outbox.close(error);
+        tracing::debug!(peer = %me, reason = close_reason.as_str(), "coordinator connection closed");
+        true
+    }
+
+    /// Removes connections whose queue overflowed, and any that overflow while doing so.
+    fn run_kicks(&self, mut kicks: Kicks) {
+        // Bounded: a connection is reported at most once (a failed outbox refuses later pushes),
+        // so the list never grows past the number of connections.
+        let mut i = 0;
+        while i < kicks.len() {
+            let conn = kicks[i];
+            let mut more = Kicks::new();
+            self.remove(conn, Removal::Kick, &mut more);
+            kicks.extend(more);
+            i += 1;
+        }
+    }
+
+    /// Removes `conn` as if its queue had overflowed (tests drive kicks directly).
+    #[cfg(test)]
+    pub(crate) fn kick(&self, conn: ConnId) {
+        self.run_kicks(vec![conn]);
     }
 
     /// Closes every connection (`error:"coordinator closed"`, peers removed as LOST) and refuses
     /// later connections the same way.
     pub fn shutdown(&self) {
-        let mut inner = self.lock();
-        let mut out = Vec::new();
-        inner.state.shutdown(&mut out);
-        self.dispatch(&mut inner, out, None);
+        let mut kicks = Kicks::new();
+        {
+            let mut l = self.shards.lock_all();
+            self.closed.store(true, Ordering::Release);
+            for conn in l.connected() {
+                self.remove_locked(&mut l, conn, Removal::Shutdown, &mut kicks);
+            }
+        }
+        // Everything is closed now; stale kicks are no-ops.
+        self.run_kicks(kicks);
     }
 
     /// The node of connected peer `id`, if it has sent one.
     pub fn node(&self, id: Uuid) -> Option<Node> {
-        self.lock().state.node(id).cloned()
+        let shard = self.shards.lock_one(id);
+        let e = shard.peers.get(&id)?;
+        e.conn.as_ref()?;
+        e.node.as_deref().cloned()
     }
 
     /// Number of connected peers.
     pub fn peer_count(&self) -> usize {
-        self.lock().state.peer_count()
+        self.peers.load(Ordering::Relaxed)
     }
 
     /// Number of directed tunnels (including tunnels to absent destinations).
     pub fn tunnel_count(&self) -> usize {
-        self.lock().state.tunnel_count()
-    }
-
-    /// Pushes deliveries; a full queue kicks that peer, whose removal may produce more deliveries
-    /// (bounded: each round removes at least one peer).
-    fn dispatch(
-        &self,
-        inner: &mut Inner,
-        mut deliveries: Vec<Delivery>,
-        replaced: Option<(ConnId, Arc<Outbox>)>,
-    ) {
-        loop {
-            let mut kicked: Vec<ConnId> = Vec::new();
-            for d in deliveries.drain(..) {
-                let outbox = match inner.outboxes.get(&d.to.peer) {
-                    Some((gen, ob)) if *gen == d.to.gen => ob.clone(),
-                    _ => match &replaced {
-                        Some((c, ob)) if *c == d.to => ob.clone(),
-                        _ => continue,
-                    },
-                };
-                match d.what {
-                    Outbound::Updates(updates) => {
-                        if !self.push_updates(&outbox, updates) {
-                            kicked.push(d.to);
-                        }
-                    }
-                    Outbound::Error(error) => {
-                        let resp = CoordinateResponse {
-                            peer_updates: Vec::new(),
-                            error,
-                        };
-                        if outbox.try_push(resp) == Err(PushError::Full) {
-                            kicked.push(d.to);
-                        }
-                    }
-                    Outbound::Close { error, reason } => {
-                        outbox.close(error);
-                        if matches!(inner.outboxes.get(&d.to.peer), Some((g, _)) if *g == d.to.gen)
-                        {
-                            inner.outboxes.remove(&d.to.peer);
-                        }
-                        match reason {
-                            CloseReason::QueueFull
-                            | CloseReason::Overwritten
-                            | CloseReason::InvalidRequest => {
-                                self.metrics
-                                    .kicked
-                                    .with_label_values(&[reason.as_str()])
-                                    .inc();
-                            }
-                            CloseReason::Disconnect | CloseReason::Lost | CloseReason::Shutdown => {
-                            }
-                        }
-                        tracing::debug!(peer = %d.to.peer, reason = reason.as_str(), "coordinator connection closed");
-                    }
-                }
-            }
-            if kicked.is_empty() {
-                break;
-            }
-            for conn in kicked {
-                if inner.state.is_current(conn) {
-                    tracing::warn!(peer = %conn.peer, "coordinator response queue full; removing peer");
-                }
-                inner.state.kick(conn, &mut deliveries);
-            }
-        }
-        let rc = inner.state.role_counts();
-        let set = |role: &str, n: usize| {
-            self.metrics
-                .peers
-                .with_label_values(&[role])
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
-        };
-        set("agent", rc.agent);
-        set("client", rc.client);
-        set("other", rc.other);
-        self.metrics
-            .tunnels
-            .set(i64::try_from(inner.state.tunnel_count()).unwrap_or(i64::MAX));
-    }
-
-    /// Pushes updates in chunks of at most [`MAX_PEER_UPDATES_PER_RESPONSE`]. Returns false if the
-    /// queue was full.
-    fn push_updates(
-        &self,
-        outbox: &Outbox,
-        mut updates: Vec<proto::tailnet::v2::coordinate_response::PeerUpdate>,
-    ) -> bool {
-        while !updates.is_empty() {
-            let rest = if updates.len() > MAX_PEER_UPDATES_PER_RESPONSE {
-                updates.split_off(MAX_PEER_UPDATES_PER_RESPONSE)
-            } else {
-                Vec::new()
-            };
-            let n = updates.len() as u64;
-            let resp = CoordinateResponse {
-                peer_updates: updates,
-                error: String::new(),
-            };
-            match outbox.try_push(resp) {
-                Ok(()) => self.metrics.peer_updates_sent.inc_by(n),
-                Err(PushError::Full) => return false,
-                Err(PushError::Closed) => return true,
-            }
-            updates = rest;
-        }
-        true
+        self.tunnels.load(Ordering::Relaxed)
     }
 }
 

@@ -344,3 +344,424 @@ fn overwrite_closes_old_connection_only() {
     assert!(s.is_current(c2));
     assert_eq!(s.peer_count(), 1);
 }
+
+/// The sharded [`super::PeerGraph`] against the pure core, on the same random operation sequences:
+/// after every operation each connection must have received exactly what the core says (per
+/// subject peer, in order; the same errors; ended or not), and the graph's counts, nodes and every
+/// connection's de-duplication memory must equal the core's.
+mod differential {
+    use std::collections::{BTreeMap, HashMap};
+
+    use prometheus::Registry;
+    use proptest::prelude::*;
+    use proto::tailnet::v2::CoordinateResponse;
+    use uuid::Uuid;
+
+    use super::{ids, node, op, tunnel, Op, PEERS};
+    use crate::authz::CoordinateeAuth;
+    use crate::graph::core::{ConnId, Delivery, Outbound, State};
+    use crate::graph::{
+        GraphConfig, PeerGraph, PeerHandle, PeerReceiver, TryRecvError,
+        MAX_PEER_UPDATES_PER_RESPONSE,
+    };
+    use proto::tailnet::v2::coordinate_request::{
+        Disconnect, ReadyForHandshake, Tunnel, UpdateSelf,
+    };
+    use proto::tailnet::v2::CoordinateRequest;
+
+    /// What one connection observed during one operation.
+    #[derive(Debug, Default, PartialEq)]
+    struct Seen {
+        /// Per subject: (kind, node, reason) in arrival order.
+        about: BTreeMap<Uuid, Vec<(i32, Option<proto::tailnet::v2::Node>, String)>>,
+        errors: Vec<String>,
+        responses: usize,
+        ended: bool,
+    }
+
+    impl Seen {
+        fn add(&mut self, r: CoordinateResponse) {
+            self.responses += 1;
+            if !r.error.is_empty() {
+                self.errors.push(r.error);
+            }
+            for u in r.peer_updates {
+                let about = Uuid::from_slice(&u.id).unwrap();
+                self.about
+                    .entry(about)
+                    .or_default()
+                    .push((u.kind, u.node, u.reason));
+            }
+        }
+    }
+
+    /// The core's deliveries to one connection, queued with the outbox's semantics.
+    #[derive(Default)]
+    struct Model {
+        queue: Vec<CoordinateResponse>,
+        closing: Option<Option<String>>,
+        ended: bool,
+    }
+
+    impl Model {
+        fn apply(&mut self, what: Outbound) {
+            if self.closing.is_some() {
+                return;
+            }
+            match what {
+                Outbound::Updates(us) => {
+                    for chunk in us.chunks(MAX_PEER_UPDATES_PER_RESPONSE) {
+                        self.queue.push(CoordinateResponse {
+                            peer_updates: chunk.to_vec(),
+                            error: String::new(),
+                        });
+                    }
+                }
+                Outbound::Error(error) => self.queue.push(CoordinateResponse {
+                    peer_updates: vec![],
+                    error,
+                }),
+                Outbound::Close { error, .. } => {
+                    self.queue.clear();
+                    self.closing = Some(error);
+                }
+            }
+        }
+
+        fn drain(&mut self) -> Seen {
+            let mut seen = Seen::default();
+            for r in self.queue.drain(..) {
+                seen.add(r);
+            }
+            if let Some(closing) = self.closing.as_mut() {
+                if let Some(error) = closing.take() {
+                    seen.add(CoordinateResponse {
+                        peer_updates: vec![],
+                        error,
+                    });
+                }
+                self.ended = true;
+            }
+            seen.ended = self.ended;
+            seen
+        }
+    }
+
+    fn drain(rx: &mut PeerReceiver) -> Seen {
+        let mut seen = Seen::default();
+        loop {
+            match rx.try_recv() {
+                Ok(r) => seen.add(r),
+                Err(TryRecvError::Empty) => return seen,
+                Err(TryRecvError::Ended) => {
+                    seen.ended = true;
+                    return seen;
+                }
+            }
+        }
+    }
+
+    struct Both {
+        graph: std::sync::Arc<PeerGraph>,
+        state: State,
+        /// Latest handle per peer (kept after its connection ended, until replaced or dropped).
+        handles: HashMap<Uuid, PeerHandle>,
+        /// The previous handle of a replaced connection.
+        stale: HashMap<Uuid, PeerHandle>,
+        receivers: HashMap<ConnId, (PeerReceiver, Model)>,
+    }
+
+    impl Both {
+        fn conn(&self, id: Uuid) -> Option<ConnId> {
+            self.handles.get(&id).map(PeerHandle::conn)
+        }
+
+        fn deliver(&mut self, ds: Vec<Delivery>) {
+            for d in ds {
+                let (_, model) = self
+                    .receivers
+                    .get_mut(&d.to)
+                    .unwrap_or_else(|| panic!("delivery to unknown connection {d:?}"));
+                model.apply(d.what);
+            }
+        }
+
+        fn request(&mut self, id: Uuid, req: CoordinateRequest) {
+            let Some(h) = self.handles.get(&id) else {
+                // Never connected: the core ignores it too.
+                let conn = ConnId { peer: id, gen: 0 };
+                let mut out = Vec::new();
+                let _ = self.state.request(conn, &req, &mut out);
+                assert!(out.is_empty());
+                return;
+            };
+            let conn = h.conn();
+            let got = self.graph.handle(h, req.clone());
+            let mut out = Vec::new();
+            let want = self.state.request(conn, &req, &mut out);
+            assert_eq!(got, want, "handle result");
+            self.deliver(out);
+        }
+
+        fn lost(&mut self, h: Option<PeerHandle>) {
+            let Some(h) = h else { return };
+            let conn = h.conn();
+            drop(h);
+            let mut out = Vec::new();
+            self.state.lost(conn, &mut out);
+            self.deliver(out);
+        }
+
+        fn check(&mut self) {
+            for (conn, (rx, model)) in self.receivers.iter_mut() {
+                let got = drain(rx);
+                let want = model.drain();
+                assert_eq!(got, want, "stream of {conn:?}");
+            }
+            assert_eq!(self.graph.peer_count(), self.state.peer_count());
+            assert_eq!(self.graph.tunnel_count(), self.state.tunnel_count());
+            for id in ids() {
+                assert_eq!(
+                    self.graph.node(id).as_ref(),
+                    self.state.node(id),
+                    "node of {id}"
+                );
+            }
+            for h in self.handles.values() {
+                let conn = h.conn();
+                if !self.state.is_current(conn) {
+                    continue;
+                }
+                let sent = h.conn.outbox.sent_snapshot();
+                let mut announced = self.state.announced_to(conn.peer);
+                announced.sort();
+                let mut keys: Vec<Uuid> = sent.keys().copied().collect();
+                keys.sort();
+                assert_eq!(keys, announced, "de-dup memory of {conn:?}");
+                for (about, n) in &sent {
+                    assert_eq!(self.state.sent_node(conn.peer, *about), Some(n));
+                }
+            }
+        }
+    }
+
+    fn run(ops: Vec<Op>, shards: usize) {
+        let ids = ids();
+        let reg = Registry::new();
+        let mut b = Both {
+            graph: PeerGraph::with_shards(GraphConfig::default(), shards, &reg).unwrap(),
+            state: State::default(),
+            handles: HashMap::new(),
+            stale: HashMap::new(),
+            receivers: HashMap::new(),
+        };
+        for op in ops {
+            match op {
+                Op::Connect(a, kind) => {
+                    let auth = match kind {
+                        0 => CoordinateeAuth::Agent { id: ids[a] },
+                        1 => CoordinateeAuth::Client {
+                            agent_id: ids[(a + 1) % PEERS],
+                        },
+                        _ => CoordinateeAuth::SingleTailnet,
+                    };
+                    let (h, rx) = b.graph.connect(ids[a], "p".into(), auth.clone());
+                    let conn = h.conn();
+                    b.receivers.insert(conn, (rx, Model::default()));
+                    if let Some(old) = b.handles.insert(ids[a], h) {
+                        // Dropping the stale handle this displaces must be a no-op in both.
+                        let older = b.stale.insert(ids[a], old);
+                        b.lost(older);
+                    }
+                    let out = b.state.apply(crate::graph::Event::Connect {
+                        conn,
+                        name: "p".into(),
+                        auth,
+                    });
+                    b.deliver(out);
+                }
+                Op::Update(a, d) => b.request(
+                    ids[a],
+                    CoordinateRequest {
+                        update_self: Some(UpdateSelf {
+                            node: Some(node(d)),
+                        }),
+                        ..Default::default()
+                    },
+                ),
+                Op::UpdateNoNode(a) => b.request(
+                    ids[a],
+                    CoordinateRequest {
+                        update_self: Some(UpdateSelf { node: None }),
+                        ..Default::default()
+                    },
+                ),
+                Op::Add(a, c) => b.request(
+                    ids[a],
+                    CoordinateRequest {
+                        add_tunnel: tunnel(ids[c]),
+                        ..Default::default()
+                    },
+                ),
+                Op::Remove(a, c) => b.request(
+                    ids[a],
+                    CoordinateRequest {
+                        remove_tunnel: tunnel(ids[c]),
+                        ..Default::default()
+                    },
+                ),
+                Op::Disconnect(a) => b.request(
+                    ids[a],
+                    CoordinateRequest {
+                        disconnect: Some(Disconnect {}),
+                        ..Default::default()
+                    },
+                ),
+                Op::Lost(a) => {
+                    let h = b.handles.remove(&ids[a]);
+                    b.lost(h);
+                }
+                Op::LostStale(a) => {
+                    let h = b.stale.remove(&ids[a]);
+                    b.lost(h);
+                }
+                Op::Kick(a) => {
+                    if let Some(conn) = b.conn(ids[a]) {
+                        b.graph.kick(conn);
+                        let mut out = Vec::new();
+                        b.state.kick(conn, &mut out);
+                        b.deliver(out);
+                    }
+                }
+                Op::Rfh(a, c) => b.request(
+                    ids[a],
+                    CoordinateRequest {
+                        ready_for_handshake: vec![ReadyForHandshake {
+                            id: bytes::Bytes::copy_from_slice(ids[c].as_bytes()),
+                        }],
+                        ..Default::default()
+                    },
+                ),
+                Op::BadUuid(a) => b.request(
+                    ids[a],
+                    CoordinateRequest {
+                        add_tunnel: Some(Tunnel {
+                            id: bytes::Bytes::from_static(&[1, 2]),
+                        }),
+                        ..Default::default()
+                    },
+                ),
+                Op::Combined(a, c, d) => b.request(
+                    ids[a],
+                    CoordinateRequest {
+                        update_self: Some(UpdateSelf {
+                            node: Some(node(d)),
+                        }),
+                        add_tunnel: tunnel(ids[c]),
+                        ready_for_handshake: vec![ReadyForHandshake {
+                            id: bytes::Bytes::copy_from_slice(ids[c].as_bytes()),
+                        }],
+                        ..Default::default()
+                    },
+                ),
+                Op::Shutdown => {
+                    b.graph.shutdown();
+                    let out = b.state.apply(crate::graph::Event::Shutdown);
+                    b.deliver(out);
+                }
+            }
+            b.check();
+        }
+        // Dropping everything leaves an empty graph.
+        let stale: Vec<PeerHandle> = b.stale.drain().map(|(_, h)| h).collect();
+        for h in stale {
+            b.lost(Some(h));
+        }
+        let live: Vec<PeerHandle> = b.handles.drain().map(|(_, h)| h).collect();
+        for h in live {
+            b.lost(Some(h));
+        }
+        b.check();
+        assert_eq!(b.graph.peer_count(), 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(384))]
+
+        #[test]
+        fn sharded_graph_matches_core(
+            ops in proptest::collection::vec(op(), 0..80),
+            shards in prop_oneof![Just(1usize), Just(2), Just(3), Just(16)],
+        ) {
+            run(ops, shards);
+        }
+    }
+}
+
+/// Updates of a peer on one shard do not wait for another shard's lock, even when they fan out to
+/// a receiver living in that locked shard; updates of a peer on the locked shard do wait.
+#[test]
+fn updates_on_other_shards_proceed_while_a_shard_is_locked() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use prometheus::Registry;
+
+    use crate::graph::{GraphConfig, PeerGraph};
+
+    let reg = Registry::new();
+    let g = PeerGraph::with_shards(GraphConfig::default(), 16, &reg).unwrap();
+    let a = Uuid::new_v4();
+    let held = g.shards.index(a);
+    let b = std::iter::repeat_with(Uuid::new_v4)
+        .find(|x| g.shards.index(*x) != held)
+        .unwrap();
+    let c = std::iter::repeat_with(Uuid::new_v4)
+        .find(|x| *x != a && g.shards.index(*x) == held)
+        .unwrap();
+    let single = CoordinateeAuth::SingleTailnet;
+    let (ha, _ra) = g.connect(a, "a".into(), single.clone());
+    let (hb, _rb) = g.connect(b, "b".into(), single.clone());
+    let (hc, mut rc) = g.connect(c, "c".into(), single);
+    let add = |to: Uuid| CoordinateRequest {
+        add_tunnel: tunnel(to),
+        ..Default::default()
+    };
+    let upd = |d: i32| CoordinateRequest {
+        update_self: Some(UpdateSelf {
+            node: Some(node(d)),
+        }),
+        ..Default::default()
+    };
+    g.handle(&hc, add(b)).unwrap();
+    g.handle(&hc, add(a)).unwrap();
+
+    let guard = g.shards.lock_index(held);
+    let (tx, rx) = mpsc::channel::<&str>();
+    std::thread::scope(|s| {
+        let tx_b = tx.clone();
+        let (g1, hb) = (&g, &hb);
+        s.spawn(move || {
+            g1.handle(hb, upd(1)).unwrap();
+            tx_b.send("b").unwrap();
+        });
+        assert_eq!(rx.recv_timeout(Duration::from_secs(20)), Ok("b"));
+        let tx_a = tx.clone();
+        let (g2, ha) = (&g, &ha);
+        s.spawn(move || {
+            g2.handle(ha, upd(2)).unwrap();
+            tx_a.send("a").unwrap();
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+        drop(guard);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(20)), Ok("a"));
+    });
+    // c (on the locked shard) got b's update while its shard was held, then a's.
+    let mut about = Vec::new();
+    while let Ok(r) = rc.try_recv() {
+        for u in r.peer_updates {
+            about.push(Uuid::from_slice(&u.id).unwrap());
+        }
+    }
+    assert_eq!(about, vec![b, a]);
+}
