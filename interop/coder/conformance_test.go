@@ -49,6 +49,8 @@ type coordAdapter struct {
 	userToken   string
 	// resume mints and verifies tokens with tailnetd's configured key; nil when unknown (dev).
 	resume tailnet.ResumeTokenProvider
+	// agentEndpoint overrides where agents dial (default: /me/rpc?version=2.10&role=agent).
+	agentEndpoint string
 
 	mu      sync.Mutex
 	closers []func()
@@ -115,6 +117,13 @@ func (a *coordAdapter) dial(ctx context.Context, id uuid.UUID, auth tailnet.Coor
 		path, token = "/api/v2/workspaceagents/me/rpc", tok
 		q.Set("version", "2.10")
 		q.Set("role", "agent")
+		if a.agentEndpoint != "" {
+			ep, err := url.Parse(a.agentEndpoint)
+			if err != nil {
+				return nil, err
+			}
+			path, q = ep.Path, ep.Query()
+		}
 	case tailnet.ClientCoordinateeAuth:
 		path, token, wantID = "/api/v2/workspaceagents/"+au.AgentID.String()+"/coordinate", a.userToken, true
 		q.Set("version", "2.0")
@@ -408,4 +417,66 @@ func wrap(f func(context.Context, *testing.T, tailnet.CoordinatorV2)) func(conte
 // newAgentPeer is test.NewAgent on a configured agent id (test.NewAgent picks a random one).
 func newAgentPeer(ctx context.Context, t *testing.T, coord tailnet.CoordinatorV2, id uuid.UUID) *test.Peer {
 	return test.NewPeer(ctx, t, coord, "agent", test.WithID(id), test.WithAuth(tailnet.AgentCoordinateeAuth{ID: id}))
+}
+
+// TestAgentCoordinateEndpointV2: /api/v2/workspaceagents/me/coordinate?version=2.0 serves the
+// same v2 stack as /me/rpc (tailnetd's compatibility endpoint; coderd removed it in v2.13).
+func TestAgentCoordinateEndpointV2(t *testing.T) {
+	cfg := newStaticConfig(1)
+	srv := startServe(t, cfg)
+	coord := newCoordAdapter(t, srv.announcement().BaseURL, map[uuid.UUID]string{cfg.Agents[0].ID: cfg.Agents[0].Token.String()},
+		cfg.UserToken, staticResumeProvider(cfg))
+	coord.agentEndpoint = "/api/v2/workspaceagents/me/coordinate?version=2.0"
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	agentID := cfg.Agents[0].ID
+	agent := newAgentPeer(ctx, t, coord, agentID)
+	defer agent.Close(ctx)
+	client := test.NewClient(ctx, t, coord, "client", agentID)
+	defer client.Close(ctx)
+	client.UpdateDERP(1)
+	agent.UpdateDERP(2)
+	client.AssertEventuallyHasDERP(agentID, 2)
+	agent.AssertEventuallyHasDERP(client.ID, 1)
+	agent.ReadyForHandshake(client.ID)
+	client.AssertEventuallyReadyForHandshake(agentID)
+	agent.Disconnect()
+	client.AssertEventuallyDisconnected(agentID)
+	agent.AssertEventuallyResponsesClosed("")
+}
+
+// TestRealAgentGracefulAndLost: the client side (Coder's test.Peer on a client Coordinate
+// stream) sees DISCONNECTED when a real agent shuts down gracefully and LOST when the agent's
+// connections die.
+func TestRealAgentGracefulAndLost(t *testing.T) {
+	cfg := newStaticConfig(1)
+	srv := startServe(t, cfg)
+	info := srv.announcement()
+	a := cfg.Agents[0]
+	coord := newCoordAdapter(t, info.BaseURL, nil, cfg.UserToken, staticResumeProvider(cfg))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	for _, graceful := range []bool{true, false} {
+		name := map[bool]string{true: "Graceful", false: "Lost"}[graceful]
+		t.Run(name, func(t *testing.T) {
+			dumpLogsOnFailure(t, srv)
+			pctx, pcancel := context.WithTimeout(ctx, 30*time.Second)
+			defer pcancel()
+			client := test.NewClient(pctx, t, coord, "client", a.ID)
+			defer client.Close(ctx)
+			client.UpdateDERP(999)
+			agent := startRealAgent(t, info.BaseURL, a.ID, a.Token.String(), peerOpts{})
+			region := awaitPreferredDERP(ctx, t, agent.Conn)
+			client.AssertEventuallyHasDERP(a.ID, int32(region))
+			if graceful {
+				agent.close()
+				client.AssertEventuallyDisconnected(a.ID)
+				client.AssertNeverUpdateKind(a.ID, proto.CoordinateResponse_PeerUpdate_LOST)
+			} else {
+				agent.net.kill()
+				client.AssertEventuallyLost(a.ID)
+			}
+		})
+	}
 }

@@ -146,6 +146,8 @@ type realAgent struct {
 	cancel context.CancelFunc
 	Errs   *libErrors
 	Coord  *coordRecorder
+	// net carries the agent's control-plane connections (not DERP); kill() cuts them.
+	net *killableNet
 }
 
 // peerOpts are the few knobs the tests turn on Coder's peers.
@@ -163,7 +165,9 @@ func startRealAgent(t *testing.T, baseURL string, agentID uuid.UUID, agentToken 
 	if err != nil {
 		t.Fatal(err)
 	}
-	client := agentsdk.New(u, agentsdk.WithFixedToken(agentToken), codersdk.WithLogger(logger.Named("sdk")))
+	knet := newKillableNet()
+	client := agentsdk.New(u, agentsdk.WithFixedToken(agentToken), codersdk.WithLogger(logger.Named("sdk")),
+		codersdk.WithHTTPClient(&http.Client{Transport: &http.Transport{DialContext: knet.DialContext}}))
 	conn, err := tailnet.NewConn(&tailnet.Options{
 		ID: agentID,
 		Addresses: []netip.Prefix{
@@ -186,7 +190,7 @@ func startRealAgent(t *testing.T, baseURL string, agentID uuid.UUID, agentToken 
 	ctrl.DERPCtrl = tailnet.NewBasicDERPController(logger.Named("derp"), client, conn)
 	ctx, cancel := context.WithCancel(context.Background())
 	ctrl.Run(ctx)
-	a := &realAgent{ID: agentID, Conn: conn, dialer: dialer, ctrl: ctrl, cancel: cancel, Errs: errs, Coord: coordRec}
+	a := &realAgent{ID: agentID, Conn: conn, dialer: dialer, ctrl: ctrl, cancel: cancel, Errs: errs, Coord: coordRec, net: knet}
 	t.Cleanup(a.close)
 	return a
 }
