@@ -147,6 +147,20 @@ pub struct FileConfig {
     pub relay: RelayFile,
     #[serde(default)]
     pub auth: AuthFile,
+    #[serde(default)]
+    pub derp_map: DerpMapFile,
+}
+
+/// Extra DERP map content (`[derp_map]`), merged with `derp_map_file` and this process's relay.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DerpMapFile {
+    /// Regions in Tailscale/Coder JSON field names (`RegionID`, `RegionCode`, `Nodes`, ...).
+    #[serde(default)]
+    pub regions: Vec<proto::derpmap::DerpRegion>,
+    /// External STUN servers (`host:port`); each becomes a STUN-only region.
+    #[serde(default)]
+    pub stun_servers: Vec<String>,
 }
 
 /// Relay tuning knobs (`[relay]`); durations are text such as `"2s"` or `"500ms"`.
@@ -188,6 +202,7 @@ pub struct Settings {
     pub log: String,
     pub log_json: bool,
     pub auth: AuthFile,
+    pub derp_map: DerpMapFile,
 }
 
 fn load_file(path: &Path) -> Result<FileConfig> {
@@ -221,7 +236,11 @@ impl Settings {
         let dev = role == Role::Dev;
         let defaults = DerpConfig::default();
 
-        let http_default = if dev { "127.0.0.1:3340" } else { "0.0.0.0:8080" };
+        let http_default = if dev {
+            "127.0.0.1:3340"
+        } else {
+            "0.0.0.0:8080"
+        };
         let stun_default = match (role.runs_relay(), dev) {
             (false, _) => "",
             (true, true) => "127.0.0.1:3478",
@@ -317,6 +336,7 @@ impl Settings {
             log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
             log_json,
             auth: file.auth,
+            derp_map: file.derp_map,
         })
     }
 }
@@ -397,6 +417,31 @@ mod tests {
         a.config = Some(path);
         let e = format!("{:#}", Settings::resolve(Role::Derp, a).unwrap_err());
         assert!(e.contains("htp_addr"), "{e}");
+    }
+
+    #[test]
+    fn derp_map_regions_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(
+            &path,
+            r#"
+[derp_map]
+stun_servers = ["stun.example.com:3478"]
+[[derp_map.regions]]
+RegionID = 901
+RegionCode = "fra"
+RegionName = "Frankfurt"
+Nodes = [{ Name = "901a", RegionID = 901, HostName = "derp-fra.example.com" }]
+"#,
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(path);
+        let s = Settings::resolve(Role::Serve, a).unwrap();
+        assert_eq!(s.derp_map.regions.len(), 1);
+        assert_eq!(s.derp_map.regions[0].region_id, 901);
+        assert_eq!(s.derp_map.stun_servers, vec!["stun.example.com:3478"]);
     }
 
     #[test]

@@ -214,7 +214,9 @@ async fn run(s: Settings) -> Result<()> {
         });
         let source = DerpMapSource::new(DerpMapConfig {
             file: s.derp_map_file.clone(),
+            regions: s.derp_map.regions.clone(),
             embedded,
+            stun_servers: s.derp_map.stun_servers.clone(),
             ..DerpMapConfig::default()
         })
         .context("derp_map_file")?;
@@ -296,7 +298,10 @@ async fn run(s: Settings) -> Result<()> {
 }
 
 /// Prints the one JSON line that tells operators and test harnesses where everything listens.
-#[allow(clippy::print_stdout, reason = "the announcement line is the CLI's output")]
+#[allow(
+    clippy::print_stdout,
+    reason = "the announcement line is the CLI's output"
+)]
 fn announce(
     s: &Settings,
     bound: &derp::listener::Bound,

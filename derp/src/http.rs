@@ -579,7 +579,8 @@ pub async fn serve_connection<IO>(
                 websocket: true,
                 fast_start: false,
             };
-            derp.accept_boxed(Box::new(stream), Bytes::new(), info).await;
+            derp.accept_boxed(Box::new(stream), Bytes::new(), info)
+                .await;
         }
         FirstRequest::Http => {
             metrics.requests.with_label_values(&["http"]).inc();

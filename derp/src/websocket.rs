@@ -373,7 +373,11 @@ mod edge_tests {
         while got.len() < data.len() {
             match c.next().await.unwrap().unwrap() {
                 Message::Binary(b) => {
-                    assert!(b.len() <= MAX_OUTBOUND_MESSAGE, "message of {} bytes", b.len());
+                    assert!(
+                        b.len() <= MAX_OUTBOUND_MESSAGE,
+                        "message of {} bytes",
+                        b.len()
+                    );
                     got.extend_from_slice(&b);
                 }
                 other => panic!("unexpected {other:?}"),

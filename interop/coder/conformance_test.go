@@ -470,8 +470,11 @@ func TestRealAgentGracefulAndLost(t *testing.T) {
 			region := awaitPreferredDERP(ctx, t, agent.Conn)
 			client.AssertEventuallyHasDERP(a.ID, int32(region))
 			if graceful {
-				agent.close()
+				took := agent.close()
 				client.AssertEventuallyDisconnected(a.ID)
+				if took >= 900*time.Millisecond {
+					t.Errorf("agent's graceful close took %v: tailnetd did not end the Coordinate stream promptly after Disconnect", took)
+				}
 				client.AssertNeverUpdateKind(a.ID, proto.CoordinateResponse_PeerUpdate_LOST)
 			} else {
 				agent.net.kill()

@@ -97,13 +97,17 @@ func testLogger(t *testing.T) (slog.Logger, *libErrors) {
 // a current agent does, then opens Coordinate and StreamDERPMaps on it.
 type agentDialer struct {
 	client *agentsdk.Client
+	// hardCtx bounds the connections' lifetime, not the controller's run context: like the
+	// agent's hardCtx (agent/agent.go), it outlives a graceful shutdown so that the Disconnect
+	// can still be written after the controller's context is cancelled.
+	hardCtx context.Context
 
 	mu    sync.Mutex
 	dials int
 }
 
-func (d *agentDialer) Dial(ctx context.Context, _ tailnet.ResumeTokenController) (tailnet.ControlProtocolClients, error) {
-	_, tAPI, err := d.client.ConnectRPC210WithRole(ctx, "agent")
+func (d *agentDialer) Dial(_ context.Context, _ tailnet.ResumeTokenController) (tailnet.ControlProtocolClients, error) {
+	_, tAPI, err := d.client.ConnectRPC210WithRole(d.hardCtx, "agent")
 	if err != nil {
 		return tailnet.ControlProtocolClients{}, err
 	}
@@ -144,8 +148,10 @@ type realAgent struct {
 	dialer *agentDialer
 	ctrl   *tailnet.Controller
 	cancel context.CancelFunc
-	Errs   *libErrors
-	Coord  *coordRecorder
+	// hardCancel ends the control connections once the controller has finished.
+	hardCancel context.CancelFunc
+	Errs       *libErrors
+	Coord      *coordRecorder
 	// net carries the agent's control-plane connections (not DERP); kill() cuts them.
 	net *killableNet
 }
@@ -182,7 +188,8 @@ func startRealAgent(t *testing.T, baseURL string, agentID uuid.UUID, agentToken 
 	if err != nil {
 		t.Fatalf("agent tailnet.NewConn: %v", err)
 	}
-	dialer := &agentDialer{client: client}
+	hardCtx, hardCancel := context.WithCancel(context.Background())
+	dialer := &agentDialer{client: client, hardCtx: hardCtx}
 	coordRec := &coordRecorder{}
 	ctrl := tailnet.NewController(logger.Named("controller"),
 		recordingDialer{inner: dialer, coord: coordRec, tel: &telemetryRecorder{}})
@@ -190,18 +197,26 @@ func startRealAgent(t *testing.T, baseURL string, agentID uuid.UUID, agentToken 
 	ctrl.DERPCtrl = tailnet.NewBasicDERPController(logger.Named("derp"), client, conn)
 	ctx, cancel := context.WithCancel(context.Background())
 	ctrl.Run(ctx)
-	a := &realAgent{ID: agentID, Conn: conn, dialer: dialer, ctrl: ctrl, cancel: cancel, Errs: errs, Coord: coordRec, net: knet}
-	t.Cleanup(a.close)
+	a := &realAgent{ID: agentID, Conn: conn, dialer: dialer, ctrl: ctrl, cancel: cancel, hardCancel: hardCancel,
+		Errs: errs, Coord: coordRec, net: knet}
+	t.Cleanup(func() { a.close() })
 	return a
 }
 
-func (a *realAgent) close() {
+// close is the agent's graceful shutdown: the controller sends Disconnect and waits (1 s at most)
+// for the server to end the stream; then the connections and the Conn are closed.
+// It returns how long the controller took.
+func (a *realAgent) close() time.Duration {
+	start := time.Now()
 	a.cancel()
 	select {
 	case <-a.ctrl.Closed():
 	case <-time.After(10 * time.Second):
 	}
+	took := time.Since(start)
+	a.hardCancel()
 	_ = a.Conn.Close()
+	return took
 }
 
 // IP is the address clients use for the agent (workspacesdk's agentConn.agentAddress).

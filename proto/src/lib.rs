@@ -3,12 +3,12 @@
 //! or from the caller's RNG.
 #![forbid(unsafe_code)]
 pub mod agent;
-pub mod tailnet;
-pub mod key;
+pub mod derp;
+pub mod derpmap;
 pub mod drpc;
+pub mod fuzzing;
+pub mod key;
+pub mod stun;
+pub mod tailnet;
 pub mod v1;
 pub mod yamux;
-pub mod derp;
-pub mod stun;
-pub mod derpmap;
-pub mod fuzzing;

@@ -1,0 +1,227 @@
+//! The binary as an operator meets it: start-up errors that name the field, the announcement
+//! line, working dev credentials, the ops endpoints, and a clean exit on SIGTERM.
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tailnetd"))
+}
+
+struct Running {
+    child: Child,
+    line: serde_json::Value,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(args: &[&str]) -> Running {
+    let mut child = bin()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(!line.is_empty(), "tailnetd exited without announcing");
+    Running {
+        child,
+        line: serde_json::from_str(&line).unwrap(),
+    }
+}
+
+/// A minimal HTTP/1.1 GET returning (status, body), so these tests need no HTTP client crate.
+fn get(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp[9..12].parse().unwrap();
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+#[test]
+fn bad_flag_fails_naming_the_field() {
+    let out = bin()
+        .args(["derp", "--http-addr", "nonsense", "--stun-addr", ""])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("http_addr"), "{err}");
+}
+
+#[test]
+fn bad_config_file_fails_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.toml");
+    std::fs::write(&path, "[relay]\nkeepalive = \"forever\"\n").unwrap();
+    let out = bin()
+        .args(["derp", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("relay.keepalive"), "{err}");
+}
+
+#[test]
+fn derp_role_requires_a_key_file() {
+    let out = bin()
+        .args(["derp", "--http-addr", "127.0.0.1:0", "--stun-addr", ""])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key_file"));
+}
+
+#[test]
+fn dev_announces_working_credentials_and_drains_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds.json");
+    let mut r = start(&[
+        "dev",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--stun-addr",
+        "127.0.0.1:0",
+        "--credentials",
+        creds.to_str().unwrap(),
+    ]);
+    let line = r.line.clone();
+    for field in [
+        "base_url",
+        "derp_url",
+        "agent_id",
+        "agent_token",
+        "client_token",
+        "derp_public_key",
+        "stun_addr",
+    ] {
+        assert!(line[field].is_string(), "missing {field} in {line}");
+    }
+    let from_file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&creds).unwrap()).unwrap();
+    assert_eq!(from_file, line);
+
+    let addr = line["http_addr"].as_str().unwrap();
+    assert_eq!(get(addr, "/healthz", &[]).0, 200);
+    assert_eq!(get(addr, "/readyz", &[]).0, 200);
+    let (status, metrics) = get(addr, "/metrics", &[]);
+    assert_eq!(status, 200);
+    for name in [
+        "derp_current_connections",
+        "derp_packets_dropped",
+        "process_resident_memory_bytes",
+        "coordinator_peers",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+
+    // The generated user token reaches the generated agent: a plain GET (no upgrade) passes
+    // auth and the access check and is then refused only for not upgrading (426). A wrong token
+    // is a 401, an unknown agent a 404.
+    let agent = line["agent_id"].as_str().unwrap();
+    let path = format!("/api/v2/workspaceagents/{agent}/coordinate?version=2.0");
+    let token = line["client_token"].as_str().unwrap();
+    assert_eq!(get(addr, &path, &[("Coder-Session-Token", token)]).0, 426);
+    assert_eq!(
+        get(
+            addr,
+            &path,
+            &[("Coder-Session-Token", "abcdefghij-0123456789012345678901")]
+        )
+        .0,
+        401
+    );
+    let agent_token = line["agent_token"].as_str().unwrap();
+    assert_eq!(
+        get(
+            addr,
+            "/api/v2/workspaceagents/me/rpc?version=2.0",
+            &[("Coder-Session-Token", agent_token)]
+        )
+        .0,
+        426
+    );
+
+    // The DERP map names this process's relay.
+    let (status, _) = get(addr, "/derp/latency-check", &[]);
+    assert_eq!(status, 200);
+
+    let pid = r.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = r.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tailnetd did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn coordinator_role_serves_no_relay() {
+    let r = start(&["coordinator", "--http-addr", "127.0.0.1:0"]);
+    assert!(r.line["derp_public_key"].is_null());
+    assert!(r.line["stun_addr"].is_null());
+    let addr = r.line["http_addr"].as_str().unwrap();
+    assert_eq!(get(addr, "/healthz", &[]).0, 200);
+    assert_eq!(
+        get(
+            addr,
+            "/derp",
+            &[("Upgrade", "DERP"), ("Connection", "Upgrade")]
+        )
+        .0,
+        404
+    );
+}
+
+#[test]
+fn derp_role_keeps_its_key_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("derp.key");
+    let args = [
+        "derp",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--stun-addr",
+        "",
+        "--key-file",
+        key.to_str().unwrap(),
+    ];
+    let first = start(&args).line["derp_public_key"].clone();
+    let second = start(&args).line["derp_public_key"].clone();
+    assert!(first.is_string());
+    assert_eq!(first, second);
+    let text = std::fs::read_to_string(&key).unwrap();
+    assert!(text.contains("\"PrivateKey\""), "{text}");
+    assert!(text.contains("privkey:"), "{text}");
+}
