@@ -116,6 +116,29 @@ pub struct CommonArgs {
     /// Where `dev` also writes its credentials JSON.
     #[arg(long, env = "TAILNETD_CREDENTIALS")]
     pub credentials: Option<PathBuf>,
+    /// Upstream Coder server (`http(s)://host[:port]`): every request tailnetd does not own is
+    /// proxied to it, and it decides every token.
+    #[arg(long, env = "TAILNETD_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// Connect (and TLS handshake) timeout towards the upstream, e.g. `5s`.
+    #[arg(long, env = "TAILNETD_UPSTREAM_CONNECT_TIMEOUT")]
+    pub upstream_connect_timeout: Option<String>,
+    /// How long to wait for the upstream's response headers, e.g. `30s`.
+    #[arg(long, env = "TAILNETD_UPSTREAM_HEADER_TIMEOUT")]
+    pub upstream_header_timeout: Option<String>,
+    /// Largest request body proxied to the upstream; larger ones get 413.
+    #[arg(long, env = "TAILNETD_UPSTREAM_MAX_BODY_BYTES")]
+    pub upstream_max_body_bytes: Option<u64>,
+    /// How long a positive auth decision of the upstream is reused, e.g. `30s`.
+    #[arg(long, env = "TAILNETD_UPSTREAM_AUTH_TTL_OK")]
+    pub upstream_auth_ttl_ok: Option<String>,
+    /// How long a negative auth decision of the upstream is reused, e.g. `5s`.
+    #[arg(long, env = "TAILNETD_UPSTREAM_AUTH_TTL_ERR")]
+    pub upstream_auth_ttl_err: Option<String>,
+    /// Replace the DERP map in proxied `/connection` and `/me/manifest` answers with ours
+    /// (default: on when this process runs a relay).
+    #[arg(long, env = "TAILNETD_UPSTREAM_REWRITE_DERP_MAP")]
+    pub upstream_rewrite_derp_map: Option<bool>,
     /// Log filter (tracing env-filter syntax), e.g. `info,derp=debug`.
     #[arg(long, env = "TAILNETD_LOG")]
     pub log: Option<String>,
@@ -149,6 +172,21 @@ pub struct FileConfig {
     pub auth: AuthFile,
     #[serde(default)]
     pub derp_map: DerpMapFile,
+    #[serde(default)]
+    pub upstream: UpstreamFile,
+}
+
+/// The upstream Coder server (`[upstream]`); durations are text such as `"5s"`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    pub url: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub header_timeout: Option<String>,
+    pub max_body_bytes: Option<u64>,
+    pub auth_ttl_ok: Option<String>,
+    pub auth_ttl_err: Option<String>,
+    pub rewrite_derp_map: Option<bool>,
 }
 
 /// Extra DERP map content (`[derp_map]`), merged with `derp_map_file` and this process's relay.
@@ -203,6 +241,8 @@ pub struct Settings {
     pub log_json: bool,
     pub auth: AuthFile,
     pub derp_map: DerpMapFile,
+    /// Set when an upstream Coder server decides auth and serves everything else.
+    pub upstream: Option<coordinator::upstream::UpstreamConfig>,
 }
 
 fn load_file(path: &Path) -> Result<FileConfig> {
@@ -216,6 +256,66 @@ fn duration(field: &str, value: Option<String>, default: Duration) -> Result<Dur
         None => Ok(default),
         Some(v) => derp::config::parse_duration(&v).map_err(|e| anyhow!("{field}: {e}")),
     }
+}
+
+/// The upstream flags.
+struct UpstreamArgs {
+    url: Option<String>,
+    connect_timeout: Option<String>,
+    header_timeout: Option<String>,
+    max_body_bytes: Option<u64>,
+    auth_ttl_ok: Option<String>,
+    auth_ttl_err: Option<String>,
+    rewrite_derp_map: Option<bool>,
+}
+
+fn resolve_upstream(
+    a: UpstreamArgs,
+    f: UpstreamFile,
+    role: Role,
+) -> Result<Option<coordinator::upstream::UpstreamConfig>> {
+    let Some(url) = a.url.or(f.url).filter(|u| !u.trim().is_empty()) else {
+        return Ok(None);
+    };
+    if !role.runs_coordinator() {
+        bail!("upstream: the {} role runs no coordinator", role.name());
+    }
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        bail!("upstream: {url:?} must start with http:// or https://");
+    }
+    let d = coordinator::upstream::UpstreamConfig::default();
+    Ok(Some(coordinator::upstream::UpstreamConfig {
+        url: url.trim_end_matches('/').to_string(),
+        connect_timeout: duration(
+            "upstream.connect_timeout",
+            a.connect_timeout.or(f.connect_timeout),
+            d.connect_timeout,
+        )?,
+        header_timeout: duration(
+            "upstream.header_timeout",
+            a.header_timeout.or(f.header_timeout),
+            d.header_timeout,
+        )?,
+        max_body_bytes: a
+            .max_body_bytes
+            .or(f.max_body_bytes)
+            .unwrap_or(d.max_body_bytes),
+        auth_ttl_ok: duration(
+            "upstream.auth_ttl_ok",
+            a.auth_ttl_ok.or(f.auth_ttl_ok),
+            d.auth_ttl_ok,
+        )?,
+        auth_ttl_err: duration(
+            "upstream.auth_ttl_err",
+            a.auth_ttl_err.or(f.auth_ttl_err),
+            d.auth_ttl_err,
+        )?,
+        rewrite_derp_map: a
+            .rewrite_derp_map
+            .or(f.rewrite_derp_map)
+            .unwrap_or(role.runs_relay()),
+        ..d
+    }))
 }
 
 /// Names a relay-crate config field the way the TOML file spells it.
@@ -314,6 +414,16 @@ impl Settings {
             "json" => true,
             other => bail!("log_format: {other:?} is neither \"text\" nor \"json\""),
         };
+        let upstream_args = UpstreamArgs {
+            url: args.upstream,
+            connect_timeout: args.upstream_connect_timeout,
+            header_timeout: args.upstream_header_timeout,
+            max_body_bytes: args.upstream_max_body_bytes,
+            auth_ttl_ok: args.upstream_auth_ttl_ok,
+            auth_ttl_err: args.upstream_auth_ttl_err,
+            rewrite_derp_map: args.upstream_rewrite_derp_map,
+        };
+        let upstream = resolve_upstream(upstream_args, file.upstream, role)?;
         if let Some(k) = &file.auth.resume_key {
             k.to_key().map_err(|e| anyhow!("auth.resume_key: {e}"))?;
         }
@@ -337,6 +447,7 @@ impl Settings {
             log_json,
             auth: file.auth,
             derp_map: file.derp_map,
+            upstream,
         })
     }
 }
@@ -442,6 +553,48 @@ Nodes = [{ Name = "901a", RegionID = 901, HostName = "derp-fra.example.com" }]
         assert_eq!(s.derp_map.regions.len(), 1);
         assert_eq!(s.derp_map.regions[0].region_id, 901);
         assert_eq!(s.derp_map.stun_servers, vec!["stun.example.com:3478"]);
+    }
+
+    #[test]
+    fn upstream_from_flags_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(
+            &path,
+            "[upstream]\nurl = \"http://coderd:3000/\"\nauth_ttl_ok = \"10s\"\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(path);
+        a.upstream_connect_timeout = Some("2s".into());
+        let s = Settings::resolve(Role::Serve, a).unwrap();
+        let up = s.upstream.unwrap();
+        assert_eq!(up.url, "http://coderd:3000");
+        assert_eq!(up.auth_ttl_ok, Duration::from_secs(10));
+        assert_eq!(up.connect_timeout, Duration::from_secs(2));
+        assert!(up.rewrite_derp_map, "on by default when serving a relay");
+
+        let mut a = args();
+        a.upstream = Some("http://coderd:3000".into());
+        let s = Settings::resolve(Role::Coordinator, a).unwrap();
+        assert!(!s.upstream.unwrap().rewrite_derp_map);
+    }
+
+    #[test]
+    fn upstream_errors_name_the_field() {
+        let mut a = args();
+        a.upstream = Some("coderd:3000".into());
+        let e = format!("{:#}", Settings::resolve(Role::Serve, a).unwrap_err());
+        assert!(e.contains("upstream"), "{e}");
+        let mut a = args();
+        a.upstream = Some("http://coderd".into());
+        a.upstream_header_timeout = Some("soon".into());
+        let e = format!("{:#}", Settings::resolve(Role::Serve, a).unwrap_err());
+        assert!(e.contains("upstream.header_timeout"), "{e}");
+        let mut a = args();
+        a.upstream = Some("http://coderd".into());
+        let e = format!("{:#}", Settings::resolve(Role::Derp, a).unwrap_err());
+        assert!(e.contains("upstream"), "{e}");
     }
 
     #[test]

@@ -21,10 +21,12 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use clap::Parser;
-use coordinator::auth::{StaticAuthConfig, StaticAuthenticator};
+use coordinator::auth::{Authenticator, StaticAuthConfig, StaticAuthenticator};
 use coordinator::config::CoordinatorConfig;
 use coordinator::derpmap::{DerpMapConfig, DerpMapSource, EmbeddedRelay};
 use coordinator::dev::DevCredentials;
+use coordinator::upstream::proxy::ClientScheme;
+use coordinator::upstream::{Upstream, UpstreamAuthenticator};
 use coordinator::Coordinator;
 use derp::http::{DerpHandler, HttpEdge};
 use derp::server::{Server, ServerConfig};
@@ -197,14 +199,21 @@ async fn run(s: Settings) -> Result<()> {
     let base_url = public_url(&s, bound.http_addr, bound.https_addr);
 
     let dev_credentials = (s.role == Role::Dev).then(DevCredentials::generate);
-    let coordinator: Option<Arc<Coordinator>> = if s.role.runs_coordinator() {
+    let coordinator: Option<(Arc<Coordinator>, Option<Upstream>)> = if s.role.runs_coordinator() {
         let mut tokens: StaticAuthConfig = s.auth.tokens.clone();
         if let Some(dev) = &dev_credentials {
             let extra = dev.auth_config();
             tokens.agents.extend(extra.agents);
             tokens.users.extend(extra.users);
         }
-        let auth = StaticAuthenticator::new(&tokens).context("auth")?;
+        let upstream = match &s.upstream {
+            Some(cfg) => Some(Upstream::new(cfg.clone(), &registry).context("upstream")?),
+            None => None,
+        };
+        let auth: Arc<dyn Authenticator> = match &upstream {
+            Some(up) => Arc::new(UpstreamAuthenticator::new(up.clone())),
+            None => Arc::new(StaticAuthenticator::new(&tokens).context("auth")?),
+        };
         let embedded = relay.as_ref().map(|_| EmbeddedRelay {
             region_id: s.region_id,
             region_code: s.region_code.clone(),
@@ -221,6 +230,7 @@ async fn run(s: Settings) -> Result<()> {
         })
         .context("derp_map_file")?;
         let config = CoordinatorConfig {
+            upstream: s.upstream.as_ref().map(|u| u.agent_rpc_target()),
             resume_key: s
                 .auth
                 .resume_key
@@ -230,18 +240,36 @@ async fn run(s: Settings) -> Result<()> {
                 .context("auth.resume_key")?,
             ..CoordinatorConfig::default()
         };
-        Some(
-            Coordinator::new(config, Arc::new(auth), source, &registry)
+        Some((
+            Coordinator::new(config, auth, source, &registry)
                 .context("starting the coordinator")?,
-        )
+            upstream,
+        ))
     } else {
         None
     };
 
     let mut app = ops_routes(health.clone());
-    if let Some(c) = &coordinator {
+    if let Some((c, upstream)) = &coordinator {
         app = app.merge(c.router());
+        if let Some(up) = upstream {
+            // The proxy is the fallback: it must be merged last, and there is no other.
+            app = app.merge(up.proxy_router(c.clone()));
+        }
     }
+    // The proxy reports the client's scheme in X-Forwarded-Proto.
+    let app = app.layer(axum::middleware::map_request(
+        |mut req: axum::extract::Request| async move {
+            let tls = req
+                .extensions()
+                .get::<derp::http::ConnScheme>()
+                .is_some_and(|s| s.tls);
+            req.extensions_mut()
+                .insert(ClientScheme(if tls { "https" } else { "http" }));
+            req
+        },
+    ));
+    let coordinator = coordinator.map(|(c, _)| c);
     let derp_handler: Option<Arc<dyn DerpHandler>> =
         relay.clone().map(|r| r as Arc<dyn DerpHandler>);
     let edge = HttpEdge::new(derp_handler, app, &registry).context("registering metrics")?;

@@ -225,3 +225,79 @@ fn derp_role_keeps_its_key_across_restarts() {
     assert!(text.contains("\"PrivateKey\""), "{text}");
     assert!(text.contains("privkey:"), "{text}");
 }
+
+/// A one-thread HTTP upstream that answers every request with its request line, so a test can
+/// see what reached it.
+fn echo_upstream() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            let mut buf = [0u8; 8192];
+            let n = c.read(&mut buf).unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]).to_string();
+            let first = head.lines().next().unwrap_or("").to_string();
+            let forwarded = head
+                .lines()
+                .any(|l| l.to_ascii_lowercase().starts_with("x-forwarded-for:"));
+            let body = format!("{first}|xff={forwarded}");
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    addr
+}
+
+#[test]
+fn upstream_flag_proxies_what_tailnetd_does_not_own() {
+    let up = echo_upstream();
+    let r = start(&[
+        "coordinator",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--upstream",
+        &format!("http://{up}"),
+    ]);
+    let addr = r.line["http_addr"].as_str().unwrap();
+    let (status, body) = get(addr, "/api/v2/buildinfo?x=1", &[]);
+    assert_eq!(status, 200);
+    assert_eq!(body, "GET /api/v2/buildinfo?x=1 HTTP/1.1|xff=true");
+    // Owned routes stay local.
+    assert_eq!(get(addr, "/healthz", &[]).0, 200);
+}
+
+#[test]
+fn dead_upstream_is_a_502_with_coders_error_shape() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let r = start(&[
+        "coordinator",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--upstream",
+        &format!("http://{dead}"),
+        "--upstream-connect-timeout",
+        "2s",
+    ]);
+    let addr = r.line["http_addr"].as_str().unwrap();
+    let (status, body) = get(addr, "/api/v2/users/me", &[]);
+    assert_eq!(status, 502);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v["message"].is_string(), "{body}");
+    // Auth needs the upstream too: a new session gets 503, not 401.
+    let (status, _) = get(
+        addr,
+        "/api/v2/workspaceagents/me/rpc",
+        &[(
+            "Coder-Session-Token",
+            "9a3b4c5d-0000-4000-8000-000000000001",
+        )],
+    );
+    assert_eq!(status, 503);
+}

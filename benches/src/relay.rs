@@ -60,6 +60,11 @@ pub struct RelayArgs {
     /// Warm-up before the window, in seconds.
     #[arg(long, default_value_t = 1.0)]
     pub warmup: f64,
+    /// Closed loop: at most this many packets of a pair in flight (sent, not yet received);
+    /// 0 = open loop. Keep it ≤ the server's per-destination queue (32 for derper and tailnetd)
+    /// so a relay never has to drop: this then measures the most a relay moves without loss.
+    #[arg(long, default_value_t = 0)]
+    pub window: u64,
     /// Server process id: report its CPU seconds during the window and its peak RSS.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -88,6 +93,12 @@ pub struct RelayReport {
     pub offered_pps: f64,
     /// Offered payload Gbit/s (0 = as fast as possible).
     pub offered_gbps: f64,
+    /// In-flight limit per pair (0 = open loop).
+    #[serde(default)]
+    pub window: u64,
+    /// Times a closed-loop sender gave up waiting (100 ms) and wrote its in-flight packets off.
+    #[serde(default)]
+    pub window_stalls: u64,
     /// Window length, s.
     pub duration_s: f64,
     /// Packets sent during the window.
@@ -248,10 +259,18 @@ async fn connect_end(args: &RelayArgs, pair: u32, receiver: bool) -> Result<End>
 
 #[derive(Default)]
 struct Counters {
+    window_stalls: AtomicU64,
     sent_total: AtomicU64,
     sent_window: AtomicU64,
     recv_total: AtomicU64,
     recv_window: AtomicU64,
+}
+
+/// Closed-loop bookkeeping shared by one pair's sender and receiver.
+#[derive(Default)]
+struct Flow {
+    received: AtomicU64,
+    notify: tokio::sync::Notify,
 }
 
 /// Runs the relay workload and returns its report.
@@ -298,16 +317,36 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
         let _keep_rx_writer = rx.writer;
         let c = counters.clone();
         let size = args.size;
+        let window = args.window;
+        let flow = Arc::new(Flow::default());
+        let flow_rx = flow.clone();
         senders.push(tokio::spawn(async move {
             let _keep = _keep_tx_reader;
             let mut payload = vec![0u8; size];
             let mut seq = 0u64;
+            let mut written_off = 0u64;
             loop {
                 let now = start.elapsed();
                 if now >= win_end {
                     break;
                 }
-                let n = if per_sender_rate > 0.0 {
+                let n = if window > 0 {
+                    let inflight = seq - written_off - flow.received.load(Ordering::Acquire);
+                    let allowed = window.saturating_sub(inflight).min(BATCH);
+                    if allowed == 0 {
+                        let wait = tokio::time::timeout(
+                            Duration::from_millis(100),
+                            flow.notify.notified(),
+                        );
+                        if wait.await.is_err() {
+                            // Lost in the relay: stop waiting for them.
+                            written_off = seq - flow.received.load(Ordering::Acquire);
+                            c.window_stalls.fetch_add(1, Ordering::Relaxed);
+                        }
+                        continue;
+                    }
+                    allowed
+                } else if per_sender_rate > 0.0 {
                     let due = (per_sender_rate * now.as_secs_f64()) as u64 + 1;
                     let n = due.saturating_sub(seq).min(BATCH);
                     if n == 0 {
@@ -348,6 +387,8 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
                     Ok(Ok(Some(p))) => p,
                 };
                 total += 1;
+                flow_rx.received.fetch_add(1, Ordering::Release);
+                flow_rx.notify.notify_one();
                 let now = start.elapsed();
                 if p.len() >= PAYLOAD_HEADER && now >= win_start && now < win_end {
                     window += 1;
@@ -417,6 +458,8 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
         size: args.size,
         offered_pps: args.rate,
         offered_gbps: args.rate * args.size as f64 * 8.0 / 1e9,
+        window: args.window,
+        window_stalls: counters.window_stalls.load(Ordering::Relaxed),
         duration_s: secs,
         sent_window: counters.sent_window.load(Ordering::Relaxed),
         received_window: recv_window,

@@ -28,6 +28,8 @@ pub const ACCESS_TOKEN_QUERY: &str = "access_token";
 /// Coder's message for a signed-out user (`httpmw.SignedOutErrorMessage`).
 pub const SIGNED_OUT_MESSAGE: &str =
     "You are signed out or your session has expired. Please sign in again to continue.";
+/// Coder's 409 when the enterprise browser-only feature refuses non-browser connections.
+pub const BROWSER_ONLY_MESSAGE: &str = "Non-browser connections are disabled for your deployment.";
 
 /// A boxed future so that [`Authenticator`] stays object safe (`Arc<dyn Authenticator>`).
 pub type AuthFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, AuthError>> + Send + 'a>>;
@@ -41,13 +43,47 @@ pub struct AgentIdentity {
     pub name: String,
 }
 
-/// The user a session token belongs to.
+/// A user's session token, kept next to the identity it resolved to so that later checks ask
+/// with the same credential. `Debug` and `Display` never show it; only [`SessionToken::expose`]
+/// does, for the code that must send it on.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionToken(String);
+
+impl SessionToken {
+    /// Wrap a token as presented by the caller.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The token itself: only to hand it to the backend that checks it, never to log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SessionToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionToken(<redacted>)")
+    }
+}
+
+impl std::fmt::Display for SessionToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The user a session token belongs to, with that token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserIdentity {
     /// Stable user id (Coder's user UUID).
     pub user_id: Uuid,
     /// Username, for logs.
     pub username: String,
+    /// The credential this identity was resolved from. [`Authenticator::user_may_reach`] decides
+    /// for it, not for the user as a whole: one user's tokens may carry different rights (Coder's
+    /// scoped API keys). Redacted in `Debug`.
+    pub token: SessionToken,
 }
 
 /// Why a token was not accepted. Each variant maps onto the HTTP status Coder uses.
@@ -64,6 +100,13 @@ pub enum AuthError {
     /// The caller is authenticated but may not reach the resource: 404 (Coder hides existence).
     #[error("forbidden")]
     Forbidden,
+    /// The deployment refuses this kind of connection (Coder's browser-only mode): 409 with the
+    /// backend's message.
+    #[error("{message}")]
+    Conflict {
+        /// Coder's top-level message ([`BROWSER_ONLY_MESSAGE`]).
+        message: String,
+    },
     /// The backend that checks tokens cannot answer right now: 503 (clients retry).
     #[error("authentication backend unavailable: {0}")]
     Unavailable(String),
@@ -75,6 +118,7 @@ impl AuthError {
         match self {
             AuthError::InvalidToken { .. } => "invalid_token",
             AuthError::Forbidden => "forbidden",
+            AuthError::Conflict { .. } => "conflict",
             AuthError::Unavailable(_) => "unavailable",
         }
     }
@@ -84,9 +128,10 @@ impl AuthError {
 pub trait Authenticator: Send + Sync + 'static {
     /// Resolve an agent token (already known to be a UUID) to its agent.
     fn agent<'a>(&'a self, token: &'a str) -> AuthFuture<'a, AgentIdentity>;
-    /// Resolve a user session token to its user.
+    /// Resolve a user session token to its user; the identity carries `token` along.
     fn user<'a>(&'a self, token: &'a str) -> AuthFuture<'a, UserIdentity>;
-    /// May `user` open a tunnel to `agent_id` (Coder: RBAC `ssh` on the agent's workspace)?
+    /// May the holder of `user.token` open a tunnel to `agent_id` (Coder: RBAC `ssh` on the
+    /// agent's workspace, as allowed by that token's scope)? `user` comes from [`Self::user`].
     fn user_may_reach<'a>(&'a self, user: &'a UserIdentity, agent_id: Uuid)
         -> AuthFuture<'a, bool>;
 }
@@ -249,7 +294,8 @@ pub enum StaticAuthError {
 
 #[derive(Debug, Clone)]
 struct UserEntry {
-    identity: UserIdentity,
+    user_id: Uuid,
+    username: String,
     all: bool,
     agents: HashSet<Uuid>,
 }
@@ -293,10 +339,8 @@ impl StaticAuthenticator {
                 AgentAccess::Only(ids) => (false, ids.iter().copied().collect()),
             };
             let entry = UserEntry {
-                identity: UserIdentity {
-                    user_id,
-                    username: username.clone(),
-                },
+                user_id,
+                username: username.clone(),
                 all,
                 agents: set,
             };
@@ -346,7 +390,11 @@ impl Authenticator for StaticAuthenticator {
         let res = self
             .users
             .get(token)
-            .map(|e| e.identity.clone())
+            .map(|e| UserIdentity {
+                user_id: e.user_id,
+                username: e.username.clone(),
+                token: SessionToken::new(token),
+            })
             .ok_or_else(user_signed_out);
         Box::pin(std::future::ready(res))
     }
@@ -356,6 +404,7 @@ impl Authenticator for StaticAuthenticator {
         user: &'a UserIdentity,
         agent_id: Uuid,
     ) -> AuthFuture<'a, bool> {
+        // Rights are configured per user entry, found by id; `user.token` is not needed.
         let res = match self
             .users_by_id
             .get(&user.user_id)
@@ -458,5 +507,19 @@ mod tests {
         assert!(a.user_may_reach(&bob, agent).await.unwrap());
         assert!(!a.user_may_reach(&bob, other).await.unwrap());
         assert_eq!(a.user("nope").await, Err(user_signed_out()));
+        // The identity carries its token, which never shows in logs.
+        assert_eq!(bob.token.expose(), "cccccccccc-dddddddddddddddddddddd");
+        let shown = format!("{bob:?} {} {:?}", bob.token, bob.token);
+        assert!(!shown.contains("cccccccccc"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
+
+    #[test]
+    fn conflict_is_its_own_reason() {
+        let e = AuthError::Conflict {
+            message: BROWSER_ONLY_MESSAGE.into(),
+        };
+        assert_eq!(e.reason(), "conflict");
+        assert_eq!(e.to_string(), BROWSER_ONLY_MESSAGE);
     }
 }

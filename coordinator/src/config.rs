@@ -35,6 +35,9 @@ pub struct CoordinatorConfig {
     pub response_buffer: usize,
     /// How long shutdown waits for sessions to say goodbye.
     pub shutdown_grace: Duration,
+    /// Sidecar mode: the coderd to forward non-Tailnet dRPC streams to (`coder.agent.v2.Agent` on
+    /// `/me/rpc`, `WorkspaceUpdates` on `/api/v2/tailnet`). `None` = answer them "unknown rpc".
+    pub upstream: Option<crate::upstream::agent_rpc::UpstreamTarget>,
 }
 
 impl Default for CoordinatorConfig {
@@ -49,6 +52,7 @@ impl Default for CoordinatorConfig {
             v1_max_message: 1 << 20,
             response_buffer: 512,
             shutdown_grace: Duration::from_secs(5),
+            upstream: None,
         }
     }
 }

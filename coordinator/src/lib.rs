@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod resume;
 pub mod rpc;
 pub mod service;
+pub mod upstream;
 pub mod v1;
 
 use std::sync::Arc;
@@ -43,6 +44,9 @@ pub enum CoordinatorError {
     /// The peer graph could not be built.
     #[error(transparent)]
     Graph(#[from] graph::GraphError),
+    /// The upstream coderd target is invalid.
+    #[error(transparent)]
+    Upstream(#[from] upstream::agent_rpc::UpstreamError),
     /// `Coordinator::new` was called outside a tokio runtime.
     #[error("Coordinator::new must be called inside a tokio runtime")]
     NoRuntime,
@@ -94,6 +98,8 @@ pub struct Coordinator {
     pub(crate) resume: ResumeTokenProvider,
     pub(crate) metrics: Metrics,
     pub(crate) rpc_metrics: Arc<RpcMetrics>,
+    /// Sidecar mode: forwarding of non-Tailnet dRPC streams to coderd (`config.upstream`).
+    pub(crate) upstream_rpc: Option<Arc<upstream::agent_rpc::UpstreamRpc>>,
     /// Fired by [`Coordinator::shutdown`]: sessions and the file watcher stop.
     pub(crate) cancel: CancellationToken,
     /// Live WebSocket sessions of every kind.
@@ -138,6 +144,14 @@ impl Coordinator {
             config.resume_verify_keys.clone(),
             config.resume_expiry,
         );
+        let upstream_metrics = upstream::agent_rpc::UpstreamRpcMetrics::new(registry)?;
+        let upstream_rpc = match &config.upstream {
+            Some(target) => Some(Arc::new(upstream::agent_rpc::UpstreamRpc::new(
+                target.clone(),
+                upstream_metrics,
+            )?)),
+            None => None,
+        };
         let coord = Arc::new(Self {
             config,
             graph,
@@ -146,6 +160,7 @@ impl Coordinator {
             resume,
             metrics,
             rpc_metrics: Arc::new(rpc_metrics),
+            upstream_rpc,
             cancel: CancellationToken::new(),
             sessions: Tracker::new(),
             coordinations: Tracker::new(),

@@ -11,7 +11,9 @@
 //! - `RefreshResumeToken`: only on client endpoints (agents get "unimplemented", as from coderd).
 //! - `PostTelemetry`: accepted and counted.
 //! - `WorkspaceUpdates`, the `coder.agent.v2.Agent` methods and unknown names: unimplemented
-//!   (code 12 and `unknown rpc: ` text, which Go clients treat as "not supported").
+//!   (code 12 and `unknown rpc: ` text, which Go clients treat as "not supported"), unless an
+//!   upstream coderd is configured: then [`crate::upstream::agent_rpc`] takes those streams over
+//!   and forwards them byte for byte, and the session closes if that upstream is lost.
 //!
 //! This module must never block the graph (it only calls its non-blocking API) and never keep a
 //! peer connected after its stream is gone (dropping the graph handle marks it LOST).
@@ -31,11 +33,14 @@ use crate::auth::UserIdentity;
 use crate::authz::{AllowedAgents, CoordinateeAuth, TunnelPermissions};
 use crate::graph::Flow;
 use crate::metrics::{Protocol, Role};
-use crate::rpc::drpc::{self, CallFuture, DrpcConfig, Handler, RpcError, RpcStream};
+use crate::rpc::drpc::{
+    self, CallFuture, DrpcConfig, Handler, RawInvoke, RpcError, RpcStream, TakeOverFuture,
+};
 use crate::rpc::wsio::{
     WsConfig, WsEnd, WsIo, CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_NORMAL,
 };
 use crate::rpc::yamux::{self, Session, SessionError};
+use crate::upstream::agent_rpc::UpstreamLink;
 use crate::Coordinator;
 
 /// What kind of peer a v2 session serves.
@@ -68,6 +73,8 @@ pub(crate) struct V2Peer {
     pub kind: PeerKind,
     /// Whether `RefreshResumeToken` is served (client endpoints only).
     pub resume: bool,
+    /// Sidecar mode: where streams tailnetd does not serve are forwarded.
+    pub upstream: Option<Arc<UpstreamLink>>,
 }
 
 impl V2Peer {
@@ -113,6 +120,7 @@ pub(crate) async fn serve_session(coord: Arc<Coordinator>, ws: WebSocket, peer: 
     let yamux_handle = session.handle();
     let peer_id = peer.id;
     let role = peer.role();
+    let upstream = peer.upstream.clone();
     let handler: Arc<dyn Handler> = Arc::new(TailnetService {
         coord: coord.clone(),
         peer,
@@ -122,21 +130,39 @@ pub(crate) async fn serve_session(coord: Arc<Coordinator>, ws: WebSocket, peer: 
         ..Default::default()
     };
     tracing::debug!(peer = %peer_id, role = role.as_str(), "v2 session started");
+    let upstream_failed = async {
+        match &upstream {
+            Some(u) => u.failed().await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut upstream_lost = None;
     let end = tokio::select! {
         e = drpc::serve(session, handler, config) => Some(e),
         _ = coord.cancel.cancelled() => None,
+        reason = upstream_failed => {
+            upstream_lost = Some(reason);
+            None
+        }
     };
-    let ws_end = match end {
-        None => {
+    if let Some(u) = &upstream {
+        u.shutdown();
+    }
+    let ws_end = match (end, upstream_lost) {
+        (None, Some(reason)) => {
+            let _ = yamux_handle.close().await;
+            ws_handle.close(CLOSE_INTERNAL_ERROR, &reason).await
+        }
+        (None, None) => {
             let _ = yamux_handle.close().await;
             ws_handle
                 .close(CLOSE_GOING_AWAY, "coordinator shutting down")
                 .await
         }
-        Some(SessionError::Eof | SessionError::Closed | SessionError::RemoteGoAwayNormal) => {
+        (Some(SessionError::Eof | SessionError::Closed | SessionError::RemoteGoAwayNormal), _) => {
             ws_handle.close(CLOSE_NORMAL, "").await
         }
-        Some(e) => {
+        (Some(e), _) => {
             if matches!(e, SessionError::Protocol(_)) {
                 coord.metrics.protocol_error("yamux");
             }
@@ -177,6 +203,13 @@ impl Handler for TailnetService {
                 tracing::debug!(peer = %self.peer.id, method, "unimplemented dRPC method");
                 None
             }
+        }
+    }
+
+    fn take_over(self: Arc<Self>, raw: Box<RawInvoke>) -> Result<TakeOverFuture, Box<RawInvoke>> {
+        match &self.peer.upstream {
+            Some(link) if link.forwards(&raw.method) => Ok(Box::pin(link.clone().forward(raw))),
+            _ => Err(raw),
         }
     }
 }

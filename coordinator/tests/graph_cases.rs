@@ -910,121 +910,456 @@ mod graph {
         assert_eq!(m("coordinator_peers_kicked_total", None), 0.0);
     }
 
-    /// Views applied from a receiver: peer id → last node (NODE sets, LOST/DISCONNECTED clear).
-    fn apply_view(view: &mut std::collections::HashMap<Uuid, Node>, rx: &mut PeerReceiver) {
-        loop {
-            match rx.try_recv() {
-                Ok(r) => {
-                    for u in r.peer_updates {
-                        let id = Uuid::from_slice(&u.id).unwrap();
-                        match Kind::try_from(u.kind).unwrap() {
-                            Kind::Node => {
-                                view.insert(id, u.node.unwrap());
-                            }
-                            Kind::Lost | Kind::Disconnected => {
-                                view.remove(&id);
-                            }
-                            _ => {}
-                        }
+    /// Checks the ordering rules on one receiver's stream as it arrives. Nodes are stamped
+    /// `id = connection epoch of their peer`, `preferred_derp = a counter that only grows per peer`
+    /// (across that peer's connections).
+    #[derive(Default)]
+    struct Checker {
+        /// What the receiver holds: peer → last NODE (LOST/DISCONNECTED clear).
+        view: std::collections::HashMap<Uuid, Node>,
+        /// Counter of the last NODE about each peer.
+        last: std::collections::HashMap<Uuid, i32>,
+        /// Peers with a LOST/DISCONNECTED since their last NODE (a re-sent node may repeat).
+        gone_since: HashSet<Uuid>,
+        /// Highest epoch of each peer whose connection is known (from LOST/DISCONNECTED) to have
+        /// ended.
+        dead_epoch: std::collections::HashMap<Uuid, i64>,
+        ended: bool,
+    }
+
+    impl Checker {
+        fn drain(&mut self, who: Uuid, rx: &mut PeerReceiver) {
+            loop {
+                match rx.try_recv() {
+                    Ok(r) => self.apply(who, r),
+                    Err(TryRecvError::Empty) => return,
+                    Err(TryRecvError::Ended) => {
+                        self.ended = true;
+                        // Nothing after the end, ever.
+                        assert_eq!(rx.try_recv(), Err(TryRecvError::Ended));
+                        return;
                     }
                 }
-                Err(TryRecvError::Empty) => return,
-                Err(TryRecvError::Ended) => panic!("stream ended"),
+            }
+        }
+
+        fn apply(&mut self, who: Uuid, r: CoordinateResponse) {
+            assert!(!self.ended, "{who}: response after the stream ended");
+            assert!(
+                r.error.is_empty() || r.error.starts_with("ready for handshake error"),
+                "{who}: unexpected error {:?}",
+                r.error
+            );
+            assert!(r.peer_updates.len() <= MAX_PEER_UPDATES_PER_RESPONSE);
+            for u in r.peer_updates {
+                let x = Uuid::from_slice(&u.id).unwrap();
+                match Kind::try_from(u.kind).unwrap() {
+                    Kind::Node => {
+                        let n = u.node.unwrap();
+                        let (epoch, count) = (n.id, n.preferred_derp);
+                        assert_ne!(self.view.get(&x), Some(&n), "{who}: duplicate NODE of {x}");
+                        if let Some(last) = self.last.get(&x) {
+                            if self.gone_since.contains(&x) {
+                                assert!(count >= *last, "{who}: older node of {x} after newer");
+                            } else {
+                                assert!(count > *last, "{who}: older node of {x} after newer");
+                            }
+                        }
+                        if let Some(dead) = self.dead_epoch.get(&x) {
+                            assert!(
+                                epoch > *dead,
+                                "{who}: NODE of {x} (epoch {epoch}) after LOST/DISCONNECTED \
+                                 ended epoch {dead}"
+                            );
+                        }
+                        self.last.insert(x, count);
+                        self.gone_since.remove(&x);
+                        self.view.insert(x, n);
+                    }
+                    Kind::Lost | Kind::Disconnected => {
+                        assert!(u.node.is_none());
+                        let held = self.view.remove(&x).unwrap_or_else(|| {
+                            panic!("{who}: {} about {x}, never announced", u.reason)
+                        });
+                        self.gone_since.insert(x);
+                        if u.reason != "remove tunnel" {
+                            // That connection of x (epoch >= the node we held) is over.
+                            let d = self.dead_epoch.entry(x).or_insert(held.id);
+                            *d = (*d).max(held.id);
+                        }
+                    }
+                    Kind::ReadyForHandshake => assert!(u.node.is_none()),
+                    Kind::Unspecified => panic!("{who}: unspecified update"),
+                }
             }
         }
     }
 
-    /// Threads hammer the graph concurrently (node updates, reconnects); once quiet, every peer's
-    /// view of every tunnel peer equals that peer's latest node: no stale update overtook a newer
-    /// one, none was lost.
-    #[test]
-    fn concurrent_updates_converge() {
-        use std::collections::HashMap;
+    /// One peer id and its owner's knowledge of it.
+    struct Owned {
+        id: Uuid,
+        epoch: i64,
+        count: i32,
+        last: Option<Node>,
+        live: Option<(PeerHandle, PeerReceiver, Checker)>,
+        /// Tunnels from this peer (clients only).
+        tunnels: HashSet<Uuid>,
+    }
+
+    impl Owned {
+        fn new(id: Uuid) -> Self {
+            Self {
+                id,
+                epoch: 0,
+                count: 0,
+                last: None,
+                live: None,
+                tunnels: HashSet::new(),
+            }
+        }
+
+        /// Connects (replacing a live connection: its tunnels survive).
+        fn connect(&mut self, g: &Arc<PeerGraph>) -> Option<(PeerHandle, PeerReceiver, Checker)> {
+            self.epoch += 1;
+            let (h, rx) = g.connect(self.id, "p".into(), CoordinateeAuth::SingleTailnet);
+            if self.live.is_none() {
+                self.tunnels.clear();
+            }
+            self.last = None;
+            self.live.replace((h, rx, Checker::default()))
+        }
+
+        fn send(&mut self, g: &Arc<PeerGraph>, req: CoordinateRequest) {
+            let (h, rx, c) = self.live.as_mut().unwrap();
+            let flow = g.handle(h, req).unwrap();
+            assert_eq!(flow, Flow::Continue);
+            c.drain(self.id, rx);
+        }
+
+        fn update(&mut self, g: &Arc<PeerGraph>) {
+            self.count += 1;
+            let n = Node {
+                id: self.epoch,
+                preferred_derp: self.count,
+                ..node(0)
+            };
+            self.last = Some(n.clone());
+            self.send(g, upd(n));
+        }
+
+        fn drain(&mut self) {
+            if let Some((_, rx, c)) = self.live.as_mut() {
+                c.drain(self.id, rx);
+            }
+        }
+
+        /// Ends the live connection: graceful `disconnect` or a dropped handle (LOST).
+        fn leave(&mut self, g: &Arc<PeerGraph>, graceful: bool) {
+            if let Some((h, mut rx, mut c)) = self.live.take() {
+                if graceful {
+                    assert_eq!(g.handle(&h, disconnect()), Ok(Flow::Close));
+                }
+                drop(h);
+                c.drain(self.id, &mut rx);
+                assert!(c.ended, "stream of {} did not end", self.id);
+            }
+            self.tunnels.clear();
+            self.last = None;
+        }
+
+        /// Agents answer every NODE they were sent with READY_FOR_HANDSHAKE, like Coder's agents.
+        fn ack_nodes(&mut self, g: &Arc<PeerGraph>) {
+            let Some((h, rx, c)) = self.live.as_mut() else {
+                return;
+            };
+            let before: HashSet<(Uuid, i32)> =
+                c.view.iter().map(|(k, v)| (*k, v.preferred_derp)).collect();
+            c.drain(self.id, rx);
+            let fresh: Vec<Uuid> = c
+                .view
+                .iter()
+                .filter(|(k, v)| !before.contains(&(**k, v.preferred_derp)))
+                .map(|(k, _)| *k)
+                .collect();
+            if !fresh.is_empty() {
+                assert_eq!(g.handle(h, rfh(&fresh)), Ok(Flow::Continue));
+                c.drain(self.id, rx);
+            }
+        }
+    }
+
+    /// Agents and clients on several threads update nodes, add and remove tunnels, acknowledge
+    /// with READY_FOR_HANDSHAKE, reconnect (replacing), disconnect and drop, all at once. Every
+    /// receiver checks the ordering rules on its stream as it arrives (no older node after a newer
+    /// one, no NODE after the LOST/DISCONNECTED that ended that connection, LOST/DISCONNECTED only
+    /// about announced peers, no duplicate NODE, nothing after the end). Once quiet, and again after
+    /// one last update from every live peer, every live receiver's view is exactly what the graph
+    /// says: the latest node of each live tunnel peer that has one, and nobody else.
+    fn concurrent_churn(shards: usize, seed: u64) {
+        use rand::{Rng, SeedableRng};
         const AGENTS: usize = 4;
-        const THREADS: usize = 4;
-        const CLIENTS_PER_THREAD: usize = 8;
-        const ROUNDS: i32 = 300;
-        type Conn = (PeerHandle, PeerReceiver, HashMap<Uuid, Node>);
-        let (g, _reg) = graph_with(1 << 16);
+        const THREADS: usize = 3;
+        const CLIENTS_PER_THREAD: usize = 6;
+        const ROUNDS: usize = 1500;
+
+        let reg = Registry::new();
+        let g = PeerGraph::with_shards(
+            GraphConfig {
+                response_queue: 1 << 16,
+            },
+            shards,
+            &reg,
+        )
+        .unwrap();
         let agent_ids: Vec<Uuid> = (0..AGENTS).map(|_| Uuid::new_v4()).collect();
-        let mut agents: Vec<Conn> = agent_ids
-            .iter()
-            .map(|id| {
-                let (h, rx) = g.connect(*id, "a".into(), CoordinateeAuth::SingleTailnet);
-                (h, rx, HashMap::new())
-            })
-            .collect();
+
         let agent_thread = {
             let g = g.clone();
+            let agent_ids = agent_ids.clone();
             std::thread::spawn(move || {
-                for round in 0..ROUNDS {
-                    for (h, rx, view) in agents.iter_mut() {
-                        g.handle(h, upd(node(round))).unwrap();
-                        apply_view(view, rx);
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                let mut agents: Vec<Owned> = agent_ids.iter().map(|id| Owned::new(*id)).collect();
+                for a in agents.iter_mut() {
+                    a.connect(&g);
+                    a.update(&g);
+                }
+                for _ in 0..ROUNDS {
+                    for a in agents.iter_mut() {
+                        match rng.gen_range(0..100) {
+                            0..=1 => {
+                                // Replace; dropping the old handle afterwards is a no-op.
+                                let old = a.connect(&g);
+                                drop(old);
+                            }
+                            2 => a.leave(&g, true),
+                            3 => a.leave(&g, false),
+                            _ => {}
+                        }
+                        if a.live.is_none() {
+                            if rng.gen_range(0..4) == 0 {
+                                a.connect(&g);
+                            } else {
+                                continue;
+                            }
+                        }
+                        a.update(&g);
+                        a.ack_nodes(&g);
                     }
                 }
                 agents
             })
         };
+
         let mut threads = Vec::new();
         for t in 0..THREADS {
             let g = g.clone();
             let agent_ids = agent_ids.clone();
             threads.push(std::thread::spawn(move || {
-                let connect = |id: Uuid| {
-                    let (h, rx) = g.connect(id, "c".into(), CoordinateeAuth::SingleTailnet);
-                    for a in &agent_ids {
-                        g.handle(&h, add(*a)).unwrap();
-                    }
-                    (h, rx, HashMap::new())
-                };
-                let mut clients: Vec<(Uuid, Conn)> = (0..CLIENTS_PER_THREAD)
-                    .map(|_| {
-                        let id = Uuid::new_v4();
-                        (id, connect(id))
-                    })
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 1 + t as u64);
+                let mut clients: Vec<Owned> = (0..CLIENTS_PER_THREAD)
+                    .map(|_| Owned::new(Uuid::new_v4()))
                     .collect();
-                for round in 0..ROUNDS {
-                    for (i, (id, c)) in clients.iter_mut().enumerate() {
-                        if (round as usize + i + t) % 97 == 5 {
-                            // Reconnect: replace, then drop the old handle (must be a no-op).
-                            let old = std::mem::replace(c, connect(*id));
-                            drop(old);
+                for c in clients.iter_mut() {
+                    c.connect(&g);
+                }
+                for _ in 0..ROUNDS {
+                    for c in clients.iter_mut() {
+                        if c.live.is_none() {
+                            if rng.gen_range(0..3) == 0 {
+                                c.connect(&g);
+                            }
+                            continue;
                         }
-                        g.handle(&c.0, upd(node(1000 * (t as i32 + 1) + round)))
-                            .unwrap();
-                        apply_view(&mut c.2, &mut c.1);
+                        let agent = agent_ids[rng.gen_range(0..AGENTS)];
+                        match rng.gen_range(0..100) {
+                            0..=49 => c.update(&g),
+                            50..=61 => {
+                                c.send(&g, add(agent));
+                                c.tunnels.insert(agent);
+                            }
+                            62..=69 => {
+                                c.send(&g, remove(agent));
+                                c.tunnels.remove(&agent);
+                            }
+                            70..=73 => {
+                                let old = c.connect(&g);
+                                drop(old);
+                            }
+                            74..=76 => c.leave(&g, true),
+                            77..=79 => c.leave(&g, false),
+                            _ => c.drain(),
+                        }
                     }
                 }
                 clients
             }));
         }
         let mut agents = agent_thread.join().unwrap();
-        let mut clients: Vec<_> = threads
+        let mut clients: Vec<Owned> = threads
             .into_iter()
             .flat_map(|t| t.join().unwrap())
             .collect();
-        assert_eq!(g.peer_count(), AGENTS + THREADS * CLIENTS_PER_THREAD);
-        for (id, (_, rx, view)) in clients.iter_mut() {
-            apply_view(view, rx);
-            for a in &agent_ids {
-                assert_eq!(view.get(a), g.node(*a).as_ref(), "client {id} on agent {a}");
+
+        let check = |agents: &mut Vec<Owned>, clients: &mut Vec<Owned>| {
+            for p in agents.iter_mut().chain(clients.iter_mut()) {
+                p.drain();
+            }
+            let live_nodes: std::collections::HashMap<Uuid, Option<Node>> = agents
+                .iter()
+                .chain(clients.iter())
+                .filter(|p| p.live.is_some())
+                .map(|p| (p.id, p.last.clone()))
+                .collect();
+            for (id, last) in &live_nodes {
+                assert_eq!(&g.node(*id), last, "graph node of {id}");
+            }
+            let linked = |client: &Owned, agent: Uuid| client.tunnels.contains(&agent);
+            // (receiver, its view, tunnel peers it should know)
+            let mut expectations = Vec::new();
+            for a in agents.iter() {
+                if let Some((_, _, ch)) = &a.live {
+                    let peers: Vec<Uuid> = clients
+                        .iter()
+                        .filter(|c| linked(c, a.id))
+                        .map(|c| c.id)
+                        .collect();
+                    expectations.push((a.id, ch.view.clone(), peers));
+                }
+            }
+            for c in clients.iter() {
+                if let Some((_, _, ch)) = &c.live {
+                    let peers: Vec<Uuid> = c.tunnels.iter().copied().collect();
+                    expectations.push((c.id, ch.view.clone(), peers));
+                }
+            }
+            for (who, view, peers) in expectations {
+                for x in view.keys() {
+                    assert!(
+                        peers.contains(x) && live_nodes.contains_key(x),
+                        "{who} still holds {x}, which is not a live tunnel peer"
+                    );
+                }
+                for x in peers {
+                    let Some(Some(want)) = live_nodes.get(&x) else {
+                        continue;
+                    };
+                    // (A replaced peer that has not sent a node yet was skipped just above: its
+                    // tunnel peers may still hold its previous node, as in Coder.)
+                    assert_eq!(view.get(&x), Some(want), "{who} on {x}");
+                }
+            }
+            assert_eq!(g.peer_count(), live_nodes.len());
+            let tunnels: usize = clients
+                .iter()
+                .filter(|c| c.live.is_some())
+                .map(|c| c.tunnels.len())
+                .sum();
+            assert_eq!(g.tunnel_count(), tunnels);
+        };
+        check(&mut agents, &mut clients);
+        // One last update from every live peer: now every live tunnel peer must be known exactly.
+        for p in agents.iter_mut().chain(clients.iter_mut()) {
+            if p.live.is_some() {
+                p.update(&g);
             }
         }
-        for (h, rx, view) in agents.iter_mut() {
-            apply_view(view, rx);
-            assert_eq!(view.len(), THREADS * CLIENTS_PER_THREAD);
-            for (cid, _) in &clients {
-                assert_eq!(
-                    view.get(cid),
-                    g.node(*cid).as_ref(),
-                    "agent {} on {cid}",
-                    h.id()
-                );
-            }
-        }
+        check(&mut agents, &mut clients);
+        assert_eq!(
+            metric(
+                &reg,
+                "coordinator_peers_kicked_total",
+                Some(("reason", "queue_full"))
+            ),
+            0.0
+        );
+        let sent = metric(&reg, "coordinator_peer_updates_sent_total", None);
+        eprintln!("concurrent churn ({shards} shards): {sent} peer updates");
+        assert!(sent > 1000.0, "too little traffic to mean anything: {sent}");
         drop(clients);
         drop(agents);
         assert_eq!(g.peer_count(), 0);
+        assert_eq!(g.tunnel_count(), 0);
+    }
+
+    /// Microbenchmark (not run by default): node updates per second when `threads` threads each
+    /// update their own agent, which fans out to 100 clients that the thread drains. With one
+    /// shard every update serializes on one mutex (the previous design); with the default shard
+    /// count, agents on different shards update in parallel.
+    ///
+    /// `cargo test --release -p coordinator --test graph_cases -- --ignored --nocapture throughput`
+    #[test]
+    #[ignore = "microbenchmark; run in release mode with --ignored --nocapture"]
+    fn parallel_update_throughput() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::time::Instant;
+        const CLIENTS: usize = 100;
+        let window = Duration::from_millis(1500);
+        for shards in [1, coordinator::graph::default_shards()] {
+            for threads in [1usize, 2, 4] {
+                let reg = Registry::new();
+                let g = PeerGraph::with_shards(GraphConfig::default(), shards, &reg).unwrap();
+                let stop = Arc::new(AtomicBool::new(false));
+                let total = Arc::new(AtomicU64::new(0));
+                let barrier = Arc::new(std::sync::Barrier::new(threads + 1));
+                let workers: Vec<_> = (0..threads)
+                    .map(|_| {
+                        let (g, stop, total, barrier) =
+                            (g.clone(), stop.clone(), total.clone(), barrier.clone());
+                        std::thread::spawn(move || {
+                            let aid = Uuid::new_v4();
+                            let (ah, _arx) =
+                                g.connect(aid, "a".into(), CoordinateeAuth::SingleTailnet);
+                            let mut clients: Vec<_> = (0..CLIENTS)
+                                .map(|_| {
+                                    let (h, rx) = g.connect(
+                                        Uuid::new_v4(),
+                                        "c".into(),
+                                        CoordinateeAuth::SingleTailnet,
+                                    );
+                                    g.handle(&h, add(aid)).unwrap();
+                                    (h, rx)
+                                })
+                                .collect();
+                            let nodes: Vec<Node> = (0..64).map(node).collect();
+                            barrier.wait();
+                            let mut n = 0u64;
+                            while !stop.load(Ordering::Relaxed) {
+                                g.handle(&ah, upd(nodes[(n % 64) as usize].clone()))
+                                    .unwrap();
+                                for (_, rx) in clients.iter_mut() {
+                                    while rx.try_recv().is_ok() {}
+                                }
+                                n += 1;
+                            }
+                            total.fetch_add(n, Ordering::Relaxed);
+                        })
+                    })
+                    .collect();
+                barrier.wait();
+                let start = Instant::now();
+                std::thread::sleep(window);
+                stop.store(true, Ordering::Relaxed);
+                for w in workers {
+                    w.join().unwrap();
+                }
+                let secs = start.elapsed().as_secs_f64();
+                let n = total.load(Ordering::Relaxed) as f64;
+                eprintln!(
+                    "shards={shards:>3} threads={threads}: {:>9.0} updates/s ({:>10.0} peer updates/s)",
+                    n / secs,
+                    n * CLIENTS as f64 / secs
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn concurrent_updates_converge() {
+        concurrent_churn(2, 0x5eed);
+    }
+
+    #[test]
+    fn concurrent_updates_converge_many_shards() {
+        concurrent_churn(64, 0xc0ffee);
     }
 }

@@ -388,6 +388,17 @@ func TestCoderCoordinatorConformance(t *testing.T) {
 			client.AssertEventuallyResponsesClosed(tailnet.AuthorizationError{
 				Wrapped: xerrors.Errorf("invalid agent id, expected %s, got %s", agentID.String(), other.String())}.Error())
 		}},
+		{name: "Auth/ClientUserNoPermission", run: func(ctx context.Context, t *testing.T, _ tailnet.CoordinatorV2) {
+			// /api/v2/tailnet as a user who may reach only agent 0 (ClientUserCoordinateeAuth).
+			restricted := newCoordAdapter(t, srv.announcement().BaseURL, nil, cfg.RestrictedUserToken, staticResumeProvider(cfg))
+			p := test.NewPeer(ctx, t, restricted, "desktop")
+			defer p.Close(ctx)
+			p.AddTunnel(agentID) // allowed
+			p.UpdateDERP(1)
+			p.AddTunnel(cfg.Agents[1].ID) // not allowed
+			p.AssertEventuallyResponsesClosed(tailnet.AuthorizationError{
+				Wrapped: xerrors.New("workspace agent not found or you do not have permission")}.Error())
+		}},
 		{name: "Auth/ClientReadyForHandshake", run: func(ctx context.Context, t *testing.T, coord tailnet.CoordinatorV2) {
 			client := test.NewClient(ctx, t, coord, "client", agentID)
 			defer client.Close(ctx)

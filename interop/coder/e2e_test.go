@@ -505,6 +505,7 @@ func TestDialErrors(t *testing.T) {
 		{"ClientVersionTooNew", "/api/v2/workspaceagents/" + agentID.String() + "/coordinate?version=2.99", info.ClientToken},
 		{"ClientMajorTooNew", "/api/v2/workspaceagents/" + agentID.String() + "/coordinate?version=3.0", info.ClientToken},
 		{"AgentVersionTooNew", "/api/v2/workspaceagents/me/rpc?version=2.99&role=agent", info.AgentToken},
+		{"AgentRPCVersion1", "/api/v2/workspaceagents/me/rpc?version=1.0&role=agent", info.AgentToken},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			dumpLogsOnFailure(t, srv)
@@ -530,4 +531,25 @@ func TestDialErrors(t *testing.T) {
 			t.Logf("%s: %v", c.path, err)
 		})
 	}
+}
+
+// TestClientNotAllowed: a user who may not reach the agent gets Coder's 404 on
+// {agent}/coordinate, which workspacesdk.WebsocketDialer treats as permanent.
+func TestClientNotAllowed(t *testing.T) {
+	cfg := newStaticConfig(2)
+	srv := startServe(t, cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c := newRealClient(t, srv.announcement().BaseURL, cfg.Agents[1].ID, cfg.RestrictedUserToken, peerOpts{})
+	var err error
+	select {
+	case err = <-c.dialer.Connected():
+	case <-ctx.Done():
+		t.Fatal("no answer to the first dial")
+	}
+	var sdkErr *codersdk.Error
+	if !errors.As(err, &sdkErr) || sdkErr.StatusCode() != http.StatusNotFound {
+		t.Fatalf("want a *codersdk.Error with 404, got %T %v", err, err)
+	}
+	t.Logf("restricted user, other agent: %v", err)
 }

@@ -161,6 +161,7 @@ type tailnetd struct {
 	exited  chan struct{}
 	exitErr error
 	info    announcement
+	dumps   int // log tails printed so far
 }
 
 // logFilter is passed as --log; TAILNETD_TEST_LOG overrides it.
@@ -181,7 +182,7 @@ func startTailnetd(t *testing.T, args ...string) *tailnetd {
 	}
 	s := &tailnetd{t: t, bin: tailnetdBinary(t), args: args, logs: newLogRing(keep)}
 	// Registered first so it runs last, after the process is gone and every client closed.
-	dumpLogsOnFailure(t, s)
+	dumpLogs(t, s, true)
 	t.Cleanup(func() { s.stop(false) })
 	if err := s.start(); err != nil {
 		t.Fatalf("starting tailnetd: %v", err)
@@ -191,10 +192,20 @@ func startTailnetd(t *testing.T, args ...string) *tailnetd {
 
 // dumpLogsOnFailure prints the case name and tailnetd's log tail if t (a test or subtest) fails
 // (TAILNETD_TEST_DUMP_LOGS=1: the whole log, always).
-func dumpLogsOnFailure(t *testing.T, s *tailnetd) {
+func dumpLogsOnFailure(t *testing.T, s *tailnetd) { dumpLogs(t, s, false) }
+
+func dumpLogs(t *testing.T, s *tailnetd, owner bool) {
 	t.Cleanup(func() {
 		all := os.Getenv("TAILNETD_TEST_DUMP_LOGS") != ""
 		if !t.Failed() && !all {
+			return
+		}
+		s.mu.Lock()
+		already := s.dumps
+		s.dumps++
+		s.mu.Unlock()
+		if owner && already > 0 && !all {
+			t.Logf("FAILED CASE %s: tailnetd's log tail was printed with the failing subtest(s) above", t.Name())
 			return
 		}
 		lines := s.logs.tail()
@@ -272,7 +283,10 @@ func (s *tailnetd) start() error {
 	case line, ok := <-lineCh:
 		if !ok {
 			<-exited
-			return fmt.Errorf("tailnetd exited before announcing (%v); log tail:\n%s", s.exitErr,
+			s.mu.Lock()
+			exitErr := s.exitErr
+			s.mu.Unlock()
+			return fmt.Errorf("tailnetd exited before announcing (%v); log tail:\n%s", exitErr,
 				strings.Join(s.logs.tail(), "\n"))
 		}
 		var info announcement
@@ -354,10 +368,12 @@ func (s *tailnetd) announcement() announcement {
 // key, so that tokens survive restarts and the harness can use Coder's own resume-token code
 // with the same key.
 type staticConfig struct {
-	Agents      []staticAgent
-	UserToken   string
-	ResumeKeyID string
-	ResumeKey   []byte
+	Agents    []staticAgent
+	UserToken string
+	// RestrictedUserToken may reach only Agents[0] (written when there is at least one agent).
+	RestrictedUserToken string
+	ResumeKeyID         string
+	ResumeKey           []byte
 }
 
 type staticAgent struct {
@@ -366,7 +382,8 @@ type staticAgent struct {
 }
 
 func newStaticConfig(nAgents int) staticConfig {
-	c := staticConfig{UserToken: randomUserToken(), ResumeKeyID: "1", ResumeKey: make([]byte, 64)}
+	c := staticConfig{UserToken: randomUserToken(), RestrictedUserToken: randomUserToken(),
+		ResumeKeyID: "1", ResumeKey: make([]byte, 64)}
 	if _, err := rand.Read(c.ResumeKey); err != nil {
 		panic(err)
 	}
@@ -395,6 +412,9 @@ func (c staticConfig) toml() string {
 		fmt.Fprintf(&sb, "[[auth.agents]]\ntoken = %q\nid = %q\n\n", a.Token, a.ID)
 	}
 	fmt.Fprintf(&sb, "[[auth.users]]\ntoken = %q\nagents = \"all\"\n\n", c.UserToken)
+	if len(c.Agents) > 0 {
+		fmt.Fprintf(&sb, "[[auth.users]]\ntoken = %q\nname = \"restricted\"\nagents = [%q]\n\n", c.RestrictedUserToken, c.Agents[0].ID)
+	}
 	fmt.Fprintf(&sb, "[auth.resume_key]\nid = %q\nsecret_hex = %q\n", c.ResumeKeyID, hex.EncodeToString(c.ResumeKey))
 	return sb.String()
 }

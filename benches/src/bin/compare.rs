@@ -22,6 +22,9 @@ use serde::{Deserialize, Serialize};
 
 /// Tailscale release whose `derper` we compare against (the version `interop/tailscale` uses).
 const DERPER_VERSION: &str = "v1.102.5";
+/// Closed-loop window (packets in flight per pair) of the maximum-throughput runs: derper's and
+/// tailnetd's per-destination queue depth, so no relay ever needs to drop.
+const WINDOW: u64 = 32;
 /// Coder release whose Go coordinator `interop/gocoord` serves.
 const CODER_VERSION: &str = "v2.36.1";
 
@@ -49,6 +52,9 @@ struct Cli {
     /// Output directory (default benches/results, quick: target/bench-quick).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Use the already-built tailnetd, loadgen and tcpfwd next to this binary (no cargo build).
+    #[arg(long)]
+    no_build: bool,
     /// Run only these parts (comma-separated: relay, sweep, idle, coord); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -361,6 +367,7 @@ impl Ctx {
         pairs: usize,
         size: usize,
         rate: f64,
+        window: u64,
         label: &str,
     ) -> Result<RelayReport> {
         let srv = self.start_relay(which)?;
@@ -384,6 +391,8 @@ impl Ctx {
             &self.duration.to_string(),
             "--warmup",
             &self.warmup.to_string(),
+            "--window",
+            &window.to_string(),
             "--server-pid",
             &srv.pid().to_string(),
             "--label",
@@ -548,7 +557,11 @@ fn main() -> Result<()> {
         "compare: building tailnetd, loadgen, tcpfwd ({})",
         profile()
     );
-    let bin_dir = build_rust()?;
+    let bin_dir = if cli.no_build {
+        target_dir().join(profile())
+    } else {
+        build_rust()?
+    };
     let mut notes = Vec::new();
     let go = have("go");
     let derper = if quick || cli.no_derper {
@@ -635,9 +648,9 @@ fn main() -> Result<()> {
     for &p in ps.iter().filter(|_| want("relay")) {
         for &s in &ss {
             for &r in &relays {
-                let label = format!("{} max P={p} S={s}", r.name());
+                let label = format!("{} closed-loop P={p} S={s}", r.name());
                 eprintln!("compare: relay {label}");
-                match ctx.relay_run(r, p, s, 0.0, &label) {
+                match ctx.relay_run(r, p, s, 0.0, WINDOW, &label) {
                     Ok(rep) => res.relay_max.push((r, rep)),
                     Err(e) => res.errors.push(format!("{label}: {e:#}")),
                 }
@@ -672,7 +685,7 @@ fn main() -> Result<()> {
                 let rate = (base * f).round();
                 let label = format!("{} sweep {f}x P={sweep_p} S=1400", r.name());
                 eprintln!("compare: relay {label} ({rate} pps)");
-                match ctx.relay_run(r, sweep_p, 1400, rate, &label) {
+                match ctx.relay_run(r, sweep_p, 1400, rate, 0, &label) {
                     Ok(rep) => res.relay_sweep.push((r, f, rep)),
                     Err(e) => res.errors.push(format!("{label}: {e:#}")),
                 }
@@ -997,11 +1010,11 @@ fn markdown(res: &Results, quick: bool) -> String {
         w(&mut m, &format!("- **{k}**: {}", v.replace('\n', "; ")));
     }
     w(&mut m, "");
-    w(&mut m, "Method: each server runs alone (restarted for every run) pinned to core 0; the load generator (`loadgen`, one tokio worker per allowed core) is pinned to core 1. Plain HTTP on loopback, no TLS, no STUN. Relay runs: 1 s warm-up, then the measurement window; loss = (sent − received) / sent over the whole run after a 2 s drain; latency = one-way, sender timestamp to receiver, same clock. tailnetd runs with `--log warn`; derper with its defaults. The load generator shares the machine with the server, so at the top end it can be the bottleneck: the TCP-forward ceiling shows where that is.");
+    w(&mut m, "Method: each server runs alone (restarted for every run) pinned to core 0; the load generator (`loadgen`, one tokio worker per allowed core) is pinned to core 1. Plain HTTP on loopback, no TLS, no STUN. Relay runs: 1 s warm-up, then the measurement window. The maximum-throughput runs are closed loop (each pair keeps at most 32 packets in flight, the relays' per-destination queue depth, so a relay never needs to drop); the sweep is open loop at fixed total rates (up to 4× the base figure) and shows latency against offered load and behaviour under overload; loss = (sent − received) / sent over the whole run after a 2 s drain; latency = one-way, sender timestamp to receiver, same clock. tailnetd runs with `--log warn`; derper with its defaults. The load generator shares the machine with the server, so at the top end it can be the bottleneck: the TCP-forward ceiling shows where that is.");
     w(&mut m, "");
 
     // Relay max table.
-    w(&mut m, "## Relay throughput, senders as fast as possible");
+    w(&mut m, "## Relay throughput, maximum without loss (closed loop: at most 32 packets in flight per pair)");
     w(&mut m, "");
     w(&mut m, "| P | S (B) | tailnetd Gbit/s | tailnetd kpps | tailnetd loss | tailnetd p99 µs | tailnetd CPU | derper Gbit/s | derper loss | derper p99 µs | derper CPU | ceiling Gbit/s | tailnetd/derper | tailnetd/ceiling |");
     w(

@@ -34,6 +34,7 @@ use crate::metrics::Role;
 use crate::resume::ResumeError;
 use crate::rpc::wsio::{CLOSE_GOING_AWAY, LIVENESS_FAILED_REASON, RECOMMENDED_MAX_MESSAGE_SIZE};
 use crate::service::{PeerKind, V2Peer};
+use crate::upstream::agent_rpc::{Endpoint, UpstreamLink};
 use crate::v1::V1Peer;
 use crate::Coordinator;
 use errors::INVALID_RESUME_TOKEN_MESSAGE;
@@ -84,6 +85,8 @@ fn auth_error(coord: &Coordinator, e: AuthError, not_found: &str) -> ApiError {
             r
         }
         AuthError::Forbidden => ApiError::new(StatusCode::NOT_FOUND, not_found),
+        // Coder's browser-only answer: `{"message": ...}` with 409.
+        AuthError::Conflict { message } => ApiError::new(StatusCode::CONFLICT, message),
         AuthError::Unavailable(d) => {
             tracing::warn!(error = %d, "authentication backend unavailable");
             ApiError::new(
@@ -195,6 +198,7 @@ async fn agent_coordinate(
             name: agent.name,
             kind: PeerKind::Agent,
             resume: false,
+            upstream: None,
         };
         upgrade_v2(coord, ws, peer)
     }
@@ -224,11 +228,13 @@ async fn agent_rpc(
     };
     let role = query_value(q, "role").unwrap_or_default();
     tracing::debug!(agent = %agent.agent_id, role = %role, "agent rpc connection");
+    let upstream = upstream_link(&coord, Endpoint::AgentRpc, &headers, q);
     let peer = V2Peer {
         id: agent.agent_id,
         name: agent.name,
         kind: PeerKind::Agent,
         resume: false,
+        upstream,
     };
     upgrade_v2(coord, ws, peer)
 }
@@ -308,6 +314,7 @@ async fn client_coordinate(
             name: "client".into(),
             kind: PeerKind::Client { agent_id },
             resume: true,
+            upstream: None,
         };
         upgrade_v2(coord, ws, peer)
     }
@@ -356,6 +363,7 @@ async fn tailnet(
             allowed: Arc::new(AllowedAgents::new()),
         },
         resume: true,
+        upstream: upstream_link(&coord, Endpoint::Tailnet, &headers, q),
     };
     upgrade_v2(coord, ws, peer)
 }
@@ -409,6 +417,18 @@ fn accept(ws: Upgrade, headers: &HeaderMap) -> Result<WebSocketUpgrade, Box<Resp
         }
     }
     Ok(ws)
+}
+
+/// Sidecar mode: the session's forwarding state, carrying the peer's own token to coderd.
+fn upstream_link(
+    coord: &Coordinator,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Option<Arc<UpstreamLink>> {
+    let rpc = coord.upstream_rpc.as_ref()?;
+    let token = token_from_request(headers, query)?;
+    Some(rpc.link(endpoint, query, token))
 }
 
 fn upgrade_v1(coord: Arc<Coordinator>, ws: WebSocketUpgrade, peer: V1Peer) -> Response {

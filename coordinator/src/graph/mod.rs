@@ -35,7 +35,7 @@
 //!
 //! # Lock order (deadlock freedom)
 //!
-//! Shard mutexes are only taken in increasing index order ([`shard`] is the only code that locks
+//! Shard mutexes are only taken in increasing index order (`shard.rs` is the only code that locks
 //! them), then at most one outbox mutex, which is a leaf: nothing is locked while holding it. A
 //! per-connection mutex serializes concurrent [`PeerGraph::handle`] calls on one handle; it is taken
 //! before any shard lock and never while holding one. Nothing blocks while holding a lock: there is

@@ -1,13 +1,16 @@
 //! The graph's persistent view: peer nodes and tunnels.
 //!
 //! Why: Coder's HA coordinator keeps the same facts in PostgreSQL (`tailnet_peers`,
-//! `tailnet_tunnels`). The graph core talks to this trait only, so a PostgreSQL-backed store can
-//! replace [`MemoryStore`] later without touching the protocol logic. The trait holds exactly what
-//! the core calls, nothing more.
+//! `tailnet_tunnels`). The pure core ([`super::State`]) talks to this trait only. The trait holds
+//! exactly what the core calls, nothing more.
 //!
-//! Contract: methods are synchronous and must not block on I/O (the core runs under the graph
-//! lock). A database store is expected to be a write-behind cache: answer from memory, persist
-//! through its own bounded queue.
+//! The concurrent [`super::PeerGraph`] does not go through this trait: it keeps the same facts
+//! split across its shards (each peer's node and tunnels in that peer's shard, see [`super`]), so
+//! that no store-wide lock sits on the update path. A PostgreSQL store for HA will attach there as
+//! a write-behind observer of those per-shard changes (answer from memory, persist through its own
+//! bounded queue), not as a lock-holding backend.
+//!
+//! Contract: methods are synchronous and must not block on I/O.
 
 use std::collections::{HashMap, HashSet};
 

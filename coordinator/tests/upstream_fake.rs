@@ -1,0 +1,134 @@
+//! Tests of the fake Coder upstream itself, so other tests (and helpers) can trust it.
+#![allow(clippy::unwrap_used)]
+
+mod fake_coder;
+mod upstream_harness;
+
+/// Named after the feature so that `cargo test -p coordinator upstream` runs it.
+mod upstream {
+    use bytes::Bytes;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    use super::fake_coder::FakeCoder;
+    use super::upstream_harness::{client_stack, json, send};
+
+    #[tokio::test]
+    async fn fake_coder_rest_and_switches() {
+        let f = FakeCoder::start().await;
+        let me = send(
+            &format!("{}/api/v2/users/me", f.url),
+            "GET",
+            &[("coder-session-token", &f.user_token_ssh)],
+            b"",
+        )
+        .await;
+        assert_eq!(me.status(), 200);
+        assert_eq!(json(me.body())["id"], f.user_id_ssh.to_string());
+        let probe = format!("{}{}", f.url, f.agent_path("/coordinate?version=99.0"));
+        let r = send(
+            &probe,
+            "GET",
+            &[("coder-session-token", &f.user_token_ssh)],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status(), 400);
+        let r = send(
+            &probe,
+            "GET",
+            &[("coder-session-token", &f.user_token_nossh)],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status(), 404);
+        let r = send(
+            &probe,
+            "GET",
+            &[("coder-session-token", &f.bad_user_token)],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status(), 401);
+        f.set_browser_only(true);
+        let r = send(
+            &probe,
+            "GET",
+            &[("coder-session-token", &f.user_token_ssh)],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status(), 409);
+        let manifest = format!("{}/api/v2/workspaceagents/me/manifest", f.url);
+        let r = send(
+            &manifest,
+            "GET",
+            &[("coder-session-token", &f.agent_token)],
+            b"",
+        )
+        .await;
+        assert_eq!(json(r.body())["agent_id"], f.agent_id.to_string());
+        f.set_manifest_gone(true);
+        let r = send(
+            &manifest,
+            "GET",
+            &[("coder-session-token", &f.agent_token)],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status(), 404);
+        f.set_fail(true);
+        let r = send(&manifest, "GET", &[], b"").await;
+        assert_eq!(r.status(), 500);
+        assert_eq!(f.count("/api/v2/workspaceagents/me/manifest"), 3);
+        f.go_away().await;
+        assert!(tokio::net::TcpStream::connect(f.addr).await.is_err());
+    }
+
+    /// `/me/rpc`: GetManifest and the echo of other Agent methods, over our own stack.
+    #[tokio::test]
+    async fn fake_coder_agent_rpc() {
+        let f = FakeCoder::start().await;
+        let url = format!(
+            "ws://{}/api/v2/workspaceagents/me/rpc?version=2.10&role=agent",
+            f.addr
+        );
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("Coder-Session-Token", f.agent_token.parse().unwrap());
+        let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let conn = client_stack(ws);
+        let m: proto::agent::v2::Manifest = conn
+            .rpc
+            .invoke_unary(
+                proto::agent::v2::methods::GET_MANIFEST,
+                &proto::agent::v2::GetManifestRequest::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(&m.agent_id[..], f.agent_id.as_bytes());
+        assert!(m.derp_map.is_some());
+        let echoed: proto::agent::v2::GetManifestRequest = conn
+            .rpc
+            .invoke_unary(
+                "/coder.agent.v2.Agent/UpdateStats",
+                &proto::agent::v2::GetManifestRequest::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(echoed, proto::agent::v2::GetManifestRequest::default());
+        let e = conn
+            .rpc
+            .invoke_unary::<_, proto::agent::v2::Manifest>(
+                "/coder.tailnet.v2.Tailnet/PostTelemetry",
+                &proto::agent::v2::GetManifestRequest::default(),
+            )
+            .await
+            .unwrap_err();
+        assert!(e.is_unimplemented());
+        let calls = f.rpc_calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1].0, "/coder.agent.v2.Agent/UpdateStats");
+        assert_eq!(calls[1].1, "agent");
+        let _ = Bytes::new();
+    }
+}

@@ -1,0 +1,255 @@
+//! tailnetd in sidecar mode for tests: a coordinator whose authenticator asks the fake coderd,
+//! its routes merged with the upstream proxy, served on 127.0.0.1 with connect info.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use coordinator::derpmap::{DerpMapConfig, DerpMapSource, EmbeddedRelay};
+use coordinator::rpc::drpc::{DrpcConfig, RpcClient};
+use coordinator::rpc::wsio::{WsConfig, WsHandle, WsIo};
+use coordinator::rpc::yamux::{self, Session};
+use coordinator::upstream::{Upstream, UpstreamAuthenticator, UpstreamConfig};
+use coordinator::{Coordinator, CoordinatorConfig};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::fake_coder::FakeCoder;
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct Sidecar {
+    pub fake: FakeCoder,
+    pub addr: SocketAddr,
+    pub coord: Arc<Coordinator>,
+    pub upstream: Upstream,
+    pub auth: Arc<UpstreamAuthenticator>,
+    pub registry: prometheus::Registry,
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Test defaults: short timeouts, 1 MiB body limit.
+pub fn test_config(url: &str) -> UpstreamConfig {
+    UpstreamConfig {
+        url: url.to_string(),
+        connect_timeout: Duration::from_millis(500),
+        header_timeout: Duration::from_millis(1500),
+        max_body_bytes: 1 << 20,
+        auth_ttl_ok: Duration::from_secs(30),
+        auth_ttl_err: Duration::from_secs(5),
+        ..Default::default()
+    }
+}
+
+impl Sidecar {
+    pub async fn start() -> Sidecar {
+        let fake = FakeCoder::start().await;
+        Self::start_with(fake, |_| {}).await
+    }
+
+    pub async fn start_with(fake: FakeCoder, tweak: impl FnOnce(&mut UpstreamConfig)) -> Sidecar {
+        init_tracing();
+        let registry = prometheus::Registry::new();
+        let mut cfg = test_config(&fake.url);
+        tweak(&mut cfg);
+        let upstream = Upstream::new(cfg, &registry).unwrap();
+        let auth = Arc::new(UpstreamAuthenticator::new(upstream.clone()));
+        let derp = DerpMapSource::new(DerpMapConfig {
+            embedded: Some(EmbeddedRelay::new("http://127.0.0.1:1", None)),
+            ..Default::default()
+        })
+        .unwrap();
+        let coord = Coordinator::new(
+            CoordinatorConfig {
+                shutdown_grace: Duration::from_secs(2),
+                ..Default::default()
+            },
+            auth.clone(),
+            derp,
+            &registry,
+        )
+        .unwrap();
+        let app = coord.router().merge(upstream.proxy_router(coord.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await;
+        });
+        Sidecar {
+            fake,
+            addr,
+            coord,
+            upstream,
+            auth,
+            registry,
+        }
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// One HTTP request through tailnetd.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> http::Response<Bytes> {
+        send(&self.http_url(path), method, headers, body).await
+    }
+
+    /// One HTTP request straight to the fake (for byte-for-byte comparison).
+    pub async fn direct(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> http::Response<Bytes> {
+        send(&format!("{}{}", self.fake.url, path), method, headers, body).await
+    }
+
+    pub async fn ws(
+        &self,
+        path: &str,
+        token: &str,
+    ) -> Result<Ws, Box<tokio_tungstenite::tungstenite::Error>> {
+        let mut req = format!("ws://{}{}", self.addr, path)
+            .into_client_request()
+            .unwrap();
+        if !token.is_empty() {
+            req.headers_mut()
+                .insert("Coder-Session-Token", token.parse().unwrap());
+        }
+        tokio_tungstenite::connect_async(req)
+            .await
+            .map(|(ws, _)| ws)
+            .map_err(Box::new)
+    }
+
+    /// A failed WebSocket dial's status and JSON body.
+    pub async fn ws_error(&self, path: &str, token: &str) -> (u16, serde_json::Value) {
+        match self.ws(path, token).await {
+            Ok(_) => panic!("websocket to {path} unexpectedly succeeded"),
+            Err(e) => match *e {
+                tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                    let body = resp.body().clone().unwrap_or_default();
+                    (
+                        resp.status().as_u16(),
+                        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+                    )
+                }
+                other => panic!("unexpected error {other}"),
+            },
+        }
+    }
+
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        for mf in self.registry.gather() {
+            if mf.name() != name {
+                continue;
+            }
+            for m in mf.get_metric() {
+                let ok = labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                });
+                if ok {
+                    if mf.get_field_type() == prometheus::proto::MetricType::COUNTER {
+                        return m.get_counter().get_value();
+                    }
+                    return m.get_gauge().get_value();
+                }
+            }
+        }
+        0.0
+    }
+
+    pub fn coordinate_path(&self) -> String {
+        format!(
+            "/api/v2/workspaceagents/{}/coordinate?version=2.0",
+            self.fake.agent_id
+        )
+    }
+}
+
+pub async fn send(
+    url: &str,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> http::Response<Bytes> {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .unwrap();
+    for (k, v) in headers {
+        req.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("request timed out")
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    let bytes = tokio::time::timeout(Duration::from_secs(10), body.collect())
+        .await
+        .expect("body timed out")
+        .unwrap()
+        .to_bytes();
+    http::Response::from_parts(parts, bytes)
+}
+
+/// A streaming request body from chunks.
+pub fn stream_body(chunks: Vec<Bytes>) -> Body {
+    Body::from_stream(futures_util::stream::iter(
+        chunks.into_iter().map(Ok::<Bytes, std::io::Error>),
+    ))
+}
+
+/// v2 client stack on a WebSocket.
+pub struct V2Conn {
+    pub rpc: RpcClient,
+    pub ws: WsHandle,
+}
+
+pub fn client_stack(ws: Ws) -> V2Conn {
+    let (io, handle) = WsIo::new(ws, WsConfig::client());
+    let session = Session::client(io, yamux::Config::default());
+    V2Conn {
+        rpc: RpcClient::new(session, DrpcConfig::default()),
+        ws: handle,
+    }
+}
+
+pub fn json(b: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(b).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(b)))
+}
