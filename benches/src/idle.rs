@@ -5,15 +5,12 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
-use bytes::{Bytes, BytesMut};
-use derp::{Client, ClientOptions, ReceivedFrame};
+use anyhow::{anyhow, Result};
+use derp::Client;
 use futures_util::stream::{self, StreamExt};
-use proto::key::NodePrivate;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
 
+use crate::dialer::{connect, host_path};
 use crate::procfs;
 
 /// Connections per source address (well inside Linux's default 28k ephemeral ports).
@@ -65,72 +62,22 @@ pub struct IdleReport {
     pub server_peak_rss_bytes: Option<u64>,
 }
 
-fn host_port(url: &str) -> Result<(String, String)> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow!("idle: only http:// URLs are supported, got {url}"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/derp"),
-    };
-    Ok((authority.to_string(), path.to_string()))
-}
-
-async fn connect_one(i: usize, dst: SocketAddr, authority: &str, path: &str) -> Result<Client> {
-    let src = Ipv4Addr::new(127, 0, 0, 2 + (i / PER_SOURCE) as u8);
-    let sock = TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::new(IpAddr::V4(src), 0))
-        .with_context(|| format!("binding {src}"))?;
-    let mut tcp: TcpStream = sock.connect(dst).await.context("connect")?;
-    tcp.set_nodelay(true)?;
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n"
-    );
-    tcp.write_all(req.as_bytes()).await?;
-    let mut buf = BytesMut::with_capacity(1024);
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        if buf.len() > 16 << 10 || tcp.read_buf(&mut buf).await? == 0 {
-            bail!("no HTTP 101 response");
-        }
-    };
-    if !buf.starts_with(b"HTTP/1.1 101") {
-        bail!(
-            "upgrade refused: {}",
-            String::from_utf8_lossy(&buf[..head_end.min(80)])
-        );
-    }
-    let leftover = Bytes::copy_from_slice(&buf[head_end..]);
-    let pk = NodePrivate::generate(&mut rand::thread_rng());
-    let mut c = Client::handshake(tcp, leftover, pk, ClientOptions::default())
-        .await
-        .map_err(|e| anyhow!("handshake: {e}"))?;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), c.recv()).await {
-            Err(_) => bail!("no ServerInfo"),
-            Ok(Err(e)) => bail!("recv: {e}"),
-            Ok(Ok(ReceivedFrame::ServerInfo(_))) => return Ok(c),
-            Ok(Ok(_)) => {}
-        }
-    }
-}
-
 /// Runs the idle workload.
 pub async fn run(args: IdleArgs) -> Result<IdleReport> {
-    let (authority, path) = host_port(&args.url)?;
+    let (authority, path) = host_path(&args.url)?;
     let dst: SocketAddr = tokio::net::lookup_host(&authority)
         .await?
         .next()
         .ok_or_else(|| anyhow!("cannot resolve {authority}"))?;
     let pid = args.server_pid;
+    let _ = Duration::ZERO;
     let rss_before = procfs::rss_bytes(pid).ok_or_else(|| anyhow!("cannot read RSS of {pid}"))?;
     let t = Instant::now();
     let results: Vec<Result<Client>> = stream::iter(0..args.conns)
         .map(|i| {
             let (a, p) = (authority.clone(), path.clone());
-            async move { connect_one(i, dst, &a, &p).await }
+            let src = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i / PER_SOURCE) as u8));
+            async move { connect(dst, Some(src), &a, &p, false).await }
         })
         .buffer_unordered(args.concurrency.max(1))
         .collect()

@@ -8,6 +8,7 @@
 
 pub mod chart;
 pub mod coord;
+pub mod dialer;
 pub mod fixtures;
 pub mod hist;
 pub mod idle;

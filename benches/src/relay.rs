@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+use crate::dialer::{connect, host_path};
 use crate::hist::Histogram;
 use crate::procfs;
 
@@ -214,26 +215,52 @@ pub fn raw_hello(receiver: bool, pair: u32) -> [u8; 8] {
     [b'F', b'W', u8::from(receiver), 0, p[0], p[1], p[2], p[3]]
 }
 
-async fn connect_end(args: &RelayArgs, pair: u32, receiver: bool) -> Result<End> {
+async fn wait_server_info(client: &mut derp::Client) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let f = tokio::time::timeout_at(deadline.into(), client.recv())
+            .await
+            .map_err(|_| anyhow!("no ServerInfo within 10 s"))?
+            .map_err(|e| anyhow!("{e}"))?;
+        if matches!(f, ReceivedFrame::ServerInfo(_)) {
+            return Ok(());
+        }
+    }
+}
+
+/// Where the pairs connect, resolved once.
+#[derive(Clone)]
+struct Target {
+    args: RelayArgs,
+    /// For `http://` DERP URLs: address, authority and path for our buffered dialer; `None`
+    /// means `derp::dial::dial` (e.g. `https://`).
+    dst: Option<(std::net::SocketAddr, String, String)>,
+}
+
+impl std::ops::Deref for Target {
+    type Target = RelayArgs;
+    fn deref(&self) -> &RelayArgs {
+        &self.args
+    }
+}
+
+async fn connect_end(args: &Target, pair: u32, receiver: bool) -> Result<End> {
     let pk = NodePrivate::generate(&mut rand::thread_rng());
     match args.transport {
         Transport::Derp => {
-            let dialed = dial(&args.url, DialOptions::new(pk))
-                .await
-                .with_context(|| format!("dialing {}", args.url))?;
-            let mut client = dialed.client;
-            let key = client.public_key();
-            // Wait for ServerInfo: the handshake is complete and the server knows us.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let f = tokio::time::timeout_at(deadline.into(), client.recv())
-                    .await
-                    .map_err(|_| anyhow!("no ServerInfo within 10 s"))?
-                    .map_err(|e| anyhow!("{e}"))?;
-                if matches!(f, ReceivedFrame::ServerInfo(_)) {
-                    break;
+            let client = match &args.dst {
+                // Our own upgrade with a 64 KiB read buffer (see `dialer`).
+                Some((dst, authority, path)) => connect(*dst, None, authority, path, true).await?,
+                None => {
+                    let mut c = dial(&args.url, DialOptions::new(pk))
+                        .await
+                        .with_context(|| format!("dialing {}", args.url))?
+                        .client;
+                    wait_server_info(&mut c).await?;
+                    c
                 }
-            }
+            };
+            let key = client.public_key();
             let (r, w) = client.split();
             Ok(End {
                 key,
@@ -282,7 +309,20 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
         bail!("--pairs must be at least 1");
     }
     // Connect every pair (receivers first so nothing is sent to an unknown key).
-    let args2 = args.clone();
+    let dst = match (args.transport, host_path(&args.url)) {
+        (Transport::Derp, Ok((authority, path))) => {
+            let addr = tokio::net::lookup_host(&authority)
+                .await?
+                .next()
+                .ok_or_else(|| anyhow!("cannot resolve {authority}"))?;
+            Some((addr, authority, path))
+        }
+        _ => None,
+    };
+    let args2 = Target {
+        args: args.clone(),
+        dst,
+    };
     let pairs: Vec<(End, End)> = stream::iter(0..args.pairs)
         .map(|i| {
             let a = args2.clone();

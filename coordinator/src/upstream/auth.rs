@@ -30,10 +30,11 @@
 //!   different scopes get different answers, as they would from coderd.
 //!
 //! Caching: decisions are keyed by (SHA-256 of the token, agent), positive ones kept
-//! `auth_ttl_ok`, negative ones (token rejected, access denied) `auth_ttl_err`; concurrent misses
-//! for one key share one upstream request. Upstream failures (unreachable, timeout, 5xx, anything
-//! unexpected) become [`AuthError::Unavailable`] (503 to the caller) and are never cached. Sessions
-//! already open are never re-checked here, so upstream trouble cannot end them.
+//! `auth_ttl_ok`, negative ones (token rejected, access denied, browser-only) `auth_ttl_err`;
+//! concurrent misses for one key share one upstream request. Upstream failures (unreachable,
+//! timeout, 5xx, anything unexpected) become [`AuthError::Unavailable`] (503 to the caller) and
+//! are never cached. Sessions already open are never re-checked here, so upstream trouble cannot
+//! end them.
 //!
 //! This module must never log or store a token (the cache holds hashes and token-less user
 //! records; the identity handed back carries the caller's own token), and never hold a lock
