@@ -70,7 +70,6 @@ pub async fn run(args: IdleArgs) -> Result<IdleReport> {
         .next()
         .ok_or_else(|| anyhow!("cannot resolve {authority}"))?;
     let pid = args.server_pid;
-    let _ = Duration::ZERO;
     let rss_before = procfs::rss_bytes(pid).ok_or_else(|| anyhow!("cannot read RSS of {pid}"))?;
     let t = Instant::now();
     let results: Vec<Result<Client>> = stream::iter(0..args.conns)
