@@ -22,6 +22,7 @@ use proto::tailnet::v2::coordinate_response::peer_update::Kind;
 use proto::tailnet::v2::{methods, CoordinateResponse};
 use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use uuid::Uuid;
 
 use crate::fixtures::{add_tunnel, node, timestamp_ns, update_self};
@@ -196,7 +197,10 @@ async fn connect(base: &str, path: &str, token: Option<&str>) -> Result<(RpcClie
     if let Some(t) = token {
         req.headers_mut().insert("Coder-Session-Token", t.parse()?);
     }
-    let (ws, _) = tokio_tungstenite::connect_async(req)
+    // tungstenite's default 128 KiB read buffer is zero-filled on every read (`BytesMut::resize`),
+    // which would make the load generator, not the server, the bottleneck at 10k peers.
+    let config = WebSocketConfig::default().read_buffer_size(8 << 10);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(config), false)
         .await
         .with_context(|| format!("websocket {path}"))?;
     let (io, handle) = WsIo::new(ws, WsConfig::client());

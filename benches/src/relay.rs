@@ -293,11 +293,22 @@ struct Counters {
     recv_window: AtomicU64,
 }
 
-/// Closed-loop bookkeeping shared by one pair's sender and receiver.
-#[derive(Default)]
+/// Closed-loop and end-of-run bookkeeping shared by one pair's sender and receiver.
 struct Flow {
     received: AtomicU64,
     notify: tokio::sync::Notify,
+    /// Packets sent, published when the sender has finished (`u64::MAX` until then).
+    sent_final: AtomicU64,
+}
+
+impl Default for Flow {
+    fn default() -> Self {
+        Flow {
+            received: AtomicU64::new(0),
+            notify: tokio::sync::Notify::new(),
+            sent_final: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 /// Runs the relay workload and returns its report.
@@ -411,6 +422,7 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
                     c.sent_window.fetch_add(n, Ordering::Relaxed);
                 }
             }
+            flow.sent_final.store(seq, Ordering::Release);
             Ok::<_, anyhow::Error>(writer)
         }));
         let c = counters.clone();
@@ -420,7 +432,21 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
             let end = start + win_end + grace;
             let (mut total, mut window) = (0u64, 0u64);
             loop {
-                let p = match tokio::time::timeout_at(end.into(), reader.next()).await {
+                // After the window, poll every 50 ms whether everything sent has arrived, so
+                // the run ends as soon as the relay has drained (or after the grace period).
+                let now = start.elapsed();
+                let until = if now >= win_end {
+                    if flow_rx.received.load(Ordering::Acquire)
+                        >= flow_rx.sent_final.load(Ordering::Acquire)
+                    {
+                        break;
+                    }
+                    (start + now + Duration::from_millis(50)).min(end)
+                } else {
+                    end
+                };
+                let p = match tokio::time::timeout_at(until.into(), reader.next()).await {
+                    Err(_) if until < end => continue,
                     Err(_) => break,
                     Ok(Err(_)) => break,
                     Ok(Ok(None)) => continue,

@@ -140,6 +140,15 @@ pub enum AuthzError {
     /// An agent announced an address that is not its own.
     #[error("invalid node address, got {0}")]
     NodeAddress(String),
+    /// An agent's address check failed in the named node field (`Addresses` or `AllowedIps`);
+    /// Coder words it `"<field>: <reason>"`, and its conformance tests compare the text.
+    #[error("{field}: {source}")]
+    AgentField {
+        /// The node field, spelled as Coder's Go struct field.
+        field: &'static str,
+        /// What was wrong in it.
+        source: Box<AuthzError>,
+    },
 }
 
 /// Parses netip-style prefix text (`addr/bits`), returning the address and bit count.
@@ -213,8 +222,18 @@ impl CoordinateeAuth {
                     return Err(AuthzError::AgentCannotOpenTunnels);
                 }
                 if let Some(node) = node {
-                    check_agent_addresses(*id, &node.addresses)?;
-                    check_agent_addresses(*id, &node.allowed_ips)?;
+                    check_agent_addresses(*id, &node.addresses).map_err(|e| {
+                        AuthzError::AgentField {
+                            field: "Addresses",
+                            source: Box::new(e),
+                        }
+                    })?;
+                    check_agent_addresses(*id, &node.allowed_ips).map_err(|e| {
+                        AuthzError::AgentField {
+                            field: "AllowedIps",
+                            source: Box::new(e),
+                        }
+                    })?;
                 }
                 Ok(())
             }
@@ -313,26 +332,39 @@ mod tests {
             a.authorize(&add(Uuid::new_v4().as_bytes())),
             Err(AuthzError::AgentCannotOpenTunnels)
         );
+        let in_field = |field: &'static str, e: AuthzError| {
+            Err(AuthzError::AgentField {
+                field,
+                source: Box::new(e),
+            })
+        };
+        let foreign = || AuthzError::NodeAddress("fd7a:115c:a1e0::1".into());
         assert_eq!(
             a.authorize(&update(&["fd7a:115c:a1e0::1/128"], &[])),
-            Err(AuthzError::NodeAddress("fd7a:115c:a1e0::1".into()))
+            in_field("Addresses", foreign())
         );
         assert_eq!(
             a.authorize(&update(&[&ts], &["fd7a:115c:a1e0::1/128"])),
-            Err(AuthzError::NodeAddress("fd7a:115c:a1e0::1".into()))
+            in_field("AllowedIps", foreign())
         );
         let ts64 = format!("{}/64", addr_from_uuid(TAILSCALE_SERVICE_PREFIX, id));
         assert_eq!(
             a.authorize(&update(&[&ts64], &[])),
-            Err(AuthzError::AddressBits(64))
+            in_field("Addresses", AuthzError::AddressBits(64))
         );
         assert_eq!(
             a.authorize(&update(&[], &[&ts64])),
-            Err(AuthzError::AddressBits(64))
+            in_field("AllowedIps", AuthzError::AddressBits(64))
+        );
+        // Coder's exact wording, which its conformance tests compare.
+        assert_eq!(
+            a.authorize(&update(&[&ts64], &[]))
+                .map_err(|e| format!("authorization: {e}")),
+            Err("authorization: Addresses: invalid address bits, expected 128, got 64".into())
         );
         assert!(matches!(
             a.authorize(&update(&["garbage"], &[])),
-            Err(AuthzError::ParseAddress(_))
+            Err(AuthzError::AgentField { source, .. }) if matches!(*source, AuthzError::ParseAddress(_))
         ));
         // Agents may send ready_for_handshake.
         let rfh = CoordinateRequest {

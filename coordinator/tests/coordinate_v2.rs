@@ -183,7 +183,7 @@ async fn invalid_agent_address_ends_only_that_stream() {
     bad.addresses = vec!["fd7a:115c:a1e0::1/128".into()];
     agent.update_self(bad).await;
     agent
-        .expect_error("authorization: invalid node address")
+        .expect_error("authorization: Addresses: invalid node address")
         .await;
     agent.expect_closed().await;
     client.expect_lost(agent_id).await;
@@ -201,7 +201,7 @@ async fn invalid_agent_address_ends_only_that_stream() {
         addr_from_uuid(TAILSCALE_SERVICE_PREFIX, h.agents[2].id)
     )];
     p3.update_self(bad).await;
-    p3.expect_error("invalid address bits, expected 128, got 64")
+    p3.expect_error("authorization: AllowedIps: invalid address bits, expected 128, got 64")
         .await;
     p3.expect_closed().await;
     assert!(

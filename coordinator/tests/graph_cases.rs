@@ -457,11 +457,11 @@ mod graph {
         let cases: Vec<(Node, String)> = vec![
             (
                 node_addrs(1, std::slice::from_ref(&wrong), &[]),
-                format!("authorization: invalid node address, got {wrong_addr}"),
+                format!("authorization: Addresses: invalid node address, got {wrong_addr}"),
             ),
             (
                 node_addrs(1, &[agent_addr(aid)], std::slice::from_ref(&wrong)),
-                format!("authorization: invalid node address, got {wrong_addr}"),
+                format!("authorization: AllowedIps: invalid node address, got {wrong_addr}"),
             ),
             (
                 node_addrs(
@@ -469,11 +469,11 @@ mod graph {
                     &[agent_addr(aid).replace("/128", "/64")],
                     &[agent_addr(aid)],
                 ),
-                "authorization: invalid address bits, expected 128, got 64".into(),
+                "authorization: Addresses: invalid address bits, expected 128, got 64".into(),
             ),
             (
                 node_addrs(1, &[], &[agent_addr(aid).replace("/128", "/127")]),
-                "authorization: invalid address bits, expected 128, got 127".into(),
+                "authorization: AllowedIps: invalid address bits, expected 128, got 127".into(),
             ),
         ];
         for (n, want) in cases {

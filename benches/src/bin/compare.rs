@@ -593,7 +593,13 @@ fn main() -> Result<()> {
         }
     };
     let pin = Pin {
-        enabled: cpus() >= 2 && have("taskset"),
+        enabled: cpus() >= 2
+            && have("taskset")
+            && Command::new("taskset")
+                .args(["-c", "1", "true"])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false),
     };
     if !pin.enabled {
         notes.push("not pinned: needs taskset and at least 2 CPUs".to_string());
@@ -615,6 +621,7 @@ fn main() -> Result<()> {
         notes,
     };
 
+    let load0 = sh("cat /proc/loadavg");
     let mut res = Results {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         started_utc: sh("date -u +%Y-%m-%dT%H:%M:%SZ"),
@@ -739,19 +746,35 @@ fn main() -> Result<()> {
                 duration: cd,
             },
             CoordWorkload {
-                label: "throughput 10 x 100, 10/s each".into(),
+                label: "throughput 10 x 100, 3/s each".into(),
                 agents: 10,
                 clients: 100,
-                client_rate: 10.0,
-                agent_rate: 10.0,
+                client_rate: 3.0,
+                agent_rate: 3.0,
                 duration: cd,
             },
             CoordWorkload {
-                label: "throughput 10 x 100, 40/s each".into(),
+                label: "throughput 10 x 100, 6/s each".into(),
                 agents: 10,
                 clients: 100,
-                client_rate: 40.0,
-                agent_rate: 40.0,
+                client_rate: 6.0,
+                agent_rate: 6.0,
+                duration: cd,
+            },
+            CoordWorkload {
+                label: "throughput 10 x 100, 12/s each".into(),
+                agents: 10,
+                clients: 100,
+                client_rate: 12.0,
+                agent_rate: 12.0,
+                duration: cd,
+            },
+            CoordWorkload {
+                label: "throughput 10 x 100, 24/s each".into(),
+                agents: 10,
+                clients: 100,
+                client_rate: 24.0,
+                agent_rate: 24.0,
                 duration: cd,
             },
         ]
@@ -774,6 +797,10 @@ fn main() -> Result<()> {
     }
     res.coord_workloads = workloads;
     res.notes = ctx.notes.clone();
+    res.notes.push(format!(
+        "load average at start: {load0}; at end: {}",
+        sh("cat /proc/loadavg")
+    ));
     res.notes.push(format!(
         "total wall time {:.0} s",
         started.elapsed().as_secs_f64()
@@ -905,6 +932,17 @@ fn targets(m: &mut String, res: &Results) {
         opt(t, 3), opt(d, 3), opt(r, 2) + "×", verdict(r.map(|r| r >= 2.0))
     ),
     );
+    let pcore = |r: Relay| {
+        res.relay_max
+            .iter()
+            .find(|(x, rep)| *x == r && rep.pairs == 100 && rep.size == 1400)
+            .and_then(|(_, rep)| rep.gbps_per_core)
+    };
+    let rc = both(pcore(Relay::Tailnetd), pcore(Relay::Derper));
+    w(m, &format!(
+        "| same, normalised per server core (Gbit/s ÷ server CPU) | {} vs {} Gbit/s per core = {}× | {} |",
+        opt(pcore(Relay::Tailnetd), 2), opt(pcore(Relay::Derper), 2), opt(rc, 2), verdict(rc.map(|r| r >= 2.0))
+    ));
     let r = both(t, c);
     w(m, &format!(
         "| relay throughput ≥ 80% of the TCP-forward ceiling (P=100, 1400 B) | {} vs {} Gbit/s = {} | {} |",
@@ -1016,10 +1054,10 @@ fn markdown(res: &Results, quick: bool) -> String {
     // Relay max table.
     w(&mut m, "## Relay throughput, maximum without loss (closed loop: at most 32 packets in flight per pair)");
     w(&mut m, "");
-    w(&mut m, "| P | S (B) | tailnetd Gbit/s | tailnetd kpps | tailnetd loss | tailnetd p99 µs | tailnetd CPU | derper Gbit/s | derper loss | derper p99 µs | derper CPU | ceiling Gbit/s | tailnetd/derper | tailnetd/ceiling |");
+    w(&mut m, "| P | S (B) | tailnetd Gbit/s | tailnetd kpps | tailnetd loss | tailnetd p99 µs | tailnetd CPU | tailnetd Gbit/s per core | derper Gbit/s | derper loss | derper p99 µs | derper CPU | derper Gbit/s per core | ceiling Gbit/s | tailnetd/derper | tailnetd/derper per core | tailnetd/ceiling |");
     w(
         &mut m,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     );
     let find = |r: Relay, p: usize, s: usize| {
         res.relay_max
@@ -1047,23 +1085,30 @@ fn markdown(res: &Results, quick: bool) -> String {
             r.map_or("–".into(), |r| format!("{:.0}", r.latency_p99_us))
         };
         let cpu = |r: Option<&RelayReport>| r.map_or("–".into(), |r| opt(r.server_cpu_util, 2));
+        let pc = |r: Option<&RelayReport>| r.map_or("–".into(), |r| opt(r.gbps_per_core, 2));
         w(
             &mut m,
             &format!(
-                "| {p} | {s} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {p} | {s} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 g(t),
                 t.map_or("–".into(), |r| format!("{:.1}", r.delivered_pps / 1e3)),
                 l(t),
                 q(t),
                 cpu(t),
+                pc(t),
                 g(d),
                 l(d),
                 q(d),
                 cpu(d),
+                pc(d),
                 g(c),
                 ratio(
                     t.map_or(0.0, |r| r.delivered_gbps),
                     d.map_or(0.0, |r| r.delivered_gbps)
+                ),
+                ratio(
+                    t.and_then(|r| r.gbps_per_core).unwrap_or(0.0),
+                    d.and_then(|r| r.gbps_per_core).unwrap_or(0.0)
                 ),
                 ratio(
                     t.map_or(0.0, |r| r.delivered_gbps),
@@ -1075,7 +1120,7 @@ fn markdown(res: &Results, quick: bool) -> String {
     w(&mut m, "");
     w(
         &mut m,
-        "CPU = server CPU seconds per second of the window (1.00 = the whole pinned core).",
+        "CPU = server CPU seconds per second of the window (1.00 = the whole pinned core). Gbit/s per core = delivered Gbit/s ÷ CPU: what the server would move with a whole core to itself if it scaled linearly; it matters whenever CPU < 1.00, i.e. when the one-core load generator, not the server, was the limit.",
     );
     w(&mut m, "");
 
