@@ -41,6 +41,9 @@ fi
 step "cargo test (workspace)"
 cargo test --workspace --locked
 
+step "benchmark smoke test (compare --quick: every tailnetd workload runs and reports; no speed asserted)"
+cargo run --locked -q -p benches --bin compare -- --quick
+
 if [ -d interop ] && ls interop/*/go.mod >/dev/null 2>&1; then
   need go || { echo "go is required for the interop suites"; exit 1; }
   export TAILNETD_BIN="$repo/target/debug/tailnetd"
