@@ -8,6 +8,7 @@
 
 mod config;
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,7 +47,7 @@ fn main() -> ExitCode {
     let settings = match Settings::resolve(role, args) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("tailnetd: invalid configuration: {e:#}");
+            let _ = writeln!(std::io::stderr(), "tailnetd: invalid configuration: {e:#}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -58,7 +59,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("tailnetd: starting the runtime: {e}");
+            let _ = writeln!(std::io::stderr(), "tailnetd: starting the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -66,7 +67,6 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "tailnetd stopped");
-            eprintln!("tailnetd: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -78,6 +78,9 @@ fn init_tracing(s: &Settings) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (stderr closed by a dead supervisor) is dropped;
+        // reporting that failure on the same stderr would panic the process.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     if s.log_json {
         builder.json().init();

@@ -301,3 +301,44 @@ fn dead_upstream_is_a_502_with_coders_error_shape() {
     );
     assert_eq!(status, 503);
 }
+
+/// Regression (found by the Coder interop suite): with stderr closed by a dead supervisor, log
+/// lines written while draining must not panic the process; SIGTERM still exits 0.
+#[test]
+fn sigterm_with_closed_stderr_exits_cleanly() {
+    let mut child = bin()
+        .args([
+            "dev",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--stun-addr",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(!line.is_empty());
+    drop(child.stderr.take());
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(0), "exit status {status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tailnetd did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

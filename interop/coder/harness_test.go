@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -60,6 +61,32 @@ func TestMain(m *testing.M) {
 		}
 	}
 	os.Exit(m.Run())
+}
+
+// The kernel's parent-death signal is tied to the OS thread that forked the child, so tailnetd
+// is started from one goroutine locked to a thread that never exits: if the test binary dies
+// without running its cleanups (a panic, a timeout), tailnetd gets SIGKILL instead of lingering.
+var spawnReqs = make(chan spawnReq)
+
+type spawnReq struct {
+	cmd  *exec.Cmd
+	done chan error
+}
+
+func init() {
+	go func() {
+		runtime.LockOSThread() // never unlocked: this thread lives as long as the process
+		for r := range spawnReqs {
+			r.done <- r.cmd.Start()
+		}
+	}()
+}
+
+func startOnSpawnerThread(cmd *exec.Cmd) error {
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	done := make(chan error, 1)
+	spawnReqs <- spawnReq{cmd: cmd, done: done}
+	return <-done
 }
 
 var (
@@ -233,7 +260,7 @@ func (s *tailnetd) start() error {
 	if err != nil {
 		return err
 	}
-	if err := cmd.Start(); err != nil {
+	if err := startOnSpawnerThread(cmd); err != nil {
 		return err
 	}
 	exited := make(chan struct{})
