@@ -7,6 +7,13 @@
 //! Two server flavours: `tailnetd` (agents on `/api/v2/workspaceagents/me/rpc` with an agent
 //! token, clients on `/{agent}/coordinate` with a user token, from `--auth-file`) and `gocoord`
 //! (the Go coordinator harness in `interop/gocoord`: no auth, agents on `/{id}/coordinate?role=agent`).
+//!
+//! Two clients (`--client`): `lean` (default, [`lean`]: one task per connection on a plain socket,
+//! so the one-core load generator stays well below the server's cost per message) and `full` (the
+//! coordinator crate's own client stack, kept to cross-check the lean one). Both count exactly the
+//! same things through [`tally`].
+
+pub mod lean;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,13 +26,16 @@ use coordinator::rpc::wsio::{WsConfig, WsHandle, WsIo};
 use coordinator::rpc::yamux::{self, Session};
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use proto::tailnet::v2::coordinate_response::peer_update::Kind;
-use proto::tailnet::v2::{methods, CoordinateResponse};
+use proto::tailnet::v2::{methods, CoordinateRequest, CoordinateResponse};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use uuid::Uuid;
 
-use crate::fixtures::{add_tunnel, node, timestamp_ns, update_self};
+use self::lean::{LeanConn, LeanError};
+use crate::fixtures::{add_tunnel, node, timestamp, timestamp_ns, update_self};
 use crate::hist::Histogram;
 use crate::procfs;
 
@@ -89,6 +99,15 @@ impl AuthFile {
     }
 }
 
+/// Which client implementation the load generator uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientKind {
+    /// Hand-written WebSocket/yamux/dRPC, one task per connection (see [`lean`]).
+    Lean,
+    /// The coordinator crate's client stack (tungstenite + `WsIo` + yamux `Session` + `RpcClient`).
+    Full,
+}
+
 /// Coordinator workload settings.
 #[derive(Clone, Debug, clap::Args)]
 pub struct CoordArgs {
@@ -128,6 +147,9 @@ pub struct CoordArgs {
     /// Free-form label copied into the JSON.
     #[arg(long, default_value = "")]
     pub label: String,
+    /// Client implementation.
+    #[arg(long, value_enum, default_value_t = ClientKind::Lean)]
+    pub client: ClientKind,
 }
 
 /// What one coordinator run measured.
@@ -171,14 +193,125 @@ pub struct CoordReport {
     pub failed_streams: u64,
 }
 
-struct Peer {
+/// Where and as whom one peer connects.
+struct Target {
+    /// Path and query of the WebSocket endpoint.
+    path: String,
+    /// `Coder-Session-Token`, if the flavour authenticates.
+    token: Option<String>,
+    /// The peer's own id.
     id: Uuid,
+    /// Whether the peer is an agent.
     agent: bool,
-    /// The agent this client tunnels to (self for agents).
-    _rpc: RpcClient,
-    _ws: WsHandle,
-    tx: RpcSender,
-    rx: RpcReceiverOwned,
+    /// The agent a client tunnels to (the agent's own id for agents).
+    agent_id: Uuid,
+}
+
+fn target(args: &CoordArgs, auth: &AuthFile, agent_idx: usize, agent: bool) -> Target {
+    let cred = auth.agents[agent_idx];
+    let (path, token, id) = match (args.flavor, agent) {
+        (Flavor::Tailnetd, true) => (
+            "/api/v2/workspaceagents/me/rpc?version=2.0".to_string(),
+            Some(cred.token.to_string()),
+            cred.id,
+        ),
+        (Flavor::Tailnetd, false) => (
+            format!("/api/v2/workspaceagents/{}/coordinate?version=2.0", cred.id),
+            Some(auth.client_token.clone()),
+            Uuid::new_v4(),
+        ),
+        (Flavor::Gocoord, true) => (
+            format!(
+                "/api/v2/workspaceagents/{}/coordinate?version=2.0&role=agent",
+                cred.id
+            ),
+            None,
+            cred.id,
+        ),
+        (Flavor::Gocoord, false) => {
+            // The harness names the client by the `client` query parameter.
+            let id = Uuid::new_v4();
+            (
+                format!(
+                    "/api/v2/workspaceagents/{}/coordinate?version=2.0&client={id}",
+                    cred.id
+                ),
+                None,
+                id,
+            )
+        }
+    };
+    Target {
+        path,
+        token,
+        id,
+        agent,
+        agent_id: cred.id,
+    }
+}
+
+/// The measurement window, shared by every peer once setup is over.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    /// Start of the send schedule (warm-up begins).
+    start: Instant,
+    /// Senders stop at `start + win_end`; receivers one second later.
+    win_end: Duration,
+    /// Updates stamped in `[win_start_wall, win_end_wall)` (wall clock, ns) are counted.
+    win_start_wall: u64,
+    win_end_wall: u64,
+}
+
+impl Plan {
+    /// First send of peer number `k`: phases spread evenly so the offered load is smooth.
+    fn first_send(&self, k: usize, period: Duration) -> Instant {
+        self.start + period.mul_f64(((k as f64) * 0.618_033_988_7).fract())
+    }
+
+    fn send_end(&self) -> Instant {
+        self.start + self.win_end
+    }
+
+    fn recv_end(&self) -> Instant {
+        self.start + self.win_end + Duration::from_secs(1)
+    }
+}
+
+/// Accounts one response exactly the same way for both clients: NODE updates stamped inside the
+/// window are delivered; their latency goes to the agent's or the client's histogram. Returns how
+/// many were counted.
+fn tally(
+    resp: &CoordinateResponse,
+    agent: bool,
+    plan: &Plan,
+    fan: &mut Histogram,
+    to_agent: &mut Histogram,
+) -> u64 {
+    let now = wall_ns();
+    let mut n = 0;
+    for u in &resp.peer_updates {
+        if u.kind != Kind::Node as i32 {
+            continue;
+        }
+        let sent = timestamp_ns(u.node.as_ref().and_then(|n| n.as_of.as_ref()));
+        if sent >= plan.win_start_wall && sent < plan.win_end_wall {
+            n += 1;
+            let lat = now.saturating_sub(sent);
+            if agent {
+                to_agent.record(lat);
+            } else {
+                fan.record(lat);
+            }
+        }
+    }
+    n
+}
+
+/// Whether `resp` carries the NODE of peer `want`.
+fn has_node_of(resp: &CoordinateResponse, want: &Uuid) -> bool {
+    resp.peer_updates
+        .iter()
+        .any(|u| u.kind == Kind::Node as i32 && u.id[..] == want.as_bytes()[..])
 }
 
 fn wall_ns() -> u64 {
@@ -186,6 +319,26 @@ fn wall_ns() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
+}
+
+#[derive(Default)]
+struct Counters {
+    delivered_window: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// What every peer task hands back.
+type PeerTask = JoinHandle<(Histogram, Histogram)>;
+
+// ---- full client: the coordinator crate's stack -------------------------------------------
+
+struct Peer {
+    id: Uuid,
+    agent: bool,
+    _rpc: RpcClient,
+    _ws: WsHandle,
+    tx: RpcSender,
+    rx: RpcReceiverOwned,
 }
 
 async fn connect(base: &str, path: &str, token: Option<&str>) -> Result<(RpcClient, WsHandle)> {
@@ -208,74 +361,33 @@ async fn connect(base: &str, path: &str, token: Option<&str>) -> Result<(RpcClie
     Ok((RpcClient::new(session, DrpcConfig::default()), handle))
 }
 
-async fn open_peer(
-    args: &CoordArgs,
-    auth: &AuthFile,
-    agent_idx: usize,
-    agent: bool,
-) -> Result<Peer> {
-    let cred = auth.agents[agent_idx];
-    let (rpc, ws, id) = match (args.flavor, agent) {
-        (Flavor::Tailnetd, true) => {
-            let token = cred.token.to_string();
-            let (r, w) = connect(
-                &args.url,
-                "/api/v2/workspaceagents/me/rpc?version=2.0",
-                Some(&token),
-            )
-            .await?;
-            (r, w, cred.id)
-        }
-        (Flavor::Tailnetd, false) => {
-            let path = format!("/api/v2/workspaceagents/{}/coordinate?version=2.0", cred.id);
-            let (r, w) = connect(&args.url, &path, Some(&auth.client_token)).await?;
-            (r, w, Uuid::new_v4())
-        }
-        (Flavor::Gocoord, true) => {
-            let path = format!(
-                "/api/v2/workspaceagents/{}/coordinate?version=2.0&role=agent",
-                cred.id
-            );
-            let (r, w) = connect(&args.url, &path, None).await?;
-            (r, w, cred.id)
-        }
-        (Flavor::Gocoord, false) => {
-            // The harness names the client by the `client` query parameter.
-            let id = Uuid::new_v4();
-            let path = format!(
-                "/api/v2/workspaceagents/{}/coordinate?version=2.0&client={id}",
-                cred.id
-            );
-            let (r, w) = connect(&args.url, &path, None).await?;
-            (r, w, id)
-        }
-    };
+async fn open_full(args: &CoordArgs, t: Target) -> Result<Peer> {
+    let (rpc, ws) = connect(&args.url, &t.path, t.token.as_deref()).await?;
     let stream = rpc
         .open_stream(methods::COORDINATE)
         .await
         .map_err(|e| anyhow!("open Coordinate: {e}"))?;
     let (tx, rx) = stream.split();
-    if !agent {
-        tx.send_msg(&add_tunnel(cred.id))
+    if !t.agent {
+        tx.send_msg(&add_tunnel(t.agent_id))
             .await
             .map_err(|e| anyhow!("add_tunnel: {e}"))?;
     }
-    tx.send_msg(&update_self(node(id, agent, wall_ns())))
+    tx.send_msg(&update_self(node(t.id, t.agent, wall_ns())))
         .await
         .map_err(|e| anyhow!("update_self: {e}"))?;
     let mut p = Peer {
-        id,
-        agent,
+        id: t.id,
+        agent: t.agent,
         _rpc: rpc,
         _ws: ws,
         tx,
         rx,
     };
-    if !agent {
+    if !t.agent {
         // Ready when the agent's node arrives.
-        let want = Bytes16(cred.id);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        'wait: loop {
+        loop {
             let resp = tokio::time::timeout_at(deadline, p.rx.recv_msg::<CoordinateResponse>())
                 .await
                 .map_err(|_| anyhow!("agent node not received within 30 s"))?
@@ -284,22 +396,296 @@ async fn open_peer(
             if !resp.error.is_empty() {
                 bail!("coordinator error: {}", resp.error);
             }
-            for u in &resp.peer_updates {
-                if u.kind == Kind::Node as i32 && u.id[..] == want.0.as_bytes()[..] {
-                    break 'wait;
-                }
+            if has_node_of(&resp, &t.agent_id) {
+                break;
             }
         }
     }
     Ok(p)
 }
 
-struct Bytes16(Uuid);
+/// Sets up every peer with the full client; returns them, agents first.
+async fn setup_full(args: &CoordArgs, auth: &AuthFile) -> Result<Vec<Peer>> {
+    let mut agents: Vec<Peer> = stream::iter(0..args.agents)
+        .map(|i| open_full(args, target(args, auth, i, true)))
+        .buffer_unordered(args.concurrency.max(1))
+        .try_collect()
+        .await?;
+    let clients: Vec<Peer> = stream::iter(0..args.agents * args.clients_per_agent)
+        .map(|i| {
+            open_full(
+                args,
+                target(args, auth, i / args.clients_per_agent.max(1), false),
+            )
+        })
+        .buffer_unordered(args.concurrency.max(1))
+        .try_collect()
+        .await?;
+    agents.extend(clients);
+    Ok(agents)
+}
 
-#[derive(Default)]
-struct Counters {
-    delivered_window: AtomicU64,
-    failed: AtomicU64,
+/// Runs the full-client peers: a sender and a receiver task each.
+fn run_full(
+    args: &CoordArgs,
+    peers: Vec<Peer>,
+    plan: Plan,
+    counters: &Arc<Counters>,
+) -> Vec<(JoinHandle<()>, PeerTask)> {
+    let mut tasks = Vec::with_capacity(peers.len());
+    for (k, p) in peers.into_iter().enumerate() {
+        let rate = if p.agent { args.agent_rate } else { args.rate };
+        let Peer {
+            id,
+            agent,
+            _rpc,
+            _ws,
+            tx,
+            mut rx,
+        } = p;
+        let c = counters.clone();
+        let sender = tokio::spawn(async move {
+            if rate <= 0.0 {
+                return;
+            }
+            let period = Duration::from_secs_f64(1.0 / rate);
+            let mut next = plan.first_send(k, period);
+            while next < plan.send_end() {
+                tokio::time::sleep_until(next.into()).await;
+                if tx
+                    .send_msg(&update_self(node(id, agent, wall_ns())))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                next += period;
+            }
+        });
+        let receiver = tokio::spawn(async move {
+            let _keep = (_rpc, _ws);
+            let mut fan = Histogram::new();
+            let mut to_agent = Histogram::new();
+            loop {
+                let resp = match tokio::time::timeout_at(
+                    plan.recv_end().into(),
+                    rx.recv_msg::<CoordinateResponse>(),
+                )
+                .await
+                {
+                    Err(_) => break,
+                    Ok(Ok(Some(r))) => r,
+                    Ok(Ok(None)) | Ok(Err(_)) => {
+                        c.failed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                };
+                if !resp.error.is_empty() {
+                    c.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                let n = tally(&resp, agent, &plan, &mut fan, &mut to_agent);
+                c.delivered_window.fetch_add(n, Ordering::Relaxed);
+            }
+            (fan, to_agent)
+        });
+        tasks.push((sender, receiver));
+    }
+    tasks
+}
+
+// ---- lean client: one task per connection -------------------------------------------------
+
+/// Connects one lean peer, sends Invoke (+ add_tunnel) + update_self, then hands the connection
+/// to its task. A client is ready when its agent's node has arrived.
+async fn open_lean(
+    args: &CoordArgs,
+    t: Target,
+    k: usize,
+    counters: Arc<Counters>,
+    plan_rx: watch::Receiver<Option<Plan>>,
+) -> Result<PeerTask> {
+    let authority = args
+        .url
+        .strip_prefix("http://")
+        .map(|r| r.trim_end_matches('/'))
+        .ok_or_else(|| anyhow!("only http:// base URLs, got {}", args.url))?;
+    let mut conn = LeanConn::connect(authority, &t.path, t.token.as_deref())
+        .await
+        .with_context(|| format!("websocket {}", t.path))?;
+    conn.wire.queue_open(methods::COORDINATE);
+    if !t.agent {
+        conn.wire.queue_request(&add_tunnel(t.agent_id))?;
+    }
+    let req = update_self(node(t.id, t.agent, wall_ns()));
+    conn.wire.queue_request(&req)?;
+    conn.flush().await?;
+    let rate = if t.agent { args.agent_rate } else { args.rate };
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let want = (!t.agent).then_some(t.agent_id);
+    let task = tokio::spawn(drive_lean(LeanPeer {
+        conn,
+        req,
+        agent: t.agent,
+        want,
+        ready: Some(ready_tx),
+        k,
+        rate,
+        counters,
+        plan_rx,
+    }));
+    if want.is_some() {
+        match tokio::time::timeout(Duration::from_secs(30), ready_rx).await {
+            Err(_) => {
+                task.abort();
+                bail!("agent node not received within 30 s");
+            }
+            Ok(Err(_)) => bail!("stream ended during setup"),
+            Ok(Ok(Err(e))) => bail!("{e}"),
+            Ok(Ok(Ok(()))) => {}
+        }
+    }
+    Ok(task)
+}
+
+struct LeanPeer {
+    conn: LeanConn,
+    /// The update_self request, re-stamped and re-encoded for every send.
+    req: CoordinateRequest,
+    agent: bool,
+    /// For clients: the agent whose node makes the client ready.
+    want: Option<Uuid>,
+    ready: Option<oneshot::Sender<std::result::Result<(), String>>>,
+    k: usize,
+    rate: f64,
+    counters: Arc<Counters>,
+    plan_rx: watch::Receiver<Option<Plan>>,
+}
+
+/// The one task of a lean peer: reads and accounts responses, sends `update_self` on schedule,
+/// answers pings and returns window, all on one socket; every wake-up ends with one write.
+async fn drive_lean(mut p: LeanPeer) -> (Histogram, Histogram) {
+    let mut fan = Histogram::new();
+    let mut to_agent = Histogram::new();
+    let mut plan: Option<Plan> = None;
+    let period = (p.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / p.rate));
+    let mut next: Option<Instant> = None;
+    let send_timer = tokio::time::sleep(Duration::from_secs(86_400));
+    let end_timer = tokio::time::sleep(Duration::from_secs(86_400));
+    tokio::pin!(send_timer, end_timer);
+    // Room for one more update (the node is constant but for `as_of`).
+    let need = prost::Message::encoded_len(&p.req) as u32 + 64;
+    let res: std::result::Result<(), LeanError> = async {
+        loop {
+            let can_send = next.is_some() && p.conn.wire.send_window() >= need;
+            tokio::select! {
+                biased;
+                r = p.conn.read() => {
+                    r?;
+                    let LeanPeer { conn, agent, want, ready, counters, .. } = &mut p;
+                    let mut on = |resp: &CoordinateResponse| {
+                        if !resp.error.is_empty() {
+                            counters.failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if let Some(w) = want {
+                            if ready.is_some() && has_node_of(resp, w) {
+                                if let Some(tx) = ready.take() {
+                                    let _ = tx.send(Ok(()));
+                                }
+                            }
+                        }
+                        if let Some(pl) = &plan {
+                            let n = tally(resp, *agent, pl, &mut fan, &mut to_agent);
+                            counters.delivered_window.fetch_add(n, Ordering::Relaxed);
+                        }
+                    };
+                    conn.process(&mut on)?;
+                }
+                _ = &mut send_timer, if can_send => {
+                    let stamp = timestamp(wall_ns());
+                    if let Some(n) = p
+                        .req
+                        .update_self
+                        .as_mut()
+                        .and_then(|u| u.node.as_mut())
+                    {
+                        n.as_of = Some(stamp);
+                    }
+                    p.conn.wire.queue_request(&p.req)?;
+                    // The timer is armed only while `next` is set, which needs a period and a plan.
+                    next = match (next, period, plan) {
+                        (Some(n), Some(per), Some(pl)) if n + per < pl.send_end() => {
+                            send_timer.as_mut().reset((n + per).into());
+                            Some(n + per)
+                        }
+                        _ => None,
+                    };
+                }
+                _ = &mut end_timer, if plan.is_some() => return Ok(()),
+                c = p.plan_rx.changed(), if plan.is_none() => {
+                    if c.is_err() {
+                        // The run was abandoned (setup failed elsewhere).
+                        return Ok(());
+                    }
+                    let Some(pl) = *p.plan_rx.borrow_and_update() else { continue };
+                    plan = Some(pl);
+                    end_timer.as_mut().reset(pl.recv_end().into());
+                    if let Some(per) = period {
+                        let first = pl.first_send(p.k, per);
+                        if first < pl.send_end() {
+                            next = Some(first);
+                            send_timer.as_mut().reset(first.into());
+                        }
+                    }
+                }
+            }
+            p.conn.flush().await?;
+        }
+    }
+    .await;
+    if let Err(e) = res {
+        p.counters.failed.fetch_add(1, Ordering::Relaxed);
+        if let Some(tx) = p.ready.take() {
+            let _ = tx.send(Err(e.to_string()));
+        }
+    }
+    (fan, to_agent)
+}
+
+/// Sets up every peer with the lean client; returns their tasks, agents first.
+async fn setup_lean(
+    args: &CoordArgs,
+    auth: &AuthFile,
+    counters: &Arc<Counters>,
+    plan_rx: &watch::Receiver<Option<Plan>>,
+) -> Result<Vec<PeerTask>> {
+    let mut agents: Vec<PeerTask> = stream::iter(0..args.agents)
+        .map(|i| {
+            open_lean(
+                args,
+                target(args, auth, i, true),
+                i,
+                counters.clone(),
+                plan_rx.clone(),
+            )
+        })
+        .buffer_unordered(args.concurrency.max(1))
+        .try_collect()
+        .await?;
+    let clients: Vec<PeerTask> = stream::iter(0..args.agents * args.clients_per_agent)
+        .map(|i| {
+            open_lean(
+                args,
+                target(args, auth, i / args.clients_per_agent.max(1), false),
+                args.agents + i,
+                counters.clone(),
+                plan_rx.clone(),
+            )
+        })
+        .buffer_unordered(args.concurrency.max(1))
+        .try_collect()
+        .await?;
+    agents.extend(clients);
+    Ok(agents)
 }
 
 /// Runs the coordinator workload.
@@ -320,21 +706,25 @@ pub async fn run(args: CoordArgs) -> Result<CoordReport> {
         (None, Flavor::Gocoord) => AuthFile::generate(args.agents),
         (None, Flavor::Tailnetd) => bail!("--auth-file is required for tailnetd"),
     };
+    let counters = Arc::new(Counters::default());
+    let (plan_tx, plan_rx) = watch::channel(None::<Plan>);
     let rss_before = args.server_pid.and_then(procfs::rss_bytes);
     let t = Instant::now();
     // Agents first, then their clients.
-    let agents: Vec<Peer> = stream::iter(0..args.agents)
-        .map(|i| open_peer(&args, &auth, i, true))
-        .buffer_unordered(args.concurrency.max(1))
-        .try_collect()
-        .await?;
-    let clients: Vec<Peer> = stream::iter(0..args.agents * args.clients_per_agent)
-        .map(|i| open_peer(&args, &auth, i / args.clients_per_agent.max(1), false))
-        .buffer_unordered(args.concurrency.max(1))
-        .try_collect()
-        .await?;
+    enum Set {
+        Full(Vec<Peer>),
+        Lean(Vec<PeerTask>),
+    }
+    let set = match args.client {
+        ClientKind::Full => Set::Full(setup_full(&args, &auth).await?),
+        ClientKind::Lean => Set::Lean(setup_lean(&args, &auth, &counters, &plan_rx).await?),
+    };
+    drop(plan_rx);
     let setup = t.elapsed().as_secs_f64();
-    let peers = agents.len() + clients.len();
+    let peers = match &set {
+        Set::Full(p) => p.len(),
+        Set::Lean(p) => p.len(),
+    };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_after = args.server_pid.and_then(procfs::rss_bytes);
 
@@ -343,84 +733,19 @@ pub async fn run(args: CoordArgs) -> Result<CoordReport> {
     let warm = Duration::from_secs_f64(args.warmup);
     let dur = Duration::from_secs_f64(args.duration);
     let win_end = warm + dur;
-    let win_start_wall = wall0 + warm.as_nanos() as u64;
-    let win_end_wall = wall0 + win_end.as_nanos() as u64;
-    let counters = Arc::new(Counters::default());
-    let mut tasks = Vec::with_capacity(peers);
-    for (k, p) in agents.into_iter().chain(clients).enumerate() {
-        let rate = if p.agent { args.agent_rate } else { args.rate };
-        let Peer {
-            id,
-            agent,
-            _rpc,
-            _ws,
-            tx,
-            mut rx,
-        } = p;
-        let c = counters.clone();
-        // Sender: evenly spread phases so the offered load is smooth.
-        let sender = tokio::spawn(async move {
-            if rate <= 0.0 {
-                return;
-            }
-            let period = Duration::from_secs_f64(1.0 / rate);
-            let phase = period.mul_f64(((k as f64) * 0.618_033_988_7).fract());
-            let mut next = start + phase;
-            while next < start + win_end {
-                tokio::time::sleep_until(next.into()).await;
-                if tx
-                    .send_msg(&update_self(node(id, agent, wall_ns())))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                next += period;
-            }
-        });
-        let receiver = tokio::spawn(async move {
-            let _keep = (_rpc, _ws);
-            let mut fan = Histogram::new();
-            let mut to_agent = Histogram::new();
-            let end = start + win_end + Duration::from_secs(1);
-            loop {
-                let resp =
-                    match tokio::time::timeout_at(end.into(), rx.recv_msg::<CoordinateResponse>())
-                        .await
-                    {
-                        Err(_) => break,
-                        Ok(Ok(Some(r))) => r,
-                        Ok(Ok(None)) | Ok(Err(_)) => {
-                            c.failed.fetch_add(1, Ordering::Relaxed);
-                            break;
-                        }
-                    };
-                if !resp.error.is_empty() {
-                    c.failed.fetch_add(1, Ordering::Relaxed);
-                }
-                let now = wall_ns();
-                let mut n = 0;
-                for u in &resp.peer_updates {
-                    if u.kind != Kind::Node as i32 {
-                        continue;
-                    }
-                    let sent = timestamp_ns(u.node.as_ref().and_then(|n| n.as_of.as_ref()));
-                    if sent >= win_start_wall && sent < win_end_wall {
-                        n += 1;
-                        let lat = now.saturating_sub(sent);
-                        if agent {
-                            to_agent.record(lat);
-                        } else {
-                            fan.record(lat);
-                        }
-                    }
-                }
-                c.delivered_window.fetch_add(n, Ordering::Relaxed);
-            }
-            (fan, to_agent)
-        });
-        tasks.push((sender, receiver));
-    }
+    let plan = Plan {
+        start,
+        win_end,
+        win_start_wall: wall0 + warm.as_nanos() as u64,
+        win_end_wall: wall0 + win_end.as_nanos() as u64,
+    };
+    let (senders, receivers) = match set {
+        Set::Full(p) => run_full(&args, p, plan, &counters).into_iter().unzip(),
+        Set::Lean(tasks) => {
+            plan_tx.send_replace(Some(plan));
+            (Vec::new(), tasks)
+        }
+    };
     let mut cpu0 = None;
     tokio::time::sleep_until((start + warm).into()).await;
     if let Some(pid) = args.server_pid {
@@ -430,8 +755,10 @@ pub async fn run(args: CoordArgs) -> Result<CoordReport> {
     let cpu1 = args.server_pid.and_then(procfs::cpu_seconds);
     let mut fan = Histogram::new();
     let mut to_agent = Histogram::new();
-    for (s, r) in tasks {
+    for s in senders {
         let _ = s.await;
+    }
+    for r in receivers {
         if let Ok((f, a)) = r.await {
             fan.merge(&f);
             to_agent.merge(&a);

@@ -3,21 +3,20 @@
 //!
 //! Why not `derp::dial::dial`: it owns the socket, and the load generator needs two things it
 //! cannot give: a chosen source address (to open more connections than one address's ephemeral
-//! ports allow) and a 64 KiB read buffer under the client. `derp::Client` reads only the bytes
-//! missing from the current frame, about one `recvfrom` per two 1400-byte packets; on a machine
-//! where the load generator has one core, that would make the generator, not the relay, the
-//! bottleneck, and unfairly so next to the TCP-forward ceiling, which reads 64 KiB at a time.
+//! ports allow) and a client over the two owned halves of the TCP stream
+//! (`TcpStream::into_split` + `Client::handshake_split`), so its reader and writer never share
+//! a lock. The client itself reads 64 KiB at a time and parses in place, as cheaply as the
+//! TCP-forward ceiling's raw reader: on a machine where the load generator has one core, the
+//! generator, not the relay, must not be the bottleneck.
 
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use derp::{Client, ClientOptions, ReceivedFrame};
 use proto::key::NodePrivate;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// `http://host:port/path` → (`host:port`, `/path`); the path defaults to `/derp`.
@@ -32,61 +31,16 @@ pub fn host_path(url: &str) -> Result<(String, String)> {
     Ok((authority.to_string(), path.to_string()))
 }
 
-/// Either the bare socket or the socket under a 64 KiB read buffer.
-enum Io {
-    Plain(TcpStream),
-    Buffered(BufReader<TcpStream>),
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Buffered(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Buffered(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Buffered(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Buffered(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
 /// Connects to `dst` (from `src` if given), upgrades `path` to DERP and runs the handshake until
-/// ServerInfo arrives (so the server has accepted us). `buffered` puts a 64 KiB read buffer
-/// under the client.
+/// ServerInfo arrives (so the server has accepted us). `owned_halves` hands the client the two
+/// owned halves of the stream (no lock between its reader and writer: the relay workload);
+/// otherwise the whole stream, split by the client as for every other transport.
 pub async fn connect(
     dst: SocketAddr,
     src: Option<IpAddr>,
     authority: &str,
     path: &str,
-    buffered: bool,
+    owned_halves: bool,
 ) -> Result<Client> {
     let sock = if dst.is_ipv4() {
         TcpSocket::new_v4()?
@@ -119,15 +73,15 @@ pub async fn connect(
         );
     }
     let leftover = Bytes::copy_from_slice(&buf[head_end..]);
-    let io = if buffered {
-        Io::Buffered(BufReader::with_capacity(64 << 10, tcp))
-    } else {
-        Io::Plain(tcp)
-    };
     let pk = NodePrivate::generate(&mut rand::thread_rng());
-    let mut c = Client::handshake(io, leftover, pk, ClientOptions::default())
-        .await
-        .map_err(|e| anyhow!("handshake: {e}"))?;
+    let opts = ClientOptions::default();
+    let mut c = if owned_halves {
+        let (rd, wr) = tcp.into_split();
+        Client::handshake_split(rd, wr, leftover, pk, opts).await
+    } else {
+        Client::handshake(tcp, leftover, pk, opts).await
+    }
+    .map_err(|e| anyhow!("handshake: {e}"))?;
     loop {
         match tokio::time::timeout(Duration::from_secs(10), c.recv()).await {
             Err(_) => bail!("no ServerInfo within 10 s"),

@@ -10,11 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
+use derp::client::READ_CHUNK;
 use derp::dial::{dial, DialOptions};
 use derp::{ClientReader, ClientWriter, ReceivedFrame};
 use futures_util::stream::{self, StreamExt, TryStreamExt};
-use proto::derp::{encode_send_packet, FrameHeader, FrameType, FRAME_HEADER_LEN, KEY_LEN};
+use proto::derp::{
+    send_packet_prefix, FrameHeader, FrameType, FRAME_HEADER_LEN, KEY_LEN, MAX_FRAME_SIZE,
+};
 use proto::key::{NodePrivate, NodePublic};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -134,11 +137,15 @@ pub struct RelayReport {
     pub server_peak_rss_bytes: Option<u64>,
     /// Delivered Gbit/s per server CPU second per second (Gbit/s per fully used core).
     pub gbps_per_core: Option<f64>,
+    /// The load generator's own CPU seconds per window second (1.0 = one core busy): near the
+    /// cores it may use, the load generator rather than the server was the limit.
+    #[serde(default)]
+    pub loadgen_cpu_util: Option<f64>,
 }
 
 enum Writer {
     Derp(ClientWriter),
-    Raw(OwnedWriteHalf, BytesMut),
+    Raw(OwnedWriteHalf, Vec<u8>),
 }
 
 impl Writer {
@@ -146,7 +153,8 @@ impl Writer {
         match self {
             Writer::Derp(w) => w.buffer_packet(dst, data).map_err(|e| anyhow!("{e}")),
             Writer::Raw(_, buf) => {
-                encode_send_packet(buf, &dst, data);
+                buf.extend_from_slice(&send_packet_prefix(&dst, data.len()));
+                buf.extend_from_slice(data);
                 Ok(())
             }
         }
@@ -156,8 +164,9 @@ impl Writer {
         match self {
             Writer::Derp(w) => w.flush().await.map_err(|e| anyhow!("{e}")),
             Writer::Raw(w, buf) => {
-                let b = buf.split();
-                w.write_all(&b).await?;
+                // Like `ClientWriter::flush`: one write, the buffer kept for the next batch.
+                w.write_all(buf).await?;
+                buf.clear();
                 Ok(())
             }
         }
@@ -170,29 +179,44 @@ enum Reader {
 }
 
 impl Reader {
-    /// The next packet's payload; `None` for frames that are not packets.
-    async fn next(&mut self) -> Result<Option<Bytes>> {
+    /// Waits for at least one packet, then hands the payload of every packet already buffered
+    /// to `on_packet` (borrowed from the read buffer: no allocation per packet). Frames that
+    /// are not packets are skipped. Both transports read the same way: at least
+    /// [`READ_CHUNK`] bytes of room per read, every complete frame parsed in place.
+    async fn next_batch(&mut self, on_packet: &mut impl FnMut(&[u8])) -> Result<()> {
         match self {
-            Reader::Derp(r) => match r.recv().await.map_err(|e| anyhow!("{e}"))? {
-                ReceivedFrame::Packet { data, .. } => Ok(Some(data)),
-                _ => Ok(None),
-            },
+            Reader::Derp(r) => {
+                r.recv_packets(|_, data| on_packet(data))
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?;
+                Ok(())
+            }
             Reader::Raw(r, buf) => loop {
-                if let Some(h) = FrameHeader::decode(buf) {
+                let mut delivered = false;
+                while let Some(h) = FrameHeader::decode(buf) {
                     let len = h.payload_len();
-                    if buf.len() >= FRAME_HEADER_LEN + len {
-                        buf.advance(FRAME_HEADER_LEN);
-                        let mut p = buf.split_to(len).freeze();
-                        if h.typ != FrameType::SendPacket.as_u8() || p.len() < KEY_LEN {
-                            bail!("raw stream: unexpected frame 0x{:02x}", h.typ);
-                        }
-                        p.advance(KEY_LEN);
-                        return Ok(Some(p));
+                    if len > MAX_FRAME_SIZE {
+                        bail!("raw stream: frame of {len} bytes");
                     }
-                    buf.reserve(FRAME_HEADER_LEN + len - buf.len());
+                    if buf.len() < FRAME_HEADER_LEN + len {
+                        break;
+                    }
+                    if h.typ != FrameType::SendPacket.as_u8() || len < KEY_LEN {
+                        bail!("raw stream: unexpected frame 0x{:02x}", h.typ);
+                    }
+                    on_packet(&buf[FRAME_HEADER_LEN + KEY_LEN..FRAME_HEADER_LEN + len]);
+                    buf.advance(FRAME_HEADER_LEN + len);
+                    delivered = true;
                 }
-                if buf.capacity() - buf.len() < 16 << 10 {
-                    buf.reserve(64 << 10);
+                if delivered {
+                    return Ok(());
+                }
+                let frame_rest = FrameHeader::decode(buf).map_or(0, |h| {
+                    (FRAME_HEADER_LEN + h.payload_len()).saturating_sub(buf.len())
+                });
+                let want = frame_rest.max(READ_CHUNK);
+                if buf.capacity() - buf.len() < want {
+                    buf.reserve(want);
                 }
                 if r.read_buf(buf).await? == 0 {
                     bail!("raw stream closed");
@@ -278,7 +302,7 @@ async fn connect_end(args: &Target, pair: u32, receiver: bool) -> Result<End> {
             Ok(End {
                 key: pk.public(),
                 reader: Reader::Raw(r, BytesMut::with_capacity(64 << 10)),
-                writer: Writer::Raw(w, BytesMut::with_capacity(64 << 10)),
+                writer: Writer::Raw(w, Vec::with_capacity(64 << 10)),
             })
         }
     }
@@ -430,6 +454,7 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
             let _keep = _keep_rx_writer;
             let mut h = Histogram::new();
             let end = start + win_end + grace;
+            let win_start_ns = win_start.as_nanos() as u64;
             let (mut total, mut window) = (0u64, 0u64);
             loop {
                 // After the window, poll every 50 ms whether everything sent has arrived, so
@@ -445,23 +470,31 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
                 } else {
                     end
                 };
-                let p = match tokio::time::timeout_at(until.into(), reader.next()).await {
+                let mut n = 0u64;
+                let mut on_packet = |p: &[u8]| {
+                    n += 1;
+                    let now = start.elapsed();
+                    if p.len() >= PAYLOAD_HEADER && now >= win_start && now < win_end {
+                        window += 1;
+                        let sent = u64::from_le_bytes(p[8..16].try_into().unwrap_or([0; 8]));
+                        if sent >= win_start_ns {
+                            h.record((now.as_nanos() as u64).saturating_sub(sent));
+                        }
+                    }
+                };
+                let res =
+                    tokio::time::timeout_at(until.into(), reader.next_batch(&mut on_packet)).await;
+                if n > 0 {
+                    // Credit the closed-loop sender once per batch rather than per packet.
+                    total += n;
+                    flow_rx.received.fetch_add(n, Ordering::Release);
+                    flow_rx.notify.notify_one();
+                }
+                match res {
                     Err(_) if until < end => continue,
                     Err(_) => break,
                     Ok(Err(_)) => break,
-                    Ok(Ok(None)) => continue,
-                    Ok(Ok(Some(p))) => p,
-                };
-                total += 1;
-                flow_rx.received.fetch_add(1, Ordering::Release);
-                flow_rx.notify.notify_one();
-                let now = start.elapsed();
-                if p.len() >= PAYLOAD_HEADER && now >= win_start && now < win_end {
-                    window += 1;
-                    let sent = u64::from_le_bytes(p[8..16].try_into().unwrap_or([0; 8]));
-                    if sent >= win_start.as_nanos() as u64 {
-                        h.record((now.as_nanos() as u64).saturating_sub(sent));
-                    }
+                    Ok(Ok(())) => {}
                 }
             }
             c.recv_total.fetch_add(total, Ordering::Relaxed);
@@ -472,14 +505,17 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
 
     let mut cpu0 = None;
     let mut cpu1 = None;
+    let me = std::process::id();
     tokio::time::sleep_until((start + win_start).into()).await;
     if let Some(pid) = args.server_pid {
         cpu0 = procfs::cpu_seconds(pid);
     }
+    let own0 = procfs::cpu_seconds(me);
     tokio::time::sleep_until((start + win_end).into()).await;
     if let Some(pid) = args.server_pid {
         cpu1 = procfs::cpu_seconds(pid);
     }
+    let own1 = procfs::cpu_seconds(me);
     let mut writers = Vec::new();
     let mut send_errors = 0;
     for s in senders {
@@ -549,5 +585,67 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
         gbps_per_core: server_cpu_util
             .filter(|u| *u > 0.0)
             .map(|u| delivered_gbps / u),
+        loadgen_cpu_util: own0.zip(own1).map(|(a, b)| (b - a) / secs),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tokio::net::TcpListener;
+
+    async fn raw_pair() -> (Reader, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let (r, _w) = a.unwrap().into_split();
+        (
+            Reader::Raw(r, BytesMut::with_capacity(64 << 10)),
+            b.unwrap().0,
+        )
+    }
+
+    #[tokio::test]
+    async fn raw_reader_parses_every_buffered_frame_in_place() {
+        let (mut reader, mut peer) = raw_pair().await;
+        let dst = NodePrivate::generate(&mut rand::thread_rng()).public();
+        let mut bytes = Vec::new();
+        for i in 0..200u32 {
+            bytes.extend_from_slice(&send_packet_prefix(&dst, 1400));
+            let mut p = vec![0u8; 1400];
+            p[..4].copy_from_slice(&i.to_le_bytes());
+            bytes.extend_from_slice(&p);
+        }
+        let w = tokio::spawn(async move {
+            for c in bytes.chunks(3001) {
+                peer.write_all(c).await.unwrap();
+            }
+            peer
+        });
+        let mut got = Vec::new();
+        while got.len() < 200 {
+            reader
+                .next_batch(&mut |p: &[u8]| {
+                    assert_eq!(p.len(), 1400);
+                    got.push(u32::from_le_bytes(p[..4].try_into().unwrap()));
+                })
+                .await
+                .unwrap();
+        }
+        assert_eq!(got, (0..200).collect::<Vec<_>>());
+        drop(w.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn raw_reader_rejects_other_frames() {
+        let (mut reader, mut peer) = raw_pair().await;
+        peer.write_all(&FrameHeader::new(FrameType::Ping, 8).encode())
+            .await
+            .unwrap();
+        peer.write_all(&[0; 8]).await.unwrap();
+        let err = reader.next_batch(&mut |_: &[u8]| {}).await.unwrap_err();
+        assert!(err.to_string().contains("unexpected frame"), "{err}");
+    }
 }

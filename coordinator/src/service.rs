@@ -21,17 +21,17 @@
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocket;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use proto::tailnet::v2::methods;
 use proto::tailnet::v2::{
-    CoordinateRequest, RefreshResumeTokenRequest, StreamDerpMapsRequest, TelemetryRequest,
-    TelemetryResponse,
+    CoordinateRequest, CoordinateResponse, RefreshResumeTokenRequest, StreamDerpMapsRequest,
+    TelemetryRequest, TelemetryResponse,
 };
 use uuid::Uuid;
 
 use crate::auth::UserIdentity;
 use crate::authz::{AllowedAgents, CoordinateeAuth, TunnelPermissions};
-use crate::graph::Flow;
+use crate::graph::{Encoded, Flow, PeerReceiver, MAX_PEER_UPDATES_PER_RESPONSE};
 use crate::metrics::{Protocol, Role};
 use crate::rpc::drpc::{
     self, CallFuture, DrpcConfig, Handler, RawInvoke, RpcError, RpcStream, TakeOverFuture,
@@ -234,6 +234,7 @@ impl TailnetService {
             coord
                 .graph
                 .connect(self.peer.id, self.peer.name.clone(), self.peer.auth());
+        let mut wire = BytesMut::new();
         loop {
             tokio::select! {
                 req = stream.recv_msg::<CoordinateRequest>() => match req {
@@ -260,8 +261,16 @@ impl TailnetService {
                     }
                     Err(e) => return Err(decode_failure(coord, self.peer.id, "CoordinateRequest", e)),
                 },
-                resp = rx.recv() => match resp {
-                    Some(resp) => stream.send_msg(&resp).await?,
+                taken = rx.recv_encoded(&mut wire) => match taken {
+                    Some(first) => {
+                        let whole = take_queued(&mut rx, &mut wire, first);
+                        if !wire.is_empty() {
+                            stream.send(wire.split().freeze()).await?;
+                        }
+                        if let Some(whole) = whole {
+                            stream.send_msg(&whole).await?;
+                        }
+                    }
                     None => {
                         let _ = stream.close().await;
                         return Ok(());
@@ -350,5 +359,115 @@ impl TailnetService {
                 &TelemetryResponse {},
             )))
             .await
+    }
+}
+
+/// Most queued items a session sends as one message.
+const MAX_MERGED_ITEMS: usize = 64;
+/// A merged message stops growing at this size.
+const MAX_MERGED_BYTES: usize = 256 * 1024;
+
+/// Appends what else is already queued behind `first` to `wire`, which then holds one
+/// `CoordinateResponse`; returns a response that must follow it as a message of its own.
+///
+/// Why: under load a peer's queue holds several items when its session wakes up, and each would
+/// cost a dRPC message, a yamux frame, a WebSocket message and a write of its own. Coder's clients
+/// apply `peer_updates` in order whatever the grouping (its own coordinator batches the initial
+/// updates the same way), so one message carries them all. The updates arrive already encoded
+/// (see [`PeerReceiver::try_recv_encoded`]): an update fanned out to many peers is encoded once.
+/// A response with an error text is never merged, and nothing is taken after it.
+fn take_queued(
+    rx: &mut PeerReceiver,
+    wire: &mut BytesMut,
+    first: Encoded,
+) -> Option<CoordinateResponse> {
+    let mut updates = match first {
+        Encoded::Whole(r) => return Some(r),
+        Encoded::Appended(n) => n,
+    };
+    for _ in 1..MAX_MERGED_ITEMS {
+        if updates >= MAX_PEER_UPDATES_PER_RESPONSE || wire.len() >= MAX_MERGED_BYTES {
+            break;
+        }
+        match rx.try_recv_encoded(wire) {
+            Ok(Encoded::Appended(n)) => updates += n,
+            Ok(Encoded::Whole(r)) => return Some(r),
+            Err(_) => break,
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use bytes::Bytes;
+    use proto::tailnet::v2::coordinate_request::{Tunnel, UpdateSelf};
+    use proto::tailnet::v2::{CoordinateRequest, Node};
+    use uuid::Uuid;
+
+    use bytes::BytesMut;
+    use prost::Message;
+    use proto::tailnet::v2::CoordinateResponse;
+
+    use super::take_queued;
+    use crate::authz::CoordinateeAuth;
+    use crate::graph::{GraphConfig, PeerGraph};
+
+    fn update(derp: i32) -> CoordinateRequest {
+        CoordinateRequest {
+            update_self: Some(UpdateSelf {
+                node: Some(Node {
+                    preferred_derp: derp,
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn queued_responses_merge_in_order_and_an_error_stays_last_and_alone() {
+        let graph = PeerGraph::new(GraphConfig::default(), &prometheus::Registry::new()).unwrap();
+        let (x, y) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let (hx, mut rx) = graph.connect(x, "x".into(), CoordinateeAuth::SingleTailnet);
+        let (hy, _ry) = graph.connect(y, "y".into(), CoordinateeAuth::SingleTailnet);
+        let tunnel = CoordinateRequest {
+            add_tunnel: Some(Tunnel {
+                id: Bytes::copy_from_slice(y.as_bytes()),
+            }),
+            ..Default::default()
+        };
+        graph.handle(&hx, tunnel).unwrap();
+        for derp in 1..=5 {
+            graph.handle(&hy, update(derp)).unwrap();
+        }
+        let mut wire = BytesMut::new();
+        let first = rx.try_recv_encoded(&mut wire).unwrap();
+        assert!(take_queued(&mut rx, &mut wire, first).is_none());
+        let merged = CoordinateResponse::decode(wire.split().freeze()).unwrap();
+        let derps: Vec<i32> = merged
+            .peer_updates
+            .iter()
+            .map(|u| u.node.as_ref().unwrap().preferred_derp)
+            .collect();
+        assert_eq!(derps, vec![1, 2, 3, 4, 5]);
+        assert!(rx.try_recv().is_err(), "everything queued was merged");
+
+        graph.handle(&hy, update(6)).unwrap();
+        // x connects again: the old connection gets the "overwritten" error as its last response.
+        let (_hx2, _rx2) = graph.connect(x, "x".into(), CoordinateeAuth::SingleTailnet);
+        let mut sent = Vec::new();
+        while let Ok(first) = rx.try_recv_encoded(&mut wire) {
+            let whole = take_queued(&mut rx, &mut wire, first);
+            if !wire.is_empty() {
+                sent.push(CoordinateResponse::decode(wire.split().freeze()).unwrap());
+            }
+            sent.extend(whole);
+        }
+        let (last, before) = sent.split_last().unwrap();
+        assert!(!last.error.is_empty(), "the overwritten error is sent last");
+        assert!(last.peer_updates.is_empty(), "and alone");
+        assert!(before.iter().all(|r| r.error.is_empty()));
     }
 }

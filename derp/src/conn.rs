@@ -9,17 +9,28 @@
 //! connection's own queue into one vectored (or coalesced, up to 64 KiB) write and flushes when
 //! the queue is empty.
 //!
-//! Memory when idle: the read buffer is released at keepalive ticks when empty (an idle
-//! connection reads its next bytes into a stack buffer, then allocates), the write lists and the
-//! queue storage are released too, so an idle connection holds its task, its [`ConnHandle`],
-//! its registry entry and the transport.
+//! Memory when idle: most relay connections are idle most of the time, so an idle connection
+//! holds no buffer at all, only its task future (a few hundred bytes: keep it small, box
+//! anything large and short-lived), its [`ConnHandle`], its registry entry and the transport.
+//! Without a read buffer, the next bytes are read into a [`IDLE_READ`]-byte stack buffer: a
+//! short read (the socket is drained, typically one small frame such as NotePreferred or Ping)
+//! is copied into a buffer of exactly its size, which is freed as soon as its frames are
+//! handled; a full one means a burst, so a whole [`READ_CHUNK`] is allocated and the read buffer
+//! grows on demand from there (up to [`READ_CHUNK_MAX`] per read, or the size of a large frame).
+//! While the connection holds any buffer, a check runs every [`IDLE_RELEASE`] (on the same
+//! `Sleep`, so nothing is armed per read): a side that saw no traffic for a whole period gives its
+//! buffers back — the empty read buffer (a partial frame is kept in a buffer of its own size),
+//! the write lists, the queue's storage and the local histogram. Busy connections never pay for
+//! this beyond one timer tick per period.
 //!
 //! Liveness: one `Sleep` serves both the keepalive (interval + per-connection jitter) and the
 //! write-stall check (no write progress for `write_timeout` → close); nothing is armed per packet.
 //!
-//! Must never: block or `.await` inside the poll loop (everything is non-blocking), log or
-//! allocate per packet, hold a registry or queue lock while waking or writing, read a frame
-//! larger than 1 MiB into memory, or let one connection's bad input affect another.
+//! Must never: block or `.await` inside the poll loop (everything is non-blocking), log per
+//! packet, allocate per packet in a burst (only a nearly idle connection's short reads get one
+//! exact-size buffer each), keep a read chunk after the connection went quiet, hold a registry
+//! or queue lock while waking or writing, read a frame larger than 1 MiB into memory, or let one
+//! connection's bad input affect another.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -52,8 +63,13 @@ const READ_CHUNK: usize = 16 << 10;
 const READ_CHUNK_MAX: usize = 64 << 10;
 /// Read into the current buffer only if at least this much room is left.
 const MIN_SPARE: usize = 2048;
-/// Stack buffer used to read from an idle connection without holding heap memory.
+/// Stack buffer used to read from an idle connection without holding heap memory. A read
+/// shorter than this drained the socket: what arrived is kept in an exact-size buffer (usually
+/// one small frame, handled and freed at once). A full one starts a burst: a whole chunk.
 const IDLE_READ: usize = 512;
+/// A connection that holds buffers is checked this often; buffers of a side that was quiet for a
+/// whole period are released (so memory goes back 1–2 periods after the last byte).
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
 /// Reads (each up to [`READ_CHUNK_MAX`]) handled per poll before yielding. One: the writers
 /// our pushes wake sit in this worker's LIFO slot (not stealable) until we yield, so a larger
 /// budget lets a flooding sender overflow destination queues before their writers run. Measured
@@ -158,6 +174,11 @@ pub(crate) struct ConnTask<'a, IO> {
     // --- reading
     rbuf: BytesMut,
     read_chunk: usize,
+    /// Some bytes were read since the last idle check.
+    read_seen: bool,
+    /// `rbuf` holds a partial frame in a buffer of exactly its size (a quiet client stopped
+    /// mid-frame): read through the stack buffer until more bytes arrive.
+    compacted: bool,
     /// Bytes of an ignored frame's payload still to discard.
     skip: usize,
     read_paused: bool,
@@ -177,6 +198,8 @@ pub(crate) struct ConnTask<'a, IO> {
     hist_pending: u32,
     // --- timers
     next_keepalive: Instant,
+    /// When to check for buffers to release (armed while the connection holds any).
+    release_at: Option<Instant>,
     // --- per-connection protocol state
     sent_to: SentTo,
     last_dst: u64,
@@ -206,6 +229,8 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
             params,
             rbuf,
             read_chunk: READ_CHUNK,
+            read_seen: false,
+            compacted: false,
             skip: 0,
             read_paused: false,
             out: VecDeque::new(),
@@ -221,6 +246,7 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
             hist: None,
             hist_pending: 0,
             next_keepalive: now + params.keepalive + params.keepalive_jitter,
+            release_at: None,
             sent_to: SentTo::with_hasher(IdHasherBuilder),
             last_dst: 0,
             not_here_tokens: NOT_HERE_BURST,
@@ -281,6 +307,9 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
                 }
                 Poll::Pending => {}
             }
+            if self.release_at.is_none() && self.holds_buffers() {
+                self.arm_release(sleep.as_mut());
+            }
             if yield_now {
                 cx.waker().wake_by_ref();
             }
@@ -306,17 +335,24 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
     }
 
     fn poll_read_some(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.rbuf.capacity() == 0 {
-            // Idle mode: no heap buffer until bytes actually arrive.
+        if self.rbuf.capacity() == 0 || self.compacted {
+            // Idle mode (no buffer, or only a quiet client's partial frame with no room to
+            // spare): no heap memory is added until bytes actually arrive.
             let mut stack = [0u8; IDLE_READ];
             let mut rb = ReadBuf::new(&mut stack);
             match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
                     let n = rb.filled().len();
                     if n > 0 {
-                        let mut b = BytesMut::with_capacity(READ_CHUNK);
+                        // Short read: the socket is drained, keep exactly what arrived. Full
+                        // read: a burst is starting, take a whole chunk.
+                        let extra = if n < IDLE_READ { 0 } else { self.read_chunk };
+                        let mut b = BytesMut::with_capacity(self.rbuf.len() + n + extra);
+                        b.extend_from_slice(&self.rbuf);
                         b.extend_from_slice(rb.filled());
                         self.rbuf = b;
+                        self.read_seen = true;
+                        self.compacted = false;
                     }
                     Poll::Ready(Ok(n))
                 }
@@ -342,6 +378,7 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
                     if n == offered && self.read_chunk < READ_CHUNK_MAX {
                         self.read_chunk = (self.read_chunk * 2).min(READ_CHUNK_MAX);
                     }
+                    self.read_seen = true;
                     Poll::Ready(Ok(n))
                 }
                 other => other,
@@ -802,21 +839,70 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
             self.out.push_back(Bytes::from_static(&KEEPALIVE_FRAME));
             self.next_keepalive = now + self.params.keepalive + self.params.keepalive_jitter;
             self.release_idle_memory();
+            self.prune_sent_to();
+        }
+        if self.release_at.is_some_and(|t| now >= t) {
+            self.release_at = None;
+            if std::mem::take(&mut self.read_seen) {
+                // Still reading: only the write side may be idle.
+                self.release_write_buffers();
+            } else {
+                self.release_idle_memory();
+            }
+            if self.holds_buffers() {
+                self.release_at = Some(now + IDLE_RELEASE);
+            }
         }
         let mut deadline = self.next_keepalive;
         if let Some(t) = self.stalled_since {
             deadline = deadline.min(t + self.params.write_timeout);
         }
+        if let Some(t) = self.release_at {
+            deadline = deadline.min(t);
+        }
         sleep.reset(deadline);
         Ok(())
     }
 
-    /// Gives back buffers an idle connection does not need (runs at keepalive ticks).
-    fn release_idle_memory(&mut self) {
-        if self.rbuf.is_empty() && self.skip == 0 {
-            self.rbuf = BytesMut::new();
-            self.read_chunk = READ_CHUNK;
+    /// Whether any per-connection buffer holds memory that an idle check could give back (cheap:
+    /// field reads only; the queue's storage only grows together with `out`). A compacted
+    /// partial frame is already as small as it gets.
+    #[inline]
+    fn holds_buffers(&self) -> bool {
+        (self.rbuf.capacity() > 0 && !self.compacted)
+            || self.out.capacity() > 0
+            || self.ctl.capacity() > 0
+            || self.cbuf.capacity() > 0
+            || self.wbuf.capacity() > 0
+            || self.hist.is_some()
+    }
+
+    /// Schedules an idle check [`IDLE_RELEASE`] from now (once per period, not per read).
+    fn arm_release(&mut self, mut sleep: Pin<&mut Sleep>) {
+        let at = Instant::now() + IDLE_RELEASE;
+        self.release_at = Some(at);
+        if at < sleep.deadline() {
+            sleep.as_mut().reset(at);
         }
+    }
+
+    /// Gives back every buffer an idle connection does not need: the read buffer when it is
+    /// empty (a partial frame is kept, in a buffer of its own size) and the write side's lists.
+    fn release_idle_memory(&mut self) {
+        if self.rbuf.is_empty() {
+            self.rbuf = BytesMut::new();
+            self.compacted = false;
+        } else if self.rbuf.capacity() > self.rbuf.len() {
+            // A client that stopped mid-frame keeps only the bytes it sent.
+            self.rbuf = BytesMut::from(&self.rbuf[..]);
+            self.compacted = true;
+        }
+        self.read_chunk = READ_CHUNK;
+        self.release_write_buffers();
+    }
+
+    /// Releases the write side's buffers when nothing is waiting to be written.
+    fn release_write_buffers(&mut self) {
         if self.wpos == self.wbuf.len() {
             self.wbuf = Vec::new();
             self.wpos = 0;
@@ -824,10 +910,10 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
         if self.out.is_empty() && self.out.capacity() > 0 {
             self.out = VecDeque::new();
         }
-        if self.ctl.capacity() > 0 {
+        if self.ctl.is_empty() && self.ctl.capacity() > 0 {
             self.ctl = VecDeque::new();
         }
-        if self.cbuf.capacity() > 256 {
+        if self.cbuf.is_empty() && self.cbuf.capacity() > 0 {
             self.cbuf = BytesMut::new();
         }
         self.h.queue.shrink_if_idle();
@@ -835,6 +921,10 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
             h.flush();
             self.hist_pending = 0;
         }
+    }
+
+    /// Forgets receivers that are gone (runs at keepalive ticks).
+    fn prune_sent_to(&mut self) {
         if self.sent_to.len() > 64 {
             self.sent_to.retain(|_, w| w.strong_count() > 0);
             self.sent_to.shrink_to_fit();
@@ -916,4 +1006,266 @@ fn check_frame(h: &FrameHeader, mesh: bool) -> Result<(), &'static str> {
         FrameType::WatchConns => "bad_watch_conns",
         _ => "frame_too_large",
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! Buffer life cycle, driven by hand: the task is polled directly (no runtime task) so the
+    //! test can look at its buffers between polls.
+    use super::*;
+    use crate::server::ServerConfig;
+    use proto::derp::{MAX_PACKET_SIZE, PING_LEN};
+    use proto::key::NodePrivate;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    struct Rig {
+        srv: Arc<Server>,
+        h: Arc<ConnHandle>,
+        client: DuplexStream,
+        server_io: Option<DuplexStream>,
+    }
+
+    fn rig() -> Rig {
+        let registry = prometheus::Registry::new();
+        let key = NodePrivate::generate(&mut rand::rngs::OsRng);
+        let srv = Server::new(ServerConfig::new(key), &registry).unwrap();
+        let me = NodePrivate::generate(&mut rand::rngs::OsRng).public();
+        let h = Arc::new(ConnHandle {
+            id: 1,
+            key: me,
+            queue: SendQueue::new(64, 16),
+            is_dup: AtomicBool::new(false),
+            is_active: AtomicBool::new(false),
+            remote: "127.0.0.1:1".parse().unwrap(),
+            presence_flags: 0,
+        });
+        srv.registry.register(&h);
+        let (client, server_io) = tokio::io::duplex(1 << 20);
+        Rig {
+            srv,
+            h,
+            client,
+            server_io: Some(server_io),
+        }
+    }
+
+    fn params() -> ConnParams {
+        ConnParams {
+            mesh: false,
+            write_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(600),
+            keepalive_jitter: Duration::ZERO,
+        }
+    }
+
+    /// Polls the task once; panics if it ended.
+    async fn poll(task: &mut ConnTask<'_, DuplexStream>, sleep: Pin<&mut Sleep>) {
+        let mut sleep = sleep;
+        let r = std::future::poll_fn(|cx| Poll::Ready(task.poll_once(cx, sleep.as_mut()))).await;
+        if let Poll::Ready(c) = r {
+            panic!("connection ended: {c}");
+        }
+    }
+
+    /// Polls until `want` bytes came back to the client (bounded).
+    async fn poll_until_read(
+        task: &mut ConnTask<'_, DuplexStream>,
+        mut sleep: Pin<&mut Sleep>,
+        client: &mut DuplexStream,
+        want: usize,
+    ) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 17];
+        for _ in 0..10_000 {
+            poll(task, sleep.as_mut()).await;
+            if got.len() >= want {
+                return got;
+            }
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(1), client.read(&mut buf)).await
+            {
+                assert!(n > 0, "server closed");
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        panic!("only {} of {want} bytes came back", got.len());
+    }
+
+    fn send_packet_frame(dst: &NodePublic, payload: &[u8]) -> Vec<u8> {
+        let mut f = FrameHeader::new(FrameType::SendPacket, (KEY_LEN + payload.len()) as u32)
+            .encode()
+            .to_vec();
+        f.extend_from_slice(dst.as_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn recv_packet_frame(src: &NodePublic, payload: &[u8]) -> Vec<u8> {
+        let mut f = send_packet_frame(src, payload);
+        f[0] = FrameType::RecvPacket.as_u8();
+        f
+    }
+
+    /// Polls every 50 ms until the connection holds no buffer; returns how long that took.
+    async fn wait_released(
+        task: &mut ConnTask<'_, DuplexStream>,
+        mut sleep: Pin<&mut Sleep>,
+    ) -> Duration {
+        let t0 = Instant::now();
+        while task.holds_buffers() {
+            assert!(
+                t0.elapsed() < IDLE_RELEASE * 4,
+                "buffers not released: rbuf {} out {} wbuf {}",
+                task.rbuf.capacity(),
+                task.out.capacity(),
+                task.wbuf.capacity()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            poll(task, sleep.as_mut()).await;
+        }
+        t0.elapsed()
+    }
+
+    #[tokio::test]
+    async fn small_frames_on_an_idle_connection_leave_no_buffer() {
+        let mut r = rig();
+        let io = r.server_io.take().unwrap();
+        let mut task = ConnTask::new(&r.srv, r.h.clone(), io, BytesMut::new(), params());
+        let sleep = tokio::time::sleep_until(task.next_keepalive);
+        tokio::pin!(sleep);
+        poll(&mut task, sleep.as_mut()).await;
+        assert!(!task.holds_buffers());
+
+        // NotePreferred + Ping: handled from a short read, nothing kept but the pong's list.
+        let mut f = FrameHeader::new(FrameType::NotePreferred, 1)
+            .encode()
+            .to_vec();
+        f.push(1);
+        f.extend_from_slice(&FrameHeader::new(FrameType::Ping, PING_LEN as u32).encode());
+        f.extend_from_slice(b"12345678");
+        r.client.write_all(&f).await.unwrap();
+        let pong = poll_until_read(&mut task, sleep.as_mut(), &mut r.client, 13).await;
+        assert_eq!(pong[0], FrameType::Pong.as_u8());
+        assert_eq!(&pong[FRAME_HEADER_LEN..], b"12345678");
+        assert_eq!(
+            task.rbuf.capacity(),
+            0,
+            "a short idle read must not keep a buffer"
+        );
+        assert!(task.preferred);
+        task.finish(&Close::Eof);
+    }
+
+    #[tokio::test]
+    async fn read_buffer_is_released_when_idle_and_regrows_for_large_frames() {
+        let mut r = rig();
+        let me = r.h.key;
+        let io = r.server_io.take().unwrap();
+        let mut task = ConnTask::new(&r.srv, r.h.clone(), io, BytesMut::new(), params());
+        let sleep = tokio::time::sleep_until(task.next_keepalive);
+        tokio::pin!(sleep);
+        poll(&mut task, sleep.as_mut()).await;
+
+        // A burst (to ourselves: every packet comes back as RecvPacket) grows a read chunk.
+        let payload: Vec<u8> = (0..1400u32).map(|i| i as u8).collect();
+        let mut burst = Vec::new();
+        let mut expect = Vec::new();
+        for _ in 0..20 {
+            burst.extend_from_slice(&send_packet_frame(&me, &payload));
+            expect.extend_from_slice(&recv_packet_frame(&me, &payload));
+        }
+        r.client.write_all(&burst).await.unwrap();
+        let got = poll_until_read(&mut task, sleep.as_mut(), &mut r.client, expect.len()).await;
+        assert_eq!(got, expect);
+        assert!(
+            task.rbuf.capacity() >= IDLE_READ,
+            "a burst reads into a chunk"
+        );
+        assert!(
+            task.release_at.is_some(),
+            "holding buffers arms the idle check"
+        );
+
+        // Quiet: everything is given back after one to two periods, not before.
+        let took = wait_released(&mut task, sleep.as_mut()).await;
+        assert!(took >= IDLE_RELEASE / 2, "released too early ({took:?})");
+        assert_eq!(task.rbuf.capacity(), 0);
+        assert_eq!(task.out.capacity(), 0);
+        assert!(task.hist.is_none());
+        assert!(task.release_at.is_none());
+
+        // A maximum-size packet after the release, arriving in pieces: the buffer grows again.
+        let big: Vec<u8> = (0..MAX_PACKET_SIZE as u32).map(|i| (i * 7) as u8).collect();
+        let f = send_packet_frame(&me, &big);
+        r.client.write_all(&f[..300]).await.unwrap();
+        poll(&mut task, sleep.as_mut()).await;
+        assert_eq!(task.rbuf.len(), 300, "partial frame kept");
+        r.client.write_all(&f[300..]).await.unwrap();
+        let want = recv_packet_frame(&me, &big);
+        let got = poll_until_read(&mut task, sleep.as_mut(), &mut r.client, want.len()).await;
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "large packet corrupted after re-growth");
+        wait_released(&mut task, sleep.as_mut()).await;
+
+        // The same in one piece (a full stack read starts a chunk that then grows).
+        r.client.write_all(&f).await.unwrap();
+        let got = poll_until_read(&mut task, sleep.as_mut(), &mut r.client, want.len()).await;
+        assert!(got == want, "large packet corrupted");
+        task.finish(&Close::Eof);
+    }
+
+    #[tokio::test]
+    async fn partial_frame_of_a_quiet_client_is_kept_compactly() {
+        let mut r = rig();
+        let me = r.h.key;
+        let io = r.server_io.take().unwrap();
+        let mut task = ConnTask::new(&r.srv, r.h.clone(), io, BytesMut::new(), params());
+        let sleep = tokio::time::sleep_until(task.next_keepalive);
+        tokio::pin!(sleep);
+        let f = send_packet_frame(&me, &vec![9u8; 8000]);
+        // More than a stack read: a chunk is allocated, then the client stalls mid-frame.
+        r.client.write_all(&f[..4000]).await.unwrap();
+        for _ in 0..20 {
+            poll(&mut task, sleep.as_mut()).await;
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(task.rbuf.len(), 4000);
+        assert!(task.rbuf.capacity() >= READ_CHUNK);
+        let t0 = Instant::now();
+        while task.rbuf.capacity() > 4000 {
+            assert!(
+                t0.elapsed() < IDLE_RELEASE * 4,
+                "partial frame never compacted"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            poll(&mut task, sleep.as_mut()).await;
+        }
+        assert_eq!(task.rbuf.len(), 4000);
+        r.client.write_all(&f[4000..]).await.unwrap();
+        let want = recv_packet_frame(&me, &vec![9u8; 8000]);
+        let got = poll_until_read(&mut task, sleep.as_mut(), &mut r.client, want.len()).await;
+        assert!(got == want);
+        task.finish(&Close::Eof);
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_after_release_ends_the_connection() {
+        let mut r = rig();
+        let io = r.server_io.take().unwrap();
+        let mut task = ConnTask::new(&r.srv, r.h.clone(), io, BytesMut::new(), params());
+        let sleep = tokio::time::sleep_until(task.next_keepalive);
+        tokio::pin!(sleep);
+        poll(&mut task, sleep.as_mut()).await;
+        // A SendPacket header claiming 2 MiB, from a connection holding no buffer.
+        let hdr = FrameHeader::new(FrameType::SendPacket, 2 << 20).encode();
+        r.client.write_all(&hdr).await.unwrap();
+        let why = std::future::poll_fn(|cx| task.poll_once(cx, sleep.as_mut())).await;
+        assert!(matches!(why, Close::Protocol(_)), "{why}");
+        assert!(
+            task.rbuf.capacity() < IDLE_READ,
+            "nothing big was allocated"
+        );
+        task.finish(&why);
+    }
 }

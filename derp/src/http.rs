@@ -17,8 +17,14 @@
 //! server (keep-alive and upgrades work) serving [`routes`] in front of the caller's fallback
 //! router. A non-upgrade `/derp` thus gets 426 from [`routes`], also on a keep-alive connection.
 //!
+//! Memory: all of this is one short phase ([`serve_until_derp`]), run in its own allocation and
+//! freed before a DERP connection starts; an idle DERP connection would otherwise carry the
+//! phase's largest state (head scratch buffer, hyper, TLS and WebSocket handshakes: ~15 KB
+//! measured) for its whole life.
+//!
 //! Must never: buffer more than [`MAX_HEAD_LEN`] before deciding, drop bytes read past the head,
-//! or let one bad client affect another (garbage gets a 400, a log line and a counter).
+//! keep HTTP-phase state alive in a DERP connection, or let one bad client affect another
+//! (garbage gets a 400, a log line and a counter).
 
 use std::future::Future;
 use std::io;
@@ -268,6 +274,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // Free the replayed buffer now: the stream may live for days (WebSocket DERP).
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
@@ -465,10 +475,17 @@ async fn write_error_and_close<IO: AsyncRead + AsyncWrite + Unpin>(io: &mut IO, 
     .await;
 }
 
+/// A DERP connection ready to run: the HTTP phase is over (101 written, or fast start) and only
+/// the relay's own state remains. Returned by [`serve_until_derp`].
+pub type DerpConnection = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
 /// Serves one accepted connection (already past TLS if `is_tls`) until it ends. `cancel` starts a
 /// graceful stop of plain HTTP connections (DERP connections end through the server's shutdown).
+///
+/// The HTTP phase runs in its own heap allocation that is freed before the DERP connection
+/// starts, so a long-lived idle DERP connection keeps none of it (see [`serve_until_derp`]).
 pub async fn serve_connection<IO>(
-    mut io: IO,
+    io: IO,
     remote: SocketAddr,
     edge: Arc<HttpEdge>,
     is_tls: bool,
@@ -476,10 +493,35 @@ pub async fn serve_connection<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let derp = Box::pin(serve_until_derp(io, remote, edge, is_tls, cancel)).await;
+    if let Some(derp) = derp {
+        derp.await;
+    }
+}
+
+/// The HTTP phase of a connection: reads the first request head and either serves HTTP until the
+/// connection ends (`None`), or upgrades to DERP and returns the not yet started DERP connection.
+///
+/// Why split: a Rust future is as large as its largest state, and this phase has big ones (the
+/// head-reading scratch buffer, hyper's connection, the WebSocket handshake, the TLS stream).
+/// Awaited inline, every idle DERP connection would keep that much memory for its whole life.
+/// Callers box this future and drop it before awaiting the returned DERP connection, which holds
+/// only the transport and the relay's per-connection state. The head buffer is freed here too:
+/// bytes read past the head travel on as their own small `Bytes`.
+pub async fn serve_until_derp<IO>(
+    mut io: IO,
+    remote: SocketAddr,
+    edge: Arc<HttpEdge>,
+    is_tls: bool,
+    cancel: CancellationToken,
+) -> Option<DerpConnection>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let metrics = &edge.metrics;
     let mut buf = BytesMut::with_capacity(1024);
     let head = tokio::select! {
-        _ = cancel.cancelled() => return,
+        _ = cancel.cancelled() => return None,
         r = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut io, &mut buf)) => {
             r.unwrap_or(Err(HeadError::Timeout))
         }
@@ -503,7 +545,7 @@ pub async fn serve_connection<IO>(
                 }
                 HeadError::Closed | HeadError::Truncated | HeadError::Io => {}
             }
-            return;
+            return None;
         }
     };
 
@@ -512,10 +554,10 @@ pub async fn serve_connection<IO>(
             fast_start,
             not_ideal,
         } => {
-            let Some(derp) = relay_or_404(&edge, &mut io, remote).await else {
-                return;
-            };
-            let leftover = buf.split_off(head_len).freeze();
+            let derp = relay_or_404(&edge, &mut io, remote).await?;
+            // Copied out so that the head buffer is freed with this phase.
+            let leftover = Bytes::copy_from_slice(&buf[head_len..]);
+            drop(buf);
             let label = if fast_start {
                 "derp_fast_start"
             } else {
@@ -531,7 +573,7 @@ pub async fn serve_connection<IO>(
                 .await;
                 if !matches!(wrote, Ok(Ok(()))) {
                     tracing::debug!(%remote, "failed to write the DERP 101 response");
-                    return;
+                    return None;
                 }
             }
             let info = UpgradeInfo {
@@ -540,12 +582,10 @@ pub async fn serve_connection<IO>(
                 websocket: false,
                 fast_start,
             };
-            derp.accept_boxed(Box::new(io), leftover, info).await;
+            Some(derp.accept_boxed(Box::new(io), leftover, info))
         }
         FirstRequest::WebSocket { not_ideal } => {
-            let Some(derp) = relay_or_404(&edge, &mut io, remote).await else {
-                return;
-            };
+            let derp = relay_or_404(&edge, &mut io, remote).await?;
             metrics.requests.with_label_values(&["websocket"]).inc();
             let replay = Rewind::new(io, buf.freeze());
             let hs = tokio::time::timeout(
@@ -565,11 +605,11 @@ pub async fn serve_connection<IO>(
                         .with_label_values(&["websocket_handshake"])
                         .inc();
                     tracing::debug!(%remote, error = %e, "WebSocket handshake failed");
-                    return;
+                    return None;
                 }
                 Err(_) => {
                     metrics.bad_requests.with_label_values(&["timeout"]).inc();
-                    return;
+                    return None;
                 }
             };
             let stream = WsByteStream::new(ws).with_text_counter(metrics.websocket_text.clone());
@@ -579,12 +619,12 @@ pub async fn serve_connection<IO>(
                 websocket: true,
                 fast_start: false,
             };
-            derp.accept_boxed(Box::new(stream), Bytes::new(), info)
-                .await;
+            Some(derp.accept_boxed(Box::new(stream), Bytes::new(), info))
         }
         FirstRequest::Http => {
             metrics.requests.with_label_values(&["http"]).inc();
             serve_http(Rewind::new(io, buf.freeze()), remote, &edge, is_tls, cancel).await;
+            None
         }
     }
 }

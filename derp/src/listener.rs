@@ -11,7 +11,13 @@
 //! immediately and keeps the kernel backlog from growing), and counted. Accept errors (EMFILE,
 //! ENOBUFS, ...) are counted and back off exponentially up to 1 s instead of spinning.
 //!
-//! Must never: block the accept loop on a client, or keep accepting after `cancel`.
+//! Each connection's task holds only its permit and gauge guard plus two boxes in turn: the TLS
+//! handshake and HTTP phase, then (after that box is freed) the DERP connection. A task's
+//! future is allocated at its largest state's size for the task's whole life, so nothing large
+//! may be awaited inline here.
+//!
+//! Must never: block the accept loop on a client, await a large future inline in the
+//! connection task, or keep accepting after `cancel`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +28,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigErrors, DerpConfig};
-use crate::http::{serve_connection, HttpEdge};
+use crate::http::{serve_until_derp, HttpEdge};
 use crate::metacert::MetaCertError;
 use crate::stun::StunMetrics;
 use crate::tls::{TlsError, TlsReloader};
@@ -218,21 +224,31 @@ pub async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             let _open = OpenGuard(open);
-            match acceptor {
-                None => serve_connection(stream, remote, edge, false, cancel).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(hs_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => serve_connection(tls, remote, edge, true, cancel).await,
-                        Ok(Err(e)) => {
-                            hs_failures.with_label_values(&["error"]).inc();
-                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                        }
-                        Err(_) => {
-                            hs_failures.with_label_values(&["timeout"]).inc();
-                            tracing::debug!(%remote, "TLS handshake timed out");
+            // The TLS handshake and the HTTP phase run boxed and are freed before a DERP
+            // connection starts: the task itself stays a few pointers for its whole life.
+            let derp = Box::pin(async move {
+                match acceptor {
+                    None => serve_until_derp(stream, remote, edge, false, cancel).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(hs_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => serve_until_derp(tls, remote, edge, true, cancel).await,
+                            Ok(Err(e)) => {
+                                hs_failures.with_label_values(&["error"]).inc();
+                                tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                                None
+                            }
+                            Err(_) => {
+                                hs_failures.with_label_values(&["timeout"]).inc();
+                                tracing::debug!(%remote, "TLS handshake timed out");
+                                None
+                            }
                         }
                     }
                 }
+            })
+            .await;
+            if let Some(derp) = derp {
+                derp.await;
             }
         });
     }

@@ -9,9 +9,13 @@
 //! the remote address and connection id) and counted in `derp_handshake_failures{reason}`;
 //! every post-handshake protocol violation in `derp_protocol_errors{kind}`.
 //!
+//! Memory: the handshake runs in its own boxed future ([`Server::accept`] creates it) that is
+//! freed before the steady state starts, so each connection's long-lived future is only the
+//! [`crate::conn`] task state plus its timer (~0.7 KB).
+//!
 //! Must never: answer a failed handshake with anything but a close, validate the client's
-//! `version`, open a box from a zero key, or wait unboundedly (handshake deadline; shutdown
-//! waits a bounded time).
+//! `version`, open a box from a zero key, keep handshake state in the long-lived connection
+//! future, or wait unboundedly (handshake deadline; shutdown waits a bounded time).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -158,6 +162,14 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// What [`Server::establish`] hands to the steady state.
+struct Established<IO> {
+    handle: Arc<ConnHandle>,
+    io: IO,
+    rbuf: BytesMut,
+    params: ConnParams,
+}
+
 /// Decrements the task count when a connection future ends (even if it is dropped).
 struct TaskGuard<'a>(&'a Server);
 
@@ -240,27 +252,49 @@ impl Server {
             remote = %info.remote,
             peer = tracing::field::Empty
         );
+        // Boxed, and created here rather than inside the async block: the handshake's state
+        // (and the arguments it consumes) is large and short-lived, and a future is as big as
+        // its largest state. Kept out, every idle connection's future holds only what the
+        // steady state needs (see `idle_connection_future_is_small` in the tests).
+        let establish = Box::pin(self.clone().establish(id, io, leftover, info));
         async move {
             srv.metrics.accepts.inc();
             srv.tasks.fetch_add(1, Ordering::AcqRel);
             let _guard = TaskGuard(&srv);
-            srv.serve(id, io, leftover, info).await;
+            let mut task = match establish.await {
+                Some(e) => ConnTask::new(&srv, e.handle, e.io, e.rbuf, e.params),
+                None => return,
+            };
+            let why = task.run().await;
+            drop(task);
+            match &why {
+                Close::Eof | Close::Shutdown | Close::KickedByMesh => {
+                    tracing::debug!(target: "derp", "derp connection closed: {why}")
+                }
+                _ => tracing::info!(target: "derp", "derp connection closed: {why}"),
+            }
         }
         .instrument(span)
     }
 
-    async fn serve<IO>(&self, id: u64, mut io: IO, leftover: Bytes, info: ConnInfo)
+    /// Handshake, registration and ServerInfo: everything before the steady state. Returns
+    /// `None` (after logging and counting) if the connection ended or failed on the way.
+    async fn establish<IO>(
+        self: Arc<Self>,
+        id: u64,
+        mut io: IO,
+        leftover: Bytes,
+        info: ConnInfo,
+    ) -> Option<Established<IO>>
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin,
     {
         let mut rbuf = BytesMut::from(&leftover[..]);
         drop(leftover);
-        // Boxed: the handshake's state is large and short-lived; keeping it out of the
-        // connection future keeps every idle connection's task small.
-        let hs = Box::pin(tokio::time::timeout(
+        let hs = tokio::time::timeout(
             self.config.handshake_timeout,
             self.handshake(&mut io, &mut rbuf, &info),
-        ))
+        )
         .await;
         let (key, client_info, mesh) = match hs {
             Ok(Ok(v)) => v,
@@ -268,13 +302,13 @@ impl Server {
                 self.metrics.handshake_failed(f.reason);
                 tracing::info!(target: "derp", conn_id = id, remote = %info.remote,
                     reason = f.reason, "derp handshake failed: {}", f.detail);
-                return;
+                return None;
             }
             Err(_) => {
                 self.metrics.handshake_failed("timeout");
                 tracing::info!(target: "derp", conn_id = id, remote = %info.remote,
                     reason = "timeout", "derp handshake failed: deadline exceeded");
-                return;
+                return None;
             }
         };
         tracing::Span::current().record("peer", tracing::field::display(key));
@@ -326,31 +360,28 @@ impl Server {
             io.write_all(&server_info).await?;
             io.flush().await
         };
-        match Box::pin(tokio::time::timeout(params.write_timeout, write)).await {
+        match tokio::time::timeout(params.write_timeout, write).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::info!(target: "derp", "derp connection closed: writing ServerInfo: {e}");
                 self.abandon(handle);
-                return;
+                return None;
             }
             Err(_) => {
                 self.metrics.hot.add(crate::metrics::Hot::WriteTimeouts, 1);
                 tracing::info!(target: "derp", "derp connection closed: writing ServerInfo timed out");
                 self.abandon(handle);
-                return;
+                return None;
             }
         }
         drop(server_info);
         tracing::debug!(target: "derp", mesh, "derp client connected");
-        let mut task = ConnTask::new(self, handle, io, rbuf, params);
-        let why = task.run().await;
-        drop(task);
-        match &why {
-            Close::Eof | Close::Shutdown | Close::KickedByMesh => {
-                tracing::debug!(target: "derp", "derp connection closed: {why}")
-            }
-            _ => tracing::info!(target: "derp", "derp connection closed: {why}"),
-        }
+        Some(Established {
+            handle,
+            io,
+            rbuf,
+            params,
+        })
     }
 
     /// Unregisters a connection that failed before its task started.

@@ -1,6 +1,8 @@
 //! Memory per idle connection: opens many handshaken, idle connections against an in-process
 //! server and reports the resident-set growth per connection (client sockets included, so
-//! this over-estimates the server's share). Fails only on a gross regression.
+//! this over-estimates the server's share; ~2.5 KB measured). Fails on a regression that keeps
+//! a read chunk per idle connection. Also: connections whose buffers were released while quiet
+//! still relay maximum-size packets, and bad input still ends only the offending connection.
 
 mod core_support;
 
@@ -70,10 +72,48 @@ mod core_memory {
             after.saturating_sub(before) / 1024
         );
         assert!(
-            per_conn < 16 * 1024,
+            per_conn < 8 * 1024,
             "{per_conn} bytes per idle connection is a regression"
         );
         drop(conns);
         drop(warm);
+    }
+
+    /// Connections that went quiet (their buffers released after about a second) still relay
+    /// maximum-size packets, and bad input from one of them still ends only that one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn quiet_connections_regrow_buffers_and_bad_input_ends_only_its_connection() {
+        let ts = TestServer::start().await;
+        let mut a = ts.client().await;
+        let mut b = ts.client().await;
+        let mut bad = open_idle(&ts).await;
+        ts.wait_connections(3).await;
+        assert_pair_relays(&ts, &mut a, &mut b, b"warm up").await;
+        // Quiet for longer than two idle-check periods: every buffer is given back.
+        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        let big: Vec<u8> = (0..proto::derp::MAX_PACKET_SIZE as u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        a.send_packet(b.public_key(), &big).await.expect("send");
+        let (src, data) = recv_packet(&mut b).await;
+        assert_eq!(src, a.public_key());
+        assert!(
+            data[..] == big[..],
+            "large packet corrupted after re-growth"
+        );
+        // A quiet connection sends an oversized frame header: only it is closed.
+        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        bad.write_all(&[0x04, 0x00, 0x02, 0x00, 0x00])
+            .await
+            .expect("write");
+        expect_raw_closed(&mut bad).await;
+        ts.wait_metric("derp_protocol_errors{kind=\"send_packet_too_large\"}", 1.0)
+            .await;
+        assert_pair_relays(&ts, &mut a, &mut b, b"a->b").await;
+        assert_pair_relays(&ts, &mut b, &mut a, b"b->a").await;
+        a.send_packet(b.public_key(), &big).await.expect("send");
+        let (_, data) = recv_packet(&mut b).await;
+        assert!(data[..] == big[..]);
+        ts.wait_connections(2).await;
     }
 }

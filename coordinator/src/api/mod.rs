@@ -32,7 +32,10 @@ use crate::auth::{
 use crate::authz::{AllowedAgents, CoordinateeAuth};
 use crate::metrics::Role;
 use crate::resume::ResumeError;
-use crate::rpc::wsio::{CLOSE_GOING_AWAY, LIVENESS_FAILED_REASON, RECOMMENDED_MAX_MESSAGE_SIZE};
+use crate::rpc::wsio::{
+    CLOSE_GOING_AWAY, LIVENESS_FAILED_REASON, RECOMMENDED_MAX_MESSAGE_SIZE,
+    RECOMMENDED_READ_BUFFER_SIZE,
+};
 use crate::service::{PeerKind, V2Peer};
 use crate::upstream::agent_rpc::{Endpoint, UpstreamLink};
 use crate::v1::V1Peer;
@@ -435,12 +438,14 @@ fn upgrade_v1(coord: Arc<Coordinator>, ws: WebSocketUpgrade, peer: V1Peer) -> Re
     let max = coord.config.v1_max_message.saturating_add(64 * 1024);
     ws.max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(RECOMMENDED_READ_BUFFER_SIZE)
         .on_upgrade(move |socket| crate::v1::serve(coord, socket, peer))
 }
 
 fn upgrade_v2(coord: Arc<Coordinator>, ws: WebSocketUpgrade, peer: V2Peer) -> Response {
     ws.max_message_size(RECOMMENDED_MAX_MESSAGE_SIZE)
         .max_frame_size(RECOMMENDED_MAX_MESSAGE_SIZE)
+        .read_buffer_size(RECOMMENDED_READ_BUFFER_SIZE)
         .on_upgrade(move |socket| crate::service::serve_session(coord, socket, peer))
 }
 
@@ -456,6 +461,7 @@ async fn derp_map(
     match accept(ws, &headers) {
         Ok(ws) => ws
             .max_message_size(64 * 1024)
+            .read_buffer_size(RECOMMENDED_READ_BUFFER_SIZE)
             .on_upgrade(move |socket| serve_derp_map(coord, socket)),
         Err(r) => *r,
     }

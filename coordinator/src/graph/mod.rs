@@ -17,6 +17,12 @@
 //! memory (`sent`: the last node each connection was told about each other peer) lives with the
 //! receiving connection, in its outbox, behind that outbox's own small mutex.
 //!
+//! A fan-out builds its update once (one `Arc`, the node moved in from the request, never copied
+//! by the graph) and queues a pointer to it per receiver; each receiver copies it into an owned
+//! protobuf response when it takes it, outside every graph lock (see `outbox.rs`). The outbox is
+//! embedded in its connection and compact, and the fan-out loop warms receivers a few places
+//! ahead, so a large fan-out costs about the same per receiver as a small one.
+//!
 //! # Invariants
 //!
 //! * **I1 (link cache):** whenever no one holds X's shard lock, `X.links[R].conn` is R's current
@@ -115,7 +121,7 @@ mod shard;
 pub mod store;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
@@ -127,8 +133,8 @@ pub use self::core::{
     CloseReason, ConnId, CoordinateError, Delivery, Event, Flow, Outbound, State,
     ERR_COORDINATOR_CLOSED, ERR_OVERWRITTEN,
 };
-use self::outbox::{About, Outbox, PushError};
-pub use self::outbox::{PeerReceiver, TryRecvError};
+pub use self::outbox::{Encoded, PeerReceiver, TryRecvError};
+use self::outbox::{Outbox, PushError, Update};
 use self::shard::{Conn, Link, Locked, Shards};
 pub use self::store::{MemoryStore, PeerGone, Store};
 use crate::authz::{AuthzError, CoordinateeAuth};
@@ -139,6 +145,8 @@ pub const MAX_PEER_UPDATES_PER_RESPONSE: usize = 1024;
 pub const DEFAULT_RESPONSE_QUEUE: usize = 512;
 /// Upper bound on the shard count.
 pub const MAX_SHARDS: usize = 4096;
+/// How many receivers ahead a fan-out warms (see [`PeerGraph::update_self`]).
+const WARM_AHEAD: usize = 8;
 
 /// Graph settings.
 #[derive(Clone, Debug)]
@@ -334,15 +342,8 @@ struct Pusher<'k> {
 }
 
 impl Pusher<'_> {
-    fn mapping(
-        &mut self,
-        to: &Conn,
-        about: &About<'_>,
-        kind: Kind,
-        node: Option<&Arc<Node>>,
-        reason: &str,
-    ) {
-        match to.outbox.push_mapping(about, kind, node, reason) {
+    fn mapping(&mut self, to: &Conn, u: &Arc<Update>) {
+        match to.outbox.push_mapping(u) {
             Ok(true) => self.sent += 1,
             Ok(false) | Err(PushError::Closed) => {}
             Err(PushError::Full) => self.kicks.push(to.id),
@@ -402,7 +403,7 @@ impl PeerGraph {
             auth,
             outbox: Outbox::new(self.config.response_queue),
         });
-        let receiver = PeerReceiver::new(conn.outbox.clone());
+        let receiver = PeerReceiver::new(conn.clone());
         tracing::debug!(peer = %id, name = %conn.name, role = conn.auth.role(), "coordinator peer connecting");
         let mut kicks = Kicks::new();
         {
@@ -487,7 +488,7 @@ impl PeerGraph {
     ) -> Result<Flow, CoordinateError> {
         let _serial = handle.serial.lock().unwrap_or_else(|p| p.into_inner());
         let mut kicks = Kicks::new();
-        let res = self.request(&handle.conn, &req, &mut kicks);
+        let res = self.request(&handle.conn, req, &mut kicks);
         self.run_kicks(kicks);
         res
     }
@@ -495,7 +496,7 @@ impl PeerGraph {
     fn request(
         &self,
         conn: &Arc<Conn>,
-        req: &CoordinateRequest,
+        mut req: CoordinateRequest,
         kicks: &mut Kicks,
     ) -> Result<Flow, CoordinateError> {
         if self.closed.load(Ordering::Acquire) {
@@ -505,7 +506,7 @@ impl PeerGraph {
             self.remove(conn.id, Removal::Kick, kicks);
             return Ok(Flow::Close);
         }
-        if let Err(e) = core::validate(&conn.auth, req) {
+        if let Err(e) = core::validate(&conn.auth, &req) {
             if !self.remove(conn.id, Removal::Invalid(e.to_string()), kicks) {
                 return Ok(Flow::Close);
             }
@@ -523,7 +524,8 @@ impl PeerGraph {
             }
             return Err(e);
         }
-        if let Some(node) = req.update_self.as_ref().and_then(|u| u.node.as_ref()) {
+        // The node is moved into the graph (and shared by every receiver), never copied here.
+        if let Some(node) = req.update_self.take().and_then(|u| u.node) {
             if !self.update_self(conn, node, kicks) {
                 return Ok(Flow::Close);
             }
@@ -555,13 +557,18 @@ impl PeerGraph {
 
     /// The hot path: stores the node and fans it out, holding only the sender's shard. Returns
     /// false if `conn` is no longer current.
-    fn update_self(&self, conn: &Conn, node: &Node, kicks: &mut Kicks) -> bool {
+    fn update_self(&self, conn: &Conn, node: Node, kicks: &mut Kicks) -> bool {
         let me = conn.id.peer;
-        let node = Arc::new(node.clone());
-        let about = About {
-            id: me,
-            id_bytes: &conn.id_bytes,
-        };
+        let node = Arc::new(node);
+        // Built once, outside the lock; every receiver's queue gets a pointer to it.
+        let u = Arc::new(Update {
+            about: me,
+            id_bytes: conn.id_bytes.clone(),
+            kind: Kind::Node,
+            node: Some(node.clone()),
+            reason: "node update",
+            wire: OnceLock::new(),
+        });
         let mut p = Pusher { sent: 0, kicks };
         {
             let mut shard = self.shards.lock_one(me);
@@ -571,10 +578,22 @@ impl PeerGraph {
             if !e.is_current(conn.id) {
                 return false;
             }
-            e.node = Some(node.clone());
+            e.node = Some(node);
+            // Receivers are scattered in memory and every push is a locked (fully ordered)
+            // operation, so a plain loop pays each receiver's cache misses in turn: warm the
+            // receiver `WARM_AHEAD` places further on while pushing to this one.
+            let mut ahead = e.links.values().filter_map(|l| l.conn.as_deref());
+            for _ in 0..WARM_AHEAD {
+                if let Some(c) = ahead.next() {
+                    c.outbox.warm();
+                }
+            }
             for link in e.links.values() {
                 if let Some(to) = &link.conn {
-                    p.mapping(to, &about, Kind::Node, Some(&node), "node update");
+                    if let Some(c) = ahead.next() {
+                        c.outbox.warm();
+                    }
+                    p.mapping(to, &u);
                 }
             }
         }
@@ -627,19 +646,27 @@ impl PeerGraph {
         }
         let Some(dc) = dst_conn else { return true };
         let mut p = Pusher { sent: 0, kicks };
-        if let Some(n) = &dst_node {
-            let about = About {
-                id: dst,
-                id_bytes: &dc.id_bytes,
+        if let Some(n) = dst_node {
+            let u = Update {
+                about: dst,
+                id_bytes: dc.id_bytes.clone(),
+                kind: Kind::Node,
+                node: Some(n),
+                reason: "add tunnel",
+                wire: OnceLock::new(),
             };
-            p.mapping(conn, &about, Kind::Node, Some(n), "add tunnel");
+            p.mapping(conn, &Arc::new(u));
         }
-        if let Some(n) = &me_node {
-            let about = About {
-                id: me,
-                id_bytes: &conn.id_bytes,
+        if let Some(n) = me_node {
+            let u = Update {
+                about: me,
+                id_bytes: conn.id_bytes.clone(),
+                kind: Kind::Node,
+                node: Some(n),
+                reason: "add tunnel",
+                wire: OnceLock::new(),
             };
-            p.mapping(&dc, &about, Kind::Node, Some(n), "add tunnel");
+            p.mapping(&dc, &Arc::new(u));
         }
         drop(l);
         self.metrics.peer_updates_sent.inc_by(p.sent);
@@ -661,17 +688,25 @@ impl PeerGraph {
             Some(dc) => dc.id_bytes.clone(),
             None => Bytes::copy_from_slice(dst.as_bytes()),
         };
-        let about_dst = About {
-            id: dst,
-            id_bytes: &dst_bytes,
+        let about_dst = Update {
+            about: dst,
+            id_bytes: dst_bytes,
+            kind: Kind::Disconnected,
+            node: None,
+            reason: "remove tunnel",
+            wire: OnceLock::new(),
         };
-        p.mapping(conn, &about_dst, Kind::Disconnected, None, "remove tunnel");
+        p.mapping(conn, &Arc::new(about_dst));
         if let Some(dc) = &dst_conn {
-            let about_me = About {
-                id: me,
-                id_bytes: &conn.id_bytes,
+            let about_me = Update {
+                about: me,
+                id_bytes: conn.id_bytes.clone(),
+                kind: Kind::Disconnected,
+                node: None,
+                reason: "remove tunnel",
+                wire: OnceLock::new(),
             };
-            p.mapping(dc, &about_me, Kind::Disconnected, None, "remove tunnel");
+            p.mapping(dc, &Arc::new(about_me));
         }
         let mut removed = false;
         if let Some(e) = l.entry(me) {
@@ -724,12 +759,16 @@ impl PeerGraph {
             match e.links.get(&other) {
                 Some(link) if link.out || link.inc => {
                     if let Some(to) = &link.conn {
-                        let about = About {
-                            id: me,
-                            id_bytes: &conn.id_bytes,
+                        let u = Update {
+                            about: me,
+                            id_bytes: conn.id_bytes.clone(),
+                            kind: Kind::ReadyForHandshake,
+                            node: None,
+                            // Coder sends READY_FOR_HANDSHAKE without a reason.
+                            reason: "",
+                            wire: OnceLock::new(),
                         };
-                        // Coder sends READY_FOR_HANDSHAKE without a reason.
-                        p.mapping(to, &about, Kind::ReadyForHandshake, None, "");
+                        p.mapping(to, &Arc::new(u));
                     }
                 }
                 _ => {
@@ -791,10 +830,14 @@ impl PeerGraph {
             how
         };
         let (kind, reason, error, close_reason) = how.parts();
-        let about = About {
-            id: me,
-            id_bytes: &c.id_bytes,
-        };
+        let about = Arc::new(Update {
+            about: me,
+            id_bytes: c.id_bytes.clone(),
+            kind,
+            node: None,
+            reason,
+            wire: OnceLock::new(),
+        });
         let mut p = Pusher { sent: 0, kicks };
         let mut removed_tunnels = 0usize;
         for (x, out) in links {
@@ -819,7 +862,7 @@ impl PeerGraph {
                 }
             }
             if let Some(to) = &xe.conn {
-                p.mapping(to, &about, kind, None, reason);
+                p.mapping(to, &about);
             }
             l.gc(x);
         }

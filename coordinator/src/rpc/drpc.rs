@@ -39,10 +39,12 @@ use tokio_util::sync::CancellationToken;
 use super::yamux::{Session, SessionError, SessionHandle, Stream, StreamReader, StreamWriter};
 use super::{count, MetricsRef};
 
-/// How much we ask the transport for per read.
-const READ_CHUNK: usize = 64 * 1024;
+/// How much room we reserve per read. Small on purpose: a coordination session idles between
+/// updates of a few hundred bytes, and this buffer lives as long as the session (10,000 sessions ×
+/// 64 KiB was most of the coordinator's memory); a large packet simply takes several reads.
+const READ_CHUNK: usize = 8 * 1024;
 /// Raw bytes kept for [`Handler::take_over`] before the first dispatch (Invoke + metadata).
-const MAX_RAW_PREFIX: usize = 2 * MAX_PACKET_SIZE + 2 * READ_CHUNK;
+const MAX_RAW_PREFIX: usize = 2 * MAX_PACKET_SIZE + 128 * 1024;
 
 /// Errors seen by handlers and clients.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -577,10 +579,12 @@ async fn writer_task(
     let mut buf = BytesMut::new();
     let mut cur_stream = 0u64;
     let mut message_id = 0u64;
+    let aborted = abort.cancelled();
+    tokio::pin!(aborted);
     loop {
         let out = tokio::select! {
             biased;
-            _ = abort.cancelled() => {
+            _ = &mut aborted => {
                 let _ = wr.reset().await;
                 return;
             }
@@ -610,7 +614,7 @@ async fn writer_task(
         );
         let res = tokio::select! {
             biased;
-            _ = abort.cancelled() => {
+            _ = &mut aborted => {
                 let _ = wr.reset().await;
                 return;
             }
@@ -1059,9 +1063,11 @@ async fn client_reader(
     metrics: MetricsRef,
 ) {
     let yamux_id = reader.rd.id();
+    let guarded = guard.cancelled();
+    tokio::pin!(guarded);
     loop {
         let pkt = tokio::select! {
-            _ = guard.cancelled() => break,
+            _ = &mut guarded => break,
             p = reader.next() => p,
         };
         let pkt = match pkt {
@@ -1094,7 +1100,7 @@ async fn client_reader(
         };
         if let Some(item) = item {
             tokio::select! {
-                _ = guard.cancelled() => break,
+                _ = &mut guarded => break,
                 r = in_tx.send(item) => if r.is_err() { break },
             }
         }

@@ -49,6 +49,11 @@ pub const LIVENESS_FAILED_REASON: &str = "liveness probe failed";
 /// A safe WebSocket `max_message_size` for yamux traffic: one full 256 KiB window, a header and
 /// generous slack (Coder's Go side effectively has no limit, but never writes more than this).
 pub const RECOMMENDED_MAX_MESSAGE_SIZE: usize = 1 << 20;
+/// The WebSocket library's read buffer per connection. Its default (128 KiB) is zero-filled
+/// before every socket read and pinned by every received payload until that payload is consumed:
+/// at 10,000 sessions that was most of the coordinator's memory and a fifth of its CPU. Coordination
+/// messages are a few hundred bytes; larger ones take several reads.
+pub const RECOMMENDED_READ_BUFFER_SIZE: usize = 8 * 1024;
 /// Longest close reason a control frame can carry.
 const MAX_CLOSE_REASON: usize = 123;
 
@@ -365,9 +370,13 @@ where
     E: std::fmt::Display,
 {
     let mut in_tx = Some(in_tx);
+    // One waiter for the whole loop: a fresh `cancelled()` per message locks the token's mutex
+    // and registers a new waiter every time.
+    let stop = shared.stop.cancelled();
+    tokio::pin!(stop);
     loop {
         let item = tokio::select! {
-            _ = shared.stop.cancelled() => break,
+            _ = &mut stop => break,
             item = stream.next() => item,
         };
         let msg = match item {
@@ -388,7 +397,7 @@ where
                 }
                 if let Some(tx) = in_tx.as_ref() {
                     tokio::select! {
-                        _ = shared.stop.cancelled() => break,
+                        _ = &mut stop => break,
                         r = tx.send(Inbound::Data(b)) => if r.is_err() { in_tx = None; },
                     }
                 }
@@ -451,6 +460,8 @@ async fn writer_pump<Si, M>(
     let mut handles_gone = false;
     let mut default_close_at: Option<Instant> = None;
 
+    let reader_done = shared.reader_done.cancelled();
+    tokio::pin!(reader_done);
     let close: Option<(u16, String)> = loop {
         tokio::select! {
             biased;
@@ -469,7 +480,7 @@ async fn writer_pump<Si, M>(
                     break Some(req);
                 }
             }
-            _ = shared.reader_done.cancelled() => break None,
+            _ = &mut reader_done => break None,
             _ = tokio::time::sleep_until(pong_deadline.unwrap_or(far)), if pong_deadline.is_some() => {
                 count(&shared.metrics, |m| &m.ws_liveness_failures);
                 tracing::info!("websocket: ping not answered in time; closing 1001");

@@ -50,6 +50,11 @@ use super::{count, gauge_add, MetricsRef};
 const MAX_DATA_FRAME: usize = 64 * 1024;
 /// The writer stops batching once a batch reaches this size.
 const WRITE_BATCH: usize = 128 * 1024;
+/// What the writer's batch buffer starts with; it grows towards [`WRITE_BATCH`] only under load,
+/// so that an idle session does not keep a 192 KiB buffer (a separate mapping per session).
+const INITIAL_BATCH_CAPACITY: usize = 4 * 1024;
+/// The reader's buffer: frames larger than this are read through it in several reads.
+const READ_BUFFER: usize = 8 * 1024;
 /// Outstanding pings (keepalive + explicit [`SessionHandle::ping`]) per session.
 const MAX_OUTSTANDING_PINGS: usize = 64;
 
@@ -226,6 +231,9 @@ struct Inner {
     pings: Mutex<HashMap<u32, oneshot::Sender<()>>>,
     ping_id: AtomicU32,
     shutdown: CancellationToken,
+    /// Mirrors `shutdown` for the hot paths: `CancellationToken::is_cancelled` takes a mutex, and
+    /// the reader, writer and every stream poll ask on each frame.
+    shut: AtomicBool,
     end: Mutex<Option<SessionError>>,
     remote_goaway: AtomicBool,
     local_goaway: AtomicBool,
@@ -246,7 +254,7 @@ impl Inner {
     }
 
     fn is_shutdown(&self) -> bool {
-        self.shutdown.is_cancelled()
+        self.shut.load(Ordering::Acquire)
     }
 
     /// Records `err` as the session's end (first one wins), stops the tasks, wakes every stream.
@@ -256,6 +264,7 @@ impl Inner {
                 *g = Some(err);
             }
         }
+        self.shut.store(true, Ordering::Release);
         self.shutdown.cancel();
         let streams: Vec<Arc<StreamState>> = self.streams().values().cloned().collect();
         for s in streams {
@@ -435,6 +444,7 @@ impl Session {
             pings: Mutex::new(HashMap::new()),
             ping_id: AtomicU32::new(0),
             shutdown: CancellationToken::new(),
+            shut: AtomicBool::new(false),
             end: Mutex::new(None),
             remote_goaway: AtomicBool::new(false),
             local_goaway: AtomicBool::new(false),
@@ -638,7 +648,7 @@ async fn reader_loop<R>(inner: Arc<Inner>, rd: R, accept_tx: mpsc::Sender<Stream
 where
     R: AsyncRead + Unpin,
 {
-    let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     let res = tokio::select! {
         _ = inner.shutdown.cancelled() => Ok(()),
         r = read_frames(&inner, &mut rd, &accept_tx) => r,
@@ -949,7 +959,10 @@ async fn writer_loop<W>(
     W: AsyncWrite + Unpin,
 {
     let timeout = inner.config.connection_write_timeout;
-    let mut batch = BytesMut::with_capacity(WRITE_BATCH + MAX_DATA_FRAME + HEADER_LEN);
+    let mut batch = BytesMut::with_capacity(INITIAL_BATCH_CAPACITY);
+    let shutdown = inner.shutdown.clone();
+    let shut_down = shutdown.cancelled();
+    tokio::pin!(shut_down);
     loop {
         if inner.is_shutdown() {
             break;
@@ -969,7 +982,7 @@ async fn writer_loop<W>(
         if batch.is_empty() {
             tokio::select! {
                 biased;
-                _ = inner.shutdown.cancelled() => break,
+                _ = &mut shut_down => break,
                 h = ctrl_rx.recv() => match h {
                     Some(h) => batch.extend_from_slice(&h.encode()),
                     None => break,

@@ -72,7 +72,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::SESSION_TOKEN_HEADER;
 use crate::rpc::drpc::RawInvoke;
-use crate::rpc::wsio::{WsConfig, WsHandle, WsIo, CLOSE_NORMAL, RECOMMENDED_MAX_MESSAGE_SIZE};
+use crate::rpc::wsio::{
+    WsConfig, WsHandle, WsIo, CLOSE_NORMAL, RECOMMENDED_MAX_MESSAGE_SIZE,
+    RECOMMENDED_READ_BUFFER_SIZE,
+};
 use crate::rpc::yamux::{self, Session, SessionHandle, Stream};
 
 /// Prefix of every `coder.tailnet.v2.Tailnet` method.
@@ -539,7 +542,8 @@ impl UpstreamRpc {
         };
         let config = WebSocketConfig::default()
             .max_message_size(Some(RECOMMENDED_MAX_MESSAGE_SIZE))
-            .max_frame_size(Some(RECOMMENDED_MAX_MESSAGE_SIZE));
+            .max_frame_size(Some(RECOMMENDED_MAX_MESSAGE_SIZE))
+            .read_buffer_size(RECOMMENDED_READ_BUFFER_SIZE);
         match tokio_tungstenite::client_async_with_config(req, io, Some(config)).await {
             Ok((ws, _)) => Ok(ws),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
