@@ -1,13 +1,15 @@
 //! Peer-graph microbenchmarks: one agent's `update_self` fanned out to 1, 100 and 10,000 client
 //! subscribers (time = the graph transition + pushing into every queue + every receiver draining
-//! its response), and one client's update reaching its agent.
+//! its queue into the protobuf bytes its session sends, as `service.rs` does with
+//! `try_recv_encoded`), and one client's update reaching its agent.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use benches::fixtures::{add_tunnel, node, update_self};
+use bytes::BytesMut;
 use coordinator::authz::CoordinateeAuth;
-use coordinator::graph::{GraphConfig, PeerGraph, PeerHandle, PeerReceiver};
+use coordinator::graph::{Encoded, GraphConfig, PeerGraph, PeerHandle, PeerReceiver};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use uuid::Uuid;
 
@@ -20,10 +22,15 @@ struct Setup {
 }
 
 fn drain(rx: &mut PeerReceiver) -> usize {
+    let mut wire = BytesMut::new();
     let mut n = 0;
-    while let Ok(resp) = rx.try_recv() {
-        n += resp.peer_updates.len();
+    while let Ok(taken) = rx.try_recv_encoded(&mut wire) {
+        match taken {
+            Encoded::Appended(k) => n += k,
+            Encoded::Whole(resp) => n += resp.peer_updates.len(),
+        }
     }
+    black_box(wire);
     n
 }
 

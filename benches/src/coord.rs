@@ -191,6 +191,9 @@ pub struct CoordReport {
     pub server_peak_rss_bytes: Option<u64>,
     /// Streams that ended or reported an error before the end of the run.
     pub failed_streams: u64,
+    /// The load generator's own CPU seconds per window second (absent in older results).
+    #[serde(default)]
+    pub loadgen_cpu_util: Option<f64>,
 }
 
 /// Where and as whom one peer connects.
@@ -751,8 +754,11 @@ pub async fn run(args: CoordArgs) -> Result<CoordReport> {
     if let Some(pid) = args.server_pid {
         cpu0 = procfs::cpu_seconds(pid);
     }
+    let me = std::process::id();
+    let own0 = procfs::cpu_seconds(me);
     tokio::time::sleep_until((start + win_end).into()).await;
     let cpu1 = args.server_pid.and_then(procfs::cpu_seconds);
+    let own1 = procfs::cpu_seconds(me);
     let mut fan = Histogram::new();
     let mut to_agent = Histogram::new();
     for s in senders {
@@ -795,5 +801,6 @@ pub async fn run(args: CoordArgs) -> Result<CoordReport> {
         },
         server_peak_rss_bytes: args.server_pid.and_then(procfs::peak_rss_bytes),
         failed_streams: counters.failed.load(Ordering::Relaxed),
+        loadgen_cpu_util: own0.zip(own1).map(|(a, b)| (b - a) / secs),
     })
 }
