@@ -121,7 +121,7 @@ mod shard;
 pub mod store;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
@@ -561,14 +561,13 @@ impl PeerGraph {
         let me = conn.id.peer;
         let node = Arc::new(node);
         // Built once, outside the lock; every receiver's queue gets a pointer to it.
-        let u = Arc::new(Update {
-            about: me,
-            id_bytes: conn.id_bytes.clone(),
-            kind: Kind::Node,
-            node: Some(node.clone()),
-            reason: "node update",
-            wire: OnceLock::new(),
-        });
+        let u = Arc::new(Update::new(
+            me,
+            conn.id_bytes.clone(),
+            Kind::Node,
+            Some(node.clone()),
+            "node update",
+        ));
         let mut p = Pusher { sent: 0, kicks };
         {
             let mut shard = self.shards.lock_one(me);
@@ -647,25 +646,11 @@ impl PeerGraph {
         let Some(dc) = dst_conn else { return true };
         let mut p = Pusher { sent: 0, kicks };
         if let Some(n) = dst_node {
-            let u = Update {
-                about: dst,
-                id_bytes: dc.id_bytes.clone(),
-                kind: Kind::Node,
-                node: Some(n),
-                reason: "add tunnel",
-                wire: OnceLock::new(),
-            };
+            let u = Update::new(dst, dc.id_bytes.clone(), Kind::Node, Some(n), "add tunnel");
             p.mapping(conn, &Arc::new(u));
         }
         if let Some(n) = me_node {
-            let u = Update {
-                about: me,
-                id_bytes: conn.id_bytes.clone(),
-                kind: Kind::Node,
-                node: Some(n),
-                reason: "add tunnel",
-                wire: OnceLock::new(),
-            };
+            let u = Update::new(me, conn.id_bytes.clone(), Kind::Node, Some(n), "add tunnel");
             p.mapping(&dc, &Arc::new(u));
         }
         drop(l);
@@ -688,24 +673,16 @@ impl PeerGraph {
             Some(dc) => dc.id_bytes.clone(),
             None => Bytes::copy_from_slice(dst.as_bytes()),
         };
-        let about_dst = Update {
-            about: dst,
-            id_bytes: dst_bytes,
-            kind: Kind::Disconnected,
-            node: None,
-            reason: "remove tunnel",
-            wire: OnceLock::new(),
-        };
+        let about_dst = Update::new(dst, dst_bytes, Kind::Disconnected, None, "remove tunnel");
         p.mapping(conn, &Arc::new(about_dst));
         if let Some(dc) = &dst_conn {
-            let about_me = Update {
-                about: me,
-                id_bytes: conn.id_bytes.clone(),
-                kind: Kind::Disconnected,
-                node: None,
-                reason: "remove tunnel",
-                wire: OnceLock::new(),
-            };
+            let about_me = Update::new(
+                me,
+                conn.id_bytes.clone(),
+                Kind::Disconnected,
+                None,
+                "remove tunnel",
+            );
             p.mapping(dc, &Arc::new(about_me));
         }
         let mut removed = false;
@@ -759,15 +736,14 @@ impl PeerGraph {
             match e.links.get(&other) {
                 Some(link) if link.out || link.inc => {
                     if let Some(to) = &link.conn {
-                        let u = Update {
-                            about: me,
-                            id_bytes: conn.id_bytes.clone(),
-                            kind: Kind::ReadyForHandshake,
-                            node: None,
+                        let u = Update::new(
+                            me,
+                            conn.id_bytes.clone(),
+                            Kind::ReadyForHandshake,
+                            None,
                             // Coder sends READY_FOR_HANDSHAKE without a reason.
-                            reason: "",
-                            wire: OnceLock::new(),
-                        };
+                            "",
+                        );
                         p.mapping(to, &Arc::new(u));
                     }
                 }
@@ -830,14 +806,7 @@ impl PeerGraph {
             how
         };
         let (kind, reason, error, close_reason) = how.parts();
-        let about = Arc::new(Update {
-            about: me,
-            id_bytes: c.id_bytes.clone(),
-            kind,
-            node: None,
-            reason,
-            wire: OnceLock::new(),
-        });
+        let about = Arc::new(Update::new(me, c.id_bytes.clone(), kind, None, reason));
         let mut p = Pusher { sent: 0, kicks };
         let mut removed_tunnels = 0usize;
         for (x, out) in links {

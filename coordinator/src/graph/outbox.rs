@@ -78,6 +78,25 @@ pub(crate) struct Update {
 }
 
 impl Update {
+    /// An update about `about` (its id's wire bytes `id_bytes`); `node` matters only for
+    /// [`Kind::Node`].
+    pub(crate) fn new(
+        about: Uuid,
+        id_bytes: Bytes,
+        kind: Kind,
+        node: Option<Arc<Node>>,
+        reason: &'static str,
+    ) -> Self {
+        Update {
+            about,
+            id_bytes,
+            kind,
+            node,
+            reason,
+            wire: OnceLock::new(),
+        }
+    }
+
     fn wire(&self) -> &Bytes {
         self.wire.get_or_init(|| {
             let node = match self.kind {
@@ -732,14 +751,13 @@ mod tests {
         let id = Uuid::from_u128(5);
         let id_bytes = Bytes::copy_from_slice(id.as_bytes());
         let upd = |kind: Kind, node: Option<&Arc<Node>>, reason: &'static str| {
-            Arc::new(Update {
-                about: id,
-                id_bytes: id_bytes.clone(),
+            Arc::new(Update::new(
+                id,
+                id_bytes.clone(),
                 kind,
-                node: node.cloned(),
+                node.cloned(),
                 reason,
-                wire: OnceLock::new(),
-            })
+            ))
         };
         let n1 = Arc::new(Node {
             preferred_derp: 1,
@@ -957,14 +975,13 @@ mod tests {
         let id_bytes = Bytes::copy_from_slice(id.as_bytes());
         let node = Arc::new(sample_node());
         let fill = |ob: &Outbox| {
-            let u = Arc::new(Update {
-                about: id,
-                id_bytes: id_bytes.clone(),
-                kind: Kind::Node,
-                node: Some(node.clone()),
-                reason: "node update",
-                wire: OnceLock::new(),
-            });
+            let u = Arc::new(Update::new(
+                id,
+                id_bytes.clone(),
+                Kind::Node,
+                Some(node.clone()),
+                "node update",
+            ));
             ob.push_mapping(&u).unwrap();
             let other = Uuid::from_u128(6);
             ob.push_batch(
