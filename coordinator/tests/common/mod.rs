@@ -2,6 +2,9 @@
 //! probes, v1 JSON clients and node builders.
 #![allow(dead_code, clippy::unwrap_used)]
 
+#[path = "../support/mod.rs"]
+mod support;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -191,41 +194,11 @@ impl Harness {
 
     /// A failed WebSocket dial's status and JSON body.
     pub async fn ws_error(&self, path: &str, token: &str) -> (u16, serde_json::Value) {
-        match self.ws(path, token).await {
-            Ok(_) => panic!("websocket to {path} unexpectedly succeeded"),
-            Err(e) => match *e {
-                tokio_tungstenite::tungstenite::Error::Http(resp) => {
-                    let body = resp.body().clone().unwrap_or_default();
-                    (
-                        resp.status().as_u16(),
-                        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
-                    )
-                }
-                other => panic!("unexpected error {other}"),
-            },
-        }
+        support::ws_refusal(path, self.ws(path, token).await)
     }
 
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        for mf in self.registry.gather() {
-            if mf.name() != name {
-                continue;
-            }
-            for m in mf.get_metric() {
-                let ok = labels.iter().all(|(k, v)| {
-                    m.get_label()
-                        .iter()
-                        .any(|l| l.name() == *k && l.value() == *v)
-                });
-                if ok {
-                    if mf.get_field_type() == prometheus::proto::MetricType::COUNTER {
-                        return m.get_counter().get_value();
-                    }
-                    return m.get_gauge().get_value();
-                }
-            }
-        }
-        0.0
+        support::metric(&self.registry, name, labels)
     }
 }
 
