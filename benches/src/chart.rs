@@ -270,7 +270,6 @@ pub fn write_png(path: &Path, panels: &[Panel]) -> Result<()> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

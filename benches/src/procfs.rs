@@ -43,7 +43,6 @@ pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

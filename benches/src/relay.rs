@@ -591,7 +591,6 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
 
     use super::*;
     use tokio::net::TcpListener;

@@ -418,7 +418,6 @@ impl Authenticator for StaticAuthenticator {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

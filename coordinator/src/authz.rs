@@ -276,7 +276,6 @@ fn client_node_rules(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use proto::tailnet::v2::coordinate_request::{ReadyForHandshake, Tunnel, UpdateSelf};

@@ -423,7 +423,6 @@ fn parse_public_url(url: &str) -> Result<(bool, String, u16), DerpMapSourceError
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -63,7 +63,6 @@ impl DevCredentials {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::auth::{Authenticator, StaticAuthenticator};

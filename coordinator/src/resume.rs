@@ -278,7 +278,6 @@ fn sign(secret: &[u8], input: &[u8]) -> Result<Vec<u8>, ResumeError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

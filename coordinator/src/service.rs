@@ -399,7 +399,6 @@ fn take_queued(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use bytes::Bytes;
     use proto::tailnet::v2::coordinate_request::{Tunnel, UpdateSelf};

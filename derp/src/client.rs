@@ -610,7 +610,6 @@ const _: () = assert!(KEY_LEN == 32);
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
 
     use super::*;
     use proto::derp::{encode_recv_packet, server_key_frame};

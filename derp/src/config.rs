@@ -313,7 +313,6 @@ mod duration_text {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod edge_tests {
     use super::*;
 

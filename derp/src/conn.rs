@@ -1009,7 +1009,6 @@ fn check_frame(h: &FrameHeader, mesh: bool) -> Result<(), &'static str> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     //! Buffer life cycle, driven by hand: the task is polled directly (no runtime task) so the
     //! test can look at its buffers between polls.

@@ -493,7 +493,6 @@ fn bracket(host: &str) -> String {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod edge_tests {
     use super::*;
 

@@ -751,7 +751,6 @@ pub fn routes() -> Router {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod edge_tests {
     use super::*;
 

@@ -428,7 +428,6 @@ pub async fn start(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod edge_tests {
     use super::*;
 

@@ -95,7 +95,6 @@ pub fn find_in_chain<'a>(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod edge_tests {
     use super::*;
     use x509_parser::extensions::ParsedExtension;

@@ -297,7 +297,6 @@ where
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod edge_tests {
     use super::*;
     use futures_util::{SinkExt, StreamExt};

@@ -647,7 +647,6 @@ fn find_head_end(b: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
 
     use super::*;
     use proto::tailnet::v2::coordinate_response::peer_update::Kind as UpdKind;

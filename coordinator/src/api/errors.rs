@@ -150,7 +150,6 @@ pub fn parse_version(v: &str, allow_v1: bool) -> Result<ApiVersion, VersionError
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -923,5 +923,4 @@ fn log_authz(conn: ConnId, e: &AuthzError) {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests;

@@ -681,7 +681,6 @@ impl Drop for PeerReceiver {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::authz::CoordinateeAuth;

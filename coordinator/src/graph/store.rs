@@ -145,7 +145,6 @@ impl Store for MemoryStore {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

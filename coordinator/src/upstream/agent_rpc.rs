@@ -876,7 +876,6 @@ pub fn refusal_packet(stream_id: u64, message: &str) -> Bytes {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -226,7 +226,6 @@ fn evict<K: Hash + Eq + Clone, V>(map: &mut HashMap<K, Slot<V>>, now: Instant, c
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -531,7 +531,6 @@ impl hyper::rt::Write for MaybeTls {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -398,7 +398,6 @@ fn splice(st: ProxyState, client: hyper::upgrade::OnUpgrade, upstream: hyper::up
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

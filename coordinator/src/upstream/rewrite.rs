@@ -106,7 +106,6 @@ pub fn replace_member(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
