@@ -1,6 +1,6 @@
 package coderdinterop
 
-// What a user does, through tailnetd's address only. Each check returns an error rather than
+// What a user does, through the scenario's front door only (tailnetd's address). Each check returns an error rather than
 // failing the test, so that the same check runs before and after restarts.
 
 import (
@@ -124,7 +124,7 @@ func (s *scenario) checkListeningPorts(ctx context.Context) error {
 func (s *scenario) checkApp(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, checkTimeout)
 	defer cancel()
-	u := *s.tailnetdURL
+	u := *s.frontURL
 	u.Path = fmt.Sprintf("/@%s/%s.%s/apps/%s/", s.username, s.workspace.Name, agentName, appSlug)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
 	if err != nil {
@@ -272,4 +272,22 @@ func (s *scenario) checkLifecycleReady(ctx context.Context) error {
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// checkTelemetry dials the agent with telemetry on, pings it, and waits for the client's
+// network telemetry to reach coderd's telemetry reporter.
+func (s *scenario) checkTelemetry(ctx context.Context) error {
+	before := len(s.telemetry.networkEvents())
+	if err := s.checkDialAgent(ctx, true); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for len(s.telemetry.networkEvents()) == before {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no network telemetry reached coderd within 10 s (tailnetd's %s)",
+				s.tailnetd.metric(ctx, "coordinator_telemetry_events_total"))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return nil
 }

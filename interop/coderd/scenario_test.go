@@ -125,11 +125,14 @@ type scenario struct {
 	tailnetd    *tailnetdProcess
 	tailnetdURL *url.URL
 	derpMapPath string
+	// frontURL is what the agent and the users are given: tailnetd's URL, or coderd's own in
+	// the control scenario.
+	frontURL *url.URL
 
 	coderdMu sync.Mutex
 	coderd   *coderdInstance
 
-	// client is the owner's SDK client pointed at tailnetd only.
+	// client is the owner's SDK client pointed at frontURL only.
 	client     *codersdk.Client
 	username   string
 	workspace  codersdk.Workspace
@@ -151,7 +154,18 @@ type coderdInstance struct {
 	closeOnce   sync.Once
 }
 
-func newScenario(t *testing.T) *scenario {
+// frontDoor says whom the agent and the users talk to.
+type frontDoor int
+
+const (
+	// viaTailnetd: tailnetd's address only (the deployment under test).
+	viaTailnetd frontDoor = iota
+	// directToCoderd: coderd's own address (the control: coderd coordinates everything itself,
+	// tailnetd is only the relay). It shows the checks pass when coderd can reach the agent.
+	directToCoderd
+)
+
+func newScenario(t *testing.T, door frontDoor) *scenario {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
@@ -175,6 +189,10 @@ func newScenario(t *testing.T) *scenario {
 	s.tailnetdURL, err = url.Parse(s.tailnetd.announcement().BaseURL)
 	if err != nil {
 		t.Fatal(err)
+	}
+	s.frontURL = s.tailnetdURL
+	if door == directToCoderd {
+		s.frontURL = &url.URL{Scheme: "http", Host: s.fwd.addr()}
 	}
 	s.derpMapPath = filepath.Join(t.TempDir(), "derpmap.json")
 	s.writeTailnetdDERPMap(ctx)
@@ -206,7 +224,17 @@ func (s *scenario) writeTailnetdDERPMap(ctx context.Context) {
 	if err := json.Unmarshal(raw, &m); err != nil || len(m.Regions) == 0 {
 		t.Fatalf("tailnetd's DERP map %q: %v", raw, err)
 	}
-	if err := os.WriteFile(s.derpMapPath, raw, 0o600); err != nil {
+	// tailnetd marks its relay as the deployment's embedded one, which makes Coder's clients
+	// point it at the URL they were given. For coderd it is an external relay at a fixed
+	// address (coderd's own relay is off).
+	for _, r := range m.Regions {
+		r.EmbeddedRelay = false
+	}
+	out, err := json.Marshal(&m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(s.derpMapPath, out, 0o600); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -217,7 +245,7 @@ func (s *scenario) startCoderd() {
 	logger := slogtest.Make(t, &slogtest.Options{IgnoreErrors: true}).Leveled(logLevel()).Named("coderd")
 	opts := &coderdtest.Options{
 		Database:          s.store,
-		AccessURL:         s.tailnetdURL,
+		AccessURL:         s.frontURL,
 		Logger:            &logger,
 		TelemetryReporter: s.telemetry,
 		DeploymentValues: coderdtest.DeploymentValues(t, func(dv *codersdk.DeploymentValues) {
@@ -264,7 +292,7 @@ func (s *scenario) restartCoderd() {
 func (s *scenario) createWorkspace(ctx context.Context) {
 	t := s.t
 	// The first user is created through tailnetd too: everything a user does goes there.
-	s.client = codersdk.New(s.tailnetdURL)
+	s.client = codersdk.New(s.frontURL)
 	first := coderdtest.CreateFirstUser(t, s.client)
 	me, err := s.client.User(ctx, codersdk.Me)
 	if err != nil {
@@ -323,7 +351,7 @@ func (s *scenario) createWorkspace(ctx context.Context) {
 
 func (s *scenario) startAgent() {
 	logger := slogtest.Make(s.t, &slogtest.Options{IgnoreErrors: true}).Leveled(logLevel()).Named("agent")
-	s.agent = agenttest.New(s.t, s.tailnetdURL, s.agentToken, func(o *agent.Options) {
+	s.agent = agenttest.New(s.t, s.frontURL, s.agentToken, func(o *agent.Options) {
 		o.Logger = logger
 	})
 }
