@@ -94,8 +94,9 @@ func TestThroughTailnetd(t *testing.T) {
 }
 
 // TestCoderdRestart: coderd goes away mid-run and comes back on the same address and
-// database; the agent stays connected to tailnetd the whole time. coderd must show it
-// connected again, and the terminal and tunnels must work again.
+// database. (Today tailnetd ends the agent's session when the agent's upstream session to
+// coderd ends, and the agent redials.) coderd must show the agent connected again, and the
+// terminal and tunnels must work again.
 func TestCoderdRestart(t *testing.T) {
 	t.Parallel()
 	s := newScenario(t, viaTailnetd)
