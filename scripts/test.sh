@@ -135,7 +135,7 @@ if [ ${#go_modules[@]} -gt 0 ]; then
   if [ "$needs_postgres" = 1 ]; then
     if [ -n "${pg_install:-}" ] && ! wait "$pg_install"; then cat "$logs/postgres-install.log"; exit 1; fi
     find_pg || { echo "PostgreSQL server binaries not found after install"; exit 1; }
-    export TAILNETD_PG_BIN="$pg_bin"
+    export PG_BIN_DIR="$pg_bin"
     echo "PostgreSQL: $pg_bin"
   fi
 
