@@ -129,10 +129,11 @@ impl Coordinator {
         let metrics = Metrics::new(registry)?;
         let rpc_metrics = RpcMetrics::new()?;
         rpc_metrics.register(registry)?;
-        let graph = PeerGraph::new(
+        let graph = PeerGraph::with_shards(
             GraphConfig {
                 response_queue: config.response_buffer.max(1),
             },
+            config.graph_shards,
             registry,
         )?;
         let signing = config
