@@ -241,3 +241,21 @@ impl Coordinator {
         }
     }
 }
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_configured_shard_count_reaches_the_graph() {
+        let config = CoordinatorConfig {
+            graph_shards: 3,
+            ..CoordinatorConfig::default()
+        };
+        let auth = Arc::new(StaticAuthenticator::default());
+        let derp = DerpMapSource::new(DerpMapConfig::default()).unwrap();
+        let c = Coordinator::new(config, auth, derp, &prometheus::Registry::new()).unwrap();
+        assert_eq!(c.graph().shard_count(), 3);
+        c.shutdown().await;
+    }
+}
