@@ -578,11 +578,11 @@ settings! {
         flag_prefix: "relay-",
         roles: RELAY_ROLES,
     } {
-        /// Per-client send queue depth in packets (1..=65536).
+        /// Per-client send queue depth in packets.
         queue_depth: usize = |_| DerpConfig::default().queue_depth;
         /// Per-frame write deadline for non-mesh clients; `0s` = none.
         write_timeout: Duration = |_| DerpConfig::default().write_timeout;
-        /// Interval of DERP KeepAlive frames (1s..=110s).
+        /// Interval of DERP KeepAlive frames (clients give up after 120s of silence).
         keepalive: Duration = |_| DerpConfig::default().keepalive;
         /// TCP_USER_TIMEOUT on accepted connections (Linux); `0s` = system default.
         tcp_user_timeout: Duration = |_| DerpConfig::default().tcp_user_timeout;
@@ -692,7 +692,8 @@ settings! {
         shutdown_grace: Duration = |_| CoordinatorConfig::default().shutdown_grace;
         /// Lifetime of resume tokens (clients refresh after half).
         resume_token_expiry: Duration = |_| CoordinatorConfig::default().resume_expiry;
-        /// Lock shards of the peer graph (1..=4096; default: 4 x CPUs, at least 16).
+        /// Lock shards of the peer graph (default: 4 x CPUs rounded up to a power of two, at
+        /// least 16); more shards, less contention between unrelated peers.
         graph_shards: usize = |_| CoordinatorConfig::default().graph_shards;
     }
 
