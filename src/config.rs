@@ -801,15 +801,14 @@ fn role_command(role: Role) -> Command {
     cmd.after_help(after)
 }
 
-/// `"text"` → `text` for help output.
+/// `"text"` → `text` for help output; an empty text stays `""`.
 fn unquote(toml_text: &str) -> String {
-    match toml_text.parse::<toml::Value>() {
-        Ok(toml::Value::String(s)) if s.is_empty() => "\"\"".to_string(),
-        Ok(toml::Value::String(s)) => s,
-        _ => toml_text
-            .strip_prefix('"')
-            .and_then(|t| t.strip_suffix('"'))
-            .map_or_else(|| toml_text.to_string(), str::to_string),
+    match toml_text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+    {
+        Some("") | None => toml_text.to_string(),
+        Some(inner) => inner.to_string(),
     }
 }
 

@@ -413,4 +413,5 @@ fn help_shows_only_the_roles_settings() {
     );
     assert!(help(Role::Dev).contains("[default: 127.0.0.1:3340]"));
     assert!(help(Role::Serve).contains("[default: 0.0.0.0:8080]"));
+    assert!(derp.contains("empty disables. [default: \"\"]"), "{derp}");
 }
