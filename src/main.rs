@@ -282,6 +282,7 @@ async fn run(s: Settings) -> Result<()> {
         });
     }
 
+    let shutdown = shutdown_signal()?;
     health.ready.store(true, Ordering::Relaxed);
     announce(
         &s,
@@ -292,7 +293,7 @@ async fn run(s: Settings) -> Result<()> {
     )?;
 
     tokio::select! {
-        _ = shutdown_signal() => tracing::info!("signal received: draining"),
+        _ = shutdown => tracing::info!("signal received: draining"),
         Some(_) = tasks.join_next() => {
             tracing::error!("a listener stopped unexpectedly: draining");
         }
@@ -360,29 +361,29 @@ fn announce(
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "listening for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
+/// Registers the SIGTERM and SIGINT handlers now and returns the future that waits for either.
+/// Called before readiness is announced: a supervisor that sends SIGTERM right after reading the
+/// announcement must get a drain, not the default action (death by signal).
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
             }
-            Err(e) => {
-                tracing::error!(error = %e, "listening for SIGTERM");
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                tracing::error!(error = %e, "listening for Ctrl-C");
                 std::future::pending::<()>().await;
             }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        })
     }
 }
