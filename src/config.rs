@@ -22,8 +22,15 @@
 //! `serde::Deserialize` because the derives cannot share a default or a help text, cannot make the
 //! default depend on the role, and cannot name the flag and the TOML key from one identifier
 //! without repeating it; the macro generates a typed struct per group instead, which the rest of
-//! the binary reads like any other struct. Adding a setting is one line (plus its doc comment) in
-//! one group; adding a group is one block that names the roles using it.
+//! the binary reads like any other struct. Adding a setting is one declaration (a doc comment
+//! and `name: Type = |role| default;`) in its group, plus the line in [`Settings::resolve`] that
+//! hands the value to the library config that uses it; its flag, variable, key, help and
+//! `--check` line need nothing more. Adding a group is one block naming its section, flag
+//! prefix and roles, plus its `resolve` call in [`Settings::resolve`].
+//!
+//! Groups, not single settings, carry the roles: a role's command line has exactly the flags of
+//! its groups (so `tailnetd derp --help` shows no coordinator setting, and `--upstream` is an
+//! unknown argument there), and a file key of a group the role does not use is an error.
 //!
 //! Values are parsed by [`SettingValue`], once for text (flags and environment) and once for TOML
 //! values. Durations are always written in human form (`500ms`, `5s`, `10m`, `1h`), in every
