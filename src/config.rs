@@ -1,50 +1,63 @@
-//! Command line, environment and TOML configuration for every role.
+//! Command line, environment and TOML configuration for every role, from one definition.
 //!
-//! One `Settings` value is resolved per run, in this order of precedence: a flag, then its
-//! `TAILNETD_*` environment twin (clap handles both), then the `--config` TOML file, then the
-//! role's default. Everything is validated here, before any socket is opened, so that a bad
-//! value fails at start-up with a message that names the field instead of surfacing later as a
-//! confusing runtime error.
+//! # Why it is built this way
+//!
+//! Every setting is declared exactly once, in the [`settings!`] invocation below: its TOML key,
+//! type, default (which may depend on the role) and help text (its doc comment). Everything else
+//! is derived from that declaration:
+//!
+//! - the flag: `--` + the group's flag prefix + the key with `_` → `-` (`[relay] queue_depth` →
+//!   `--relay-queue-depth`), unless the declaration overrides it (`#[flag = "upstream"]`);
+//! - the environment twin: `TAILNETD_` + the flag in upper case (`TAILNETD_RELAY_QUEUE_DEPTH`);
+//! - the TOML key: the group's section + the name (`relay.queue_depth`; top-level when the
+//!   section is empty);
+//! - `tailnetd <role> --help`: one entry per setting of the groups that role uses, under the
+//!   group's heading, showing the role's default and the TOML key; settings that only make sense
+//!   in the file (lists of regions, tokens, keys) are listed after the flags;
+//! - the merge: flag, then environment (clap reads both, so a flag wins over its twin), then the
+//!   file, then the role's default;
+//! - `--check`: the effective value of every setting and where it came from.
+//!
+//! A declarative macro was chosen over a struct deriving both `clap::Args` and
+//! `serde::Deserialize` because the derives cannot share a default or a help text, cannot make the
+//! default depend on the role, and cannot name the flag and the TOML key from one identifier
+//! without repeating it; the macro generates a typed struct per group instead, which the rest of
+//! the binary reads like any other struct. Adding a setting is one declaration (a doc comment
+//! and `name: Type = |role| default;`) in its group, plus the line in [`Settings::resolve`] that
+//! hands the value to the library config that uses it; its flag, variable, key, help and
+//! `--check` line need nothing more. Adding a group is one block naming its section, flag
+//! prefix and roles, plus its `resolve` call in [`Settings::resolve`].
+//!
+//! Groups, not single settings, carry the roles: a role's command line has exactly the flags of
+//! its groups (so `tailnetd derp --help` shows no coordinator setting, and `--upstream` is an
+//! unknown argument there), and a file key of a group the role does not use is an error.
+//!
+//! Values are parsed by [`SettingValue`], once for text (flags and environment) and once for TOML
+//! values. Durations are always written in human form (`500ms`, `5s`, `10m`, `1h`), in every
+//! source. Structured values (regions, tokens, resume keys) are file-only: their type says so
+//! (`SettingValue::FLAG`), so no flag is generated for them.
+//!
+//! Everything is validated here, before any socket is opened, so that a bad value fails at
+//! start-up with a message naming the field (`relay.keepalive (--relay-keepalive): ...`) instead
+//! of surfacing later as a confusing runtime error. Unknown TOML keys, and keys of settings the
+//! chosen role does not use, are errors naming the key: a typo never silently falls back to a
+//! default.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, ArgMatches, Command};
+use coordinator::auth::{StaticAgent, StaticAuthConfig, StaticAuthenticator, StaticUser};
+use coordinator::config::{CoordinatorConfig, ResumeKeyConfig};
+use coordinator::derpmap::DerpMapConfig;
+use coordinator::upstream::UpstreamConfig;
 use derp::config::DerpConfig;
-use serde::Deserialize;
+use proto::derpmap::DerpRegion;
 
-/// tailnetd: a Tailnet coordinator and DERP relay for Coder deployments.
-#[derive(Debug, Parser)]
-#[command(name = "tailnetd", version, about)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub role: RoleCommand,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum RoleCommand {
-    /// Everything on 127.0.0.1 with in-memory state and generated dev credentials (printed as JSON).
-    Dev(CommonArgs),
-    /// Coordinator and relay in one process: the sidecar next to coderd.
-    Serve(CommonArgs),
-    /// Coordinator only.
-    Coordinator(CommonArgs),
-    /// Relay and STUN only: what a regional relay node runs.
-    Derp(CommonArgs),
-}
-
-impl RoleCommand {
-    pub fn split(self) -> (Role, CommonArgs) {
-        match self {
-            RoleCommand::Dev(a) => (Role::Dev, a),
-            RoleCommand::Serve(a) => (Role::Serve, a),
-            RoleCommand::Coordinator(a) => (Role::Coordinator, a),
-            RoleCommand::Derp(a) => (Role::Derp, a),
-        }
-    }
-}
-
+/// Which parts a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Dev,
@@ -53,12 +66,18 @@ pub enum Role {
     Derp,
 }
 
+const EVERY_ROLE: &[Role] = &[Role::Dev, Role::Serve, Role::Coordinator, Role::Derp];
+const RELAY_ROLES: &[Role] = &[Role::Dev, Role::Serve, Role::Derp];
+const COORDINATOR_ROLES: &[Role] = &[Role::Dev, Role::Serve, Role::Coordinator];
+/// Roles whose coordinator hands out a DERP map naming this process's own relay.
+const EMBEDDED_RELAY_ROLES: &[Role] = &[Role::Dev, Role::Serve];
+
 impl Role {
     pub fn runs_relay(self) -> bool {
-        matches!(self, Role::Dev | Role::Serve | Role::Derp)
+        RELAY_ROLES.contains(&self)
     }
     pub fn runs_coordinator(self) -> bool {
-        matches!(self, Role::Dev | Role::Serve | Role::Coordinator)
+        COORDINATOR_ROLES.contains(&self)
     }
     pub fn name(self) -> &'static str {
         match self {
@@ -68,162 +87,899 @@ impl Role {
             Role::Derp => "derp",
         }
     }
+    fn about(self) -> &'static str {
+        match self {
+            Role::Dev => "Everything on 127.0.0.1 with in-memory state and generated dev credentials (printed as JSON).",
+            Role::Serve => "Coordinator and relay in one process: the sidecar next to coderd.",
+            Role::Coordinator => "Coordinator only.",
+            Role::Derp => "Relay and STUN only: what a regional relay node runs.",
+        }
+    }
+    fn from_name(name: &str) -> Option<Role> {
+        EVERY_ROLE.iter().copied().find(|r| r.name() == name)
+    }
 }
 
-/// Flags shared by every role. Each has an environment twin; none has a clap default, so that
-/// the TOML file can fill in what the command line leaves out.
-#[derive(Debug, Default, Args)]
-pub struct CommonArgs {
-    /// TOML configuration file.
-    #[arg(long, env = "TAILNETD_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Plain HTTP listen address (`host:port`, port 0 picks one; empty disables).
-    #[arg(long, env = "TAILNETD_HTTP_ADDR")]
-    pub http_addr: Option<String>,
-    /// HTTPS listen address (needs --tls-cert and --tls-key; empty disables).
-    #[arg(long, env = "TAILNETD_HTTPS_ADDR")]
-    pub https_addr: Option<String>,
-    /// PEM certificate chain for HTTPS; reloaded when the file changes.
-    #[arg(long, env = "TAILNETD_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for HTTPS; reloaded when the file changes.
-    #[arg(long, env = "TAILNETD_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// UDP STUN listen address (empty disables).
-    #[arg(long, env = "TAILNETD_STUN_ADDR")]
-    pub stun_addr: Option<String>,
-    /// DERP private key file in derper's JSON format; created when missing.
-    #[arg(long, env = "TAILNETD_KEY_FILE")]
-    pub key_file: Option<PathBuf>,
-    /// DERP mesh pre-shared key file (64 hex characters).
-    #[arg(long, env = "TAILNETD_MESH_PSK_FILE")]
-    pub mesh_psk_file: Option<PathBuf>,
-    /// DERP map JSON file (Tailscale/Coder form), watched for changes.
-    #[arg(long, env = "TAILNETD_DERP_MAP_FILE")]
-    pub derp_map_file: Option<PathBuf>,
-    /// Region id of this process's own relay in the DERP map.
-    #[arg(long, env = "TAILNETD_REGION_ID")]
-    pub region_id: Option<i64>,
-    /// Region code of this process's own relay.
-    #[arg(long, env = "TAILNETD_REGION_CODE")]
-    pub region_code: Option<String>,
-    /// Region name of this process's own relay.
-    #[arg(long, env = "TAILNETD_REGION_NAME")]
-    pub region_name: Option<String>,
-    /// URL under which clients reach this process (defaults to the bound listener).
-    #[arg(long, env = "TAILNETD_PUBLIC_URL")]
-    pub public_url: Option<String>,
-    /// Where `dev` also writes its credentials JSON.
-    #[arg(long, env = "TAILNETD_CREDENTIALS")]
-    pub credentials: Option<PathBuf>,
-    /// Upstream Coder server (`http(s)://host[:port]`): every request tailnetd does not own is
-    /// proxied to it, and it decides every token.
-    #[arg(long, env = "TAILNETD_UPSTREAM")]
-    pub upstream: Option<String>,
-    /// Connect (and TLS handshake) timeout towards the upstream, e.g. `5s`.
-    #[arg(long, env = "TAILNETD_UPSTREAM_CONNECT_TIMEOUT")]
-    pub upstream_connect_timeout: Option<String>,
-    /// How long to wait for the upstream's response headers, e.g. `30s`.
-    #[arg(long, env = "TAILNETD_UPSTREAM_HEADER_TIMEOUT")]
-    pub upstream_header_timeout: Option<String>,
-    /// Largest request body proxied to the upstream; larger ones get 413.
-    #[arg(long, env = "TAILNETD_UPSTREAM_MAX_BODY_BYTES")]
-    pub upstream_max_body_bytes: Option<u64>,
-    /// How long a positive auth decision of the upstream is reused, e.g. `30s`.
-    #[arg(long, env = "TAILNETD_UPSTREAM_AUTH_TTL_OK")]
-    pub upstream_auth_ttl_ok: Option<String>,
-    /// How long a negative auth decision of the upstream is reused, e.g. `5s`.
-    #[arg(long, env = "TAILNETD_UPSTREAM_AUTH_TTL_ERR")]
-    pub upstream_auth_ttl_err: Option<String>,
-    /// Replace the DERP map in proxied `/connection` and `/me/manifest` answers with ours
-    /// (default: on when this process runs a relay).
-    #[arg(long, env = "TAILNETD_UPSTREAM_REWRITE_DERP_MAP")]
-    pub upstream_rewrite_derp_map: Option<bool>,
-    /// Log filter (tracing env-filter syntax), e.g. `info,derp=debug`.
-    #[arg(long, env = "TAILNETD_LOG")]
-    pub log: Option<String>,
-    /// Log format: `text` or `json`.
-    #[arg(long, env = "TAILNETD_LOG_FORMAT")]
-    pub log_format: Option<String>,
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
-/// The TOML file. Unknown keys are errors so that a typo never silently falls back to a default.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub http_addr: Option<String>,
-    pub https_addr: Option<String>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub stun_addr: Option<String>,
-    pub key_file: Option<PathBuf>,
-    pub mesh_psk_file: Option<PathBuf>,
-    pub derp_map_file: Option<PathBuf>,
-    pub region_id: Option<i64>,
-    pub region_code: Option<String>,
-    pub region_name: Option<String>,
-    pub public_url: Option<String>,
-    pub credentials: Option<PathBuf>,
-    pub log: Option<String>,
-    pub log_format: Option<String>,
-    #[serde(default)]
-    pub relay: RelayFile,
-    #[serde(default)]
-    pub auth: AuthFile,
-    #[serde(default)]
-    pub derp_map: DerpMapFile,
-    #[serde(default)]
-    pub upstream: UpstreamFile,
+// ---------------------------------------------------------------------------------------------
+// Values
+// ---------------------------------------------------------------------------------------------
+
+/// How a setting's type is read from text (flags, environment) and from TOML, and shown back.
+pub trait SettingValue: Sized {
+    /// Whether the value can be given as a flag and environment variable. Structured values are
+    /// file-only.
+    const FLAG: bool = true;
+    /// What `--help` shows as the value's placeholder.
+    const VALUE_NAME: &'static str;
+    /// Parses a flag or environment value.
+    fn from_text(text: &str) -> Result<Self, String>;
+    /// Converts a TOML value.
+    fn from_toml(value: toml::Value) -> Result<Self, String>;
+    /// The value as TOML text; `None` when unset. Secrets are never shown.
+    fn to_toml(&self) -> Option<String>;
 }
 
-/// The upstream Coder server (`[upstream]`); durations are text such as `"5s"`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamFile {
-    pub url: Option<String>,
-    pub connect_timeout: Option<String>,
-    pub header_timeout: Option<String>,
-    pub max_body_bytes: Option<u64>,
-    pub auth_ttl_ok: Option<String>,
-    pub auth_ttl_err: Option<String>,
-    pub rewrite_derp_map: Option<bool>,
+fn type_error(expected: &str, got: &toml::Value) -> String {
+    format!("expected {expected}, got {} {got}", got.type_str())
 }
 
-/// Extra DERP map content (`[derp_map]`), merged with `derp_map_file` and this process's relay.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DerpMapFile {
-    /// Regions in Tailscale/Coder JSON field names (`RegionID`, `RegionCode`, `Nodes`, ...).
-    #[serde(default)]
-    pub regions: Vec<proto::derpmap::DerpRegion>,
-    /// External STUN servers (`host:port`); each becomes a STUN-only region.
-    #[serde(default)]
-    pub stun_servers: Vec<String>,
+impl SettingValue for String {
+    const VALUE_NAME: &'static str = "TEXT";
+    fn from_text(text: &str) -> Result<Self, String> {
+        Ok(text.to_string())
+    }
+    fn from_toml(value: toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::String(s) => Ok(s),
+            other => Err(type_error("a string", &other)),
+        }
+    }
+    fn to_toml(&self) -> Option<String> {
+        Some(toml::Value::String(self.clone()).to_string())
+    }
 }
 
-/// Relay tuning knobs (`[relay]`); durations are text such as `"2s"` or `"500ms"`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RelayFile {
-    pub queue_depth: Option<usize>,
-    pub write_timeout: Option<String>,
-    pub keepalive: Option<String>,
-    pub tcp_user_timeout: Option<String>,
-    pub tcp_keepalive: Option<String>,
-    pub accept_connection_limit: Option<f64>,
-    pub accept_connection_burst: Option<u32>,
-    pub max_connections: Option<usize>,
+impl SettingValue for PathBuf {
+    const VALUE_NAME: &'static str = "PATH";
+    fn from_text(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            return Err("empty path".into());
+        }
+        Ok(PathBuf::from(text))
+    }
+    fn from_toml(value: toml::Value) -> Result<Self, String> {
+        Self::from_text(&String::from_toml(value)?)
+    }
+    fn to_toml(&self) -> Option<String> {
+        Some(toml::Value::String(self.display().to_string()).to_string())
+    }
 }
 
-/// Static tokens and the resume-token key (`[auth]`), used when no upstream Coder server decides.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthFile {
-    #[serde(flatten)]
-    pub tokens: coordinator::auth::StaticAuthConfig,
-    /// Key for resume tokens; replicas sharing it accept each other's tokens.
-    pub resume_key: Option<coordinator::config::ResumeKeyConfig>,
+impl SettingValue for bool {
+    const VALUE_NAME: &'static str = "true|false";
+    fn from_text(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            other => Err(format!("{other:?} is neither true nor false")),
+        }
+    }
+    fn from_toml(value: toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::Boolean(b) => Ok(b),
+            other => Err(type_error("true or false", &other)),
+        }
+    }
+    fn to_toml(&self) -> Option<String> {
+        Some(self.to_string())
+    }
 }
+
+macro_rules! integer_setting {
+    ($($t:ty),*) => {$(
+        impl SettingValue for $t {
+            const VALUE_NAME: &'static str = "N";
+            fn from_text(text: &str) -> Result<Self, String> {
+                text.trim().parse().map_err(|e| format!("{text:?}: {e}"))
+            }
+            fn from_toml(value: toml::Value) -> Result<Self, String> {
+                match value {
+                    toml::Value::Integer(n) => {
+                        <$t>::try_from(n).map_err(|_| format!("{n} is out of range"))
+                    }
+                    other => Err(type_error("an integer", &other)),
+                }
+            }
+            fn to_toml(&self) -> Option<String> {
+                Some(self.to_string())
+            }
+        }
+    )*};
+}
+integer_setting!(u32, u64, usize, i64);
+
+impl SettingValue for f64 {
+    const VALUE_NAME: &'static str = "NUMBER";
+    fn from_text(text: &str) -> Result<Self, String> {
+        text.trim().parse().map_err(|e| format!("{text:?}: {e}"))
+    }
+    fn from_toml(value: toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::Float(f) => Ok(f),
+            // A TOML integer is exact in f64 for every realistic rate.
+            toml::Value::Integer(n) => Ok(n as f64),
+            other => Err(type_error("a number", &other)),
+        }
+    }
+    fn to_toml(&self) -> Option<String> {
+        Some(toml::Value::Float(*self).to_string())
+    }
+}
+
+/// Parses a duration in human form: a number and a unit (`500ms`, `5s`, `1.5s`, `10m`, `1h`);
+/// `0` alone means zero. Bare numbers are refused so that no source guesses a unit.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if t != "0" && t.ends_with(|c: char| c.is_ascii_digit() || c == '.') {
+        return Err(format!(
+            "{text:?} has no unit: write a duration like 500ms, 5s, 10m or 1h"
+        ));
+    }
+    derp::config::parse_duration(t)
+}
+
+impl SettingValue for Duration {
+    const VALUE_NAME: &'static str = "DURATION";
+    fn from_text(text: &str) -> Result<Self, String> {
+        parse_duration(text)
+    }
+    fn from_toml(value: toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::String(s) => parse_duration(&s),
+            other => Err(type_error("a duration text such as \"5s\"", &other)),
+        }
+    }
+    fn to_toml(&self) -> Option<String> {
+        Some(toml::Value::String(derp::config::format_duration(*self)).to_string())
+    }
+}
+
+impl SettingValue for LogFormat {
+    const VALUE_NAME: &'static str = "text|json";
+    fn from_text(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?} is neither \"text\" nor \"json\"")),
+        }
+    }
+    fn from_toml(value: toml::Value) -> Result<Self, String> {
+        Self::from_text(&String::from_toml(value)?)
+    }
+    fn to_toml(&self) -> Option<String> {
+        let name = match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        Some(format!("\"{name}\""))
+    }
+}
+
+/// An optional setting: unset by default; an empty text (`--tls-cert ""`) unsets it.
+impl<T: SettingValue> SettingValue for Option<T> {
+    const FLAG: bool = T::FLAG;
+    const VALUE_NAME: &'static str = T::VALUE_NAME;
+    fn from_text(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            Ok(None)
+        } else {
+            T::from_text(text).map(Some)
+        }
+    }
+    fn from_toml(value: toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::String(s) if s.is_empty() => Ok(None),
+            v => T::from_toml(v).map(Some),
+        }
+    }
+    fn to_toml(&self) -> Option<String> {
+        self.as_ref().and_then(T::to_toml)
+    }
+}
+
+/// An element of a file-only list: read with serde, shown without its secrets.
+pub trait FileEntry: serde::de::DeserializeOwned {
+    fn summary(&self) -> String;
+}
+
+impl FileEntry for String {
+    fn summary(&self) -> String {
+        toml::Value::String(self.clone()).to_string()
+    }
+}
+
+impl FileEntry for DerpRegion {
+    fn summary(&self) -> String {
+        format!(
+            "{{ RegionID = {}, RegionCode = {}, Nodes = {} }}",
+            self.region_id,
+            toml::Value::String(self.region_code.clone()),
+            self.nodes.len()
+        )
+    }
+}
+
+impl FileEntry for StaticAgent {
+    fn summary(&self) -> String {
+        format!("{{ id = \"{}\", token = \"(secret)\" }}", self.id)
+    }
+}
+
+impl FileEntry for StaticUser {
+    fn summary(&self) -> String {
+        let agents = match &self.agents {
+            coordinator::auth::AgentAccess::All(_) => "\"all\"".to_string(),
+            coordinator::auth::AgentAccess::Only(ids) => format!("{} agents", ids.len()),
+        };
+        let name = self.name.as_deref().unwrap_or("user");
+        format!("{{ name = \"{name}\", token = \"(secret)\", agents = {agents} }}")
+    }
+}
+
+impl FileEntry for ResumeKeyConfig {
+    fn summary(&self) -> String {
+        format!(
+            "{{ id = {}, secret_hex = \"(secret)\" }}",
+            toml::Value::String(self.id.clone())
+        )
+    }
+}
+
+fn from_toml_serde<T: serde::de::DeserializeOwned>(value: toml::Value) -> Result<T, String> {
+    value.try_into().map_err(|e: toml::de::Error| e.to_string())
+}
+
+impl<T: FileEntry> SettingValue for Vec<T> {
+    const FLAG: bool = false;
+    const VALUE_NAME: &'static str = "LIST";
+    fn from_text(_: &str) -> Result<Self, String> {
+        Err("only settable in the TOML file".into())
+    }
+    fn from_toml(value: toml::Value) -> Result<Self, String> {
+        from_toml_serde(value)
+    }
+    fn to_toml(&self) -> Option<String> {
+        let items: Vec<String> = self.iter().map(FileEntry::summary).collect();
+        Some(format!("[{}]", items.join(", ")))
+    }
+}
+
+impl SettingValue for ResumeKeyConfig {
+    const FLAG: bool = false;
+    const VALUE_NAME: &'static str = "TABLE";
+    fn from_text(_: &str) -> Result<Self, String> {
+        Err("only settable in the TOML file".into())
+    }
+    fn from_toml(value: toml::Value) -> Result<Self, String> {
+        from_toml_serde(value)
+    }
+    fn to_toml(&self) -> Option<String> {
+        Some(self.summary())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The definition machinery
+// ---------------------------------------------------------------------------------------------
+
+/// One declared setting, as the macro records it.
+#[derive(Debug)]
+pub struct SettingSpec {
+    /// The key inside the group's section.
+    pub name: &'static str,
+    /// The doc comment of the declaration.
+    pub doc: &'static str,
+    /// A flag name replacing the derived one.
+    pub flag_override: Option<&'static str>,
+    /// Whether the type can be given as text (see [`SettingValue::FLAG`]).
+    pub has_flag: bool,
+    pub value_name: &'static str,
+}
+
+/// One group of settings: a TOML section, a flag prefix and the roles that use it.
+#[derive(Debug)]
+pub struct GroupSpec {
+    pub heading: &'static str,
+    /// TOML table holding the group's keys; empty = top level.
+    pub section: &'static str,
+    pub flag_prefix: &'static str,
+    pub roles: &'static [Role],
+    pub settings: &'static [SettingSpec],
+    /// The role's default of each setting, as TOML text (`None` = unset).
+    pub defaults: fn(Role) -> Vec<Option<String>>,
+}
+
+impl GroupSpec {
+    fn key(&self, name: &str) -> String {
+        if self.section.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.section)
+        }
+    }
+}
+
+impl SettingSpec {
+    /// The long flag without `--`; `None` for file-only settings.
+    pub fn flag(&self, group: &GroupSpec) -> Option<String> {
+        if !self.has_flag {
+            return None;
+        }
+        Some(match self.flag_override {
+            Some(f) => f.to_string(),
+            None => format!("{}{}", group.flag_prefix, self.name.replace('_', "-")),
+        })
+    }
+
+    /// The environment twin of the flag.
+    pub fn env(&self, group: &GroupSpec) -> Option<String> {
+        self.flag(group)
+            .map(|f| format!("TAILNETD_{}", f.to_ascii_uppercase().replace('-', "_")))
+    }
+
+    /// The doc comment as one line of help.
+    pub fn help(&self) -> String {
+        self.doc
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+macro_rules! optional_literal {
+    () => {
+        None
+    };
+    ($x:literal) => {
+        Some($x)
+    };
+}
+
+/// Declares groups of settings; see the module documentation for what is derived.
+macro_rules! settings {
+    ($(
+        $(#[doc = $group_doc:literal])*
+        group $Group:ident {
+            heading: $heading:literal,
+            section: $section:literal,
+            flag_prefix: $prefix:literal,
+            roles: $roles:expr $(,)?
+        } {
+            $(
+                $(#[doc = $doc:literal])*
+                $(#[flag = $flag:literal])?
+                $name:ident: $ty:ty = $default:expr;
+            )*
+        }
+    )*) => {
+        $(
+            $(#[doc = $group_doc])*
+            #[derive(Debug, Clone)]
+            pub struct $Group {
+                $( $(#[doc = $doc])* pub $name: $ty, )*
+            }
+
+            impl $Group {
+                pub const SPEC: GroupSpec = GroupSpec {
+                    heading: $heading,
+                    section: $section,
+                    flag_prefix: $prefix,
+                    roles: $roles,
+                    settings: &[$(SettingSpec {
+                        name: stringify!($name),
+                        doc: concat!($($doc, "\n",)* ""),
+                        flag_override: optional_literal!($($flag)?),
+                        has_flag: <$ty as SettingValue>::FLAG,
+                        value_name: <$ty as SettingValue>::VALUE_NAME,
+                    }),*],
+                    defaults: Self::defaults,
+                };
+
+                fn defaults(role: Role) -> Vec<Option<String>> {
+                    vec![$({
+                        let default: fn(Role) -> $ty = $default;
+                        default(role).to_toml()
+                    }),*]
+                }
+
+                /// The group's values for the role, or `None` when the role does not use it.
+                fn resolve(sources: &mut Sources<'_>) -> Result<Option<Self>> {
+                    if !Self::SPEC.roles.contains(&sources.role) {
+                        return Ok(None);
+                    }
+                    let resolved = Self {
+                        $($name: {
+                            let default: fn(Role) -> $ty = $default;
+                            sources.take(&Self::SPEC, stringify!($name), default)?
+                        },)*
+                    };
+                    sources.record(&Self::SPEC, vec![$(resolved.$name.to_toml()),*]);
+                    Ok(Some(resolved))
+                }
+            }
+        )*
+
+        /// Every group, in the order `--help` and `--check` show them.
+        pub const GROUPS: &[&GroupSpec] = &[$(&$Group::SPEC),*];
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The definition: every setting of every role
+// ---------------------------------------------------------------------------------------------
+
+settings! {
+    /// Listeners, TLS, the announcement and logging: every role.
+    group GeneralSettings {
+        heading: "Listeners and logging",
+        section: "",
+        flag_prefix: "",
+        roles: EVERY_ROLE,
+    } {
+        /// Plain HTTP listen address: `host:port`, `:port` for every IPv4 interface, port 0
+        /// picks a free one; empty disables.
+        http_addr: String = |role| {
+            if role == Role::Dev { "127.0.0.1:3340" } else { "0.0.0.0:8080" }.into()
+        };
+        /// HTTPS listen address (needs tls_cert and tls_key); empty disables.
+        https_addr: String = |_| String::new();
+        /// PEM certificate chain (leaf first) for HTTPS; reloaded when the file changes.
+        tls_cert: Option<PathBuf> = |_| None;
+        /// PEM private key for HTTPS; reloaded when the file changes.
+        tls_key: Option<PathBuf> = |_| None;
+        /// URL under which clients reach this process (default: the bound listener, HTTPS
+        /// preferred).
+        public_url: Option<String> = |_| None;
+        /// File to which the announcement line (for `dev`: with the dev credentials) is also
+        /// written.
+        credentials: Option<PathBuf> = |_| None;
+        /// How long draining after SIGTERM/SIGINT may take before the process exits anyway.
+        drain_deadline: Duration = |_| Duration::from_secs(10);
+        /// Log filter (tracing env-filter syntax), e.g. `info,derp=debug`.
+        log: String = |_| "info".into();
+        /// Log format: `text` or `json`.
+        log_format: LogFormat = |_| LogFormat::Text;
+    }
+
+    /// The relay's own listener and identity: roles that run the relay.
+    group RelayNodeSettings {
+        heading: "Relay",
+        section: "",
+        flag_prefix: "",
+        roles: RELAY_ROLES,
+    } {
+        /// UDP STUN listen address; empty disables.
+        stun_addr: String = |role| {
+            if role == Role::Dev { "127.0.0.1:3478" } else { "0.0.0.0:3478" }.into()
+        };
+        /// DERP private key file in derper's JSON format; created when missing. Required by
+        /// every role but `dev`, which uses an ephemeral key when it is unset.
+        key_file: Option<PathBuf> = |_| None;
+        /// DERP mesh pre-shared key file (64 hex characters).
+        mesh_psk_file: Option<PathBuf> = |_| None;
+    }
+
+    /// Relay tuning (`[relay]`); the relay crate owns the defaults and the limits.
+    group RelayTuningSettings {
+        heading: "Relay",
+        section: "relay",
+        flag_prefix: "relay-",
+        roles: RELAY_ROLES,
+    } {
+        /// Per-client send queue depth in packets.
+        queue_depth: usize = |_| DerpConfig::default().queue_depth;
+        /// Per-frame write deadline for non-mesh clients; `0s` = none.
+        write_timeout: Duration = |_| DerpConfig::default().write_timeout;
+        /// Interval of DERP KeepAlive frames (clients give up after 120s of silence).
+        keepalive: Duration = |_| DerpConfig::default().keepalive;
+        /// TCP_USER_TIMEOUT on accepted connections (Linux); `0s` = system default.
+        tcp_user_timeout: Duration = |_| DerpConfig::default().tcp_user_timeout;
+        /// TCP keepalive idle time on accepted connections; `0s` = keepalive off.
+        tcp_keepalive: Duration = |_| DerpConfig::default().tcp_keepalive;
+        /// Accepted TLS connections per second (token bucket); unset = unlimited.
+        accept_connection_limit: Option<f64> = |_| DerpConfig::default().accept_connection_limit;
+        /// Burst of the accept limiter (default: the limit rounded up, at least 1).
+        accept_connection_burst: Option<u32> = |_| DerpConfig::default().accept_connection_burst;
+        /// Maximum concurrent connections per listener.
+        max_connections: usize = |_| DerpConfig::default().max_connections;
+    }
+
+    /// The region under which the coordinator's DERP map lists this process's own relay.
+    group RegionSettings {
+        heading: "Embedded relay region",
+        section: "",
+        flag_prefix: "",
+        roles: EMBEDDED_RELAY_ROLES,
+    } {
+        /// Region id of this process's relay in the DERP map (> 0).
+        region_id: i64 = |_| 999;
+        /// Region code of this process's relay.
+        region_code: String = |_| "coder".into();
+        /// Region name of this process's relay.
+        region_name: String = |_| "Coder Embedded Relay".into();
+    }
+
+    /// Where the DERP map handed to clients comes from (besides this process's relay).
+    group DerpMapFileSettings {
+        heading: "DERP map",
+        section: "",
+        flag_prefix: "",
+        roles: COORDINATOR_ROLES,
+    } {
+        /// DERP map JSON file (Tailscale/Coder form), merged into the map and watched for
+        /// changes.
+        derp_map_file: Option<PathBuf> = |_| None;
+    }
+
+    /// Extra DERP map content (`[derp_map]`).
+    group DerpMapSettings {
+        heading: "DERP map",
+        section: "derp_map",
+        flag_prefix: "derp-map-",
+        roles: COORDINATOR_ROLES,
+    } {
+        /// How often the modification time of derp_map_file is checked.
+        poll_interval: Duration = |_| DerpMapConfig::default().poll_interval;
+        /// Extra regions, `[[derp_map.regions]]` tables with Tailscale/Coder JSON field names:
+        /// `RegionID`, `RegionCode`, `RegionName`, `Nodes = [{ Name, RegionID, HostName, ... }]`.
+        regions: Vec<DerpRegion> = |_| Vec::new();
+        /// External STUN servers (`host:port`); each becomes a STUN-only region.
+        stun_servers: Vec<String> = |_| Vec::new();
+    }
+
+    /// The upstream Coder server (`[upstream]`): with a URL, tailnetd proxies every request it
+    /// does not own to it, and it decides every token.
+    group UpstreamSettings {
+        heading: "Upstream coderd (sidecar mode)",
+        section: "upstream",
+        flag_prefix: "upstream-",
+        roles: COORDINATOR_ROLES,
+    } {
+        /// Upstream Coder server, `http(s)://host[:port]`; unset = tokens come from [auth].
+        #[flag = "upstream"]
+        url: Option<String> = |_| None;
+        /// Connect (and TLS handshake) timeout towards the upstream.
+        connect_timeout: Duration = |_| UpstreamConfig::default().connect_timeout;
+        /// How long to wait for the upstream's response headers (bodies may stream longer).
+        header_timeout: Duration = |_| UpstreamConfig::default().header_timeout;
+        /// Largest request body proxied to the upstream; larger ones get 413.
+        max_body_bytes: u64 = |_| UpstreamConfig::default().max_body_bytes;
+        /// How long a positive auth decision of the upstream is reused.
+        auth_ttl_ok: Duration = |_| UpstreamConfig::default().auth_ttl_ok;
+        /// How long a negative auth decision of the upstream is reused.
+        auth_ttl_err: Duration = |_| UpstreamConfig::default().auth_ttl_err;
+        /// Most auth decisions kept in the cache.
+        auth_cache_entries: usize = |_| UpstreamConfig::default().auth_cache_entries;
+        /// Replace the DERP map in proxied `/connection` and `/me/manifest` answers with ours
+        /// (default: on when this process runs a relay).
+        rewrite_derp_map: bool = |role| role.runs_relay();
+        /// Largest response body whose DERP map is rewritten; larger ones pass unchanged.
+        max_rewrite_bytes: usize = |_| UpstreamConfig::default().max_rewrite_bytes;
+        /// Forward the client's Host header (otherwise the upstream's authority is sent).
+        preserve_host: bool = |_| UpstreamConfig::default().preserve_host;
+    }
+
+    /// Coordinator tuning (`[coordinator]`), with Coder's defaults.
+    group CoordinatorSettings {
+        heading: "Coordinator",
+        section: "coordinator",
+        flag_prefix: "coordinator-",
+        roles: COORDINATOR_ROLES,
+    } {
+        /// Responses buffered per peer before it is kicked as too slow.
+        response_buffer: usize = |_| CoordinatorConfig::default().response_buffer;
+        /// WebSocket ping interval on coordination and DERP map sockets.
+        ws_ping_interval: Duration = |_| CoordinatorConfig::default().ws_ping_interval;
+        /// How long a WebSocket ping may stay unanswered before the session is closed.
+        ws_pong_timeout: Duration = |_| CoordinatorConfig::default().ws_pong_timeout;
+        /// v1 sessions: a write that takes longer ends the session.
+        v1_write_timeout: Duration = |_| CoordinatorConfig::default().v1_write_timeout;
+        /// v1 sessions: largest JSON message in bytes accepted from a peer.
+        v1_max_message: usize = |_| CoordinatorConfig::default().v1_max_message;
+        /// How long shutdown waits for sessions to say goodbye.
+        shutdown_grace: Duration = |_| CoordinatorConfig::default().shutdown_grace;
+        /// Lifetime of resume tokens (clients refresh after half).
+        resume_token_expiry: Duration = |_| CoordinatorConfig::default().resume_expiry;
+        /// Lock shards of the peer graph (default: 4 x CPUs rounded up to a power of two, at
+        /// least 16); more shards, less contention between unrelated peers.
+        graph_shards: usize = |_| CoordinatorConfig::default().graph_shards;
+    }
+
+    /// Static tokens and resume-token keys (`[auth]`). The tokens are used when no upstream
+    /// Coder server decides; the resume keys always.
+    group AuthSettings {
+        heading: "Auth",
+        section: "auth",
+        flag_prefix: "auth-",
+        roles: COORDINATOR_ROLES,
+    } {
+        /// Agent tokens: `[[auth.agents]]` tables with `token` (UUID), `id` (UUID) and an
+        /// optional `name`.
+        agents: Vec<StaticAgent> = |_| Vec::new();
+        /// User tokens: `[[auth.users]]` tables with `token`, `agents` (`"all"` or a list of
+        /// agent ids) and optional `name` and `id`.
+        users: Vec<StaticUser> = |_| Vec::new();
+        /// Resume token signing key, `{ id = "1", secret_hex = "<64+ hex digits>" }`; replicas
+        /// sharing it accept each other's tokens (default: a random key per process).
+        resume_key: Option<ResumeKeyConfig> = |_| None;
+        /// Older resume keys still accepted for verification (key rotation), same form.
+        resume_verify_keys: Vec<ResumeKeyConfig> = |_| Vec::new();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command line
+// ---------------------------------------------------------------------------------------------
+
+/// What the command line asked for.
+#[derive(Debug)]
+pub struct Invocation {
+    pub role: Role,
+    /// `--check`: print the effective configuration and exit.
+    pub check: bool,
+    matches: ArgMatches,
+}
+
+/// The `tailnetd` command with one subcommand per role, each carrying only the settings the
+/// role uses.
+pub fn command() -> Command {
+    Command::new("tailnetd")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("tailnetd: a Tailnet coordinator and DERP relay for Coder deployments.")
+        .subcommand_required(true)
+        .arg_required_else_help(true)
+        .subcommands(EVERY_ROLE.iter().map(|r| role_command(*r)))
+}
+
+fn role_command(role: Role) -> Command {
+    let mut cmd = Command::new(role.name())
+        .about(role.about())
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .env("TAILNETD_CONFIG")
+                .value_name("FILE")
+                .help("TOML configuration file; keys as shown in [toml: ...] below.")
+                .action(ArgAction::Set),
+        )
+        .arg(
+            Arg::new("check")
+                .long("check")
+                .help(
+                    "Resolve and validate the configuration, print the effective settings and \
+                     where each came from, then exit (status 0 valid, 64 invalid).",
+                )
+                .action(ArgAction::SetTrue),
+        );
+    let mut file_only = Vec::new();
+    for group in GROUPS.iter().filter(|g| g.roles.contains(&role)) {
+        let defaults = (group.defaults)(role);
+        for (setting, default) in group.settings.iter().zip(defaults) {
+            let key = group.key(setting.name);
+            let (Some(flag), Some(env)) = (setting.flag(group), setting.env(group)) else {
+                file_only.push(format!("  {key}\n      {}", setting.help()));
+                continue;
+            };
+            let default = default.map_or_else(|| "unset".to_string(), |d| unquote(&d));
+            cmd = cmd.arg(
+                Arg::new(key.clone())
+                    .long(flag)
+                    .env(env)
+                    .value_name(setting.value_name)
+                    .help(format!(
+                        "{} [default: {default}] [toml: {key}]",
+                        setting.help()
+                    ))
+                    .help_heading(group.heading)
+                    .action(ArgAction::Set),
+            );
+        }
+    }
+    let mut after = String::new();
+    if !file_only.is_empty() {
+        after = format!(
+            "Settings only in the --config file:\n{}\n\n",
+            file_only.join("\n")
+        );
+    }
+    after.push_str(
+        "Precedence: flag, then environment variable, then the --config file, then the \
+         default. Durations are written like 500ms, 5s, 10m, 1h. --check prints the result.",
+    );
+    cmd.after_help(after)
+}
+
+/// `"text"` → `text` for help output; an empty text stays `""`.
+fn unquote(toml_text: &str) -> String {
+    match toml_text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+    {
+        Some("") | None => toml_text.to_string(),
+        Some(inner) => inner.to_string(),
+    }
+}
+
+/// Parses the process's command line; exits with clap's usage message on a malformed one.
+pub fn parse_command_line() -> Invocation {
+    let parsed = command().try_get_matches().and_then(|m| invocation(&m));
+    parsed.unwrap_or_else(|e| e.exit())
+}
+
+/// Like [`parse_command_line`] on the given arguments (the first is the program name).
+#[cfg(test)]
+pub fn try_parse_from<I, T>(args: I) -> Result<Invocation, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    command()
+        .try_get_matches_from(args)
+        .and_then(|m| invocation(&m))
+}
+
+fn invocation(matches: &ArgMatches) -> Result<Invocation, clap::Error> {
+    let role_and_matches = matches
+        .subcommand()
+        .and_then(|(name, m)| Some((Role::from_name(name)?, m)));
+    let Some((role, matches)) = role_and_matches else {
+        return Err(command().error(
+            clap::error::ErrorKind::MissingSubcommand,
+            "a role is required: dev, serve, coordinator or derp",
+        ));
+    };
+    Ok(Invocation {
+        role,
+        check: matches.get_flag("check"),
+        matches: matches.clone(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Merging the sources
+// ---------------------------------------------------------------------------------------------
+
+/// The sources of one resolution: the parsed command line (flags and environment) and the file.
+struct Sources<'a> {
+    role: Role,
+    matches: &'a ArgMatches,
+    file: toml::Table,
+    file_name: String,
+    /// Where each setting's value came from, by TOML key.
+    origins: BTreeMap<String, &'static str>,
+    /// The effective values in declaration order: (group, values as TOML text).
+    effective: Vec<(&'static GroupSpec, Vec<Option<String>>)>,
+}
+
+impl Sources<'_> {
+    fn take<T: SettingValue>(
+        &mut self,
+        group: &GroupSpec,
+        name: &'static str,
+        default: fn(Role) -> T,
+    ) -> Result<T> {
+        let key = group.key(name);
+        // Taken out of the file in any case: whatever is left over is unknown.
+        let raw = if group.section.is_empty() {
+            self.file.remove(name)
+        } else {
+            match self.file.get_mut(group.section) {
+                Some(toml::Value::Table(t)) => t.remove(name),
+                _ => None,
+            }
+        };
+        if T::FLAG {
+            if let Ok(Some(text)) = self.matches.try_get_one::<String>(&key) {
+                let setting = group.settings.iter().find(|s| s.name == name);
+                let (origin, source) = match self.matches.value_source(&key) {
+                    Some(ValueSource::EnvVariable) => (
+                        "environment",
+                        setting.and_then(|s| s.env(group)).unwrap_or_default(),
+                    ),
+                    _ => (
+                        "flag",
+                        format!(
+                            "--{}",
+                            setting.and_then(|s| s.flag(group)).unwrap_or_default()
+                        ),
+                    ),
+                };
+                let value = T::from_text(text).map_err(|e| anyhow!("{key} ({source}): {e}"))?;
+                self.origins.insert(key, origin);
+                return Ok(value);
+            }
+        }
+        if let Some(raw) = raw {
+            let value =
+                T::from_toml(raw).map_err(|e| anyhow!("{key} (in {}): {e}", self.file_name))?;
+            self.origins.insert(key, "file");
+            return Ok(value);
+        }
+        self.origins.insert(key, "default");
+        Ok(default(self.role))
+    }
+
+    fn record(&mut self, group: &'static GroupSpec, values: Vec<Option<String>>) {
+        self.effective.push((group, values));
+    }
+
+    /// Every key left in the file is unknown or belongs to a setting this role does not use.
+    fn reject_leftovers(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        for (key, value) in &self.file {
+            let is_section = GROUPS.iter().any(|g| g.section == key);
+            match value {
+                toml::Value::Table(t) if is_section => {
+                    for sub in t.keys() {
+                        problems.push(self.leftover(key, sub));
+                    }
+                }
+                _ if is_section => problems.push(format!(
+                    "{key}: must be a table ([{key}]), got {}",
+                    value.type_str()
+                )),
+                _ => problems.push(self.leftover("", key)),
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}: {}", self.file_name, problems.join("; "))
+        }
+    }
+
+    fn leftover(&self, section: &str, name: &str) -> String {
+        let owner = GROUPS
+            .iter()
+            .find(|g| g.section == section && g.settings.iter().any(|s| s.name == name));
+        let key = if section.is_empty() {
+            name.to_string()
+        } else {
+            format!("{section}.{name}")
+        };
+        match owner {
+            Some(g) => format!(
+                "{key}: not used by the {} role ({} setting)",
+                self.role.name(),
+                g.heading
+            ),
+            None => format!(
+                "{key}: unknown setting (see `tailnetd {} --help`)",
+                self.role.name()
+            ),
+        }
+    }
+}
+
+fn load_file(path: &Path) -> Result<toml::Table> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    text.parse::<toml::Table>()
+        .with_context(|| format!("config file {}", path.display()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The resolved settings
+// ---------------------------------------------------------------------------------------------
 
 /// Fully resolved and validated settings for one run.
 #[derive(Debug)]
@@ -231,379 +987,266 @@ pub struct Settings {
     pub role: Role,
     /// Listeners, TLS files, key files and relay knobs, validated by the relay crate's own rules.
     pub listen: DerpConfig,
-    pub derp_map_file: Option<PathBuf>,
-    pub region_id: i64,
-    pub region_code: String,
-    pub region_name: String,
     pub public_url: Option<String>,
     pub credentials: Option<PathBuf>,
+    pub drain_deadline: Duration,
     pub log: String,
     pub log_json: bool,
-    pub auth: AuthFile,
-    pub derp_map: DerpMapFile,
+    /// This process's relay in the DERP map (roles running relay and coordinator).
+    pub region: Option<RegionSettings>,
+    /// The coordinator's DERP map sources (the embedded relay is added at start).
+    pub derp_map: DerpMapConfig,
+    /// Static tokens, used when no upstream decides.
+    pub auth: StaticAuthConfig,
+    /// Coordinator tuning with the resume keys decoded; `upstream` is filled in at start.
+    pub coordinator: CoordinatorConfig,
     /// Set when an upstream Coder server decides auth and serves everything else.
-    pub upstream: Option<coordinator::upstream::UpstreamConfig>,
-}
-
-fn load_file(path: &Path) -> Result<FileConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
-}
-
-fn duration(field: &str, value: Option<String>, default: Duration) -> Result<Duration> {
-    match value {
-        None => Ok(default),
-        Some(v) => derp::config::parse_duration(&v).map_err(|e| anyhow!("{field}: {e}")),
-    }
-}
-
-/// The upstream flags.
-struct UpstreamArgs {
-    url: Option<String>,
-    connect_timeout: Option<String>,
-    header_timeout: Option<String>,
-    max_body_bytes: Option<u64>,
-    auth_ttl_ok: Option<String>,
-    auth_ttl_err: Option<String>,
-    rewrite_derp_map: Option<bool>,
-}
-
-fn resolve_upstream(
-    a: UpstreamArgs,
-    f: UpstreamFile,
-    role: Role,
-) -> Result<Option<coordinator::upstream::UpstreamConfig>> {
-    let Some(url) = a.url.or(f.url).filter(|u| !u.trim().is_empty()) else {
-        return Ok(None);
-    };
-    if !role.runs_coordinator() {
-        bail!("upstream: the {} role runs no coordinator", role.name());
-    }
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        bail!("upstream: {url:?} must start with http:// or https://");
-    }
-    let d = coordinator::upstream::UpstreamConfig::default();
-    Ok(Some(coordinator::upstream::UpstreamConfig {
-        url: url.trim_end_matches('/').to_string(),
-        connect_timeout: duration(
-            "upstream.connect_timeout",
-            a.connect_timeout.or(f.connect_timeout),
-            d.connect_timeout,
-        )?,
-        header_timeout: duration(
-            "upstream.header_timeout",
-            a.header_timeout.or(f.header_timeout),
-            d.header_timeout,
-        )?,
-        max_body_bytes: a
-            .max_body_bytes
-            .or(f.max_body_bytes)
-            .unwrap_or(d.max_body_bytes),
-        auth_ttl_ok: duration(
-            "upstream.auth_ttl_ok",
-            a.auth_ttl_ok.or(f.auth_ttl_ok),
-            d.auth_ttl_ok,
-        )?,
-        auth_ttl_err: duration(
-            "upstream.auth_ttl_err",
-            a.auth_ttl_err.or(f.auth_ttl_err),
-            d.auth_ttl_err,
-        )?,
-        rewrite_derp_map: a
-            .rewrite_derp_map
-            .or(f.rewrite_derp_map)
-            .unwrap_or(role.runs_relay()),
-        ..d
-    }))
+    pub upstream: Option<UpstreamConfig>,
+    /// `--check` output: effective values and their origins.
+    effective: Vec<(&'static GroupSpec, Vec<Option<String>>)>,
+    origins: BTreeMap<String, &'static str>,
 }
 
 /// Names a relay-crate config field the way the TOML file spells it.
-fn file_field(field: &str) -> String {
-    match field {
-        "http_addr" | "https_addr" | "tls_cert" | "tls_key" | "stun_addr" | "key_file"
-        | "mesh_psk_file" => field.to_string(),
-        other => format!("relay.{other}"),
+fn relay_field(field: &str) -> String {
+    let top_level = GeneralSettings::SPEC
+        .settings
+        .iter()
+        .chain(RelayNodeSettings::SPEC.settings)
+        .any(|s| s.name == field);
+    if top_level {
+        field.to_string()
+    } else {
+        RelayTuningSettings::SPEC.key(field)
     }
 }
 
-impl Settings {
-    pub fn resolve(role: Role, args: CommonArgs) -> Result<Settings> {
-        let file = match &args.config {
-            Some(p) => load_file(p)?,
-            None => FileConfig::default(),
-        };
-        let dev = role == Role::Dev;
-        let defaults = DerpConfig::default();
+fn positive_duration(key: &str, d: Duration) -> Result<Duration> {
+    if d.is_zero() {
+        bail!("{key}: must be more than 0s");
+    }
+    Ok(d)
+}
 
-        let http_default = if dev {
-            "127.0.0.1:3340"
-        } else {
-            "0.0.0.0:8080"
+impl Settings {
+    /// Resolves the settings of the invocation's role from its flags, environment and file.
+    pub fn resolve(invocation: &Invocation) -> Result<Settings> {
+        let role = invocation.role;
+        let m = &invocation.matches;
+        let config_path = m.try_get_one::<String>("config").ok().flatten();
+        let (file, file_name) = match config_path {
+            Some(p) => (load_file(Path::new(p))?, format!("config file {p}")),
+            None => (toml::Table::new(), "config file".to_string()),
         };
-        let stun_default = match (role.runs_relay(), dev) {
-            (false, _) => "",
-            (true, true) => "127.0.0.1:3478",
-            (true, false) => "0.0.0.0:3478",
+        let mut src = Sources {
+            role,
+            matches: m,
+            file,
+            file_name,
+            origins: BTreeMap::new(),
+            effective: Vec::new(),
         };
-        let stun_addr = args
-            .stun_addr
-            .or(file.stun_addr)
-            .unwrap_or_else(|| stun_default.to_string());
-        if !role.runs_relay() && !stun_addr.trim().is_empty() {
-            bail!("stun_addr: the {} role runs no relay", role.name());
+        let general = GeneralSettings::resolve(&mut src)?
+            .ok_or_else(|| anyhow!("general settings apply to every role"))?;
+        let relay_node = RelayNodeSettings::resolve(&mut src)?;
+        let relay_tuning = RelayTuningSettings::resolve(&mut src)?;
+        let region = RegionSettings::resolve(&mut src)?;
+        let map_file = DerpMapFileSettings::resolve(&mut src)?;
+        let map = DerpMapSettings::resolve(&mut src)?;
+        let upstream = UpstreamSettings::resolve(&mut src)?;
+        let coordinator = CoordinatorSettings::resolve(&mut src)?;
+        let auth = AuthSettings::resolve(&mut src)?;
+        src.reject_leftovers()?;
+
+        let mut listen = DerpConfig {
+            http_addr: general.http_addr,
+            https_addr: general.https_addr,
+            tls_cert: general.tls_cert,
+            tls_key: general.tls_key,
+            stun_addr: String::new(),
+            ..DerpConfig::default()
+        };
+        if let Some(node) = relay_node {
+            listen.stun_addr = node.stun_addr;
+            listen.key_file = node.key_file;
+            listen.mesh_psk_file = node.mesh_psk_file;
         }
-        let relay = file.relay;
-        let listen = DerpConfig {
-            http_addr: args
-                .http_addr
-                .or(file.http_addr)
-                .unwrap_or_else(|| http_default.to_string()),
-            https_addr: args.https_addr.or(file.https_addr).unwrap_or_default(),
-            tls_cert: args.tls_cert.or(file.tls_cert),
-            tls_key: args.tls_key.or(file.tls_key),
-            stun_addr,
-            key_file: args.key_file.or(file.key_file),
-            mesh_psk_file: args.mesh_psk_file.or(file.mesh_psk_file),
-            queue_depth: relay.queue_depth.unwrap_or(defaults.queue_depth),
-            write_timeout: duration(
-                "relay.write_timeout",
-                relay.write_timeout,
-                defaults.write_timeout,
-            )?,
-            keepalive: duration("relay.keepalive", relay.keepalive, defaults.keepalive)?,
-            accept_connection_limit: relay.accept_connection_limit,
-            accept_connection_burst: relay.accept_connection_burst,
-            tcp_user_timeout: duration(
-                "relay.tcp_user_timeout",
-                relay.tcp_user_timeout,
-                defaults.tcp_user_timeout,
-            )?,
-            tcp_keepalive: duration(
-                "relay.tcp_keepalive",
-                relay.tcp_keepalive,
-                defaults.tcp_keepalive,
-            )?,
-            max_connections: relay.max_connections.unwrap_or(defaults.max_connections),
-        };
+        if let Some(t) = relay_tuning {
+            listen.queue_depth = t.queue_depth;
+            listen.write_timeout = t.write_timeout;
+            listen.keepalive = t.keepalive;
+            listen.tcp_user_timeout = t.tcp_user_timeout;
+            listen.tcp_keepalive = t.tcp_keepalive;
+            listen.accept_connection_limit = t.accept_connection_limit;
+            listen.accept_connection_burst = t.accept_connection_burst;
+            listen.max_connections = t.max_connections;
+        }
         if let Err(errs) = listen.validate() {
             let text: Vec<String> = errs
                 .0
                 .iter()
-                .map(|e| format!("{}: {}", file_field(e.field), e.reason))
+                .map(|e| format!("{}: {}", relay_field(e.field), e.reason))
                 .collect();
             bail!("{}", text.join("; "));
         }
-
-        let region_id = args.region_id.or(file.region_id).unwrap_or(999);
-        if region_id <= 0 {
-            bail!("region_id: must be positive, got {region_id}");
+        if role.runs_relay() && role != Role::Dev && listen.key_file.is_none() {
+            bail!(
+                "key_file: required for the {} role, so that the relay keeps its identity \
+                 across restarts",
+                role.name()
+            );
         }
-        let public_url = args.public_url.or(file.public_url);
-        if let Some(u) = &public_url {
+
+        if let Some(u) = &general.public_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) {
                 bail!("public_url: {u:?} must start with http:// or https://");
             }
         }
-        let log_format = args
-            .log_format
-            .or(file.log_format)
-            .unwrap_or_else(|| "text".into());
-        let log_json = match log_format.as_str() {
-            "text" => false,
-            "json" => true,
-            other => bail!("log_format: {other:?} is neither \"text\" nor \"json\""),
+        tracing_subscriber::EnvFilter::try_new(&general.log)
+            .map_err(|e| anyhow!("log: {:?} is not a log filter: {e}", general.log))?;
+        positive_duration("drain_deadline", general.drain_deadline)?;
+        if let Some(r) = &region {
+            if r.region_id <= 0 {
+                bail!("region_id: must be positive, got {}", r.region_id);
+            }
+        }
+
+        let mut derp_map = DerpMapConfig::default();
+        if let Some(f) = map_file {
+            derp_map.file = f.derp_map_file;
+        }
+        if let Some(m) = map {
+            derp_map.poll_interval = positive_duration("derp_map.poll_interval", m.poll_interval)?;
+            derp_map.regions = m.regions;
+            derp_map.stun_servers = m.stun_servers;
+        }
+
+        let upstream = match upstream {
+            Some(u) => resolve_upstream(u)?,
+            None => None,
         };
-        let upstream_args = UpstreamArgs {
-            url: args.upstream,
-            connect_timeout: args.upstream_connect_timeout,
-            header_timeout: args.upstream_header_timeout,
-            max_body_bytes: args.upstream_max_body_bytes,
-            auth_ttl_ok: args.upstream_auth_ttl_ok,
-            auth_ttl_err: args.upstream_auth_ttl_err,
-            rewrite_derp_map: args.upstream_rewrite_derp_map,
-        };
-        let upstream = resolve_upstream(upstream_args, file.upstream, role)?;
-        if let Some(k) = &file.auth.resume_key {
-            k.to_key().map_err(|e| anyhow!("auth.resume_key: {e}"))?;
+
+        let mut coordinator_config = CoordinatorConfig::default();
+        if let Some(c) = coordinator {
+            if c.response_buffer == 0 {
+                bail!("coordinator.response_buffer: must be at least 1");
+            }
+            if c.v1_max_message < 1024 {
+                bail!("coordinator.v1_max_message: must be at least 1024 bytes");
+            }
+            let max = coordinator::graph::MAX_SHARDS;
+            if !(1..=max).contains(&c.graph_shards) {
+                bail!(
+                    "coordinator.graph_shards: {} is out of range 1..={max}",
+                    c.graph_shards
+                );
+            }
+            coordinator_config.response_buffer = c.response_buffer;
+            coordinator_config.ws_ping_interval =
+                positive_duration("coordinator.ws_ping_interval", c.ws_ping_interval)?;
+            coordinator_config.ws_pong_timeout =
+                positive_duration("coordinator.ws_pong_timeout", c.ws_pong_timeout)?;
+            coordinator_config.v1_write_timeout =
+                positive_duration("coordinator.v1_write_timeout", c.v1_write_timeout)?;
+            coordinator_config.v1_max_message = c.v1_max_message;
+            coordinator_config.shutdown_grace = c.shutdown_grace;
+            coordinator_config.resume_expiry =
+                positive_duration("coordinator.resume_token_expiry", c.resume_token_expiry)?;
+            coordinator_config.graph_shards = c.graph_shards;
+        }
+        let mut static_auth = StaticAuthConfig::default();
+        if let Some(a) = auth {
+            static_auth.agents = a.agents;
+            static_auth.users = a.users;
+            StaticAuthenticator::new(&static_auth).map_err(|e| anyhow!("auth: {e}"))?;
+            coordinator_config.resume_key = a
+                .resume_key
+                .as_ref()
+                .map(ResumeKeyConfig::to_key)
+                .transpose()
+                .map_err(|e| anyhow!("auth.resume_key: {e}"))?;
+            coordinator_config.resume_verify_keys = a
+                .resume_verify_keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    k.to_key()
+                        .map_err(|e| anyhow!("auth.resume_verify_keys[{i}]: {e}"))
+                })
+                .collect::<Result<_>>()?;
         }
 
         Ok(Settings {
             role,
             listen,
-            derp_map_file: args.derp_map_file.or(file.derp_map_file),
-            region_id,
-            region_code: args
-                .region_code
-                .or(file.region_code)
-                .unwrap_or_else(|| "coder".into()),
-            region_name: args
-                .region_name
-                .or(file.region_name)
-                .unwrap_or_else(|| "Coder Embedded Relay".into()),
-            public_url,
-            credentials: args.credentials.or(file.credentials),
-            log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
-            log_json,
-            auth: file.auth,
-            derp_map: file.derp_map,
+            public_url: general.public_url,
+            credentials: general.credentials,
+            drain_deadline: general.drain_deadline,
+            log: general.log,
+            log_json: general.log_format == LogFormat::Json,
+            region,
+            derp_map,
+            auth: static_auth,
+            coordinator: coordinator_config,
             upstream,
+            effective: src.effective,
+            origins: src.origins,
         })
     }
+
+    /// The effective configuration as TOML text, each value annotated with where it came from;
+    /// what `--check` prints. Secrets are not shown.
+    pub fn effective_toml(&self) -> String {
+        let mut out = format!(
+            "# tailnetd {}: effective configuration (flag > environment > file > default)\n",
+            self.role.name()
+        );
+        let mut section = "";
+        let mut order: Vec<&(&GroupSpec, Vec<Option<String>>)> = self.effective.iter().collect();
+        // Top-level keys first: TOML puts every key after a [section] header into that section.
+        order.sort_by_key(|(g, _)| !g.section.is_empty());
+        for (group, values) in order {
+            if group.section != section {
+                section = group.section;
+                out.push_str(&format!("\n[{section}]\n"));
+            }
+            for (setting, value) in group.settings.iter().zip(values) {
+                let key = group.key(setting.name);
+                let origin = self.origins.get(&key).copied().unwrap_or("default");
+                match value {
+                    Some(v) => out.push_str(&format!("{} = {v}  # {origin}\n", setting.name)),
+                    None => out.push_str(&format!("# {} unset  # {origin}\n", setting.name)),
+                }
+            }
+        }
+        out
+    }
+}
+
+fn resolve_upstream(u: UpstreamSettings) -> Result<Option<UpstreamConfig>> {
+    let Some(url) = u.url.filter(|u| !u.trim().is_empty()) else {
+        return Ok(None);
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        bail!("upstream.url: {url:?} must start with http:// or https://");
+    }
+    if u.auth_cache_entries == 0 {
+        bail!("upstream.auth_cache_entries: must be at least 1");
+    }
+    Ok(Some(UpstreamConfig {
+        url: url.trim_end_matches('/').to_string(),
+        connect_timeout: positive_duration("upstream.connect_timeout", u.connect_timeout)?,
+        header_timeout: positive_duration("upstream.header_timeout", u.header_timeout)?,
+        max_body_bytes: u.max_body_bytes,
+        auth_ttl_ok: u.auth_ttl_ok,
+        auth_ttl_err: u.auth_ttl_err,
+        auth_cache_entries: u.auth_cache_entries,
+        rewrite_derp_map: u.rewrite_derp_map,
+        max_rewrite_bytes: u.max_rewrite_bytes,
+        preserve_host: u.preserve_host,
+        ..UpstreamConfig::default()
+    }))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn args() -> CommonArgs {
-        CommonArgs::default()
-    }
-
-    #[test]
-    fn dev_defaults_to_loopback() {
-        let s = Settings::resolve(Role::Dev, args()).unwrap();
-        assert_eq!(s.listen.http_addr, "127.0.0.1:3340");
-        assert_eq!(s.listen.stun_addr, "127.0.0.1:3478");
-        assert_eq!(s.region_id, 999);
-    }
-
-    #[test]
-    fn empty_stun_disables_it() {
-        let mut a = args();
-        a.stun_addr = Some(String::new());
-        let s = Settings::resolve(Role::Derp, a).unwrap();
-        assert_eq!(s.listen.stun_socket_addr().unwrap(), None);
-    }
-
-    #[test]
-    fn bad_address_names_the_field() {
-        let mut a = args();
-        a.http_addr = Some("not-an-addr".into());
-        let e = format!("{:#}", Settings::resolve(Role::Derp, a).unwrap_err());
-        assert!(e.contains("http_addr"), "{e}");
-    }
-
-    #[test]
-    fn https_requires_cert_and_key() {
-        let mut a = args();
-        a.https_addr = Some("127.0.0.1:0".into());
-        let e = format!("{:#}", Settings::resolve(Role::Derp, a).unwrap_err());
-        assert!(e.contains("tls_cert"), "{e}");
-    }
-
-    #[test]
-    fn coordinator_role_rejects_stun() {
-        let mut a = args();
-        a.stun_addr = Some("127.0.0.1:0".into());
-        let e = format!("{:#}", Settings::resolve(Role::Coordinator, a).unwrap_err());
-        assert!(e.contains("stun_addr"), "{e}");
-    }
-
-    #[test]
-    fn file_fills_in_and_flags_override() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.toml");
-        std::fs::write(
-            &path,
-            "http_addr = \"127.0.0.1:1111\"\nregion_id = 900\n[relay]\nqueue_depth = 64\n",
-        )
-        .unwrap();
-        let mut a = args();
-        a.config = Some(path.clone());
-        a.region_id = Some(901);
-        let s = Settings::resolve(Role::Derp, a).unwrap();
-        assert_eq!(s.listen.http_addr, "127.0.0.1:1111");
-        assert_eq!(s.region_id, 901);
-        assert_eq!(s.listen.queue_depth, 64);
-    }
-
-    #[test]
-    fn unknown_file_key_names_the_field() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.toml");
-        std::fs::write(&path, "htp_addr = \"127.0.0.1:1\"\n").unwrap();
-        let mut a = args();
-        a.config = Some(path);
-        let e = format!("{:#}", Settings::resolve(Role::Derp, a).unwrap_err());
-        assert!(e.contains("htp_addr"), "{e}");
-    }
-
-    #[test]
-    fn derp_map_regions_from_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.toml");
-        std::fs::write(
-            &path,
-            r#"
-[derp_map]
-stun_servers = ["stun.example.com:3478"]
-[[derp_map.regions]]
-RegionID = 901
-RegionCode = "fra"
-RegionName = "Frankfurt"
-Nodes = [{ Name = "901a", RegionID = 901, HostName = "derp-fra.example.com" }]
-"#,
-        )
-        .unwrap();
-        let mut a = args();
-        a.config = Some(path);
-        let s = Settings::resolve(Role::Serve, a).unwrap();
-        assert_eq!(s.derp_map.regions.len(), 1);
-        assert_eq!(s.derp_map.regions[0].region_id, 901);
-        assert_eq!(s.derp_map.stun_servers, vec!["stun.example.com:3478"]);
-    }
-
-    #[test]
-    fn upstream_from_flags_and_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.toml");
-        std::fs::write(
-            &path,
-            "[upstream]\nurl = \"http://coderd:3000/\"\nauth_ttl_ok = \"10s\"\n",
-        )
-        .unwrap();
-        let mut a = args();
-        a.config = Some(path);
-        a.upstream_connect_timeout = Some("2s".into());
-        let s = Settings::resolve(Role::Serve, a).unwrap();
-        let up = s.upstream.unwrap();
-        assert_eq!(up.url, "http://coderd:3000");
-        assert_eq!(up.auth_ttl_ok, Duration::from_secs(10));
-        assert_eq!(up.connect_timeout, Duration::from_secs(2));
-        assert!(up.rewrite_derp_map, "on by default when serving a relay");
-
-        let mut a = args();
-        a.upstream = Some("http://coderd:3000".into());
-        let s = Settings::resolve(Role::Coordinator, a).unwrap();
-        assert!(!s.upstream.unwrap().rewrite_derp_map);
-    }
-
-    #[test]
-    fn upstream_errors_name_the_field() {
-        let mut a = args();
-        a.upstream = Some("coderd:3000".into());
-        let e = format!("{:#}", Settings::resolve(Role::Serve, a).unwrap_err());
-        assert!(e.contains("upstream"), "{e}");
-        let mut a = args();
-        a.upstream = Some("http://coderd".into());
-        a.upstream_header_timeout = Some("soon".into());
-        let e = format!("{:#}", Settings::resolve(Role::Serve, a).unwrap_err());
-        assert!(e.contains("upstream.header_timeout"), "{e}");
-        let mut a = args();
-        a.upstream = Some("http://coderd".into());
-        let e = format!("{:#}", Settings::resolve(Role::Derp, a).unwrap_err());
-        assert!(e.contains("upstream"), "{e}");
-    }
-
-    #[test]
-    fn bad_queue_depth_names_the_field() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.toml");
-        std::fs::write(&path, "[relay]\nqueue_depth = 0\n").unwrap();
-        let mut a = args();
-        a.config = Some(path);
-        let e = format!("{:#}", Settings::resolve(Role::Derp, a).unwrap_err());
-        assert!(e.contains("relay.queue_depth"), "{e}");
-    }
-}
+mod tests;

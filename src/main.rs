@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::extract::State;
@@ -21,7 +20,6 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use clap::Parser;
 use coordinator::auth::{Authenticator, StaticAuthConfig, StaticAuthenticator};
 use coordinator::config::CoordinatorConfig;
 use coordinator::derpmap::{DerpMapConfig, DerpMapSource, EmbeddedRelay};
@@ -34,23 +32,23 @@ use derp::server::{Server, ServerConfig};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Cli, Role, Settings};
+use crate::config::{Role, Settings};
 
 /// Exit status for a configuration error (EX_USAGE), so supervisors can tell it from a crash.
 const EXIT_CONFIG: u8 = 64;
-/// How long draining may take before the process exits anyway.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let (role, args) = cli.role.split();
-    let settings = match Settings::resolve(role, args) {
+    let invocation = config::parse_command_line();
+    let settings = match Settings::resolve(&invocation) {
         Ok(s) => s,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "tailnetd: invalid configuration: {e:#}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if invocation.check {
+        return print_effective_configuration(&settings);
+    }
     init_tracing(&settings);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -70,6 +68,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--check`: the configuration is valid; show what it resolved to.
+#[allow(clippy::print_stdout, reason = "--check's output is the CLI's output")]
+fn print_effective_configuration(s: &Settings) -> ExitCode {
+    print!("{}", s.effective_toml());
+    ExitCode::SUCCESS
 }
 
 fn init_tracing(s: &Settings) {
@@ -151,17 +156,13 @@ fn display_host(a: SocketAddr) -> String {
     SocketAddr::new(ip, a.port()).to_string()
 }
 
+/// The relay's identity: the key file, or (only `dev` may leave it unset, which
+/// `Settings::resolve` enforces) an ephemeral key.
 fn relay_key(s: &Settings) -> Result<proto::key::NodePrivate> {
     match &s.listen.key_file {
         Some(path) => derp::keyfile::load_or_create(path)
             .with_context(|| format!("key_file {}", path.display())),
-        None if s.role == Role::Dev => Ok(proto::key::NodePrivate::generate(
-            &mut rand::rngs::OsRng,
-        )),
-        None => anyhow::bail!(
-            "key_file: required for the {} role, so that the relay keeps its identity across restarts",
-            s.role.name()
-        ),
+        None => Ok(proto::key::NodePrivate::generate(&mut rand::rngs::OsRng)),
     }
 }
 
@@ -203,7 +204,7 @@ async fn run(s: Settings) -> Result<()> {
 
     let dev_credentials = (s.role == Role::Dev).then(DevCredentials::generate);
     let coordinator: Option<(Arc<Coordinator>, Option<Upstream>)> = if s.role.runs_coordinator() {
-        let mut tokens: StaticAuthConfig = s.auth.tokens.clone();
+        let mut tokens: StaticAuthConfig = s.auth.clone();
         if let Some(dev) = &dev_credentials {
             let extra = dev.auth_config();
             tokens.agents.extend(extra.agents);
@@ -217,31 +218,25 @@ async fn run(s: Settings) -> Result<()> {
             Some(up) => Arc::new(UpstreamAuthenticator::new(up.clone())),
             None => Arc::new(StaticAuthenticator::new(&tokens).context("auth")?),
         };
-        let embedded = relay.as_ref().map(|_| EmbeddedRelay {
-            region_id: s.region_id,
-            region_code: s.region_code.clone(),
-            region_name: s.region_name.clone(),
-            public_url: base_url.clone(),
-            stun_port: bound.stun_addr.map(|a| a.port()),
-        });
+        let embedded = s
+            .region
+            .as_ref()
+            .filter(|_| relay.is_some())
+            .map(|r| EmbeddedRelay {
+                region_id: r.region_id,
+                region_code: r.region_code.clone(),
+                region_name: r.region_name.clone(),
+                public_url: base_url.clone(),
+                stun_port: bound.stun_addr.map(|a| a.port()),
+            });
         let source = DerpMapSource::new(DerpMapConfig {
-            file: s.derp_map_file.clone(),
-            regions: s.derp_map.regions.clone(),
             embedded,
-            stun_servers: s.derp_map.stun_servers.clone(),
-            ..DerpMapConfig::default()
+            ..s.derp_map.clone()
         })
         .context("derp_map_file")?;
         let config = CoordinatorConfig {
             upstream: s.upstream.as_ref().map(|u| u.agent_rpc_target()),
-            resume_key: s
-                .auth
-                .resume_key
-                .as_ref()
-                .map(|k| k.to_key())
-                .transpose()
-                .context("auth.resume_key")?,
-            ..CoordinatorConfig::default()
+            ..s.coordinator.clone()
         };
         Some((
             Coordinator::new(config, auth, source, &registry)
@@ -287,6 +282,7 @@ async fn run(s: Settings) -> Result<()> {
         });
     }
 
+    let shutdown = shutdown_signal()?;
     health.ready.store(true, Ordering::Relaxed);
     announce(
         &s,
@@ -297,7 +293,7 @@ async fn run(s: Settings) -> Result<()> {
     )?;
 
     tokio::select! {
-        _ = shutdown_signal() => tracing::info!("signal received: draining"),
+        _ = shutdown => tracing::info!("signal received: draining"),
         Some(_) = tasks.join_next() => {
             tracing::error!("a listener stopped unexpectedly: draining");
         }
@@ -318,9 +314,9 @@ async fn run(s: Settings) -> Result<()> {
         cancel.cancel();
         while tasks.join_next().await.is_some() {}
     };
-    if tokio::time::timeout(DRAIN_DEADLINE, drain).await.is_err() {
+    if tokio::time::timeout(s.drain_deadline, drain).await.is_err() {
         tracing::warn!(
-            deadline = ?DRAIN_DEADLINE,
+            deadline = ?s.drain_deadline,
             "drain deadline passed; exiting anyway"
         );
     }
@@ -365,29 +361,29 @@ fn announce(
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "listening for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
+/// Registers the SIGTERM and SIGINT handlers now and returns the future that waits for either.
+/// Called before readiness is announced: a supervisor that sends SIGTERM right after reading the
+/// announcement must get a drain, not the default action (death by signal).
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
             }
-            Err(e) => {
-                tracing::error!(error = %e, "listening for SIGTERM");
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                tracing::error!(error = %e, "listening for Ctrl-C");
                 std::future::pending::<()>().await;
             }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        })
     }
 }

@@ -2,60 +2,13 @@
 //! line, working dev credentials, the ops endpoints, and a clean exit on SIGTERM.
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tailnetd"))
-}
-
-struct Running {
-    child: Child,
-    line: serde_json::Value,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(args: &[&str]) -> Running {
-    let mut child = bin()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert!(!line.is_empty(), "tailnetd exited without announcing");
-    Running {
-        child,
-        line: serde_json::from_str(&line).unwrap(),
-    }
-}
-
-/// A minimal HTTP/1.1 GET returning (status, body), so these tests need no HTTP client crate.
-fn get(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp[9..12].parse().unwrap();
-    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
-}
+use support::{bin, echo_upstream, get, start};
 
 #[test]
 fn bad_flag_fails_naming_the_field() {
@@ -224,32 +177,6 @@ fn derp_role_keeps_its_key_across_restarts() {
     let text = std::fs::read_to_string(&key).unwrap();
     assert!(text.contains("\"PrivateKey\""), "{text}");
     assert!(text.contains("privkey:"), "{text}");
-}
-
-/// A one-thread HTTP upstream that answers every request with its request line, so a test can
-/// see what reached it.
-fn echo_upstream() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut c) = conn else { return };
-            let mut buf = [0u8; 8192];
-            let n = c.read(&mut buf).unwrap_or(0);
-            let head = String::from_utf8_lossy(&buf[..n]).to_string();
-            let first = head.lines().next().unwrap_or("").to_string();
-            let forwarded = head
-                .lines()
-                .any(|l| l.to_ascii_lowercase().starts_with("x-forwarded-for:"));
-            let body = format!("{first}|xff={forwarded}");
-            let _ = write!(
-                c,
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    addr
 }
 
 #[test]

@@ -35,6 +35,9 @@ pub struct CoordinatorConfig {
     pub response_buffer: usize,
     /// How long shutdown waits for sessions to say goodbye.
     pub shutdown_grace: Duration,
+    /// Lock shards of the peer graph (1..=[`crate::graph::MAX_SHARDS`]; more shards, less
+    /// contention between unrelated peers). Default: [`crate::graph::default_shards`].
+    pub graph_shards: usize,
     /// Sidecar mode: the coderd to forward non-Tailnet dRPC streams to (`coder.agent.v2.Agent` on
     /// `/me/rpc`, `WorkspaceUpdates` on `/api/v2/tailnet`). `None` = answer them "unknown rpc".
     pub upstream: Option<crate::upstream::agent_rpc::UpstreamTarget>,
@@ -52,6 +55,7 @@ impl Default for CoordinatorConfig {
             v1_max_message: 1 << 20,
             response_buffer: 512,
             shutdown_grace: Duration::from_secs(5),
+            graph_shards: crate::graph::default_shards(),
             upstream: None,
         }
     }

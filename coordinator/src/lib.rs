@@ -129,10 +129,11 @@ impl Coordinator {
         let metrics = Metrics::new(registry)?;
         let rpc_metrics = RpcMetrics::new()?;
         rpc_metrics.register(registry)?;
-        let graph = PeerGraph::new(
+        let graph = PeerGraph::with_shards(
             GraphConfig {
                 response_queue: config.response_buffer.max(1),
             },
+            config.graph_shards,
             registry,
         )?;
         let signing = config
@@ -238,5 +239,23 @@ impl Coordinator {
                 "coordinator shutdown: sessions still open after grace period"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_configured_shard_count_reaches_the_graph() {
+        let config = CoordinatorConfig {
+            graph_shards: 3,
+            ..CoordinatorConfig::default()
+        };
+        let auth = Arc::new(StaticAuthenticator::default());
+        let derp = DerpMapSource::new(DerpMapConfig::default()).unwrap();
+        let c = Coordinator::new(config, auth, derp, &prometheus::Registry::new()).unwrap();
+        assert_eq!(c.graph().shard_count(), 3);
+        c.shutdown().await;
     }
 }
