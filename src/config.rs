@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use derp::config::DerpConfig;
+use derp::edge::config::EdgeConfig;
 use serde::Deserialize;
 
 /// tailnetd: a Tailnet coordinator and DERP relay for Coder deployments.
@@ -230,7 +230,7 @@ pub struct AuthFile {
 pub struct Settings {
     pub role: Role,
     /// Listeners, TLS files, key files and relay knobs, validated by the relay crate's own rules.
-    pub listen: DerpConfig,
+    pub listen: EdgeConfig,
     pub derp_map_file: Option<PathBuf>,
     pub region_id: i64,
     pub region_code: String,
@@ -254,7 +254,7 @@ fn load_file(path: &Path) -> Result<FileConfig> {
 fn duration(field: &str, value: Option<String>, default: Duration) -> Result<Duration> {
     match value {
         None => Ok(default),
-        Some(v) => derp::config::parse_duration(&v).map_err(|e| anyhow!("{field}: {e}")),
+        Some(v) => derp::edge::config::parse_duration(&v).map_err(|e| anyhow!("{field}: {e}")),
     }
 }
 
@@ -334,7 +334,7 @@ impl Settings {
             None => FileConfig::default(),
         };
         let dev = role == Role::Dev;
-        let defaults = DerpConfig::default();
+        let defaults = EdgeConfig::default();
 
         let http_default = if dev {
             "127.0.0.1:3340"
@@ -354,7 +354,7 @@ impl Settings {
             bail!("stun_addr: the {} role runs no relay", role.name());
         }
         let relay = file.relay;
-        let listen = DerpConfig {
+        let listen = EdgeConfig {
             http_addr: args
                 .http_addr
                 .or(file.http_addr)

@@ -6,7 +6,7 @@ mod edge_support;
 
 use std::time::Duration;
 
-use derp::listener::{AcceptRateLimit, ListenerOptions};
+use derp::edge::listener::{AcceptRateLimit, ListenerOptions};
 use edge_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

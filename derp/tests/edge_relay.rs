@@ -37,8 +37,8 @@ async fn edge_relay_plain_upgrade() {
 
 struct DialOptionsExt;
 impl DialOptionsExt {
-    fn plain(k: proto::key::NodePrivate) -> derp::dial::DialOptions {
-        derp::dial::DialOptions::new(k)
+    fn plain(k: proto::key::NodePrivate) -> derp::client::dial::DialOptions {
+        derp::client::dial::DialOptions::new(k)
     }
 }
 

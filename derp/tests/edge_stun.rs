@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use derp::stun::{serve, StunMetrics};
+use derp::edge::stun::{serve, StunMetrics};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 

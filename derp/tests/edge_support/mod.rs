@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use axum::{Extension, Router};
-use derp::dial::{dial, DialOptions, Dialed};
-use derp::http::{ConnScheme, HttpEdge};
-use derp::listener::{self, ListenerOptions};
-use derp::tls::TlsReloader;
+use derp::client::dial::{dial, DialOptions, Dialed};
+use derp::edge::http::{ConnScheme, HttpEdge};
+use derp::edge::listener::{self, ListenerOptions};
+use derp::edge::tls::TlsReloader;
 use derp::{ReceivedFrame, Server, ServerConfig};
 use proto::key::{NodePrivate, NodePublic};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -139,7 +139,8 @@ impl Relay {
 
         let (https_addr, reloader) = if opts.tls {
             write_self_signed(&cert_path, &key_path);
-            let meta = derp::metacert::generate(server.public_key().as_bytes()).expect("meta");
+            let meta =
+                derp::edge::metacert::generate(server.public_key().as_bytes()).expect("meta");
             let reloader = Arc::new(
                 TlsReloader::new(&cert_path, &key_path, Some(meta), &registry)
                     .expect("tls")
