@@ -67,7 +67,7 @@ use read::{NOT_HERE_BURST, READ_CHUNK};
 /// Reads (each up to [`read::READ_CHUNK_MAX`]) handled per poll before yielding. One: the writers
 /// our pushes wake sit in this worker's LIFO slot (not stealable) until we yield, so a larger
 /// budget lets a flooding sender overflow destination queues before their writers run. Measured
-/// in-process on 2 cores (tests/core_throughput.rs, open-loop flood): 16 reads/poll delivered
+/// in-process on 2 cores (tests/it/core_throughput.rs, open-loop flood): 16 reads/poll delivered
 /// 5% of the flood, 1 read/poll 21%; closed-loop throughput was not hurt.
 const READS_PER_POLL: usize = 1;
 

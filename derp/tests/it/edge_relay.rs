@@ -1,16 +1,13 @@
 //! End-to-end relay through the HTTP edge: plain Upgrade, TLS (fast start + meta cert), WebSocket
 //! (plain and TLS), the exact 101, pipelined fast start, 426, garbage heads, WebSocket text.
-#![allow(clippy::unwrap_used)]
-
-mod edge_support;
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use crate::harness::*;
 use bytes::Bytes;
 use derp::client::{Client, ClientOptions};
-use edge_support::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -218,6 +215,7 @@ async fn edge_fast_start_pipelined_in_one_write() {
     let mut a = Client::handshake(io, Bytes::new(), key(), opts)
         .await
         .unwrap();
+    expect_server_info(&mut a).await;
     {
         let w = writes.lock().unwrap();
         assert_eq!(w.len(), 1, "request and ClientInfo left in one write");

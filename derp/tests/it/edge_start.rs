@@ -1,15 +1,12 @@
 //! `listener::start`: one call binds HTTP, HTTPS (meta cert) and STUN from a `EdgeConfig`.
-#![allow(clippy::unwrap_used)]
-
-mod edge_support;
 
 use std::time::Duration;
 
+use crate::harness::*;
 use derp::edge::config::EdgeConfig;
 use derp::edge::http::HttpEdge;
 use derp::edge::listener::{start, StartError};
 use derp::{Server, ServerConfig};
-use edge_support::*;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test]

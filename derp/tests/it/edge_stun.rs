@@ -1,6 +1,5 @@
 //! The STUN server answers Tailscale binding requests with the sender's address and ignores
 //! anything else.
-#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 

@@ -1,5 +1,4 @@
 //! derper-format key file: created once, same key across restarts, clear errors.
-#![allow(clippy::unwrap_used)]
 
 use derp::edge::keyfile::{load_or_create, KeyFileError};
 

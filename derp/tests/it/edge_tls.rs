@@ -1,11 +1,8 @@
 //! TLS certificate reload: new connections see the new leaf; a broken file keeps the old one.
-#![allow(clippy::unwrap_used)]
-
-mod edge_support;
 
 use std::time::Duration;
 
-use edge_support::*;
+use crate::harness::*;
 
 #[tokio::test]
 async fn edge_tls_cert_reload_on_file_change() {
