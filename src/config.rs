@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use derp::edge::config::EdgeConfig;
+use derp::EdgeConfig;
 use serde::Deserialize;
 
 /// tailnetd: a Tailnet coordinator and DERP relay for Coder deployments.

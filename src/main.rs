@@ -29,8 +29,8 @@ use coordinator::dev::DevCredentials;
 use coordinator::upstream::proxy::ClientScheme;
 use coordinator::upstream::{Upstream, UpstreamAuthenticator};
 use coordinator::Coordinator;
-use derp::core::server::{Server, ServerConfig};
-use derp::edge::http::{DerpHandler, HttpEdge};
+use derp::{DerpHandler, HttpEdge};
+use derp::{Server, ServerConfig};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -265,7 +265,7 @@ async fn run(s: Settings) -> Result<()> {
         |mut req: axum::extract::Request| async move {
             let tls = req
                 .extensions()
-                .get::<derp::edge::http::ConnScheme>()
+                .get::<derp::ConnScheme>()
                 .is_some_and(|s| s.tls);
             req.extensions_mut()
                 .insert(ClientScheme(if tls { "https" } else { "http" }));

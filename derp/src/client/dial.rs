@@ -3,7 +3,7 @@
 //!
 //! Why it mirrors the Go client (`derphttp.Client.connect`) closely: the point is to exercise the
 //! server the way real clients do. In particular, on TLS 1.3 when the server's chain carries a
-//! meta cert (see [`crate::edge::metacert`]), we send `Derp-Fast-Start: 1` and write the HTTP request
+//! meta cert (see [`metacert`](crate::edge::metacert)), we send `Derp-Fast-Start: 1` and write the HTTP request
 //! and the sealed ClientInfo frame *in one write* without waiting for a response, exactly the
 //! pipelining the server edge must survive. Otherwise we read the 101 response and hand any bytes
 //! read past its head to the DERP client.

@@ -3,7 +3,7 @@
 //! Why: this is the entry point the HTTP layer hands an upgraded byte stream to
 //! ([`Server::accept`]). The handshake follows derper exactly (ServerKey first, before reading
 //! anything; ClientInfo must be the first frame; ServerInfo after registration; everything under
-//! one deadline); the steady state lives in [`crate::core::conn`], routing in [`crate::core::registry`].
+//! one deadline); the steady state lives in [`super::conn`], routing in [`super::registry`].
 //!
 //! Bad input ends only the offending connection: every handshake failure is logged once (with
 //! the remote address and connection id) and counted in `derp_handshake_failures{reason}`;

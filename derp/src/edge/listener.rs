@@ -153,9 +153,9 @@ fn tune_socket(stream: &TcpStream, opts: &ListenerOptions) {
 }
 
 /// Serves `listener` until `cancel` fires: plain HTTP if `tls` is `None`, else HTTPS with that
-/// config (e.g. [`crate::edge::tls::TlsReloader::server_config`]). Returns once the loop has stopped;
-/// open connections keep running (DERP ones end through `Server::shutdown`, HTTP ones drain on
-/// `cancel`).
+/// config (e.g. [`TlsReloader::server_config`](super::tls::TlsReloader::server_config)). Returns
+/// once the loop has stopped; open connections keep running (DERP ones end through
+/// `Server::shutdown`, HTTP ones drain on `cancel`).
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,

@@ -5,8 +5,8 @@
 //! the packet path should not bounce through channels. [`ConnTask::poll_once`] reads frames
 //! straight into a `BytesMut`, turns each SendPacket into a RecvPacket *in place* (same length:
 //! type byte and key are overwritten) and hands the resulting slice of the read buffer to the
-//! destination's [`SendQueue`](crate::core::queue::SendQueue) — no copy and no allocation per packet. The same poll drains this
-//! connection's own queue into one vectored (or coalesced, up to 64 KiB) write and flushes when
+//! destination's [`SendQueue`](crate::core::queue::SendQueue) — no copy and no allocation per
+//! packet. The same poll drains this connection's own queue into one vectored (or coalesced, up to 64 KiB) write and flushes when
 //! the queue is empty.
 //!
 //! Memory when idle: most relay connections are idle most of the time, so an idle connection
@@ -16,7 +16,8 @@
 //! short read (the socket is drained, typically one small frame such as NotePreferred or Ping)
 //! is copied into a buffer of exactly its size, which is freed as soon as its frames are
 //! handled; a full one means a burst, so a whole [`READ_CHUNK`] is allocated and the read buffer
-//! grows on demand from there (up to [`read::READ_CHUNK_MAX`] per read, or the size of a large frame).
+//! grows on demand from there (up to [`read::READ_CHUNK_MAX`] per read, or the size of a large
+//! frame).
 //! While the connection holds any buffer, a check runs every [`idle::IDLE_RELEASE`] (on the same
 //! `Sleep`, so nothing is armed per read): a side that saw no traffic for a whole period gives its
 //! buffers back — the empty read buffer (a partial frame is kept in a buffer of its own size),
