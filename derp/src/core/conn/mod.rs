@@ -119,7 +119,9 @@ pub(crate) struct ConnParams {
 
 /// The connection task's state. Only this task touches it.
 pub(crate) struct ConnTask<'a, IO> {
+    /// Where packets go (the server's registry, shared by every connection).
     registry: &'a Registry,
+    /// The server's metrics.
     metrics: &'a Metrics,
     h: Arc<ConnHandle>,
     io: IO,
@@ -162,6 +164,7 @@ pub(crate) struct ConnTask<'a, IO> {
 }
 
 impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
+    /// The task for one established connection; `rbuf` holds bytes read past ClientInfo.
     pub(crate) fn new(
         registry: &'a Registry,
         metrics: &'a Metrics,
@@ -225,6 +228,8 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
         why
     }
 
+    /// One turn of the loop: read and handle what arrived, write what is ready, run the timer.
+    /// Ready means the connection ends.
     fn poll_once(&mut self, cx: &mut Context<'_>, mut sleep: Pin<&mut Sleep>) -> Poll<Close> {
         // Bounded: each iteration either makes progress or returns.
         for _ in 0..4 {

@@ -185,6 +185,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
         }
     }
 
+    /// Any frame from a duplicate connection makes it the active one (derper's
+    /// `lastWriterIsActive`).
     #[inline]
     fn note_activity(&self) {
         // Common case: one relaxed load. Only a non-active duplicate takes the shard lock.
@@ -193,9 +195,17 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
         }
     }
 
+    /// Counts bad input under `kind` and ends the connection.
     fn protocol_error(&self, kind: &'static str) -> Close {
         self.metrics.protocol_error(kind);
         Close::Protocol(kind)
+    }
+
+    /// A frame `proto`'s rewrite refused. Cannot happen: [`check_frame`] accepted its header and
+    /// the buffer holds exactly that frame; counted like the header check would count it.
+    #[cold]
+    fn rejected(&self, typ: FrameType, frame_len: usize) -> Close {
+        self.protocol_error(malformed(typ, frame_len.saturating_sub(FRAME_HEADER_LEN)))
     }
 
     /// The hot path: SendPacket → RecvPacket in place → destination queue.
@@ -206,13 +216,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
         let disco = looks_like_disco(&frame[PACKET_PREFIX_LEN..]);
         let hot = &self.metrics.hot;
         hot.add2(Hot::PacketsReceived, 1, Hot::BytesReceived, pkt_len as u64);
-        if rewrite_send_to_recv(&mut frame, &self.h.key).is_err() {
-            // Unreachable: `check_frame` accepted this header and `frame` is exactly its frame.
-            return Err(self.protocol_error(malformed(
-                FrameType::SendPacket,
-                frame.len() - FRAME_HEADER_LEN,
-            )));
-        }
+        rewrite_send_to_recv(&mut frame, &self.h.key)
+            .map_err(|_| self.rejected(FrameType::SendPacket, frame.len()))?;
         self.deliver(frame.freeze(), dst, disco, pkt_len, Origin::Client);
         Ok(())
     }
@@ -224,16 +229,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
         let disco = looks_like_disco(&frame[FORWARD_PREFIX_LEN..]);
         self.metrics.hot.add(Hot::PacketsForwardedIn, 1);
         // `0a len src dst pkt` → 32 bytes in: `05 len-32 src pkt`.
-        match rewrite_forward_to_recv(&mut frame) {
-            Ok(start) => frame.advance(start),
-            // Unreachable: `check_frame` accepted this header and `frame` is exactly its frame.
-            Err(_) => {
-                return Err(self.protocol_error(malformed(
-                    FrameType::ForwardPacket,
-                    frame.len() - FRAME_HEADER_LEN,
-                )))
-            }
-        }
+        let start = rewrite_forward_to_recv(&mut frame)
+            .map_err(|_| self.rejected(FrameType::ForwardPacket, frame.len()))?;
+        frame.advance(start);
         self.deliver(frame.freeze(), dst, disco, pkt_len, Origin::Mesh);
         Ok(())
     }
@@ -316,6 +314,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
         self.out.push_back(f);
     }
 
+    /// NotePreferred: this connection is (or stops being) the client's home relay.
     fn on_note_preferred(&mut self, preferred: bool) {
         if preferred != self.preferred {
             self.preferred = preferred;

@@ -115,6 +115,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
         }
     }
 
+    /// Writes until nothing is left (then flushes) or the transport is not ready. Ready means
+    /// the connection ends.
     pub(super) fn poll_write_phase(
         &mut self,
         cx: &mut Context<'_>,
