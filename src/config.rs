@@ -54,7 +54,7 @@ use coordinator::auth::{StaticAgent, StaticAuthConfig, StaticAuthenticator, Stat
 use coordinator::config::{CoordinatorConfig, ResumeKeyConfig};
 use coordinator::derpmap::DerpMapConfig;
 use coordinator::upstream::UpstreamConfig;
-use derp::config::DerpConfig;
+use derp::EdgeConfig;
 use proto::derpmap::DerpRegion;
 
 /// Which parts a process runs.
@@ -232,7 +232,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "{text:?} has no unit: write a duration like 500ms, 5s, 10m or 1h"
         ));
     }
-    derp::config::parse_duration(t)
+    derp::edge::config::parse_duration(t)
 }
 
 impl SettingValue for Duration {
@@ -247,7 +247,7 @@ impl SettingValue for Duration {
         }
     }
     fn to_toml(&self) -> Option<String> {
-        Some(toml::Value::String(derp::config::format_duration(*self)).to_string())
+        Some(toml::Value::String(derp::edge::config::format_duration(*self)).to_string())
     }
 }
 
@@ -586,21 +586,21 @@ settings! {
         roles: RELAY_ROLES,
     } {
         /// Per-client send queue depth in packets.
-        queue_depth: usize = |_| DerpConfig::default().queue_depth;
+        queue_depth: usize = |_| EdgeConfig::default().queue_depth;
         /// Per-frame write deadline for non-mesh clients; `0s` = none.
-        write_timeout: Duration = |_| DerpConfig::default().write_timeout;
+        write_timeout: Duration = |_| EdgeConfig::default().write_timeout;
         /// Interval of DERP KeepAlive frames (clients give up after 120s of silence).
-        keepalive: Duration = |_| DerpConfig::default().keepalive;
+        keepalive: Duration = |_| EdgeConfig::default().keepalive;
         /// TCP_USER_TIMEOUT on accepted connections (Linux); `0s` = system default.
-        tcp_user_timeout: Duration = |_| DerpConfig::default().tcp_user_timeout;
+        tcp_user_timeout: Duration = |_| EdgeConfig::default().tcp_user_timeout;
         /// TCP keepalive idle time on accepted connections; `0s` = keepalive off.
-        tcp_keepalive: Duration = |_| DerpConfig::default().tcp_keepalive;
+        tcp_keepalive: Duration = |_| EdgeConfig::default().tcp_keepalive;
         /// Accepted TLS connections per second (token bucket); unset = unlimited.
-        accept_connection_limit: Option<f64> = |_| DerpConfig::default().accept_connection_limit;
+        accept_connection_limit: Option<f64> = |_| EdgeConfig::default().accept_connection_limit;
         /// Burst of the accept limiter (default: the limit rounded up, at least 1).
-        accept_connection_burst: Option<u32> = |_| DerpConfig::default().accept_connection_burst;
+        accept_connection_burst: Option<u32> = |_| EdgeConfig::default().accept_connection_burst;
         /// Maximum concurrent connections per listener.
-        max_connections: usize = |_| DerpConfig::default().max_connections;
+        max_connections: usize = |_| EdgeConfig::default().max_connections;
     }
 
     /// The region under which the coordinator's DERP map lists this process's own relay.
@@ -986,7 +986,7 @@ fn load_file(path: &Path) -> Result<toml::Table> {
 pub struct Settings {
     pub role: Role,
     /// Listeners, TLS files, key files and relay knobs, validated by the relay crate's own rules.
-    pub listen: DerpConfig,
+    pub listen: EdgeConfig,
     pub public_url: Option<String>,
     pub credentials: Option<PathBuf>,
     pub drain_deadline: Duration,
@@ -1058,13 +1058,13 @@ impl Settings {
         let auth = AuthSettings::resolve(&mut src)?;
         src.reject_leftovers()?;
 
-        let mut listen = DerpConfig {
+        let mut listen = EdgeConfig {
             http_addr: general.http_addr,
             https_addr: general.https_addr,
             tls_cert: general.tls_cert,
             tls_key: general.tls_key,
             stun_addr: String::new(),
-            ..DerpConfig::default()
+            ..EdgeConfig::default()
         };
         if let Some(node) = relay_node {
             listen.stun_addr = node.stun_addr;

@@ -27,8 +27,8 @@ use coordinator::dev::DevCredentials;
 use coordinator::upstream::proxy::ClientScheme;
 use coordinator::upstream::{Upstream, UpstreamAuthenticator};
 use coordinator::Coordinator;
-use derp::http::{DerpHandler, HttpEdge};
-use derp::server::{Server, ServerConfig};
+use derp::{DerpHandler, HttpEdge};
+use derp::{Server, ServerConfig};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -160,7 +160,7 @@ fn display_host(a: SocketAddr) -> String {
 /// `Settings::resolve` enforces) an ephemeral key.
 fn relay_key(s: &Settings) -> Result<proto::key::NodePrivate> {
     match &s.listen.key_file {
-        Some(path) => derp::keyfile::load_or_create(path)
+        Some(path) => derp::edge::keyfile::load_or_create(path)
             .with_context(|| format!("key_file {}", path.display())),
         None => Ok(proto::key::NodePrivate::generate(&mut rand::rngs::OsRng)),
     }
@@ -185,7 +185,7 @@ async fn run(s: Settings) -> Result<()> {
         s.listen.apply_to(&mut cfg);
         if let Some(p) = &s.listen.mesh_psk_file {
             cfg.mesh_key = Some(
-                derp::keyfile::load_mesh_key(p)
+                derp::edge::keyfile::load_mesh_key(p)
                     .with_context(|| format!("mesh_psk_file {}", p.display()))?,
             );
         }
@@ -197,7 +197,7 @@ async fn run(s: Settings) -> Result<()> {
     // Bind everything before building the coordinator, so that port 0 resolves before the DERP
     // map names this relay's own port.
     let relay_key_bytes = relay.as_ref().map(|r| *r.public_key().as_bytes());
-    let mut bound = derp::listener::bind(&s.listen, relay_key_bytes.as_ref(), &registry)
+    let mut bound = derp::edge::listener::bind(&s.listen, relay_key_bytes.as_ref(), &registry)
         .await
         .context("opening listeners")?;
     let base_url = public_url(&s, bound.http_addr, bound.https_addr);
@@ -260,7 +260,7 @@ async fn run(s: Settings) -> Result<()> {
         |mut req: axum::extract::Request| async move {
             let tls = req
                 .extensions()
-                .get::<derp::http::ConnScheme>()
+                .get::<derp::ConnScheme>()
                 .is_some_and(|s| s.tls);
             req.extensions_mut()
                 .insert(ClientScheme(if tls { "https" } else { "http" }));
@@ -331,7 +331,7 @@ async fn run(s: Settings) -> Result<()> {
 )]
 fn announce(
     s: &Settings,
-    bound: &derp::listener::Bound,
+    bound: &derp::edge::listener::Bound,
     base_url: &str,
     relay: Option<&Server>,
     dev: Option<&DevCredentials>,

@@ -1,6 +1,8 @@
 //! DERP wire-format and forward-path microbenchmarks: frame header decode/encode, typed
-//! `Frame` decode/encode, the in-place SendPacket→RecvPacket rewrite, a registry lookup through
-//! `Server`'s public API, and one in-process relay round (two clients over in-memory pipes).
+//! `Frame` decode/encode, the in-place SendPacket→RecvPacket and ForwardPacket→RecvPacket
+//! rewrites (the very functions the relay's connection task runs on every relayed packet), a
+//! registry lookup through `Server`'s public API, and one in-process relay round (two clients
+//! over in-memory pipes).
 //!
 //! Kept short (small sample sizes, ~1 s measurement) so `cargo bench` finishes in minutes.
 
@@ -12,7 +14,8 @@ use bytes::{Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use derp::{Client, ClientOptions, ConnInfo, ReceivedFrame, Server, ServerConfig};
 use proto::derp::{
-    encode_send_packet, rewrite_send_to_recv, Frame, FrameHeader, FrameType, FRAME_HEADER_LEN,
+    encode_send_packet, forward_packet_prefix, rewrite_forward_to_recv, rewrite_send_to_recv,
+    Frame, FrameHeader, FrameType, FRAME_HEADER_LEN,
 };
 use proto::key::{NodePrivate, NodePublic};
 
@@ -89,6 +92,17 @@ fn forward_path(c: &mut Criterion) {
             // Put the SendPacket type back so every iteration rewrites a valid SendPacket.
             frame[0] = FrameType::SendPacket.as_u8();
             rewrite_send_to_recv(black_box(&mut frame[..]), black_box(&src))
+        })
+    });
+    let mut forward = BytesMut::new();
+    forward.extend_from_slice(&forward_packet_prefix(&src, &key(2), 1400));
+    forward.extend_from_slice(&[0x42u8; 1400]);
+    g.throughput(Throughput::Bytes(forward.len() as u64));
+    g.bench_function("rewrite_forward_to_recv_1400", |b| {
+        b.iter(|| {
+            // The rewrite leaves the ForwardPacket header in front untouched (the RecvPacket
+            // starts 32 bytes in), so the buffer stays a valid ForwardPacket for the next round.
+            rewrite_forward_to_recv(black_box(&mut forward[..]))
         })
     });
     g.finish();

@@ -1,7 +1,7 @@
 //! Plain-HTTP DERP dialing for the load generator: the `Upgrade: DERP` request, the 101, then
 //! `derp::Client::handshake` until ServerInfo.
 //!
-//! Why not `derp::dial::dial`: it owns the socket, and the load generator needs two things it
+//! Why not `derp::dial`: it owns the socket, and the load generator needs two things it
 //! cannot give: a chosen source address (to open more connections than one address's ephemeral
 //! ports allow) and a client over the two owned halves of the TCP stream
 //! (`TcpStream::into_split` + `Client::handshake_split`), so its reader and writer never share

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Buf, BytesMut};
 use derp::client::READ_CHUNK;
-use derp::dial::{dial, DialOptions};
+use derp::{dial, DialOptions};
 use derp::{ClientReader, ClientWriter, ReceivedFrame};
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use proto::derp::{
@@ -257,7 +257,7 @@ async fn wait_server_info(client: &mut derp::Client) -> Result<()> {
 struct Target {
     args: RelayArgs,
     /// For `http://` DERP URLs: address, authority and path for our buffered dialer; `None`
-    /// means `derp::dial::dial` (e.g. `https://`).
+    /// means `derp::dial` (e.g. `https://`).
     dst: Option<(std::net::SocketAddr, String, String)>,
 }
 

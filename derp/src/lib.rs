@@ -1,20 +1,24 @@
 //! The DERP relay: server, client and STUN.
-pub mod admission;
+//!
+//! Three parts, each a directory:
+//! - [`core`]: the relay itself, independent of HTTP and TLS: the [`Server`] that takes a byte
+//!   stream through the DERP handshake, one task per connection, the key → connection registry,
+//!   per-connection send queues, admission and metrics.
+//! - [`edge`]: what faces the network in front of the core: listeners, the HTTP edge (DERP
+//!   upgrade, WebSocket, fast start), TLS with certificate reload and the meta cert, STUN, the
+//!   key files and the operator-facing [`EdgeConfig`]. The coordinator-only role uses the
+//!   listener, HTTP edge and TLS too, without a relay behind them.
+//! - [`client`]: a DERP client over any byte stream, and [`client::dial`] to reach a server by
+//!   URL the way Go clients do.
+//!
+//! The re-exports below are what the binary, the benchmarks and the tests use most.
 pub mod client;
-pub mod config;
-pub(crate) mod conn;
-pub mod dial;
-pub mod http;
-pub mod keyfile;
-pub mod listener;
-pub mod metacert;
-pub mod metrics;
-pub(crate) mod queue;
-pub mod registry;
-pub mod server;
-pub mod stun;
-pub mod tls;
-pub mod websocket;
-pub use admission::{Admission, AdmitAll, AdmitFn};
+pub mod core;
+pub mod edge;
+
+pub use client::dial::{dial, DialError, DialOptions, Dialed};
 pub use client::{Client, ClientError, ClientOptions, ClientReader, ClientWriter, ReceivedFrame};
-pub use server::{ConnInfo, Server, ServerConfig, ServerError};
+pub use core::admission::{Admission, AdmitAll, AdmitFn};
+pub use core::server::{ConnInfo, Server, ServerConfig, ServerError};
+pub use edge::config::EdgeConfig;
+pub use edge::http::{ConnScheme, DerpHandler, HttpEdge};

@@ -4,11 +4,12 @@
 //! a read chunk per idle connection. Also: connections whose buffers were released while quiet
 //! still relay maximum-size packets, and bad input still ends only the offending connection.
 
-mod core_support;
+#[path = "it/harness/mod.rs"]
+mod harness;
 
 /// Named so that `cargo test -p derp core_` selects these tests.
 mod core_memory {
-    use super::core_support::*;
+    use super::harness::*;
     use proto::derp::{client_info_frame, parse_server_key, ClientInfo};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -8,8 +8,8 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use derp::http::HttpEdge;
-use derp::listener::{self, ListenerOptions};
+use derp::edge::http::HttpEdge;
+use derp::edge::listener::{self, ListenerOptions};
 use derp::{Server, ServerConfig};
 use proto::derp::{client_info_frame, parse_server_key, ClientInfo};
 use proto::key::NodePrivate;

@@ -121,7 +121,7 @@ fn precedence_is_flag_then_file_then_default() {
     assert_eq!(s.region.as_ref().unwrap().region_id, 901);
     assert_eq!(s.listen.queue_depth, 64);
     assert_eq!(s.listen.keepalive, Duration::from_secs(20));
-    assert_eq!(s.listen.write_timeout, DerpConfig::default().write_timeout);
+    assert_eq!(s.listen.write_timeout, EdgeConfig::default().write_timeout);
     let shown = s.effective_toml();
     assert!(
         shown.contains("http_addr = \"127.0.0.1:1111\"  # file"),

@@ -2,8 +2,8 @@
 //!
 //! Why a trait: `derp` must not depend on the coordinator, yet only keys announced by
 //! authenticated peers should be allowed to use our relays. The binary implements [`Admission`]
-//! from the coordinator's peer graph and hands it to [`crate::server::ServerConfig`]. Mesh peers
-//! (clients presenting the mesh key) are never asked.
+//! from the coordinator's peer graph and hands it to [`ServerConfig`](super::server::ServerConfig).
+//! Mesh peers (clients presenting the mesh key) are never asked.
 //!
 //! An implementation must answer within the handshake deadline (the server aborts the handshake
 //! when it expires) and must never block the executor thread.

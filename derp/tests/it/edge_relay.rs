@@ -1,16 +1,13 @@
 //! End-to-end relay through the HTTP edge: plain Upgrade, TLS (fast start + meta cert), WebSocket
 //! (plain and TLS), the exact 101, pipelined fast start, 426, garbage heads, WebSocket text.
-#![allow(clippy::unwrap_used)]
-
-mod edge_support;
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use crate::harness::*;
 use bytes::Bytes;
 use derp::client::{Client, ClientOptions};
-use edge_support::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -37,8 +34,8 @@ async fn edge_relay_plain_upgrade() {
 
 struct DialOptionsExt;
 impl DialOptionsExt {
-    fn plain(k: proto::key::NodePrivate) -> derp::dial::DialOptions {
-        derp::dial::DialOptions::new(k)
+    fn plain(k: proto::key::NodePrivate) -> derp::client::dial::DialOptions {
+        derp::client::dial::DialOptions::new(k)
     }
 }
 
@@ -218,6 +215,7 @@ async fn edge_fast_start_pipelined_in_one_write() {
     let mut a = Client::handshake(io, Bytes::new(), key(), opts)
         .await
         .unwrap();
+    expect_server_info(&mut a).await;
     {
         let w = writes.lock().unwrap();
         assert_eq!(w.len(), 1, "request and ClientInfo left in one write");

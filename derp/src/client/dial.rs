@@ -3,7 +3,7 @@
 //!
 //! Why it mirrors the Go client (`derphttp.Client.connect`) closely: the point is to exercise the
 //! server the way real clients do. In particular, on TLS 1.3 when the server's chain carries a
-//! meta cert (see [`crate::metacert`]), we send `Derp-Fast-Start: 1` and write the HTTP request
+//! meta cert (see [`metacert`](crate::edge::metacert)), we send `Derp-Fast-Start: 1` and write the HTTP request
 //! and the sealed ClientInfo frame *in one write* without waiting for a response, exactly the
 //! pipelining the server edge must survive. Otherwise we read the 101 response and hand any bytes
 //! read past its head to the DERP client.
@@ -30,9 +30,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 use crate::client::{Client, ClientError, ClientOptions};
-use crate::http::BoxedIo;
-use crate::metacert::{self, MetaCertInfo};
-use crate::websocket::{self, WsByteStream};
+use crate::edge::http::BoxedIo;
+use crate::edge::metacert::{self, MetaCertInfo};
+use crate::edge::websocket::{self, WsByteStream};
 
 /// TLS trust settings for [`dial`].
 #[derive(Debug, Clone)]
@@ -349,7 +349,7 @@ async fn read_101(io: &mut BoxedIo) -> Result<Bytes, DialError> {
             Ok(httparse::Status::Partial) => {}
             Err(e) => return Err(DialError::Http(format!("bad response: {e}"))),
         }
-        if buf.len() >= crate::http::MAX_HEAD_LEN {
+        if buf.len() >= crate::edge::http::MAX_HEAD_LEN {
             return Err(DialError::Http("response head too large".into()));
         }
         buf.reserve(1024);

@@ -15,10 +15,12 @@
 //! grow without bound, or drop an item without telling the caller.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::task::Waker;
 
 use bytes::Bytes;
+use proto::derp::{PeerGoneReason, PeerPresentFlags};
 use proto::key::NodePublic;
 
 /// Why a connection is asked to close from outside its own task.
@@ -41,14 +43,16 @@ pub(crate) enum CloseRequest {
 /// A non-packet frame queued for a connection by someone else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Control {
-    /// PeerGone(key, reason byte).
-    PeerGone { key: NodePublic, reason: u8 },
-    /// PeerPresent(key, ip, port, flags) for mesh watchers.
+    /// PeerGone(key, reason).
+    PeerGone {
+        key: NodePublic,
+        reason: PeerGoneReason,
+    },
+    /// PeerPresent(key, address, flags) for mesh watchers.
     PeerPresent {
         key: NodePublic,
-        ip: [u8; 16],
-        port: u16,
-        flags: u8,
+        addr: SocketAddr,
+        flags: PeerPresentFlags,
     },
 }
 
@@ -313,7 +317,7 @@ mod tests {
         let q = SendQueue::new(2, 1);
         let c = Control::PeerGone {
             key: NodePublic::ZERO,
-            reason: 0,
+            reason: PeerGoneReason::Disconnected,
         };
         assert_eq!(q.push_control(c), ControlOutcome::Queued);
         assert_eq!(q.push_control(c), ControlOutcome::Overflow);

@@ -1,15 +1,12 @@
-//! `listener::start`: one call binds HTTP, HTTPS (meta cert) and STUN from a `DerpConfig`.
-#![allow(clippy::unwrap_used)]
-
-mod edge_support;
+//! `listener::start`: one call binds HTTP, HTTPS (meta cert) and STUN from a `EdgeConfig`.
 
 use std::time::Duration;
 
-use derp::config::DerpConfig;
-use derp::http::HttpEdge;
-use derp::listener::{start, StartError};
+use crate::harness::*;
+use derp::edge::config::EdgeConfig;
+use derp::edge::http::HttpEdge;
+use derp::edge::listener::{start, StartError};
 use derp::{Server, ServerConfig};
-use edge_support::*;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
@@ -18,7 +15,7 @@ async fn edge_start_binds_everything_from_config() {
     let (cert, keyp) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
     write_self_signed(&cert, &keyp);
     let key_file = dir.path().join("derper.key");
-    let cfg: DerpConfig = toml::from_str(&format!(
+    let cfg: EdgeConfig = toml::from_str(&format!(
         r#"
         http_addr = "127.0.0.1:0"
         https_addr = "127.0.0.1:0"
@@ -33,7 +30,7 @@ async fn edge_start_binds_everything_from_config() {
         key_file.display()
     ))
     .unwrap();
-    let private = derp::keyfile::load_or_create(cfg.key_file.as_ref().unwrap()).unwrap();
+    let private = derp::edge::keyfile::load_or_create(cfg.key_file.as_ref().unwrap()).unwrap();
     let mut server_cfg = ServerConfig::new(private.clone());
     cfg.apply_to(&mut server_cfg);
     assert_eq!(server_cfg.queue_depth, 64);
@@ -85,9 +82,9 @@ async fn edge_start_rejects_bad_config_and_busy_ports() {
     let registry = prometheus::Registry::new();
     let server = Server::new(ServerConfig::new(key()), &registry).unwrap();
     let edge = HttpEdge::new(Some(server), fallback(), &registry).unwrap();
-    let cfg = DerpConfig {
+    let cfg = EdgeConfig {
         https_addr: "127.0.0.1:0".into(),
-        ..DerpConfig::default()
+        ..EdgeConfig::default()
     };
     let err = start(&cfg, edge.clone(), &registry, CancellationToken::new())
         .await
@@ -96,9 +93,9 @@ async fn edge_start_rejects_bad_config_and_busy_ports() {
     assert!(err.to_string().contains("tls_cert"), "{err}");
 
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let cfg = DerpConfig {
+    let cfg = EdgeConfig {
         http_addr: busy.local_addr().unwrap().to_string(),
-        ..DerpConfig::default()
+        ..EdgeConfig::default()
     };
     let err = start(&cfg, edge, &registry, CancellationToken::new())
         .await

@@ -13,7 +13,7 @@
 //! old clients sent) becomes raw DERP: the exact 101 (unless fast start), then
 //! `DerpHandler::accept` with the leftover bytes. `/derp` with `Upgrade: websocket` and subprotocol
 //! `derp` completes a WebSocket handshake (tungstenite, replaying the bytes we read) and runs DERP
-//! over [`crate::websocket::WsByteStream`]. Everything else is replayed into hyper's HTTP/1.1
+//! over [`crate::edge::websocket::WsByteStream`]. Everything else is replayed into hyper's HTTP/1.1
 //! server (keep-alive and upgrades work) serving [`routes`] in front of the caller's fallback
 //! router. A non-upgrade `/derp` thus gets 426 from [`routes`], also on a keep-alive connection.
 //!
@@ -44,7 +44,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use crate::websocket::{self, WsByteStream};
+use crate::edge::websocket::{self, WsByteStream};
 
 /// Largest request head we read before deciding what the connection is.
 pub const MAX_HEAD_LEN: usize = 16 * 1024;
@@ -78,7 +78,7 @@ pub struct UpgradeInfo {
     pub fast_start: bool,
 }
 
-/// The DERP server core as the HTTP edge sees it. Implemented for [`crate::server::Server`];
+/// The DERP server core as the HTTP edge sees it. Implemented for [`crate::core::server::Server`];
 /// tests may plug in their own.
 pub trait DerpHandler: Send + Sync + 'static {
     /// The server's DERP public key (for `Derp-Public-Key`).
@@ -93,7 +93,7 @@ pub trait DerpHandler: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 }
 
-impl DerpHandler for crate::server::Server {
+impl DerpHandler for crate::core::server::Server {
     fn public_key_bytes(&self) -> [u8; 32] {
         *self.public_key().as_bytes()
     }
@@ -104,7 +104,7 @@ impl DerpHandler for crate::server::Server {
         leftover: Bytes,
         info: UpgradeInfo,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
-        let conn = crate::server::ConnInfo {
+        let conn = crate::core::server::ConnInfo {
             remote: info.remote,
             not_ideal: info.not_ideal,
             websocket: info.websocket,

@@ -1,10 +1,9 @@
 //! The STUN server answers Tailscale binding requests with the sender's address and ignores
 //! anything else.
-#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
-use derp::stun::{serve, StunMetrics};
+use derp::edge::stun::{serve, StunMetrics};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 

@@ -27,11 +27,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ConfigErrors, DerpConfig};
-use crate::http::{serve_until_derp, HttpEdge};
-use crate::metacert::MetaCertError;
-use crate::stun::StunMetrics;
-use crate::tls::{TlsError, TlsReloader};
+use crate::edge::config::{ConfigErrors, EdgeConfig};
+use crate::edge::http::{serve_until_derp, HttpEdge};
+use crate::edge::metacert::MetaCertError;
+use crate::edge::stun::StunMetrics;
+use crate::edge::tls::{TlsError, TlsReloader};
 
 /// A token bucket for accepted connections.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -71,7 +71,7 @@ impl Default for ListenerOptions {
 
 impl ListenerOptions {
     /// Options from the operator config (zero durations mean "off" / "system default").
-    pub fn from_config(cfg: &crate::config::DerpConfig) -> Self {
+    pub fn from_config(cfg: &crate::edge::config::EdgeConfig) -> Self {
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         ListenerOptions {
             max_connections: cfg.max_connections,
@@ -153,9 +153,9 @@ fn tune_socket(stream: &TcpStream, opts: &ListenerOptions) {
 }
 
 /// Serves `listener` until `cancel` fires: plain HTTP if `tls` is `None`, else HTTPS with that
-/// config (e.g. [`crate::tls::TlsReloader::server_config`]). Returns once the loop has stopped;
-/// open connections keep running (DERP ones end through `Server::shutdown`, HTTP ones drain on
-/// `cancel`).
+/// config (e.g. [`TlsReloader::server_config`](super::tls::TlsReloader::server_config)). Returns
+/// once the loop has stopped; open connections keep running (DERP ones end through
+/// `Server::shutdown`, HTTP ones drain on `cancel`).
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -296,7 +296,7 @@ impl Bound {
     pub fn spawn(&mut self, edge: Arc<HttpEdge>, cancel: CancellationToken) -> Running {
         let mut tasks = Vec::new();
         if let Some((sock, metrics)) = self.stun.take() {
-            tasks.push(tokio::spawn(crate::stun::serve(
+            tasks.push(tokio::spawn(crate::edge::stun::serve(
                 sock,
                 metrics,
                 cancel.clone(),
@@ -355,7 +355,7 @@ pub enum StartError {
 /// relay's DERP public key: with it, the HTTPS chain carries the fast-start meta certificate;
 /// without it (no relay in this process) the plain chain is served.
 pub async fn bind(
-    cfg: &DerpConfig,
+    cfg: &EdgeConfig,
     derp_key: Option<&[u8; 32]>,
     registry: &prometheus::Registry,
 ) -> Result<Bound, StartError> {
@@ -386,7 +386,7 @@ pub async fn bind(
         bound.http = Some(l);
     }
     if let (Some(addr), Some(cert), Some(key)) = (https, &cfg.tls_cert, &cfg.tls_key) {
-        let meta = derp_key.map(crate::metacert::generate).transpose()?;
+        let meta = derp_key.map(crate::edge::metacert::generate).transpose()?;
         let reloader = Arc::new(TlsReloader::new(cert, key, meta, registry)?);
         let server_config = reloader.server_config()?;
         let l = TcpListener::bind(addr)
@@ -416,7 +416,7 @@ pub async fn bind(
 
 /// [`bind`] then [`Bound::spawn`] in one call, for an edge that already exists.
 pub async fn start(
-    cfg: &DerpConfig,
+    cfg: &EdgeConfig,
     edge: Arc<HttpEdge>,
     registry: &prometheus::Registry,
     cancel: CancellationToken,

@@ -15,10 +15,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// The relay edge configuration.
+/// The relay edge configuration: listeners, HTTP edge, TLS, STUN, key files and tuning (the
+/// coordinator-only role uses the same listener, HTTP edge and TLS).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct DerpConfig {
+pub struct EdgeConfig {
     /// Plain HTTP listener (DERP over `http://`, probes, metrics); empty disables.
     pub http_addr: String,
     /// HTTPS listener; empty disables. Requires `tls_cert` and `tls_key`.
@@ -55,9 +56,9 @@ pub struct DerpConfig {
     pub max_connections: usize,
 }
 
-impl Default for DerpConfig {
+impl Default for EdgeConfig {
     fn default() -> Self {
-        DerpConfig {
+        EdgeConfig {
             http_addr: "127.0.0.1:3340".into(),
             https_addr: String::new(),
             tls_cert: None,
@@ -87,7 +88,7 @@ pub struct ConfigError {
     pub reason: String,
 }
 
-/// Every problem found by [`DerpConfig::validate`].
+/// Every problem found by [`EdgeConfig::validate`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid DERP configuration: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
 pub struct ConfigErrors(pub Vec<ConfigError>);
@@ -112,7 +113,7 @@ pub fn parse_listen_addr(s: &str) -> Result<Option<SocketAddr>, String> {
         .map_err(|_| format!("{s:?} is not host:port (an IP address and a port)"))
 }
 
-impl DerpConfig {
+impl EdgeConfig {
     /// The parsed HTTP listen address (`None` = disabled). Call [`validate`](Self::validate) first.
     pub fn http_socket_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         parse_listen_addr(&self.http_addr).map_err(|reason| ConfigError {
@@ -138,7 +139,7 @@ impl DerpConfig {
     }
 
     /// Copies the DERP core knobs (queue depth, write timeout, keepalive) into a server config.
-    pub fn apply_to(&self, server: &mut crate::server::ServerConfig) {
+    pub fn apply_to(&self, server: &mut crate::core::server::ServerConfig) {
         server.queue_depth = self.queue_depth;
         server.write_timeout = self.write_timeout;
         server.keepalive = self.keepalive;
@@ -318,7 +319,7 @@ mod edge_tests {
 
     #[test]
     fn edge_defaults_validate() {
-        DerpConfig::default().validate().unwrap();
+        EdgeConfig::default().validate().unwrap();
     }
 
     #[test]
@@ -350,7 +351,7 @@ mod edge_tests {
 
     #[test]
     fn edge_toml_round_trip_and_errors_name_fields() {
-        let cfg: DerpConfig = toml::from_str(
+        let cfg: EdgeConfig = toml::from_str(
             r#"
             http_addr = ""
             https_addr = ":8443"
@@ -375,9 +376,9 @@ mod edge_tests {
         ] {
             assert!(fields.contains(&f), "{f} missing from {errs:?}");
         }
-        let text = toml::to_string(&DerpConfig::default()).unwrap();
-        let back: DerpConfig = toml::from_str(&text).unwrap();
-        assert_eq!(back, DerpConfig::default());
-        assert!(toml::from_str::<DerpConfig>("bogus = 1").is_err());
+        let text = toml::to_string(&EdgeConfig::default()).unwrap();
+        let back: EdgeConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, EdgeConfig::default());
+        assert!(toml::from_str::<EdgeConfig>("bogus = 1").is_err());
     }
 }

@@ -1,7 +1,6 @@
 //! derper-format key file: created once, same key across restarts, clear errors.
-#![allow(clippy::unwrap_used)]
 
-use derp::keyfile::{load_or_create, KeyFileError};
+use derp::edge::keyfile::{load_or_create, KeyFileError};
 
 #[test]
 fn edge_key_file_created_then_reloaded() {
@@ -70,10 +69,10 @@ fn edge_mesh_key_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("derp-mesh.key");
     std::fs::write(&path, format!("{}\n", "ab".repeat(32))).unwrap();
-    let k = derp::keyfile::load_mesh_key(&path).unwrap();
+    let k = derp::edge::keyfile::load_mesh_key(&path).unwrap();
     assert_eq!(k.to_string(), "ab".repeat(32));
     std::fs::write(&path, "abcd").unwrap();
-    let err = derp::keyfile::load_mesh_key(&path).unwrap_err();
+    let err = derp::edge::keyfile::load_mesh_key(&path).unwrap_err();
     assert!(err.to_string().contains("derp-mesh.key"), "{err}");
-    assert!(derp::keyfile::load_mesh_key(&dir.path().join("missing")).is_err());
+    assert!(derp::edge::keyfile::load_mesh_key(&dir.path().join("missing")).is_err());
 }

@@ -23,19 +23,15 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+use proto::derp::PeerGoneReason;
 use proto::key::NodePublic;
 
-use crate::conn::ConnHandle;
-use crate::metrics::Metrics;
-use crate::queue::{Control, ControlOutcome};
+use crate::core::handle::ConnHandle;
+use crate::core::metrics::Metrics;
+use crate::core::queue::{Control, ControlOutcome};
 
 /// Number of shards (power of two).
 pub(crate) const SHARDS: usize = 64;
-
-/// PeerGone reason: the peer left this region.
-pub(crate) const PEER_GONE_DISCONNECTED: u8 = 0x00;
-/// PeerGone reason: the server has no record of the destination.
-pub(crate) const PEER_GONE_NOT_HERE: u8 = 0x01;
 
 /// Identifies a mesh peer link (a future outbound mesh client).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -247,7 +243,7 @@ impl Registry {
         if let Some(receivers) = gone_to {
             let gone = Control::PeerGone {
                 key: h.key,
-                reason: PEER_GONE_DISCONNECTED,
+                reason: PeerGoneReason::Disconnected,
             };
             for w in receivers.values() {
                 if let Some(r) = w.upgrade() {
@@ -317,7 +313,10 @@ impl Registry {
         let conns = self.conns_of(key);
         conns
             .iter()
-            .filter(|c| c.queue.request_close(crate::queue::CloseRequest::ClosePeer))
+            .filter(|c| {
+                c.queue
+                    .request_close(crate::core::queue::CloseRequest::ClosePeer)
+            })
             .count()
     }
 

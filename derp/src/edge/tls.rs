@@ -171,7 +171,7 @@ fn load_pair(
 
 impl TlsReloader {
     /// Loads `cert_path` (PEM chain, leaf first) and `key_path` (PEM private key: PKCS#8, RSA or
-    /// SEC1) and prepares to serve them with `meta_cert` (see [`crate::metacert`]) appended.
+    /// SEC1) and prepares to serve them with `meta_cert` (see [`crate::edge::metacert`]) appended.
     pub fn new(
         cert_path: impl Into<PathBuf>,
         key_path: impl Into<PathBuf>,

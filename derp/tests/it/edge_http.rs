@@ -1,13 +1,10 @@
 //! The HTTP side of the edge: probes, /generate_204 challenge rules, fallback routing (plain and
 //! TLS), keep-alive, listener limits.
-#![allow(clippy::unwrap_used)]
-
-mod edge_support;
 
 use std::time::Duration;
 
-use derp::listener::{AcceptRateLimit, ListenerOptions};
-use edge_support::*;
+use crate::harness::*;
+use derp::edge::listener::{AcceptRateLimit, ListenerOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -1,19 +1,15 @@
-//! Shared helpers for the `core_*` integration tests: a real [`Server`] behind a tiny
-//! loopback accept loop (no HTTP), Rust clients, and metric scraping.
-#![allow(dead_code)]
+//! The `core_*` tests' relay: a real [`Server`] behind a tiny loopback accept loop (no HTTP),
+//! with Rust clients, and a transport that splits every read and write ([`ChunkedIo`]).
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use derp::{Client, ClientOptions, ConnInfo, ReceivedFrame, Server, ServerConfig};
-use proto::key::{NodePrivate, NodePublic};
+use derp::{Client, ClientOptions, ConnInfo, Server, ServerConfig};
+use proto::key::NodePrivate;
 use tokio::net::{TcpListener, TcpStream};
 
-/// Generous bound for anything that should happen "soon" (loaded 2-core CI machines).
-pub const SOON: Duration = Duration::from_secs(10);
+use super::{expect_server_info, key, metric, recv_packet, wait_until};
 
 pub struct TestServer {
     pub server: Arc<Server>,
@@ -26,10 +22,6 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.accept_task.abort();
     }
-}
-
-pub fn key() -> NodePrivate {
-    NodePrivate::generate(&mut rand::rngs::OsRng)
 }
 
 impl TestServer {
@@ -93,10 +85,7 @@ impl TestServer {
             .await
             .expect("handshake");
         assert_eq!(c.server_public_key(), self.server.public_key());
-        match recv(&mut c).await {
-            ReceivedFrame::ServerInfo(i) => assert_eq!(i.version, 2),
-            other => panic!("first frame must be ServerInfo, got {other:?}"),
-        }
+        expect_server_info(&mut c).await;
         // Registration happens before ServerInfo is written, so the key is routable now.
         c
     }
@@ -125,102 +114,6 @@ impl TestServer {
             self.server.connection_count()
         );
     }
-}
-
-pub fn metric(registry: &prometheus::Registry, series: &str) -> f64 {
-    let text = prometheus::TextEncoder::new()
-        .encode_to_string(&registry.gather())
-        .expect("encode");
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
-}
-
-pub async fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + SOON;
-    loop {
-        if cond() {
-            return true;
-        }
-        if tokio::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-pub async fn within<T>(f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(SOON, f).await.expect("timed out")
-}
-
-/// Next frame, skipping keepalives.
-pub async fn recv(c: &mut Client) -> ReceivedFrame {
-    loop {
-        match within(c.recv()).await.expect("recv") {
-            ReceivedFrame::KeepAlive => continue,
-            f => return f,
-        }
-    }
-}
-
-/// Next packet (skips keepalives; panics on anything else).
-pub async fn recv_packet(c: &mut Client) -> (NodePublic, Bytes) {
-    match recv(c).await {
-        ReceivedFrame::Packet { src, data } => (src, data),
-        other => panic!("expected packet, got {other:?}"),
-    }
-}
-
-/// Asserts that nothing but keepalives arrives for `d`.
-pub async fn expect_silence(c: &mut Client, d: Duration) {
-    let deadline = tokio::time::Instant::now() + d;
-    loop {
-        match tokio::time::timeout_at(deadline, c.recv()).await {
-            Err(_) => return,
-            Ok(Ok(ReceivedFrame::KeepAlive)) => continue,
-            Ok(other) => panic!("expected silence, got {other:?}"),
-        }
-    }
-}
-
-/// Waits until the server closes the client's connection (EOF or reset).
-pub async fn expect_closed(c: &mut Client) {
-    let r = tokio::time::timeout(SOON, async {
-        loop {
-            match c.recv().await {
-                Ok(_) => continue,
-                Err(e) => return e,
-            }
-        }
-    })
-    .await;
-    assert!(r.is_ok(), "connection was not closed");
-}
-
-/// Waits until a raw socket is closed by the server (EOF or error), discarding data.
-pub async fn expect_raw_closed(tcp: &mut TcpStream) {
-    use tokio::io::AsyncReadExt;
-    let r = tokio::time::timeout(SOON, async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => continue,
-            }
-        }
-    })
-    .await;
-    assert!(r.is_ok(), "raw connection was not closed");
-}
-
-/// A disco-looking packet (magic + 32-byte key + 24-byte nonce + body).
-pub fn disco_packet() -> Vec<u8> {
-    let mut p = proto::derp::DISCO_MAGIC.to_vec();
-    p.extend_from_slice(&[7u8; 32]);
-    p.extend_from_slice(&[0u8; 24]);
-    p.extend_from_slice(b"ping");
-    p
 }
 
 /// A relaying pair (a → b) used to show that other connections are unaffected.

@@ -1,11 +1,8 @@
 //! TLS certificate reload: new connections see the new leaf; a broken file keeps the old one.
-#![allow(clippy::unwrap_used)]
-
-mod edge_support;
 
 use std::time::Duration;
 
-use edge_support::*;
+use crate::harness::*;
 
 #[tokio::test]
 async fn edge_tls_cert_reload_on_file_change() {
@@ -69,8 +66,8 @@ async fn edge_tls_cert_reload_on_file_change() {
 async fn edge_tls_bad_files_at_startup_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let registry = prometheus::Registry::new();
-    let meta = derp::metacert::generate(&[1u8; 32]).unwrap();
-    let err = derp::tls::TlsReloader::new(
+    let meta = derp::edge::metacert::generate(&[1u8; 32]).unwrap();
+    let err = derp::edge::tls::TlsReloader::new(
         dir.path().join("missing.pem"),
         dir.path().join("k.pem"),
         Some(meta.clone()),
@@ -79,7 +76,7 @@ async fn edge_tls_bad_files_at_startup_are_errors() {
     .unwrap_err();
     assert!(err.to_string().contains("missing.pem"), "{err}");
     std::fs::write(dir.path().join("empty.pem"), "").unwrap();
-    let err = derp::tls::TlsReloader::new(
+    let err = derp::edge::tls::TlsReloader::new(
         dir.path().join("empty.pem"),
         dir.path().join("empty.pem"),
         Some(meta),

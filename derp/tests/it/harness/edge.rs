@@ -1,7 +1,5 @@
-//! Shared helpers for the `edge_*` integration tests: a real relay (server core + HTTP edge +
-//! listeners) on 127.0.0.1, optional TLS with a self-signed cert written to a temp dir, raw HTTP
-//! helpers and metric scraping.
-#![allow(dead_code)]
+//! The `edge_*` tests' relay: a real relay (server core + HTTP edge + listeners) on 127.0.0.1,
+//! optional TLS with a self-signed cert written to a temp dir, and raw HTTP helpers.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,22 +8,17 @@ use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use axum::{Extension, Router};
-use derp::dial::{dial, DialOptions, Dialed};
-use derp::http::{ConnScheme, HttpEdge};
-use derp::listener::{self, ListenerOptions};
-use derp::tls::TlsReloader;
-use derp::{ReceivedFrame, Server, ServerConfig};
+use derp::client::dial::{dial, DialOptions, Dialed};
+use derp::edge::http::{ConnScheme, HttpEdge};
+use derp::edge::listener::{self, ListenerOptions};
+use derp::edge::tls::TlsReloader;
+use derp::{Server, ServerConfig};
 use proto::key::{NodePrivate, NodePublic};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-/// Generous bound for anything that should happen "soon" (loaded 2-core CI machines).
-pub const SOON: Duration = Duration::from_secs(10);
-
-pub fn key() -> NodePrivate {
-    NodePrivate::generate(&mut rand::rngs::OsRng)
-}
+use super::{expect_server_info, key, metric_matching, recv_packet, SOON};
 
 pub struct Relay {
     pub server: Arc<Server>,
@@ -139,7 +132,8 @@ impl Relay {
 
         let (https_addr, reloader) = if opts.tls {
             write_self_signed(&cert_path, &key_path);
-            let meta = derp::metacert::generate(server.public_key().as_bytes()).expect("meta");
+            let meta =
+                derp::edge::metacert::generate(server.public_key().as_bytes()).expect("meta");
             let reloader = Arc::new(
                 TlsReloader::new(&cert_path, &key_path, Some(meta), &registry)
                     .expect("tls")
@@ -182,7 +176,7 @@ impl Relay {
     }
 
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        metric(&self.registry, name, labels)
+        metric_matching(&self.registry, name, labels)
     }
 
     /// Waits until `key` is registered on the server.
@@ -198,53 +192,17 @@ impl Relay {
     }
 }
 
-pub fn metric(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = prometheus::TextEncoder::new()
-        .encode_to_string(&registry.gather())
-        .expect("encode");
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        if !(rest.starts_with('{') || rest.starts_with(' ')) {
-            continue;
-        }
-        if labels
-            .iter()
-            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-        {
-            return rest
-                .rsplit(' ')
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0.0);
-        }
-    }
-    0.0
-}
-
 pub fn insecure(key: NodePrivate) -> DialOptions {
     let mut o = DialOptions::new(key);
     o.tls.insecure_skip_verify = true;
     o
 }
 
+/// Dials and waits for ServerInfo, which must be the first frame (the key is routable then).
 pub async fn dial_ok(url: &str, opts: DialOptions) -> Dialed {
-    dial(url, opts).await.expect("dial")
-}
-
-/// Receives until a packet arrives (skipping ServerInfo, keepalives, ...).
-pub async fn recv_packet(c: &mut derp::Client) -> (NodePublic, bytes::Bytes) {
-    tokio::time::timeout(SOON, async {
-        loop {
-            match c.recv().await.expect("recv") {
-                ReceivedFrame::Packet { src, data } => return (src, data),
-                _ => continue,
-            }
-        }
-    })
-    .await
-    .expect("packet in time")
+    let mut d = dial(url, opts).await.expect("dial");
+    expect_server_info(&mut d.client).await;
+    d
 }
 
 /// Sends 1, 1400 and 65536-byte packets a→b and b→a and checks them.

@@ -18,6 +18,11 @@
 //!
 //! Must never: buffer a frame larger than 1 MiB (that is an error, as in Go), send a packet
 //! larger than 64 KiB, or panic on anything the server sends.
+//!
+//! [`dial`] reaches a server by URL (TCP, TLS, HTTP upgrade or WebSocket) and hands the stream
+//! to [`Client`].
+
+pub mod dial;
 
 use std::io;
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! Why: this is the entry point the HTTP layer hands an upgraded byte stream to
 //! ([`Server::accept`]). The handshake follows derper exactly (ServerKey first, before reading
 //! anything; ClientInfo must be the first frame; ServerInfo after registration; everything under
-//! one deadline); the steady state lives in [`crate::conn`], routing in [`crate::registry`].
+//! one deadline); the steady state lives in [`super::conn`], routing in [`super::registry`].
 //!
 //! Bad input ends only the offending connection: every handshake failure is logged once (with
 //! the remote address and connection id) and counted in `derp_handshake_failures{reason}`;
@@ -11,7 +11,7 @@
 //!
 //! Memory: the handshake runs in its own boxed future ([`Server::accept`] creates it) that is
 //! freed before the steady state starts, so each connection's long-lived future is only the
-//! [`crate::conn`] task state plus its timer (~0.7 KB).
+//! [`crate::core::conn`] task state plus its timer (~0.7 KB).
 //!
 //! Must never: answer a failed handshake with anything but a close, validate the client's
 //! `version`, open a box from a zero key, keep handshake state in the long-lived connection
@@ -34,11 +34,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tracing::Instrument;
 
-use crate::admission::Admission;
-use crate::conn::{Close, ConnHandle, ConnParams, ConnTask};
-use crate::metrics::{DropReason, Metrics, PacketKind};
-use crate::queue::{CloseRequest, SendQueue};
-use crate::registry::Registry;
+use crate::core::admission::Admission;
+use crate::core::conn::{Close, ConnParams, ConnTask};
+use crate::core::handle::ConnHandle;
+use crate::core::metrics::Metrics;
+use crate::core::queue::{CloseRequest, SendQueue};
+use crate::core::registry::Registry;
 
 /// Write timeout for mesh peers (derper's `privilegedWriteTimeout`).
 pub const MESH_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -262,7 +263,14 @@ impl Server {
             srv.tasks.fetch_add(1, Ordering::AcqRel);
             let _guard = TaskGuard(&srv);
             let mut task = match establish.await {
-                Some(e) => ConnTask::new(&srv, e.handle, e.io, e.rbuf, e.params),
+                Some(e) => ConnTask::new(
+                    &srv.registry,
+                    &srv.metrics,
+                    e.handle,
+                    e.io,
+                    e.rbuf,
+                    e.params,
+                ),
                 None => return,
             };
             let why = task.run().await;
@@ -315,15 +323,13 @@ impl Server {
 
         let flags = PeerPresentFlags::for_client(client_info.is_prober, mesh, info.not_ideal);
         drop(client_info);
-        let handle = Arc::new(ConnHandle {
+        let handle = Arc::new(ConnHandle::new(
             id,
             key,
-            queue: SendQueue::new(self.config.queue_depth, CONTROL_CAP),
-            is_dup: AtomicBool::new(false),
-            is_active: AtomicBool::new(false),
-            remote: info.remote,
-            presence_flags: flags.0,
-        });
+            SendQueue::new(self.config.queue_depth, CONTROL_CAP),
+            info.remote,
+            flags,
+        ));
         let mut nonce = [0u8; proto::derp::NONCE_LEN];
         rand::thread_rng().fill_bytes(&mut nonce);
         let server_info = server_info_frame(
@@ -368,7 +374,9 @@ impl Server {
                 return None;
             }
             Err(_) => {
-                self.metrics.hot.add(crate::metrics::Hot::WriteTimeouts, 1);
+                self.metrics
+                    .hot
+                    .add(crate::core::metrics::Hot::WriteTimeouts, 1);
                 tracing::info!(target: "derp", "derp connection closed: writing ServerInfo timed out");
                 self.abandon(handle);
                 return None;
@@ -386,19 +394,10 @@ impl Server {
 
     /// Unregisters a connection that failed before its task started.
     fn abandon(&self, handle: Arc<ConnHandle>) {
-        let (disco, regular) = handle.queue.close();
-        for (kind, list) in [(PacketKind::Disco, disco), (PacketKind::Other, regular)] {
-            for b in list {
-                self.metrics.hot.drop_packet(
-                    DropReason::GoneDisconnected,
-                    kind,
-                    b.len().saturating_sub(proto::derp::PACKET_PREFIX_LEN),
-                );
-            }
-        }
+        handle.close_queue(&self.metrics.hot);
         self.registry.unregister(
             &handle,
-            crate::registry::SentTo::with_hasher(Default::default()),
+            crate::core::registry::SentTo::with_hasher(Default::default()),
         );
     }
 

@@ -1,0 +1,18 @@
+//! The relay's edge: everything between the network and the [`crate::core`].
+//!
+//! Why it is one part: the core takes a byte stream that already speaks DERP; getting there is a
+//! different job with different failure modes (internet-facing sockets, HTTP heads, certificates
+//! that rotate). [`listener`] accepts TCP (and TLS) with derper's socket options and limits,
+//! [`http`] turns a connection into DERP (raw upgrade, fast start, [`websocket`]) or hands it to
+//! an axum router, [`tls`] loads and reloads certificates with the [`metacert`] appended, [`stun`]
+//! answers netcheck, [`keyfile`] stores the relay's keys and [`config`] holds the operator's
+//! settings ([`config::EdgeConfig`]). The coordinator-only role uses the listener, HTTP edge and
+//! TLS without a relay behind them.
+pub mod config;
+pub mod http;
+pub mod keyfile;
+pub mod listener;
+pub mod metacert;
+pub mod stun;
+pub mod tls;
+pub mod websocket;
