@@ -139,6 +139,12 @@ pub struct CommonArgs {
     /// (default: on when this process runs a relay).
     #[arg(long, env = "TAILNETD_UPSTREAM_REWRITE_DERP_MAP")]
     pub upstream_rewrite_derp_map: Option<bool>,
+    /// Mirror every agent into coderd's own coordinator, so that coderd (web terminal, apps,
+    /// port-forwarding, workspace proxies) reaches agents served here (default: on with
+    /// `--upstream`; `--upstream-bridge=false` switches it off, e.g. when sharing coderd's HA
+    /// tables instead).
+    #[arg(long, env = "TAILNETD_UPSTREAM_BRIDGE")]
+    pub upstream_bridge: Option<bool>,
     /// Log filter (tracing env-filter syntax), e.g. `info,derp=debug`.
     #[arg(long, env = "TAILNETD_LOG")]
     pub log: Option<String>,
@@ -187,6 +193,7 @@ pub struct UpstreamFile {
     pub auth_ttl_ok: Option<String>,
     pub auth_ttl_err: Option<String>,
     pub rewrite_derp_map: Option<bool>,
+    pub bridge: Option<bool>,
 }
 
 /// Extra DERP map content (`[derp_map]`), merged with `derp_map_file` and this process's relay.
@@ -243,6 +250,8 @@ pub struct Settings {
     pub derp_map: DerpMapFile,
     /// Set when an upstream Coder server decides auth and serves everything else.
     pub upstream: Option<coordinator::upstream::UpstreamConfig>,
+    /// With an upstream: bridge every agent into its coordinator (`upstream.bridge`).
+    pub upstream_bridge: bool,
 }
 
 fn load_file(path: &Path) -> Result<FileConfig> {
@@ -423,7 +432,9 @@ impl Settings {
             auth_ttl_err: args.upstream_auth_ttl_err,
             rewrite_derp_map: args.upstream_rewrite_derp_map,
         };
+        let bridge = args.upstream_bridge.or(file.upstream.bridge);
         let upstream = resolve_upstream(upstream_args, file.upstream, role)?;
+        let upstream_bridge = upstream.is_some() && bridge.unwrap_or(true);
         if let Some(k) = &file.auth.resume_key {
             k.to_key().map_err(|e| anyhow!("auth.resume_key: {e}"))?;
         }
@@ -448,6 +459,7 @@ impl Settings {
             auth: file.auth,
             derp_map: file.derp_map,
             upstream,
+            upstream_bridge,
         })
     }
 }
@@ -577,6 +589,29 @@ Nodes = [{ Name = "901a", RegionID = 901, HostName = "derp-fra.example.com" }]
         a.upstream = Some("http://coderd:3000".into());
         let s = Settings::resolve(Role::Coordinator, a).unwrap();
         assert!(!s.upstream.unwrap().rewrite_derp_map);
+    }
+
+    #[test]
+    fn upstream_bridge_is_on_with_an_upstream_unless_switched_off() {
+        let s = Settings::resolve(Role::Serve, args()).unwrap();
+        assert!(!s.upstream_bridge, "no upstream, no bridge");
+        let mut a = args();
+        a.upstream = Some("http://coderd:3000".into());
+        assert!(Settings::resolve(Role::Serve, a).unwrap().upstream_bridge);
+        let mut a = args();
+        a.upstream = Some("http://coderd:3000".into());
+        a.upstream_bridge = Some(false);
+        assert!(!Settings::resolve(Role::Serve, a).unwrap().upstream_bridge);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(
+            &path,
+            "[upstream]\nurl = \"http://coderd:3000\"\nbridge = false\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(path);
+        assert!(!Settings::resolve(Role::Serve, a).unwrap().upstream_bridge);
     }
 
     #[test]

@@ -234,6 +234,10 @@ async fn run(s: Settings) -> Result<()> {
         .context("derp_map_file")?;
         let config = CoordinatorConfig {
             upstream: s.upstream.as_ref().map(|u| u.agent_rpc_target()),
+            upstream_bridge: coordinator::upstream::bridge::BridgeConfig {
+                enabled: s.upstream_bridge,
+                ..Default::default()
+            },
             resume_key: s
                 .auth
                 .resume_key

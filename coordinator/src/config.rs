@@ -38,6 +38,9 @@ pub struct CoordinatorConfig {
     /// Sidecar mode: the coderd to forward non-Tailnet dRPC streams to (`coder.agent.v2.Agent` on
     /// `/me/rpc`, `WorkspaceUpdates` on `/api/v2/tailnet`). `None` = answer them "unknown rpc".
     pub upstream: Option<crate::upstream::agent_rpc::UpstreamTarget>,
+    /// Sidecar mode: mirror every agent into coderd's coordinator (see
+    /// [`crate::upstream::bridge`]). Off by default here; the binary turns it on with `--upstream`.
+    pub upstream_bridge: crate::upstream::bridge::BridgeConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -53,6 +56,7 @@ impl Default for CoordinatorConfig {
             response_buffer: 512,
             shutdown_grace: Duration::from_secs(5),
             upstream: None,
+            upstream_bridge: crate::upstream::bridge::BridgeConfig::default(),
         }
     }
 }

@@ -9,7 +9,8 @@
 //!   decode ends only that stream (Error packet, log, metric; the peer is LOST).
 //! - `StreamDERPMaps`: the current map at once, then every change.
 //! - `RefreshResumeToken`: only on client endpoints (agents get "unimplemented", as from coderd).
-//! - `PostTelemetry`: accepted and counted.
+//! - `PostTelemetry`: accepted and counted; from agents in sidecar mode also forwarded to coderd on
+//!   the agent's upstream session.
 //! - `WorkspaceUpdates`, the `coder.agent.v2.Agent` methods and unknown names: unimplemented
 //!   (code 12 and `unknown rpc: ` text, which Go clients treat as "not supported"), unless an
 //!   upstream coderd is configured: then [`crate::upstream::agent_rpc`] takes those streams over
@@ -40,7 +41,7 @@ use crate::rpc::wsio::{
     WsConfig, WsEnd, WsIo, CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_NORMAL,
 };
 use crate::rpc::yamux::{self, Session, SessionError};
-use crate::upstream::agent_rpc::UpstreamLink;
+use crate::upstream::agent_rpc::{Endpoint, UpstreamLink};
 use crate::Coordinator;
 
 /// What kind of peer a v2 session serves.
@@ -130,6 +131,17 @@ pub(crate) async fn serve_session(coord: Arc<Coordinator>, ws: WebSocket, peer: 
         ..Default::default()
     };
     tracing::debug!(peer = %peer_id, role = role.as_str(), "v2 session started");
+    if let Some(link) = &upstream {
+        if crate::upstream::bridge::wants_bridge(&coord.config.upstream_bridge, link) {
+            tokio::spawn(crate::upstream::bridge::run(
+                coord.graph.clone(),
+                link.clone(),
+                peer_id,
+                coord.config.upstream_bridge.clone(),
+                coord.bridge_metrics.clone(),
+            ));
+        }
+    }
     let upstream_failed = async {
         match &upstream {
             Some(u) => u.failed().await,
@@ -353,12 +365,41 @@ impl TailnetService {
                 .metrics
                 .telemetry_events
                 .inc_by(req.events.len() as u64);
+            self.forward_telemetry(&req).await;
         }
         stream
             .send(Bytes::from(prost::Message::encode_to_vec(
                 &TelemetryResponse {},
             )))
             .await
+    }
+}
+
+impl TailnetService {
+    /// Sidecar mode, agents: coderd gets the agent's telemetry on the agent's upstream session
+    /// (as if the agent had posted it there). Best effort: the agent's call succeeds either way;
+    /// a failure is counted (`coordinator_upstream_rpc_failures_total{reason="telemetry"}`).
+    async fn forward_telemetry(&self, req: &TelemetryRequest) {
+        let Some(link) = &self.peer.upstream else {
+            return;
+        };
+        if link.endpoint() != Endpoint::AgentRpc {
+            return;
+        }
+        let Ok(session) = link.session_or_fail().await else {
+            return;
+        };
+        let sent = drpc::invoke_unary_on::<_, TelemetryResponse>(
+            &session,
+            &DrpcConfig::default(),
+            methods::POST_TELEMETRY,
+            req,
+        )
+        .await;
+        if let Err(e) = sent {
+            link.count_failure("telemetry");
+            tracing::debug!(peer = %self.peer.id, error = %e, "forwarding telemetry to coderd failed");
+        }
     }
 }
 

@@ -68,6 +68,7 @@ pub(crate) fn router(coord: Arc<Coordinator>) -> Router {
         )
         .route("/api/v2/tailnet", get(tailnet))
         .route("/api/v2/derp-map", get(derp_map))
+        .route(DERP_MAP_JSON_PATH, get(derp_map_json))
         .with_state(coord)
 }
 
@@ -447,6 +448,24 @@ fn upgrade_v2(coord: Arc<Coordinator>, ws: WebSocketUpgrade, peer: V2Peer) -> Re
         .max_frame_size(RECOMMENDED_MAX_MESSAGE_SIZE)
         .read_buffer_size(RECOMMENDED_READ_BUFFER_SIZE)
         .on_upgrade(move |socket| crate::service::serve_session(coord, socket, peer))
+}
+
+/// Where the current DERP map is served as plain JSON (Tailscale's `DERPMap` form, the same bytes
+/// as on the `/api/v2/derp-map` WebSocket), for coderd's `CODER_DERP_CONFIG_URL`: coderd's own
+/// tailnet must reach the relays agents home on.
+pub const DERP_MAP_JSON_PATH: &str = "/tailnetd/derp-map.json";
+
+/// `GET` [`DERP_MAP_JSON_PATH`]: unauthenticated, like the DERP map WebSocket.
+async fn derp_map_json(State(coord): State<Arc<Coordinator>>) -> Response {
+    let snapshot = coord.derp.current();
+    (
+        [
+            (http::header::CONTENT_TYPE, "application/json"),
+            (http::header::CACHE_CONTROL, "no-store"),
+        ],
+        snapshot.json.clone(),
+    )
+        .into_response()
 }
 
 /// `GET /api/v2/derp-map`: unauthenticated, server → client JSON DERP maps.
