@@ -6,9 +6,6 @@
 
 mod common;
 mod fake_coder;
-#[path = "support/mod.rs"]
-#[allow(dead_code)]
-mod support;
 
 /// Named after the module so that `cargo test -p coordinator bridge` runs it.
 mod bridge {
@@ -113,7 +110,7 @@ mod bridge {
         }
 
         fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-            crate::support::metric(&self.registry, name, labels)
+            crate::common::support::metric(&self.registry, name, labels)
         }
     }
 

@@ -17,6 +17,12 @@
 //! memory (`sent`: the last node each connection was told about each other peer) lives with the
 //! receiving connection, in its outbox, behind that outbox's own small mutex.
 //!
+//! An entry may also describe a **remote peer** (one this process does not serve, reported by a
+//! [`RemoteSource`]: its per-source bindings and, in `node`, the best binding's node) and carry
+//! the **watchers** of a local peer (sources that pass on what it does). Both live in the peer's
+//! shard like everything else about it, so the invariants and the ordering argument below cover
+//! them unchanged; see [`remote`].
+//!
 //! A fan-out builds its update once (one `Arc`, the node moved in from the request, never copied
 //! by the graph) and queues a pointer to it per receiver; each receiver copies it into an owned
 //! protobuf response when it takes it, outside every graph lock (see `outbox.rs`). The outbox is
