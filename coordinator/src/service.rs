@@ -9,8 +9,9 @@
 //!   decode ends only that stream (Error packet, log, metric; the peer is LOST).
 //! - `StreamDERPMaps`: the current map at once, then every change.
 //! - `RefreshResumeToken`: only on client endpoints (agents get "unimplemented", as from coderd).
-//! - `PostTelemetry`: accepted and counted; from agents in sidecar mode also forwarded to coderd on
-//!   the agent's upstream session.
+//! - `PostTelemetry`: accepted and counted; in sidecar mode also forwarded to coderd with the
+//!   peer's own token (agents and Desktop: on their upstream session; clients of one agent: on an
+//!   `/api/v2/tailnet` session dialled on first use, whose failure never touches their session).
 //! - `WorkspaceUpdates`, the `coder.agent.v2.Agent` methods and unknown names: unimplemented
 //!   (code 12 and `unknown rpc: ` text, which Go clients treat as "not supported"), unless an
 //!   upstream coderd is configured: then [`crate::upstream::agent_rpc`] takes those streams over
@@ -41,7 +42,7 @@ use crate::rpc::wsio::{
     WsConfig, WsEnd, WsIo, CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_NORMAL,
 };
 use crate::rpc::yamux::{self, Session, SessionError};
-use crate::upstream::agent_rpc::{Endpoint, UpstreamLink};
+use crate::upstream::agent_rpc::UpstreamLink;
 use crate::Coordinator;
 
 /// What kind of peer a v2 session serves.
@@ -76,6 +77,9 @@ pub(crate) struct V2Peer {
     pub resume: bool,
     /// Sidecar mode: where streams tailnetd does not serve are forwarded.
     pub upstream: Option<Arc<UpstreamLink>>,
+    /// Sidecar mode: where `PostTelemetry` is forwarded (the peer's own upstream session, or for
+    /// clients of one agent a session dialled on first use with the client's token).
+    pub telemetry: Option<Arc<UpstreamLink>>,
 }
 
 impl V2Peer {
@@ -376,18 +380,21 @@ impl TailnetService {
 }
 
 impl TailnetService {
-    /// Sidecar mode, agents: coderd gets the agent's telemetry on the agent's upstream session
-    /// (as if the agent had posted it there). Best effort: the agent's call succeeds either way;
-    /// a failure is counted (`coordinator_upstream_rpc_failures_total{reason="telemetry"}`).
+    /// Sidecar mode: coderd gets the peer's telemetry on an upstream session authenticated with
+    /// the peer's own token (as if the peer had posted it to coderd). Best effort: the peer's call
+    /// succeeds either way; a failure is counted
+    /// (`coordinator_upstream_rpc_failures_total{reason="telemetry"}`).
     async fn forward_telemetry(&self, req: &TelemetryRequest) {
-        let Some(link) = &self.peer.upstream else {
+        let Some(link) = &self.peer.telemetry else {
             return;
         };
-        if link.endpoint() != Endpoint::AgentRpc {
-            return;
-        }
-        let Ok(session) = link.session_or_fail().await else {
-            return;
+        let session = match link.session_or_fail().await {
+            Ok(s) => s,
+            Err(e) => {
+                link.count_failure("telemetry");
+                tracing::debug!(peer = %self.peer.id, error = %e, "no upstream session for telemetry");
+                return;
+            }
         };
         let sent = drpc::invoke_unary_on::<_, TelemetryResponse>(
             &session,

@@ -375,6 +375,40 @@ mod bridge {
     }
 
     #[tokio::test]
+    async fn a_clients_post_telemetry_is_forwarded_with_its_own_token() {
+        let s = Sidecar::start(true).await;
+        let c = s.client().await;
+        let cp = c.coordinate().await;
+        cp.add_tunnel(s.fake.agent_id).await;
+        assert_eq!(
+            s.fake.tailnet_sessions(),
+            0,
+            "dialled on the first telemetry call only"
+        );
+        let req = TelemetryRequest {
+            events: vec![Default::default(); 3],
+        };
+        let _: TelemetryResponse = c
+            .rpc
+            .invoke_unary(methods::POST_TELEMETRY, &req)
+            .await
+            .unwrap();
+        assert_eq!(s.fake.telemetry(), vec![req.clone()]);
+        let _: TelemetryResponse = c
+            .rpc
+            .invoke_unary(methods::POST_TELEMETRY, &req)
+            .await
+            .unwrap();
+        assert_eq!(s.fake.telemetry().len(), 2);
+        assert_eq!(
+            s.fake.tailnet_sessions(),
+            1,
+            "one upstream session per client session"
+        );
+        assert_eq!(s.fake.coordinates_opened(), 0, "clients are never bridged");
+    }
+
+    #[tokio::test]
     async fn the_derp_map_is_served_as_plain_json() {
         let s = Sidecar::start(false).await;
         let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();

@@ -203,6 +203,7 @@ async fn agent_coordinate(
             kind: PeerKind::Agent,
             resume: false,
             upstream: None,
+            telemetry: None,
         };
         upgrade_v2(coord, ws, peer)
     }
@@ -238,6 +239,7 @@ async fn agent_rpc(
         name: agent.name,
         kind: PeerKind::Agent,
         resume: false,
+        telemetry: upstream.clone(),
         upstream,
     };
     upgrade_v2(coord, ws, peer)
@@ -319,6 +321,7 @@ async fn client_coordinate(
             kind: PeerKind::Client { agent_id },
             resume: true,
             upstream: None,
+            telemetry: telemetry_link(&coord, &headers, q),
         };
         upgrade_v2(coord, ws, peer)
     }
@@ -359,6 +362,7 @@ async fn tailnet(
         Ok(ws) => ws,
         Err(r) => return *r,
     };
+    let upstream = upstream_link(&coord, Endpoint::Tailnet, &headers, q);
     let peer = V2Peer {
         id: peer_id,
         name: "client".into(),
@@ -367,7 +371,8 @@ async fn tailnet(
             allowed: Arc::new(AllowedAgents::new()),
         },
         resume: true,
-        upstream: upstream_link(&coord, Endpoint::Tailnet, &headers, q),
+        telemetry: upstream.clone(),
+        upstream,
     };
     upgrade_v2(coord, ws, peer)
 }
@@ -433,6 +438,19 @@ fn upstream_link(
     let rpc = coord.upstream_rpc.as_ref()?;
     let token = token_from_request(headers, query)?;
     Some(rpc.link(endpoint, query, token))
+}
+
+/// Sidecar mode, clients of one agent: where their `PostTelemetry` goes. coderd serves the same
+/// Tailnet service (and telemetry handler) on `/api/v2/tailnet` as on `{id}/coordinate`; the
+/// session is dialled with the client's own token on the first telemetry call only.
+fn telemetry_link(
+    coord: &Coordinator,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Option<Arc<UpstreamLink>> {
+    let rpc = coord.upstream_rpc.as_ref()?;
+    let token = token_from_request(headers, query)?;
+    Some(rpc.link(Endpoint::Tailnet, Some("version=2.3"), token))
 }
 
 fn upgrade_v1(coord: Arc<Coordinator>, ws: WebSocketUpgrade, peer: V1Peer) -> Response {

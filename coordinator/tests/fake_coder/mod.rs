@@ -24,7 +24,8 @@
 //!   `server_tailnet(id)` connects a coderd-side peer (like coderd's server tailnet:
 //!   `SingleTailnetCoordinateeAuth`) to that coordinator, `coordinator()` is the graph itself,
 //!   `end_coordinate_streams()` ends every open `Coordinate` stream from the server side,
-//!   `coordinates_opened()` / `telemetry()` / `rpc_sessions()` count what arrived.
+//!   `coordinates_opened()` / `telemetry()` / `rpc_sessions()` count what arrived. `/api/v2/tailnet`
+//!   (user token) serves `PostTelemetry` the same way (`tailnet_sessions()` counts its sockets).
 //! - fake-only helpers: `ANY /api/v2/fake/echo/{*rest}` (JSON description of the request),
 //!   `POST /api/v2/fake/upload` (streams the body; `{"bytes":n,"sha256":hex}`),
 //!   `GET /api/v2/fake/stream?chunks=N&interval_ms=M` (chunked body, one chunk per interval).
@@ -106,6 +107,8 @@ pub struct FakeState {
     telemetry: Mutex<Vec<TelemetryRequest>>,
     /// `role` of every `/me/rpc` WebSocket accepted.
     rpc_sessions: Mutex<Vec<String>>,
+    /// `/api/v2/tailnet` WebSockets accepted.
+    tailnet_sessions: AtomicU64,
 }
 
 /// A running fake coderd.
@@ -229,6 +232,7 @@ impl FakeCoder {
             coordinates_opened: AtomicU64::new(0),
             telemetry: Mutex::new(Vec::new()),
             rpc_sessions: Mutex::new(Vec::new()),
+            tailnet_sessions: AtomicU64::new(0),
         });
         let app = app(state.clone());
         tokio::spawn(serve(listener, app, state.cancel.clone(), tls));
@@ -286,6 +290,11 @@ impl FakeCoder {
     /// `role` query of every `/me/rpc` WebSocket accepted.
     pub fn rpc_sessions(&self) -> Vec<String> {
         self.state.rpc_sessions.lock().unwrap().clone()
+    }
+
+    /// `/api/v2/tailnet` WebSockets accepted (user token).
+    pub fn tailnet_sessions(&self) -> u64 {
+        self.state.tailnet_sessions.load(Ordering::SeqCst)
     }
 
     /// Requests seen for `path` (no query).
@@ -434,6 +443,7 @@ fn app(state: Arc<FakeState>) -> Router {
         .route(&format!("{wa}/me/manifest"), get(manifest))
         .route(&format!("{wa}/me/report-stats"), post(report_stats))
         .route(&format!("{wa}/me/rpc"), get(agent_rpc))
+        .route("/api/v2/tailnet", get(user_tailnet))
         .route(&format!("{wa}/{{agent}}"), get(workspace_agent))
         .route(&format!("{wa}/{{agent}}/connection"), get(connection))
         .route(
@@ -1042,6 +1052,54 @@ impl Handler for FakeAgentApi {
         Some(Box::pin(async move {
             let msg = stream.recv().await?.ok_or(RpcError::Closed)?;
             stream.send(msg).await
+        }))
+    }
+}
+
+/// `GET /api/v2/tailnet` (user token): with `set_tailnet(true)`, `PostTelemetry` (recorded like on
+/// `/me/rpc`); every other method unimplemented.
+async fn user_tailnet(
+    State(st): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    if let Err(r) = user_auth(&st, &headers, q.as_deref()) {
+        return r;
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => return e.into_response(),
+    };
+    st.tailnet_sessions.fetch_add(1, Ordering::SeqCst);
+    let cancel = st.cancel.clone();
+    ws.on_upgrade(move |sock: WebSocket| async move {
+        let (io, _handle) = WsIo::new(sock, WsConfig::server());
+        let session = Session::server(io, yamux::Config::default());
+        let handler: Arc<dyn Handler> = Arc::new(FakeUserTailnet { st });
+        tokio::select! {
+            _ = drpc::serve(session, handler, DrpcConfig::default()) => {}
+            _ = cancel.cancelled() => {}
+        }
+    })
+}
+
+struct FakeUserTailnet {
+    st: Arc<FakeState>,
+}
+
+impl Handler for FakeUserTailnet {
+    fn call(self: Arc<Self>, method: &str, mut stream: RpcStream) -> Option<CallFuture> {
+        if !self.st.tailnet.load(Ordering::SeqCst) || method != tailnet_methods::POST_TELEMETRY {
+            return None;
+        }
+        Some(Box::pin(async move {
+            let req = stream
+                .recv_msg::<TelemetryRequest>()
+                .await?
+                .ok_or(RpcError::Closed)?;
+            self.st.telemetry.lock().unwrap().push(req);
+            stream.send_msg(&TelemetryResponse {}).await
         }))
     }
 }
