@@ -676,6 +676,11 @@ settings! {
         max_rewrite_bytes: usize = |_| UpstreamConfig::default().max_rewrite_bytes;
         /// Forward the client's Host header (otherwise the upstream's authority is sent).
         preserve_host: bool = |_| UpstreamConfig::default().preserve_host;
+        /// Mirror every agent into coderd's own coordinator (one Coordinate stream per agent on
+        /// its upstream session), so that coderd's web terminal, apps, port-forwarding and
+        /// workspace proxies reach agents served here. Off only where tailnetd shares coderd's
+        /// HA tables instead (never both).
+        bridge: bool = |_| true;
     }
 
     /// Coordinator tuning (`[coordinator]`), with Coder's defaults.
@@ -1002,6 +1007,8 @@ pub struct Settings {
     pub coordinator: CoordinatorConfig,
     /// Set when an upstream Coder server decides auth and serves everything else.
     pub upstream: Option<UpstreamConfig>,
+    /// With an upstream: bridge every agent into its coordinator (`upstream.bridge`).
+    pub upstream_bridge: bool,
     /// `--check` output: effective values and their origins.
     effective: Vec<(&'static GroupSpec, Vec<Option<String>>)>,
     origins: BTreeMap<String, &'static str>,
@@ -1121,10 +1128,12 @@ impl Settings {
             derp_map.stun_servers = m.stun_servers;
         }
 
+        let bridge = upstream.as_ref().is_some_and(|u| u.bridge);
         let upstream = match upstream {
             Some(u) => resolve_upstream(u)?,
             None => None,
         };
+        let upstream_bridge = upstream.is_some() && bridge;
 
         let mut coordinator_config = CoordinatorConfig::default();
         if let Some(c) = coordinator {
@@ -1189,6 +1198,7 @@ impl Settings {
             auth: static_auth,
             coordinator: coordinator_config,
             upstream,
+            upstream_bridge,
             effective: src.effective,
             origins: src.origins,
         })

@@ -236,6 +236,10 @@ async fn run(s: Settings) -> Result<()> {
         .context("derp_map_file")?;
         let config = CoordinatorConfig {
             upstream: s.upstream.as_ref().map(|u| u.agent_rpc_target()),
+            upstream_bridge: coordinator::upstream::bridge::BridgeConfig {
+                enabled: s.upstream_bridge,
+                ..Default::default()
+            },
             ..s.coordinator.clone()
         };
         Some((

@@ -41,6 +41,9 @@ pub struct CoordinatorConfig {
     /// Sidecar mode: the coderd to forward non-Tailnet dRPC streams to (`coder.agent.v2.Agent` on
     /// `/me/rpc`, `WorkspaceUpdates` on `/api/v2/tailnet`). `None` = answer them "unknown rpc".
     pub upstream: Option<crate::upstream::agent_rpc::UpstreamTarget>,
+    /// Sidecar mode: mirror every agent into coderd's coordinator (see
+    /// [`crate::upstream::bridge`]). Off by default here; the binary turns it on with `--upstream`.
+    pub upstream_bridge: crate::upstream::bridge::BridgeConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -57,6 +60,7 @@ impl Default for CoordinatorConfig {
             shutdown_grace: Duration::from_secs(5),
             graph_shards: crate::graph::default_shards(),
             upstream: None,
+            upstream_bridge: crate::upstream::bridge::BridgeConfig::default(),
         }
     }
 }

@@ -100,6 +100,8 @@ pub struct Coordinator {
     pub(crate) rpc_metrics: Arc<RpcMetrics>,
     /// Sidecar mode: forwarding of non-Tailnet dRPC streams to coderd (`config.upstream`).
     pub(crate) upstream_rpc: Option<Arc<upstream::agent_rpc::UpstreamRpc>>,
+    /// Sidecar mode: the bridges' metrics (see [`upstream::bridge`]).
+    pub(crate) bridge_metrics: upstream::bridge::BridgeMetrics,
     /// Fired by [`Coordinator::shutdown`]: sessions and the file watcher stop.
     pub(crate) cancel: CancellationToken,
     /// Live WebSocket sessions of every kind.
@@ -146,6 +148,7 @@ impl Coordinator {
             config.resume_expiry,
         );
         let upstream_metrics = upstream::agent_rpc::UpstreamRpcMetrics::new(registry)?;
+        let bridge_metrics = upstream::bridge::BridgeMetrics::new(registry)?;
         let upstream_rpc = match &config.upstream {
             Some(target) => Some(Arc::new(upstream::agent_rpc::UpstreamRpc::new(
                 target.clone(),
@@ -162,6 +165,7 @@ impl Coordinator {
             metrics,
             rpc_metrics: Arc::new(rpc_metrics),
             upstream_rpc,
+            bridge_metrics,
             cancel: CancellationToken::new(),
             sessions: Tracker::new(),
             coordinations: Tracker::new(),

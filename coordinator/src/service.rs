@@ -9,7 +9,9 @@
 //!   decode ends only that stream (Error packet, log, metric; the peer is LOST).
 //! - `StreamDERPMaps`: the current map at once, then every change.
 //! - `RefreshResumeToken`: only on client endpoints (agents get "unimplemented", as from coderd).
-//! - `PostTelemetry`: accepted and counted.
+//! - `PostTelemetry`: accepted and counted; in sidecar mode also forwarded to coderd with the
+//!   peer's own token (agents and Desktop: on their upstream session; clients of one agent: on an
+//!   `/api/v2/tailnet` session dialled on first use, whose failure never touches their session).
 //! - `WorkspaceUpdates`, the `coder.agent.v2.Agent` methods and unknown names: unimplemented
 //!   (code 12 and `unknown rpc: ` text, which Go clients treat as "not supported"), unless an
 //!   upstream coderd is configured: then [`crate::upstream::agent_rpc`] takes those streams over
@@ -75,6 +77,9 @@ pub(crate) struct V2Peer {
     pub resume: bool,
     /// Sidecar mode: where streams tailnetd does not serve are forwarded.
     pub upstream: Option<Arc<UpstreamLink>>,
+    /// Sidecar mode: where `PostTelemetry` is forwarded (the peer's own upstream session, or for
+    /// clients of one agent a session dialled on first use with the client's token).
+    pub telemetry: Option<Arc<UpstreamLink>>,
 }
 
 impl V2Peer {
@@ -130,6 +135,17 @@ pub(crate) async fn serve_session(coord: Arc<Coordinator>, ws: WebSocket, peer: 
         ..Default::default()
     };
     tracing::debug!(peer = %peer_id, role = role.as_str(), "v2 session started");
+    if let Some(link) = &upstream {
+        if crate::upstream::bridge::wants_bridge(&coord.config.upstream_bridge, link) {
+            tokio::spawn(crate::upstream::bridge::run(
+                coord.graph.clone(),
+                link.clone(),
+                peer_id,
+                coord.config.upstream_bridge.clone(),
+                coord.bridge_metrics.clone(),
+            ));
+        }
+    }
     let upstream_failed = async {
         match &upstream {
             Some(u) => u.failed().await,
@@ -353,12 +369,44 @@ impl TailnetService {
                 .metrics
                 .telemetry_events
                 .inc_by(req.events.len() as u64);
+            self.forward_telemetry(&req).await;
         }
         stream
             .send(Bytes::from(prost::Message::encode_to_vec(
                 &TelemetryResponse {},
             )))
             .await
+    }
+}
+
+impl TailnetService {
+    /// Sidecar mode: coderd gets the peer's telemetry on an upstream session authenticated with
+    /// the peer's own token (as if the peer had posted it to coderd). Best effort: the peer's call
+    /// succeeds either way; a failure is counted
+    /// (`coordinator_upstream_rpc_failures_total{reason="telemetry"}`).
+    async fn forward_telemetry(&self, req: &TelemetryRequest) {
+        let Some(link) = &self.peer.telemetry else {
+            return;
+        };
+        let session = match link.session_or_fail().await {
+            Ok(s) => s,
+            Err(e) => {
+                link.count_failure("telemetry");
+                tracing::debug!(peer = %self.peer.id, error = %e, "no upstream session for telemetry");
+                return;
+            }
+        };
+        let sent = drpc::invoke_unary_on::<_, TelemetryResponse>(
+            &session,
+            &DrpcConfig::default(),
+            methods::POST_TELEMETRY,
+            req,
+        )
+        .await;
+        if let Err(e) = sent {
+            link.count_failure("telemetry");
+            tracing::debug!(peer = %self.peer.id, error = %e, "forwarding telemetry to coderd failed");
+        }
     }
 }
 

@@ -415,3 +415,32 @@ fn help_shows_only_the_roles_settings() {
     assert!(help(Role::Serve).contains("[default: 0.0.0.0:8080]"));
     assert!(derp.contains("empty disables. [default: \"\"]"), "{derp}");
 }
+
+#[test]
+fn upstream_bridge_is_on_with_an_upstream_unless_switched_off() {
+    assert!(
+        !resolve(&["serve"]).unwrap().upstream_bridge,
+        "no upstream, no bridge"
+    );
+    assert!(
+        resolve(&["serve", "--upstream", "http://coderd:3000"])
+            .unwrap()
+            .upstream_bridge
+    );
+    let off = resolve(&[
+        "serve",
+        "--upstream",
+        "http://coderd:3000",
+        "--upstream-bridge=false",
+    ]);
+    assert!(!off.unwrap().upstream_bridge);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.toml");
+    std::fs::write(
+        &path,
+        "[upstream]\nurl = \"http://coderd:3000\"\nbridge = false\n",
+    )
+    .unwrap();
+    let from_file = resolve(&["serve", "--config", path.to_str().unwrap()]).unwrap();
+    assert!(!from_file.upstream_bridge);
+}

@@ -68,6 +68,7 @@ pub(crate) fn router(coord: Arc<Coordinator>) -> Router {
         )
         .route("/api/v2/tailnet", get(tailnet))
         .route("/api/v2/derp-map", get(derp_map))
+        .route(DERP_MAP_JSON_PATH, get(derp_map_json))
         .with_state(coord)
 }
 
@@ -202,6 +203,7 @@ async fn agent_coordinate(
             kind: PeerKind::Agent,
             resume: false,
             upstream: None,
+            telemetry: None,
         };
         upgrade_v2(coord, ws, peer)
     }
@@ -237,6 +239,7 @@ async fn agent_rpc(
         name: agent.name,
         kind: PeerKind::Agent,
         resume: false,
+        telemetry: upstream.clone(),
         upstream,
     };
     upgrade_v2(coord, ws, peer)
@@ -318,6 +321,7 @@ async fn client_coordinate(
             kind: PeerKind::Client { agent_id },
             resume: true,
             upstream: None,
+            telemetry: telemetry_link(&coord, &headers, q),
         };
         upgrade_v2(coord, ws, peer)
     }
@@ -358,6 +362,7 @@ async fn tailnet(
         Ok(ws) => ws,
         Err(r) => return *r,
     };
+    let upstream = upstream_link(&coord, Endpoint::Tailnet, &headers, q);
     let peer = V2Peer {
         id: peer_id,
         name: "client".into(),
@@ -366,7 +371,8 @@ async fn tailnet(
             allowed: Arc::new(AllowedAgents::new()),
         },
         resume: true,
-        upstream: upstream_link(&coord, Endpoint::Tailnet, &headers, q),
+        telemetry: upstream.clone(),
+        upstream,
     };
     upgrade_v2(coord, ws, peer)
 }
@@ -434,6 +440,19 @@ fn upstream_link(
     Some(rpc.link(endpoint, query, token))
 }
 
+/// Sidecar mode, clients of one agent: where their `PostTelemetry` goes. coderd serves the same
+/// Tailnet service (and telemetry handler) on `/api/v2/tailnet` as on `{id}/coordinate`; the
+/// session is dialled with the client's own token on the first telemetry call only.
+fn telemetry_link(
+    coord: &Coordinator,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Option<Arc<UpstreamLink>> {
+    let rpc = coord.upstream_rpc.as_ref()?;
+    let token = token_from_request(headers, query)?;
+    Some(rpc.link(Endpoint::Tailnet, Some("version=2.3"), token))
+}
+
 fn upgrade_v1(coord: Arc<Coordinator>, ws: WebSocketUpgrade, peer: V1Peer) -> Response {
     let max = coord.config.v1_max_message.saturating_add(64 * 1024);
     ws.max_message_size(max)
@@ -447,6 +466,24 @@ fn upgrade_v2(coord: Arc<Coordinator>, ws: WebSocketUpgrade, peer: V2Peer) -> Re
         .max_frame_size(RECOMMENDED_MAX_MESSAGE_SIZE)
         .read_buffer_size(RECOMMENDED_READ_BUFFER_SIZE)
         .on_upgrade(move |socket| crate::service::serve_session(coord, socket, peer))
+}
+
+/// Where the current DERP map is served as plain JSON (Tailscale's `DERPMap` form, the same bytes
+/// as on the `/api/v2/derp-map` WebSocket), for coderd's `CODER_DERP_CONFIG_URL`: coderd's own
+/// tailnet must reach the relays agents home on.
+pub const DERP_MAP_JSON_PATH: &str = "/tailnetd/derp-map.json";
+
+/// `GET` [`DERP_MAP_JSON_PATH`]: unauthenticated, like the DERP map WebSocket.
+async fn derp_map_json(State(coord): State<Arc<Coordinator>>) -> Response {
+    let snapshot = coord.derp.current();
+    (
+        [
+            (http::header::CONTENT_TYPE, "application/json"),
+            (http::header::CACHE_CONTROL, "no-store"),
+        ],
+        snapshot.json.clone(),
+    )
+        .into_response()
 }
 
 /// `GET /api/v2/derp-map`: unauthenticated, server → client JSON DERP maps.

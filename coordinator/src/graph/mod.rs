@@ -17,6 +17,12 @@
 //! memory (`sent`: the last node each connection was told about each other peer) lives with the
 //! receiving connection, in its outbox, behind that outbox's own small mutex.
 //!
+//! An entry may also describe a **remote peer** (one this process does not serve, reported by a
+//! [`RemoteSource`]: its per-source bindings and, in `node`, the best binding's node) and carry
+//! the **watchers** of a local peer (sources that pass on what it does). Both live in the peer's
+//! shard like everything else about it, so the invariants and the ordering argument below cover
+//! them unchanged; see [`remote`].
+//!
 //! A fan-out builds its update once (one `Arc`, the node moved in from the request, never copied
 //! by the graph) and queues a pointer to it per receiver; each receiver copies it into an owned
 //! protobuf response when it takes it, outside every graph lock (see `outbox.rs`). The outbox is
@@ -117,6 +123,7 @@
 
 pub mod core;
 mod outbox;
+pub mod remote;
 mod shard;
 pub mod store;
 
@@ -135,6 +142,7 @@ pub use self::core::{
 };
 pub use self::outbox::{Encoded, PeerReceiver, TryRecvError};
 use self::outbox::{Outbox, PushError, Update};
+pub use self::remote::{RemoteSource, SourceEvent, SourceEvents, DEFAULT_SOURCE_QUEUE};
 use self::shard::{Conn, Link, Locked, Shards};
 pub use self::store::{MemoryStore, PeerGone, Store};
 use crate::authz::{AuthzError, CoordinateeAuth};
@@ -191,6 +199,14 @@ struct Metrics {
     peer_updates_sent: IntCounter,
     kicked: IntCounterVec,
     authz_failures: IntCounter,
+    /// Live remote sources (see [`remote`]).
+    remote_sources: IntGauge,
+    /// Remote peers with at least one binding.
+    remote_peers: IntGauge,
+    /// Source queues that overflowed.
+    remote_source_overflows: IntCounter,
+    /// Remote operations refused because the peer id is connected locally.
+    remote_conflicts: IntCounter,
 }
 
 impl Metrics {
@@ -223,6 +239,22 @@ impl Metrics {
                 "coordinator_authz_failures_total",
                 "Requests refused by authorization",
             )?,
+            remote_sources: IntGauge::new(
+                "coordinator_remote_sources",
+                "Live sources of remote peers (sidecar bridge streams)",
+            )?,
+            remote_peers: IntGauge::new(
+                "coordinator_remote_peers",
+                "Remote peers in the peer graph (bound by at least one source)",
+            )?,
+            remote_source_overflows: IntCounter::new(
+                "coordinator_remote_source_overflows_total",
+                "Remote source queues that overflowed (the source is re-synchronised)",
+            )?,
+            remote_conflicts: IntCounter::new(
+                "coordinator_remote_conflicts_total",
+                "Remote peer updates refused because the peer id is connected locally",
+            )?,
         };
         reg.register(Box::new(peers))?;
         reg.register(Box::new(m.tunnels.clone()))?;
@@ -230,6 +262,10 @@ impl Metrics {
         reg.register(Box::new(m.peer_updates_sent.clone()))?;
         reg.register(Box::new(m.kicked.clone()))?;
         reg.register(Box::new(m.authz_failures.clone()))?;
+        reg.register(Box::new(m.remote_sources.clone()))?;
+        reg.register(Box::new(m.remote_peers.clone()))?;
+        reg.register(Box::new(m.remote_source_overflows.clone()))?;
+        reg.register(Box::new(m.remote_conflicts.clone()))?;
         Ok(m)
     }
 
@@ -301,6 +337,8 @@ pub struct PeerGraph {
     next_gen: AtomicU64,
     peers: AtomicUsize,
     tunnels: AtomicUsize,
+    /// Remote peers with at least one binding (see [`remote`]).
+    remote_peers: AtomicUsize,
     config: GraphConfig,
     metrics: Metrics,
 }
@@ -374,6 +412,7 @@ impl PeerGraph {
             next_gen: AtomicU64::new(1),
             peers: AtomicUsize::new(0),
             tunnels: AtomicUsize::new(0),
+            remote_peers: AtomicUsize::new(0),
             config,
             metrics,
         }))
@@ -460,9 +499,15 @@ impl PeerGraph {
             if let Some(link) = xe.links.get_mut(&id) {
                 link.conn = Some(conn.clone());
             }
-            if let (Some(xc), Some(node)) = (&xe.conn, &xe.node) {
+            // A remote peer has no connection here; its id bytes live with its bindings.
+            let x_bytes = match (&xe.conn, &xe.remote) {
+                (Some(xc), _) => Some(xc.id_bytes.clone()),
+                (None, Some(r)) => Some(r.id_bytes.clone()),
+                (None, None) => None,
+            };
+            if let (Some(x_bytes), Some(node)) = (x_bytes, &xe.node) {
                 if x != id {
-                    batch.push((x, xc.id_bytes.clone(), node.clone()));
+                    batch.push((x, x_bytes, node.clone()));
                 }
             }
         }
@@ -577,7 +622,11 @@ impl PeerGraph {
             if !e.is_current(conn.id) {
                 return false;
             }
-            e.node = Some(node);
+            e.node = Some(node.clone());
+            self.notify_watchers(e, || SourceEvent::Node {
+                about: me,
+                node: node.clone(),
+            });
             // Receivers are scattered in memory and every push is a locked (fully ordered)
             // operation, so a plain loop pays each receiver's cache misses in turn: warm the
             // receiver `WARM_AHEAD` places further on while pushing to this one.
@@ -620,6 +669,7 @@ impl PeerGraph {
                 out: false,
                 inc: false,
                 conn: dst_conn.clone(),
+                via_remote: false,
             });
             new = !link.out;
             link.out = true;
@@ -635,6 +685,7 @@ impl PeerGraph {
                         out: false,
                         inc: false,
                         conn: Some(conn.clone()),
+                        via_remote: false,
                     })
                     .inc = true;
             }
@@ -735,6 +786,13 @@ impl PeerGraph {
             }
             match e.links.get(&other) {
                 Some(link) if link.out || link.inc => {
+                    if link.via_remote {
+                        // The remote peer's source passes it on.
+                        self.notify_watchers(e, || SourceEvent::ReadyForHandshake {
+                            about: me,
+                            to: other,
+                        });
+                    }
                     if let Some(to) = &link.conn {
                         let u = Update::new(
                             me,
@@ -840,6 +898,7 @@ impl PeerGraph {
                 k.out = false;
                 k.inc
             });
+            self.notify_watchers(e, || SourceEvent::Gone { about: me, kind });
         }
         l.gc(me);
         self.peers.fetch_sub(1, Ordering::Relaxed);

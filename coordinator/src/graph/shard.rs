@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use super::core::ConnId;
 use super::outbox::Outbox;
+use super::remote::{RemotePeer, SourceSink};
 use crate::authz::CoordinateeAuth;
 
 /// One connection of one peer.
@@ -46,6 +47,9 @@ pub(crate) struct Link {
     pub(crate) inc: bool,
     /// The other peer's current connection (invariant I1 in [`super`]).
     pub(crate) conn: Option<Arc<Conn>>,
+    /// The other peer is a remote peer (its tunnel to this one was added by a remote source):
+    /// READY_FOR_HANDSHAKE to it goes to this peer's watchers (see [`super::remote`]).
+    pub(crate) via_remote: bool,
 }
 
 /// Everything about one peer id. Present while the peer is connected or has any tunnel.
@@ -55,6 +59,11 @@ pub(crate) struct Entry {
     /// The latest node of the current connection (`None` until it sends one).
     pub(crate) node: Option<Arc<Node>>,
     pub(crate) links: HashMap<Uuid, Link>,
+    /// Set while remote sources report this peer (see [`super::remote`]); `node` is then the best
+    /// binding's node.
+    pub(crate) remote: Option<Box<RemotePeer>>,
+    /// Remote sources that pass on what this (local) peer does.
+    pub(crate) watchers: Vec<Arc<SourceSink>>,
 }
 
 impl Entry {
@@ -64,7 +73,10 @@ impl Entry {
     }
 
     fn is_empty(&self) -> bool {
-        self.conn.is_none() && self.links.is_empty()
+        self.conn.is_none()
+            && self.links.is_empty()
+            && self.remote.is_none()
+            && self.watchers.is_empty()
     }
 }
 

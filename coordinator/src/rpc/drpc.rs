@@ -1008,50 +1008,92 @@ impl RpcClient {
     }
 
     async fn start(&self, method: &str) -> Result<RpcStream, RpcError> {
-        let stream = self
-            .session
-            .open()
-            .await
-            .map_err(|e| RpcError::Transport(e.to_string()))?;
-        let (rd, wr) = stream.into_split();
-        let abort = CancellationToken::new();
-        let (out_tx, out_rx) = mpsc::channel(self.config.send_queue.max(1));
-        let guard = CancellationToken::new();
-        tokio::spawn(writer_task(wr, out_rx, abort.clone(), Some(guard.clone())));
-        let shared = CallShared::new();
-        let (in_tx, in_rx) = mpsc::channel(self.config.recv_queue.max(1));
-        tokio::spawn(client_reader(
-            PacketReader::new(rd, false),
-            in_tx,
-            shared.clone(),
-            guard.clone(),
-            abort,
-            self.config.metrics.clone(),
-        ));
-        let sender = RpcSender {
-            stream_id: 1,
-            out: out_tx,
-            shared: shared.clone(),
-        };
-        sender
-            .write(
-                Kind::Invoke,
-                false,
-                Bytes::copy_from_slice(method.as_bytes()),
-            )
-            .await?;
-        Ok(RpcStream {
-            method: method.to_string(),
-            metadata: BTreeMap::new(),
-            tx: sender,
-            rx: RpcReceiver {
-                rx: in_rx,
-                shared,
-                done: false,
-            },
-            _client_guard: Some(ClientGuard(guard)),
-        })
+        open_client_call(&self.session.handle(), &self.config, method).await
     }
+}
+
+/// Opens a call on a yamux client session owned elsewhere (a session whose `accept` loop another
+/// task runs, as the sidecar's upstream sessions): one yamux stream per call, dRPC stream id 1.
+pub async fn open_call(
+    session: &SessionHandle,
+    config: &DrpcConfig,
+    method: &str,
+) -> Result<RpcStream, RpcError> {
+    open_client_call(session, config, method).await
+}
+
+/// A unary call on a session owned elsewhere (see [`open_call`]), with the sequence of
+/// [`RpcClient::invoke_unary`].
+pub async fn invoke_unary_on<Req, Resp>(
+    session: &SessionHandle,
+    config: &DrpcConfig,
+    method: &str,
+    req: &Req,
+) -> Result<Resp, RpcError>
+where
+    Req: prost::Message,
+    Resp: prost::Message + Default,
+{
+    let mut stream = open_client_call(session, config, method).await?;
+    let sent = match stream.send_msg(req).await {
+        Ok(()) => stream.close_send().await,
+        Err(e) => Err(e),
+    };
+    let resp = match stream.recv_msg::<Resp>().await? {
+        Some(r) => r,
+        None => return Err(sent.err().unwrap_or(RpcError::Closed)),
+    };
+    let _ = stream.close().await;
+    Ok(resp)
+}
+
+async fn open_client_call(
+    session: &SessionHandle,
+    config: &DrpcConfig,
+    method: &str,
+) -> Result<RpcStream, RpcError> {
+    let stream = session
+        .open()
+        .await
+        .map_err(|e| RpcError::Transport(e.to_string()))?;
+    let (rd, wr) = stream.into_split();
+    let abort = CancellationToken::new();
+    let (out_tx, out_rx) = mpsc::channel(config.send_queue.max(1));
+    let guard = CancellationToken::new();
+    tokio::spawn(writer_task(wr, out_rx, abort.clone(), Some(guard.clone())));
+    let shared = CallShared::new();
+    let (in_tx, in_rx) = mpsc::channel(config.recv_queue.max(1));
+    tokio::spawn(client_reader(
+        PacketReader::new(rd, false),
+        in_tx,
+        shared.clone(),
+        guard.clone(),
+        abort,
+        config.metrics.clone(),
+    ));
+    let sender = RpcSender {
+        stream_id: 1,
+        out: out_tx,
+        shared: shared.clone(),
+    };
+    sender
+        .write(
+            Kind::Invoke,
+            false,
+            Bytes::copy_from_slice(method.as_bytes()),
+        )
+        .await?;
+    Ok(RpcStream {
+        method: method.to_string(),
+        metadata: BTreeMap::new(),
+        tx: sender,
+        rx: RpcReceiver {
+            rx: in_rx,
+            shared,
+            done: false,
+        },
+        _client_guard: Some(ClientGuard(guard)),
+    })
 }
 
 async fn client_reader(

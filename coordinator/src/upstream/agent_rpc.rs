@@ -476,6 +476,9 @@ impl UpstreamRpc {
             path.push('?');
             path.push_str(&q);
         }
+        let role = filter_query(query, &["role"]);
+        let monitored_agent = endpoint == Endpoint::AgentRpc
+            && matches!(role.as_str(), "" | "role" | "role=" | "role=agent");
         Arc::new(UpstreamLink {
             rpc: self.clone(),
             endpoint,
@@ -483,6 +486,7 @@ impl UpstreamRpc {
             token,
             session: OnceCell::new(),
             signals: Arc::new(Signals::default()),
+            monitored_agent,
         })
     }
 
@@ -611,6 +615,8 @@ pub struct UpstreamLink {
     token: String,
     session: OnceCell<Result<SessionHandle, UpstreamError>>,
     signals: Arc<Signals>,
+    /// An `/me/rpc` session whose `role` coderd monitors (empty or `agent`).
+    monitored_agent: bool,
 }
 
 impl std::fmt::Debug for UpstreamLink {
@@ -649,6 +655,42 @@ impl UpstreamLink {
     /// Whether an upstream session was dialed successfully and is still up.
     pub fn is_connected(&self) -> bool {
         matches!(self.session.get(), Some(Ok(h)) if !h.is_closed())
+    }
+
+    /// Whether this is an agent's `/me/rpc` session that coderd's connection monitor tracks
+    /// (`role` empty or `agent`), i.e. the agent itself rather than a tool using its token.
+    pub fn is_monitored_agent(&self) -> bool {
+        self.monitored_agent
+    }
+
+    /// Counts a failure of a call tailnetd makes upstream itself (metric label `reason`).
+    pub fn count_failure(&self, reason: &str) {
+        self.rpc.metrics.fail(reason);
+    }
+
+    /// The endpoint this link forwards for.
+    pub fn endpoint(&self) -> Endpoint {
+        self.endpoint
+    }
+
+    /// The upstream session, dialed now if it was not yet: the sidecar bridge and forwarded
+    /// telemetry need it without waiting for a forwarded stream. A failed dial fails the link
+    /// like a failed first forwarded stream does (the downstream session closes and the peer
+    /// redials).
+    pub async fn session_or_fail(&self) -> Result<SessionHandle, UpstreamError> {
+        match self.session().await {
+            Ok(h) => Ok(h),
+            Err(e) => {
+                self.signals
+                    .fail(format!("upstream coderd unavailable: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Resolves once the downstream session has ended (or this link was dropped).
+    pub async fn ended(&self) {
+        self.signals.done.cancelled().await;
     }
 
     /// Runs one forwarded transport to completion (the [`crate::rpc::drpc::Handler::take_over`]

@@ -19,6 +19,7 @@
 
 pub mod agent_rpc;
 pub mod auth;
+pub mod bridge;
 pub mod cache;
 pub mod proxy;
 pub mod rewrite;

@@ -3,7 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 #[path = "../support/mod.rs"]
-mod support;
+pub mod support;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

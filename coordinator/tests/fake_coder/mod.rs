@@ -17,6 +17,15 @@
 //! - `/me/rpc` methods: `/coder.agent.v2.Agent/GetManifest` → `Manifest`; any other
 //!   `/coder.agent.v2.Agent/*` method echoes its request message back (unary); everything else is
 //!   unimplemented (code 12). `rpc_calls()` lists `(method, role query)` per call.
+//! - coderd's coordinator on `/me/rpc` (off until `set_tailnet(true)`, so that the default fake
+//!   keeps answering Tailnet methods "unimplemented"): `Coordinate` connects the agent (as
+//!   `AgentCoordinateeAuth`) to the fake's own in-memory coordinator, tailnetd's [`PeerGraph`]
+//!   (the same semantics as coderd's); `PostTelemetry` records the request. Helpers:
+//!   `server_tailnet(id)` connects a coderd-side peer (like coderd's server tailnet:
+//!   `SingleTailnetCoordinateeAuth`) to that coordinator, `coordinator()` is the graph itself,
+//!   `end_coordinate_streams()` ends every open `Coordinate` stream from the server side,
+//!   `coordinates_opened()` / `telemetry()` / `rpc_sessions()` count what arrived. `/api/v2/tailnet`
+//!   (user token) serves `PostTelemetry` the same way (`tailnet_sessions()` counts its sockets).
 //! - fake-only helpers: `ANY /api/v2/fake/echo/{*rest}` (JSON description of the request),
 //!   `POST /api/v2/fake/upload` (streams the body; `{"bytes":n,"sha256":hex}`),
 //!   `GET /api/v2/fake/stream?chunks=N&interval_ms=M` (chunked body, one chunk per interval).
@@ -36,12 +45,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, patch, post};
 use axum::{Json, Router};
 use coordinator::auth::{query_value, token_from_request};
+use coordinator::authz::CoordinateeAuth;
+use coordinator::graph::{GraphConfig, PeerGraph, PeerHandle, PeerReceiver};
 use coordinator::rpc::drpc::{self, CallFuture, DrpcConfig, Handler, RpcError, RpcStream};
 use coordinator::rpc::wsio::{WsConfig, WsIo};
 use coordinator::rpc::yamux::{self, Session};
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, StatusCode};
 use http_body_util::BodyExt;
+use proto::tailnet::v2::methods as tailnet_methods;
+use proto::tailnet::v2::{CoordinateRequest, TelemetryRequest, TelemetryResponse};
 use serde_json::{json, Value};
 use sha2::Digest;
 use tokio_util::sync::CancellationToken;
@@ -84,6 +97,18 @@ pub struct FakeState {
     rpc_calls: Mutex<Vec<(String, String)>>,
     total: AtomicU64,
     cancel: CancellationToken,
+    /// Serve `Coordinate` and `PostTelemetry` on `/me/rpc`.
+    tailnet: AtomicBool,
+    /// coderd's coordinator.
+    graph: Arc<PeerGraph>,
+    /// One token per open `Coordinate` stream; cancelling ends that stream.
+    coordinate_streams: Mutex<Vec<CancellationToken>>,
+    coordinates_opened: AtomicU64,
+    telemetry: Mutex<Vec<TelemetryRequest>>,
+    /// `role` of every `/me/rpc` WebSocket accepted.
+    rpc_sessions: Mutex<Vec<String>>,
+    /// `/api/v2/tailnet` WebSockets accepted.
+    tailnet_sessions: AtomicU64,
 }
 
 /// A running fake coderd.
@@ -201,6 +226,13 @@ impl FakeCoder {
             rpc_calls: Mutex::new(Vec::new()),
             total: AtomicU64::new(0),
             cancel: CancellationToken::new(),
+            tailnet: AtomicBool::new(false),
+            graph: PeerGraph::new(GraphConfig::default(), &prometheus::Registry::new()).unwrap(),
+            coordinate_streams: Mutex::new(Vec::new()),
+            coordinates_opened: AtomicU64::new(0),
+            telemetry: Mutex::new(Vec::new()),
+            rpc_sessions: Mutex::new(Vec::new()),
+            tailnet_sessions: AtomicU64::new(0),
         });
         let app = app(state.clone());
         tokio::spawn(serve(listener, app, state.cancel.clone(), tls));
@@ -219,6 +251,50 @@ impl FakeCoder {
             bad_user_token: api_token(),
             state,
         }
+    }
+
+    /// Serve coderd's coordinator (`Coordinate`) and `PostTelemetry` on `/me/rpc`.
+    pub fn set_tailnet(&self, on: bool) {
+        self.state.tailnet.store(on, Ordering::SeqCst);
+    }
+
+    /// coderd's coordinator.
+    pub fn coordinator(&self) -> Arc<PeerGraph> {
+        self.state.graph.clone()
+    }
+
+    /// Connects a coderd-side peer (like coderd's server tailnet) to coderd's coordinator.
+    pub fn server_tailnet(&self, id: Uuid) -> (PeerHandle, PeerReceiver) {
+        self.state
+            .graph
+            .connect(id, "server-tailnet".into(), CoordinateeAuth::SingleTailnet)
+    }
+
+    /// Ends every open `Coordinate` stream on `/me/rpc` from the server side (the session stays).
+    pub fn end_coordinate_streams(&self) {
+        for t in self.state.coordinate_streams.lock().unwrap().drain(..) {
+            t.cancel();
+        }
+    }
+
+    /// `Coordinate` streams opened on `/me/rpc` so far.
+    pub fn coordinates_opened(&self) -> u64 {
+        self.state.coordinates_opened.load(Ordering::SeqCst)
+    }
+
+    /// `PostTelemetry` requests received on `/me/rpc`.
+    pub fn telemetry(&self) -> Vec<TelemetryRequest> {
+        self.state.telemetry.lock().unwrap().clone()
+    }
+
+    /// `role` query of every `/me/rpc` WebSocket accepted.
+    pub fn rpc_sessions(&self) -> Vec<String> {
+        self.state.rpc_sessions.lock().unwrap().clone()
+    }
+
+    /// `/api/v2/tailnet` WebSockets accepted (user token).
+    pub fn tailnet_sessions(&self) -> u64 {
+        self.state.tailnet_sessions.load(Ordering::SeqCst)
     }
 
     /// Requests seen for `path` (no query).
@@ -367,6 +443,7 @@ fn app(state: Arc<FakeState>) -> Router {
         .route(&format!("{wa}/me/manifest"), get(manifest))
         .route(&format!("{wa}/me/report-stats"), post(report_stats))
         .route(&format!("{wa}/me/rpc"), get(agent_rpc))
+        .route("/api/v2/tailnet", get(user_tailnet))
         .route(&format!("{wa}/{{agent}}"), get(workspace_agent))
         .route(&format!("{wa}/{{agent}}/connection"), get(connection))
         .route(
@@ -898,6 +975,7 @@ async fn agent_rpc(
         Err(e) => return e.into_response(),
     };
     let role = query_value(q.as_deref(), "role").unwrap_or_default();
+    st.rpc_sessions.lock().unwrap().push(role.clone());
     let cancel = st.cancel.clone();
     ws.on_upgrade(move |sock: WebSocket| async move {
         let (io, _handle) = WsIo::new(sock, WsConfig::server());
@@ -918,6 +996,24 @@ struct FakeAgentApi {
 
 impl Handler for FakeAgentApi {
     fn call(self: Arc<Self>, method: &str, mut stream: RpcStream) -> Option<CallFuture> {
+        if self.st.tailnet.load(Ordering::SeqCst) {
+            match method {
+                tailnet_methods::COORDINATE => {
+                    return Some(Box::pin(fake_coordinate(self.st.clone(), stream)))
+                }
+                tailnet_methods::POST_TELEMETRY => {
+                    return Some(Box::pin(async move {
+                        let req = stream
+                            .recv_msg::<TelemetryRequest>()
+                            .await?
+                            .ok_or(RpcError::Closed)?;
+                        self.st.telemetry.lock().unwrap().push(req);
+                        stream.send_msg(&TelemetryResponse {}).await
+                    }))
+                }
+                _ => {}
+            }
+        }
         if !method.starts_with("/coder.agent.v2.Agent/") {
             return None;
         }
@@ -957,6 +1053,89 @@ impl Handler for FakeAgentApi {
             let msg = stream.recv().await?.ok_or(RpcError::Closed)?;
             stream.send(msg).await
         }))
+    }
+}
+
+/// `GET /api/v2/tailnet` (user token): with `set_tailnet(true)`, `PostTelemetry` (recorded like on
+/// `/me/rpc`); every other method unimplemented.
+async fn user_tailnet(
+    State(st): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    if let Err(r) = user_auth(&st, &headers, q.as_deref()) {
+        return r;
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => return e.into_response(),
+    };
+    st.tailnet_sessions.fetch_add(1, Ordering::SeqCst);
+    let cancel = st.cancel.clone();
+    ws.on_upgrade(move |sock: WebSocket| async move {
+        let (io, _handle) = WsIo::new(sock, WsConfig::server());
+        let session = Session::server(io, yamux::Config::default());
+        let handler: Arc<dyn Handler> = Arc::new(FakeUserTailnet { st });
+        tokio::select! {
+            _ = drpc::serve(session, handler, DrpcConfig::default()) => {}
+            _ = cancel.cancelled() => {}
+        }
+    })
+}
+
+struct FakeUserTailnet {
+    st: Arc<FakeState>,
+}
+
+impl Handler for FakeUserTailnet {
+    fn call(self: Arc<Self>, method: &str, mut stream: RpcStream) -> Option<CallFuture> {
+        if !self.st.tailnet.load(Ordering::SeqCst) || method != tailnet_methods::POST_TELEMETRY {
+            return None;
+        }
+        Some(Box::pin(async move {
+            let req = stream
+                .recv_msg::<TelemetryRequest>()
+                .await?
+                .ok_or(RpcError::Closed)?;
+            self.st.telemetry.lock().unwrap().push(req);
+            stream.send_msg(&TelemetryResponse {}).await
+        }))
+    }
+}
+
+/// coderd's `Coordinate` on `/me/rpc`: the agent, authorized as `AgentCoordinateeAuth`, in the
+/// fake's coordinator until either side ends the stream.
+async fn fake_coordinate(st: Arc<FakeState>, mut stream: RpcStream) -> Result<(), RpcError> {
+    let end = CancellationToken::new();
+    st.coordinate_streams.lock().unwrap().push(end.clone());
+    st.coordinates_opened.fetch_add(1, Ordering::SeqCst);
+    let (handle, mut rx) = st.graph.connect(
+        st.agent_id,
+        st.agent_name.clone(),
+        CoordinateeAuth::Agent { id: st.agent_id },
+    );
+    loop {
+        tokio::select! {
+            _ = end.cancelled() => {
+                drop(handle);
+                let _ = stream.close().await;
+                return Ok(());
+            }
+            req = stream.recv_msg::<CoordinateRequest>() => match req? {
+                Some(req) => {
+                    let _ = st.graph.handle(&handle, req);
+                }
+                None => return Ok(()),
+            },
+            resp = rx.recv() => match resp {
+                Some(resp) => stream.send_msg(&resp).await?,
+                None => {
+                    let _ = stream.close().await;
+                    return Ok(());
+                }
+            },
+        }
     }
 }
 
