@@ -175,6 +175,7 @@ require (
 	gvisor.dev/gvisor v0.0.0-20240509041132-65b30f7869dc // indirect
 	inet.af/peercred v0.0.0-20210906144145-0893ea02156a // indirect
 	storj.io/drpc v0.0.33 // indirect
+	tailnetd.test/interop/harness v0.0.0
 )
 
 // Copied from Coder v2.15.0's go.mod (only the ones the built packages reach).
@@ -187,3 +188,5 @@ replace github.com/tcnksm/go-httpstat => github.com/coder/go-httpstat v0.0.0-202
 // Not in Coder's go.mod: the inet.af vanity host is gone and the module proxy refuses it; the same
 // commit is served under the GitHub path.
 replace inet.af/peercred => github.com/tailscale/peercred v0.0.0-20210906144145-0893ea02156a
+
+replace tailnetd.test/interop/harness => ../harness

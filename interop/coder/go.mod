@@ -268,6 +268,7 @@ require (
 	gvisor.dev/gvisor v0.0.0-20240509041132-65b30f7869dc // indirect
 	sigs.k8s.io/yaml v1.6.0 // indirect
 	storj.io/drpc v0.0.34 // indirect
+	tailnetd.test/interop/harness v0.0.0
 	tailscale.com v1.80.3 // indirect
 )
 
@@ -282,3 +283,5 @@ replace tailscale.com => github.com/coder/tailscale v1.1.1-0.20260529105257-b7c5
 replace github.com/tailscale/wireguard-go => github.com/coder/wireguard-go v0.0.0-20260113101225-9b7a56210e49
 
 replace gvisor.dev/gvisor => github.com/coder/gvisor v0.0.0-20260313164934-7a658db7b714
+
+replace tailnetd.test/interop/harness => ../harness

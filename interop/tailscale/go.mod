@@ -34,4 +34,7 @@ require (
 	golang.org/x/sys v0.47.0 // indirect
 	golang.org/x/time v0.15.0 // indirect
 	golang.zx2c4.com/wireguard/windows v0.5.3 // indirect
+	tailnetd.test/interop/harness v0.0.0
 )
+
+replace tailnetd.test/interop/harness => ../harness
