@@ -7,6 +7,7 @@ require (
 	github.com/coder/coder/v2 v2.15.0
 	github.com/google/uuid v1.6.0
 	nhooyr.io/websocket v1.8.7
+	tailnetd.test/interop/harness v0.0.0
 	tailscale.com v1.46.1
 )
 
@@ -175,7 +176,6 @@ require (
 	gvisor.dev/gvisor v0.0.0-20240509041132-65b30f7869dc // indirect
 	inet.af/peercred v0.0.0-20210906144145-0893ea02156a // indirect
 	storj.io/drpc v0.0.33 // indirect
-	tailnetd.test/interop/harness v0.0.0
 )
 
 // Copied from Coder v2.15.0's go.mod (only the ones the built packages reach).
@@ -189,4 +189,5 @@ replace github.com/tcnksm/go-httpstat => github.com/coder/go-httpstat v0.0.0-202
 // commit is served under the GitHub path.
 replace inet.af/peercred => github.com/tailscale/peercred v0.0.0-20210906144145-0893ea02156a
 
+// The shared process harness (standard library only), from this repository.
 replace tailnetd.test/interop/harness => ../harness

@@ -10,6 +10,7 @@ require (
 	github.com/go-jose/go-jose/v4 v4.1.4
 	github.com/google/uuid v1.6.0
 	golang.org/x/xerrors v0.0.0-20240903120638-7835f813f4da
+	tailnetd.test/interop/harness v0.0.0
 )
 
 require (
@@ -268,7 +269,6 @@ require (
 	gvisor.dev/gvisor v0.0.0-20240509041132-65b30f7869dc // indirect
 	sigs.k8s.io/yaml v1.6.0 // indirect
 	storj.io/drpc v0.0.34 // indirect
-	tailnetd.test/interop/harness v0.0.0
 	tailscale.com v1.80.3 // indirect
 )
 
@@ -284,4 +284,5 @@ replace github.com/tailscale/wireguard-go => github.com/coder/wireguard-go v0.0.
 
 replace gvisor.dev/gvisor => github.com/coder/gvisor v0.0.0-20260313164934-7a658db7b714
 
+// The shared process harness (standard library only), from this repository.
 replace tailnetd.test/interop/harness => ../harness
