@@ -41,6 +41,9 @@ type tailnetd struct {
 // test failed, the last log lines are printed with the test name.
 func startTailnetd(t *testing.T, require []string, args ...string) *tailnetd {
 	t.Helper()
+	// A non-zero exit at cleanup is not judged here (Restart checks the SIGTERM drain): tailnetd
+	// installs its SIGTERM handler only after announcing, so a case that ends within milliseconds
+	// of the start can see it die of the signal instead of draining.
 	return &tailnetd{Process: harness.Start(t, harness.Options{
 		Args:      args,
 		LogFilter: logFilter,

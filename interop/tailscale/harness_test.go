@@ -109,6 +109,10 @@ func (e *env) start(opts serverOpts) *tailnetd {
 			"--tls-key", opts.tls.keyFile)
 		require = append(require, "https_addr")
 	}
+	// A non-zero exit at cleanup is not judged here (TestRestart checks the
+	// SIGTERM drain itself): tailnetd installs its SIGTERM handler only after
+	// printing the readiness line, so a case that ends within milliseconds of
+	// the start can see it die of the signal instead of draining.
 	p := harness.Start(t, harness.Options{
 		Args:         args,
 		LogFilter:    logFilter,
