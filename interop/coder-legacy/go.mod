@@ -7,6 +7,7 @@ require (
 	github.com/coder/coder/v2 v2.15.0
 	github.com/google/uuid v1.6.0
 	nhooyr.io/websocket v1.8.7
+	tailnetd.test/interop/harness v0.0.0
 	tailscale.com v1.46.1
 )
 
@@ -187,3 +188,6 @@ replace github.com/tcnksm/go-httpstat => github.com/coder/go-httpstat v0.0.0-202
 // Not in Coder's go.mod: the inet.af vanity host is gone and the module proxy refuses it; the same
 // commit is served under the GitHub path.
 replace inet.af/peercred => github.com/tailscale/peercred v0.0.0-20210906144145-0893ea02156a
+
+// The shared process harness (standard library only), from this repository.
+replace tailnetd.test/interop/harness => ../harness

@@ -13,6 +13,8 @@ import (
 
 	"github.com/coder/coder/v2/tailnet"
 	"github.com/coder/coder/v2/tailnet/proto"
+
+	"tailnetd.test/interop/harness"
 )
 
 // payloadSize is the bytes moved each way per data test (TAILNETD_LEGACY_BYTES overrides).
@@ -35,28 +37,28 @@ func testCtx(t *testing.T) context.Context {
 // (/{agent}/coordinate, no version, Coder-Session-Token), both exchanging JSON nodes with
 // tailnet.ServeCoordinator, DERP map from /api/v2/derp-map; data over tailnetd's DERP relay.
 func TestV1AgentV1Client(t *testing.T) {
-	s := startDev(t)
+	dev := startDev(t)
 	ctx := testCtx(t)
-	agentID := uuid.MustParse(s.info.AgentID)
+	agentID := uuid.MustParse(dev.AgentID)
 
-	derpMap := fetchDERPMapV1(ctx, t, s.info.BaseURL)
-	checkDERPMap(t, derpMap, s.info.HTTPAddr)
+	derpMap := fetchDERPMapV1(ctx, t, dev.BaseURL)
+	checkDERPMap(t, derpMap, dev.HTTPAddr)
 
 	agentConn := newConn(t, "v1-agent", agentID, agentAddrs(agentID), derpMap)
-	agent := serveV1(ctx, t, "v1-agent", agentConn, mustURL(t, s.info.BaseURL, "/api/v2/workspaceagents/me/coordinate"),
-		s.info.AgentToken, true, keyedID)
+	agent := serveV1(ctx, t, "v1-agent", agentConn, mustURL(t, dev.BaseURL, "/api/v2/workspaceagents/me/coordinate"),
+		dev.AgentToken, true, keyedID)
 	agentSent := make(chan [32]byte, 4)
 	serveData(t, agentConn, agentSent)
 
 	clientConn := newConn(t, "v1-client", uuid.Nil, []netip.Addr{tailnet.IP()}, derpMap)
 	client := serveV1(ctx, t, "v1-client", clientConn,
-		mustURL(t, s.info.BaseURL, "/api/v2/workspaceagents/"+agentID.String()+"/coordinate"),
-		s.info.ClientToken, false, func(*tailnet.Node) uuid.UUID { return agentID })
+		mustURL(t, dev.BaseURL, "/api/v2/workspaceagents/"+agentID.String()+"/coordinate"),
+		dev.ClientToken, false, func(*tailnet.Node) uuid.UUID { return agentID })
 
 	agentNode := waitNode(ctx, t, agentConn)
 	clientNode := waitNode(ctx, t, clientConn)
-	waitUntil(ctx, t, "client receives the agent's node", func() bool { return client.sawKey(agentNode.Key.String()) })
-	waitUntil(ctx, t, "agent receives the client's node", func() bool { return agent.sawKey(clientNode.Key.String()) })
+	harness.WaitFor(ctx, t, "client receives the agent's node", func() bool { return client.sawKey(agentNode.Key.String()) })
+	harness.WaitFor(ctx, t, "agent receives the client's node", func() bool { return agent.sawKey(clientNode.Key.String()) })
 
 	pingViaDERP(ctx, t, clientConn, tailnet.IPFromUUID(agentID))
 	exchange(ctx, t, clientConn, tailnet.IPFromUUID(agentID), payloadSize(), agentSent)
@@ -81,31 +83,31 @@ func TestV1AgentV1Client(t *testing.T) {
 // own v2 client stack (/{agent}/coordinate?version=2.0, yamux + dRPC, StreamDERPMaps,
 // RemoteCoordination with the agent as tunnel destination).
 func TestV1AgentV2Client(t *testing.T) {
-	s := startDev(t)
+	dev := startDev(t)
 	ctx := testCtx(t)
-	agentID := uuid.MustParse(s.info.AgentID)
+	agentID := uuid.MustParse(dev.AgentID)
 
-	derpMap := fetchDERPMapV1(ctx, t, s.info.BaseURL)
+	derpMap := fetchDERPMapV1(ctx, t, dev.BaseURL)
 	agentConn := newConn(t, "v1-agent", agentID, agentAddrs(agentID), derpMap)
-	agent := serveV1(ctx, t, "v1-agent", agentConn, mustURL(t, s.info.BaseURL, "/api/v2/workspaceagents/me/coordinate"),
-		s.info.AgentToken, true, keyedID)
+	agent := serveV1(ctx, t, "v1-agent", agentConn, mustURL(t, dev.BaseURL, "/api/v2/workspaceagents/me/coordinate"),
+		dev.AgentToken, true, keyedID)
 	agentSent := make(chan [32]byte, 4)
 	serveData(t, agentConn, agentSent)
 	agentNode := waitNode(ctx, t, agentConn)
 
-	rpc := dialV2Client(ctx, t, s.info.BaseURL, s.info.ClientToken, agentID)
+	rpc := dialV2Client(ctx, t, dev.BaseURL, dev.ClientToken, agentID)
 	clientMap := firstDERPMapV2(ctx, t, rpc)
-	checkDERPMap(t, clientMap, s.info.HTTPAddr)
+	checkDERPMap(t, clientMap, dev.HTTPAddr)
 	clientConn := newConn(t, "v2-client", uuid.Nil, []netip.Addr{tailnet.IP()}, clientMap)
 	sess := coordinateV2(ctx, t, "v2-client", rpc, clientConn, agentID)
 	clientNode := waitNode(ctx, t, clientConn)
 
-	waitUntil(ctx, t, "v1 agent receives the v2 client's node", func() bool { return agent.sawKey(clientNode.Key.String()) })
-	waitUntil(ctx, t, "v2 client receives the v1 agent's node", func() bool { return sess.stream.sawKind(proto.CoordinateResponse_PeerUpdate_NODE) })
+	harness.WaitFor(ctx, t, "v1 agent receives the v2 client's node", func() bool { return agent.sawKey(clientNode.Key.String()) })
+	harness.WaitFor(ctx, t, "v2 client receives the v1 agent's node", func() bool { return sess.stream.sawKind(proto.CoordinateResponse_PeerUpdate_NODE) })
 	_ = agentNode
 	// A v1 agent cannot ack; tailnetd's v1 adapter sends ready_for_handshake on its behalf
 	// (coordinator/src/v1), so the v2 client need not sit out its 5 s readyForHandshakeTimeout.
-	waitUntil(ctx, t, "v2 client receives READY_FOR_HANDSHAKE for the v1 agent",
+	harness.WaitFor(ctx, t, "v2 client receives READY_FOR_HANDSHAKE for the v1 agent",
 		func() bool { return sess.stream.sawKind(proto.CoordinateResponse_PeerUpdate_READY_FOR_HANDSHAKE) })
 
 	start := time.Now()
@@ -121,43 +123,32 @@ func TestV1AgentV2Client(t *testing.T) {
 // (agentsdk.ConnectRPC on /me/rpc, RemoteCoordination without a tunnel target, so it acks
 // clients with ReadyForHandshake); the client is v1 JSON.
 func TestV2AgentV1Client(t *testing.T) {
-	s := startDev(t)
+	dev := startDev(t)
 	ctx := testCtx(t)
-	agentID := uuid.MustParse(s.info.AgentID)
+	agentID := uuid.MustParse(dev.AgentID)
 
-	rpc := dialV2Agent(ctx, t, s.info.BaseURL, s.info.AgentToken)
+	rpc := dialV2Agent(ctx, t, dev.BaseURL, dev.AgentToken)
 	agentMap := firstDERPMapV2(ctx, t, rpc)
-	checkDERPMap(t, agentMap, s.info.HTTPAddr)
+	checkDERPMap(t, agentMap, dev.HTTPAddr)
 	agentConn := newConn(t, "v2-agent", agentID, agentAddrs(agentID), agentMap)
 	sess := coordinateV2(ctx, t, "v2-agent", rpc, agentConn, uuid.Nil)
 	agentSent := make(chan [32]byte, 4)
 	serveData(t, agentConn, agentSent)
 	agentNode := waitNode(ctx, t, agentConn)
 
-	derpMap := fetchDERPMapV1(ctx, t, s.info.BaseURL)
+	derpMap := fetchDERPMapV1(ctx, t, dev.BaseURL)
 	clientConn := newConn(t, "v1-client", uuid.Nil, []netip.Addr{tailnet.IP()}, derpMap)
 	client := serveV1(ctx, t, "v1-client", clientConn,
-		mustURL(t, s.info.BaseURL, "/api/v2/workspaceagents/"+agentID.String()+"/coordinate"),
-		s.info.ClientToken, false, func(*tailnet.Node) uuid.UUID { return agentID })
+		mustURL(t, dev.BaseURL, "/api/v2/workspaceagents/"+agentID.String()+"/coordinate"),
+		dev.ClientToken, false, func(*tailnet.Node) uuid.UUID { return agentID })
 
-	waitUntil(ctx, t, "v1 client receives the v2 agent's node", func() bool { return client.sawKey(agentNode.Key.String()) })
-	waitUntil(ctx, t, "v2 agent receives the v1 client's node", func() bool { return sess.stream.sawKind(proto.CoordinateResponse_PeerUpdate_NODE) })
+	harness.WaitFor(ctx, t, "v1 client receives the v2 agent's node", func() bool { return client.sawKey(agentNode.Key.String()) })
+	harness.WaitFor(ctx, t, "v2 agent receives the v1 client's node", func() bool { return sess.stream.sawKind(proto.CoordinateResponse_PeerUpdate_NODE) })
 
 	pingViaDERP(ctx, t, clientConn, tailnet.IPFromUUID(agentID))
 	exchange(ctx, t, clientConn, tailnet.IPFromUUID(agentID), payloadSize(), agentSent)
 	if err := client.err(); err != nil {
 		t.Errorf("v1 client: ServeCoordinator error: %v", err)
-	}
-}
-
-func waitUntil(ctx context.Context, t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	for !cond() {
-		select {
-		case <-ctx.Done():
-			t.Fatalf("timed out waiting until %s", what)
-		case <-time.After(20 * time.Millisecond):
-		}
 	}
 }
 
@@ -167,27 +158,27 @@ func waitUntil(ctx context.Context, t testing.TB, what string, cond func() bool)
 // as a restarted v1 agent did, and the still-connected client must be sent the new node and
 // reach it again.
 func TestV1ClientFirstAgentReconnects(t *testing.T) {
-	s := startDev(t)
+	dev := startDev(t)
 	ctx := testCtx(t)
-	agentID := uuid.MustParse(s.info.AgentID)
-	derpMap := fetchDERPMapV1(ctx, t, s.info.BaseURL)
+	agentID := uuid.MustParse(dev.AgentID)
+	derpMap := fetchDERPMapV1(ctx, t, dev.BaseURL)
 
 	clientConn := newConn(t, "v1-client", uuid.Nil, []netip.Addr{tailnet.IP()}, derpMap)
 	client := serveV1(ctx, t, "v1-client", clientConn,
-		mustURL(t, s.info.BaseURL, "/api/v2/workspaceagents/"+agentID.String()+"/coordinate"),
-		s.info.ClientToken, false, func(*tailnet.Node) uuid.UUID { return agentID })
+		mustURL(t, dev.BaseURL, "/api/v2/workspaceagents/"+agentID.String()+"/coordinate"),
+		dev.ClientToken, false, func(*tailnet.Node) uuid.UUID { return agentID })
 	clientNode := waitNode(ctx, t, clientConn)
 
 	for gen := 1; gen <= 2; gen++ {
 		agentConn := newConn(t, "v1-agent-"+strconv.Itoa(gen), agentID, agentAddrs(agentID), derpMap)
 		agent := serveV1(ctx, t, "v1-agent-"+strconv.Itoa(gen), agentConn,
-			mustURL(t, s.info.BaseURL, "/api/v2/workspaceagents/me/coordinate"), s.info.AgentToken, true, keyedID)
+			mustURL(t, dev.BaseURL, "/api/v2/workspaceagents/me/coordinate"), dev.AgentToken, true, keyedID)
 		agentSent := make(chan [32]byte, 4)
 		serveData(t, agentConn, agentSent)
 		agentNode := waitNode(ctx, t, agentConn)
-		waitUntil(ctx, t, "client receives agent generation "+strconv.Itoa(gen)+"'s node",
+		harness.WaitFor(ctx, t, "client receives agent generation "+strconv.Itoa(gen)+"'s node",
 			func() bool { return client.sawKey(agentNode.Key.String()) })
-		waitUntil(ctx, t, "agent generation "+strconv.Itoa(gen)+" receives the client's node",
+		harness.WaitFor(ctx, t, "agent generation "+strconv.Itoa(gen)+" receives the client's node",
 			func() bool { return agent.sawKey(clientNode.Key.String()) })
 		pingViaDERP(ctx, t, clientConn, tailnet.IPFromUUID(agentID))
 		exchange(ctx, t, clientConn, tailnet.IPFromUUID(agentID), 1<<20, agentSent)

@@ -39,6 +39,8 @@ import (
 	"github.com/coder/coder/v2/tailnet/test"
 	"github.com/coder/quartz"
 	"github.com/coder/websocket"
+
+	"tailnetd.test/interop/harness"
 )
 
 type coordAdapter struct {
@@ -260,7 +262,7 @@ func TestCoderCoordinatorConformance(t *testing.T) {
 	for _, a := range cfg.Agents {
 		tokens[a.ID] = a.Token.String()
 	}
-	coord := newCoordAdapter(t, srv.announcement().BaseURL, tokens, cfg.UserToken, staticResumeProvider(cfg))
+	coord := newCoordAdapter(t, srv.Announcement().BaseURL, tokens, cfg.UserToken, staticResumeProvider(cfg))
 	agentID := cfg.Agents[0].ID
 
 	cases := []coordCase{
@@ -390,7 +392,7 @@ func TestCoderCoordinatorConformance(t *testing.T) {
 		}},
 		{name: "Auth/ClientUserNoPermission", run: func(ctx context.Context, t *testing.T, _ tailnet.CoordinatorV2) {
 			// /api/v2/tailnet as a user who may reach only agent 0 (ClientUserCoordinateeAuth).
-			restricted := newCoordAdapter(t, srv.announcement().BaseURL, nil, cfg.RestrictedUserToken, staticResumeProvider(cfg))
+			restricted := newCoordAdapter(t, srv.Announcement().BaseURL, nil, cfg.RestrictedUserToken, staticResumeProvider(cfg))
 			p := test.NewPeer(ctx, t, restricted, "desktop")
 			defer p.Close(ctx)
 			p.AddTunnel(agentID) // allowed
@@ -413,7 +415,7 @@ func TestCoderCoordinatorConformance(t *testing.T) {
 			if c.skip != "" {
 				t.Skip("cannot run through tailnetd's HTTP endpoints: " + c.skip)
 			}
-			dumpLogsOnFailure(t, srv)
+			harness.DumpLogsOnFailure(t, srv.Process)
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
 			c.run(ctx, t, coord)
@@ -435,7 +437,7 @@ func newAgentPeer(ctx context.Context, t *testing.T, coord tailnet.CoordinatorV2
 func TestAgentCoordinateEndpointV2(t *testing.T) {
 	cfg := newStaticConfig(1)
 	srv := startServe(t, cfg)
-	coord := newCoordAdapter(t, srv.announcement().BaseURL, map[uuid.UUID]string{cfg.Agents[0].ID: cfg.Agents[0].Token.String()},
+	coord := newCoordAdapter(t, srv.Announcement().BaseURL, map[uuid.UUID]string{cfg.Agents[0].ID: cfg.Agents[0].Token.String()},
 		cfg.UserToken, staticResumeProvider(cfg))
 	coord.agentEndpoint = "/api/v2/workspaceagents/me/coordinate?version=2.0"
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -462,7 +464,7 @@ func TestAgentCoordinateEndpointV2(t *testing.T) {
 func TestRealAgentGracefulAndLost(t *testing.T) {
 	cfg := newStaticConfig(1)
 	srv := startServe(t, cfg)
-	info := srv.announcement()
+	info := srv.Announcement()
 	a := cfg.Agents[0]
 	coord := newCoordAdapter(t, info.BaseURL, nil, cfg.UserToken, staticResumeProvider(cfg))
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
@@ -471,7 +473,7 @@ func TestRealAgentGracefulAndLost(t *testing.T) {
 	for _, graceful := range []bool{true, false} {
 		name := map[bool]string{true: "Graceful", false: "Lost"}[graceful]
 		t.Run(name, func(t *testing.T) {
-			dumpLogsOnFailure(t, srv)
+			harness.DumpLogsOnFailure(t, srv.Process)
 			pctx, pcancel := context.WithTimeout(ctx, 30*time.Second)
 			defer pcancel()
 			client := test.NewClient(pctx, t, coord, "client", a.ID)

@@ -25,6 +25,8 @@ import (
 	"github.com/coder/coder/v2/tailnet"
 	"github.com/coder/coder/v2/tailnet/proto"
 	"github.com/coder/coder/v2/tailnet/test"
+
+	"tailnetd.test/interop/harness"
 )
 
 const (
@@ -210,7 +212,7 @@ func TestEndToEndDERPWebSockets(t *testing.T) {
 
 func runEndToEnd(t *testing.T, opts peerOpts, size int) {
 	srv := startDev(t)
-	info := srv.announcement()
+	info := srv.Announcement()
 	agentID := uuid.MustParse(info.AgentID)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -246,7 +248,7 @@ func runEndToEnd(t *testing.T, opts peerOpts, size int) {
 	}
 
 	// The pings above emit telemetry; the client posts it with PostTelemetry.
-	waitFor(ctx, t, "a successful PostTelemetry", func() bool {
+	harness.WaitFor(ctx, t, "a successful PostTelemetry", func() bool {
 		n, errs := client.Telemetry.counts()
 		if len(errs) > 0 {
 			t.Fatalf("PostTelemetry failed: %v", errs)
@@ -277,7 +279,7 @@ func runEndToEnd(t *testing.T, opts peerOpts, size int) {
 // client's connection dies without a Disconnect.
 func TestClientDisconnectAndLost(t *testing.T) {
 	srv := startDev(t)
-	info := srv.announcement()
+	info := srv.Announcement()
 	agentID := uuid.MustParse(info.AgentID)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
@@ -293,7 +295,7 @@ func TestClientDisconnectAndLost(t *testing.T) {
 	}
 
 	t.Run("Graceful", func(t *testing.T) {
-		dumpLogsOnFailure(t, srv)
+		harness.DumpLogsOnFailure(t, srv.Process)
 		agent := newAgent(t)
 		client := startRealClient(ctx, t, info.BaseURL, agentID, info.ClientToken, peerOpts{})
 		clientID := client.peerID(ctx, t)
@@ -311,7 +313,7 @@ func TestClientDisconnectAndLost(t *testing.T) {
 		}
 	})
 	t.Run("Lost", func(t *testing.T) {
-		dumpLogsOnFailure(t, srv)
+		harness.DumpLogsOnFailure(t, srv.Process)
 		agent := newAgent(t)
 		client := startRealClient(ctx, t, info.BaseURL, agentID, info.ClientToken, peerOpts{})
 		clientID := client.peerID(ctx, t)
@@ -325,7 +327,7 @@ func TestClientDisconnectAndLost(t *testing.T) {
 func awaitPreferredDERP(ctx context.Context, t *testing.T, c *tailnet.Conn) int {
 	t.Helper()
 	var region int
-	waitFor(ctx, t, "the client's preferred DERP region", func() bool {
+	harness.WaitFor(ctx, t, "the client's preferred DERP region", func() bool {
 		if n := c.Node(); n != nil && n.PreferredDERP != 0 {
 			region = n.PreferredDERP
 			return true
@@ -342,7 +344,7 @@ func awaitPreferredDERP(ctx context.Context, t *testing.T, c *tailnet.Conn) int 
 func TestRestart(t *testing.T) {
 	cfg := newStaticConfig(1)
 	srv := startServe(t, cfg)
-	info := srv.announcement()
+	info := srv.Announcement()
 	a := cfg.Agents[0]
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -355,7 +357,7 @@ func TestRestart(t *testing.T) {
 	transfer(ctx, t, client, agent.IP(), agentSide, smallSize, 10)
 
 	// The client's id, from a token tailnetd issued, checked with Coder's own verifier.
-	waitFor(ctx, t, "a resume token", func() bool { return len(client.resume.received()) > 0 })
+	harness.WaitFor(ctx, t, "a resume token", func() bool { return len(client.resume.received()) > 0 })
 	toks := client.resume.received()
 	idBefore, err := resume.VerifyResumeToken(ctx, toks[len(toks)-1].Token)
 	if err != nil {
@@ -365,13 +367,13 @@ func TestRestart(t *testing.T) {
 	agentDialsBefore := agent.dialer.dialCount()
 	requestsBefore := len(client.transport.requests())
 
-	srv.restart()
-	if srv.announcement().HTTPAddr != info.HTTPAddr || srv.announcement().DERPPublicKey != info.DERPPublicKey {
-		t.Fatalf("restarted tailnetd differs: before %+v after %+v", info, srv.announcement())
+	srv.Restart(t)
+	if srv.Announcement().HTTPAddr != info.HTTPAddr || srv.Announcement().DERPPublicKey != info.DERPPublicKey {
+		t.Fatalf("restarted tailnetd differs: before %+v after %+v", info, srv.Announcement())
 	}
 
-	waitFor(ctx, t, "the agent to redial /me/rpc", func() bool { return agent.dialer.dialCount() > agentDialsBefore })
-	waitFor(ctx, t, "the client to redial and get a new resume token", func() bool {
+	harness.WaitFor(ctx, t, "the agent to redial /me/rpc", func() bool { return agent.dialer.dialCount() > agentDialsBefore })
+	harness.WaitFor(ctx, t, "the client to redial and get a new resume token", func() bool {
 		return len(client.resume.received()) > tokensBefore
 	})
 	redials := client.transport.requests()[requestsBefore:]
@@ -410,7 +412,7 @@ func TestRestart(t *testing.T) {
 func TestRestartResumeKeyRotated(t *testing.T) {
 	cfg := newStaticConfig(1)
 	srv := startServe(t, cfg)
-	info := srv.announcement()
+	info := srv.Announcement()
 	a := cfg.Agents[0]
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -419,7 +421,7 @@ func TestRestartResumeKeyRotated(t *testing.T) {
 	agentSide := serveDuplex(t, agent.Conn, func() int { return smallSize })
 	client := startRealClient(ctx, t, info.BaseURL, a.ID, cfg.UserToken, peerOpts{})
 	awaitReachable(ctx, t, client.Conn, agent.IP(), "client")
-	waitFor(ctx, t, "a resume token", func() bool { return len(client.resume.received()) > 0 })
+	harness.WaitFor(ctx, t, "a resume token", func() bool { return len(client.resume.received()) > 0 })
 	toks := client.resume.received()
 	idBefore, err := staticResumeProvider(cfg).VerifyResumeToken(ctx, toks[len(toks)-1].Token)
 	if err != nil {
@@ -432,10 +434,10 @@ func TestRestartResumeKeyRotated(t *testing.T) {
 	rotated.ResumeKeyID = "2"
 	rotated.ResumeKey = make([]byte, 64)
 	copy(rotated.ResumeKey, newStaticConfig(0).ResumeKey)
-	srv.rewriteConfig(rotated)
-	srv.restart()
+	srv.rewriteConfig(t, rotated)
+	srv.Restart(t)
 
-	waitFor(ctx, t, "the client to redial and get a token under the new key", func() bool {
+	harness.WaitFor(ctx, t, "the client to redial and get a token under the new key", func() bool {
 		return len(client.resume.received()) > tokensBefore
 	})
 	toks = client.resume.received()
@@ -469,13 +471,13 @@ func TestRestartResumeKeyRotated(t *testing.T) {
 // TestDialErrors: the HTTP answers Coder's dialers act on before any WebSocket exists.
 func TestDialErrors(t *testing.T) {
 	srv := startDev(t)
-	info := srv.announcement()
+	info := srv.Announcement()
 	agentID := uuid.MustParse(info.AgentID)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 
 	t.Run("ClientBadToken", func(t *testing.T) {
-		dumpLogsOnFailure(t, srv)
+		harness.DumpLogsOnFailure(t, srv.Process)
 		// Coder's WebsocketDialer treats 401 on the first dial as permanent.
 		c := newRealClient(t, info.BaseURL, agentID, "abcdefghij-abcdefghijklmnopqrstuv", peerOpts{})
 		var err error
@@ -491,7 +493,7 @@ func TestDialErrors(t *testing.T) {
 		t.Logf("client with a bad token: %v", err)
 	})
 	t.Run("AgentBadToken", func(t *testing.T) {
-		dumpLogsOnFailure(t, srv)
+		harness.DumpLogsOnFailure(t, srv.Process)
 		u, _ := url.Parse(info.BaseURL)
 		client := agentsdk.New(u, agentsdk.WithFixedToken(uuid.NewString()))
 		_, _, err := client.ConnectRPC210WithRole(ctx, "agent")
@@ -508,7 +510,7 @@ func TestDialErrors(t *testing.T) {
 		{"AgentRPCVersion1", "/api/v2/workspaceagents/me/rpc?version=1.0&role=agent", info.AgentToken},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			dumpLogsOnFailure(t, srv)
+			harness.DumpLogsOnFailure(t, srv.Process)
 			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, info.BaseURL+c.path, nil)
 			req.Header.Set(codersdk.SessionTokenHeader, c.token)
 			res, err := http.DefaultClient.Do(req)
@@ -540,7 +542,7 @@ func TestClientNotAllowed(t *testing.T) {
 	srv := startServe(t, cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	c := newRealClient(t, srv.announcement().BaseURL, cfg.Agents[1].ID, cfg.RestrictedUserToken, peerOpts{})
+	c := newRealClient(t, srv.Announcement().BaseURL, cfg.Agents[1].ID, cfg.RestrictedUserToken, peerOpts{})
 	var err error
 	select {
 	case err = <-c.dialer.Connected():

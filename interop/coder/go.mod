@@ -10,6 +10,7 @@ require (
 	github.com/go-jose/go-jose/v4 v4.1.4
 	github.com/google/uuid v1.6.0
 	golang.org/x/xerrors v0.0.0-20240903120638-7835f813f4da
+	tailnetd.test/interop/harness v0.0.0
 )
 
 require (
@@ -282,3 +283,6 @@ replace tailscale.com => github.com/coder/tailscale v1.1.1-0.20260529105257-b7c5
 replace github.com/tailscale/wireguard-go => github.com/coder/wireguard-go v0.0.0-20260113101225-9b7a56210e49
 
 replace gvisor.dev/gvisor => github.com/coder/gvisor v0.0.0-20260313164934-7a658db7b714
+
+// The shared process harness (standard library only), from this repository.
+replace tailnetd.test/interop/harness => ../harness

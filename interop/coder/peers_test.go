@@ -31,6 +31,8 @@ import (
 	"github.com/coder/coder/v2/tailnet/proto"
 	"github.com/coder/quartz"
 	"github.com/coder/websocket"
+
+	"tailnetd.test/interop/harness"
 )
 
 // libErrors records every Error/Critical entry Coder's libraries log, so that a test can report
@@ -396,7 +398,7 @@ func (c *realClient) close() time.Duration {
 func (c *realClient) peerID(ctx context.Context, t *testing.T) uuid.UUID {
 	t.Helper()
 	var tok *proto.RefreshResumeTokenResponse
-	waitFor(ctx, t, "a resume token from RefreshResumeToken", func() bool {
+	harness.WaitFor(ctx, t, "a resume token from RefreshResumeToken", func() bool {
 		got := c.resume.received()
 		if len(got) == 0 {
 			return false

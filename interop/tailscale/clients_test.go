@@ -94,8 +94,8 @@ func testRegion(t testing.TB, s *tailnetd) *tailcfg.DERPRegion {
 			HostName:         "localhost",
 			IPv4:             "127.0.0.1",
 			IPv6:             "none",
-			DERPPort:         port(t, s.httpsAddr()),
-			STUNPort:         port(t, s.stunAddr()),
+			DERPPort:         port(t, s.info.HTTPSAddr),
+			STUNPort:         port(t, s.info.STUNAddr),
 			InsecureForTests: true,
 		}},
 	}
@@ -209,8 +209,8 @@ func (p *peer) connect(t testing.TB, s *tailnetd) {
 	if _, ok := ev.msg.(derp.ServerInfoMessage); !ok {
 		t.Fatalf("%s: first message after connect is %s, want derp.ServerInfoMessage", p.name, describe(ev.msg))
 	}
-	if got := p.c.ServerPublicKey().String(); got != s.publicKey() {
-		t.Fatalf("%s: server key seen by client %s != readiness line %s", p.name, got, s.publicKey())
+	if got := p.c.ServerPublicKey().String(); got != s.info.DERPPublicKey {
+		t.Fatalf("%s: server key seen by client %s != readiness line %s", p.name, got, s.info.DERPPublicKey)
 	}
 }
 

@@ -62,7 +62,7 @@ func TestUpgrade101Response(t *testing.T) {
 		"Upgrade":         "DERP",
 		"Connection":      "Upgrade",
 		"Derp-Version":    "2",
-		"Derp-Public-Key": metaKeyHex(s.publicKey()),
+		"Derp-Public-Key": metaKeyHex(s.info.DERPPublicKey),
 	}
 	for h, v := range want {
 		if got := resp.Header.Get(h); got != v {
@@ -96,8 +96,8 @@ func checkServerKeyFrame(t *testing.T, r io.Reader, s *tailnetd) {
 		t.Fatalf("ServerKey magic = % x, want % x", body[:8], []byte(derpMagic))
 	}
 	k := key.NodePublicFromRaw32(mem.B(body[8:40]))
-	if k.String() != s.publicKey() {
-		t.Fatalf("ServerKey frame key %s != readiness line %s", k, s.publicKey())
+	if k.String() != s.info.DERPPublicKey {
+		t.Fatalf("ServerKey frame key %s != readiness line %s", k, s.info.DERPPublicKey)
 	}
 }
 
@@ -159,7 +159,7 @@ func checkMetaCert(t *testing.T, who string, cs *tls.ConnectionState, s *tailnet
 		t.Fatalf("%s: server sent %d certificate(s); want leaf + meta cert", who, len(certs))
 	}
 	meta := certs[len(certs)-1]
-	wantCN := "derpkey" + metaKeyHex(s.publicKey())
+	wantCN := "derpkey" + metaKeyHex(s.info.DERPPublicKey)
 	if meta.Subject.CommonName != wantCN {
 		t.Errorf("%s: last certificate CN %q, want %q", who, meta.Subject.CommonName, wantCN)
 	}
@@ -179,7 +179,7 @@ func TestFastStartRaw(t *testing.T) {
 	s := e.start(serverOpts{tls: cert})
 
 	ctx := ctxTimeout(t, 10*time.Second)
-	conn, err := cert.tlsDial(ctx, s.httpsAddr())
+	conn, err := cert.tlsDial(ctx, s.info.HTTPSAddr)
 	if err != nil {
 		t.Fatalf("TLS dial (verifying the test cert for localhost): %v", err)
 	}
@@ -200,7 +200,7 @@ func TestFastStartRaw(t *testing.T) {
 
 	// Full fast-start handshake with the real derp.Client: HTTP request
 	// unflushed, ClientInfo sealed to the meta-cert key, one flush.
-	conn2, err := cert.tlsDial(ctx, s.httpsAddr())
+	conn2, err := cert.tlsDial(ctx, s.info.HTTPSAddr)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,6 +4,7 @@ go 1.26.6
 
 require (
 	go4.org/mem v0.0.0-20240501181205-ae6ca9944745
+	tailnetd.test/interop/harness v0.0.0
 	tailscale.com v1.102.5
 )
 
@@ -35,3 +36,6 @@ require (
 	golang.org/x/time v0.15.0 // indirect
 	golang.zx2c4.com/wireguard/windows v0.5.3 // indirect
 )
+
+// The shared process harness (standard library only), from this repository.
+replace tailnetd.test/interop/harness => ../harness

@@ -31,7 +31,7 @@ func TestRestart(t *testing.T) {
 	b.waitPacket(t, a.pub, pkt)
 	serverKey := a.c.ServerPublicKey()
 
-	if err := s1.stop(); err != nil {
+	if err := s1.Stop(); err != nil {
 		t.Errorf("tailnetd after SIGTERM: %v (binary contract: SIGTERM drains and exits 0)", err)
 	}
 	// Both readers must notice the connection ending (EOF, or a
@@ -47,11 +47,11 @@ func TestRestart(t *testing.T) {
 
 	s2 := e.start(serverOpts{
 		httpAddr: s1.info.HTTPAddr,
-		stunAddr: s1.stunAddr(),
+		stunAddr: s1.info.STUNAddr,
 		keyFile:  s1.opts.keyFile,
 	})
-	if s2.publicKey() != s1.publicKey() {
-		t.Fatalf("server key changed across restart with the same key file: %s -> %s", s1.publicKey(), s2.publicKey())
+	if s2.info.DERPPublicKey != s1.info.DERPPublicKey {
+		t.Fatalf("server key changed across restart with the same key file: %s -> %s", s1.info.DERPPublicKey, s2.info.DERPPublicKey)
 	}
 	if s2.info.HTTPAddr != s1.info.HTTPAddr {
 		t.Fatalf("restarted on %s, asked for %s", s2.info.HTTPAddr, s1.info.HTTPAddr)

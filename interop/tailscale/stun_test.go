@@ -16,7 +16,7 @@ import (
 func TestSTUN(t *testing.T) {
 	e := newEnv(t)
 	s := e.start(serverOpts{})
-	raddr, err := net.ResolveUDPAddr("udp4", s.stunAddr())
+	raddr, err := net.ResolveUDPAddr("udp4", s.info.STUNAddr)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"runtime"
 	"testing"
+
+	"tailnetd.test/interop/harness"
 )
 
 // TestWebSocket runs the WebSocket cases (ws_test.go). derphttp only
@@ -16,7 +18,7 @@ import (
 // package with that tag in a child `go test`, against the same tailnetd
 // binary. Its output is shown only on failure.
 func TestWebSocket(t *testing.T) {
-	bin := tailnetdBin(t)
+	bin := harness.Binary(t)
 	goBin, err := exec.LookPath("go")
 	if err != nil {
 		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")

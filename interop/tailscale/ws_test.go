@@ -46,7 +46,7 @@ func TestWebSocketTagged(t *testing.T) {
 			tr.TLSClientConfig = old
 			tr.CloseIdleConnections()
 		})
-		url := "https://localhost:" + portString(s.httpsAddr()) + "/derp"
+		url := "https://localhost:" + portString(s.info.HTTPSAddr) + "/derp"
 		a := e.urlClient("alice", url, key.NewNode())
 		b := e.urlClient("bob", url, key.NewNode())
 		a.connect(t, s)

@@ -1,0 +1,3 @@
+module tailnetd.test/interop/harness
+
+go 1.26
