@@ -109,6 +109,9 @@ if [ ${#go_modules[@]} -gt 0 ]; then
   step "gofmt"
   unformatted=$(gofmt -l interop)
   if [ -n "$unformatted" ]; then echo "gofmt -l lists:"; echo "$unformatted"; exit 1; fi
+  # Set before the Go test binaries compile: without it their TestMain would build tailnetd
+  # itself and wait on cargo's lock behind `cargo test`.
+  export TAILNETD_BIN="$repo/target/debug/tailnetd"
   step "background: go vet and compile the Go test binaries (log: target/test-logs/go-compile.log)"
   (
     wait "$go_download" 2>/dev/null || true
@@ -128,7 +131,6 @@ step "benchmark smoke test (compare --quick: every tailnetd workload runs; sanit
 cargo run --locked -q -p benches --bin compare -- --quick
 
 if [ ${#go_modules[@]} -gt 0 ]; then
-  export TAILNETD_BIN="$repo/target/debug/tailnetd"
   step "go vet and Go test binaries compiled"
   if ! wait "$go_compile"; then cat "$logs/go-download.log" "$logs/go-compile.log"; exit 1; fi
   tail -n 20 "$logs/go-compile.log"
