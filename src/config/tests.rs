@@ -419,16 +419,16 @@ fn help_shows_only_the_roles_settings() {
 #[test]
 fn upstream_bridge_is_on_with_an_upstream_unless_switched_off() {
     assert!(
-        !resolve(&["serve"]).unwrap().upstream_bridge,
+        !resolve(&["coordinator"]).unwrap().upstream_bridge,
         "no upstream, no bridge"
     );
     assert!(
-        resolve(&["serve", "--upstream", "http://coderd:3000"])
+        resolve(&["coordinator", "--upstream", "http://coderd:3000"])
             .unwrap()
             .upstream_bridge
     );
     let off = resolve(&[
-        "serve",
+        "coordinator",
         "--upstream",
         "http://coderd:3000",
         "--upstream-bridge=false",
@@ -441,6 +441,6 @@ fn upstream_bridge_is_on_with_an_upstream_unless_switched_off() {
         "[upstream]\nurl = \"http://coderd:3000\"\nbridge = false\n",
     )
     .unwrap();
-    let from_file = resolve(&["serve", "--config", path.to_str().unwrap()]).unwrap();
+    let from_file = resolve(&["coordinator", "--config", path.to_str().unwrap()]).unwrap();
     assert!(!from_file.upstream_bridge);
 }

@@ -1,14 +1,11 @@
 //! The binary as an operator meets it: start-up errors that name the field, the announcement
 //! line, working dev credentials, the ops endpoints, and a clean exit on SIGTERM.
-#![allow(clippy::unwrap_used, clippy::print_stderr)]
-
-mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{bin, echo_upstream, get, start};
+use crate::support::{bin, echo_upstream, get, start};
 
 #[test]
 fn bad_flag_fails_naming_the_field() {

@@ -1,6 +1,5 @@
 //! What the integration tests share: starting the binary, reading its announcement line, a
 //! minimal HTTP client and a stand-in upstream.
-#![allow(dead_code, reason = "each test binary uses a different part")]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

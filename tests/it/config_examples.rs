@@ -1,13 +1,10 @@
 //! The configuration an operator copies must work: every file in `deploy/config/` starts its role
 //! and becomes ready, and every `tailnetd ...` command line and TOML example in the README passes
 //! `--check`.
-#![allow(clippy::unwrap_used, clippy::print_stderr)]
-
-mod support;
 
 use std::path::{Path, PathBuf};
 
-use support::{bin, echo_upstream, get, start};
+use crate::support::{bin, echo_upstream, get, start};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

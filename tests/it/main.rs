@@ -1,0 +1,8 @@
+//! The `tailnetd` binary's integration tests, as one test binary: the binary as an operator
+//! meets it (`cli`) and the configuration examples an operator copies (`config_examples`), with
+//! the shared process and HTTP helpers in `support`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+mod cli;
+mod config_examples;
+mod support;
