@@ -203,17 +203,21 @@ async fn run(s: Settings) -> Result<()> {
     let base_url = public_url(&s, bound.http_addr, bound.https_addr);
 
     let dev_credentials = (s.role == Role::Dev).then(DevCredentials::generate);
-    let coordinator: Option<(Arc<Coordinator>, Option<Upstream>)> = if s.role.runs_coordinator() {
+    let coordinator: Option<Arc<Coordinator>> = if s.role.runs_coordinator() {
         let mut tokens: StaticAuthConfig = s.auth.clone();
         if let Some(dev) = &dev_credentials {
             let extra = dev.auth_config();
             tokens.agents.extend(extra.agents);
             tokens.users.extend(extra.users);
         }
-        let upstream = match &s.upstream {
-            Some(cfg) => Some(Upstream::new(cfg.clone(), &registry).context("upstream")?),
-            None => None,
-        };
+        // One upstream value for the authenticator, the Agent API forwarder and the proxy; the
+        // coordinator holds it (config.upstream) and hands it back for the fallback router.
+        let upstream = s
+            .upstream
+            .clone()
+            .map(|cfg| Upstream::new(cfg, &registry))
+            .transpose()
+            .context("upstream")?;
         let auth: Arc<dyn Authenticator> = match &upstream {
             Some(up) => Arc::new(UpstreamAuthenticator::new(up.clone())),
             None => Arc::new(StaticAuthenticator::new(&tokens).context("auth")?),
@@ -235,26 +239,25 @@ async fn run(s: Settings) -> Result<()> {
         })
         .context("derp_map_file")?;
         let config = CoordinatorConfig {
-            upstream: s.upstream.as_ref().map(|u| u.agent_rpc_target()),
+            upstream: upstream.clone(),
             upstream_bridge: coordinator::upstream::bridge::BridgeConfig {
                 enabled: s.upstream_bridge,
                 ..Default::default()
             },
             ..s.coordinator.clone()
         };
-        Some((
+        Some(
             Coordinator::new(config, auth, source, &registry)
                 .context("starting the coordinator")?,
-            upstream,
-        ))
+        )
     } else {
         None
     };
 
     let mut app = ops_routes(health.clone());
-    if let Some((c, upstream)) = &coordinator {
+    if let Some(c) = &coordinator {
         app = app.merge(c.router());
-        if let Some(up) = upstream {
+        if let Some(up) = c.upstream() {
             // The proxy is the fallback: it must be merged last, and there is no other.
             app = app.merge(up.proxy_router(c.clone()));
         }
@@ -271,7 +274,6 @@ async fn run(s: Settings) -> Result<()> {
             req
         },
     ));
-    let coordinator = coordinator.map(|(c, _)| c);
     let derp_handler: Option<Arc<dyn DerpHandler>> =
         relay.clone().map(|r| r as Arc<dyn DerpHandler>);
     let edge = HttpEdge::new(derp_handler, app, &registry).context("registering metrics")?;

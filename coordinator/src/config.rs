@@ -40,7 +40,8 @@ pub struct CoordinatorConfig {
     pub graph_shards: usize,
     /// Sidecar mode: the coderd to forward non-Tailnet dRPC streams to (`coder.agent.v2.Agent` on
     /// `/me/rpc`, `WorkspaceUpdates` on `/api/v2/tailnet`). `None` = answer them "unknown rpc".
-    pub upstream: Option<crate::upstream::agent_rpc::UpstreamTarget>,
+    /// The same [`crate::upstream::Upstream`] value the reverse proxy and the authenticator use.
+    pub upstream: Option<crate::upstream::Upstream>,
     /// Sidecar mode: mirror every agent into coderd's coordinator (see
     /// [`crate::upstream::bridge`]). Off by default here; the binary turns it on with `--upstream`.
     pub upstream_bridge: crate::upstream::bridge::BridgeConfig,

@@ -44,9 +44,6 @@ pub enum CoordinatorError {
     /// The peer graph could not be built.
     #[error(transparent)]
     Graph(#[from] graph::GraphError),
-    /// The upstream coderd target is invalid.
-    #[error(transparent)]
-    Upstream(#[from] upstream::agent_rpc::UpstreamError),
     /// `Coordinator::new` was called outside a tokio runtime.
     #[error("Coordinator::new must be called inside a tokio runtime")]
     NoRuntime,
@@ -119,6 +116,12 @@ impl std::fmt::Debug for Coordinator {
 }
 
 impl Coordinator {
+    /// The upstream coderd of sidecar mode (`config.upstream`): the same value the Agent API
+    /// forwarder dials, for the reverse-proxy fallback router ([`upstream::Upstream::proxy_router`]).
+    pub fn upstream(&self) -> Option<&upstream::Upstream> {
+        self.config.upstream.as_ref()
+    }
+
     /// Build a coordinator, register its metrics (and the graph's and transport's) on `registry`,
     /// and start watching the DERP map file. Must be called inside a tokio runtime.
     pub fn new(
@@ -149,13 +152,12 @@ impl Coordinator {
         );
         let upstream_metrics = upstream::agent_rpc::UpstreamRpcMetrics::new(registry)?;
         let bridge_metrics = upstream::bridge::BridgeMetrics::new(registry)?;
-        let upstream_rpc = match &config.upstream {
-            Some(target) => Some(Arc::new(upstream::agent_rpc::UpstreamRpc::new(
-                target.clone(),
+        let upstream_rpc = config.upstream.as_ref().map(|up| {
+            Arc::new(upstream::agent_rpc::UpstreamRpc::new(
+                up.clone(),
                 upstream_metrics,
-            )?)),
-            None => None,
-        };
+            ))
+        });
         let coord = Arc::new(Self {
             config,
             graph,

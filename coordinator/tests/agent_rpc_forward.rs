@@ -24,7 +24,7 @@ mod agent_rpc {
     };
     use coordinator::rpc::wsio::{WsConfig, WsIo, CLOSE_GOING_AWAY};
     use coordinator::rpc::yamux::{self, Session};
-    use coordinator::upstream::agent_rpc::UpstreamTarget;
+    use coordinator::upstream::{Upstream, UpstreamConfig};
     use http::{HeaderMap, StatusCode, Uri};
     use proto::agent::v2::{methods as agent_methods, GetManifestRequest, Manifest};
     use proto::drpc::{encode_packet, Kind};
@@ -112,12 +112,24 @@ mod agent_rpc {
             FakeCoder { addr, state }
         }
 
-        fn target(&self) -> UpstreamTarget {
-            UpstreamTarget {
-                connect_timeout: Duration::from_secs(3),
-                ..UpstreamTarget::new(format!("http://{}", self.addr))
-            }
+        fn target(&self) -> Upstream {
+            upstream_at(&format!("http://{}", self.addr), Duration::from_secs(3))
         }
+    }
+
+    /// The upstream at `url` with stream dials bounded by `dial_timeout` (its own registry: the
+    /// harness reads only the coordinator's metrics).
+    fn upstream_at(url: &str, dial_timeout: Duration) -> Upstream {
+        let connect_timeout = Duration::from_secs(1);
+        let config = UpstreamConfig {
+            url: url.to_string(),
+            connect_timeout,
+            header_timeout: dial_timeout - connect_timeout,
+            ..Default::default()
+        };
+        let upstream = Upstream::new(config, &prometheus::Registry::new()).unwrap();
+        assert_eq!(upstream.dial_timeout(), dial_timeout);
+        upstream
     }
 
     async fn upgrade(
@@ -451,10 +463,10 @@ mod agent_rpc {
             l.local_addr().unwrap().port()
         };
         let mut config = test_config();
-        config.upstream = Some(UpstreamTarget {
-            connect_timeout: Duration::from_secs(2),
-            ..UpstreamTarget::new(format!("http://127.0.0.1:{port}"))
-        });
+        config.upstream = Some(upstream_at(
+            &format!("http://127.0.0.1:{port}"),
+            Duration::from_secs(2),
+        ));
         let h = Harness::start_with(config, 1).await;
         let a = V2Conn::agent(&h, 0).await;
         // Tailnet methods do not need the upstream.

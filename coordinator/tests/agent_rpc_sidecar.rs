@@ -12,7 +12,6 @@ mod agent_rpc {
     use std::time::Duration;
 
     use coordinator::derpmap::{DerpMapConfig, DerpMapSource, EmbeddedRelay};
-    use coordinator::upstream::agent_rpc::UpstreamTarget;
     use coordinator::upstream::{Upstream, UpstreamAuthenticator, UpstreamConfig};
     use coordinator::{Coordinator, CoordinatorConfig};
     use proto::agent::v2::{methods as agent_methods, GetManifestRequest, Manifest};
@@ -50,8 +49,8 @@ mod agent_rpc {
                 ..Default::default()
             };
             let registry = prometheus::Registry::new();
-            let upstream = Upstream::new(up_config.clone(), &registry).unwrap();
-            let auth = Arc::new(UpstreamAuthenticator::new(upstream));
+            let upstream = Upstream::new(up_config, &registry).unwrap();
+            let auth = Arc::new(UpstreamAuthenticator::new(upstream.clone()));
             let derp = DerpMapSource::new(DerpMapConfig {
                 embedded: Some(EmbeddedRelay::new("http://127.0.0.1:1", None)),
                 ..Default::default()
@@ -59,7 +58,7 @@ mod agent_rpc {
             .unwrap();
             let config = CoordinatorConfig {
                 shutdown_grace: Duration::from_secs(2),
-                upstream: Some(UpstreamTarget::from(&up_config)),
+                upstream: Some(upstream),
                 ..Default::default()
             };
             let coord = Coordinator::new(config, auth, derp, &registry).unwrap();

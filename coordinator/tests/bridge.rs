@@ -15,7 +15,6 @@ mod bridge {
     use bytes::Bytes;
     use coordinator::derpmap::{DerpMapConfig, DerpMapSource, EmbeddedRelay};
     use coordinator::graph::{PeerGraph, PeerHandle, PeerReceiver};
-    use coordinator::upstream::agent_rpc::UpstreamTarget;
     use coordinator::upstream::bridge::BridgeConfig;
     use coordinator::upstream::{Upstream, UpstreamAuthenticator, UpstreamConfig};
     use coordinator::{Coordinator, CoordinatorConfig};
@@ -52,8 +51,8 @@ mod bridge {
                 ..Default::default()
             };
             let registry = prometheus::Registry::new();
-            let upstream = Upstream::new(up_config.clone(), &registry).unwrap();
-            let auth = Arc::new(UpstreamAuthenticator::new(upstream));
+            let upstream = Upstream::new(up_config, &registry).unwrap();
+            let auth = Arc::new(UpstreamAuthenticator::new(upstream.clone()));
             let derp = DerpMapSource::new(DerpMapConfig {
                 embedded: Some(EmbeddedRelay::new("http://127.0.0.1:1", None)),
                 stun_servers: vec!["stun.example:3478".into()],
@@ -62,7 +61,7 @@ mod bridge {
             .unwrap();
             let config = CoordinatorConfig {
                 shutdown_grace: Duration::from_secs(2),
-                upstream: Some(UpstreamTarget::from(&up_config)),
+                upstream: Some(upstream),
                 upstream_bridge: BridgeConfig {
                     enabled: bridge,
                     initial_backoff: Duration::from_millis(100),

@@ -51,20 +51,15 @@
 //! copy buffer per direction per stream, never log tokens, never hold a lock across `.await`, and
 //! never keep an upstream session after its downstream session ended.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use proto::drpc::{encode_error, encode_packet, Frame, Kind};
 use proto::tailnet::v2::methods;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
-use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
@@ -77,6 +72,8 @@ use crate::rpc::wsio::{
     RECOMMENDED_READ_BUFFER_SIZE,
 };
 use crate::rpc::yamux::{self, Session, SessionHandle, Stream};
+
+use super::{Upstream, UpstreamError, UpstreamIo};
 
 /// Prefix of every `coder.tailnet.v2.Tailnet` method.
 pub const TAILNET_SERVICE_PREFIX: &str = "/coder.tailnet.v2.Tailnet/";
@@ -95,91 +92,6 @@ const COPY_BUFFER: usize = 64 * 1024;
 const MAX_ERROR_BODY: usize = 4 * 1024;
 /// Time allowed to close an upstream session cleanly.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// Where the upstream coderd is and how to reach it. Set as
-/// [`crate::CoordinatorConfig::upstream`] to enable forwarding.
-#[derive(Debug, Clone)]
-pub struct UpstreamTarget {
-    /// coderd's base URL, `http://host[:port][/prefix]` or `https://...` (WebSockets go to the
-    /// `ws`/`wss` equivalent).
-    pub base_url: String,
-    /// Bound on TCP connect + TLS + WebSocket handshake of one dial.
-    pub connect_timeout: Duration,
-    /// TLS settings for `https` upstreams; `None` = the webpki roots with the ring provider.
-    pub tls: Option<Arc<rustls::ClientConfig>>,
-}
-
-impl UpstreamTarget {
-    /// A target with a 10 s connect timeout and the default TLS roots.
-    pub fn new(base_url: impl Into<String>) -> Self {
-        UpstreamTarget {
-            base_url: base_url.into(),
-            connect_timeout: Duration::from_secs(10),
-            tls: None,
-        }
-    }
-}
-
-impl From<&super::UpstreamConfig> for UpstreamTarget {
-    /// The same coderd as the HTTP proxy and authenticator use.
-    fn from(c: &super::UpstreamConfig) -> Self {
-        UpstreamTarget {
-            base_url: c.url.clone(),
-            connect_timeout: c.connect_timeout,
-            tls: c.tls.clone(),
-        }
-    }
-}
-
-/// Why the upstream could not be configured, dialed or used. Cloneable (one dial result is shared
-/// by every stream waiting for it); texts never contain tokens.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UpstreamError {
-    /// The base URL is not an absolute http(s) URL.
-    #[error("invalid upstream url {url:?}: {reason}")]
-    BadUrl {
-        /// The configured URL.
-        url: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// The TLS configuration could not be built.
-    #[error("upstream tls setup: {0}")]
-    TlsSetup(String),
-    /// TCP connect failed.
-    #[error("connect {addr}: {reason}")]
-    Connect {
-        /// host:port dialed.
-        addr: String,
-        /// The I/O error.
-        reason: String,
-    },
-    /// The TLS handshake failed.
-    #[error("tls handshake with {host}: {reason}")]
-    Tls {
-        /// Server name.
-        host: String,
-        /// The error.
-        reason: String,
-    },
-    /// The whole dial took longer than `connect_timeout`.
-    #[error("dial timed out after {0:?}")]
-    Timeout(Duration),
-    /// coderd answered the upgrade with an HTTP error (its JSON `message`, if any).
-    #[error("{status}: {message}")]
-    Status {
-        /// HTTP status.
-        status: u16,
-        /// coderd's message or the raw body (bounded).
-        message: String,
-    },
-    /// The WebSocket handshake failed otherwise.
-    #[error("websocket handshake: {0}")]
-    Handshake(String),
-    /// The upstream yamux session refused a new stream or had ended.
-    #[error("upstream session: {0}")]
-    Session(String),
-}
 
 /// The endpoint a downstream session came in on; decides the upstream path and what is forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -318,143 +230,18 @@ impl UpstreamRpcMetrics {
     }
 }
 
-/// A parsed base URL.
-#[derive(Debug, Clone)]
-struct BaseUrl {
-    tls: bool,
-    host: String,
-    port: u16,
-    /// `host` or `host:port` as written (for the request URI).
-    authority: String,
-    /// Path prefix without a trailing slash.
-    prefix: String,
-}
-
-fn parse_base_url(url: &str) -> Result<BaseUrl, UpstreamError> {
-    let bad = |reason: &str| UpstreamError::BadUrl {
-        url: url.to_string(),
-        reason: reason.to_string(),
-    };
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
-    let tls = match uri.scheme_str() {
-        Some("http") => false,
-        Some("https") => true,
-        _ => return Err(bad("scheme must be http or https")),
-    };
-    let authority = uri.authority().ok_or_else(|| bad("missing host"))?;
-    if authority.as_str().contains('@') {
-        return Err(bad("credentials in the url are not supported"));
-    }
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    if host.is_empty() {
-        return Err(bad("missing host"));
-    }
-    if uri.query().is_some() {
-        return Err(bad("a query is not allowed"));
-    }
-    Ok(BaseUrl {
-        tls,
-        port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
-        authority: authority.as_str().to_string(),
-        host,
-        prefix: uri.path().trim_end_matches('/').to_string(),
-    })
-}
-
-fn default_tls() -> Result<Arc<rustls::ClientConfig>, UpstreamError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| UpstreamError::TlsSetup(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
-}
-
-/// Plain TCP or TLS to the upstream.
-enum UpstreamIo {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for UpstreamIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
-/// The forwarding side of one coordinator: where coderd is, TLS, metrics. Cheap to share.
+/// The forwarding side of one coordinator: the [`Upstream`] it dials and its metrics. Cheap to
+/// share.
+#[derive(Debug)]
 pub struct UpstreamRpc {
-    target: UpstreamTarget,
-    base: BaseUrl,
-    tls: tokio_rustls::TlsConnector,
+    upstream: Upstream,
     metrics: UpstreamRpcMetrics,
 }
 
-impl std::fmt::Debug for UpstreamRpc {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamRpc")
-            .field("base_url", &self.target.base_url)
-            .finish_non_exhaustive()
-    }
-}
-
 impl UpstreamRpc {
-    /// Validates `target` (absolute http/https URL) and builds the TLS connector.
-    pub fn new(target: UpstreamTarget, metrics: UpstreamRpcMetrics) -> Result<Self, UpstreamError> {
-        let base = parse_base_url(&target.base_url)?;
-        let tls = match &target.tls {
-            Some(cfg) => cfg.clone(),
-            None => default_tls()?,
-        };
-        Ok(UpstreamRpc {
-            target,
-            base,
-            tls: tokio_rustls::TlsConnector::from(tls),
-            metrics,
-        })
+    /// Forwarding to `upstream`, counted on `metrics`.
+    pub fn new(upstream: Upstream, metrics: UpstreamRpcMetrics) -> Self {
+        UpstreamRpc { upstream, metrics }
     }
 
     /// The metrics.
@@ -471,7 +258,7 @@ impl UpstreamRpc {
         token: String,
     ) -> Arc<UpstreamLink> {
         let q = filter_query(query, endpoint.forwarded_query_keys());
-        let mut path = format!("{}{}", self.base.prefix, endpoint.path());
+        let mut path = endpoint.path().to_string();
         if !q.is_empty() {
             path.push('?');
             path.push_str(&q);
@@ -490,16 +277,16 @@ impl UpstreamRpc {
         })
     }
 
-    /// TCP (+ TLS) + WebSocket handshake, bounded by `connect_timeout`.
+    /// TCP (+ TLS) + WebSocket handshake, bounded by [`Upstream::dial_timeout`].
     async fn dial(
         &self,
         path_and_query: &str,
         token: &str,
     ) -> Result<WebSocketStream<UpstreamIo>, UpstreamError> {
-        let timeout = self.target.connect_timeout;
+        let timeout = self.upstream.dial_timeout();
         tokio::time::timeout(timeout, self.dial_inner(path_and_query, token))
             .await
-            .map_err(|_| UpstreamError::Timeout(timeout))?
+            .map_err(|_| UpstreamError::DialTimeout(timeout))?
     }
 
     async fn dial_inner(
@@ -507,43 +294,15 @@ impl UpstreamRpc {
         path_and_query: &str,
         token: &str,
     ) -> Result<WebSocketStream<UpstreamIo>, UpstreamError> {
-        let b = &self.base;
-        let scheme = if b.tls { "wss" } else { "ws" };
-        let url = format!("{scheme}://{}{path_and_query}", b.authority);
-        let mut req = url
-            .as_str()
+        let mut req = self
+            .upstream
+            .ws_url(path_and_query)
             .into_client_request()
             .map_err(|e| UpstreamError::Handshake(e.to_string()))?;
         let value = http::HeaderValue::from_str(token)
             .map_err(|_| UpstreamError::Handshake("token is not a valid header value".into()))?;
         req.headers_mut().insert(SESSION_TOKEN_HEADER, value);
-        let addr = format!("{}:{}", b.host, b.port);
-        let tcp = TcpStream::connect((b.host.as_str(), b.port))
-            .await
-            .map_err(|e| UpstreamError::Connect {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let io = if b.tls {
-            let name = rustls::pki_types::ServerName::try_from(b.host.clone()).map_err(|e| {
-                UpstreamError::Tls {
-                    host: b.host.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
-            let tls = self
-                .tls
-                .connect(name, tcp)
-                .await
-                .map_err(|e| UpstreamError::Tls {
-                    host: b.host.clone(),
-                    reason: e.to_string(),
-                })?;
-            UpstreamIo::Tls(Box::new(tls))
-        } else {
-            UpstreamIo::Plain(tcp)
-        };
+        let io = self.upstream.connect_stream().await?;
         let config = WebSocketConfig::default()
             .max_message_size(Some(RECOMMENDED_MAX_MESSAGE_SIZE))
             .max_frame_size(Some(RECOMMENDED_MAX_MESSAGE_SIZE))
@@ -807,7 +566,7 @@ impl UpstreamLink {
                 rpc.metrics.fail("dial");
                 tracing::warn!(
                     endpoint,
-                    upstream = %rpc.target.base_url,
+                    upstream = %rpc.upstream.config().url,
                     error = %e,
                     "cannot reach the upstream coderd; closing the session"
                 );
@@ -953,24 +712,6 @@ mod tests {
         assert_eq!(filter_query(q, &["version"]), "version=2.10");
         assert_eq!(filter_query(None, &["version"]), "");
         assert_eq!(filter_query(Some("role"), &["role"]), "role");
-    }
-
-    #[test]
-    fn base_urls() {
-        let b = parse_base_url("http://127.0.0.1:3000").unwrap();
-        assert!(!b.tls);
-        assert_eq!((b.host.as_str(), b.port), ("127.0.0.1", 3000));
-        assert_eq!(b.prefix, "");
-        let b = parse_base_url("https://coder.example.com/prefix/").unwrap();
-        assert!(b.tls);
-        assert_eq!(b.port, 443);
-        assert_eq!(b.prefix, "/prefix");
-        let b = parse_base_url("http://[::1]:8080").unwrap();
-        assert_eq!(b.host, "::1");
-        assert_eq!(b.authority, "[::1]:8080");
-        assert!(parse_base_url("ftp://x").is_err());
-        assert!(parse_base_url("/relative").is_err());
-        assert!(parse_base_url("http://u:p@host").is_err());
     }
 
     #[test]

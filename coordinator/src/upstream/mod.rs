@@ -8,10 +8,13 @@
 //! because tailnetd owns the relays, the DERP maps coderd hands out in REST answers are replaced
 //! with tailnetd's ([`rewrite`]).
 //!
-//! Layout: [`Upstream`] owns one pooled HTTP/1.1 client (hyper-util's legacy client with a small
-//! http/https connector), the configuration and the metrics; [`proxy`] is the fallback router;
-//! [`auth`] implements [`crate::Authenticator`] on top of it with the single-flight TTL cache of
-//! [`cache`].
+//! Layout: [`Upstream`] is the one value for coderd: the base URL parsed once, one TLS connector,
+//! one pooled HTTP/1.1 client (hyper-util's legacy client with a small http/https connector), the
+//! configuration (timeouts) and the metrics, with one error type, [`UpstreamError`]. [`proxy`] is
+//! the fallback router; [`auth`] implements [`crate::Authenticator`] on top of it with the
+//! single-flight TTL cache of [`cache`]; [`agent_rpc`] forwards dRPC streams to it, dialing
+//! WebSockets through the same TLS connector (the coordinator gets it as
+//! [`crate::CoordinatorConfig::upstream`]).
 //!
 //! This module must never buffer a whole request or response body (except a bounded one being
 //! rewritten), never wait on the upstream without a deadline, never log a token, and never touch
@@ -37,6 +40,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 pub use auth::UpstreamAuthenticator;
@@ -88,30 +92,25 @@ impl Default for UpstreamConfig {
     }
 }
 
-impl UpstreamConfig {
-    /// The same upstream as a target for the `/me/rpc` and `/api/v2/tailnet` stream forwarding
-    /// of [`agent_rpc`] (`CoordinatorConfig::upstream`), so one set of flags configures both.
-    pub fn agent_rpc_target(&self) -> agent_rpc::UpstreamTarget {
-        agent_rpc::UpstreamTarget {
-            base_url: self.url.clone(),
-            connect_timeout: self.connect_timeout.saturating_add(self.header_timeout),
-            tls: self.tls.clone(),
-        }
-    }
-}
-
-/// Why the upstream could not be set up or asked.
-#[derive(Debug, thiserror::Error)]
+/// Why the upstream could not be set up, asked or dialed: the one error of this module, for the
+/// reverse proxy, the auth client and the Agent API forwarder alike. Cloneable (one dial result is
+/// shared by every stream waiting for it); texts never contain tokens.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     /// The configured URL is not `http(s)://authority[/prefix]`.
-    #[error("invalid upstream URL {0:?}: {1}")]
-    Url(String, String),
-    /// TLS configuration failed.
+    #[error("invalid upstream URL {url:?}: {reason}")]
+    Url {
+        /// The configured URL (or the path that did not fit it).
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The TLS configuration could not be built.
     #[error("upstream TLS setup: {0}")]
-    Tls(String),
+    TlsSetup(String),
     /// Metric registration failed (usually: two upstreams on one registry).
     #[error("registering upstream metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
+    Metrics(#[source] Arc<prometheus::Error>),
     /// Connecting or talking to the upstream failed.
     #[error("upstream request failed: {0}")]
     Request(String),
@@ -124,6 +123,45 @@ pub enum UpstreamError {
     /// The upstream answered, but not as expected.
     #[error("unexpected upstream answer: {0}")]
     Unexpected(String),
+    /// A stream dial: TCP connect failed.
+    #[error("connect {addr}: {reason}")]
+    Connect {
+        /// host:port dialed.
+        addr: String,
+        /// The I/O error.
+        reason: String,
+    },
+    /// A stream dial: the TLS handshake failed.
+    #[error("tls handshake with {host}: {reason}")]
+    Tls {
+        /// Server name.
+        host: String,
+        /// The error.
+        reason: String,
+    },
+    /// A stream dial took longer than [`Upstream::dial_timeout`].
+    #[error("dial timed out after {0:?}")]
+    DialTimeout(Duration),
+    /// coderd answered a WebSocket upgrade with an HTTP error (its JSON `message`, if any).
+    #[error("{status}: {message}")]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// coderd's message or the raw body (bounded).
+        message: String,
+    },
+    /// The WebSocket handshake failed otherwise.
+    #[error("websocket handshake: {0}")]
+    Handshake(String),
+    /// The upstream yamux session refused a new stream or had ended.
+    #[error("upstream session: {0}")]
+    Session(String),
+}
+
+impl From<prometheus::Error> for UpstreamError {
+    fn from(e: prometheus::Error) -> Self {
+        UpstreamError::Metrics(Arc::new(e))
+    }
 }
 
 /// Counters for the upstream; all names start with `tailnetd_upstream_`.
@@ -219,11 +257,23 @@ impl UpstreamMetrics {
 struct Base {
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
+    /// The host without IPv6 brackets (for TCP connect and the TLS server name).
+    host: String,
+    /// The port, the scheme's default when the URL names none.
+    port: u16,
     /// Path prefix without a trailing slash (`""` for none).
     prefix: String,
 }
 
-/// The upstream Coder server: one pooled client plus configuration and metrics. Cheap to clone.
+impl Base {
+    fn is_tls(&self) -> bool {
+        self.scheme == http::uri::Scheme::HTTPS
+    }
+}
+
+/// The upstream Coder server, parsed and set up once: the base URL, one TLS connector, one pooled
+/// HTTP client (reverse proxy and auth), the timeouts and the metrics. The stream forwarder of
+/// [`agent_rpc`] dials through it too. Cheap to clone.
 #[derive(Clone)]
 pub struct Upstream {
     inner: Arc<Inner>,
@@ -232,6 +282,7 @@ pub struct Upstream {
 struct Inner {
     config: UpstreamConfig,
     base: Base,
+    tls: tokio_rustls::TlsConnector,
     client: Client<Connector, Body>,
     metrics: UpstreamMetrics,
 }
@@ -249,17 +300,17 @@ impl Upstream {
     /// until the first request.
     pub fn new(config: UpstreamConfig, registry: &Registry) -> Result<Self, UpstreamError> {
         let base = parse_base(&config.url)?;
-        let tls = match &config.tls {
+        let tls = tokio_rustls::TlsConnector::from(match &config.tls {
             Some(t) => t.clone(),
             None => Arc::new(default_tls()?),
-        };
+        });
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
         let connector = Connector {
             http,
-            tls: tokio_rustls::TlsConnector::from(tls),
+            tls: tls.clone(),
             timeout: config.connect_timeout,
         };
         let client = Client::builder(TokioExecutor::new())
@@ -271,6 +322,7 @@ impl Upstream {
             inner: Arc::new(Inner {
                 config,
                 base,
+                tls,
                 client,
                 metrics,
             }),
@@ -296,12 +348,51 @@ impl Upstream {
             .authority(b.authority.clone())
             .path_and_query(pq)
             .build()
-            .map_err(|e| UpstreamError::Url(path_and_query.to_string(), e.to_string()))
+            .map_err(|e| UpstreamError::Url {
+                url: path_and_query.to_string(),
+                reason: e.to_string(),
+            })
     }
 
     /// The upstream's authority (for `Host` when it is not preserved).
     pub fn authority(&self) -> &http::uri::Authority {
         &self.inner.base.authority
+    }
+
+    /// Bound on one stream dial of [`agent_rpc`] (TCP connect, TLS and WebSocket handshake):
+    /// `connect_timeout + header_timeout`, as the upgrade's answer is a response head.
+    pub fn dial_timeout(&self) -> Duration {
+        let c = &self.inner.config;
+        c.connect_timeout.saturating_add(c.header_timeout)
+    }
+
+    /// The WebSocket URL (`ws`/`wss`) for a `path_and_query` below the base URL's prefix.
+    pub(crate) fn ws_url(&self, path_and_query: &str) -> String {
+        let b = &self.inner.base;
+        let scheme = if b.is_tls() { "wss" } else { "ws" };
+        format!("{scheme}://{}{}{path_and_query}", b.authority, b.prefix)
+    }
+
+    /// A fresh TCP (+ TLS for `https`) connection to the upstream, for a stream dial. Not bounded
+    /// in time: the caller bounds the whole dial by [`Upstream::dial_timeout`].
+    pub(crate) async fn connect_stream(&self) -> Result<UpstreamIo, UpstreamError> {
+        let b = &self.inner.base;
+        let tcp = TcpStream::connect((b.host.as_str(), b.port))
+            .await
+            .map_err(|e| UpstreamError::Connect {
+                addr: format!("{}:{}", b.host, b.port),
+                reason: e.to_string(),
+            })?;
+        let _ = tcp.set_nodelay(true);
+        if !b.is_tls() {
+            return Ok(UpstreamIo::Plain(tcp));
+        }
+        tls_handshake(&self.inner.tls, b.host.clone(), tcp)
+            .await
+            .map_err(|e| UpstreamError::Tls {
+                host: b.host.clone(),
+                reason: e.to_string(),
+            })
     }
 
     /// The fallback router that proxies every request to the upstream (see [`proxy`]).
@@ -392,7 +483,10 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn parse_base(url: &str) -> Result<Base, UpstreamError> {
-    let bad = |why: &str| UpstreamError::Url(url.to_string(), why.to_string());
+    let bad = |why: &str| UpstreamError::Url {
+        url: url.to_string(),
+        reason: why.to_string(),
+    };
     let uri: Uri = url
         .parse()
         .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
@@ -407,14 +501,24 @@ fn parse_base(url: &str) -> Result<Base, UpstreamError> {
     if authority.as_str().contains('@') {
         return Err(bad("credentials in the URL are not supported"));
     }
+    let host = authority.host().trim_matches(['[', ']']).to_string();
+    if host.is_empty() {
+        return Err(bad("missing host"));
+    }
     if uri.query().is_some() {
         return Err(bad("a query is not allowed"));
     }
-    let prefix = uri.path().trim_end_matches('/').to_string();
+    let default_port = if scheme == http::uri::Scheme::HTTPS {
+        443
+    } else {
+        80
+    };
     Ok(Base {
+        port: authority.port_u16().unwrap_or(default_port),
+        host,
+        prefix: uri.path().trim_end_matches('/').to_string(),
         scheme,
         authority,
-        prefix,
     })
 }
 
@@ -425,14 +529,25 @@ fn default_tls() -> Result<rustls::ClientConfig, UpstreamError> {
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| UpstreamError::Tls(e.to_string()))?
+    .map_err(|e| UpstreamError::TlsSetup(e.to_string()))?
     .with_root_certificates(roots)
     .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
 
-/// http/https connector: hyper-util's TCP connector plus a rustls handshake for `https`.
+/// The rustls handshake over an open TCP connection.
+async fn tls_handshake(
+    tls: &tokio_rustls::TlsConnector,
+    host: String,
+    tcp: TcpStream,
+) -> Result<UpstreamIo, BoxError> {
+    let name = rustls::pki_types::ServerName::try_from(host)?;
+    Ok(UpstreamIo::Tls(Box::new(tls.connect(name, tcp).await?)))
+}
+
+/// http/https connector for the pooled client: hyper-util's TCP connector plus
+/// [`tls_handshake`] for `https`.
 #[derive(Clone)]
 struct Connector {
     http: HttpConnector,
@@ -443,9 +558,9 @@ struct Connector {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl tower::Service<Uri> for Connector {
-    type Response = MaybeTls;
+    type Response = TokioIo<UpstreamIo>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<MaybeTls, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<TokioIo<UpstreamIo>, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.http.poll_ready(cx).map_err(Into::into)
@@ -462,71 +577,69 @@ impl tower::Service<Uri> for Connector {
                 .unwrap_or("")
                 .trim_matches(['[', ']'])
                 .to_string();
-            let tcp = http.call(uri).await?;
+            let tcp: TcpStream = http.call(uri).await?.into_inner();
             if !https {
-                return Ok(MaybeTls::Plain(tcp));
+                return Ok(TokioIo::new(UpstreamIo::Plain(tcp)));
             }
-            let name = rustls::pki_types::ServerName::try_from(host)?;
-            let stream: TcpStream = tcp.into_inner();
-            let tls = tokio::time::timeout(timeout, tls.connect(name, stream))
+            let io = tokio::time::timeout(timeout, tls_handshake(&tls, host, tcp))
                 .await
                 .map_err(|_| "TLS handshake with the upstream timed out")??;
-            Ok(MaybeTls::Tls(Box::new(TokioIo::new(tls))))
+            Ok(TokioIo::new(io))
         })
     }
 }
 
-/// A plain or TLS connection to the upstream.
-enum MaybeTls {
-    Plain(TokioIo<TcpStream>),
-    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+/// A plain or TLS connection to the upstream (pooled HTTP client and stream dials alike).
+pub(crate) enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-impl Connection for MaybeTls {
+impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
         match self {
-            MaybeTls::Plain(s) => s.connected(),
-            MaybeTls::Tls(s) => s.inner().get_ref().0.connected(),
+            UpstreamIo::Plain(s) => s.connected(),
+            UpstreamIo::Tls(s) => s.get_ref().0.connected(),
         }
     }
 }
 
-impl hyper::rt::Read for MaybeTls {
+impl AsyncRead for UpstreamIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
+        buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
 
-impl hyper::rt::Write for MaybeTls {
+impl AsyncWrite for UpstreamIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
-            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -540,8 +653,16 @@ mod tests {
         let b = parse_base("http://127.0.0.1:3000").unwrap();
         assert_eq!(b.prefix, "");
         assert_eq!(b.authority.as_str(), "127.0.0.1:3000");
+        assert_eq!(
+            (b.host.as_str(), b.port, b.is_tls()),
+            ("127.0.0.1", 3000, false)
+        );
         let b = parse_base("https://coder.example.com/base/").unwrap();
         assert_eq!(b.prefix, "/base");
+        assert_eq!((b.port, b.is_tls()), (443, true));
+        let b = parse_base("http://[::1]:8080").unwrap();
+        assert_eq!(b.host, "::1");
+        assert_eq!(b.authority.as_str(), "[::1]:8080");
         assert!(parse_base("ftp://x").is_err());
         assert!(parse_base("/just/a/path").is_err());
         assert!(parse_base("http://u:p@host").is_err());
