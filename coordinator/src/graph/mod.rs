@@ -2,8 +2,9 @@
 //!
 //! Why: every coordination session (v2 dRPC or v1 JSON, agent or client) feeds its peer's requests
 //! into one shared graph of peers and tunnels, and drains what the graph tells it. The rules are
-//! specified by [`core`], a pure state machine that the property tests exercise (and that a
-//! differential test runs side by side with this module). This module applies the same rules to a
+//! specified by a pure state machine, `graph/model` (compiled for tests only: it is the model of a
+//! differential property test that runs it side by side with this module); [`core`] holds the
+//! vocabulary both share. This module applies the same rules to a
 //! **sharded** peer table so that a node update never waits for updates of unrelated peers, and it
 //! pushes each resulting update straight into the receiving connection's bounded queue
 //! ([`PeerReceiver`] is the session's end of that queue).
@@ -122,10 +123,11 @@
 //!   updates each (each counts against the queue).
 
 pub mod core;
+#[cfg(test)]
+mod model;
 mod outbox;
 pub mod remote;
 mod shard;
-pub mod store;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -137,14 +139,12 @@ use proto::tailnet::v2::{CoordinateRequest, CoordinateResponse, Node};
 use uuid::Uuid;
 
 pub use self::core::{
-    CloseReason, ConnId, CoordinateError, Delivery, Event, Flow, Outbound, State,
-    ERR_COORDINATOR_CLOSED, ERR_OVERWRITTEN,
+    CloseReason, ConnId, CoordinateError, Flow, ERR_COORDINATOR_CLOSED, ERR_OVERWRITTEN,
 };
 pub use self::outbox::{Encoded, PeerReceiver, TryRecvError};
 use self::outbox::{Outbox, PushError, Update};
 pub use self::remote::{RemoteSource, SourceEvent, SourceEvents, DEFAULT_SOURCE_QUEUE};
 use self::shard::{Conn, Link, Locked, Shards};
-pub use self::store::{MemoryStore, PeerGone, Store};
 use crate::authz::{AuthzError, CoordinateeAuth};
 
 /// Coder's `maxPeerUpdatesPerMessage`: keeps every response far below dRPC's 4 MiB limit.

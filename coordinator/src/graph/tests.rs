@@ -10,8 +10,9 @@ use proto::tailnet::v2::coordinate_response::peer_update::Kind;
 use proto::tailnet::v2::{CoordinateRequest, Node};
 use uuid::Uuid;
 
-use super::core::{CloseReason, ConnId, Delivery, Event, Outbound, State};
-use super::store::Store;
+use super::core::{CloseReason, ConnId};
+use super::model::store::Store;
+use super::model::{Delivery, Event, Outbound, State};
 use crate::authz::CoordinateeAuth;
 
 const PEERS: usize = 4;
@@ -192,11 +193,7 @@ fn run(ops: Vec<Op>, converge: bool) {
                     },
                     _ => CoordinateeAuth::SingleTailnet,
                 };
-                Event::Connect {
-                    conn,
-                    name: "p".into(),
-                    auth,
-                }
+                Event::Connect { conn, auth }
             }
             Op::Update(a, d) => Event::Request {
                 conn: w.conn(ids[a]),
@@ -322,14 +319,9 @@ fn overwrite_closes_old_connection_only() {
     let auth = CoordinateeAuth::SingleTailnet;
     s.apply(Event::Connect {
         conn: c1,
-        name: "a".into(),
         auth: auth.clone(),
     });
-    let ds = s.apply(Event::Connect {
-        conn: c2,
-        name: "a".into(),
-        auth,
-    });
+    let ds = s.apply(Event::Connect { conn: c2, auth });
     assert_eq!(
         ds,
         vec![Delivery {
@@ -359,7 +351,8 @@ mod differential {
 
     use super::{ids, node, op, tunnel, Op, PEERS};
     use crate::authz::CoordinateeAuth;
-    use crate::graph::core::{ConnId, Delivery, Outbound, State};
+    use crate::graph::core::ConnId;
+    use crate::graph::model::{Delivery, Outbound, State};
     use crate::graph::{
         GraphConfig, PeerGraph, PeerHandle, PeerReceiver, TryRecvError,
         MAX_PEER_UPDATES_PER_RESPONSE,
@@ -573,11 +566,9 @@ mod differential {
                         let older = b.stale.insert(ids[a], old);
                         b.lost(older);
                     }
-                    let out = b.state.apply(crate::graph::Event::Connect {
-                        conn,
-                        name: "p".into(),
-                        auth,
-                    });
+                    let out = b
+                        .state
+                        .apply(crate::graph::model::Event::Connect { conn, auth });
                     b.deliver(out);
                 }
                 Op::Update(a, d) => b.request(
@@ -666,7 +657,7 @@ mod differential {
                 ),
                 Op::Shutdown => {
                     b.graph.shutdown();
-                    let out = b.state.apply(crate::graph::Event::Shutdown);
+                    let out = b.state.apply(crate::graph::model::Event::Shutdown);
                     b.deliver(out);
                 }
             }

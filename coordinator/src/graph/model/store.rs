@@ -1,11 +1,11 @@
 //! The graph's persistent view: peer nodes and tunnels.
 //!
 //! Why: Coder's HA coordinator keeps the same facts in PostgreSQL (`tailnet_peers`,
-//! `tailnet_tunnels`). The pure core ([`super::State`]) talks to this trait only. The trait holds
-//! exactly what the core calls, nothing more.
+//! `tailnet_tunnels`). The pure model ([`super::State`], compiled for tests only) talks to this
+//! trait only. The trait holds exactly what the model calls, nothing more.
 //!
-//! The concurrent [`super::PeerGraph`] does not go through this trait: it keeps the same facts
-//! split across its shards (each peer's node and tunnels in that peer's shard, see [`super`]), so
+//! The concurrent [`crate::graph::PeerGraph`] does not go through this trait: it keeps the same facts
+//! split across its shards (each peer's node and tunnels in that peer's shard, see [`crate::graph`]), so
 //! that no store-wide lock sits on the update path. A PostgreSQL store for HA will attach there as
 //! a write-behind observer of those per-shard changes (answer from memory, persist through its own
 //! bounded queue), not as a lock-holding backend.
