@@ -28,9 +28,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use bytes::{BufMut, Bytes, BytesMut};
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
-use prost::Message;
+use bytes::{Bytes, BytesMut};
+use proto::tailnet::encode::{put_peer_update, PEER_UPDATES_FIELD};
 use proto::tailnet::v2::coordinate_response::peer_update::Kind;
 use proto::tailnet::v2::coordinate_response::PeerUpdate;
 use proto::tailnet::v2::{CoordinateResponse, Node};
@@ -498,62 +497,6 @@ pub enum TryRecvError {
     Ended,
 }
 
-/// Field number of `CoordinateResponse.peer_updates`.
-const PEER_UPDATES_FIELD: u32 = 1;
-
-fn len_delimited_len(tag: u32, len: usize) -> usize {
-    key_len(tag) + encoded_len_varint(len as u64) + len
-}
-
-/// Appends one `CoordinateResponse.peer_updates` entry, byte for byte what prost writes for the
-/// same `PeerUpdate` (fields in tag order, proto3 defaults omitted), without owning a copy of
-/// the node.
-pub(crate) fn put_peer_update(
-    buf: &mut BytesMut,
-    id: &[u8],
-    node: Option<&Node>,
-    kind: Kind,
-    reason: &str,
-) {
-    let node_len = node.map(Message::encoded_len);
-    let kind = kind as i32;
-    let mut body = 0;
-    if !id.is_empty() {
-        body += len_delimited_len(1, id.len());
-    }
-    if let Some(n) = node_len {
-        body += len_delimited_len(2, n);
-    }
-    if kind != 0 {
-        body += key_len(3) + encoded_len_varint(i64::from(kind) as u64);
-    }
-    if !reason.is_empty() {
-        body += len_delimited_len(4, reason.len());
-    }
-    buf.reserve(len_delimited_len(PEER_UPDATES_FIELD, body));
-    encode_key(PEER_UPDATES_FIELD, WireType::LengthDelimited, buf);
-    encode_varint(body as u64, buf);
-    if !id.is_empty() {
-        encode_key(1, WireType::LengthDelimited, buf);
-        encode_varint(id.len() as u64, buf);
-        buf.put_slice(id);
-    }
-    if let (Some(node), Some(n)) = (node, node_len) {
-        encode_key(2, WireType::LengthDelimited, buf);
-        encode_varint(n as u64, buf);
-        node.encode_raw(buf);
-    }
-    if kind != 0 {
-        encode_key(3, WireType::Varint, buf);
-        encode_varint(i64::from(kind) as u64, buf);
-    }
-    if !reason.is_empty() {
-        encode_key(4, WireType::LengthDelimited, buf);
-        encode_varint(reason.len() as u64, buf);
-        buf.put_slice(reason.as_bytes());
-    }
-}
-
 /// What [`PeerReceiver::try_recv_encoded`] took from the queue.
 #[derive(Debug)]
 pub enum Encoded {
@@ -682,6 +625,8 @@ impl Drop for PeerReceiver {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
     use crate::authz::CoordinateeAuth;
     use crate::graph::ConnId;
@@ -928,44 +873,6 @@ mod tests {
             derp_latency: [("1-v4".to_string(), 0.25)].into_iter().collect(),
             ..Default::default()
         }
-    }
-
-    #[test]
-    fn hand_encoded_peer_updates_are_what_prost_writes() {
-        let node = sample_node();
-        let empty = Node::default();
-        let big = Node {
-            endpoints: vec!["x".repeat(200); 1000],
-            ..sample_node()
-        };
-        let cases: Vec<(&[u8], Option<&Node>, Kind, &str)> = vec![
-            (&[9; 16], Some(&node), Kind::Node, "node update"),
-            (&[9; 16], Some(&big), Kind::Node, ""),
-            (&[9; 16], None, Kind::Lost, "lost"),
-            (&[], None, Kind::Unspecified, ""),
-            (&[1, 2], Some(&empty), Kind::ReadyForHandshake, "r"),
-        ];
-        let mut all = BytesMut::new();
-        let mut expected = CoordinateResponse::default();
-        for (id, node, kind, reason) in cases {
-            let pu = PeerUpdate {
-                id: Bytes::copy_from_slice(id),
-                node: node.cloned(),
-                kind: kind as i32,
-                reason: reason.into(),
-            };
-            let mut one = BytesMut::new();
-            put_peer_update(&mut one, id, node, kind, reason);
-            let want = CoordinateResponse {
-                peer_updates: vec![pu.clone()],
-                error: String::new(),
-            }
-            .encode_to_vec();
-            assert_eq!(one.as_ref(), want.as_slice());
-            all.extend_from_slice(&one);
-            expected.peer_updates.push(pu);
-        }
-        assert_eq!(all.as_ref(), expected.encode_to_vec().as_slice());
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //!
 //! Why: Coder agents and clients speak these protobuf messages over dRPC; field numbers must match
 //! Coder exactly. `bytes` fields are [`bytes::Bytes`] so node payloads can be forwarded without
-//! copying. This module holds generated types and the RPC method names only; it never does I/O.
+//! copying. This module holds generated types, the RPC method names and [`encode`] (the
+//! coordinator's hand-written encoder for peer updates); it never does I/O.
+
+pub mod encode;
 
 /// `coder.tailnet.v2` messages and enums.
 #[allow(clippy::all, missing_docs, rust_2018_idioms)]
