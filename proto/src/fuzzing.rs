@@ -1,5 +1,5 @@
 //! Fuzz entry points, shared by the cargo-fuzz targets in `proto/fuzz/` and by the seed-corpus
-//! replay test (`tests/fuzz_corpus.rs`) that runs in CI.
+//! replay test (`tests/it/fuzz_corpus.rs`) that runs in CI.
 //!
 //! Each function takes arbitrary bytes and must never panic on its own account: it only
 //! `assert!`s invariants of the codecs (decode → encode → decode is stable, encoded lengths are

@@ -1,8 +1,6 @@
 //! dRPC wire tests: byte vectors from the Coder reference (§3.3.8), varints, splitting and the
 //! reader rules of drpcwire (monotonic ids, kind changes, 4 MiB cap, ignored control frames).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use bytes::{Bytes, BytesMut};
 use proto::drpc::*;
 use proto::tailnet::v2::methods;

@@ -1,7 +1,5 @@
 //! yamux header codec against hashicorp/yamux v0.1.2's spec (12 bytes, big-endian).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use proto::yamux::*;
 
 #[test]

@@ -1,7 +1,5 @@
 //! v1 JSON Node: Go-compatible parsing/serialization and lossless conversion to/from protobuf.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use bytes::Bytes;
 use proptest::prelude::*;
 use proto::key::{DiscoPublic, NodePublic};

@@ -1,7 +1,5 @@
 //! ClientInfo / ServerInfo JSON: Go-compatible encoding and case-insensitive decoding
 //! (mirrors Tailscale's TestClientInfoUnmarshal).
-#![allow(clippy::unwrap_used)]
-
 use proptest::prelude::*;
 use proto::derp::{ClientInfo, InfoError, ServerInfo};
 use proto::key::MeshKey;

@@ -4,8 +4,6 @@
 //!
 //! `cargo test -p proto --test fuzz_corpus -- --ignored write_seed_corpus` regenerates the DERP
 //! and STUN seeds from the codecs themselves.
-#![allow(clippy::unwrap_used)]
-
 use std::fs;
 use std::path::{Path, PathBuf};
 

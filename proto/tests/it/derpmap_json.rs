@@ -1,8 +1,6 @@
 //! DERP map JSON (Tailscale/Coder field names, omitempty, case-insensitive read), conversion to
 //! and from protobuf, and Coder's CompareDERPMaps semantics.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use proto::derpmap::*;
 use proto::tailnet::v2;
 

@@ -1,6 +1,4 @@
 //! STUN: derper's binding-request acceptance rules, responses, and the client side.
-#![allow(clippy::unwrap_used)]
-
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use proptest::prelude::*;

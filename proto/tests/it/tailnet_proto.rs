@@ -1,8 +1,6 @@
 //! coder.tailnet.v2 / coder.agent.v2 protobuf byte vectors: the generated types must produce and
 //! accept exactly the bytes Coder's Go code does (field numbers, types, nesting).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use bytes::Bytes;
 use prost::Message;
 use proto::agent::v2 as agent;

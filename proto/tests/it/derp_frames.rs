@@ -1,7 +1,5 @@
 //! DERP frame header and typed frames: byte-exact vectors, every validation rule, property
 //! round trips, and the in-place hot-path helpers.
-#![allow(clippy::unwrap_used)]
-
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::{Bytes, BytesMut};

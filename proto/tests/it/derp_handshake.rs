@@ -1,6 +1,4 @@
 //! Handshake frames: ServerKey, ClientInfo and ServerInfo sealing/opening and every rejection.
-#![allow(clippy::unwrap_used)]
-
 use bytes::Bytes;
 use proto::derp::{
     self, ClientInfo, Frame, FrameError, FrameHeader, FrameType, HandshakeError, InfoError,

@@ -1,6 +1,4 @@
 //! Key types: text and binary forms, X25519 derivation and the NaCl box layout.
-#![allow(clippy::unwrap_used)]
-
 use proto::key::{BoxError, DiscoPublic, KeyParseError, MeshKey, NodePrivate, NodePublic};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
