@@ -1,10 +1,6 @@
 //! End to end in sidecar mode over TLS: tailnetd with the upstream authenticator and agent-RPC
 //! forwarding in front of the shared fake coderd (`tests/fake_coder`, HTTPS), a modern agent on
 //! `/me/rpc` and Coder Desktop on `/api/v2/tailnet`.
-#![allow(clippy::unwrap_used)]
-
-mod common;
-mod fake_coder;
 
 /// Named after the module so that `cargo test -p coordinator agent_rpc` runs it.
 mod agent_rpc {
@@ -15,12 +11,12 @@ mod agent_rpc {
     use coordinator::upstream::{Upstream, UpstreamAuthenticator, UpstreamConfig};
     use coordinator::{Coordinator, CoordinatorConfig};
     use proto::agent::v2::{methods as agent_methods, GetManifestRequest, Manifest};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use uuid::Uuid;
 
-    use crate::common::v2::{client_stack, V2Conn};
-    use crate::common::{init_tracing, node};
+    use crate::common::node;
+    use crate::common::v2::{v2_dial, V2Conn};
     use crate::fake_coder::FakeCoder;
+    use crate::support::{self, init_tracing};
 
     struct Sidecar {
         fake: FakeCoder,
@@ -77,32 +73,15 @@ mod agent_rpc {
         }
 
         async fn dial(&self, path: &str, token: &str) -> V2Conn {
-            let mut req = format!("ws://{}{path}", self.addr)
-                .into_client_request()
-                .unwrap();
-            req.headers_mut()
-                .insert("Coder-Session-Token", token.parse().unwrap());
-            let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-            client_stack(ws)
+            v2_dial(
+                &format!("ws://{}{path}", self.addr),
+                &[(support::SESSION_TOKEN, token)],
+            )
+            .await
         }
 
         fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-            for mf in self.registry.gather() {
-                if mf.name() != name {
-                    continue;
-                }
-                for m in mf.get_metric() {
-                    let ok = labels.iter().all(|(k, v)| {
-                        m.get_label()
-                            .iter()
-                            .any(|l| l.name() == *k && l.value() == *v)
-                    });
-                    if ok {
-                        return m.get_counter().get_value();
-                    }
-                }
-            }
-            0.0
+            support::metric(&self.registry, name, labels)
         }
     }
 

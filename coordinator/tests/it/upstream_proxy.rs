@@ -1,9 +1,5 @@
 //! Reverse proxy to an upstream coderd: every agents-API endpoint, headers, streaming bodies,
 //! WebSocket splicing, DERP map rewriting, size limits and upstream faults.
-#![allow(clippy::unwrap_used)]
-
-mod fake_coder;
-mod upstream_harness;
 
 /// Named after the feature so that `cargo test -p coordinator upstream` runs it.
 mod upstream {
@@ -14,8 +10,8 @@ mod upstream {
     use http_body_util::BodyExt;
     use tokio_tungstenite::tungstenite::Message;
 
-    use super::fake_coder::{connection_json, manifest_json, FakeCoder};
-    use super::upstream_harness::{json, send, Sidecar};
+    use crate::fake_coder::{connection_json, manifest_json, FakeCoder};
+    use crate::upstream_harness::{json, send, Sidecar};
 
     const WA: &str = "/api/v2/workspaceagents";
 
@@ -292,7 +288,7 @@ mod upstream {
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build(hyper_util::client::legacy::connect::HttpConnector::new());
         let req = http::Request::post(s.http_url("/api/v2/fake/upload"))
-            .body(super::upstream_harness::stream_body(chunks))
+            .body(crate::upstream_harness::stream_body(chunks))
             .unwrap();
         let resp = client.request(req).await.unwrap();
         assert_eq!(resp.status(), 200);
@@ -322,7 +318,7 @@ mod upstream {
                 .build(hyper_util::client::legacy::connect::HttpConnector::new());
         let chunks: Vec<Bytes> = (0..8).map(|_| Bytes::from(vec![1u8; 16 * 1024])).collect();
         let req = http::Request::post(s.http_url("/api/v2/fake/upload"))
-            .body(super::upstream_harness::stream_body(chunks))
+            .body(crate::upstream_harness::stream_body(chunks))
             .unwrap();
         let resp = client.request(req).await.unwrap();
         assert_eq!(resp.status(), 413);
@@ -362,7 +358,7 @@ mod upstream {
         assert_eq!(v["hostname_suffix"], "coder");
         assert_eq!(r.headers()["content-length"], r.body().len().to_string());
         // Byte for byte apart from the map.
-        let upstream_map = super::fake_coder::UPSTREAM_DERP_MAP;
+        let upstream_map = crate::fake_coder::UPSTREAM_DERP_MAP;
         let ours_text = String::from_utf8(s.coord.derp_map().json.to_vec()).unwrap();
         let expect = connection_json().replace(upstream_map, ours_text.trim());
         assert_eq!(std::str::from_utf8(r.body()).unwrap(), expect);

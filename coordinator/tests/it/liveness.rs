@@ -1,13 +1,10 @@
 //! A peer that stops answering WebSocket pings is closed with 1001 "liveness probe failed" on
 //! every kind of session; a responsive neighbour is not.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::time::Duration;
 
-use common::v2::*;
-use common::*;
+use crate::common::v2::*;
+use crate::common::*;
 
 fn fast_pings() -> coordinator::CoordinatorConfig {
     coordinator::CoordinatorConfig {

@@ -1,9 +1,7 @@
 //! tailnetd in sidecar mode for tests: a coordinator whose authenticator asks the fake coderd,
 //! its routes merged with the upstream proxy, served on 127.0.0.1 with connect info.
-#![allow(dead_code, clippy::unwrap_used)]
 
-#[path = "../support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,22 +10,16 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 use coordinator::derpmap::{DerpMapConfig, DerpMapSource, EmbeddedRelay};
-use coordinator::rpc::drpc::{DrpcConfig, RpcClient};
-use coordinator::rpc::wsio::{WsConfig, WsHandle, WsIo};
-use coordinator::rpc::yamux::{self, Session};
 use coordinator::upstream::{Upstream, UpstreamAuthenticator, UpstreamConfig};
 use coordinator::{Coordinator, CoordinatorConfig};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::fake_coder::FakeCoder;
-
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+use crate::common::v2::{v2_dial, V2Conn};
+use crate::fake_coder::FakeCoder;
+use crate::support::{init_tracing, Ws};
 
 pub struct Sidecar {
     pub fake: FakeCoder,
@@ -36,15 +28,6 @@ pub struct Sidecar {
     pub upstream: Upstream,
     pub auth: Arc<UpstreamAuthenticator>,
     pub registry: prometheus::Registry,
-}
-
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
 }
 
 /// Test defaults: short timeouts, 1 MiB body limit.
@@ -139,17 +122,16 @@ impl Sidecar {
         path: &str,
         token: &str,
     ) -> Result<Ws, Box<tokio_tungstenite::tungstenite::Error>> {
-        let mut req = format!("ws://{}{}", self.addr, path)
-            .into_client_request()
-            .unwrap();
-        if !token.is_empty() {
-            req.headers_mut()
-                .insert("Coder-Session-Token", token.parse().unwrap());
-        }
-        tokio_tungstenite::connect_async(req)
-            .await
-            .map(|(ws, _)| ws)
-            .map_err(Box::new)
+        support::ws_dial(&self.ws_url(path), &[(support::SESSION_TOKEN, token)]).await
+    }
+
+    /// A v2 session (WebSocket + yamux + dRPC client) through tailnetd.
+    pub async fn v2(&self, path: &str, token: &str) -> V2Conn {
+        v2_dial(&self.ws_url(path), &[(support::SESSION_TOKEN, token)]).await
+    }
+
+    fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
     }
 
     /// A failed WebSocket dial's status and JSON body.
@@ -206,21 +188,6 @@ pub fn stream_body(chunks: Vec<Bytes>) -> Body {
     Body::from_stream(futures_util::stream::iter(
         chunks.into_iter().map(Ok::<Bytes, std::io::Error>),
     ))
-}
-
-/// v2 client stack on a WebSocket.
-pub struct V2Conn {
-    pub rpc: RpcClient,
-    pub ws: WsHandle,
-}
-
-pub fn client_stack(ws: Ws) -> V2Conn {
-    let (io, handle) = WsIo::new(ws, WsConfig::client());
-    let session = Session::client(io, yamux::Config::default());
-    V2Conn {
-        rpc: RpcClient::new(session, DrpcConfig::default()),
-        ws: handle,
-    }
 }
 
 pub fn json(b: &[u8]) -> serde_json::Value {

@@ -7,7 +7,7 @@
 //! Public API (kept stable for other helpers):
 //! - `FakeCoder::start().await -> FakeCoder` with `url`, `addr`, `agent_id`, `agent_token`,
 //!   `agent_name`, `workspace_id`, `user_token_ssh` / `user_id_ssh` (may ssh to the agent),
-//!   `user_token_nossh` / `user_id_nossh` (may read it, not ssh), `user_token_ssh_scoped` (a
+//!   `user_token_nossh` (may read it, not ssh), `user_token_ssh_scoped` (a
 //!   second token of the ssh user without the ssh right), `bad_user_token`.
 //! - counters: `count(path)` (path without query), `total()`, `requests()`, `last(path)`,
 //!   `body(path)` (last request body seen by a JSON endpoint), `rpc_calls()`.
@@ -29,7 +29,7 @@
 //! - fake-only helpers: `ANY /api/v2/fake/echo/{*rest}` (JSON description of the request),
 //!   `POST /api/v2/fake/upload` (streams the body; `{"bytes":n,"sha256":hex}`),
 //!   `GET /api/v2/fake/stream?chunks=N&interval_ms=M` (chunked body, one chunk per interval).
-#![allow(dead_code, clippy::unwrap_used, clippy::result_large_err)]
+#![allow(clippy::result_large_err)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -123,7 +123,6 @@ pub struct FakeCoder {
     pub user_token_ssh: String,
     pub user_id_ssh: Uuid,
     pub user_token_nossh: String,
-    pub user_id_nossh: Uuid,
     /// A second token of the ssh user (`user_id_ssh`) whose scope does not allow ssh (like a
     /// Coder token scoped to `application_connect`).
     pub user_token_ssh_scoped: String,
@@ -246,7 +245,6 @@ impl FakeCoder {
             user_token_ssh,
             user_id_ssh,
             user_token_nossh,
-            user_id_nossh,
             user_token_ssh_scoped,
             bad_user_token: api_token(),
             state,

@@ -1,13 +1,10 @@
 //! Fan-out: 1,000 real v2 client sessions (one WebSocket + yamux session + Coordinate stream
 //! each) tunnel to one agent; every agent node update reaches all of them.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::v2::*;
-use common::*;
+use crate::common::v2::*;
+use crate::common::*;
 use futures_util::stream::{self, StreamExt};
 
 const CLIENTS: usize = 1000;

@@ -1,7 +1,5 @@
 //! Coder's coordinator conformance cases (tailnet/test/cases.go, tailnet/coordinator_test.go)
 //! against the concurrent `PeerGraph` with real queues.
-#![allow(clippy::unwrap_used)]
-
 /// Named `graph` so that `cargo test -p coordinator graph` selects these cases.
 mod graph {
 

@@ -1,9 +1,5 @@
 //! Auth delegated to an upstream coderd: agent ids via `/me/manifest` and the `/me/rpc`
 //! GetManifest fallback, user ACLs via the coordinate probe, the decision cache, and every fault.
-#![allow(clippy::unwrap_used)]
-
-mod fake_coder;
-mod upstream_harness;
 
 /// Named after the feature so that `cargo test -p coordinator upstream` runs it.
 mod upstream {
@@ -13,8 +9,8 @@ mod upstream {
     use coordinator::upstream::UpstreamAuthenticator;
     use proto::tailnet::v2::{methods, RefreshResumeTokenRequest, RefreshResumeTokenResponse};
 
-    use super::fake_coder::FakeCoder;
-    use super::upstream_harness::{client_stack, Sidecar};
+    use crate::fake_coder::FakeCoder;
+    use crate::upstream_harness::Sidecar;
 
     const MANIFEST: &str = "/api/v2/workspaceagents/me/manifest";
     const RPC: &str = "/api/v2/workspaceagents/me/rpc";
@@ -90,8 +86,7 @@ mod upstream {
         let f = &s.fake;
         let path = s.coordinate_path();
         // ssh allowed: the session opens and works.
-        let ws = s.ws(&path, &f.user_token_ssh).await.unwrap();
-        let conn = client_stack(ws);
+        let conn = s.v2(&path, &f.user_token_ssh).await;
         let r: RefreshResumeTokenResponse = conn
             .rpc
             .invoke_unary(methods::REFRESH_RESUME_TOKEN, &RefreshResumeTokenRequest {})
@@ -144,8 +139,7 @@ mod upstream {
             .unwrap()
             .contains("do not have access"));
         // The same user's full token still reaches the agent, and the session works.
-        let ws = s.ws(&path, &f.user_token_ssh).await.unwrap();
-        let conn = client_stack(ws);
+        let conn = s.v2(&path, &f.user_token_ssh).await;
         let r: RefreshResumeTokenResponse = conn
             .rpc
             .invoke_unary(methods::REFRESH_RESUME_TOKEN, &RefreshResumeTokenRequest {})
@@ -388,8 +382,7 @@ mod upstream {
     async fn open_session_survives_upstream_loss() {
         let s = Sidecar::start().await;
         let f = s.fake.clone();
-        let ws = s.ws(&s.coordinate_path(), &f.user_token_ssh).await.unwrap();
-        let conn = client_stack(ws);
+        let conn = s.v2(&s.coordinate_path(), &f.user_token_ssh).await;
         let _: RefreshResumeTokenResponse = conn
             .rpc
             .invoke_unary(methods::REFRESH_RESUME_TOKEN, &RefreshResumeTokenRequest {})

@@ -2,9 +2,6 @@
 //! (`coordinator::upstream::agent_rpc`). A small fake coderd below serves `/me/rpc` and
 //! `/api/v2/tailnet` with our own rpc stack; the "agents" are our yamux+dRPC client over
 //! WebSocket.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 /// Named after the module so that `cargo test -p coordinator agent_rpc` runs everything here.
 mod agent_rpc {

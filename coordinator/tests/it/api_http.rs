@@ -1,9 +1,6 @@
 //! Pre-upgrade answers: status codes and Coder's JSON error bodies, in coderd's check order.
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use uuid::Uuid;
 

@@ -2,10 +2,6 @@
 //! `/me/rpc` serves a coordinator (tailnetd's own graph, with coderd's semantics). A modern agent
 //! coordinates with tailnetd; coderd's peers (here: a "server tailnet" peer connected straight to
 //! the fake's coordinator) must reach it through the bridge, and back.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-mod fake_coder;
 
 /// Named after the module so that `cargo test -p coordinator bridge` runs it.
 mod bridge {
@@ -24,12 +20,12 @@ mod bridge {
         methods, CoordinateRequest, Node, TelemetryRequest, TelemetryResponse,
     };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use uuid::Uuid;
 
-    use crate::common::v2::{client_stack, V2Conn};
+    use crate::common::v2::{v2_dial, V2Conn};
     use crate::common::{eventually, init_tracing, node};
     use crate::fake_coder::FakeCoder;
+    use crate::support;
 
     const WAIT: Duration = Duration::from_secs(10);
     const AGENT_RPC: &str = "/api/v2/workspaceagents/me/rpc?version=2.10&role=agent";
@@ -86,13 +82,11 @@ mod bridge {
         }
 
         async fn dial(&self, path: &str, token: &str) -> V2Conn {
-            let mut req = format!("ws://{}{path}", self.addr)
-                .into_client_request()
-                .unwrap();
-            req.headers_mut()
-                .insert("Coder-Session-Token", token.parse().unwrap());
-            let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-            client_stack(ws)
+            v2_dial(
+                &format!("ws://{}{path}", self.addr),
+                &[(support::SESSION_TOKEN, token)],
+            )
+            .await
         }
 
         async fn agent(&self) -> V2Conn {
@@ -109,7 +103,7 @@ mod bridge {
         }
 
         fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-            crate::common::support::metric(&self.registry, name, labels)
+            support::metric(&self.registry, name, labels)
         }
     }
 

@@ -1,14 +1,11 @@
 //! Every kind of bad input ends only the session or stream it arrived on, with a log line and a
 //! metric; a healthy session next to it keeps working.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::time::Duration;
 
+use crate::common::v2::*;
+use crate::common::*;
 use bytes::{Bytes, BytesMut};
-use common::v2::*;
-use common::*;
 use coordinator::rpc::drpc::RpcError;
 use futures_util::SinkExt;
 use proto::drpc::{encode_packet, Frame, Kind as DKind};

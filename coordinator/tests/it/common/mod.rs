@@ -1,9 +1,7 @@
 //! Shared test harness: a coordinator with static credentials served on 127.0.0.1:0, plain HTTP
 //! probes, v1 JSON clients and node builders.
-#![allow(dead_code, clippy::unwrap_used)]
 
-#[path = "../support/mod.rs"]
-pub mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,14 +17,12 @@ use futures_util::{SinkExt, StreamExt};
 use proto::tailnet::v2::Node;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
 
-pub mod v2;
+pub use crate::support::{init_tracing, Ws};
 
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub mod v2;
 
 pub const USER_ALL: &str = "aaaaaaaaaa-bbbbbbbbbbbbbbbbbbbbbb";
 pub const USER_ONE: &str = "cccccccccc-dddddddddddddddddddddd";
@@ -45,15 +41,6 @@ pub struct Harness {
     pub registry: prometheus::Registry,
     pub derp_file: Option<PathBuf>,
     pub _dir: tempfile::TempDir,
-}
-
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
 }
 
 pub fn test_config() -> CoordinatorConfig {
@@ -156,15 +143,7 @@ impl Harness {
         path: &str,
         token: &str,
     ) -> Result<Ws, Box<tokio_tungstenite::tungstenite::Error>> {
-        let mut req = self.url(path).into_client_request().unwrap();
-        if !token.is_empty() {
-            req.headers_mut()
-                .insert("Coder-Session-Token", token.parse().unwrap());
-        }
-        tokio_tungstenite::connect_async(req)
-            .await
-            .map(|(ws, _)| ws)
-            .map_err(Box::new)
+        support::ws_dial(&self.url(path), &[(support::SESSION_TOKEN, token)]).await
     }
 
     /// A plain (non-upgrade) GET; returns status and body.

@@ -1,16 +1,13 @@
 //! Tests of the fake Coder upstream itself, so other tests (and helpers) can trust it.
-#![allow(clippy::unwrap_used)]
-
-mod fake_coder;
-mod upstream_harness;
 
 /// Named after the feature so that `cargo test -p coordinator upstream` runs it.
 mod upstream {
     use bytes::Bytes;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-    use super::fake_coder::FakeCoder;
-    use super::upstream_harness::{client_stack, json, send};
+    use crate::common::v2::v2_dial;
+    use crate::fake_coder::FakeCoder;
+    use crate::support::SESSION_TOKEN;
+    use crate::upstream_harness::{json, send};
 
     #[tokio::test]
     async fn fake_coder_rest_and_switches() {
@@ -92,11 +89,7 @@ mod upstream {
             "ws://{}/api/v2/workspaceagents/me/rpc?version=2.10&role=agent",
             f.addr
         );
-        let mut req = url.into_client_request().unwrap();
-        req.headers_mut()
-            .insert("Coder-Session-Token", f.agent_token.parse().unwrap());
-        let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-        let conn = client_stack(ws);
+        let conn = v2_dial(&url, &[(SESSION_TOKEN, &f.agent_token)]).await;
         let m: proto::agent::v2::Manifest = conn
             .rpc
             .invoke_unary(

@@ -1,12 +1,11 @@
 //! v2 test client: tokio-tungstenite → wsio → yamux client → dRPC client, and a test peer that
 //! tracks what a Coordinate stream told it (like Coder's tailnet/test peer).
-#![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use coordinator::rpc::drpc::{DrpcConfig, RpcClient, RpcError, RpcStream};
+use coordinator::rpc::drpc::{DrpcConfig, RpcClient, RpcStream};
 use coordinator::rpc::wsio::{WsConfig, WsHandle, WsIo};
 use coordinator::rpc::yamux::{self, Session};
 use proto::tailnet::v2::coordinate_request::{Disconnect, ReadyForHandshake, Tunnel, UpdateSelf};
@@ -17,6 +16,11 @@ use uuid::Uuid;
 use super::{Harness, Ws};
 
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A v2 connection to the WebSocket `url` with `headers` (see [`crate::support::ws_dial`]).
+pub async fn v2_dial(url: &str, headers: &[(&str, &str)]) -> V2Conn {
+    client_stack(crate::support::ws_dial(url, headers).await.unwrap())
+}
 
 /// One v2 connection (WebSocket + yamux + dRPC client).
 pub struct V2Conn {
@@ -35,7 +39,7 @@ pub fn client_stack(ws: Ws) -> V2Conn {
 
 impl V2Conn {
     pub async fn dial(h: &Harness, path: &str, token: &str) -> V2Conn {
-        client_stack(h.ws(path, token).await.unwrap())
+        v2_dial(&h.url(path), &[(crate::support::SESSION_TOKEN, token)]).await
     }
 
     /// Agent on `/me/rpc`.
@@ -246,8 +250,4 @@ pub fn add_tunnel_req(id: &[u8]) -> CoordinateRequest {
         }),
         ..Default::default()
     }
-}
-
-pub fn is_unimplemented(e: &RpcError) -> bool {
-    e.is_unimplemented()
 }

@@ -1,12 +1,9 @@
 //! The legacy v1 JSON protocol end to end, alone and mixed with v2 peers.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::time::Duration;
 
-use common::v2::*;
-use common::*;
+use crate::common::v2::*;
+use crate::common::*;
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;

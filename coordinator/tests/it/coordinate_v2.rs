@@ -1,13 +1,10 @@
 //! Coder's coordinator cases end to end over real WebSockets with the v2 stack
 //! (tailnet/test/cases.go and tailnet/coordinator_test.go).
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::time::Duration;
 
-use common::v2::*;
-use common::*;
+use crate::common::v2::*;
+use crate::common::*;
 use coordinator::authz::{addr_from_uuid, TAILSCALE_SERVICE_PREFIX};
 use proto::tailnet::v2::methods;
 use proto::tailnet::v2::{RefreshResumeTokenRequest, RefreshResumeTokenResponse};
