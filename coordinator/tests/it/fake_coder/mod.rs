@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, RawQuery, Request, State};
+use axum::extract::{FromRequestParts, Path, RawQuery, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, patch, post};
@@ -51,6 +51,7 @@ use coordinator::rpc::drpc::{self, CallFuture, DrpcConfig, Handler, RpcError, Rp
 use coordinator::rpc::wsio::{WsConfig, WsIo};
 use coordinator::rpc::yamux::{self, Session};
 use futures_util::{SinkExt, StreamExt};
+use http::request::Parts;
 use http::{HeaderMap, StatusCode};
 use http_body_util::BodyExt;
 use proto::tailnet::v2::methods as tailnet_methods;
@@ -722,15 +723,31 @@ fn user_agent(
     Ok(u)
 }
 
-async fn workspace_agent(
-    State(st): State<Arc<FakeState>>,
-    Path(agent): Path<String>,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-) -> Response {
-    if let Err(r) = user_agent(&st, &agent, &headers, q.as_deref()) {
-        return r;
+/// A request about the fake's agent (the `{agent}` path parameter) by a user who may see it: the
+/// check every per-agent user endpoint starts with. Rejects with coderd's error answer.
+struct AgentOfUser {
+    st: Arc<FakeState>,
+    /// The raw query.
+    query: Option<String>,
+}
+
+impl FromRequestParts<Arc<FakeState>> for AgentOfUser {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, st: &Arc<FakeState>) -> Result<Self, Response> {
+        let Path(agent) = Path::<String>::from_request_parts(parts, st)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let query = parts.uri.query().map(str::to_owned);
+        user_agent(st, &agent, &parts.headers, query.as_deref())?;
+        Ok(AgentOfUser {
+            st: st.clone(),
+            query,
+        })
     }
+}
+
+async fn workspace_agent(AgentOfUser { st, .. }: AgentOfUser) -> Response {
     Json(json!({
         "id": st.agent_id,
         "parent_id": null,
@@ -765,15 +782,7 @@ async fn workspace_agent(
     .into_response()
 }
 
-async fn connection(
-    State(st): State<Arc<FakeState>>,
-    Path(agent): Path<String>,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-) -> Response {
-    if let Err(r) = user_agent(&st, &agent, &headers, q.as_deref()) {
-        return r;
-    }
+async fn connection(_: AgentOfUser) -> Response {
     (
         [(
             http::header::CONTENT_TYPE,
@@ -784,15 +793,7 @@ async fn connection(
         .into_response()
 }
 
-async fn listening_ports(
-    State(st): State<Arc<FakeState>>,
-    Path(agent): Path<String>,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-) -> Response {
-    if let Err(r) = user_agent(&st, &agent, &headers, q.as_deref()) {
-        return r;
-    }
+async fn listening_ports(_: AgentOfUser) -> Response {
     Json(json!({"ports": [{"process_name": "node", "network": "tcp", "port": 8080}]}))
         .into_response()
 }
@@ -807,15 +808,9 @@ fn log_lines() -> Value {
 /// `GET {agent}/logs` (and `startup-logs`): JSON array, or with `follow=true` a WebSocket of JSON
 /// text messages (one batch at once, one more when the client sends anything).
 async fn logs(
-    State(st): State<Arc<FakeState>>,
-    Path(agent): Path<String>,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
+    AgentOfUser { st, query: q }: AgentOfUser,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Err(r) = user_agent(&st, &agent, &headers, q.as_deref()) {
-        return r;
-    }
     if query_value(q.as_deref(), "follow").as_deref() == Some("true") {
         let ws = match ws {
             Ok(ws) => ws,
@@ -852,15 +847,9 @@ async fn logs(
 
 /// `GET {agent}/pty`: echo every data message back (binary as binary, text as text).
 async fn pty(
-    State(st): State<Arc<FakeState>>,
-    Path(agent): Path<String>,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
+    AgentOfUser { st, .. }: AgentOfUser,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Err(r) = user_agent(&st, &agent, &headers, q.as_deref()) {
-        return r;
-    }
     let ws = match ws {
         Ok(ws) => ws,
         Err(e) => return e.into_response(),
