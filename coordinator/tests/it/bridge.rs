@@ -9,11 +9,10 @@ mod bridge {
     use std::time::Duration;
 
     use bytes::Bytes;
-    use coordinator::derpmap::{DerpMapConfig, DerpMapSource, EmbeddedRelay};
+    use coordinator::derpmap::DerpMapConfig;
     use coordinator::graph::{PeerGraph, PeerHandle, PeerReceiver};
     use coordinator::upstream::bridge::BridgeConfig;
-    use coordinator::upstream::{Upstream, UpstreamAuthenticator, UpstreamConfig};
-    use coordinator::{Coordinator, CoordinatorConfig};
+    use coordinator::upstream::UpstreamConfig;
     use proto::tailnet::v2::coordinate_request::{ReadyForHandshake, Tunnel, UpdateSelf};
     use proto::tailnet::v2::coordinate_response::peer_update::Kind;
     use proto::tailnet::v2::{
@@ -22,89 +21,34 @@ mod bridge {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use uuid::Uuid;
 
-    use crate::common::v2::{v2_dial, V2Conn};
-    use crate::common::{eventually, init_tracing, node};
+    use crate::common::{eventually, node};
     use crate::fake_coder::FakeCoder;
-    use crate::support;
+    use crate::upstream_harness::{Sidecar, Wiring};
 
     const WAIT: Duration = Duration::from_secs(10);
-    const AGENT_RPC: &str = "/api/v2/workspaceagents/me/rpc?version=2.10&role=agent";
 
-    struct Sidecar {
-        fake: FakeCoder,
-        addr: std::net::SocketAddr,
-        registry: prometheus::Registry,
-        coord: Arc<Coordinator>,
-    }
-
-    impl Sidecar {
-        async fn start(bridge: bool) -> Sidecar {
-            init_tracing();
-            let fake = FakeCoder::start().await;
-            fake.set_tailnet(true);
-            let up_config = UpstreamConfig {
-                url: fake.url.clone(),
+    /// tailnetd forwarding to the fake coderd (with its coordinator on), the bridge `enabled` or
+    /// not, redialing fast.
+    async fn start(enabled: bool) -> Sidecar {
+        let fake = FakeCoder::start().await;
+        fake.set_tailnet(true);
+        let upstream = UpstreamConfig {
+            url: fake.url.clone(),
+            ..Default::default()
+        };
+        let derp = DerpMapConfig {
+            stun_servers: vec!["stun.example:3478".into()],
+            ..Default::default()
+        };
+        Sidecar::launch(fake, upstream, Wiring::ForwardStreams, derp, |c| {
+            c.upstream_bridge = BridgeConfig {
+                enabled,
+                initial_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_millis(400),
                 ..Default::default()
             };
-            let registry = prometheus::Registry::new();
-            let upstream = Upstream::new(up_config, &registry).unwrap();
-            let auth = Arc::new(UpstreamAuthenticator::new(upstream.clone()));
-            let derp = DerpMapSource::new(DerpMapConfig {
-                embedded: Some(EmbeddedRelay::new("http://127.0.0.1:1", None)),
-                stun_servers: vec!["stun.example:3478".into()],
-                ..Default::default()
-            })
-            .unwrap();
-            let config = CoordinatorConfig {
-                shutdown_grace: Duration::from_secs(2),
-                upstream: Some(upstream),
-                upstream_bridge: BridgeConfig {
-                    enabled: bridge,
-                    initial_backoff: Duration::from_millis(100),
-                    max_backoff: Duration::from_millis(400),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            let coord = Coordinator::new(config, auth, derp, &registry).unwrap();
-            let app = coord.router();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(async move {
-                let _ = axum::serve(listener, app).await;
-            });
-            Sidecar {
-                fake,
-                addr,
-                registry,
-                coord,
-            }
-        }
-
-        async fn dial(&self, path: &str, token: &str) -> V2Conn {
-            v2_dial(
-                &format!("ws://{}{path}", self.addr),
-                &[(support::SESSION_TOKEN, token)],
-            )
-            .await
-        }
-
-        async fn agent(&self) -> V2Conn {
-            self.dial(AGENT_RPC, &self.fake.agent_token).await
-        }
-
-        /// A client of the agent that dialled tailnetd (a local peer).
-        async fn client(&self) -> V2Conn {
-            let path = format!(
-                "/api/v2/workspaceagents/{}/coordinate?version=2.0",
-                self.fake.agent_id
-            );
-            self.dial(&path, &self.fake.user_token_ssh).await
-        }
-
-        fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-            support::metric(&self.registry, name, labels)
-        }
+        })
+        .await
     }
 
     /// A coderd-side peer in the fake coderd's coordinator (like coderd's server tailnet).
@@ -191,9 +135,9 @@ mod bridge {
 
     #[tokio::test]
     async fn agent_and_coderd_peer_meet_through_the_bridge() {
-        let s = Sidecar::start(true).await;
+        let s = start(true).await;
         let agent_id = s.fake.agent_id;
-        let a = s.agent().await;
+        let a = s.agent_v2().await;
         // Eager: the upstream session (role=agent, so coderd's connection monitor sees the agent)
         // and the bridge stream exist before the agent calls anything upstream.
         assert!(eventually(WAIT, || s.fake.coordinates_opened() == 1).await);
@@ -232,7 +176,7 @@ mod bridge {
         ap.expect_ready(x.id).await;
 
         // A client that dialled tailnetd stays local: coderd never hears of it.
-        let c = s.client().await;
+        let c = s.client_v2().await;
         let mut cp = c.coordinate().await;
         cp.add_tunnel(agent_id).await;
         cp.expect_node(agent_id, &an2).await;
@@ -255,9 +199,9 @@ mod bridge {
 
     #[tokio::test]
     async fn a_bridge_stream_coderd_ends_is_reestablished_and_its_peers_are_lost_meanwhile() {
-        let s = Sidecar::start(true).await;
+        let s = start(true).await;
         let agent_id = s.fake.agent_id;
-        let a = s.agent().await;
+        let a = s.agent_v2().await;
         let mut ap = a.coordinate().await;
         let an = node(agent_id, true, 1);
         ap.update_self(an.clone()).await;
@@ -294,13 +238,13 @@ mod bridge {
 
     #[tokio::test]
     async fn upstream_session_death_closes_the_agent_session_and_its_clients_see_it_lost() {
-        let s = Sidecar::start(true).await;
+        let s = start(true).await;
         let agent_id = s.fake.agent_id;
-        let a = s.agent().await;
+        let a = s.agent_v2().await;
         let ap = a.coordinate().await;
         let an = node(agent_id, true, 1);
         ap.update_self(an.clone()).await;
-        let c = s.client().await;
+        let c = s.client_v2().await;
         let mut cp = c.coordinate().await;
         cp.add_tunnel(agent_id).await;
         cp.expect_node(agent_id, &an).await;
@@ -320,9 +264,9 @@ mod bridge {
 
     #[tokio::test]
     async fn with_the_bridge_off_nothing_goes_upstream() {
-        let s = Sidecar::start(false).await;
+        let s = start(false).await;
         let agent_id = s.fake.agent_id;
-        let a = s.agent().await;
+        let a = s.agent_v2().await;
         let mut ap = a.coordinate().await;
         ap.update_self(node(agent_id, true, 1)).await;
         ap.expect_quiet(Duration::from_millis(500)).await;
@@ -334,9 +278,9 @@ mod bridge {
 
     #[tokio::test]
     async fn a_tool_with_the_agent_token_is_not_bridged() {
-        let s = Sidecar::start(true).await;
+        let s = start(true).await;
         let t = s
-            .dial(
+            .v2(
                 "/api/v2/workspaceagents/me/rpc?version=2.10&role=logstream",
                 &s.fake.agent_token,
             )
@@ -348,8 +292,8 @@ mod bridge {
 
     #[tokio::test]
     async fn post_telemetry_is_forwarded_to_coderd() {
-        let s = Sidecar::start(true).await;
-        let a = s.agent().await;
+        let s = start(true).await;
+        let a = s.agent_v2().await;
         let req = TelemetryRequest {
             events: vec![Default::default(), Default::default()],
         };
@@ -369,8 +313,8 @@ mod bridge {
 
     #[tokio::test]
     async fn a_clients_post_telemetry_is_forwarded_with_its_own_token() {
-        let s = Sidecar::start(true).await;
-        let c = s.client().await;
+        let s = start(true).await;
+        let c = s.client_v2().await;
         let cp = c.coordinate().await;
         cp.add_tunnel(s.fake.agent_id).await;
         assert_eq!(
@@ -403,7 +347,7 @@ mod bridge {
 
     #[tokio::test]
     async fn the_derp_map_is_served_as_plain_json() {
-        let s = Sidecar::start(false).await;
+        let s = start(false).await;
         let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
         let req = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",

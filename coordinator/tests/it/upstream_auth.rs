@@ -9,6 +9,7 @@ mod upstream {
     use coordinator::upstream::UpstreamAuthenticator;
     use proto::tailnet::v2::{methods, RefreshResumeTokenRequest, RefreshResumeTokenResponse};
 
+    use crate::common::v2::V2Conn;
     use crate::fake_coder::FakeCoder;
     use crate::upstream_harness::Sidecar;
 
@@ -18,6 +19,23 @@ mod upstream {
 
     fn probe_path(f: &FakeCoder) -> String {
         format!("/api/v2/workspaceagents/{}/coordinate", f.agent_id)
+    }
+
+    /// A RefreshResumeToken call on an open session (it works only on a live, authorized one).
+    async fn refresh_resume_token(conn: &V2Conn) -> RefreshResumeTokenResponse {
+        conn.rpc
+            .invoke_unary(methods::REFRESH_RESUME_TOKEN, &RefreshResumeTokenRequest {})
+            .await
+            .unwrap()
+    }
+
+    /// coderd's answer to a user who may not reach the agent, passed on.
+    fn assert_no_access(code: u16, body: &serde_json::Value) {
+        assert_eq!(code, 404);
+        assert!(body["message"]
+            .as_str()
+            .unwrap()
+            .contains("do not have access"));
     }
 
     #[tokio::test]
@@ -87,11 +105,7 @@ mod upstream {
         let path = s.coordinate_path();
         // ssh allowed: the session opens and works.
         let conn = s.v2(&path, &f.user_token_ssh).await;
-        let r: RefreshResumeTokenResponse = conn
-            .rpc
-            .invoke_unary(methods::REFRESH_RESUME_TOKEN, &RefreshResumeTokenRequest {})
-            .await
-            .unwrap();
+        let r = refresh_resume_token(&conn).await;
         assert!(!r.token.is_empty());
         // The probe went out with the user's token and a version coderd rejects.
         let rec = f.last(&probe_path(f)).unwrap();
@@ -103,11 +117,7 @@ mod upstream {
         assert!(rec.headers.get("upgrade").is_none());
         // No ssh: 404 as coderd answers.
         let (code, body) = s.ws_error(&path, &f.user_token_nossh).await;
-        assert_eq!(code, 404);
-        assert!(body["message"]
-            .as_str()
-            .unwrap()
-            .contains("do not have access"));
+        assert_no_access(code, &body);
         // Unknown token: 401.
         let (code, _) = s.ws_error(&path, &f.bad_user_token).await;
         assert_eq!(code, 401);
@@ -133,18 +143,10 @@ mod upstream {
         let path = s.coordinate_path();
         // The scoped token first: refused with coderd's 404.
         let (code, body) = s.ws_error(&path, &f.user_token_ssh_scoped).await;
-        assert_eq!(code, 404);
-        assert!(body["message"]
-            .as_str()
-            .unwrap()
-            .contains("do not have access"));
+        assert_no_access(code, &body);
         // The same user's full token still reaches the agent, and the session works.
         let conn = s.v2(&path, &f.user_token_ssh).await;
-        let r: RefreshResumeTokenResponse = conn
-            .rpc
-            .invoke_unary(methods::REFRESH_RESUME_TOKEN, &RefreshResumeTokenRequest {})
-            .await
-            .unwrap();
+        let r = refresh_resume_token(&conn).await;
         assert!(!r.token.is_empty());
         // And the scoped token is still refused after the full one was used.
         let (code, _) = s.ws_error(&path, &f.user_token_ssh_scoped).await;
@@ -383,18 +385,10 @@ mod upstream {
         let s = Sidecar::start().await;
         let f = s.fake.clone();
         let conn = s.v2(&s.coordinate_path(), &f.user_token_ssh).await;
-        let _: RefreshResumeTokenResponse = conn
-            .rpc
-            .invoke_unary(methods::REFRESH_RESUME_TOKEN, &RefreshResumeTokenRequest {})
-            .await
-            .unwrap();
+        let _ = refresh_resume_token(&conn).await;
         f.go_away().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let r: RefreshResumeTokenResponse = conn
-            .rpc
-            .invoke_unary(methods::REFRESH_RESUME_TOKEN, &RefreshResumeTokenRequest {})
-            .await
-            .unwrap();
+        let r = refresh_resume_token(&conn).await;
         assert!(!r.token.is_empty());
         assert_eq!(s.coord.session_count(), 1);
         // New sessions fail closed meanwhile (after the cache entry expires they would get 503;

@@ -7,71 +7,29 @@ mod upstream {
     use crate::common::v2::v2_dial;
     use crate::fake_coder::FakeCoder;
     use crate::support::SESSION_TOKEN;
-    use crate::upstream_harness::{json, send};
+    use crate::upstream_harness::{get_with_token, json, send};
 
     #[tokio::test]
     async fn fake_coder_rest_and_switches() {
         let f = FakeCoder::start().await;
-        let me = send(
-            &format!("{}/api/v2/users/me", f.url),
-            "GET",
-            &[("coder-session-token", &f.user_token_ssh)],
-            b"",
-        )
-        .await;
+        let me = get_with_token(&format!("{}/api/v2/users/me", f.url), &f.user_token_ssh).await;
         assert_eq!(me.status(), 200);
         assert_eq!(json(me.body())["id"], f.user_id_ssh.to_string());
         let probe = format!("{}{}", f.url, f.agent_path("/coordinate?version=99.0"));
-        let r = send(
-            &probe,
-            "GET",
-            &[("coder-session-token", &f.user_token_ssh)],
-            b"",
-        )
-        .await;
+        let r = get_with_token(&probe, &f.user_token_ssh).await;
         assert_eq!(r.status(), 400);
-        let r = send(
-            &probe,
-            "GET",
-            &[("coder-session-token", &f.user_token_nossh)],
-            b"",
-        )
-        .await;
+        let r = get_with_token(&probe, &f.user_token_nossh).await;
         assert_eq!(r.status(), 404);
-        let r = send(
-            &probe,
-            "GET",
-            &[("coder-session-token", &f.bad_user_token)],
-            b"",
-        )
-        .await;
+        let r = get_with_token(&probe, &f.bad_user_token).await;
         assert_eq!(r.status(), 401);
         f.set_browser_only(true);
-        let r = send(
-            &probe,
-            "GET",
-            &[("coder-session-token", &f.user_token_ssh)],
-            b"",
-        )
-        .await;
+        let r = get_with_token(&probe, &f.user_token_ssh).await;
         assert_eq!(r.status(), 409);
         let manifest = format!("{}/api/v2/workspaceagents/me/manifest", f.url);
-        let r = send(
-            &manifest,
-            "GET",
-            &[("coder-session-token", &f.agent_token)],
-            b"",
-        )
-        .await;
+        let r = get_with_token(&manifest, &f.agent_token).await;
         assert_eq!(json(r.body())["agent_id"], f.agent_id.to_string());
         f.set_manifest_gone(true);
-        let r = send(
-            &manifest,
-            "GET",
-            &[("coder-session-token", &f.agent_token)],
-            b"",
-        )
-        .await;
+        let r = get_with_token(&manifest, &f.agent_token).await;
         assert_eq!(r.status(), 404);
         f.set_fail(true);
         let r = send(&manifest, "GET", &[], b"").await;

@@ -505,17 +505,7 @@ mod upstream {
     #[tokio::test]
     async fn https_upstream() {
         let (fake, cert) = FakeCoder::start_tls().await;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert).unwrap();
-        let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let s = Sidecar::start_with(fake, |c| c.tls = Some(std::sync::Arc::new(tls))).await;
+        let s = Sidecar::start_with(fake, |c| c.tls = Some(FakeCoder::client_tls(cert))).await;
         assert!(s.fake.url.starts_with("https://"));
         let r = s
             .request("POST", "/api/v2/fake/echo/tls", &[], b"over tls")

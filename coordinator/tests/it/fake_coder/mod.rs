@@ -146,6 +146,24 @@ impl FakeCoder {
 
     /// Start on 127.0.0.1:0 with TLS (self-signed for `localhost` and `127.0.0.1`); the URL is
     /// `https://127.0.0.1:port`. Returns the certificate to trust.
+    /// A client TLS configuration (HTTP/1.1) that trusts only `cert`, the certificate
+    /// [`FakeCoder::start_tls`] serves.
+    pub fn client_tls(
+        cert: rustls::pki_types::CertificateDer<'static>,
+    ) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(tls)
+    }
+
     pub async fn start_tls() -> (FakeCoder, rustls::pki_types::CertificateDer<'static>) {
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
             .unwrap();

@@ -21,6 +21,16 @@ use crate::common::v2::{v2_dial, V2Conn};
 use crate::fake_coder::FakeCoder;
 use crate::support::{init_tracing, Ws};
 
+/// How a [`Sidecar`] uses its upstream besides asking it about tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wiring {
+    /// Everything tailnetd does not serve is proxied to the upstream.
+    Proxy,
+    /// Non-Tailnet dRPC streams are forwarded to the upstream (`CoordinatorConfig::upstream`);
+    /// no HTTP proxy.
+    ForwardStreams,
+}
+
 pub struct Sidecar {
     pub fake: FakeCoder,
     pub addr: SocketAddr,
@@ -29,6 +39,9 @@ pub struct Sidecar {
     pub auth: Arc<UpstreamAuthenticator>,
     pub registry: prometheus::Registry,
 }
+
+/// The agent's dRPC endpoint, as a modern agent dials it.
+pub const AGENT_RPC: &str = "/api/v2/workspaceagents/me/rpc?version=2.10&role=agent";
 
 /// Test defaults: short timeouts, 1 MiB body limit.
 pub fn test_config(url: &str) -> UpstreamConfig {
@@ -50,28 +63,41 @@ impl Sidecar {
     }
 
     pub async fn start_with(fake: FakeCoder, tweak: impl FnOnce(&mut UpstreamConfig)) -> Sidecar {
-        init_tracing();
-        let registry = prometheus::Registry::new();
         let mut cfg = test_config(&fake.url);
         tweak(&mut cfg);
-        let upstream = Upstream::new(cfg, &registry).unwrap();
+        let derp = DerpMapConfig::default();
+        Self::launch(fake, cfg, Wiring::Proxy, derp, |_| {}).await
+    }
+
+    /// The general form: `fake` as the upstream with `upstream` settings, wired as `wiring` says;
+    /// `derp` gets tailnetd's embedded relay, `tweak` adjusts the coordinator's configuration.
+    pub async fn launch(
+        fake: FakeCoder,
+        upstream: UpstreamConfig,
+        wiring: Wiring,
+        derp: DerpMapConfig,
+        tweak: impl FnOnce(&mut CoordinatorConfig),
+    ) -> Sidecar {
+        init_tracing();
+        let registry = prometheus::Registry::new();
+        let upstream = Upstream::new(upstream, &registry).unwrap();
         let auth = Arc::new(UpstreamAuthenticator::new(upstream.clone()));
         let derp = DerpMapSource::new(DerpMapConfig {
             embedded: Some(EmbeddedRelay::new("http://127.0.0.1:1", None)),
-            ..Default::default()
+            ..derp
         })
         .unwrap();
-        let coord = Coordinator::new(
-            CoordinatorConfig {
-                shutdown_grace: Duration::from_secs(2),
-                ..Default::default()
-            },
-            auth.clone(),
-            derp,
-            &registry,
-        )
-        .unwrap();
-        let app = coord.router().merge(upstream.proxy_router(coord.clone()));
+        let mut config = CoordinatorConfig {
+            shutdown_grace: Duration::from_secs(2),
+            upstream: (wiring == Wiring::ForwardStreams).then(|| upstream.clone()),
+            ..Default::default()
+        };
+        tweak(&mut config);
+        let coord = Coordinator::new(config, auth.clone(), derp, &registry).unwrap();
+        let app = match wiring {
+            Wiring::Proxy => coord.router().merge(upstream.proxy_router(coord.clone())),
+            Wiring::ForwardStreams => coord.router(),
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -143,6 +169,17 @@ impl Sidecar {
         support::metric(&self.registry, name, labels)
     }
 
+    /// The fake's agent on `/me/rpc` (v2, agent role) through tailnetd.
+    pub async fn agent_v2(&self) -> V2Conn {
+        self.v2(AGENT_RPC, &self.fake.agent_token).await
+    }
+
+    /// A client (the ssh user) of the fake's agent on its coordinate endpoint through tailnetd.
+    pub async fn client_v2(&self) -> V2Conn {
+        self.v2(&self.coordinate_path(), &self.fake.user_token_ssh)
+            .await
+    }
+
     pub fn coordinate_path(&self) -> String {
         format!(
             "/api/v2/workspaceagents/{}/coordinate?version=2.0",
@@ -181,6 +218,11 @@ pub async fn send(
         .unwrap()
         .to_bytes();
     http::Response::from_parts(parts, bytes)
+}
+
+/// A bodiless GET of `url` with a Coder token.
+pub async fn get_with_token(url: &str, token: &str) -> http::Response<Bytes> {
+    send(url, "GET", &[("coder-session-token", token)], b"").await
 }
 
 /// A streaming request body from chunks.
