@@ -20,7 +20,7 @@ mod upstream {
     /// arrive intact.
     #[tokio::test]
     async fn every_agents_api_endpoint_is_proxied() {
-        let s = Sidecar::start_with(FakeCoder::start().await, |c| c.rewrite_derp_map = false).await;
+        let s = Sidecar::start_tweaked(|c| c.rewrite_derp_map = false).await;
         let f = s.fake.clone();
         let agent = f.agent_token.as_str();
         let user = f.user_token_ssh.as_str();
@@ -155,8 +155,7 @@ mod upstream {
 
     #[tokio::test]
     async fn host_rewritten_when_not_preserved() {
-        let fake = FakeCoder::start().await;
-        let s = Sidecar::start_with(fake, |c| c.preserve_host = false).await;
+        let s = Sidecar::start_tweaked(|c| c.preserve_host = false).await;
         let r = s.request("GET", "/api/v2/fake/echo/x", &[], b"").await;
         let v = json(r.body());
         assert_eq!(
@@ -300,8 +299,7 @@ mod upstream {
 
     #[tokio::test]
     async fn body_larger_than_limit_is_413() {
-        let fake = FakeCoder::start().await;
-        let s = Sidecar::start_with(fake, |c| c.max_body_bytes = 64 * 1024).await;
+        let s = Sidecar::start_tweaked(|c| c.max_body_bytes = 64 * 1024).await;
         // Declared length over the limit: refused before contacting the upstream.
         let before = s.fake.total();
         let r = s
@@ -327,12 +325,7 @@ mod upstream {
             .request("POST", "/api/v2/fake/upload", &[], &vec![7u8; 1000])
             .await;
         assert_eq!(r.status(), 200);
-        assert!(
-            s.metric(
-                "tailnetd_upstream_proxy_errors_total",
-                &[("reason", "body_too_large")]
-            ) >= 2.0
-        );
+        assert!(s.proxy_errors("body_too_large") >= 2.0);
     }
 
     /// `/connection` and `/me/manifest` carry tailnetd's DERP map; every other member is kept.
@@ -404,8 +397,7 @@ mod upstream {
 
     #[tokio::test]
     async fn large_derp_answer_passes_through_unchanged() {
-        let fake = FakeCoder::start().await;
-        let s = Sidecar::start_with(fake, |c| c.max_rewrite_bytes = 64).await;
+        let s = Sidecar::start_tweaked(|c| c.max_rewrite_bytes = 64).await;
         let f = &s.fake;
         let r = s
             .request(
@@ -432,8 +424,7 @@ mod upstream {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let dead = l.local_addr().unwrap();
         drop(l);
-        let fake = FakeCoder::start().await;
-        let s = Sidecar::start_with(fake, |c| c.url = format!("http://{dead}")).await;
+        let s = Sidecar::start_tweaked(|c| c.url = format!("http://{dead}")).await;
         let t = Instant::now();
         let r = s.request("GET", "/api/v2/buildinfo", &[], b"").await;
         assert_eq!(r.status(), 502);
@@ -441,13 +432,7 @@ mod upstream {
         assert_eq!(v["message"], "Failed to reach the upstream Coder server.");
         assert!(v["detail"].is_string());
         assert!(t.elapsed() < Duration::from_secs(3));
-        assert_eq!(
-            s.metric(
-                "tailnetd_upstream_proxy_errors_total",
-                &[("reason", "unreachable")]
-            ),
-            1.0
-        );
+        assert_eq!(s.proxy_errors("unreachable"), 1.0);
     }
 
     #[tokio::test]
@@ -467,8 +452,7 @@ mod upstream {
 
     #[tokio::test]
     async fn hanging_upstream_is_502_within_the_timeout() {
-        let fake = FakeCoder::start().await;
-        let s = Sidecar::start_with(fake, |c| c.header_timeout = Duration::from_millis(300)).await;
+        let s = Sidecar::start_tweaked(|c| c.header_timeout = Duration::from_millis(300)).await;
         s.fake.set_slow(Duration::from_secs(10));
         let t = Instant::now();
         let r = s.request("GET", "/api/v2/buildinfo", &[], b"").await;
@@ -482,13 +466,7 @@ mod upstream {
             .as_str()
             .unwrap()
             .contains("did not answer"));
-        assert_eq!(
-            s.metric(
-                "tailnetd_upstream_proxy_errors_total",
-                &[("reason", "timeout")]
-            ),
-            1.0
-        );
+        assert_eq!(s.proxy_errors("timeout"), 1.0);
     }
 
     /// An upstream 500 is the upstream's answer: passed through, not turned into 502.

@@ -625,14 +625,20 @@ async fn agent_json_body(State(st): State<Arc<FakeState>>, req: Request) -> Resp
     Json(json!({})).into_response()
 }
 
-async fn external_auth(
-    State(st): State<Arc<FakeState>>,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-) -> Response {
-    if let Err(r) = agent_auth(&st, &headers, q.as_deref()) {
-        return r;
+/// A request with a valid agent token: the check the agent endpoints start with. Rejects with
+/// coderd's error answer.
+struct AgentAuthed;
+
+impl FromRequestParts<Arc<FakeState>> for AgentAuthed {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, st: &Arc<FakeState>) -> Result<Self, Response> {
+        agent_auth(st, &parts.headers, parts.uri.query())?;
+        Ok(AgentAuthed)
     }
+}
+
+async fn external_auth(_: AgentAuthed) -> Response {
     Json(json!({
         "url": "https://github.com/login/oauth/authorize?client_id=x",
         "access_token": "gho_fake",
@@ -644,25 +650,11 @@ async fn external_auth(
     .into_response()
 }
 
-async fn gitauth(
-    State(st): State<Arc<FakeState>>,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-) -> Response {
-    if let Err(r) = agent_auth(&st, &headers, q.as_deref()) {
-        return r;
-    }
+async fn gitauth(_: AgentAuthed) -> Response {
     Json(json!({"username": "oauth2", "password": "gho_fake", "url": ""})).into_response()
 }
 
-async fn gitsshkey(
-    State(st): State<Arc<FakeState>>,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-) -> Response {
-    if let Err(r) = agent_auth(&st, &headers, q.as_deref()) {
-        return r;
-    }
+async fn gitsshkey(_: AgentAuthed) -> Response {
     Json(json!({
         "public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFake",
         "private_key": "-----BEGIN OPENSSH PRIVATE KEY-----\nfake\n-----END OPENSSH PRIVATE KEY-----\n"

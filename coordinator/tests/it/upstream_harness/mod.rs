@@ -62,6 +62,11 @@ impl Sidecar {
         Self::start_with(fake, |_| {}).await
     }
 
+    /// A fresh fake coderd behind tailnetd with the test upstream settings adjusted by `tweak`.
+    pub async fn start_tweaked(tweak: impl FnOnce(&mut UpstreamConfig)) -> Sidecar {
+        Self::start_with(FakeCoder::start().await, tweak).await
+    }
+
     pub async fn start_with(fake: FakeCoder, tweak: impl FnOnce(&mut UpstreamConfig)) -> Sidecar {
         let mut cfg = test_config(&fake.url);
         tweak(&mut cfg);
@@ -178,6 +183,14 @@ impl Sidecar {
     pub async fn client_v2(&self) -> V2Conn {
         self.v2(&self.coordinate_path(), &self.fake.user_token_ssh)
             .await
+    }
+
+    /// `tailnetd_upstream_proxy_errors_total{reason}`.
+    pub fn proxy_errors(&self, reason: &str) -> f64 {
+        self.metric(
+            "tailnetd_upstream_proxy_errors_total",
+            &[("reason", reason)],
+        )
     }
 
     pub fn coordinate_path(&self) -> String {
