@@ -84,27 +84,15 @@ mod upstream {
             }
         }
         // Spot-check realistic shapes.
-        let r = s
-            .request(
-                "GET",
-                &format!("{WA}/{id}"),
-                &[("coder-session-token", user)],
-                b"",
-            )
-            .await;
+        let r = s.get_with_token(&format!("{WA}/{id}"), user).await;
         assert_eq!(r.status(), 200);
         let v = json(r.body());
         assert_eq!(v["id"], id.to_string());
         assert_eq!(v["status"], "connected");
         let r = s
-            .request(
-                "GET",
+            .get_with_token(
                 &format!("{WA}/me/gitsshkey"),
-                &[(
-                    "coder-session-token",
-                    "00000000-0000-0000-0000-000000000000",
-                )],
-                b"",
+                "00000000-0000-0000-0000-000000000000",
             )
             .await;
         assert_eq!(r.status(), 401);
@@ -360,12 +348,7 @@ mod upstream {
         assert!(rec.headers.get("accept-encoding").is_none());
 
         let r = s
-            .request(
-                "GET",
-                &format!("{WA}/me/manifest"),
-                &[("coder-session-token", &f.agent_token)],
-                b"",
-            )
+            .get_with_token(&format!("{WA}/me/manifest"), &f.agent_token)
             .await;
         assert_eq!(r.status(), 200);
         let expect = manifest_json(f.agent_id, f.workspace_id, &f.agent_name)
@@ -382,14 +365,9 @@ mod upstream {
 
         // Non-200 answers pass through untouched.
         let r = s
-            .request(
-                "GET",
+            .get_with_token(
                 &format!("{WA}/me/manifest"),
-                &[(
-                    "coder-session-token",
-                    "00000000-0000-0000-0000-000000000000",
-                )],
-                b"",
+                "00000000-0000-0000-0000-000000000000",
             )
             .await;
         assert_eq!(r.status(), 401);
@@ -400,11 +378,9 @@ mod upstream {
         let s = Sidecar::start_tweaked(|c| c.max_rewrite_bytes = 64).await;
         let f = &s.fake;
         let r = s
-            .request(
-                "GET",
+            .get_with_token(
                 &format!("{WA}/{}/connection", f.agent_id),
-                &[("coder-session-token", &f.user_token_ssh)],
-                b"",
+                &f.user_token_ssh,
             )
             .await;
         assert_eq!(r.status(), 200);

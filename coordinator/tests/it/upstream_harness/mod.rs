@@ -137,6 +137,11 @@ impl Sidecar {
         send(&self.http_url(path), method, headers, body).await
     }
 
+    /// A bodiless GET through tailnetd with a Coder token.
+    pub async fn get_with_token(&self, path: &str, token: &str) -> http::Response<Bytes> {
+        get_with_token(&self.http_url(path), token).await
+    }
+
     /// One HTTP request straight to the fake (for byte-for-byte comparison).
     pub async fn direct(
         &self,
