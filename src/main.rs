@@ -239,7 +239,7 @@ async fn run(s: Settings) -> Result<()> {
         })
         .context("derp_map_file")?;
         let config = CoordinatorConfig {
-            upstream: upstream.clone(),
+            upstream,
             upstream_bridge: coordinator::upstream::bridge::BridgeConfig {
                 enabled: s.upstream_bridge,
                 ..Default::default()
