@@ -688,6 +688,21 @@ impl UpstreamLink {
         }
     }
 
+    /// The upstream session for forwarded telemetry: dialed now if it was not yet, but unlike
+    /// [`Self::session_or_fail`] a failed dial neither fails the link (the downstream session
+    /// stays up) nor is remembered (a later forwarded stream or telemetry call dials again).
+    pub async fn session_for_telemetry(&self) -> Result<SessionHandle, UpstreamError> {
+        self.session
+            .get_or_try_init(|| async {
+                match self.connect(DialPurpose::Telemetry).await {
+                    Ok(h) => Ok(Ok(h)),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?
+            .clone()
+    }
+
     /// Resolves once the downstream session has ended (or this link was dropped).
     pub async fn ended(&self) {
         self.signals.done.cancelled().await;
@@ -791,10 +806,13 @@ impl UpstreamLink {
 
     /// The upstream session, dialing it on first use (concurrent callers share one dial).
     async fn session(&self) -> Result<SessionHandle, UpstreamError> {
-        self.session.get_or_init(|| self.connect()).await.clone()
+        self.session
+            .get_or_init(|| self.connect(DialPurpose::Forward))
+            .await
+            .clone()
     }
 
-    async fn connect(&self) -> Result<SessionHandle, UpstreamError> {
+    async fn connect(&self, purpose: DialPurpose) -> Result<SessionHandle, UpstreamError> {
         let rpc = &self.rpc;
         let endpoint = self.endpoint.label();
         let ws = match rpc.dial(&self.path_and_query, &self.token).await {
@@ -804,13 +822,19 @@ impl UpstreamLink {
                     .dials
                     .with_label_values(&[endpoint, "error"])
                     .inc();
-                rpc.metrics.fail("dial");
-                tracing::warn!(
-                    endpoint,
-                    upstream = %rpc.target.base_url,
-                    error = %e,
-                    "cannot reach the upstream coderd; closing the session"
-                );
+                match purpose {
+                    DialPurpose::Forward => {
+                        rpc.metrics.fail("dial");
+                        tracing::warn!(
+                            endpoint,
+                            upstream = %rpc.target.base_url,
+                            error = %e,
+                            "cannot reach the upstream coderd; closing the session"
+                        );
+                    }
+                    // Counted and logged by the telemetry forwarder; the session stays.
+                    DialPurpose::Telemetry => {}
+                }
                 return Err(e);
             }
         };
@@ -853,6 +877,15 @@ impl UpstreamLink {
         let _ = tokio::time::timeout(REFUSE_GRACE, wait).await;
         self.signals.fail(message);
     }
+}
+
+/// Why an upstream session is dialed: what a failed dial means for the downstream session.
+#[derive(Debug, Clone, Copy)]
+enum DialPurpose {
+    /// A forwarded stream or the bridge: the downstream session closes.
+    Forward,
+    /// Forwarded telemetry: best effort, the downstream session stays.
+    Telemetry,
 }
 
 /// Owns one upstream session: refuses streams coderd opens (it never should), notices the session
