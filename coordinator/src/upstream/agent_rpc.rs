@@ -673,8 +673,8 @@ impl UpstreamLink {
         self.endpoint
     }
 
-    /// The upstream session, dialed now if it was not yet: the sidecar bridge and forwarded
-    /// telemetry need it without waiting for a forwarded stream. A failed dial fails the link
+    /// The upstream session, dialed now if it was not yet: the sidecar bridge needs it without
+    /// waiting for a forwarded stream (telemetry uses [`Self::session_for_telemetry`]). A failed dial fails the link
     /// like a failed first forwarded stream does (the downstream session closes and the peer
     /// redials).
     pub async fn session_or_fail(&self) -> Result<SessionHandle, UpstreamError> {
@@ -691,7 +691,14 @@ impl UpstreamLink {
     /// The upstream session for forwarded telemetry: dialed now if it was not yet, but unlike
     /// [`Self::session_or_fail`] a failed dial neither fails the link (the downstream session
     /// stays up) nor is remembered (a later forwarded stream or telemetry call dials again).
+    /// Once the downstream session has ended nothing is dialed any more (an agent's `/me/rpc`
+    /// would look connected to coderd again).
     pub async fn session_for_telemetry(&self) -> Result<SessionHandle, UpstreamError> {
+        if self.signals.done.is_cancelled() && self.session.get().is_none() {
+            return Err(UpstreamError::Session(
+                "the downstream session has ended".into(),
+            ));
+        }
         self.session
             .get_or_try_init(|| async {
                 match self.connect(DialPurpose::Telemetry).await {

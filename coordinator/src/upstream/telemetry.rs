@@ -10,7 +10,10 @@
 //! - **Owned by the session.** [`TelemetryPump::run`] runs inside the session's own future (never
 //!   a detached task). When the downstream session ends the pump forwards what is still queued
 //!   within [`DRAIN_GRACE`], then ends, which drops the upstream session it dialed; coordinator
-//!   shutdown ends it at once.
+//!   shutdown ends it at once. A client of one agent has an `/api/v2/tailnet` session of its own
+//!   for this, so its last events still reach coderd after it hung up; agents and Desktop share
+//!   their forwarding session, which closes with theirs, so what they queued last is counted as
+//!   failed instead (and nothing is dialed for them once they are gone).
 //! - **Bounded.** At most [`QUEUE_CAPACITY`] requests wait per session; more are dropped and
 //!   counted (`coordinator_upstream_rpc_failures_total{reason="telemetry_dropped"}`). Each
 //!   forward is bounded by [`DIAL_TIMEOUT`] for the upstream session and [`CALL_TIMEOUT`] for the
