@@ -9,9 +9,11 @@
 //!   decode ends only that stream (Error packet, log, metric; the peer is LOST).
 //! - `StreamDERPMaps`: the current map at once, then every change.
 //! - `RefreshResumeToken`: only on client endpoints (agents get "unimplemented", as from coderd).
-//! - `PostTelemetry`: accepted and counted; in sidecar mode also forwarded to coderd with the
-//!   peer's own token (agents and Desktop: on their upstream session; clients of one agent: on an
-//!   `/api/v2/tailnet` session dialled on first use, whose failure never touches their session).
+//! - `PostTelemetry`: accepted, counted and answered at once; in sidecar mode also queued for the
+//!   session's telemetry pump ([`crate::upstream::telemetry`]), which forwards it to coderd with
+//!   the peer's own token (agents and Desktop: on their upstream session; clients of one agent: on
+//!   an `/api/v2/tailnet` session dialled on first use). A failed forward never touches the
+//!   peer's session.
 //! - `WorkspaceUpdates`, the `coder.agent.v2.Agent` methods and unknown names: unimplemented
 //!   (code 12 and `unknown rpc: ` text, which Go clients treat as "not supported"), unless an
 //!   upstream coderd is configured: then [`crate::upstream::agent_rpc`] takes those streams over
@@ -29,6 +31,7 @@ use proto::tailnet::v2::{
     CoordinateRequest, CoordinateResponse, RefreshResumeTokenRequest, StreamDerpMapsRequest,
     TelemetryRequest, TelemetryResponse,
 };
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::auth::UserIdentity;
@@ -43,6 +46,7 @@ use crate::rpc::wsio::{
 };
 use crate::rpc::yamux::{self, Session, SessionError};
 use crate::upstream::agent_rpc::UpstreamLink;
+use crate::upstream::telemetry::{self, TelemetryQueue};
 use crate::Coordinator;
 
 /// What kind of peer a v2 session serves.
@@ -103,8 +107,28 @@ impl V2Peer {
     }
 }
 
-/// Serve one upgraded WebSocket as a v2 session until it ends.
+/// Serve one upgraded WebSocket as a v2 session until it ends; in sidecar mode the session's
+/// telemetry pump runs next to it and drains (bounded) after it.
 pub(crate) async fn serve_session(coord: Arc<Coordinator>, ws: WebSocket, peer: V2Peer) {
+    let Some(link) = peer.telemetry.clone() else {
+        return run_session(coord, ws, peer, None).await;
+    };
+    let (queue, pump) = telemetry::channel(link, peer.id);
+    let session_ended = CancellationToken::new();
+    let shutdown = coord.cancel.clone();
+    let session = async {
+        run_session(coord, ws, peer, Some(queue)).await;
+        session_ended.cancel();
+    };
+    tokio::join!(session, pump.run(session_ended.clone(), shutdown));
+}
+
+async fn run_session(
+    coord: Arc<Coordinator>,
+    ws: WebSocket,
+    peer: V2Peer,
+    telemetry: Option<TelemetryQueue>,
+) {
     let _tracked = coord.sessions.track();
     let _session = coord.metrics.session(peer.role(), Protocol::V2);
     let metrics = Some(coord.rpc_metrics.clone());
@@ -129,6 +153,7 @@ pub(crate) async fn serve_session(coord: Arc<Coordinator>, ws: WebSocket, peer: 
     let handler: Arc<dyn Handler> = Arc::new(TailnetService {
         coord: coord.clone(),
         peer,
+        telemetry,
     });
     let config = DrpcConfig {
         metrics,
@@ -204,6 +229,8 @@ pub(crate) async fn serve_session(coord: Arc<Coordinator>, ws: WebSocket, peer: 
 struct TailnetService {
     coord: Arc<Coordinator>,
     peer: V2Peer,
+    /// Sidecar mode: where `PostTelemetry` requests wait for the session's telemetry pump.
+    telemetry: Option<TelemetryQueue>,
 }
 
 impl Handler for TailnetService {
@@ -369,44 +396,15 @@ impl TailnetService {
                 .metrics
                 .telemetry_events
                 .inc_by(req.events.len() as u64);
-            self.forward_telemetry(&req).await;
+            if let Some(queue) = &self.telemetry {
+                queue.offer(self.peer.id, req);
+            }
         }
         stream
             .send(Bytes::from(prost::Message::encode_to_vec(
                 &TelemetryResponse {},
             )))
             .await
-    }
-}
-
-impl TailnetService {
-    /// Sidecar mode: coderd gets the peer's telemetry on an upstream session authenticated with
-    /// the peer's own token (as if the peer had posted it to coderd). Best effort: the peer's call
-    /// succeeds either way; a failure is counted
-    /// (`coordinator_upstream_rpc_failures_total{reason="telemetry"}`).
-    async fn forward_telemetry(&self, req: &TelemetryRequest) {
-        let Some(link) = &self.peer.telemetry else {
-            return;
-        };
-        let session = match link.session_or_fail().await {
-            Ok(s) => s,
-            Err(e) => {
-                link.count_failure("telemetry");
-                tracing::debug!(peer = %self.peer.id, error = %e, "no upstream session for telemetry");
-                return;
-            }
-        };
-        let sent = drpc::invoke_unary_on::<_, TelemetryResponse>(
-            &session,
-            &DrpcConfig::default(),
-            methods::POST_TELEMETRY,
-            req,
-        )
-        .await;
-        if let Err(e) = sent {
-            link.count_failure("telemetry");
-            tracing::debug!(peer = %self.peer.id, error = %e, "forwarding telemetry to coderd failed");
-        }
     }
 }
 

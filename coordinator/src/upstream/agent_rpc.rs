@@ -432,8 +432,8 @@ impl UpstreamLink {
         self.endpoint
     }
 
-    /// The upstream session, dialed now if it was not yet: the sidecar bridge and forwarded
-    /// telemetry need it without waiting for a forwarded stream. A failed dial fails the link
+    /// The upstream session, dialed now if it was not yet: the sidecar bridge needs it without
+    /// waiting for a forwarded stream (telemetry uses [`Self::session_for_telemetry`]). A failed dial fails the link
     /// like a failed first forwarded stream does (the downstream session closes and the peer
     /// redials).
     pub async fn session_or_fail(&self) -> Result<SessionHandle, UpstreamError> {
@@ -445,6 +445,28 @@ impl UpstreamLink {
                 Err(e)
             }
         }
+    }
+
+    /// The upstream session for forwarded telemetry: dialed now if it was not yet, but unlike
+    /// [`Self::session_or_fail`] a failed dial neither fails the link (the downstream session
+    /// stays up) nor is remembered (a later forwarded stream or telemetry call dials again).
+    /// Once the downstream session has ended nothing is dialed any more (an agent's `/me/rpc`
+    /// would look connected to coderd again).
+    pub async fn session_for_telemetry(&self) -> Result<SessionHandle, UpstreamError> {
+        if self.signals.done.is_cancelled() && self.session.get().is_none() {
+            return Err(UpstreamError::Session(
+                "the downstream session has ended".into(),
+            ));
+        }
+        self.session
+            .get_or_try_init(|| async {
+                match self.connect(DialPurpose::Telemetry).await {
+                    Ok(h) => Ok(Ok(h)),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?
+            .clone()
     }
 
     /// Resolves once the downstream session has ended (or this link was dropped).
@@ -550,10 +572,13 @@ impl UpstreamLink {
 
     /// The upstream session, dialing it on first use (concurrent callers share one dial).
     async fn session(&self) -> Result<SessionHandle, UpstreamError> {
-        self.session.get_or_init(|| self.connect()).await.clone()
+        self.session
+            .get_or_init(|| self.connect(DialPurpose::Forward))
+            .await
+            .clone()
     }
 
-    async fn connect(&self) -> Result<SessionHandle, UpstreamError> {
+    async fn connect(&self, purpose: DialPurpose) -> Result<SessionHandle, UpstreamError> {
         let rpc = &self.rpc;
         let endpoint = self.endpoint.label();
         let ws = match rpc.dial(&self.path_and_query, &self.token).await {
@@ -563,13 +588,19 @@ impl UpstreamLink {
                     .dials
                     .with_label_values(&[endpoint, "error"])
                     .inc();
-                rpc.metrics.fail("dial");
-                tracing::warn!(
-                    endpoint,
-                    upstream = %rpc.upstream.config().url,
-                    error = %e,
-                    "cannot reach the upstream coderd; closing the session"
-                );
+                match purpose {
+                    DialPurpose::Forward => {
+                        rpc.metrics.fail("dial");
+                        tracing::warn!(
+                            endpoint,
+                            upstream = %rpc.upstream.config().url,
+                            error = %e,
+                            "cannot reach the upstream coderd; closing the session"
+                        );
+                    }
+                    // Counted and logged by the telemetry forwarder; the session stays.
+                    DialPurpose::Telemetry => {}
+                }
                 return Err(e);
             }
         };
@@ -612,6 +643,15 @@ impl UpstreamLink {
         let _ = tokio::time::timeout(REFUSE_GRACE, wait).await;
         self.signals.fail(message);
     }
+}
+
+/// Why an upstream session is dialed: what a failed dial means for the downstream session.
+#[derive(Debug, Clone, Copy)]
+enum DialPurpose {
+    /// A forwarded stream or the bridge: the downstream session closes.
+    Forward,
+    /// Forwarded telemetry: best effort, the downstream session stays.
+    Telemetry,
 }
 
 /// Owns one upstream session: refuses streams coderd opens (it never should), notices the session

@@ -26,6 +26,7 @@ pub mod bridge;
 pub mod cache;
 pub mod proxy;
 pub mod rewrite;
+pub mod telemetry;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -10,13 +10,15 @@ use bytes::Bytes;
 use coordinator::derpmap::DerpMapConfig;
 use coordinator::graph::{PeerGraph, PeerHandle, PeerReceiver};
 use coordinator::upstream::bridge::BridgeConfig;
-use coordinator::upstream::UpstreamConfig;
+use coordinator::upstream::telemetry::QUEUE_CAPACITY;
+use coordinator::upstream::{Upstream, UpstreamConfig};
 use proto::tailnet::v2::coordinate_request::{ReadyForHandshake, Tunnel, UpdateSelf};
 use proto::tailnet::v2::coordinate_response::peer_update::Kind;
 use proto::tailnet::v2::{methods, CoordinateRequest, Node, TelemetryRequest, TelemetryResponse};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
+use crate::common::v2::V2Conn;
 use crate::common::{eventually, node};
 use crate::fake_coder::FakeCoder;
 use crate::upstream_harness::{Sidecar, Wiring};
@@ -26,6 +28,12 @@ const WAIT: Duration = Duration::from_secs(10);
 /// tailnetd forwarding to the fake coderd (with its coordinator on), the bridge `enabled` or
 /// not, redialing fast.
 async fn start(enabled: bool) -> Sidecar {
+    start_with_rpc_url(enabled, None).await
+}
+
+/// As [`start`]; `rpc_url`: where upstream dRPC sessions (forwarded streams, the bridge,
+/// telemetry) go instead of the fake coderd, which still authenticates.
+async fn start_with_rpc_url(enabled: bool, rpc_url: Option<String>) -> Sidecar {
     let fake = FakeCoder::start().await;
     fake.set_tailnet(true);
     let upstream = UpstreamConfig {
@@ -43,6 +51,13 @@ async fn start(enabled: bool) -> Sidecar {
             max_backoff: Duration::from_millis(400),
             ..Default::default()
         };
+        if let Some(url) = rpc_url {
+            let elsewhere = UpstreamConfig {
+                url,
+                ..Default::default()
+            };
+            c.upstream = Some(Upstream::new(elsewhere, &prometheus::Registry::new()).unwrap());
+        }
     })
     .await
 }
@@ -298,8 +313,9 @@ async fn post_telemetry_is_forwarded_to_coderd() {
         .invoke_unary(methods::POST_TELEMETRY, &req)
         .await
         .unwrap();
-    assert_eq!(s.fake.telemetry(), vec![req]);
     assert_eq!(s.metric("coordinator_telemetry_events_total", &[]), 2.0);
+    assert!(eventually(WAIT, || !s.fake.telemetry().is_empty()).await);
+    assert_eq!(s.fake.telemetry(), vec![req]);
     assert_eq!(
         s.fake.rpc_sessions(),
         vec!["agent".to_string()],
@@ -326,19 +342,153 @@ async fn a_clients_post_telemetry_is_forwarded_with_its_own_token() {
         .invoke_unary(methods::POST_TELEMETRY, &req)
         .await
         .unwrap();
+    assert!(eventually(WAIT, || !s.fake.telemetry().is_empty()).await);
     assert_eq!(s.fake.telemetry(), vec![req.clone()]);
     let _: TelemetryResponse = c
         .rpc
         .invoke_unary(methods::POST_TELEMETRY, &req)
         .await
         .unwrap();
-    assert_eq!(s.fake.telemetry().len(), 2);
+    assert!(eventually(WAIT, || s.fake.telemetry().len() == 2).await);
     assert_eq!(
         s.fake.tailnet_sessions(),
         1,
         "one upstream session per client session"
     );
     assert_eq!(s.fake.coordinates_opened(), 0, "clients are never bridged");
+}
+
+/// The client's call must not wait for coderd: answered well within this.
+const PROMPT: Duration = Duration::from_millis(500);
+
+async fn post_telemetry_promptly(c: &V2Conn, req: &TelemetryRequest) {
+    let call = c
+        .rpc
+        .invoke_unary::<_, TelemetryResponse>(methods::POST_TELEMETRY, req);
+    tokio::time::timeout(PROMPT, call)
+        .await
+        .expect("PostTelemetry answered only after coderd")
+        .unwrap();
+}
+
+fn telemetry_failures(s: &Sidecar) -> f64 {
+    s.metric(
+        "coordinator_upstream_rpc_failures_total",
+        &[("reason", "telemetry")],
+    )
+}
+
+#[tokio::test]
+async fn a_slow_coderd_does_not_delay_the_answer_to_post_telemetry() {
+    let s = start(false).await;
+    let c = s.client_v2().await;
+    let cp = c.coordinate().await;
+    cp.add_tunnel(s.fake.agent_id).await;
+    s.fake.set_slow(Duration::from_secs(2));
+    let req = TelemetryRequest {
+        events: vec![Default::default()],
+    };
+    post_telemetry_promptly(&c, &req).await;
+    assert!(s.fake.telemetry().is_empty(), "coderd is still sleeping");
+    assert!(eventually(WAIT, || s.fake.telemetry() == vec![req.clone()]).await);
+    assert_eq!(telemetry_failures(&s), 0.0);
+}
+
+#[tokio::test]
+async fn telemetry_posted_right_before_the_client_hangs_up_still_reaches_coderd() {
+    // Coder's client posts its ping event and closes its connection at once; the forward
+    // (a fresh dial to coderd) must outlive the client's session.
+    let s = start(false).await;
+    let c = s.client_v2().await;
+    let cp = c.coordinate().await;
+    cp.add_tunnel(s.fake.agent_id).await;
+    s.fake.set_slow(Duration::from_secs(1));
+    let req = TelemetryRequest {
+        events: vec![Default::default(); 2],
+    };
+    post_telemetry_promptly(&c, &req).await;
+    c.ws.close(1000, "").await;
+    assert!(eventually(WAIT, || s.fake.telemetry() == vec![req.clone()]).await);
+    assert_eq!(s.fake.tailnet_sessions(), 1);
+    assert_eq!(telemetry_failures(&s), 0.0);
+}
+
+#[tokio::test]
+async fn telemetry_beyond_the_sessions_queue_is_dropped_and_counted() {
+    let s = start(false).await;
+    let c = s.client_v2().await;
+    let cp = c.coordinate().await;
+    cp.add_tunnel(s.fake.agent_id).await;
+    // The first forward waits for the slow dial; the queue fills up behind it.
+    s.fake.set_slow(Duration::from_secs(1));
+    let posted = QUEUE_CAPACITY + 4;
+    let req = TelemetryRequest {
+        events: vec![Default::default()],
+    };
+    for _ in 0..posted {
+        post_telemetry_promptly(&c, &req).await;
+    }
+    let dropped = || {
+        s.metric(
+            "coordinator_upstream_rpc_failures_total",
+            &[("reason", "telemetry_dropped")],
+        )
+    };
+    assert!(
+        eventually(WAIT, || s.fake.telemetry().len() as f64 + dropped()
+            == posted as f64)
+        .await
+    );
+    assert!(
+        dropped() >= (posted - QUEUE_CAPACITY - 1) as f64,
+        "at most one in flight and a full queue: {} dropped",
+        dropped()
+    );
+    assert_eq!(telemetry_failures(&s), 0.0);
+    assert!(!c.ws.is_ended());
+}
+
+#[tokio::test]
+async fn an_unreachable_coderd_for_telemetry_leaves_the_clients_session_working() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let s = start_with_rpc_url(false, Some(dead_url)).await;
+    let agent_id = s.fake.agent_id;
+    let a = s.agent_v2().await;
+    let ap = a.coordinate().await;
+    let an = node(agent_id, true, 1);
+    ap.update_self(an.clone()).await;
+    let c = s.client_v2().await;
+    let mut cp = c.coordinate().await;
+    cp.add_tunnel(agent_id).await;
+    cp.expect_node(agent_id, &an).await;
+
+    let req = TelemetryRequest {
+        events: vec![Default::default()],
+    };
+    post_telemetry_promptly(&c, &req).await;
+    assert!(eventually(WAIT, || telemetry_failures(&s) == 1.0).await);
+    post_telemetry_promptly(&c, &req).await;
+    assert!(eventually(WAIT, || telemetry_failures(&s) == 2.0).await);
+    // The agent's telemetry goes on its own (unreachable) upstream session: same outcome.
+    post_telemetry_promptly(&a, &req).await;
+    assert!(eventually(WAIT, || telemetry_failures(&s) == 3.0).await);
+
+    // The client's session (and the agent's) carry on coordinating.
+    assert!(!c.ws.is_ended() && !a.ws.is_ended());
+    let an2 = node(agent_id, true, 2);
+    ap.update_self(an2.clone()).await;
+    cp.expect_node(agent_id, &an2).await;
+    assert_eq!(
+        s.metric(
+            "coordinator_upstream_rpc_failures_total",
+            &[("reason", "dial")]
+        ),
+        0.0,
+        "a telemetry dial is not a forwarding failure"
+    );
+    assert!(s.fake.telemetry().is_empty());
 }
 
 #[tokio::test]
