@@ -3,6 +3,7 @@ module tailnetd.test/interop/coderd
 go 1.26.5
 
 require (
+	tailnetd.test/interop/harness v0.0.0
 	cdr.dev/slog/v3 v3.1.0
 	github.com/coder/coder/v2 v2.36.1
 	github.com/coder/serpent v0.15.0
@@ -508,3 +509,6 @@ replace github.com/charmbracelet/anthropic-sdk-go => github.com/coder/anthropic-
 replace github.com/anthropics/anthropic-sdk-go v1.19.0 => github.com/dannykopping/anthropic-sdk-go v0.0.0-20251230111224-88a4315810bd
 
 replace github.com/openai/openai-go/v3 => github.com/coder/openai-go/v3 v3.0.0-20260708125056-3633b71968f7
+
+// The shared process harness (standard library only), from this repository.
+replace tailnetd.test/interop/harness => ../harness

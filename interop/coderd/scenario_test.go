@@ -37,7 +37,9 @@ import (
 	"github.com/coder/coder/v2/codersdk"
 	"github.com/coder/coder/v2/provisioner/echo"
 	"github.com/coder/coder/v2/provisionersdk/proto"
+
 	"github.com/coder/coder/v2/tailnet"
+	"tailnetd.test/interop/harness"
 
 	"tailnetd.test/interop/coderd/pgtest"
 )
@@ -58,12 +60,7 @@ var pgServer *pgtest.Server
 // uncacheable: they depend on the tailnetd binary, which go test's cache cannot see; opening a
 // file written a moment ago makes go test refuse to cache the run ("file too new").
 func TestMain(m *testing.M) {
-	stamp := filepath.Join(os.TempDir(), "tailnetd-interop-coderd.stamp")
-	if err := os.WriteFile(stamp, []byte(time.Now().String()), 0o600); err == nil {
-		if f, err := os.Open(stamp); err == nil {
-			_ = f.Close()
-		}
-	}
+	harness.Prepare()
 	// The checks mostly wait (on coderd, the agent, the network), so run them all at once
 	// rather than GOMAXPROCS at a time, unless -parallel is given.
 	flag.Parse()
@@ -185,7 +182,7 @@ func newScenario(t *testing.T, door frontDoor) *scenario {
 	// tailnetd first (coderd is "down" behind the forwarder until it starts), so that coderd
 	// can be configured with tailnetd's own DERP map.
 	s.fwd = newTCPForwarder(t)
-	s.tailnetd = startTailnetdServe(t, freeTCPAddr(t), "http://"+s.fwd.addr())
+	s.tailnetd = startTailnetdServe(t, harness.FreeTCPAddr(t), "http://"+s.fwd.addr())
 	s.tailnetdURL, err = url.Parse(s.tailnetd.announcement().BaseURL)
 	if err != nil {
 		t.Fatal(err)

@@ -24,6 +24,13 @@ var (
 // test opens). Opening a file written a moment ago makes go test refuse to cache the run ("file
 // too new"). A failure to get the binary fails every test that asks for it, with the reason.
 func Main(m *testing.M) {
+	Prepare()
+	os.Exit(m.Run())
+}
+
+// Prepare does Main's work for a suite whose TestMain must do more around m.Run (start a
+// database, say): it resolves the binary and makes the run's results uncacheable.
+func Prepare() {
 	binaryOnce.Do(func() { binaryPath, binaryErr = resolveBinary() })
 	suite := "interop"
 	if wd, err := os.Getwd(); err == nil {
@@ -35,7 +42,6 @@ func Main(m *testing.M) {
 			_ = f.Close()
 		}
 	}
-	os.Exit(m.Run())
 }
 
 // Binary returns the absolute path of the binary under test: $TAILNETD_BIN, or tailnetd built
