@@ -219,3 +219,119 @@ async fn v1_node_over_the_limit_ends_the_session() {
     assert_eq!(h.metric(NODE_BYTES, &[]), 0.0);
     assert_eq!(h.metric(OVER_LIMIT, &[]), 1.0);
 }
+
+/// This process's resident set size in MB, from `/proc/self/status` (Linux).
+fn rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// RSS of `sessions` agent sessions each sending `make(agent id)` once and staying open, with
+/// `limits`; prints the figures (graph bytes, over-limit count, RSS before/after).
+async fn measure(label: &str, limits: NodeLimits, sessions: usize, make: fn(uuid::Uuid) -> Node) {
+    let h = Harness::start_with(
+        CoordinatorConfig {
+            node_limits: limits,
+            ..test_config()
+        },
+        sessions,
+    )
+    .await;
+    let before = rss_mb();
+    let mut held = Vec::new();
+    for (i, agent) in h.agents.iter().enumerate() {
+        let conn = V2Conn::agent(&h, i).await;
+        let p = conn.coordinate().await;
+        p.update_self(make(agent.id)).await;
+        held.push((conn, p));
+    }
+    // Let every session's request reach the graph (or be refused).
+    let expected = sessions as f64;
+    eventually(Duration::from_secs(60), || {
+        h.metric(OVER_LIMIT, &[]) == expected
+            || h.agents
+                .iter()
+                .all(|a| h.coord.graph().node(a.id).is_some())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_mb();
+    println!(
+        "{label}: {sessions} sessions, graph node bytes {:.0}, refused {:.0}, RSS {before:.0} MB -> {after:.0} MB (+{:.0} MB)",
+        h.metric(NODE_BYTES, &[]),
+        h.metric(OVER_LIMIT, &[]),
+        after - before,
+    );
+    drop(held);
+}
+
+fn attack_node(id: uuid::Uuid) -> Node {
+    empty_endpoints(node(id, true, 1), 2_000_000)
+}
+
+fn largest_allowed_node(id: uuid::Uuid) -> Node {
+    let limits = NodeLimits::default();
+    let mut n = node(id, true, 1);
+    // Entry limits first, then fill up to the byte limit with one long endpoint.
+    n.derp_latency = (0..limits.max_derp_latency)
+        .map(|i| (format!("{i}-v4"), 0.01))
+        .collect();
+    n.endpoints = vec![String::new(); limits.max_endpoints - 1];
+    let room = limits.max_node_bytes - n.encoded_len() - 8;
+    n.endpoints.push("x".repeat(room));
+    assert!(n.encoded_len() <= limits.max_node_bytes);
+    n
+}
+
+/// Benchmark-style checks for the README (not asserted; run each alone, in its own process, with
+/// `--ignored --nocapture --exact`): RSS of issue 14's attack without limits, with the default
+/// limits, and of the largest node the defaults allow; 20 sessions each.
+const MEASURED_SESSIONS: usize = 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement for the README, run by hand"]
+async fn rss_attack_without_limits() {
+    let unlimited = NodeLimits {
+        max_endpoints: usize::MAX,
+        max_addresses: usize::MAX,
+        max_allowed_ips: usize::MAX,
+        max_derp_latency: usize::MAX,
+        max_derp_forced_websocket: usize::MAX,
+        max_node_bytes: usize::MAX,
+    };
+    measure(
+        "no limits, 2M empty endpoints",
+        unlimited,
+        MEASURED_SESSIONS,
+        attack_node,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement for the README, run by hand"]
+async fn rss_attack_with_default_limits() {
+    measure(
+        "default limits, 2M empty endpoints",
+        NodeLimits::default(),
+        MEASURED_SESSIONS,
+        attack_node,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement for the README, run by hand"]
+async fn rss_largest_allowed_nodes() {
+    measure(
+        "default limits, largest allowed node",
+        NodeLimits::default(),
+        MEASURED_SESSIONS,
+        largest_allowed_node,
+    )
+    .await;
+}
