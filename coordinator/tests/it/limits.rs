@@ -232,6 +232,10 @@ fn rss_mb() -> f64 {
 
 /// RSS of `sessions` agent sessions each sending `make(agent id)` once and staying open, with
 /// `limits`; prints the figures (graph bytes, over-limit count, RSS before/after).
+#[allow(
+    clippy::print_stdout,
+    reason = "the figures are this by-hand measurement's output"
+)]
 async fn measure(label: &str, limits: NodeLimits, sessions: usize, make: fn(uuid::Uuid) -> Node) {
     let h = Harness::start_with(
         CoordinatorConfig {
