@@ -707,6 +707,22 @@ settings! {
         /// Lock shards of the peer graph (default: 4 x CPUs rounded up to a power of two, at
         /// least 16); more shards, less contention between unrelated peers.
         graph_shards: usize = |_| CoordinatorConfig::default().graph_shards;
+        /// Most `endpoints` one node may carry; a larger node ends its session.
+        node_max_endpoints: usize = |_| CoordinatorConfig::default().node_limits.max_endpoints;
+        /// Most `addresses` one node may carry; a larger node ends its session.
+        node_max_addresses: usize = |_| CoordinatorConfig::default().node_limits.max_addresses;
+        /// Most `allowed_ips` one node may carry; a larger node ends its session.
+        node_max_allowed_ips: usize = |_| CoordinatorConfig::default().node_limits.max_allowed_ips;
+        /// Most `derp_latency` entries one node may carry (two per DERP region); a larger node
+        /// ends its session.
+        node_max_derp_latency: usize =
+            |_| CoordinatorConfig::default().node_limits.max_derp_latency;
+        /// Most `derp_forced_websocket` entries one node may carry; a larger node ends its
+        /// session.
+        node_max_derp_forced_websocket: usize =
+            |_| CoordinatorConfig::default().node_limits.max_derp_forced_websocket;
+        /// Largest protobuf encoding of one node in bytes; a larger node ends its session.
+        node_max_bytes: usize = |_| CoordinatorConfig::default().node_limits.max_node_bytes;
     }
 
     /// Static tokens and resume-token keys (`[auth]`). The tokens are used when no upstream
@@ -1162,6 +1178,17 @@ impl Settings {
             coordinator_config.resume_expiry =
                 positive_duration("coordinator.resume_token_expiry", c.resume_token_expiry)?;
             coordinator_config.graph_shards = c.graph_shards;
+            if c.node_max_bytes < 1024 {
+                bail!("coordinator.node_max_bytes: must be at least 1024 bytes");
+            }
+            coordinator_config.node_limits = coordinator::graph::NodeLimits {
+                max_endpoints: c.node_max_endpoints,
+                max_addresses: c.node_max_addresses,
+                max_allowed_ips: c.node_max_allowed_ips,
+                max_derp_latency: c.node_max_derp_latency,
+                max_derp_forced_websocket: c.node_max_derp_forced_websocket,
+                max_node_bytes: c.node_max_bytes,
+            };
         }
         let mut static_auth = StaticAuthConfig::default();
         if let Some(a) = auth {

@@ -45,6 +45,9 @@ pub struct CoordinatorConfig {
     /// Sidecar mode: mirror every agent into coderd's coordinator (see
     /// [`crate::upstream::bridge`]). Off by default here; the binary turns it on with `--upstream`.
     pub upstream_bridge: crate::upstream::bridge::BridgeConfig,
+    /// How large one peer's node may be (entries per field, encoded bytes); a larger node ends
+    /// the session. See [`crate::graph::NodeLimits`].
+    pub node_limits: crate::graph::NodeLimits,
 }
 
 impl Default for CoordinatorConfig {
@@ -62,6 +65,7 @@ impl Default for CoordinatorConfig {
             graph_shards: crate::graph::default_shards(),
             upstream: None,
             upstream_bridge: crate::upstream::bridge::BridgeConfig::default(),
+            node_limits: crate::graph::NodeLimits::default(),
         }
     }
 }

@@ -137,6 +137,7 @@ impl Coordinator {
         let graph = PeerGraph::with_shards(
             GraphConfig {
                 response_queue: config.response_buffer.max(1),
+                node_limits: config.node_limits.clone(),
             },
             config.graph_shards,
             registry,

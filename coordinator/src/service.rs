@@ -291,6 +291,8 @@ impl TailnetService {
                                     crate::graph::CoordinateError::Authz(_) => "coordinate_unauthorized",
                                     crate::graph::CoordinateError::BadUuid(_) => "coordinate_bad_uuid",
                                     crate::graph::CoordinateError::MissingNode => "coordinate_missing_node",
+                                    crate::graph::CoordinateError::TooManyEntries { .. }
+                                    | crate::graph::CoordinateError::NodeTooLarge { .. } => "coordinate_node_over_limit",
                                 };
                                 coord.metrics.protocol_error(kind);
                             }

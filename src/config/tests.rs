@@ -301,6 +301,29 @@ secret_hex = "{secret}"
 }
 
 #[test]
+fn node_limits_from_flags_and_file() {
+    let defaults = coordinator::graph::NodeLimits::default();
+    let s = resolve(&["coordinator"]).unwrap();
+    assert_eq!(s.coordinator.node_limits, defaults);
+    let s = resolve(&[
+        "coordinator",
+        "--coordinator-node-max-endpoints",
+        "32",
+        "--coordinator-node-max-bytes",
+        "8192",
+    ])
+    .unwrap();
+    assert_eq!(s.coordinator.node_limits.max_endpoints, 32);
+    assert_eq!(s.coordinator.node_limits.max_node_bytes, 8192);
+    assert_eq!(
+        s.coordinator.node_limits.max_derp_latency,
+        defaults.max_derp_latency
+    );
+    let e = error(&["coordinator", "--coordinator-node-max-bytes", "100"]);
+    assert!(e.contains("coordinator.node_max_bytes"), "{e}");
+}
+
+#[test]
 fn bad_auth_entries_name_the_field() {
     let (_d, path) = write_config("[auth.resume_key]\nid = \"1\"\nsecret_hex = \"abcd\"\n");
     let e = error(&["coordinator", "--config", &path]);

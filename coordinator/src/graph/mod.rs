@@ -139,7 +139,7 @@ use proto::tailnet::v2::{CoordinateRequest, CoordinateResponse, Node};
 use uuid::Uuid;
 
 pub use self::core::{
-    CloseReason, ConnId, CoordinateError, Flow, ERR_COORDINATOR_CLOSED, ERR_OVERWRITTEN,
+    CloseReason, ConnId, CoordinateError, Flow, NodeLimits, ERR_COORDINATOR_CLOSED, ERR_OVERWRITTEN,
 };
 pub use self::outbox::{Encoded, PeerReceiver, TryRecvError};
 use self::outbox::{Outbox, PushError, Update};
@@ -161,12 +161,15 @@ const WARM_AHEAD: usize = 8;
 pub struct GraphConfig {
     /// Responses queued per connection before that peer is removed (Coder: 512).
     pub response_queue: usize,
+    /// How large a node may be; a larger one ends its session (see [`NodeLimits`]).
+    pub node_limits: NodeLimits,
 }
 
 impl Default for GraphConfig {
     fn default() -> Self {
         Self {
             response_queue: DEFAULT_RESPONSE_QUEUE,
+            node_limits: NodeLimits::default(),
         }
     }
 }
@@ -207,6 +210,10 @@ struct Metrics {
     remote_source_overflows: IntCounter,
     /// Remote operations refused because the peer id is connected locally.
     remote_conflicts: IntCounter,
+    /// Encoded bytes of the nodes local connections hold in the graph.
+    node_bytes: IntGauge,
+    /// Node updates refused by [`NodeLimits`].
+    nodes_over_limit: IntCounter,
 }
 
 impl Metrics {
@@ -255,6 +262,14 @@ impl Metrics {
                 "coordinator_remote_conflicts_total",
                 "Remote peer updates refused because the peer id is connected locally",
             )?,
+            node_bytes: IntGauge::new(
+                "coordinator_graph_node_bytes",
+                "Encoded bytes of the nodes of connected local peers held by the peer graph",
+            )?,
+            nodes_over_limit: IntCounter::new(
+                "coordinator_nodes_over_limit_total",
+                "Node updates refused by the node limits (the session is ended)",
+            )?,
         };
         reg.register(Box::new(peers))?;
         reg.register(Box::new(m.tunnels.clone()))?;
@@ -266,6 +281,8 @@ impl Metrics {
         reg.register(Box::new(m.remote_peers.clone()))?;
         reg.register(Box::new(m.remote_source_overflows.clone()))?;
         reg.register(Box::new(m.remote_conflicts.clone()))?;
+        reg.register(Box::new(m.node_bytes.clone()))?;
+        reg.register(Box::new(m.nodes_over_limit.clone()))?;
         Ok(m)
     }
 
@@ -323,6 +340,11 @@ impl Removal {
             ),
         }
     }
+}
+
+/// A byte count as a gauge step (node sizes are far below `i64::MAX`).
+fn gauge_delta(bytes: usize) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 /// Connections whose queue overflowed during an operation; removed once its locks are released.
@@ -480,6 +502,9 @@ impl PeerGraph {
         let replaced = e.conn.replace(conn.clone());
         // Like Coder: the newcomer starts without a node; tunnel peers are not told.
         e.node = None;
+        self.metrics
+            .node_bytes
+            .sub(gauge_delta(std::mem::take(&mut e.node_bytes)));
         let links: Vec<Uuid> = e.links.keys().copied().collect();
         match &replaced {
             Some(old) => {
@@ -551,27 +576,43 @@ impl PeerGraph {
             self.remove(conn.id, Removal::Kick, kicks);
             return Ok(Flow::Close);
         }
-        if let Err(e) = core::validate(&conn.auth, &req) {
-            if !self.remove(conn.id, Removal::Invalid(e.to_string()), kicks) {
-                return Ok(Flow::Close);
+        let checked = core::validate(&conn.auth, &req).and_then(|()| {
+            match req.update_self.as_ref().and_then(|u| u.node.as_ref()) {
+                Some(node) => self.config.node_limits.check(node),
+                None => Ok(0),
             }
-            if req.update_self.is_some() {
-                self.metrics.node_updates_received.inc();
-            }
-            match &e {
-                CoordinateError::Authz(a) => {
-                    self.metrics.authz_failures.inc();
-                    log_authz(conn.id, a);
+        });
+        let node_bytes = match checked {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                if !self.remove(conn.id, Removal::Invalid(e.to_string()), kicks) {
+                    return Ok(Flow::Close);
                 }
-                e => {
-                    tracing::info!(peer = %conn.id.peer, error = %e, "invalid coordinate request; closing")
+                if req.update_self.is_some() {
+                    self.metrics.node_updates_received.inc();
                 }
+                match &e {
+                    CoordinateError::Authz(a) => {
+                        self.metrics.authz_failures.inc();
+                        log_authz(conn.id, a);
+                    }
+                    e => {
+                        if matches!(
+                            e,
+                            CoordinateError::TooManyEntries { .. }
+                                | CoordinateError::NodeTooLarge { .. }
+                        ) {
+                            self.metrics.nodes_over_limit.inc();
+                        }
+                        tracing::info!(peer = %conn.id.peer, error = %e, "invalid coordinate request; closing")
+                    }
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         // The node is moved into the graph (and shared by every receiver), never copied here.
         if let Some(node) = req.update_self.take().and_then(|u| u.node) {
-            if !self.update_self(conn, node, kicks) {
+            if !self.update_self(conn, node, node_bytes, kicks) {
                 return Ok(Flow::Close);
             }
         }
@@ -600,9 +641,10 @@ impl PeerGraph {
         Ok(Flow::Continue)
     }
 
-    /// The hot path: stores the node and fans it out, holding only the sender's shard. Returns
-    /// false if `conn` is no longer current.
-    fn update_self(&self, conn: &Conn, node: Node, kicks: &mut Kicks) -> bool {
+    /// The hot path: stores the node (whose encoding is `node_bytes` long, as
+    /// [`NodeLimits::check`] measured it) and fans it out, holding only the sender's shard.
+    /// Returns false if `conn` is no longer current.
+    fn update_self(&self, conn: &Conn, node: Node, node_bytes: usize, kicks: &mut Kicks) -> bool {
         let me = conn.id.peer;
         let node = Arc::new(node);
         // Built once, outside the lock; every receiver's queue gets a pointer to it.
@@ -623,6 +665,10 @@ impl PeerGraph {
                 return false;
             }
             e.node = Some(node.clone());
+            let held = std::mem::replace(&mut e.node_bytes, node_bytes);
+            self.metrics
+                .node_bytes
+                .add(gauge_delta(node_bytes).saturating_sub(gauge_delta(held)));
             self.notify_watchers(e, || SourceEvent::Node {
                 about: me,
                 node: node.clone(),
@@ -856,6 +902,9 @@ impl PeerGraph {
         }
         let Some(c) = e.conn.take() else { return false };
         e.node = None;
+        self.metrics
+            .node_bytes
+            .sub(gauge_delta(std::mem::take(&mut e.node_bytes)));
         let links: Vec<(Uuid, bool)> = e.links.iter().map(|(x, k)| (*x, k.out)).collect();
         // A connection whose queue overflowed was kicked before anything else happened to it.
         let how = if c.outbox.is_failed() {

@@ -58,6 +58,9 @@ pub(crate) struct Entry {
     pub(crate) conn: Option<Arc<Conn>>,
     /// The latest node of the current connection (`None` until it sends one).
     pub(crate) node: Option<Arc<Node>>,
+    /// Encoded size of `node` while it is a local connection's node (0 otherwise); what the
+    /// graph's `coordinator_graph_node_bytes` accounts for this entry.
+    pub(crate) node_bytes: usize,
     pub(crate) links: HashMap<Uuid, Link>,
     /// Set while remote sources report this peer (see [`super::remote`]); `node` is then the best
     /// binding's node.

@@ -30,6 +30,7 @@ mod graph {
         let g = PeerGraph::new(
             GraphConfig {
                 response_queue: queue,
+                ..GraphConfig::default()
             },
             &reg,
         )
@@ -1104,6 +1105,7 @@ mod graph {
         let g = PeerGraph::with_shards(
             GraphConfig {
                 response_queue: 1 << 16,
+                ..GraphConfig::default()
             },
             shards,
             &reg,
