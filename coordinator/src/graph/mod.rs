@@ -339,6 +339,9 @@ pub struct PeerGraph {
     tunnels: AtomicUsize,
     /// Remote peers with at least one binding (see [`remote`]).
     remote_peers: AtomicUsize,
+    /// The one source that watches every local peer (the PostgreSQL store, see
+    /// [`PeerGraph::remote_source_all`]).
+    watch_all: std::sync::OnceLock<Arc<remote::SourceSink>>,
     config: GraphConfig,
     metrics: Metrics,
 }
@@ -413,9 +416,16 @@ impl PeerGraph {
             peers: AtomicUsize::new(0),
             tunnels: AtomicUsize::new(0),
             remote_peers: AtomicUsize::new(0),
+            watch_all: std::sync::OnceLock::new(),
             config,
             metrics,
         }))
+    }
+
+    /// Whether `id` has a live local connection.
+    pub fn is_local(&self, id: Uuid) -> bool {
+        let shard = self.shards.lock_one(id);
+        shard.peers.get(&id).is_some_and(|e| e.conn.is_some())
     }
 
     /// Number of shards.
@@ -480,6 +490,7 @@ impl PeerGraph {
         let replaced = e.conn.replace(conn.clone());
         // Like Coder: the newcomer starts without a node; tunnel peers are not told.
         e.node = None;
+        self.notify_all_watcher(|| SourceEvent::Connected { about: id });
         let links: Vec<Uuid> = e.links.keys().copied().collect();
         match &replaced {
             Some(old) => {
@@ -694,6 +705,7 @@ impl PeerGraph {
             self.tunnels.fetch_add(1, Ordering::Relaxed);
             self.metrics.tunnels.inc();
         }
+        self.notify_all_watcher(|| SourceEvent::TunnelAdded { about: me, to: dst });
         let Some(dc) = dst_conn else { return true };
         let mut p = Pusher { sent: 0, kicks };
         if let Some(n) = dst_node {
@@ -766,6 +778,7 @@ impl PeerGraph {
             self.tunnels.fetch_sub(1, Ordering::Relaxed);
             self.metrics.tunnels.dec();
         }
+        self.notify_all_watcher(|| SourceEvent::TunnelRemoved { about: me, to: dst });
         drop(l);
         self.metrics.peer_updates_sent.inc_by(p.sent);
         true

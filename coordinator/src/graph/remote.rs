@@ -90,6 +90,25 @@ pub enum SourceEvent {
         /// How it left.
         kind: Kind,
     },
+    /// `about` connected (or replaced its connection). Only for the watch-all source.
+    Connected {
+        /// The local peer.
+        about: Uuid,
+    },
+    /// `about` added a tunnel `about → to`. Only for the watch-all source.
+    TunnelAdded {
+        /// The local peer (tunnel source).
+        about: Uuid,
+        /// The tunnel's destination.
+        to: Uuid,
+    },
+    /// `about` removed its tunnel `about → to`. Only for the watch-all source.
+    TunnelRemoved {
+        /// The local peer (tunnel source).
+        about: Uuid,
+        /// The tunnel's destination.
+        to: Uuid,
+    },
     /// The queue overflowed: events were dropped; the source must be replaced to re-synchronise.
     Overflow,
 }
@@ -252,6 +271,29 @@ impl PeerGraph {
         )
     }
 
+    /// Like [`PeerGraph::remote_source`], but the source watches **every** local peer, and also
+    /// receives [`SourceEvent::Connected`], [`SourceEvent::TunnelAdded`] and
+    /// [`SourceEvent::TunnelRemoved`]: what a store that mirrors the whole graph (PostgreSQL,
+    /// `crate::ha`) must write. At most one per graph: `None` if one was already created.
+    pub fn remote_source_all(
+        self: &Arc<Self>,
+        queue: usize,
+    ) -> Option<(RemoteSource, SourceEvents)> {
+        let (source, events) = self.remote_source(queue);
+        self.watch_all.set(source.sink.clone()).ok()?;
+        Some((source, events))
+    }
+
+    /// Queues `ev` to the watch-all source, if any (caller holds the shard of the peer `ev` is
+    /// about).
+    pub(crate) fn notify_all_watcher(&self, ev: impl Fn() -> SourceEvent) {
+        if let Some(w) = self.watch_all.get() {
+            if !w.push(ev()) {
+                self.metrics.remote_source_overflows.inc();
+            }
+        }
+    }
+
     /// Number of remote peers (with at least one binding).
     pub fn remote_peer_count(&self) -> usize {
         self.remote_peers.load(Ordering::Relaxed)
@@ -264,6 +306,8 @@ impl PeerGraph {
                 self.metrics.remote_source_overflows.inc();
             }
         }
+        // Only called about local peers (their node, RFH and removal).
+        self.notify_all_watcher(ev);
     }
 }
 
