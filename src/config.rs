@@ -707,6 +707,10 @@ settings! {
         /// Lock shards of the peer graph (default: 4 x CPUs rounded up to a power of two, at
         /// least 16); more shards, less contention between unrelated peers.
         graph_shards: usize = |_| CoordinatorConfig::default().graph_shards;
+        /// PostgreSQL URL (`postgres://user:pass@host:port/db`): replicas share one peer graph
+        /// through Coder's HA tables (see README, "Replicas"); unset = this process alone.
+        #[flag = "postgres-url"]
+        postgres_url: Option<String> = |_| None;
     }
 
     /// Static tokens and resume-token keys (`[auth]`). The tokens are used when no upstream
@@ -1009,6 +1013,8 @@ pub struct Settings {
     pub upstream: Option<UpstreamConfig>,
     /// With an upstream: bridge every agent into its coordinator (`upstream.bridge`).
     pub upstream_bridge: bool,
+    /// Share the peer graph with other replicas through this PostgreSQL database.
+    pub postgres_url: Option<String>,
     /// `--check` output: effective values and their origins.
     effective: Vec<(&'static GroupSpec, Vec<Option<String>>)>,
     origins: BTreeMap<String, &'static str>,
@@ -1136,6 +1142,7 @@ impl Settings {
         let upstream_bridge = upstream.is_some() && bridge;
 
         let mut coordinator_config = CoordinatorConfig::default();
+        let postgres_url = coordinator.as_ref().and_then(|c| c.postgres_url.clone());
         if let Some(c) = coordinator {
             if c.response_buffer == 0 {
                 bail!("coordinator.response_buffer: must be at least 1");
@@ -1199,6 +1206,7 @@ impl Settings {
             coordinator: coordinator_config,
             upstream,
             upstream_bridge,
+            postgres_url,
             effective: src.effective,
             origins: src.origins,
         })

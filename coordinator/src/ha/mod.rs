@@ -135,6 +135,11 @@ impl HaHandle {
         self.healthy.load(Ordering::Acquire)
     }
 
+    /// The flag behind [`HaHandle::healthy`], for readiness probes.
+    pub fn healthy_flag(&self) -> Arc<AtomicBool> {
+        self.healthy.clone()
+    }
+
     /// Stops the tasks and marks this coordinator's peers lost (published), like pgcoord's close.
     pub async fn shutdown(self) -> Result<(), HaError> {
         for t in &self.tasks {
@@ -185,6 +190,13 @@ async fn notify(db: &Client, channel: &str, payload: &str) -> Result<(), HaError
     db.execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
         .await?;
     Ok(())
+}
+
+/// Whether the database at `url` is managed by coderd (it has coderd's migration ledger). Next to
+/// coderd, pgcoord already mirrors coderd's peers there, so the sidecar bridge must be off.
+pub async fn coderd_managed_at(url: &str) -> Result<bool, HaError> {
+    let db = connect(url).await?;
+    coderd_managed(&db).await
 }
 
 /// Connects to `url`, prepares Coder's tables ([`prepare`]), and starts mirroring `graph`.
