@@ -534,3 +534,100 @@ async fn coderd_managed_database_is_checked_not_altered() {
     assert!(logged, "tailnet_peers must be UNLOGGED like Coder's");
     drop(h);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_heartbeats_make_the_replica_unhealthy_until_one_succeeds() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let pg = PgServer::start();
+    let url = pg.create_db().await;
+    let g = graph();
+    let h = ha::start(g.clone(), &url).await.unwrap();
+    let mut peer = Peer::connect(&g, Uuid::new_v4());
+    peer.update(node(1));
+    assert!(h.healthy());
+
+    // Heartbeat writes fail while the table is renamed away.
+    let db = sql(&url).await;
+    db.batch_execute("ALTER TABLE tailnet_coordinators RENAME TO tailnet_coordinators_away")
+        .await
+        .unwrap();
+    let last = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut last = None;
+        while let Some(r) = peer.rx.recv().await {
+            last = Some(r);
+        }
+        last
+    })
+    .await
+    .expect("session not closed while unhealthy");
+    assert_eq!(last.unwrap().error, ha::ERR_UNHEALTHY);
+    assert!(!h.healthy());
+    let mut refused = Peer::connect(&g, Uuid::new_v4());
+    let r = refused.rx.recv().await.unwrap();
+    assert_eq!(r.error, ha::ERR_UNHEALTHY);
+    assert!(refused.rx.recv().await.is_none());
+
+    db.batch_execute("ALTER TABLE tailnet_coordinators_away RENAME TO tailnet_coordinators")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while !h.healthy() {
+        assert!(
+            Instant::now() < deadline,
+            "not healthy again after heartbeats succeed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut again = Peer::connect(&g, Uuid::new_v4());
+    again.update(node(2));
+    assert!(
+        again.rx.try_recv().is_err(),
+        "a session of a healthy replica was closed"
+    );
+}
+
+/// pgcoord keys bindings by peer id, so a replaced connection's teardown can mark the peer LOST
+/// after its successor's first node. tailnetd keys liveness per connection: the old
+/// connection's end writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_connection_end_does_not_mark_its_successor_lost() {
+    let pg = PgServer::start();
+    let url = pg.create_db().await;
+    let (g1, g2) = (graph(), graph());
+    let _h1 = ha::start(g1.clone(), &url).await.unwrap();
+    let _h2 = ha::start(g2.clone(), &url).await.unwrap();
+    let id = Uuid::new_v4();
+    let mut old = Peer::connect(&g1, id);
+    old.update(node(1));
+    let mut client = Peer::connect(&g2, Uuid::new_v4());
+    client.tunnel(id);
+    client.update(node(2));
+    client.expect(id, Kind::Node, Some(1), SOON).await;
+
+    let new = Peer::connect(&g1, id);
+    new.update(node(4));
+    client.expect(id, Kind::Node, Some(4), SOON).await;
+    old.drop_conn();
+    drop(old);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let st: String = sql(&url)
+        .await
+        .query_one(
+            "SELECT status::text FROM tailnet_peers WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(st, "ok");
+    // And the client saw no LOST.
+    while let Ok(r) = client.rx.try_recv() {
+        for u in r.peer_updates {
+            assert!(
+                !(u.id.as_ref() == id.as_bytes() && u.kind == Kind::Lost as i32),
+                "stale LOST reached the client"
+            );
+        }
+    }
+    drop(new);
+}

@@ -149,6 +149,9 @@ use crate::authz::{AuthzError, CoordinateeAuth};
 
 /// Coder's `maxPeerUpdatesPerMessage`: keeps every response far below dRPC's 4 MiB limit.
 pub const MAX_PEER_UPDATES_PER_RESPONSE: usize = 1024;
+/// pgcoord's error for sessions of a coordinator whose heartbeats fail.
+pub const ERR_UNHEALTHY: &str = "coordinator unhealthy";
+
 /// Coder's `ResponseBufferSize`.
 pub const DEFAULT_RESPONSE_QUEUE: usize = 512;
 /// Upper bound on the shard count.
@@ -295,6 +298,8 @@ enum Removal {
     Invalid(String),
     /// The coordinator is shutting down.
     Shutdown,
+    /// The coordinator became unhealthy (its HA store's heartbeats fail).
+    Unhealthy,
 }
 
 impl Removal {
@@ -321,6 +326,12 @@ impl Removal {
                 Some(ERR_COORDINATOR_CLOSED.to_owned()),
                 CloseReason::Shutdown,
             ),
+            Removal::Unhealthy => (
+                Kind::Lost,
+                "coordinator unhealthy",
+                Some(ERR_UNHEALTHY.to_owned()),
+                CloseReason::Shutdown,
+            ),
         }
     }
 }
@@ -334,6 +345,8 @@ pub struct PeerGraph {
     shards: Shards,
     /// Set (with every shard locked) by [`PeerGraph::shutdown`].
     closed: AtomicBool,
+    /// Set (with every shard locked) by [`PeerGraph::set_unhealthy`].
+    unhealthy: AtomicBool,
     next_gen: AtomicU64,
     peers: AtomicUsize,
     tunnels: AtomicUsize,
@@ -412,6 +425,7 @@ impl PeerGraph {
         Ok(Arc::new(Self {
             shards: Shards::new(shards.clamp(1, MAX_SHARDS)),
             closed: AtomicBool::new(false),
+            unhealthy: AtomicBool::new(false),
             next_gen: AtomicU64::new(1),
             peers: AtomicUsize::new(0),
             tunnels: AtomicUsize::new(0),
@@ -475,6 +489,10 @@ impl PeerGraph {
         let id = conn.id.peer;
         if self.closed.load(Ordering::Acquire) {
             conn.outbox.close(Some(ERR_COORDINATOR_CLOSED.to_owned()));
+            return;
+        }
+        if self.unhealthy.load(Ordering::Acquire) {
+            conn.outbox.close(Some(ERR_UNHEALTHY.to_owned()));
             return;
         }
         // A predecessor whose queue overflowed was (logically) kicked before this connect.
@@ -968,6 +986,24 @@ impl PeerGraph {
             }
         }
         // Everything is closed now; stale kicks are no-ops.
+        self.run_kicks(kicks);
+    }
+
+    /// pgcoord's unhealthy state: setting it closes every session with
+    /// `error:"coordinator unhealthy"` (removed as LOST, so their tunnel peers keep WireGuard) and
+    /// refuses new ones the same way until it is cleared. The HA store sets it while its heartbeat
+    /// writes fail.
+    pub fn set_unhealthy(&self, unhealthy: bool) {
+        let mut kicks = Kicks::new();
+        {
+            let mut l = self.shards.lock_all();
+            let was = self.unhealthy.swap(unhealthy, Ordering::AcqRel);
+            if unhealthy && !was {
+                for conn in l.connected() {
+                    self.remove_locked(&mut l, conn, Removal::Unhealthy, &mut kicks);
+                }
+            }
+        }
         self.run_kicks(kicks);
     }
 

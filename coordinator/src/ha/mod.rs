@@ -12,7 +12,9 @@
 //! * A random **coordinator id** per start, its row in `tailnet_coordinators`, refreshed every
 //!   [`HEARTBEAT_PERIOD`] and published on `tailnet_coordinator_heartbeat` (payload: the id).
 //!   [`MISSED_HEARTBEATS`] consecutive failed heartbeat writes make the replica *unhealthy*
-//!   ([`HaHandle::healthy`]); one success makes it healthy again.
+//!   ([`HaHandle::healthy`], `/readyz` 503): every session is closed with pgcoord's
+//!   `"coordinator unhealthy"` and new ones are refused with it
+//!   ([`PeerGraph::set_unhealthy`]); one successful heartbeat makes it healthy again.
 //! * The **writer**: it watches every local peer ([`PeerGraph::remote_source_all`]) and writes what
 //!   pgcoord's binder/tunneler/handshaker would: a node → `tailnet_peers` upsert `ok`; a LOST end →
 //!   status `lost` (row and tunnels kept); a graceful Disconnect → the row and every tunnel whose
@@ -49,7 +51,6 @@
 //!
 //! * Reconnecting after PostgreSQL restarts (a lost connection makes heartbeats fail, hence
 //!   unhealthy; the store does not yet redial and re-publish).
-//! * Closing sessions and refusing new ones while unhealthy (the flag is exposed, not enforced).
 //! * Per-peer coalescing of writes beyond the `as_of` rule; a connection pool (four dedicated
 //!   connections: writer, mapper, heartbeat, LISTEN).
 
@@ -87,8 +88,7 @@ pub const CHANNEL_TUNNEL_UPDATE: &str = "tailnet_tunnel_update";
 pub const CHANNEL_HEARTBEAT: &str = "tailnet_coordinator_heartbeat";
 /// See [`CHANNEL_PEER_UPDATE`].
 pub const CHANNEL_READY_FOR_HANDSHAKE: &str = "tailnet_ready_for_handshake";
-/// Coder's error text for sessions of an unhealthy coordinator.
-pub const ERR_UNHEALTHY: &str = "coordinator unhealthy";
+pub use crate::graph::ERR_UNHEALTHY;
 
 /// Events queued from the graph to the writer before the writer's source fails.
 const WRITER_QUEUE: usize = 65_536;
@@ -244,6 +244,7 @@ pub async fn start(graph: Arc<PeerGraph>, url: &str) -> Result<HaHandle, HaError
     heartbeat_once(&hb_db, coordinator_id).await?;
     clean(&hb_db).await?;
     let hb_healthy = healthy.clone();
+    let hb_graph = graph.clone();
     let heartbeat_task = tokio::spawn(async move {
         let failures = AtomicU32::new(0);
         let mut tick = tokio::time::interval(HEARTBEAT_PERIOD);
@@ -255,6 +256,7 @@ pub async fn start(graph: Arc<PeerGraph>, url: &str) -> Result<HaHandle, HaError
                     failures.store(0, Ordering::Relaxed);
                     if !hb_healthy.swap(true, Ordering::AcqRel) {
                         tracing::info!("coordinator healthy again");
+                        hb_graph.set_unhealthy(false);
                     }
                 }
                 Err(e) => {
@@ -262,6 +264,7 @@ pub async fn start(graph: Arc<PeerGraph>, url: &str) -> Result<HaHandle, HaError
                     tracing::warn!(error = %e, failures = n, "coordinator heartbeat failed");
                     if n >= MISSED_HEARTBEATS && hb_healthy.swap(false, Ordering::AcqRel) {
                         tracing::error!("coordinator unhealthy: heartbeats fail");
+                        hb_graph.set_unhealthy(true);
                     }
                 }
             }
