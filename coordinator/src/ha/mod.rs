@@ -570,10 +570,10 @@ impl Mapper {
                     }
                 }
             }
-            (CHANNEL_READY_FOR_HANDSHAKE, [to, from]) => {
-                if self.graph.is_local(*to) && !self.graph.is_local(*from) {
-                    self.source.ready_for_handshake(*from, *to);
-                }
+            (CHANNEL_READY_FOR_HANDSHAKE, [to, from])
+                if self.graph.is_local(*to) && !self.graph.is_local(*from) =>
+            {
+                self.source.ready_for_handshake(*from, *to);
             }
             _ => {}
         }
