@@ -32,6 +32,12 @@
 //!   its death re-maps every remote peer. A new coordinator re-maps its peers.
 //! * Clean-up at start and every [`CLEANUP_PERIOD`]: Coder's `CleanTailnetCoordinators`,
 //!   `CleanTailnetLostPeers`, `CleanTailnetTunnels` (24 h).
+//! * **PostgreSQL restarts and crashes:** every connection redials when it is found closed. The
+//!   writer then re-writes every local peer and tunnel it mirrors (a crash truncates the UNLOGGED
+//!   tables) and has the mapper re-read the remote ends of local peers' tunnels; the LISTEN
+//!   connection redials, re-LISTENs and has the mapper re-read every remote peer it holds
+//!   (notifications sent while it was away are lost). A restart that takes longer than
+//!   [`MISSED_HEARTBEATS`] heartbeats makes the replica unhealthy meanwhile, as in pgcoord.
 //! * Shutdown ([`HaHandle::shutdown`]): own peers set `lost` and published; the coordinator row is
 //!   kept (pgcoord PR #14165: peers must not look disconnected during a rolling deploy).
 //!
@@ -49,8 +55,6 @@
 //!
 //! # Not built yet
 //!
-//! * Reconnecting after PostgreSQL restarts (a lost connection makes heartbeats fail, hence
-//!   unhealthy; the store does not yet redial and re-publish).
 //! * Per-peer coalescing of writes beyond the `as_of` rule; a connection pool (four dedicated
 //!   connections: writer, mapper, heartbeat, LISTEN).
 
@@ -120,8 +124,6 @@ pub struct HaHandle {
     healthy: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<()>>,
     db: Arc<Client>,
-    /// The LISTEN connection lives as long as its client.
-    _listen: Client,
 }
 
 impl HaHandle {
@@ -176,6 +178,89 @@ impl Drop for HaHandle {
     }
 }
 
+/// Pause between redials of a lost connection.
+const REDIAL_PAUSE: Duration = Duration::from_millis(500);
+/// Pseudo-channel the listener uses to tell the mapper that notifications may have been missed.
+const RESYNC: &str = "";
+
+/// One LISTEN connection: its client (the connection lives as long as it) and the task that pumps
+/// its notifications into `tx` (ends when the connection does).
+async fn listen(
+    url: &str,
+    tx: mpsc::Sender<(String, String)>,
+) -> Result<(Client, JoinHandle<()>), HaError> {
+    let (client, mut conn) = tokio_postgres::connect(url, NoTls).await?;
+    let pump = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(AsyncMessage::Notification(n)) => {
+                    if tx
+                        .send((n.channel().to_owned(), n.payload().to_owned()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "postgres LISTEN connection failed");
+                    return;
+                }
+            }
+        }
+    });
+    let r = client
+        .batch_execute(&format!(
+            "LISTEN {CHANNEL_PEER_UPDATE}; LISTEN {CHANNEL_TUNNEL_UPDATE}; \
+             LISTEN {CHANNEL_HEARTBEAT}; LISTEN {CHANNEL_READY_FOR_HANDSHAKE};"
+        ))
+        .await;
+    if let Err(e) = r {
+        pump.abort();
+        return Err(e.into());
+    }
+    Ok((client, pump))
+}
+
+/// A client that redials when its connection is gone.
+struct Db {
+    url: String,
+    client: Client,
+}
+
+impl Db {
+    async fn open(url: &str) -> Result<Db, HaError> {
+        Ok(Db {
+            url: url.to_owned(),
+            client: connect(url).await?,
+        })
+    }
+
+    /// Redials (once) if the connection is gone; true if it did.
+    async fn ensure(&mut self) -> Result<bool, HaError> {
+        if !self.client.is_closed() {
+            return Ok(false);
+        }
+        self.client = connect(&self.url).await?;
+        Ok(true)
+    }
+
+    /// Redials until it succeeds, if the connection is gone; true if it did.
+    async fn ensure_forever(&mut self) -> bool {
+        loop {
+            match self.ensure().await {
+                Ok(redialled) => return redialled,
+                Err(e) => {
+                    tracing::warn!(error = %e, "postgres redial failed");
+                    tokio::time::sleep(REDIAL_PAUSE).await;
+                }
+            }
+        }
+    }
+}
+
 async fn connect(url: &str) -> Result<Client, HaError> {
     let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(async move {
@@ -209,40 +294,40 @@ pub async fn start(graph: Arc<PeerGraph>, url: &str) -> Result<HaHandle, HaError
         .ok_or(HaError::AlreadyAttached)?;
 
     // LISTEN first, so nothing published after our first heartbeat is missed.
-    let (listen_client, mut listen_conn) = tokio_postgres::connect(url, NoTls).await?;
     let (notify_tx, notify_rx) = mpsc::channel::<(String, String)>(NOTIFY_QUEUE);
+    let first = listen(url, notify_tx.clone()).await?;
+    let listen_url = url.to_owned();
     let listen_task = tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| listen_conn.poll_message(cx));
-        while let Some(m) = messages.next().await {
-            match m {
-                Ok(AsyncMessage::Notification(n)) => {
-                    if notify_tx
-                        .send((n.channel().to_owned(), n.payload().to_owned()))
-                        .await
-                        .is_err()
-                    {
-                        return;
+        let mut current = first;
+        loop {
+            // Wait for the connection to end, then redial and tell the mapper to re-read what
+            // it may have missed.
+            let _ = (&mut current.1).await;
+            drop(current);
+            tracing::warn!("postgres LISTEN connection ended; redialling");
+            current = loop {
+                match listen(&listen_url, notify_tx.clone()).await {
+                    Ok(c) => break c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "postgres LISTEN redial failed");
+                        tokio::time::sleep(REDIAL_PAUSE).await;
                     }
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "postgres LISTEN connection ended");
-                    return;
-                }
+            };
+            if notify_tx
+                .send((RESYNC.to_owned(), String::new()))
+                .await
+                .is_err()
+            {
+                return;
             }
         }
     });
-    listen_client
-        .batch_execute(&format!(
-            "LISTEN {CHANNEL_PEER_UPDATE}; LISTEN {CHANNEL_TUNNEL_UPDATE}; \
-             LISTEN {CHANNEL_HEARTBEAT}; LISTEN {CHANNEL_READY_FOR_HANDSHAKE};"
-        ))
-        .await?;
 
     let healthy = Arc::new(AtomicBool::new(true));
-    let hb_db = connect(url).await?;
-    heartbeat_once(&hb_db, coordinator_id).await?;
-    clean(&hb_db).await?;
+    let mut hb_db = Db::open(url).await?;
+    heartbeat_once(&hb_db.client, coordinator_id).await?;
+    clean(&hb_db.client).await?;
     let hb_healthy = healthy.clone();
     let hb_graph = graph.clone();
     let heartbeat_task = tokio::spawn(async move {
@@ -251,7 +336,11 @@ pub async fn start(graph: Arc<PeerGraph>, url: &str) -> Result<HaHandle, HaError
         let mut last_clean = Instant::now();
         loop {
             tick.tick().await;
-            match heartbeat_once(&hb_db, coordinator_id).await {
+            let beat = match hb_db.ensure().await {
+                Ok(_) => heartbeat_once(&hb_db.client, coordinator_id).await,
+                Err(e) => Err(e),
+            };
+            match beat {
                 Ok(()) => {
                     failures.store(0, Ordering::Relaxed);
                     if !hb_healthy.swap(true, Ordering::AcqRel) {
@@ -270,24 +359,25 @@ pub async fn start(graph: Arc<PeerGraph>, url: &str) -> Result<HaHandle, HaError
             }
             if last_clean.elapsed() >= CLEANUP_PERIOD {
                 last_clean = Instant::now();
-                if let Err(e) = clean(&hb_db).await {
+                if let Err(e) = clean(&hb_db.client).await {
                     tracing::warn!(error = %e, "tailnet cleanup failed");
                 }
             }
         }
     });
 
-    let writer_db = connect(url).await?;
+    let writer_db = Db::open(url).await?;
     let (hint_tx, hint_rx) = mpsc::channel(HINT_QUEUE);
     let writer = Writer {
         db: writer_db,
         me: coordinator_id,
-        last_node: HashMap::new(),
+        nodes: HashMap::new(),
+        tunnels: HashSet::new(),
         hints: hint_tx,
     };
     let writer_task = tokio::spawn(writer.run(events));
 
-    let mapper_db = connect(url).await?;
+    let mapper_db = Db::open(url).await?;
     let mut mapper = Mapper {
         db: mapper_db,
         me: coordinator_id,
@@ -304,7 +394,6 @@ pub async fn start(graph: Arc<PeerGraph>, url: &str) -> Result<HaHandle, HaError
         healthy,
         tasks: vec![listen_task, heartbeat_task, writer_task, mapper_task],
         db: Arc::new(admin),
-        _listen: listen_client,
     })
 }
 
@@ -342,28 +431,128 @@ enum Hint {
     Remote(Uuid),
 }
 
+/// What the writer last wrote about one local peer (to skip `as_of`-only updates and to
+/// re-publish after PostgreSQL lost its rows).
+struct Written {
+    /// The node encoded without `as_of`.
+    key: Vec<u8>,
+    /// The node as written.
+    bytes: Vec<u8>,
+    lost: bool,
+}
+
 /// Mirrors local peers into the tables.
 struct Writer {
-    db: Client,
+    db: Db,
     me: Uuid,
-    /// Last node written per local peer, encoded without `as_of`.
-    last_node: HashMap<Uuid, Vec<u8>>,
+    nodes: HashMap<Uuid, Written>,
+    /// Tunnels of local peers (src, dst) as written.
+    tunnels: HashSet<(Uuid, Uuid)>,
     hints: mpsc::Sender<Hint>,
 }
 
 impl Writer {
     async fn run(mut self, mut events: SourceEvents) {
-        while let Some(ev) = events.recv().await {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let ev = tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => ev,
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    // Idle: notice a lost connection without waiting for the next write.
+                    if self.db.client.is_closed() {
+                        self.db.ensure_forever().await;
+                        self.republish().await;
+                    }
+                    continue;
+                }
+            };
             if matches!(ev, SourceEvent::Overflow) {
                 tracing::error!(
                     "postgres writer queue overflowed; local peers are no longer mirrored"
                 );
                 return;
             }
-            if let Err(e) = self.apply(ev).await {
-                tracing::warn!(error = %e, "postgres write failed");
+            loop {
+                match self.apply(ev.clone()).await {
+                    Ok(()) => break,
+                    Err(e) if self.db.client.is_closed() => {
+                        tracing::warn!(error = %e, "postgres write failed; redialling");
+                        self.db.ensure_forever().await;
+                        self.republish().await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "postgres write failed");
+                        break;
+                    }
+                }
             }
         }
+    }
+
+    /// After a redial: PostgreSQL may have restarted, or crashed and truncated the UNLOGGED
+    /// tables; write every local peer and tunnel again (and publish them), and have the mapper
+    /// re-read the remote ends of local peers' tunnels.
+    async fn republish(&mut self) {
+        let r = async {
+            for (id, w) in &self.nodes {
+                self.write_peer(*id, &w.bytes, w.lost).await?;
+            }
+            for (src, dst) in &self.tunnels {
+                self.write_tunnel(*src, *dst).await?;
+            }
+            Ok::<(), HaError>(())
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "re-publishing local peers failed");
+            return;
+        }
+        for id in self.nodes.keys() {
+            let _ = self.hints.send(Hint::LocalConnected(*id)).await;
+        }
+    }
+
+    async fn write_peer(&self, id: Uuid, bytes: &[u8], lost: bool) -> Result<(), HaError> {
+        let status = if lost { "lost" } else { "ok" };
+        self.db
+            .client
+            .execute(
+                "WITH c AS (INSERT INTO tailnet_coordinators (id, heartbeat_at) \
+                 VALUES ($2, now() at time zone 'utc') ON CONFLICT (id) DO NOTHING), \
+                 p AS (INSERT INTO tailnet_peers \
+                 (id, coordinator_id, node, status, updated_at) \
+                 VALUES ($1, $2, $3, $4::text::tailnet_status, now() at time zone 'utc') \
+                 ON CONFLICT (id, coordinator_id) DO UPDATE SET node = $3, \
+                 status = $4::text::tailnet_status, updated_at = now() at time zone 'utc' \
+                 RETURNING id) \
+                 SELECT pg_notify('tailnet_peer_update', id::text) FROM p",
+                &[&id, &self.me, &bytes, &status],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn write_tunnel(&self, src: Uuid, dst: Uuid) -> Result<(), HaError> {
+        self.db
+            .client
+            .execute(
+                "WITH c AS (INSERT INTO tailnet_coordinators (id, heartbeat_at) \
+                 VALUES ($1, now() at time zone 'utc') ON CONFLICT (id) DO NOTHING), \
+                 t AS (INSERT INTO tailnet_tunnels \
+                 (coordinator_id, src_id, dst_id, updated_at) \
+                 VALUES ($1, $2, $3, now() at time zone 'utc') \
+                 ON CONFLICT (coordinator_id, src_id, dst_id) \
+                 DO UPDATE SET updated_at = now() at time zone 'utc' \
+                 RETURNING src_id, dst_id) \
+                 SELECT pg_notify('tailnet_tunnel_update', \
+                 src_id::text || ',' || dst_id::text) FROM t",
+                &[&self.me, &src, &dst],
+            )
+            .await?;
+        Ok(())
     }
 
     async fn apply(&mut self, ev: SourceEvent) -> Result<(), HaError> {
@@ -372,28 +561,30 @@ impl Writer {
                 let mut cmp = (*node).clone();
                 cmp.as_of = None;
                 let key = cmp.encode_to_vec();
-                if self.last_node.get(&about) == Some(&key) {
+                if self
+                    .nodes
+                    .get(&about)
+                    .is_some_and(|w| !w.lost && w.key == key)
+                {
                     return Ok(());
                 }
                 let bytes = node.encode_to_vec();
-                self.db
-                    .execute(
-                        "WITH p AS (INSERT INTO tailnet_peers \
-                         (id, coordinator_id, node, status, updated_at) \
-                         VALUES ($1, $2, $3, 'ok'::tailnet_status, now() at time zone 'utc') \
-                         ON CONFLICT (id, coordinator_id) DO UPDATE SET node = $3, \
-                         status = 'ok'::tailnet_status, updated_at = now() at time zone 'utc' \
-                         RETURNING id) \
-                         SELECT pg_notify('tailnet_peer_update', id::text) FROM p",
-                        &[&about, &self.me, &bytes],
-                    )
-                    .await?;
-                self.last_node.insert(about, key);
+                self.write_peer(about, &bytes, false).await?;
+                self.nodes.insert(
+                    about,
+                    Written {
+                        key,
+                        bytes,
+                        lost: false,
+                    },
+                );
             }
             SourceEvent::Gone { about, kind } => {
-                self.last_node.remove(&about);
                 if kind == Kind::Disconnected {
+                    self.nodes.remove(&about);
+                    self.tunnels.retain(|(src, _)| *src != about);
                     self.db
+                        .client
                         .execute(
                             "WITH p AS (DELETE FROM tailnet_peers WHERE id = $1 \
                              AND coordinator_id = $2 RETURNING id) \
@@ -402,6 +593,7 @@ impl Writer {
                         )
                         .await?;
                     self.db
+                        .client
                         .execute(
                             "WITH t AS (DELETE FROM tailnet_tunnels WHERE coordinator_id = $1 \
                              AND src_id = $2 RETURNING src_id, dst_id) \
@@ -411,7 +603,11 @@ impl Writer {
                         )
                         .await?;
                 } else {
+                    if let Some(w) = self.nodes.get_mut(&about) {
+                        w.lost = true;
+                    }
                     self.db
+                        .client
                         .execute(
                             "WITH p AS (UPDATE tailnet_peers SET status = 'lost'::tailnet_status, \
                              updated_at = now() at time zone 'utc' WHERE id = $1 \
@@ -423,23 +619,14 @@ impl Writer {
                 }
             }
             SourceEvent::TunnelAdded { about, to } => {
-                self.db
-                    .execute(
-                        "WITH t AS (INSERT INTO tailnet_tunnels \
-                         (coordinator_id, src_id, dst_id, updated_at) \
-                         VALUES ($1, $2, $3, now() at time zone 'utc') \
-                         ON CONFLICT (coordinator_id, src_id, dst_id) \
-                         DO UPDATE SET updated_at = now() at time zone 'utc' \
-                         RETURNING src_id, dst_id) \
-                         SELECT pg_notify('tailnet_tunnel_update', \
-                         src_id::text || ',' || dst_id::text) FROM t",
-                        &[&self.me, &about, &to],
-                    )
-                    .await?;
+                self.tunnels.insert((about, to));
+                self.write_tunnel(about, to).await?;
                 let _ = self.hints.send(Hint::Remote(to)).await;
             }
             SourceEvent::TunnelRemoved { about, to } => {
+                self.tunnels.remove(&(about, to));
                 self.db
+                    .client
                     .execute(
                         "WITH t AS (DELETE FROM tailnet_tunnels WHERE coordinator_id = $1 \
                          AND src_id = $2 AND dst_id = $3 RETURNING src_id, dst_id) \
@@ -451,7 +638,7 @@ impl Writer {
             }
             SourceEvent::ReadyForHandshake { about, to } => {
                 notify(
-                    &self.db,
+                    &self.db.client,
                     CHANNEL_READY_FOR_HANDSHAKE,
                     &format!("{to},{about}"),
                 )
@@ -477,7 +664,7 @@ struct Tracked {
 
 /// Feeds other coordinators' peers into the graph.
 struct Mapper {
-    db: Client,
+    db: Db,
     me: Uuid,
     graph: Arc<PeerGraph>,
     source: RemoteSource,
@@ -494,6 +681,7 @@ impl Mapper {
     async fn load_live_coordinators(&mut self) -> Result<(), HaError> {
         let rows = self
             .db
+            .client
             .query(
                 "SELECT id FROM tailnet_coordinators \
                  WHERE heartbeat_at > now() - INTERVAL '6 seconds' AND id <> $1",
@@ -528,8 +716,25 @@ impl Mapper {
             };
             if let Err(e) = r {
                 tracing::warn!(error = %e, "postgres mapping failed");
+                if self.db.client.is_closed() {
+                    self.db.ensure_forever().await;
+                    if let Err(e) = self.resync().await {
+                        tracing::warn!(error = %e, "postgres re-mapping failed");
+                    }
+                }
             }
         }
+    }
+
+    /// Notifications may have been missed: re-read every remote peer the graph holds. A peer
+    /// found without rows now is LOST, not DISCONNECTED: after a PostgreSQL crash its replica
+    /// has not re-published it yet, and a graceful disconnect cannot be told apart.
+    async fn resync(&mut self) -> Result<(), HaError> {
+        let ids: Vec<Uuid> = self.tracked.keys().copied().collect();
+        for x in ids {
+            self.refresh_as(x, Kind::Lost).await?;
+        }
+        Ok(())
     }
 
     async fn on_notification(&mut self, channel: &str, payload: &str) -> Result<(), HaError> {
@@ -538,11 +743,13 @@ impl Mapper {
             .filter_map(|s| Uuid::parse_str(s.trim()).ok())
             .collect();
         match (channel, ids.as_slice()) {
+            (RESYNC, _) => self.resync().await?,
             (CHANNEL_HEARTBEAT, [c]) if *c != self.me => {
                 let prev = self.coords.insert(*c, (Instant::now(), true));
                 if !matches!(prev, Some((_, true))) {
                     let rows = self
                         .db
+                        .client
                         .query(
                             "SELECT DISTINCT id FROM tailnet_peers WHERE coordinator_id = $1",
                             &[c],
@@ -583,6 +790,7 @@ impl Mapper {
     async fn on_local_connected(&mut self, local: Uuid) -> Result<(), HaError> {
         let rows = self
             .db
+            .client
             .query(
                 "SELECT src_id, dst_id FROM tailnet_tunnels WHERE src_id = $1 OR dst_id = $1",
                 &[&local],
@@ -609,10 +817,7 @@ impl Mapper {
             }
         }
         if died {
-            let ids: Vec<Uuid> = self.tracked.keys().copied().collect();
-            for x in ids {
-                self.refresh(x).await?;
-            }
+            self.resync().await?;
         }
         Ok(())
     }
@@ -623,11 +828,17 @@ impl Mapper {
 
     /// Re-reads remote peer `x` and applies its best binding and its tunnels with local peers.
     async fn refresh(&mut self, x: Uuid) -> Result<(), HaError> {
+        self.refresh_as(x, Kind::Disconnected).await
+    }
+
+    /// [`Mapper::refresh`]; `absent` is what a peer without rows is reported as.
+    async fn refresh_as(&mut self, x: Uuid, absent: Kind) -> Result<(), HaError> {
         if self.graph.is_local(x) {
             return Ok(());
         }
         let rows = self
             .db
+            .client
             .query(
                 "SELECT coordinator_id, node, status::text, (extract(epoch FROM updated_at) * 1000000)::int8 \
                  FROM tailnet_peers WHERE id = $1 AND coordinator_id <> $2",
@@ -636,6 +847,7 @@ impl Mapper {
             .await?;
         let tunnels = self
             .db
+            .client
             .query(
                 "SELECT src_id, dst_id FROM tailnet_tunnels WHERE src_id = $1 OR dst_id = $1",
                 &[&x],
@@ -672,7 +884,11 @@ impl Mapper {
         match best {
             None => {
                 if self.tracked.remove(&x).is_some() {
-                    self.source.disconnected(x);
+                    if absent == Kind::Lost {
+                        self.source.lost(x);
+                    } else {
+                        self.source.disconnected(x);
+                    }
                 }
             }
             Some((false, _, _)) => {
