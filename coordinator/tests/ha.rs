@@ -741,7 +741,7 @@ async fn burst_of_1000_peers_across_three_replicas_converges() {
         rx: mut agent_rx,
         ..
     } = agent;
-    let clients: Vec<Peer> = (0..999)
+    let mut clients: Vec<Peer> = (0..999)
         .map(|i| {
             let c = Peer::connect(&gs[i % 3], Uuid::new_v4());
             c.tunnel(agent_id);
@@ -766,7 +766,8 @@ async fn burst_of_1000_peers_across_three_replicas_converges() {
         agent_handle
     });
     let start = Instant::now();
-    for mut c in clients {
+    // Clients stay connected until the agent has seen them all.
+    for c in clients.iter_mut() {
         let left = Duration::from_secs(90).saturating_sub(start.elapsed());
         c.expect(
             agent_id,

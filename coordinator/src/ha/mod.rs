@@ -427,8 +427,13 @@ async fn clean(db: &Client) -> Result<(), HaError> {
 enum Hint {
     /// Local peer connected: map the remote ends of its tunnels.
     LocalConnected(Uuid),
-    /// A tunnel with a possibly remote end was written: map that end.
-    Remote(Uuid),
+    /// Local peer `local`'s tunnel to a possibly remote `remote` was written: map that pair.
+    Remote {
+        /// The other end.
+        remote: Uuid,
+        /// The local peer.
+        local: Uuid,
+    },
 }
 
 /// What the writer last wrote about one local peer (to skip `as_of`-only updates and to
@@ -621,7 +626,13 @@ impl Writer {
             SourceEvent::TunnelAdded { about, to } => {
                 self.tunnels.insert((about, to));
                 self.write_tunnel(about, to).await?;
-                let _ = self.hints.send(Hint::Remote(to)).await;
+                let _ = self
+                    .hints
+                    .send(Hint::Remote {
+                        remote: to,
+                        local: about,
+                    })
+                    .await;
             }
             SourceEvent::TunnelRemoved { about, to } => {
                 self.tunnels.remove(&(about, to));
@@ -708,7 +719,7 @@ impl Mapper {
                     None => return,
                 },
                 h = hints.recv() => match h {
-                    Some(Hint::Remote(id)) => self.refresh(id).await,
+                    Some(Hint::Remote { remote, local }) => self.refresh_pair(remote, local).await,
                     Some(Hint::LocalConnected(id)) => self.on_local_connected(id).await,
                     None => return,
                 },
@@ -763,18 +774,12 @@ impl Mapper {
             (CHANNEL_PEER_UPDATE, [x]) => self.refresh(*x).await?,
             (CHANNEL_TUNNEL_UPDATE, [src, dst]) => {
                 let (src_local, dst_local) = (self.graph.is_local(*src), self.graph.is_local(*dst));
+                // Remote peers are only linked with local ones: a tunnel between two remote
+                // peers (or two local ones) changes nothing here.
                 if src_local && !dst_local {
-                    self.refresh(*dst).await?;
+                    self.refresh_pair(*dst, *src).await?;
                 } else if dst_local && !src_local {
-                    self.refresh(*src).await?;
-                } else if !src_local && !dst_local {
-                    // Both remote: only matters if we had linked one of them.
-                    if self.tracked.contains_key(src) {
-                        self.refresh(*src).await?;
-                    }
-                    if self.tracked.contains_key(dst) {
-                        self.refresh(*dst).await?;
-                    }
+                    self.refresh_pair(*src, *dst).await?;
                 }
             }
             (CHANNEL_READY_FOR_HANDSHAKE, [to, from])
@@ -833,6 +838,22 @@ impl Mapper {
 
     /// [`Mapper::refresh`]; `absent` is what a peer without rows is reported as.
     async fn refresh_as(&mut self, x: Uuid, absent: Kind) -> Result<(), HaError> {
+        self.refresh_inner(x, absent, None).await
+    }
+
+    /// Like [`Mapper::refresh`], but only the tunnel between `x` and local peer `local` is
+    /// re-read (a tunnel notification: reading all of an agent's tunnels for each of its
+    /// clients' tunnels would cost O(clients²)).
+    async fn refresh_pair(&mut self, x: Uuid, local: Uuid) -> Result<(), HaError> {
+        self.refresh_inner(x, Kind::Disconnected, Some(local)).await
+    }
+
+    async fn refresh_inner(
+        &mut self,
+        x: Uuid,
+        absent: Kind,
+        only: Option<Uuid>,
+    ) -> Result<(), HaError> {
         if self.graph.is_local(x) {
             return Ok(());
         }
@@ -845,14 +866,29 @@ impl Mapper {
                 &[&x, &self.me],
             )
             .await?;
-        let tunnels = self
-            .db
-            .client
-            .query(
-                "SELECT src_id, dst_id FROM tailnet_tunnels WHERE src_id = $1 OR dst_id = $1",
-                &[&x],
-            )
-            .await?;
+        let tunnels = match only {
+            None => {
+                self.db
+                    .client
+                    .query(
+                        "SELECT src_id, dst_id FROM tailnet_tunnels \
+                         WHERE src_id = $1 OR dst_id = $1",
+                        &[&x],
+                    )
+                    .await?
+            }
+            Some(l) => {
+                self.db
+                    .client
+                    .query(
+                        "SELECT src_id, dst_id FROM tailnet_tunnels \
+                         WHERE (src_id = $1 AND dst_id = $2) OR (src_id = $2 AND dst_id = $1) \
+                         LIMIT 1",
+                        &[&x, &l],
+                    )
+                    .await?
+            }
+        };
         // Best binding: (usable NODE, updated_at) maximal.
         let mut best: Option<(bool, i64, Vec<u8>)> = None;
         for r in &rows {
@@ -916,7 +952,12 @@ impl Mapper {
                         t.tunnels.insert(*l);
                     }
                 }
-                let gone: Vec<Uuid> = t.tunnels.difference(&locals).copied().collect();
+                let gone: Vec<Uuid> = t
+                    .tunnels
+                    .difference(&locals)
+                    .filter(|l| only.is_none_or(|o| o == **l))
+                    .copied()
+                    .collect();
                 for l in gone {
                     self.source.remove_tunnel(x, l);
                     t.tunnels.remove(&l);
