@@ -38,6 +38,12 @@
 //! `coordinator_remote_source_overflows_total`); its owner sees [`SourceEvent::Overflow`] and
 //! must re-synchronise by replacing the source (the bridge reopens its upstream stream).
 //!
+//! * **Watching every local peer:** a store that mirrors the whole graph (PostgreSQL, `crate::ha`)
+//!   uses the one watch-all source of a graph ([`PeerGraph::remote_source_all`]); it also
+//!   receives local connects and tunnel changes ([`SourceEvent::Connected`],
+//!   [`SourceEvent::TunnelAdded`], [`SourceEvent::TunnelRemoved`]), queued under the same shard
+//!   locks as the other events.
+//!
 //! # Not yet general
 //!
 //! * A peer id is either local or remote: remote operations about an id that has a local
@@ -46,8 +52,9 @@
 //! * Remote peers only have tunnels *to* local peers (what a bridge learns: coderd tells an agent
 //!   about peers that tunnel to it). A local client adding a tunnel to a remote-only peer records
 //!   the tunnel but is not sent the remote node (PostgreSQL sources will need that direction).
-//! * Bindings carry no timestamps from the source: "updated last" is the order of arrival here,
-//!   which is what a single process can observe; the PostgreSQL source will order by `updated_at`.
+//! * Bindings carry no timestamps from the source: "updated last" is the order of arrival here.
+//!   The PostgreSQL store therefore keeps one source for all replicas and picks the best binding
+//!   itself (by status and `updated_at`) before handing it to the graph.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
