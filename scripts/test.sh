@@ -71,9 +71,9 @@ if [ ${#go_modules[@]} -gt 0 ]; then
   go_download=$!
   bg_pids+=("$go_download")
 fi
-# interop/coderd runs Coder's own server (and its HA coordinator) on a real PostgreSQL.
-needs_postgres=0
-[ -f interop/coderd/go.mod ] && needs_postgres=1
+# interop/coderd runs Coder's own server (and its HA coordinator) on a real PostgreSQL, and the
+# coordinator's replica tests (coordinator/tests/it/ha.rs) start a throwaway PostgreSQL server.
+needs_postgres=1
 pg_bin=""
 find_pg() { pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1); [ -n "$pg_bin" ] && [ -x "$pg_bin/postgres" ]; }
 if [ "$needs_postgres" = 1 ] && ! find_pg; then
@@ -122,6 +122,13 @@ if [ ${#go_modules[@]} -gt 0 ]; then
   ) >"$logs/go-compile.log" 2>&1 &
   go_compile=$!
   bg_pids+=("$go_compile")
+fi
+
+if [ "$needs_postgres" = 1 ]; then
+  if [ -n "${pg_install:-}" ] && ! wait "$pg_install"; then cat "$logs/postgres-install.log"; exit 1; fi
+  pg_install=""
+  find_pg || { echo "PostgreSQL server binaries not found after install"; exit 1; }
+  export PG_BIN_DIR="$pg_bin"
 fi
 
 step "cargo test (workspace)"

@@ -723,6 +723,10 @@ settings! {
             |_| CoordinatorConfig::default().node_limits.max_derp_forced_websocket;
         /// Largest protobuf encoding of one node in bytes; a larger node ends its session.
         node_max_bytes: usize = |_| CoordinatorConfig::default().node_limits.max_node_bytes;
+        /// PostgreSQL URL (`postgres://user:pass@host:port/db`): replicas share one peer graph
+        /// through Coder's HA tables (see README, "Replicas"); unset = this process alone.
+        #[flag = "postgres-url"]
+        postgres_url: Option<String> = |_| None;
     }
 
     /// Static tokens and resume-token keys (`[auth]`). The tokens are used when no upstream
@@ -1025,6 +1029,8 @@ pub struct Settings {
     pub upstream: Option<UpstreamConfig>,
     /// With an upstream: bridge every agent into its coordinator (`upstream.bridge`).
     pub upstream_bridge: bool,
+    /// Share the peer graph with other replicas through this PostgreSQL database.
+    pub postgres_url: Option<String>,
     /// `--check` output: effective values and their origins.
     effective: Vec<(&'static GroupSpec, Vec<Option<String>>)>,
     origins: BTreeMap<String, &'static str>,
@@ -1152,6 +1158,7 @@ impl Settings {
         let upstream_bridge = upstream.is_some() && bridge;
 
         let mut coordinator_config = CoordinatorConfig::default();
+        let postgres_url = coordinator.as_ref().and_then(|c| c.postgres_url.clone());
         if let Some(c) = coordinator {
             if c.response_buffer == 0 {
                 bail!("coordinator.response_buffer: must be at least 1");
@@ -1226,6 +1233,7 @@ impl Settings {
             coordinator: coordinator_config,
             upstream,
             upstream_bridge,
+            postgres_url,
             effective: src.effective,
             origins: src.origins,
         })

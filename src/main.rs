@@ -98,6 +98,8 @@ fn init_tracing(s: &Settings) {
 #[derive(Clone)]
 struct Health {
     ready: Arc<AtomicBool>,
+    /// With `postgres_url`: false while the replica's heartbeats fail.
+    ha_healthy: Option<Arc<AtomicBool>>,
     registry: prometheus::Registry,
 }
 
@@ -118,7 +120,12 @@ async fn metrics(State(h): State<Health>) -> impl IntoResponse {
 }
 
 async fn readyz(State(h): State<Health>) -> impl IntoResponse {
-    if h.ready.load(Ordering::Relaxed) {
+    if h.ha_healthy
+        .as_ref()
+        .is_some_and(|f| !f.load(Ordering::Relaxed))
+    {
+        (StatusCode::SERVICE_UNAVAILABLE, "coordinator unhealthy\n")
+    } else if h.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
@@ -177,6 +184,7 @@ async fn run(s: Settings) -> Result<()> {
     let cancel = CancellationToken::new();
     let health = Health {
         ready: Arc::new(AtomicBool::new(false)),
+        ha_healthy: None,
         registry: registry.clone(),
     };
 
@@ -254,6 +262,33 @@ async fn run(s: Settings) -> Result<()> {
         None
     };
 
+    // Replicas: share the graph through PostgreSQL.
+    let ha = match (&coordinator, &s.postgres_url) {
+        (Some(c), Some(url)) => {
+            let coderd_db = coordinator::ha::coderd_managed_at(url)
+                .await
+                .context("postgres_url: connecting")?;
+            if coderd_db && s.upstream_bridge {
+                anyhow::bail!(
+                    "coordinator.postgres_url is a coderd-managed database (it has coderd's \
+                     schema_migrations), so coderd's pgcoord already shares agents there; turn \
+                     the sidecar bridge off (upstream.bridge = false), or every agent would \
+                     appear twice"
+                );
+            }
+            let h = coordinator::ha::start(c.graph().clone(), url)
+                .await
+                .context("postgres_url: starting the replica store")?;
+            tracing::info!(coordinator_id = %h.coordinator_id(), "sharing the peer graph through PostgreSQL");
+            Some(h)
+        }
+        _ => None,
+    };
+    let health = Health {
+        ha_healthy: ha.as_ref().map(|h| h.healthy_flag()),
+        ..health
+    };
+
     let mut app = ops_routes(health.clone());
     if let Some(c) = &coordinator {
         app = app.merge(c.router());
@@ -317,6 +352,12 @@ async fn run(s: Settings) -> Result<()> {
             }
         };
         tokio::join!(relay_drain, coord_drain);
+        if let Some(h) = ha {
+            // Own peers become LOST to the other replicas (rows kept, like pgcoord).
+            if let Err(e) = h.shutdown().await {
+                tracing::warn!(error = %e, "marking this replica's peers lost failed");
+            }
+        }
         cancel.cancel();
         while tasks.join_next().await.is_some() {}
     };

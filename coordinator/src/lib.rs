@@ -12,6 +12,7 @@ pub mod config;
 pub mod derpmap;
 pub mod dev;
 pub mod graph;
+pub mod ha;
 pub mod metrics;
 pub mod resume;
 pub mod rpc;

@@ -149,6 +149,9 @@ use crate::authz::{AuthzError, CoordinateeAuth};
 
 /// Coder's `maxPeerUpdatesPerMessage`: keeps every response far below dRPC's 4 MiB limit.
 pub const MAX_PEER_UPDATES_PER_RESPONSE: usize = 1024;
+/// pgcoord's error for sessions of a coordinator whose heartbeats fail.
+pub const ERR_UNHEALTHY: &str = "coordinator unhealthy";
+
 /// Coder's `ResponseBufferSize`.
 pub const DEFAULT_RESPONSE_QUEUE: usize = 512;
 /// Upper bound on the shard count.
@@ -312,6 +315,8 @@ enum Removal {
     Invalid(String),
     /// The coordinator is shutting down.
     Shutdown,
+    /// The coordinator became unhealthy (its HA store's heartbeats fail).
+    Unhealthy,
 }
 
 impl Removal {
@@ -338,6 +343,12 @@ impl Removal {
                 Some(ERR_COORDINATOR_CLOSED.to_owned()),
                 CloseReason::Shutdown,
             ),
+            Removal::Unhealthy => (
+                Kind::Lost,
+                "coordinator unhealthy",
+                Some(ERR_UNHEALTHY.to_owned()),
+                CloseReason::Shutdown,
+            ),
         }
     }
 }
@@ -356,11 +367,16 @@ pub struct PeerGraph {
     shards: Shards,
     /// Set (with every shard locked) by [`PeerGraph::shutdown`].
     closed: AtomicBool,
+    /// Set (with every shard locked) by [`PeerGraph::set_unhealthy`].
+    unhealthy: AtomicBool,
     next_gen: AtomicU64,
     peers: AtomicUsize,
     tunnels: AtomicUsize,
     /// Remote peers with at least one binding (see [`remote`]).
     remote_peers: AtomicUsize,
+    /// The one source that watches every local peer (the PostgreSQL store, see
+    /// [`PeerGraph::remote_source_all`]).
+    watch_all: std::sync::OnceLock<Arc<remote::SourceSink>>,
     config: GraphConfig,
     metrics: Metrics,
 }
@@ -431,13 +447,21 @@ impl PeerGraph {
         Ok(Arc::new(Self {
             shards: Shards::new(shards.clamp(1, MAX_SHARDS)),
             closed: AtomicBool::new(false),
+            unhealthy: AtomicBool::new(false),
             next_gen: AtomicU64::new(1),
             peers: AtomicUsize::new(0),
             tunnels: AtomicUsize::new(0),
             remote_peers: AtomicUsize::new(0),
+            watch_all: std::sync::OnceLock::new(),
             config,
             metrics,
         }))
+    }
+
+    /// Whether `id` has a live local connection.
+    pub fn is_local(&self, id: Uuid) -> bool {
+        let shard = self.shards.lock_one(id);
+        shard.peers.get(&id).is_some_and(|e| e.conn.is_some())
     }
 
     /// Number of shards.
@@ -489,6 +513,10 @@ impl PeerGraph {
             conn.outbox.close(Some(ERR_COORDINATOR_CLOSED.to_owned()));
             return;
         }
+        if self.unhealthy.load(Ordering::Acquire) {
+            conn.outbox.close(Some(ERR_UNHEALTHY.to_owned()));
+            return;
+        }
         // A predecessor whose queue overflowed was (logically) kicked before this connect.
         if let Some(old) = l.entry(id).and_then(|e| e.conn.clone()) {
             if old.outbox.is_failed() {
@@ -505,6 +533,7 @@ impl PeerGraph {
         self.metrics
             .node_bytes
             .sub(gauge_delta(std::mem::take(&mut e.node_bytes)));
+        self.notify_all_watcher(|| SourceEvent::Connected { about: id });
         let links: Vec<Uuid> = e.links.keys().copied().collect();
         match &replaced {
             Some(old) => {
@@ -740,6 +769,7 @@ impl PeerGraph {
             self.tunnels.fetch_add(1, Ordering::Relaxed);
             self.metrics.tunnels.inc();
         }
+        self.notify_all_watcher(|| SourceEvent::TunnelAdded { about: me, to: dst });
         let Some(dc) = dst_conn else { return true };
         let mut p = Pusher { sent: 0, kicks };
         if let Some(n) = dst_node {
@@ -812,6 +842,7 @@ impl PeerGraph {
             self.tunnels.fetch_sub(1, Ordering::Relaxed);
             self.metrics.tunnels.dec();
         }
+        self.notify_all_watcher(|| SourceEvent::TunnelRemoved { about: me, to: dst });
         drop(l);
         self.metrics.peer_updates_sent.inc_by(p.sent);
         true
@@ -1004,6 +1035,24 @@ impl PeerGraph {
             }
         }
         // Everything is closed now; stale kicks are no-ops.
+        self.run_kicks(kicks);
+    }
+
+    /// pgcoord's unhealthy state: setting it closes every session with
+    /// `error:"coordinator unhealthy"` (removed as LOST, so their tunnel peers keep WireGuard) and
+    /// refuses new ones the same way until it is cleared. The HA store sets it while its heartbeat
+    /// writes fail.
+    pub fn set_unhealthy(&self, unhealthy: bool) {
+        let mut kicks = Kicks::new();
+        {
+            let mut l = self.shards.lock_all();
+            let was = self.unhealthy.swap(unhealthy, Ordering::AcqRel);
+            if unhealthy && !was {
+                for conn in l.connected() {
+                    self.remove_locked(&mut l, conn, Removal::Unhealthy, &mut kicks);
+                }
+            }
+        }
         self.run_kicks(kicks);
     }
 

@@ -38,6 +38,12 @@
 //! `coordinator_remote_source_overflows_total`); its owner sees [`SourceEvent::Overflow`] and
 //! must re-synchronise by replacing the source (the bridge reopens its upstream stream).
 //!
+//! * **Watching every local peer:** a store that mirrors the whole graph (PostgreSQL, `crate::ha`)
+//!   uses the one watch-all source of a graph ([`PeerGraph::remote_source_all`]); it also
+//!   receives local connects and tunnel changes ([`SourceEvent::Connected`],
+//!   [`SourceEvent::TunnelAdded`], [`SourceEvent::TunnelRemoved`]), queued under the same shard
+//!   locks as the other events.
+//!
 //! # Not yet general
 //!
 //! * A peer id is either local or remote: remote operations about an id that has a local
@@ -46,8 +52,9 @@
 //! * Remote peers only have tunnels *to* local peers (what a bridge learns: coderd tells an agent
 //!   about peers that tunnel to it). A local client adding a tunnel to a remote-only peer records
 //!   the tunnel but is not sent the remote node (PostgreSQL sources will need that direction).
-//! * Bindings carry no timestamps from the source: "updated last" is the order of arrival here,
-//!   which is what a single process can observe; the PostgreSQL source will order by `updated_at`.
+//! * Bindings carry no timestamps from the source: "updated last" is the order of arrival here.
+//!   The PostgreSQL store therefore keeps one source for all replicas and picks the best binding
+//!   itself (by status and `updated_at`) before handing it to the graph.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -89,6 +96,25 @@ pub enum SourceEvent {
         about: Uuid,
         /// How it left.
         kind: Kind,
+    },
+    /// `about` connected (or replaced its connection). Only for the watch-all source.
+    Connected {
+        /// The local peer.
+        about: Uuid,
+    },
+    /// `about` added a tunnel `about → to`. Only for the watch-all source.
+    TunnelAdded {
+        /// The local peer (tunnel source).
+        about: Uuid,
+        /// The tunnel's destination.
+        to: Uuid,
+    },
+    /// `about` removed its tunnel `about → to`. Only for the watch-all source.
+    TunnelRemoved {
+        /// The local peer (tunnel source).
+        about: Uuid,
+        /// The tunnel's destination.
+        to: Uuid,
     },
     /// The queue overflowed: events were dropped; the source must be replaced to re-synchronise.
     Overflow,
@@ -252,6 +278,29 @@ impl PeerGraph {
         )
     }
 
+    /// Like [`PeerGraph::remote_source`], but the source watches **every** local peer, and also
+    /// receives [`SourceEvent::Connected`], [`SourceEvent::TunnelAdded`] and
+    /// [`SourceEvent::TunnelRemoved`]: what a store that mirrors the whole graph (PostgreSQL,
+    /// `crate::ha`) must write. At most one per graph: `None` if one was already created.
+    pub fn remote_source_all(
+        self: &Arc<Self>,
+        queue: usize,
+    ) -> Option<(RemoteSource, SourceEvents)> {
+        let (source, events) = self.remote_source(queue);
+        self.watch_all.set(source.sink.clone()).ok()?;
+        Some((source, events))
+    }
+
+    /// Queues `ev` to the watch-all source, if any (caller holds the shard of the peer `ev` is
+    /// about).
+    pub(crate) fn notify_all_watcher(&self, ev: impl Fn() -> SourceEvent) {
+        if let Some(w) = self.watch_all.get() {
+            if !w.push(ev()) {
+                self.metrics.remote_source_overflows.inc();
+            }
+        }
+    }
+
     /// Number of remote peers (with at least one binding).
     pub fn remote_peer_count(&self) -> usize {
         self.remote_peers.load(Ordering::Relaxed)
@@ -264,6 +313,8 @@ impl PeerGraph {
                 self.metrics.remote_source_overflows.inc();
             }
         }
+        // Only called about local peers (their node, RFH and removal).
+        self.notify_all_watcher(ev);
     }
 }
 

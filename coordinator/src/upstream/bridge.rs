@@ -261,6 +261,10 @@ async fn pump(
                     return End::AgentLeft;
                 }
                 Some(SourceEvent::Overflow) => return End::Overflow,
+                // Only the watch-all source (the PostgreSQL store) receives these.
+                Some(SourceEvent::Connected { .. })
+                | Some(SourceEvent::TunnelAdded { .. })
+                | Some(SourceEvent::TunnelRemoved { .. }) => {}
                 None => return End::SessionEnded,
             },
             resp = rx.recv_msg::<CoordinateResponse>() => match resp {

@@ -18,6 +18,7 @@ mod coordinate_v1;
 mod coordinate_v2;
 mod fanout;
 mod graph_cases;
+mod ha;
 mod limits;
 mod liveness;
 mod rpc_drpc;
