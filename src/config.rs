@@ -599,8 +599,17 @@ settings! {
         accept_connection_limit: Option<f64> = |_| EdgeConfig::default().accept_connection_limit;
         /// Burst of the accept limiter (default: the limit rounded up, at least 1).
         accept_connection_burst: Option<u32> = |_| EdgeConfig::default().accept_connection_burst;
-        /// Maximum concurrent connections per listener.
+        /// Maximum concurrent relay (DERP) connections; lowered at start-up to fit under the
+        /// open-file limit (logged). Past it, relay upgrades get a 503; each listener accepts
+        /// up to 1024 more connections for health and coordination requests.
         max_connections: usize = |_| EdgeConfig::default().max_connections;
+        /// Maximum concurrent connections from one source address (TCP peer), per listener;
+        /// `0` = no cap. Behind a load balancer all connections share its address: raise it
+        /// above the balancer's connection count, or set 0.
+        max_connections_per_ip: usize = |_| EdgeConfig::default().max_connections_per_ip;
+        /// Accepted connections per second from one source address; unset = unlimited.
+        accept_connection_limit_per_ip: Option<f64> =
+            |_| EdgeConfig::default().accept_connection_limit_per_ip;
     }
 
     /// The region under which the coordinator's DERP map lists this process's own relay.
@@ -1087,6 +1096,8 @@ impl Settings {
             listen.accept_connection_limit = t.accept_connection_limit;
             listen.accept_connection_burst = t.accept_connection_burst;
             listen.max_connections = t.max_connections;
+            listen.max_connections_per_ip = t.max_connections_per_ip;
+            listen.accept_connection_limit_per_ip = t.accept_connection_limit_per_ip;
         }
         if let Err(errs) = listen.validate() {
             let text: Vec<String> = errs

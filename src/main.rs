@@ -276,7 +276,8 @@ async fn run(s: Settings) -> Result<()> {
     ));
     let derp_handler: Option<Arc<dyn DerpHandler>> =
         relay.clone().map(|r| r as Arc<dyn DerpHandler>);
-    let edge = HttpEdge::new(derp_handler, app, &registry).context("registering metrics")?;
+    let edge = HttpEdge::with_relay_cap(derp_handler, app, &registry, bound.relay_cap)
+        .context("registering metrics")?;
 
     let running = bound.spawn(edge, cancel.clone());
     let mut tasks = tokio::task::JoinSet::new();

@@ -5,4 +5,5 @@
 
 mod cli;
 mod config_examples;
+mod limits;
 mod support;

@@ -198,6 +198,8 @@ impl HttpMetrics {
 /// Everything a connection needs: the DERP core, the HTTP router, and metrics.
 pub struct HttpEdge {
     derp: Option<Arc<dyn DerpHandler>>,
+    /// One permit per relay (DERP) connection; none left = new upgrades get a 503.
+    relay_slots: Arc<tokio::sync::Semaphore>,
     app: Router,
     metrics: HttpMetrics,
 }
@@ -218,6 +220,23 @@ impl HttpEdge {
         fallback: Router,
         registry: &prometheus::Registry,
     ) -> Result<Arc<Self>, prometheus::Error> {
+        Self::with_relay_cap(
+            derp,
+            fallback,
+            registry,
+            tokio::sync::Semaphore::MAX_PERMITS,
+        )
+    }
+
+    /// [`new`](Self::new) with a cap on concurrent relay (DERP) connections: past it, a relay
+    /// upgrade is answered `503 Service Unavailable` and closed at once, while every other
+    /// request is still served (the listener's cap sits above this one).
+    pub fn with_relay_cap(
+        derp: Option<Arc<dyn DerpHandler>>,
+        fallback: Router,
+        registry: &prometheus::Registry,
+        relay_cap: usize,
+    ) -> Result<Arc<Self>, prometheus::Error> {
         let app = if derp.is_some() {
             routes().fallback_service(fallback)
         } else {
@@ -225,6 +244,9 @@ impl HttpEdge {
         };
         Ok(Arc::new(HttpEdge {
             derp,
+            relay_slots: Arc::new(tokio::sync::Semaphore::new(
+                relay_cap.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             app,
             metrics: HttpMetrics::new(registry)?,
         }))
@@ -554,7 +576,7 @@ where
             fast_start,
             not_ideal,
         } => {
-            let derp = relay_or_404(&edge, &mut io, remote).await?;
+            let (derp, slot) = relay_or_404(&edge, &mut io, remote).await?;
             // Copied out so that the head buffer is freed with this phase.
             let leftover = Bytes::copy_from_slice(&buf[head_len..]);
             drop(buf);
@@ -582,10 +604,13 @@ where
                 websocket: false,
                 fast_start,
             };
-            Some(derp.accept_boxed(Box::new(io), leftover, info))
+            Some(holding_slot(
+                derp.accept_boxed(Box::new(io), leftover, info),
+                slot,
+            ))
         }
         FirstRequest::WebSocket { not_ideal } => {
-            let derp = relay_or_404(&edge, &mut io, remote).await?;
+            let (derp, slot) = relay_or_404(&edge, &mut io, remote).await?;
             metrics.requests.with_label_values(&["websocket"]).inc();
             let replay = Rewind::new(io, buf.freeze());
             let hs = tokio::time::timeout(
@@ -619,7 +644,10 @@ where
                 websocket: true,
                 fast_start: false,
             };
-            Some(derp.accept_boxed(Box::new(stream), Bytes::new(), info))
+            Some(holding_slot(
+                derp.accept_boxed(Box::new(stream), Bytes::new(), info),
+                slot,
+            ))
         }
         FirstRequest::Http => {
             metrics.requests.with_label_values(&["http"]).inc();
@@ -629,14 +657,34 @@ where
     }
 }
 
+/// `conn`, keeping its relay slot until it ends.
+fn holding_slot(conn: DerpConnection, slot: tokio::sync::OwnedSemaphorePermit) -> DerpConnection {
+    Box::pin(async move {
+        let _slot = slot;
+        conn.await;
+    })
+}
+
 /// The relay, or (in a process without one) a 404 answer and `None`, like derper's `-derp=false`.
+///
+/// With a relay, also takes one of its slots; at the relay's cap the answer is a quick 503 and
+/// `None`. The slot is held until the DERP connection ends.
 async fn relay_or_404<IO: AsyncRead + AsyncWrite + Unpin>(
     edge: &HttpEdge,
     io: &mut IO,
     remote: SocketAddr,
-) -> Option<Arc<dyn DerpHandler>> {
+) -> Option<(Arc<dyn DerpHandler>, tokio::sync::OwnedSemaphorePermit)> {
     if let Some(d) = &edge.derp {
-        return Some(d.clone());
+        let Ok(slot) = edge.relay_slots.clone().try_acquire_owned() else {
+            edge.metrics
+                .requests
+                .with_label_values(&["derp_over_cap"])
+                .inc();
+            tracing::debug!(%remote, "relay connection cap reached; answering 503");
+            write_error_and_close(io, "503 Service Unavailable").await;
+            return None;
+        };
+        return Some((d.clone(), slot));
     }
     edge.metrics
         .requests
