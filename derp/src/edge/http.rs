@@ -22,7 +22,8 @@
 //! phase's largest state (head scratch buffer, hyper, TLS and WebSocket handshakes: ~15 KB
 //! measured) for its whole life.
 //!
-//! Must never: buffer more than [`MAX_HEAD_LEN`] before deciding, drop bytes read past the head,
+//! Must never: buffer more than [`MAX_HEAD_LEN`] for any request head (the first, read here, or a
+//! later one on a kept-alive connection, read by hyper with the same limit) or before deciding, drop bytes read past the head,
 //! keep HTTP-phase state alive in a DERP connection, or let one bad client affect another
 //! (garbage gets a 400, a log line and a counter).
 
@@ -722,13 +723,27 @@ async fn serve_http<IO>(
 {
     let app = edge.app.clone();
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(ConnectInfo(remote));
-        req.extensions_mut().insert(ConnScheme { tls: is_tls });
-        tower::ServiceExt::oneshot(app.clone(), req)
+        let app = app.clone();
+        async move {
+            if request_head_len(&req) > MAX_HEAD_LEN {
+                tracing::debug!(%remote, "HTTP request head too large (kept-alive connection)");
+                let mut resp = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.into_response();
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(resp);
+            }
+            req.extensions_mut().insert(ConnectInfo(remote));
+            req.extensions_mut().insert(ConnScheme { tls: is_tls });
+            tower::ServiceExt::oneshot(app, req).await
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT)
+        // The first head was capped at MAX_HEAD_LEN; later ones on this connection get the same
+        // limit (hyper's default is ~400 KiB), answered 431 past it.
+        .max_buf_size(MAX_HEAD_LEN)
+        .max_headers(MAX_HEADERS)
         .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
     tokio::pin!(conn);
@@ -745,6 +760,18 @@ async fn serve_http<IO>(
     if let Err(e) = result {
         tracing::debug!(%remote, error = %e, "HTTP connection ended with an error");
     }
+}
+
+/// The size of a request's head as it was on the wire (request line, headers, CRLFs), give or
+/// take the spelling of the version.
+fn request_head_len<B>(req: &hyper::Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + " HTTP/1.1\r\n".len();
+    req.headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + line
+        + 2
 }
 
 /// Whether an `X-Tailscale-Challenge` value may be echoed: 1..=64 chars of `[A-Za-z0-9._:-]`.
