@@ -405,9 +405,19 @@ impl UpstreamAuthenticator {
     }
 }
 
+/// Whether `token` can be sent on in a header at all. One that cannot (CR, LF or other control
+/// bytes, which arrive percent-encoded in a query or inside a cookie) is no credential coderd
+/// could know: it is answered as an invalid token (401), never asked about, never a 503.
+fn sendable(token: &str) -> bool {
+    http::HeaderValue::from_str(token).is_ok()
+}
+
 impl Authenticator for UpstreamAuthenticator {
     fn agent<'a>(&'a self, token: &'a str) -> AuthFuture<'a, AgentIdentity> {
         Box::pin(async move {
+            if !sendable(token) {
+                return Err(crate::auth::agent_not_authorized());
+            }
             let d = self
                 .cache
                 .get_or_fetch(
@@ -425,6 +435,9 @@ impl Authenticator for UpstreamAuthenticator {
 
     fn user<'a>(&'a self, token: &'a str) -> AuthFuture<'a, UserIdentity> {
         Box::pin(async move {
+            if !sendable(token) {
+                return Err(crate::auth::user_signed_out());
+            }
             let d = self
                 .cache
                 .get_or_fetch(
@@ -456,4 +469,35 @@ impl Authenticator for UpstreamAuthenticator {
 /// Convenience: an [`UpstreamAuthenticator`] as the trait object [`crate::Coordinator::new`] takes.
 pub fn authenticator(upstream: Upstream) -> Arc<dyn Authenticator> {
     Arc::new(UpstreamAuthenticator::new(upstream))
+}
+
+#[cfg(test)]
+mod sec_edge_tests {
+    use super::*;
+    use crate::upstream::UpstreamConfig;
+
+    /// Issue 14, finding 6: a token that cannot travel in a header (CR/LF, from a cookie or a
+    /// percent-encoded query) is an invalid token (401), not an unavailable upstream (503).
+    #[tokio::test]
+    async fn token_with_cr_lf_is_invalid_not_unavailable() {
+        let registry = prometheus::Registry::new();
+        let up = Upstream::new(
+            UpstreamConfig {
+                url: "http://127.0.0.1:9".into(),
+                ..UpstreamConfig::default()
+            },
+            &registry,
+        )
+        .unwrap();
+        let auth = UpstreamAuthenticator::new(up);
+        let bad = "abc\r\nX-Injected: 1";
+        assert!(matches!(
+            auth.user(bad).await,
+            Err(AuthError::InvalidToken { .. })
+        ));
+        assert!(matches!(
+            auth.agent(bad).await,
+            Err(AuthError::InvalidToken { .. })
+        ));
+    }
 }
