@@ -5,7 +5,8 @@
 //! plus `X-Forwarded-For/-Proto/-Host`) and a streaming body; the answer streams back the same way.
 //! WebSocket (and any other HTTP/1.1) upgrades are forwarded, and on the upstream's `101` the two
 //! upgraded connections are spliced byte for byte. Failures are answered in Coder's JSON error
-//! shape: `502` when the upstream cannot be reached or does not send headers in time, `413` when
+//! shape (the detail names the kind of failure; the error chain goes to the log only): `502` when
+//! the upstream cannot be reached or does not send headers in time, `413` when
 //! a request body exceeds the limit (checked against `Content-Length` at once and counted while
 //! streaming otherwise).
 //!
@@ -121,9 +122,25 @@ fn error_response(up: &Upstream, e: &UpstreamError) -> Response {
             m.proxy_error("unreachable");
             tracing::warn!(error = %other, "upstream request failed");
             ApiError::new(StatusCode::BAD_GATEWAY, UPSTREAM_UNREACHABLE_MESSAGE)
-                .detail(other.to_string())
+                .detail(public_detail(other))
                 .into_response()
         }
+    }
+}
+
+/// What failed, for an unauthenticated caller: the kind of failure, never the error chain (OS
+/// errors, internal addresses), which is logged instead.
+fn public_detail(e: &UpstreamError) -> &'static str {
+    match e {
+        UpstreamError::Connect { .. } => "Connecting to the upstream failed.",
+        UpstreamError::Tls { .. } => "The TLS handshake with the upstream failed.",
+        UpstreamError::Timeout(_) | UpstreamError::DialTimeout(_) => {
+            "The upstream did not answer in time."
+        }
+        UpstreamError::Unexpected(_) | UpstreamError::Status { .. } => {
+            "The upstream answered unexpectedly."
+        }
+        _ => "The request to the upstream failed.",
     }
 }
 
@@ -330,8 +347,9 @@ async fn rewrite(
             }
             Some(Err(e)) => {
                 m.proxy_error("unreachable");
+                tracing::warn!(error = %e, "reading the upstream answer failed");
                 return ApiError::new(StatusCode::BAD_GATEWAY, UPSTREAM_UNREACHABLE_MESSAGE)
-                    .detail(format!("reading the upstream answer: {e}"))
+                    .detail("Reading the upstream answer failed.")
                     .into_response();
             }
         }
@@ -421,5 +439,43 @@ mod tests {
         assert!(wants_upgrade(&h).is_none());
         h.insert("connection", "keep-alive, Upgrade".parse().unwrap());
         assert_eq!(wants_upgrade(&h).unwrap(), "websocket");
+    }
+
+    /// Issue 14, finding 6: a 502 tells an anonymous caller what failed, in Coder's JSON shape,
+    /// without the internal error chain (that stays in the log).
+    #[tokio::test]
+    async fn unreachable_upstream_body_has_no_error_chain() {
+        let registry = prometheus::Registry::new();
+        let up = Upstream::new(
+            super::super::UpstreamConfig {
+                url: "http://127.0.0.1:9".into(),
+                ..Default::default()
+            },
+            &registry,
+        )
+        .unwrap();
+        for e in [
+            UpstreamError::Request(
+                "client error (Connect): tcp connect error: Connection refused (os error 111)"
+                    .into(),
+            ),
+            UpstreamError::Connect {
+                addr: "10.1.2.3:3000".into(),
+                reason: "Connection refused (os error 111)".into(),
+            },
+        ] {
+            let resp = error_response(&up, &e);
+            assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["message"], UPSTREAM_UNREACHABLE_MESSAGE);
+            let text = String::from_utf8_lossy(&body);
+            for leak in ["os error", "refused", "tcp connect", "10.1.2.3"] {
+                assert!(!text.contains(leak), "{leak:?} in {text}");
+            }
+            assert!(!json["detail"].as_str().unwrap_or("").is_empty());
+        }
     }
 }
