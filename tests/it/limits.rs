@@ -12,6 +12,11 @@ use crate::support::{bin, get, Running};
 
 /// Starts `tailnetd dev` on port 0, optionally under an open-file limit (soft = hard).
 fn start_dev(nofile: Option<u32>, extra: &[&str]) -> Running {
+    start_dev_logging(nofile, extra, std::process::Stdio::null())
+}
+
+/// [`start_dev`] with its log (stderr) going to `log`.
+fn start_dev_logging(nofile: Option<u32>, extra: &[&str], log: std::process::Stdio) -> Running {
     use std::io::BufRead;
     let mut cmd = match nofile {
         Some(n) => {
@@ -26,7 +31,7 @@ fn start_dev(nofile: Option<u32>, extra: &[&str]) -> Running {
         .args(["dev", "--http-addr", "127.0.0.1:0", "--stun-addr", ""])
         .args(extra)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap();
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
@@ -186,4 +191,37 @@ fn limits_per_address_cap_leaves_room_for_others() {
         "no per-address rejection counted"
     );
     drop(held);
+}
+
+/// Finding 5: failed unauthenticated DERP handshakes are logged at debug, with a rate-limited
+/// summary at info, so a client cannot turn each failed connection into an INFO line.
+#[test]
+fn limits_failed_handshakes_do_not_amplify_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut dev = start_dev_logging(None, &[], log.into());
+    let addr = http_addr(&dev);
+    let attempts = 40;
+    for _ in 0..attempts {
+        let Upgrade::Relay(mut s) = derp_upgrade(ip("127.0.0.2"), addr) else {
+            panic!("no relay connection");
+        };
+        // Not a ClientInfo frame: the handshake fails at once.
+        s.write_all(&[0xff; 64]).unwrap();
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = dev.child.kill();
+    let _ = dev.child.wait();
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let lines = text
+        .lines()
+        .filter(|l| l.contains("INFO") && l.contains("127.0.0.2"))
+        .count();
+    assert!(
+        lines <= 2,
+        "{lines} INFO lines for {attempts} failed handshakes:\n{text}"
+    );
 }
