@@ -558,6 +558,14 @@ settings! {
         log: String = |_| "info".into();
         /// Log format: `text` or `json`.
         log_format: LogFormat = |_| LogFormat::Text;
+        /// Listen address of the metrics endpoint (`/metrics` only), kept off the public
+        /// listener as coderd keeps its own; port 0 picks a free one; empty disables. `dev`
+        /// leaves it off and serves `/metrics` on its listener instead.
+        metrics_addr: String = |role| {
+            if role == Role::Dev { "" } else { "127.0.0.1:2113" }.into()
+        };
+        /// Also serve `/metrics` on the public listener(s) (on by default only for `dev`).
+        metrics_on_public_listener: bool = |role| role == Role::Dev;
     }
 
     /// The relay's own listener and identity: roles that run the relay.
@@ -1006,6 +1014,10 @@ pub struct Settings {
     pub drain_deadline: Duration,
     pub log: String,
     pub log_json: bool,
+    /// The metrics listener (`None` = none).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `/metrics` on the public listener(s) too.
+    pub metrics_on_public_listener: bool,
     /// This process's relay in the DERP map (roles running relay and coordinator).
     pub region: Option<RegionSettings>,
     /// The coordinator's DERP map sources (the embedded relay is added at start).
@@ -1196,6 +1208,9 @@ impl Settings {
                 .collect::<Result<_>>()?;
         }
 
+        let metrics_addr = derp::edge::config::parse_listen_addr(&general.metrics_addr)
+            .map_err(|e| anyhow!("metrics_addr (--metrics-addr): {e}"))?;
+
         Ok(Settings {
             role,
             listen,
@@ -1204,6 +1219,8 @@ impl Settings {
             drain_deadline: general.drain_deadline,
             log: general.log,
             log_json: general.log_format == LogFormat::Json,
+            metrics_addr,
+            metrics_on_public_listener: general.metrics_on_public_listener,
             region,
             derp_map,
             auth: static_auth,

@@ -6,4 +6,5 @@
 mod cli;
 mod config_examples;
 mod limits;
+mod metrics_addr;
 mod support;
