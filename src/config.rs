@@ -693,6 +693,10 @@ settings! {
         max_rewrite_bytes: usize = |_| UpstreamConfig::default().max_rewrite_bytes;
         /// Forward the client's Host header (otherwise the upstream's authority is sent).
         preserve_host: bool = |_| UpstreamConfig::default().preserve_host;
+        /// Comma-separated IP addresses of the proxies in front (the load balancer) whose
+        /// forwarding headers (X-Forwarded-*, X-Real-IP, True-Client-IP, Forwarded) are passed
+        /// on; from any other peer they are replaced by what tailnetd saw. Empty = none.
+        trusted_proxies: String = |_| String::new();
         /// Mirror every agent into coderd's own coordinator (one Coordinate stream per agent on
         /// its upstream session), so that coderd's web terminal, apps, port-forwarding and
         /// workspace proxies reach agents served here. Off only where tailnetd shares coderd's
@@ -1282,6 +1286,17 @@ fn resolve_upstream(u: UpstreamSettings) -> Result<Option<UpstreamConfig>> {
         rewrite_derp_map: u.rewrite_derp_map,
         max_rewrite_bytes: u.max_rewrite_bytes,
         preserve_host: u.preserve_host,
+        trusted_proxies: u
+            .trusted_proxies
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                a.parse::<std::net::IpAddr>().map_err(|_| {
+                    anyhow!("upstream.trusted_proxies (--upstream-trusted-proxies): {a:?} is not an IP address")
+                })
+            })
+            .collect::<Result<_>>()?,
         ..UpstreamConfig::default()
     }))
 }
