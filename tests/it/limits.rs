@@ -22,7 +22,8 @@ fn start_dev_logging(nofile: Option<u32>, extra: &[&str], log: std::process::Std
         Some(n) => {
             let mut c = std::process::Command::new("prlimit");
             c.arg(format!("--nofile={n}:{n}"))
-                .arg(env!("CARGO_BIN_EXE_tailnetd"));
+                .arg(env!("CARGO_BIN_EXE_tailnetd"))
+                .env("TAILNETD_METRICS_ADDR", "127.0.0.1:0");
             c
         }
         None => bin(),
