@@ -558,6 +558,14 @@ settings! {
         log: String = |_| "info".into();
         /// Log format: `text` or `json`.
         log_format: LogFormat = |_| LogFormat::Text;
+        /// Listen address of the metrics endpoint (`/metrics` only), kept off the public
+        /// listener as coderd keeps its own; port 0 picks a free one; empty disables. `dev`
+        /// leaves it off and serves `/metrics` on its listener instead.
+        metrics_addr: String = |role| {
+            if role == Role::Dev { "" } else { "127.0.0.1:2113" }.into()
+        };
+        /// Also serve `/metrics` on the public listener(s) (on by default only for `dev`).
+        metrics_on_public_listener: bool = |role| role == Role::Dev;
     }
 
     /// The relay's own listener and identity: roles that run the relay.
@@ -599,8 +607,17 @@ settings! {
         accept_connection_limit: Option<f64> = |_| EdgeConfig::default().accept_connection_limit;
         /// Burst of the accept limiter (default: the limit rounded up, at least 1).
         accept_connection_burst: Option<u32> = |_| EdgeConfig::default().accept_connection_burst;
-        /// Maximum concurrent connections per listener.
+        /// Maximum concurrent relay (DERP) connections; lowered at start-up to fit under the
+        /// open-file limit (logged). Past it, relay upgrades get a 503; each listener accepts
+        /// up to 1024 more connections for health and coordination requests.
         max_connections: usize = |_| EdgeConfig::default().max_connections;
+        /// Maximum concurrent connections from one source address (TCP peer), per listener;
+        /// `0` = no cap. Behind a load balancer all connections share its address: raise it
+        /// above the balancer's connection count, or set 0.
+        max_connections_per_ip: usize = |_| EdgeConfig::default().max_connections_per_ip;
+        /// Accepted connections per second from one source address; unset = unlimited.
+        accept_connection_limit_per_ip: Option<f64> =
+            |_| EdgeConfig::default().accept_connection_limit_per_ip;
     }
 
     /// The region under which the coordinator's DERP map lists this process's own relay.
@@ -676,6 +693,10 @@ settings! {
         max_rewrite_bytes: usize = |_| UpstreamConfig::default().max_rewrite_bytes;
         /// Forward the client's Host header (otherwise the upstream's authority is sent).
         preserve_host: bool = |_| UpstreamConfig::default().preserve_host;
+        /// Comma-separated IP addresses of the proxies in front (the load balancer) whose
+        /// forwarding headers (X-Forwarded-*, X-Real-IP, True-Client-IP, Forwarded) are passed
+        /// on; from any other peer they are replaced by what tailnetd saw. Empty = none.
+        trusted_proxies: String = |_| String::new();
         /// Mirror every agent into coderd's own coordinator (one Coordinate stream per agent on
         /// its upstream session), so that coderd's web terminal, apps, port-forwarding and
         /// workspace proxies reach agents served here. Off only where tailnetd shares coderd's
@@ -1017,6 +1038,10 @@ pub struct Settings {
     pub drain_deadline: Duration,
     pub log: String,
     pub log_json: bool,
+    /// The metrics listener (`None` = none).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `/metrics` on the public listener(s) too.
+    pub metrics_on_public_listener: bool,
     /// This process's relay in the DERP map (roles running relay and coordinator).
     pub region: Option<RegionSettings>,
     /// The coordinator's DERP map sources (the embedded relay is added at start).
@@ -1109,6 +1134,8 @@ impl Settings {
             listen.accept_connection_limit = t.accept_connection_limit;
             listen.accept_connection_burst = t.accept_connection_burst;
             listen.max_connections = t.max_connections;
+            listen.max_connections_per_ip = t.max_connections_per_ip;
+            listen.accept_connection_limit_per_ip = t.accept_connection_limit_per_ip;
         }
         if let Err(errs) = listen.validate() {
             let text: Vec<String> = errs
@@ -1219,6 +1246,9 @@ impl Settings {
                 .collect::<Result<_>>()?;
         }
 
+        let metrics_addr = derp::edge::config::parse_listen_addr(&general.metrics_addr)
+            .map_err(|e| anyhow!("metrics_addr (--metrics-addr): {e}"))?;
+
         Ok(Settings {
             role,
             listen,
@@ -1227,6 +1257,8 @@ impl Settings {
             drain_deadline: general.drain_deadline,
             log: general.log,
             log_json: general.log_format == LogFormat::Json,
+            metrics_addr,
+            metrics_on_public_listener: general.metrics_on_public_listener,
             region,
             derp_map,
             auth: static_auth,
@@ -1289,6 +1321,17 @@ fn resolve_upstream(u: UpstreamSettings) -> Result<Option<UpstreamConfig>> {
         rewrite_derp_map: u.rewrite_derp_map,
         max_rewrite_bytes: u.max_rewrite_bytes,
         preserve_host: u.preserve_host,
+        trusted_proxies: u
+            .trusted_proxies
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                a.parse::<std::net::IpAddr>().map_err(|_| {
+                    anyhow!("upstream.trusted_proxies (--upstream-trusted-proxies): {a:?} is not an IP address")
+                })
+            })
+            .collect::<Result<_>>()?,
         ..UpstreamConfig::default()
     }))
 }

@@ -132,12 +132,42 @@ async fn readyz(State(h): State<Health>) -> impl IntoResponse {
     }
 }
 
-fn ops_routes(health: Health) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
+/// Health and readiness, plus `/metrics` when it is served on the public listener too.
+fn ops_routes(health: Health, with_metrics: bool) -> Router {
+    let routes = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(health)
+        .route("/readyz", get(readyz));
+    let routes = if with_metrics {
+        routes.route("/metrics", get(metrics))
+    } else {
+        routes
+    };
+    routes.with_state(health)
+}
+
+/// The metrics listener: `/metrics` only, on its own address (loopback by default), served until
+/// `cancel`.
+async fn bind_metrics(
+    addr: SocketAddr,
+    health: Health,
+    cancel: CancellationToken,
+) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics listener on {addr}"))?;
+    let bound = listener.local_addr().context("metrics listener address")?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(health);
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the metrics listener stopped");
+        }
+    });
+    Ok(bound)
 }
 
 /// The URL clients use to reach this process: the configured public URL, else the first bound
@@ -289,7 +319,7 @@ async fn run(s: Settings) -> Result<()> {
         ..health
     };
 
-    let mut app = ops_routes(health.clone());
+    let mut app = ops_routes(health.clone(), s.metrics_on_public_listener);
     if let Some(c) = &coordinator {
         app = app.merge(c.router());
         if let Some(up) = c.upstream() {
@@ -311,8 +341,14 @@ async fn run(s: Settings) -> Result<()> {
     ));
     let derp_handler: Option<Arc<dyn DerpHandler>> =
         relay.clone().map(|r| r as Arc<dyn DerpHandler>);
-    let edge = HttpEdge::new(derp_handler, app, &registry).context("registering metrics")?;
+    let edge = HttpEdge::with_relay_cap(derp_handler, app, &registry, bound.relay_cap)
+        .context("registering metrics")?;
 
+    // The metrics listener ends with `cancel`; its failure is logged, never a reason to drain.
+    let metrics_addr = match s.metrics_addr {
+        Some(addr) => Some(bind_metrics(addr, health.clone(), cancel.clone()).await?),
+        None => None,
+    };
     let running = bound.spawn(edge, cancel.clone());
     let mut tasks = tokio::task::JoinSet::new();
     for t in running.tasks {
@@ -328,6 +364,7 @@ async fn run(s: Settings) -> Result<()> {
     announce(
         &s,
         &bound,
+        metrics_addr,
         &base_url,
         relay.as_deref(),
         dev_credentials.as_ref(),
@@ -379,6 +416,7 @@ async fn run(s: Settings) -> Result<()> {
 fn announce(
     s: &Settings,
     bound: &derp::edge::listener::Bound,
+    metrics_addr: Option<SocketAddr>,
     base_url: &str,
     relay: Option<&Server>,
     dev: Option<&DevCredentials>,
@@ -388,6 +426,7 @@ fn announce(
         "http_addr": bound.http_addr.map(|a| a.to_string()),
         "https_addr": bound.https_addr.map(|a| a.to_string()),
         "stun_addr": bound.stun_addr.map(|a| a.to_string()),
+        "metrics_addr": metrics_addr.map(|a| a.to_string()),
         "derp_public_key": relay.map(|r| r.public_key().to_string()),
         "base_url": base_url,
     });

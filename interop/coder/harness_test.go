@@ -120,6 +120,8 @@ func startServe(t *testing.T, cfg staticConfig) *tailnetd {
 		"--http-addr", harness.FreeTCPAddr(t),
 		"--stun-addr", harness.FreeUDPAddr(t),
 		"--key-file", filepath.Join(dir, "derp.key"),
+		// Tests run several sidecars at once: none binds the fixed default metrics port.
+		"--metrics-addr", "",
 	)
 	s.configPath = cfgPath
 	return s

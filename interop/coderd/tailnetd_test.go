@@ -47,6 +47,9 @@ func startTailnetdServe(t *testing.T, addr, upstreamURL string) *tailnetdProcess
 		"--stun-addr", "",
 		"--upstream", upstreamURL,
 		"--key-file", filepath.Join(t.TempDir(), "derp.key"),
+		// metric() reads /metrics from the base URL; no fixed metrics port (tests run at once).
+		"--metrics-addr", "",
+		"--metrics-on-public-listener", "true",
 	}
 	args = append(args, upstreamBridgeArgs(t)...)
 	p := harness.Start(t, harness.Options{

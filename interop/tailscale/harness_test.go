@@ -97,6 +97,8 @@ func (e *env) start(opts serverOpts) *tailnetd {
 		"--http-addr", opts.httpAddr,
 		"--stun-addr", opts.stunAddr,
 		"--key-file", opts.keyFile,
+		// Several relays run at once: none binds the fixed default metrics port.
+		"--metrics-addr", "",
 	}
 	require := []string{"derp_public_key", "stun_addr"}
 	if opts.tls != nil {

@@ -5,4 +5,6 @@
 
 mod cli;
 mod config_examples;
+mod limits;
+mod metrics_addr;
 mod support;

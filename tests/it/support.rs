@@ -6,8 +6,12 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// The binary, with its metrics listener on a free port: tests run several processes at once,
+/// and the default metrics address is a fixed port (a flag still wins over this).
 pub fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tailnetd"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tailnetd"));
+    c.env("TAILNETD_METRICS_ADDR", "127.0.0.1:0");
+    c
 }
 
 pub struct Running {

@@ -311,6 +311,8 @@ impl Ctx {
                     "",
                     "--log",
                     "warn",
+                    "--metrics-addr",
+                    "",
                 ])
                 .arg("--key-file")
                 .arg(self.dir.join("tailnetd.key"));
@@ -454,6 +456,8 @@ impl Ctx {
                 "127.0.0.1:0",
                 "--log",
                 "warn",
+                "--metrics-addr",
+                "",
                 "--config",
             ])
             .arg(&cfg);

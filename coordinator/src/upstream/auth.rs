@@ -32,7 +32,8 @@
 //! Caching: decisions are keyed by (SHA-256 of the token, agent), positive ones kept
 //! `auth_ttl_ok`, negative ones (token rejected, access denied, browser-only) `auth_ttl_err`;
 //! concurrent misses for one key share one upstream request. Upstream failures (unreachable,
-//! timeout, 5xx, anything unexpected) become [`AuthError::Unavailable`] (503 to the caller) and
+//! timeout, 5xx, anything unexpected) become [`AuthError::Unavailable`] (503 to the caller; a
+//! transport failure's error chain is logged, not answered) and
 //! are never cached. Sessions already open are never re-checked here, so upstream trouble cannot
 //! end them.
 //!
@@ -142,6 +143,13 @@ fn unavailable(e: impl std::fmt::Display) -> AuthError {
     AuthError::Unavailable(format!("upstream Coder server: {e}"))
 }
 
+/// Asking the upstream failed before it answered: the error chain (OS errors, addresses) goes to
+/// the log; the caller, not authenticated yet, learns only what failed.
+fn unreachable(e: impl std::fmt::Display) -> AuthError {
+    tracing::warn!(error = %e, "asking the upstream Coder server failed");
+    AuthError::Unavailable("upstream Coder server could not be asked".into())
+}
+
 fn display_name(owner: &str, workspace: &str, agent: &str, id: Uuid) -> String {
     if owner.is_empty() && workspace.is_empty() && agent.is_empty() {
         format!("agent-{id}")
@@ -222,7 +230,7 @@ impl UpstreamAuthenticator {
             let (status, body) = self
                 .get("auth_agent", "/api/v2/workspaceagents/me/manifest", token)
                 .await
-                .map_err(unavailable)?;
+                .map_err(unreachable)?;
             match status {
                 StatusCode::OK => {
                     let m: ManifestJson = serde_json::from_slice(&body)
@@ -264,7 +272,7 @@ impl UpstreamAuthenticator {
                     "/api/v2/workspaceagents/me/rpc?version=2.0&role=tailnetd",
                     token,
                 )
-                .map_err(unavailable)?;
+                .map_err(unreachable)?;
             let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
             let h = req.headers_mut();
             h.insert(
@@ -282,7 +290,7 @@ impl UpstreamAuthenticator {
             if let Ok(v) = http::HeaderValue::from_str(&key) {
                 h.insert("sec-websocket-key", v);
             }
-            let mut resp = self.up.send("agent_rpc", req).await.map_err(unavailable)?;
+            let mut resp = self.up.send("agent_rpc", req).await.map_err(unreachable)?;
             let status = resp.status();
             if status != StatusCode::SWITCHING_PROTOCOLS {
                 let body = http_body_util::Limited::new(resp.into_body(), MAX_AUTH_BODY)
@@ -297,7 +305,7 @@ impl UpstreamAuthenticator {
                     s => Err(unavailable(format!("/me/rpc answered {s}"))),
                 };
             }
-            let upgraded = hyper::upgrade::on(&mut resp).await.map_err(unavailable)?;
+            let upgraded = hyper::upgrade::on(&mut resp).await.map_err(unreachable)?;
             let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
                 hyper_util::rt::TokioIo::new(upgraded),
                 tokio_tungstenite::tungstenite::protocol::Role::Client,
@@ -333,7 +341,7 @@ impl UpstreamAuthenticator {
         let (status, body) = self
             .get("auth_user", "/api/v2/users/me", token)
             .await
-            .map_err(unavailable)?;
+            .map_err(unreachable)?;
         match status {
             StatusCode::OK => {
                 let u: UserJson = serde_json::from_slice(&body)
@@ -355,7 +363,7 @@ impl UpstreamAuthenticator {
         let (status, body) = self
             .get("auth_reach", &path, token)
             .await
-            .map_err(unavailable)?;
+            .map_err(unreachable)?;
         match status {
             StatusCode::BAD_REQUEST => {
                 let r: CoderResponse = serde_json::from_slice(&body).unwrap_or_default();
@@ -405,9 +413,19 @@ impl UpstreamAuthenticator {
     }
 }
 
+/// Whether `token` can be sent on in a header at all. One that cannot (CR, LF or other control
+/// bytes, which arrive percent-encoded in a query or inside a cookie) is no credential coderd
+/// could know: it is answered as an invalid token (401), never asked about, never a 503.
+fn sendable(token: &str) -> bool {
+    http::HeaderValue::from_str(token).is_ok()
+}
+
 impl Authenticator for UpstreamAuthenticator {
     fn agent<'a>(&'a self, token: &'a str) -> AuthFuture<'a, AgentIdentity> {
         Box::pin(async move {
+            if !sendable(token) {
+                return Err(crate::auth::agent_not_authorized());
+            }
             let d = self
                 .cache
                 .get_or_fetch(
@@ -425,6 +443,9 @@ impl Authenticator for UpstreamAuthenticator {
 
     fn user<'a>(&'a self, token: &'a str) -> AuthFuture<'a, UserIdentity> {
         Box::pin(async move {
+            if !sendable(token) {
+                return Err(crate::auth::user_signed_out());
+            }
             let d = self
                 .cache
                 .get_or_fetch(
@@ -456,4 +477,58 @@ impl Authenticator for UpstreamAuthenticator {
 /// Convenience: an [`UpstreamAuthenticator`] as the trait object [`crate::Coordinator::new`] takes.
 pub fn authenticator(upstream: Upstream) -> Arc<dyn Authenticator> {
     Arc::new(UpstreamAuthenticator::new(upstream))
+}
+
+#[cfg(test)]
+mod sec_edge_tests {
+    use super::*;
+    use crate::upstream::UpstreamConfig;
+
+    /// Issue 14, finding 6: a token that cannot travel in a header (CR/LF, from a cookie or a
+    /// percent-encoded query) is an invalid token (401), not an unavailable upstream (503).
+    #[tokio::test]
+    async fn token_with_cr_lf_is_invalid_not_unavailable() {
+        let registry = prometheus::Registry::new();
+        let up = Upstream::new(
+            UpstreamConfig {
+                url: "http://127.0.0.1:9".into(),
+                ..UpstreamConfig::default()
+            },
+            &registry,
+        )
+        .unwrap();
+        let auth = UpstreamAuthenticator::new(up);
+        let bad = "abc\r\nX-Injected: 1";
+        assert!(matches!(
+            auth.user(bad).await,
+            Err(AuthError::InvalidToken { .. })
+        ));
+        assert!(matches!(
+            auth.agent(bad).await,
+            Err(AuthError::InvalidToken { .. })
+        ));
+    }
+
+    /// Issue 14, finding 6: the 503 detail for an unreachable upstream says what failed, without
+    /// the error chain (OS error, address), which is logged instead.
+    #[tokio::test]
+    async fn unreachable_upstream_detail_has_no_error_chain() {
+        let registry = prometheus::Registry::new();
+        let up = Upstream::new(
+            UpstreamConfig {
+                url: "http://127.0.0.1:9".into(),
+                ..UpstreamConfig::default()
+            },
+            &registry,
+        )
+        .unwrap();
+        let auth = UpstreamAuthenticator::new(up);
+        let Err(AuthError::Unavailable(detail)) = auth.user("some-token").await else {
+            panic!("an unreachable upstream must be unavailable");
+        };
+        assert!(detail.contains("upstream Coder server"), "{detail}");
+        for leak in ["os error", "refused", "tcp connect", "127.0.0.1"] {
+            assert!(!detail.contains(leak), "{leak:?} in {detail}");
+        }
+    }
 }

@@ -71,6 +71,10 @@ pub struct UpstreamConfig {
     pub preserve_host: bool,
     /// Most cached auth decisions.
     pub auth_cache_entries: usize,
+    /// Peers (the load balancer in front) whose forwarding headers (`X-Forwarded-*`,
+    /// `X-Real-IP`, `True-Client-IP`, `Forwarded`) are passed on; from anyone else they are
+    /// replaced by what tailnetd saw.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     /// TLS settings for an `https` upstream; `None` = webpki roots, TLS 1.2/1.3.
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }
@@ -88,6 +92,7 @@ impl Default for UpstreamConfig {
             max_rewrite_bytes: 4 << 20,
             preserve_host: true,
             auth_cache_entries: 16_384,
+            trusted_proxies: Vec::new(),
             tls: None,
         }
     }

@@ -1,11 +1,13 @@
 //! The reverse proxy: every request tailnetd does not route itself goes to the upstream coderd.
 //!
 //! Why: clients and agents keep one base URL; only the coordination endpoints and the relay
-//! differ. A request is forwarded with its method, path, query, headers (minus hop-by-hop ones,
-//! plus `X-Forwarded-For/-Proto/-Host`) and a streaming body; the answer streams back the same way.
+//! differ. A request is forwarded with its method, path, query, headers (minus hop-by-hop ones;
+//! forwarding headers set from what tailnetd saw, client-sent ones kept only from
+//! `trusted_proxies`, see [`set_forwarding_headers`]) and a streaming body; the answer streams back the same way.
 //! WebSocket (and any other HTTP/1.1) upgrades are forwarded, and on the upstream's `101` the two
 //! upgraded connections are spliced byte for byte. Failures are answered in Coder's JSON error
-//! shape: `502` when the upstream cannot be reached or does not send headers in time, `413` when
+//! shape (the detail names the kind of failure; the error chain goes to the log only): `502` when
+//! the upstream cannot be reached or does not send headers in time, `413` when
 //! a request body exceeds the limit (checked against `Content-Length` at once and counted while
 //! streaming otherwise).
 //!
@@ -103,6 +105,64 @@ fn wants_upgrade(h: &HeaderMap) -> Option<HeaderValue> {
     h.get(header::UPGRADE).cloned()
 }
 
+/// Client-sent forwarding headers that only a proxy may set.
+const FORWARDING_HEADERS: [&str; 5] = [
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "true-client-ip",
+    "forwarded",
+];
+
+/// Sets the forwarding headers from what tailnetd saw. From a peer in `trusted` (the load
+/// balancer in front), the client-sent ones are kept and `X-Forwarded-For` is extended; from any
+/// other peer, `X-Forwarded-Host`/`-Proto`, `X-Real-IP`, `True-Client-IP` and `Forwarded` are
+/// dropped and `X-Forwarded-For` is the peer alone. Then the missing ones are set: the client's
+/// `Host`, the scheme it used, its address.
+fn set_forwarding_headers(
+    headers: &mut HeaderMap,
+    peer: Option<std::net::IpAddr>,
+    orig_host: Option<&HeaderValue>,
+    scheme: &'static str,
+    trusted: &[std::net::IpAddr],
+) {
+    let from_trusted_proxy = peer.is_some_and(|ip| trusted.contains(&ip));
+    if !from_trusted_proxy {
+        for name in FORWARDING_HEADERS {
+            headers.remove(name);
+        }
+        headers.remove("x-forwarded-for");
+    }
+    if let Some(ip) = peer {
+        let prior: Vec<String> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_string))
+            .collect();
+        let value = if prior.is_empty() {
+            ip.to_string()
+        } else {
+            format!("{}, {ip}", prior.join(", "))
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert("x-forwarded-for", v);
+        }
+        if !headers.contains_key("x-real-ip") {
+            if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+                headers.insert("x-real-ip", v);
+            }
+        }
+    }
+    if !headers.contains_key("x-forwarded-host") {
+        if let Some(h) = orig_host {
+            headers.insert("x-forwarded-host", h.clone());
+        }
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(scheme));
+    }
+}
+
 fn error_response(up: &Upstream, e: &UpstreamError) -> Response {
     let m = up.metrics();
     match e {
@@ -121,9 +181,25 @@ fn error_response(up: &Upstream, e: &UpstreamError) -> Response {
             m.proxy_error("unreachable");
             tracing::warn!(error = %other, "upstream request failed");
             ApiError::new(StatusCode::BAD_GATEWAY, UPSTREAM_UNREACHABLE_MESSAGE)
-                .detail(other.to_string())
+                .detail(public_detail(other))
                 .into_response()
         }
+    }
+}
+
+/// What failed, for an unauthenticated caller: the kind of failure, never the error chain (OS
+/// errors, internal addresses), which is logged instead.
+fn public_detail(e: &UpstreamError) -> &'static str {
+    match e {
+        UpstreamError::Connect { .. } => "Connecting to the upstream failed.",
+        UpstreamError::Tls { .. } => "The TLS handshake with the upstream failed.",
+        UpstreamError::Timeout(_) | UpstreamError::DialTimeout(_) => {
+            "The upstream did not answer in time."
+        }
+        UpstreamError::Unexpected(_) | UpstreamError::Status { .. } => {
+            "The upstream answered unexpectedly."
+        }
+        _ => "The request to the upstream failed.",
     }
 }
 
@@ -200,29 +276,13 @@ async fn proxy(State(st): State<ProxyState>, mut req: Request) -> Response {
             }
         }
     }
-    if let Some(ip) = client_ip {
-        let prior: Vec<String> = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok().map(str::to_string))
-            .collect();
-        let value = if prior.is_empty() {
-            ip.to_string()
-        } else {
-            format!("{}, {ip}", prior.join(", "))
-        };
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            headers.insert("x-forwarded-for", v);
-        }
-    }
-    if !headers.contains_key("x-forwarded-host") {
-        if let Some(h) = &orig_host {
-            headers.insert("x-forwarded-host", h.clone());
-        }
-    }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(scheme));
-    }
+    set_forwarding_headers(
+        &mut headers,
+        client_ip,
+        orig_host.as_ref(),
+        scheme,
+        &cfg.trusted_proxies,
+    );
     if rewrite_field.is_some() {
         // The body must arrive uncompressed to be rewritten.
         headers.remove(header::ACCEPT_ENCODING);
@@ -330,8 +390,9 @@ async fn rewrite(
             }
             Some(Err(e)) => {
                 m.proxy_error("unreachable");
+                tracing::warn!(error = %e, "reading the upstream answer failed");
                 return ApiError::new(StatusCode::BAD_GATEWAY, UPSTREAM_UNREACHABLE_MESSAGE)
-                    .detail(format!("reading the upstream answer: {e}"))
+                    .detail("Reading the upstream answer failed.")
                     .into_response();
             }
         }
@@ -421,5 +482,90 @@ mod tests {
         assert!(wants_upgrade(&h).is_none());
         h.insert("connection", "keep-alive, Upgrade".parse().unwrap());
         assert_eq!(wants_upgrade(&h).unwrap(), "websocket");
+    }
+
+    /// Issue 14, finding 6: a 502 tells an anonymous caller what failed, in Coder's JSON shape,
+    /// without the internal error chain (that stays in the log).
+    #[tokio::test]
+    async fn unreachable_upstream_body_has_no_error_chain() {
+        let registry = prometheus::Registry::new();
+        let up = Upstream::new(
+            super::super::UpstreamConfig {
+                url: "http://127.0.0.1:9".into(),
+                ..Default::default()
+            },
+            &registry,
+        )
+        .unwrap();
+        for e in [
+            UpstreamError::Request(
+                "client error (Connect): tcp connect error: Connection refused (os error 111)"
+                    .into(),
+            ),
+            UpstreamError::Connect {
+                addr: "10.1.2.3:3000".into(),
+                reason: "Connection refused (os error 111)".into(),
+            },
+        ] {
+            let resp = error_response(&up, &e);
+            assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["message"], UPSTREAM_UNREACHABLE_MESSAGE);
+            let text = String::from_utf8_lossy(&body);
+            for leak in ["os error", "refused", "tcp connect", "10.1.2.3"] {
+                assert!(!text.contains(leak), "{leak:?} in {text}");
+            }
+            assert!(!json["detail"].as_str().unwrap_or("").is_empty());
+        }
+    }
+
+    fn forwarded(client: &[(&str, &str)], peer: &str, trusted: &[std::net::IpAddr]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in client {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let host = HeaderValue::from_static("coder.example.com");
+        set_forwarding_headers(
+            &mut h,
+            Some(peer.parse().unwrap()),
+            Some(&host),
+            "https",
+            trusted,
+        );
+        h
+    }
+
+    /// Issue 14, finding 4: client-sent forwarding headers are replaced by what tailnetd saw,
+    /// unless the peer is a trusted proxy; X-Forwarded-For gets the peer appended.
+    #[test]
+    fn forwarding_headers_come_from_what_tailnetd_saw() {
+        let spoofed = [
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "http"),
+            ("x-real-ip", "1.2.3.4"),
+            ("true-client-ip", "1.2.3.4"),
+            ("forwarded", "for=1.2.3.4;proto=http"),
+            ("x-forwarded-for", "1.2.3.4"),
+        ];
+        let h = forwarded(&spoofed, "127.0.0.2", &[]);
+        assert_eq!(h["x-forwarded-host"], "coder.example.com");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-real-ip"], "127.0.0.2");
+        assert!(h.get("true-client-ip").is_none());
+        assert!(h.get("forwarded").is_none());
+        assert_eq!(h["x-forwarded-for"], "127.0.0.2");
+
+        let lb: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+        let h = forwarded(&spoofed, "127.0.0.3", &[lb]);
+        assert_eq!(h["x-forwarded-host"], "evil.example");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-real-ip"], "1.2.3.4");
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 127.0.0.3");
     }
 }

@@ -5,8 +5,10 @@
 //! anything; ClientInfo must be the first frame; ServerInfo after registration; everything under
 //! one deadline); the steady state lives in [`super::conn`], routing in [`super::registry`].
 //!
-//! Bad input ends only the offending connection: every handshake failure is logged once (with
-//! the remote address and connection id) and counted in `derp_handshake_failures{reason}`;
+//! Bad input ends only the offending connection: every handshake failure is logged once at debug
+//! (with the remote address and connection id) and counted in `derp_handshake_failures{reason}`;
+//! at info there is at most one summary line a minute ([`HandshakeFailureLog`]), so that a
+//! client cannot turn each failed, unauthenticated connection into an INFO line;
 //! every post-handshake protocol violation in `derp_protocol_errors{kind}`.
 //!
 //! Memory: the handshake runs in its own boxed future ([`Server::accept`] creates it) that is
@@ -21,7 +23,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use proto::derp::{
@@ -152,6 +154,46 @@ pub struct Server {
     /// Accepted connections whose task has not finished (handshaking included).
     tasks: AtomicUsize,
     tasks_changed: Notify,
+    handshake_failures: HandshakeFailureLog,
+}
+
+/// The info-level summary of failed handshakes: at most one line per [`Self::INTERVAL`].
+#[derive(Debug)]
+struct HandshakeFailureLog {
+    since_summary: AtomicU64,
+    /// When the last summary was written (`None`: never). Held only to compare and set.
+    last_summary: std::sync::Mutex<Option<Instant>>,
+}
+
+impl HandshakeFailureLog {
+    const INTERVAL: Duration = Duration::from_secs(60);
+
+    fn new() -> Self {
+        HandshakeFailureLog {
+            since_summary: AtomicU64::new(0),
+            last_summary: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Counts one failure; writes the summary if one is due.
+    fn record(&self, reason: &str) {
+        self.since_summary.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let due = {
+            let mut last = self.last_summary.lock().unwrap_or_else(|e| e.into_inner());
+            let due = last.is_none_or(|t| now.duration_since(t) >= Self::INTERVAL);
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        if due {
+            let failed = self.since_summary.swap(0, Ordering::Relaxed);
+            tracing::info!(target: "derp", failed, last_reason = reason,
+                "derp handshakes failed since the last summary (at most one a minute; \
+                 per-connection lines at debug, counts in derp_handshake_failures)");
+        }
+    }
 }
 
 impl std::fmt::Debug for Server {
@@ -200,6 +242,7 @@ impl Server {
             shutting_down: AtomicBool::new(false),
             tasks: AtomicUsize::new(0),
             tasks_changed: Notify::new(),
+            handshake_failures: HandshakeFailureLog::new(),
         }))
     }
 
@@ -308,14 +351,16 @@ impl Server {
             Ok(Ok(v)) => v,
             Ok(Err(f)) => {
                 self.metrics.handshake_failed(f.reason);
-                tracing::info!(target: "derp", conn_id = id, remote = %info.remote,
+                tracing::debug!(target: "derp", conn_id = id, remote = %info.remote,
                     reason = f.reason, "derp handshake failed: {}", f.detail);
+                self.handshake_failures.record(f.reason);
                 return None;
             }
             Err(_) => {
                 self.metrics.handshake_failed("timeout");
-                tracing::info!(target: "derp", conn_id = id, remote = %info.remote,
+                tracing::debug!(target: "derp", conn_id = id, remote = %info.remote,
                     reason = "timeout", "derp handshake failed: deadline exceeded");
+                self.handshake_failures.record("timeout");
                 return None;
             }
         };

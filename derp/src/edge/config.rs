@@ -52,8 +52,15 @@ pub struct EdgeConfig {
     /// TCP keepalive idle time on accepted connections; `0s` = keepalive off.
     #[serde(with = "duration_text")]
     pub tcp_keepalive: Duration,
-    /// Maximum concurrent connections per listener.
+    /// Maximum concurrent relay (DERP) connections; lowered at start-up to fit under the
+    /// open-file limit. Each listener accepts up to 1024 more for HTTP (health, coordination).
     pub max_connections: usize,
+    /// Maximum concurrent connections from one source address, per listener; `0` = no cap.
+    /// Behind a load balancer every connection comes from its address: raise or disable.
+    pub max_connections_per_ip: usize,
+    /// Accepted connections per second from one source address (token bucket, burst = the
+    /// limit rounded up); `None` = unlimited.
+    pub accept_connection_limit_per_ip: Option<f64>,
 }
 
 impl Default for EdgeConfig {
@@ -74,6 +81,8 @@ impl Default for EdgeConfig {
             tcp_user_timeout: Duration::from_secs(15),
             tcp_keepalive: Duration::from_secs(600),
             max_connections: 100_000,
+            max_connections_per_ip: 10_000,
+            accept_connection_limit_per_ip: None,
         }
     }
 }
@@ -239,6 +248,14 @@ impl EdgeConfig {
         }
         if !self.tcp_keepalive.is_zero() && self.tcp_keepalive < Duration::from_secs(1) {
             bad("tcp_keepalive", "must be 0s (off) or at least 1s".into());
+        }
+        if let Some(limit) = self.accept_connection_limit_per_ip {
+            if !(limit.is_finite() && limit > 0.0) {
+                bad(
+                    "accept_connection_limit_per_ip",
+                    format!("{limit} is not a positive number"),
+                );
+            }
         }
         if self.max_connections == 0 {
             bad("max_connections", "must be at least 1".into());

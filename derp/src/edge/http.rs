@@ -22,7 +22,8 @@
 //! phase's largest state (head scratch buffer, hyper, TLS and WebSocket handshakes: ~15 KB
 //! measured) for its whole life.
 //!
-//! Must never: buffer more than [`MAX_HEAD_LEN`] before deciding, drop bytes read past the head,
+//! Must never: buffer more than [`MAX_HEAD_LEN`] for any request head (the first, read here, or a
+//! later one on a kept-alive connection, read by hyper with the same limit) or before deciding, drop bytes read past the head,
 //! keep HTTP-phase state alive in a DERP connection, or let one bad client affect another
 //! (garbage gets a 400, a log line and a counter).
 
@@ -198,6 +199,8 @@ impl HttpMetrics {
 /// Everything a connection needs: the DERP core, the HTTP router, and metrics.
 pub struct HttpEdge {
     derp: Option<Arc<dyn DerpHandler>>,
+    /// One permit per relay (DERP) connection; none left = new upgrades get a 503.
+    relay_slots: Arc<tokio::sync::Semaphore>,
     app: Router,
     metrics: HttpMetrics,
 }
@@ -218,6 +221,23 @@ impl HttpEdge {
         fallback: Router,
         registry: &prometheus::Registry,
     ) -> Result<Arc<Self>, prometheus::Error> {
+        Self::with_relay_cap(
+            derp,
+            fallback,
+            registry,
+            tokio::sync::Semaphore::MAX_PERMITS,
+        )
+    }
+
+    /// [`new`](Self::new) with a cap on concurrent relay (DERP) connections: past it, a relay
+    /// upgrade is answered `503 Service Unavailable` and closed at once, while every other
+    /// request is still served (the listener's cap sits above this one).
+    pub fn with_relay_cap(
+        derp: Option<Arc<dyn DerpHandler>>,
+        fallback: Router,
+        registry: &prometheus::Registry,
+        relay_cap: usize,
+    ) -> Result<Arc<Self>, prometheus::Error> {
         let app = if derp.is_some() {
             routes().fallback_service(fallback)
         } else {
@@ -225,6 +245,9 @@ impl HttpEdge {
         };
         Ok(Arc::new(HttpEdge {
             derp,
+            relay_slots: Arc::new(tokio::sync::Semaphore::new(
+                relay_cap.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             app,
             metrics: HttpMetrics::new(registry)?,
         }))
@@ -554,7 +577,7 @@ where
             fast_start,
             not_ideal,
         } => {
-            let derp = relay_or_404(&edge, &mut io, remote).await?;
+            let (derp, slot) = relay_or_404(&edge, &mut io, remote).await?;
             // Copied out so that the head buffer is freed with this phase.
             let leftover = Bytes::copy_from_slice(&buf[head_len..]);
             drop(buf);
@@ -582,10 +605,13 @@ where
                 websocket: false,
                 fast_start,
             };
-            Some(derp.accept_boxed(Box::new(io), leftover, info))
+            Some(holding_slot(
+                derp.accept_boxed(Box::new(io), leftover, info),
+                slot,
+            ))
         }
         FirstRequest::WebSocket { not_ideal } => {
-            let derp = relay_or_404(&edge, &mut io, remote).await?;
+            let (derp, slot) = relay_or_404(&edge, &mut io, remote).await?;
             metrics.requests.with_label_values(&["websocket"]).inc();
             let replay = Rewind::new(io, buf.freeze());
             let hs = tokio::time::timeout(
@@ -619,7 +645,10 @@ where
                 websocket: true,
                 fast_start: false,
             };
-            Some(derp.accept_boxed(Box::new(stream), Bytes::new(), info))
+            Some(holding_slot(
+                derp.accept_boxed(Box::new(stream), Bytes::new(), info),
+                slot,
+            ))
         }
         FirstRequest::Http => {
             metrics.requests.with_label_values(&["http"]).inc();
@@ -629,14 +658,34 @@ where
     }
 }
 
+/// `conn`, keeping its relay slot until it ends.
+fn holding_slot(conn: DerpConnection, slot: tokio::sync::OwnedSemaphorePermit) -> DerpConnection {
+    Box::pin(async move {
+        let _slot = slot;
+        conn.await;
+    })
+}
+
 /// The relay, or (in a process without one) a 404 answer and `None`, like derper's `-derp=false`.
+///
+/// With a relay, also takes one of its slots; at the relay's cap the answer is a quick 503 and
+/// `None`. The slot is held until the DERP connection ends.
 async fn relay_or_404<IO: AsyncRead + AsyncWrite + Unpin>(
     edge: &HttpEdge,
     io: &mut IO,
     remote: SocketAddr,
-) -> Option<Arc<dyn DerpHandler>> {
+) -> Option<(Arc<dyn DerpHandler>, tokio::sync::OwnedSemaphorePermit)> {
     if let Some(d) = &edge.derp {
-        return Some(d.clone());
+        let Ok(slot) = edge.relay_slots.clone().try_acquire_owned() else {
+            edge.metrics
+                .requests
+                .with_label_values(&["derp_over_cap"])
+                .inc();
+            tracing::debug!(%remote, "relay connection cap reached; answering 503");
+            write_error_and_close(io, "503 Service Unavailable").await;
+            return None;
+        };
+        return Some((d.clone(), slot));
     }
     edge.metrics
         .requests
@@ -674,13 +723,27 @@ async fn serve_http<IO>(
 {
     let app = edge.app.clone();
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(ConnectInfo(remote));
-        req.extensions_mut().insert(ConnScheme { tls: is_tls });
-        tower::ServiceExt::oneshot(app.clone(), req)
+        let app = app.clone();
+        async move {
+            if request_head_len(&req) > MAX_HEAD_LEN {
+                tracing::debug!(%remote, "HTTP request head too large (kept-alive connection)");
+                let mut resp = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.into_response();
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(resp);
+            }
+            req.extensions_mut().insert(ConnectInfo(remote));
+            req.extensions_mut().insert(ConnScheme { tls: is_tls });
+            tower::ServiceExt::oneshot(app, req).await
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT)
+        // The first head was capped at MAX_HEAD_LEN; later ones on this connection get the same
+        // limit (hyper's default is ~400 KiB), answered 431 past it.
+        .max_buf_size(MAX_HEAD_LEN)
+        .max_headers(MAX_HEADERS)
         .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
     tokio::pin!(conn);
@@ -697,6 +760,18 @@ async fn serve_http<IO>(
     if let Err(e) = result {
         tracing::debug!(%remote, error = %e, "HTTP connection ended with an error");
     }
+}
+
+/// The size of a request's head as it was on the wire (request line, headers, CRLFs), give or
+/// take the spelling of the version.
+fn request_head_len<B>(req: &hyper::Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + " HTTP/1.1\r\n".len();
+    req.headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + line
+        + 2
 }
 
 /// Whether an `X-Tailscale-Challenge` value may be echoed: 1..=64 chars of `[A-Za-z0-9._:-]`.

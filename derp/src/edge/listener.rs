@@ -7,6 +7,11 @@
 //! limits accepts per second; and the TLS handshake runs in the connection's own task with a
 //! timeout, so one slow client never stalls the loop.
 //!
+//! Per source address (the TCP peer: with a load balancer in front that is the balancer, so the
+//! default cap is high), an optional cap on open connections and an optional token bucket stop
+//! one client from taking every slot; the table holds only addresses with open connections or a
+//! bucket still refilling, swept once a minute.
+//!
 //! Over-limit connections are accepted and closed at once (like derper: it tells the client
 //! immediately and keeps the kernel backlog from growing), and counted. Accept errors (EMFILE,
 //! ENOBUFS, ...) are counted and back off exponentially up to 1 s instead of spinning.
@@ -19,8 +24,9 @@
 //! Must never: block the accept loop on a client, await a large future inline in the
 //! connection task, or keep accepting after `cancel`.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -55,6 +61,10 @@ pub struct ListenerOptions {
     pub tls_handshake_timeout: Duration,
     /// Optional accept rate limit.
     pub accept_limit: Option<AcceptRateLimit>,
+    /// Cap on open connections from one source address (`0` = none).
+    pub max_connections_per_ip: usize,
+    /// Optional accept rate limit per source address.
+    pub accept_limit_per_ip: Option<AcceptRateLimit>,
 }
 
 impl Default for ListenerOptions {
@@ -65,6 +75,8 @@ impl Default for ListenerOptions {
             tcp_user_timeout: Some(Duration::from_secs(15)),
             tls_handshake_timeout: Duration::from_secs(30),
             accept_limit: None,
+            max_connections_per_ip: 0,
+            accept_limit_per_ip: None,
         }
     }
 }
@@ -74,7 +86,9 @@ impl ListenerOptions {
     pub fn from_config(cfg: &crate::edge::config::EdgeConfig) -> Self {
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         ListenerOptions {
-            max_connections: cfg.max_connections,
+            max_connections: cfg
+                .max_connections
+                .saturating_add(crate::edge::fdlimit::HTTP_HEADROOM),
             tcp_keepalive: nonzero(cfg.tcp_keepalive),
             tcp_user_timeout: nonzero(cfg.tcp_user_timeout),
             tls_handshake_timeout: Duration::from_secs(30),
@@ -86,6 +100,13 @@ impl ListenerOptions {
                         .accept_connection_burst
                         .unwrap_or_else(|| (per_second.ceil() as u32).max(1)),
                 }),
+            max_connections_per_ip: cfg.max_connections_per_ip,
+            accept_limit_per_ip: cfg.accept_connection_limit_per_ip.map(|per_second| {
+                AcceptRateLimit {
+                    per_second,
+                    burst: (per_second.ceil() as u32).max(1),
+                }
+            }),
         }
     }
 }
@@ -110,16 +131,98 @@ impl TokenBucket {
         }
     }
 
-    fn allow(&mut self) -> bool {
+    fn refill(&mut self) {
         let now = Instant::now();
         let elapsed = now.duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+    }
+
+    fn is_full(&mut self) -> bool {
+        self.refill();
+        self.tokens >= self.burst
+    }
+
+    fn allow(&mut self) -> bool {
+        self.refill();
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
         } else {
             false
+        }
+    }
+}
+
+/// One source address's share: its open connections and its accept bucket.
+#[derive(Debug)]
+struct AddressShare {
+    open: usize,
+    bucket: Option<TokenBucket>,
+}
+
+/// Open connections and accept buckets per source address, for one listener. The lock is a
+/// plain mutex held for a map operation, never across `.await`.
+#[derive(Debug, Default)]
+struct PerAddress {
+    shares: Mutex<HashMap<IpAddr, AddressShare>>,
+}
+
+/// Why a source address may not open another connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AddressRefusal {
+    Cap,
+    Rate,
+}
+
+impl PerAddress {
+    /// Admits one connection from `ip`, or says why not.
+    fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        opts: &ListenerOptions,
+    ) -> Result<AddressGuard, AddressRefusal> {
+        let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
+        let share = shares.entry(ip).or_insert_with(|| AddressShare {
+            open: 0,
+            bucket: opts.accept_limit_per_ip.map(TokenBucket::new),
+        });
+        if opts.max_connections_per_ip != 0 && share.open >= opts.max_connections_per_ip {
+            return Err(AddressRefusal::Cap);
+        }
+        if let Some(b) = share.bucket.as_mut() {
+            if !b.allow() {
+                return Err(AddressRefusal::Rate);
+            }
+        }
+        share.open += 1;
+        Ok(AddressGuard {
+            table: self.clone(),
+            ip,
+        })
+    }
+
+    /// Forgets addresses with no open connection whose bucket has refilled.
+    fn sweep(&self) {
+        let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
+        shares.retain(|_, s| s.open > 0 || s.bucket.as_mut().is_some_and(|b| !b.is_full()));
+    }
+}
+
+/// One open connection's claim on its source address's share; released on drop.
+struct AddressGuard {
+    table: Arc<PerAddress>,
+    ip: IpAddr,
+}
+
+impl Drop for AddressGuard {
+    fn drop(&mut self) {
+        let mut shares = self.table.shares.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(share) = shares.get_mut(&self.ip) {
+            share.open = share.open.saturating_sub(1);
+            if share.open == 0 && share.bucket.is_none() {
+                shares.remove(&self.ip);
+            }
         }
     }
 }
@@ -171,6 +274,10 @@ pub async fn serve(
     let over_cap = metrics
         .rejected
         .with_label_values(&[name, "max_connections"]);
+    let per_ip_cap = metrics.rejected.with_label_values(&[name, "per_ip_cap"]);
+    let per_ip_rate = metrics.rejected.with_label_values(&[name, "per_ip_rate"]);
+    let per_address = Arc::new(PerAddress::default());
+    let mut next_sweep = Instant::now() + Duration::from_secs(60);
     let open = metrics.open.with_label_values(&[name]);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let permits = Arc::new(Semaphore::new(opts.max_connections.max(1)));
@@ -207,6 +314,22 @@ pub async fn serve(
                 continue;
             }
         }
+        if Instant::now() >= next_sweep {
+            per_address.sweep();
+            next_sweep = Instant::now() + Duration::from_secs(60);
+        }
+        let address_guard = match per_address.admit(remote.ip(), &opts) {
+            Ok(g) => g,
+            Err(refusal) => {
+                match refusal {
+                    AddressRefusal::Cap => per_ip_cap.inc(),
+                    AddressRefusal::Rate => per_ip_rate.inc(),
+                }
+                tracing::debug!(%remote, listener = name, ?refusal, "per-address limit; closing");
+                drop(stream);
+                continue;
+            }
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             over_cap.inc();
             tracing::debug!(%remote, listener = name, "connection cap reached; closing");
@@ -223,6 +346,7 @@ pub async fn serve(
         open.inc();
         tokio::spawn(async move {
             let _permit = permit;
+            let _address = address_guard;
             let _open = OpenGuard(open);
             // The TLS handshake and the HTTP phase run boxed and are freed before a DERP
             // connection starts: the task itself stays a few pointers for its whole life.
@@ -268,6 +392,9 @@ pub struct Bound {
     pub stun_addr: Option<SocketAddr>,
     /// The certificate reloader of the HTTPS listener.
     pub tls: Option<Arc<TlsReloader>>,
+    /// Cap on relay (DERP) connections: `max_connections`, lowered to fit under the open-file
+    /// limit (see [`crate::edge::fdlimit`]). Hand it to [`HttpEdge::with_relay_cap`].
+    pub relay_cap: usize,
     opts: ListenerOptions,
     http: Option<TcpListener>,
     https: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
@@ -346,6 +473,9 @@ pub enum StartError {
     /// The meta cert could not be generated.
     #[error(transparent)]
     MetaCert(#[from] MetaCertError),
+    /// The open-file limit leaves no room for a relay connection.
+    #[error("the open-file limit ({0}) is too small to serve connections; raise it (ulimit -n)")]
+    OpenFileLimit(u64),
     /// Metric registration failed.
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -369,11 +499,34 @@ pub async fn bind(
         https_addr: None,
         stun_addr: None,
         tls: None,
+        relay_cap: cfg.max_connections,
         opts: ListenerOptions::from_config(cfg),
         http: None,
         https: None,
         stun: None,
     };
+    let listeners = usize::from(http.is_some()) + usize::from(https.is_some());
+    if let Some(limit) = crate::edge::fdlimit::raise_open_file_limit() {
+        let fit = crate::edge::fdlimit::budget(
+            limit,
+            cfg.max_connections,
+            bound.opts.max_connections,
+            listeners,
+        )
+        .ok_or(StartError::OpenFileLimit(limit))?;
+        if fit.relay_cap < cfg.max_connections {
+            tracing::warn!(
+                max_connections = cfg.max_connections,
+                relay_cap = fit.relay_cap,
+                per_listener_cap = fit.per_listener_cap,
+                open_file_limit = limit,
+                reserve = fit.reserve,
+                "max_connections lowered to fit under the open-file limit"
+            );
+        }
+        bound.relay_cap = fit.relay_cap;
+        bound.opts.max_connections = fit.per_listener_cap;
+    }
     if let Some(addr) = http {
         let l = TcpListener::bind(addr)
             .await

@@ -6,9 +6,11 @@
 //! [`http`] turns a connection into DERP (raw upgrade, fast start, [`websocket`]) or hands it to
 //! an axum router, [`tls`] loads and reloads certificates with the [`metacert`] appended, [`stun`]
 //! answers netcheck, [`keyfile`] stores the relay's keys and [`config`] holds the operator's
-//! settings ([`config::EdgeConfig`]). The coordinator-only role uses the listener, HTTP edge and
+//! settings ([`config::EdgeConfig`]), and [`fdlimit`] fits the connection caps under the open-file
+//! limit. The coordinator-only role uses the listener, HTTP edge and
 //! TLS without a relay behind them.
 pub mod config;
+pub mod fdlimit;
 pub mod http;
 pub mod keyfile;
 pub mod listener;

@@ -302,3 +302,23 @@ async fn edge_cancel_stops_accepting_and_drains_http() {
         }
     }
 }
+
+/// Issue 14, finding 6: every request on a kept-alive connection has the first request's header
+/// limit (`MAX_HEAD_LEN`), not hyper's ~400 KiB default.
+#[tokio::test]
+async fn edge_keep_alive_requests_share_the_head_limit() {
+    let relay = Relay::start().await;
+    let pad = "a".repeat(derp::edge::http::MAX_HEAD_LEN + 1024);
+    let raw = raw_exchange(
+        relay.http_addr,
+        format!(
+            "GET /hello HTTP/1.1\r\nHost: t\r\n\r\nGET /hello HTTP/1.1\r\nHost: t\r\nX-Pad: {pad}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let (first, used) = parse_response(&raw, false);
+    assert_eq!(first.status, 200);
+    let (second, _) = parse_response(&raw[used..], false);
+    assert_eq!(second.status, 431);
+}

@@ -40,6 +40,8 @@ func main() {
 	keyF := fs.String("tls-key", "", "")
 	stunAddr := fs.String("stun-addr", "", "")
 	keyFile := fs.String("key-file", "", "")
+	// Accepted for tailnetd's CLI contract; the shim serves no metrics.
+	fs.String("metrics-addr", "", "")
 	fs.Parse(os.Args[2:])
 	var priv key.NodePrivate
 	type cfg struct{ PrivateKey key.NodePrivate }
