@@ -191,8 +191,12 @@ func newScenario(t *testing.T, door frontDoor) *scenario {
 	if door == directToCoderd {
 		s.frontURL = &url.URL{Scheme: "http", Host: s.fwd.addr()}
 	}
-	s.derpMapPath = filepath.Join(t.TempDir(), "derpmap.json")
-	s.writeTailnetdDERPMap(ctx)
+	if door == directToCoderd {
+		// The control: coderd's own clients would point an "embedded" relay at coderd, which
+		// has none, so coderd gets a copy of tailnetd's map with the relay marked external.
+		s.derpMapPath = filepath.Join(t.TempDir(), "derpmap.json")
+		s.writeTailnetdDERPMap(ctx)
+	}
 
 	s.startCoderd()
 	s.createWorkspace(ctx)
@@ -250,7 +254,13 @@ func (s *scenario) startCoderd() {
 			// and coderd's DERP map is tailnetd's (region ids cannot clash).
 			dv.DERP.Server.Enable = false
 			dv.DERP.Server.STUNAddresses = []string{tailnet.DisableSTUN}
-			dv.DERP.Config.Path = serpent.String(s.derpMapPath)
+			if s.derpMapPath != "" {
+				dv.DERP.Config.Path = serpent.String(s.derpMapPath)
+			} else {
+				// The sidecar recipe (README): coderd reads tailnetd's map from its JSON
+				// endpoint, once, at start-up (CODER_DERP_CONFIG_URL).
+				dv.DERP.Config.URL = serpent.String(s.tailnetdURL.String() + "/tailnetd/derp-map.json")
+			}
 		}),
 	}
 	setHandler, cancel, serverURL, coderdOpts := coderdtest.NewOptions(t, opts)
