@@ -16,6 +16,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -24,9 +25,11 @@ import (
 	"github.com/coder/coder/v2/coderd/database"
 	"github.com/coder/coder/v2/coderd/database/pubsub"
 	"github.com/coder/coder/v2/codersdk"
+	"github.com/coder/coder/v2/codersdk/agentsdk"
 	"github.com/coder/coder/v2/codersdk/workspacesdk"
 	entailnet "github.com/coder/coder/v2/enterprise/tailnet"
 	"github.com/coder/coder/v2/tailnet"
+	"github.com/coder/coder/v2/tailnet/proto"
 	"github.com/coder/websocket"
 	"github.com/google/uuid"
 	"tailscale.com/tailcfg"
@@ -85,7 +88,7 @@ func startPGCoord(ctx context.Context, t *testing.T, logger slog.Logger, pgURL s
 
 // tailnetdClient is a Coder client coordinating through tailnetd's
 // /api/v2/workspaceagents/{agent}/coordinate, with DERP maps from tailnetd.
-func tailnetdClient(t *testing.T, logger slog.Logger, baseURL string, agentID uuid.UUID, userToken string) *tailnet.Conn {
+func tailnetdClient(t *testing.T, logger slog.Logger, baseURL string, agentID uuid.UUID, userToken string, updates *peerUpdates) *tailnet.Conn {
 	t.Helper()
 	u, err := url.Parse(baseURL)
 	if err != nil {
@@ -99,7 +102,7 @@ func tailnetdClient(t *testing.T, logger slog.Logger, baseURL string, agentID uu
 		t.Fatal(err)
 	}
 	dialer := workspacesdk.NewWebsocketDialer(logger.Named("dialer"), coordinateURL, wsOptions)
-	ctrl := tailnet.NewController(logger.Named("controller"), dialer)
+	ctrl := tailnet.NewController(logger.Named("controller"), recordingUpdatesDialer{inner: dialer, updates: updates})
 	conn, err := tailnet.NewConn(&tailnet.Options{
 		Addresses:      []netip.Prefix{netip.PrefixFrom(tailnet.TailscaleServicePrefix.RandomAddr(), 128)},
 		Logger:         logger.Named("net"),
@@ -123,7 +126,11 @@ func tailnetdClient(t *testing.T, logger slog.Logger, baseURL string, agentID uu
 func pgcoordAgent(t *testing.T, logger slog.Logger, coord tailnet.Coordinator, agentID uuid.UUID, dm *tailcfg.DERPMap) *tailnet.Conn {
 	t.Helper()
 	conn, err := tailnet.NewConn(&tailnet.Options{
-		Addresses:      []netip.Prefix{netip.PrefixFrom(tailnet.TailscaleServicePrefix.AddrFromUUID(agentID), 128)},
+		ID: agentID,
+		Addresses: []netip.Prefix{
+			tailnet.TailscaleServicePrefix.PrefixFromUUID(agentID),
+			tailnet.CoderServicePrefix.PrefixFromUUID(agentID),
+		},
 		DERPMap:        dm,
 		Logger:         logger.Named("net"),
 		BlockEndpoints: true,
@@ -200,7 +207,8 @@ func echoOverTunnel(ctx context.Context, t *testing.T, client *tailnet.Conn, age
 }
 
 // TestPGCoordAgentTailnetdClient: an agent coordinating through Coder's pgcoord and a client
-// through tailnetd, on one database, carry TCP over the tunnel.
+// through tailnetd, on one database, carry TCP over the tunnel; when the pgcoord replica stops,
+// its agent is LOST to tailnetd's client.
 func TestPGCoordAgentTailnetdClient(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
@@ -212,11 +220,214 @@ func TestPGCoordAgentTailnetdClient(t *testing.T) {
 	tnd := startTailnetdReplica(t, pgURL, agentID, agentToken, userToken)
 	coord := startPGCoord(ctx, t, logger, pgURL)
 
-	client := tailnetdClient(t, logger.Named("client"), tnd.Announcement().BaseURL, agentID, userToken)
+	updates := newPeerUpdates()
+	client := tailnetdClient(t, logger.Named("client"), tnd.Announcement().BaseURL, agentID, userToken, updates)
 	dm := awaitDERPMap(ctx, t, client)
 	agent := pgcoordAgent(t, logger.Named("agent"), coord, agentID, dm)
 	serveTailnetEcho(t, agent)
 	echoOverTunnel(ctx, t, client, tailnet.TailscaleServicePrefix.AddrFromUUID(agentID))
+	if !updates.saw(agentID, proto.CoordinateResponse_PeerUpdate_NODE) {
+		t.Errorf("the client never got the agent's NODE from tailnetd: %v", updates.all())
+	}
+
+	// The pgcoord replica stops (Close: what coderd does on shutdown): the agent it served is
+	// LOST to the client coordinating through tailnetd.
+	stopped := time.Now()
+	if err := coord.Close(); err != nil {
+		t.Fatalf("closing pgcoord: %v", err)
+	}
+	if !updates.await(ctx, agentID, proto.CoordinateResponse_PeerUpdate_LOST) {
+		t.Fatalf("the client never got LOST for the agent after pgcoord stopped: %v", updates.all())
+	}
+	t.Logf("LOST at the tailnetd client %v after pgcoord stopped; updates: %v", time.Since(stopped).Round(time.Millisecond), updates.all())
+}
+
+// TestTailnetdAgentPGCoordClient is the reverse: an agent coordinating through tailnetd
+// (/api/v2/workspaceagents/me/rpc with a static agent token) and a client through pgcoord.
+func TestTailnetdAgentPGCoordClient(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	logger := slogtest.Make(t, &slogtest.Options{IgnoreErrors: true}).Leveled(logLevel())
+
+	pgURL := pgServer.NewDatabase(t)
+	agentID, agentToken, userToken := uuid.New(), uuid.New(), randomAPIKey()
+	tnd := startTailnetdReplica(t, pgURL, agentID, agentToken, userToken)
+	coord := startPGCoord(ctx, t, logger, pgURL)
+
+	agent := tailnetdAgent(t, logger.Named("agent"), tnd.Announcement().BaseURL, agentID, agentToken.String())
+	serveTailnetEcho(t, agent)
+	dm := awaitDERPMap(ctx, t, agent)
+	client := pgcoordClient(t, logger.Named("client"), coord, agentID, dm)
+	echoOverTunnel(ctx, t, client, tailnet.TailscaleServicePrefix.AddrFromUUID(agentID))
+}
+
+// tailnetdAgent is a Coder agent's tailnet.Conn coordinating through tailnetd's
+// /api/v2/workspaceagents/me/rpc (Coordinate and StreamDERPMaps), as the agent does.
+func tailnetdAgent(t *testing.T, logger slog.Logger, baseURL string, agentID uuid.UUID, agentToken string) *tailnet.Conn {
+	t.Helper()
+	u, err := url.Parse(baseURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sdk := agentsdk.New(u, agentsdk.WithFixedToken(agentToken))
+	conn, err := tailnet.NewConn(&tailnet.Options{
+		ID: agentID,
+		Addresses: []netip.Prefix{
+			tailnet.TailscaleServicePrefix.PrefixFromUUID(agentID),
+			tailnet.CoderServicePrefix.PrefixFromUUID(agentID),
+		},
+		Logger:         logger.Named("net"),
+		BlockEndpoints: true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctrl := tailnet.NewController(logger.Named("controller"), agentRPCDialer{client: sdk})
+	ctrl.CoordCtrl = tailnet.NewAgentCoordinationController(logger.Named("coord"), conn)
+	ctrl.DERPCtrl = tailnet.NewBasicDERPController(logger.Named("derp"), sdk, conn)
+	runCtx, cancel := context.WithCancel(context.Background())
+	ctrl.Run(runCtx)
+	t.Cleanup(func() { cancel(); _ = conn.Close() })
+	return conn
+}
+
+// agentRPCDialer dials the agent's dRPC API on /api/v2/workspaceagents/me/rpc.
+type agentRPCDialer struct{ client *agentsdk.Client }
+
+func (d agentRPCDialer) Dial(ctx context.Context, _ tailnet.ResumeTokenController) (tailnet.ControlProtocolClients, error) {
+	_, tAPI, err := d.client.ConnectRPC210WithRole(ctx, "agent")
+	if err != nil {
+		return tailnet.ControlProtocolClients{}, err
+	}
+	coord, err := tAPI.Coordinate(context.Background())
+	if err != nil {
+		_ = tAPI.DRPCConn().Close()
+		return tailnet.ControlProtocolClients{}, fmt.Errorf("coordinate: %w", err)
+	}
+	derps := &tailnet.DERPFromDRPCWrapper{}
+	derps.Client, err = tAPI.StreamDERPMaps(context.Background(), &proto.StreamDERPMapsRequest{})
+	if err != nil {
+		_ = tAPI.DRPCConn().Close()
+		return tailnet.ControlProtocolClients{}, fmt.Errorf("stream DERP maps: %w", err)
+	}
+	return tailnet.ControlProtocolClients{Closer: tAPI.DRPCConn(), Coordinator: coord, DERP: derps, Telemetry: tAPI}, nil
+}
+
+// pgcoordClient is a Coder client's tailnet.Conn coordinating through pgcoord in-process (the
+// way coderd's server tailnet does), with the agent as its tunnel destination.
+func pgcoordClient(t *testing.T, logger slog.Logger, coord tailnet.Coordinator, agentID uuid.UUID, dm *tailcfg.DERPMap) *tailnet.Conn {
+	t.Helper()
+	clientID := uuid.New()
+	conn, err := tailnet.NewConn(&tailnet.Options{
+		ID:             clientID,
+		Addresses:      []netip.Prefix{netip.PrefixFrom(tailnet.TailscaleServicePrefix.RandomAddr(), 128)},
+		DERPMap:        dm,
+		Logger:         logger.Named("net"),
+		BlockEndpoints: true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	coordCtrl := tailnet.NewTunnelSrcCoordController(logger.Named("coord"), conn)
+	coordCtrl.AddDestination(agentID)
+	client := tailnet.NewInMemoryCoordinatorClient(logger.Named("coordclient"), clientID,
+		tailnet.ClientCoordinateeAuth{AgentID: agentID}, coord)
+	cw := coordCtrl.New(client)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = cw.Close(ctx)
+		_ = conn.Close()
+	})
+	return conn
+}
+
+// peerUpdates records the peer updates a client's Coordinate stream received.
+type peerUpdates struct {
+	mu      sync.Mutex
+	seen    []string
+	kinds   map[uuid.UUID]map[proto.CoordinateResponse_PeerUpdate_Kind]bool
+	changed chan struct{} // closed and replaced on every update
+}
+
+func newPeerUpdates() *peerUpdates {
+	return &peerUpdates{kinds: map[uuid.UUID]map[proto.CoordinateResponse_PeerUpdate_Kind]bool{}, changed: make(chan struct{})}
+}
+
+func (p *peerUpdates) record(resp *proto.CoordinateResponse) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, u := range resp.GetPeerUpdates() {
+		id, err := uuid.FromBytes(u.GetId())
+		if err != nil {
+			p.seen = append(p.seen, fmt.Sprintf("bad id %x", u.GetId()))
+			continue
+		}
+		p.seen = append(p.seen, fmt.Sprintf("%s %s %q", id, u.GetKind(), u.GetReason()))
+		if p.kinds[id] == nil {
+			p.kinds[id] = map[proto.CoordinateResponse_PeerUpdate_Kind]bool{}
+		}
+		p.kinds[id][u.GetKind()] = true
+	}
+	close(p.changed)
+	p.changed = make(chan struct{})
+}
+
+func (p *peerUpdates) saw(id uuid.UUID, kind proto.CoordinateResponse_PeerUpdate_Kind) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.kinds[id][kind]
+}
+
+func (p *peerUpdates) await(ctx context.Context, id uuid.UUID, kind proto.CoordinateResponse_PeerUpdate_Kind) bool {
+	for {
+		p.mu.Lock()
+		ok, changed := p.kinds[id][kind], p.changed
+		p.mu.Unlock()
+		if ok {
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-changed:
+		}
+	}
+}
+
+func (p *peerUpdates) all() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]string(nil), p.seen...)
+}
+
+// recordingUpdatesDialer hands the controller Coordinate streams whose responses are recorded.
+type recordingUpdatesDialer struct {
+	inner   tailnet.ControlProtocolDialer
+	updates *peerUpdates
+}
+
+func (d recordingUpdatesDialer) Dial(ctx context.Context, r tailnet.ResumeTokenController) (tailnet.ControlProtocolClients, error) {
+	c, err := d.inner.Dial(ctx, r)
+	if err != nil {
+		return c, err
+	}
+	c.Coordinator = recordingCoordinateStream{CoordinatorClient: c.Coordinator, updates: d.updates}
+	return c, nil
+}
+
+type recordingCoordinateStream struct {
+	tailnet.CoordinatorClient
+	updates *peerUpdates
+}
+
+func (s recordingCoordinateStream) Recv() (*proto.CoordinateResponse, error) {
+	resp, err := s.CoordinatorClient.Recv()
+	if err == nil {
+		s.updates.record(resp)
+	}
+	return resp, err
 }
 
 // randomAPIKey returns a token in Coder's API key shape: 10 chars, '-', 22 chars.
