@@ -442,3 +442,50 @@ func randomAPIKey() string {
 	}
 	return string(b[:10]) + "-" + string(b[10:])
 }
+
+// TestPGCoordReplicaCrashLost: a pgcoord replica that dies without a word (its database
+// connections cut, so it can neither heartbeat nor mark its peers lost) has its agent turn LOST
+// at tailnetd's client once its heartbeats are missed (README: within about 7 s).
+func TestPGCoordReplicaCrashLost(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	logger := slogtest.Make(t, &slogtest.Options{IgnoreErrors: true}).Leveled(logLevel())
+
+	pgURL := pgServer.NewDatabase(t)
+	agentID, agentToken, userToken := uuid.New(), uuid.New(), randomAPIKey()
+	tnd := startTailnetdReplica(t, pgURL, agentID, agentToken, userToken)
+
+	// pgcoord reaches PostgreSQL through a forwarder, so that its connections can be cut.
+	u, err := url.Parse(pgURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fwd := newTCPForwarder(t)
+	fwd.setTarget(u.Host)
+	viaFwd := *u
+	viaFwd.Host = fwd.addr()
+	coord := startPGCoord(ctx, t, logger, viaFwd.String())
+
+	updates := newPeerUpdates()
+	client := tailnetdClient(t, logger.Named("client"), tnd.Announcement().BaseURL, agentID, userToken, updates)
+	dm := awaitDERPMap(ctx, t, client)
+	agent := pgcoordAgent(t, logger.Named("agent"), coord, agentID, dm)
+	serveTailnetEcho(t, agent)
+	echoOverTunnel(ctx, t, client, tailnet.TailscaleServicePrefix.AddrFromUUID(agentID))
+	if updates.saw(agentID, proto.CoordinateResponse_PeerUpdate_LOST) {
+		t.Fatalf("LOST before the crash: %v", updates.all())
+	}
+
+	crashed := time.Now()
+	fwd.setTarget("")
+	if !updates.await(ctx, agentID, proto.CoordinateResponse_PeerUpdate_LOST) {
+		t.Fatalf("the client never got LOST for the agent after pgcoord crashed: %v", updates.all())
+	}
+	took := time.Since(crashed)
+	t.Logf("LOST at the tailnetd client %v after pgcoord crashed; updates: %v", took.Round(time.Millisecond), updates.all())
+	// tailnetd declares a replica dead after 6 s without heartbeats (pgcoord beats every 2 s).
+	if took > 15*time.Second {
+		t.Errorf("LOST took %v after the crash, want within 15 s", took)
+	}
+}
