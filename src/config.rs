@@ -744,6 +744,8 @@ settings! {
             |_| CoordinatorConfig::default().node_limits.max_derp_forced_websocket;
         /// Largest protobuf encoding of one node in bytes; a larger node ends its session.
         node_max_bytes: usize = |_| CoordinatorConfig::default().node_limits.max_node_bytes;
+        /// Most tunnels one peer may hold; one more `add_tunnel` ends its session.
+        peer_max_tunnels: usize = |_| CoordinatorConfig::default().max_tunnels_per_peer;
         /// PostgreSQL URL (`postgres://user:pass@host:port/db`): replicas share one peer graph
         /// through Coder's HA tables (see README, "Replicas"); unset = this process alone.
         #[flag = "postgres-url"]
@@ -1212,6 +1214,7 @@ impl Settings {
             coordinator_config.resume_expiry =
                 positive_duration("coordinator.resume_token_expiry", c.resume_token_expiry)?;
             coordinator_config.graph_shards = c.graph_shards;
+            coordinator_config.max_tunnels_per_peer = c.peer_max_tunnels;
             if c.node_max_bytes < 1024 {
                 bail!("coordinator.node_max_bytes: must be at least 1024 bytes");
             }

@@ -48,6 +48,9 @@ pub struct CoordinatorConfig {
     /// How large one peer's node may be (entries per field, encoded bytes); a larger node ends
     /// the session. See [`crate::graph::NodeLimits`].
     pub node_limits: crate::graph::NodeLimits,
+    /// Most tunnels one peer may hold; one more `add_tunnel` ends the session. See
+    /// [`crate::graph::GraphConfig::max_tunnels_per_peer`].
+    pub max_tunnels_per_peer: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -66,6 +69,7 @@ impl Default for CoordinatorConfig {
             upstream: None,
             upstream_bridge: crate::upstream::bridge::BridgeConfig::default(),
             node_limits: crate::graph::NodeLimits::default(),
+            max_tunnels_per_peer: crate::graph::DEFAULT_MAX_TUNNELS_PER_PEER,
         }
     }
 }

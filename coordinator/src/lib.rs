@@ -139,6 +139,7 @@ impl Coordinator {
             GraphConfig {
                 response_queue: config.response_buffer.max(1),
                 node_limits: config.node_limits.clone(),
+                max_tunnels_per_peer: config.max_tunnels_per_peer,
             },
             config.graph_shards,
             registry,

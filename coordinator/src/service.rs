@@ -293,6 +293,7 @@ impl TailnetService {
                                     crate::graph::CoordinateError::MissingNode => "coordinate_missing_node",
                                     crate::graph::CoordinateError::TooManyEntries { .. }
                                     | crate::graph::CoordinateError::NodeTooLarge { .. } => "coordinate_node_over_limit",
+                                    crate::graph::CoordinateError::TooManyTunnels { .. } => "coordinate_tunnels_over_limit",
                                 };
                                 coord.metrics.protocol_error(kind);
                             }

@@ -90,6 +90,13 @@ pub enum CoordinateError {
         /// The configured limit.
         limit: usize,
     },
+    /// An `add_tunnel` would give the peer more tunnels than
+    /// [`super::GraphConfig::max_tunnels_per_peer`] allows.
+    #[error("add tunnel failed: peer already has {limit} tunnels, the limit")]
+    TooManyTunnels {
+        /// The configured limit.
+        limit: usize,
+    },
     /// A node's encoding is larger than [`NodeLimits::max_node_bytes`].
     #[error("node update failed: node is {size} bytes encoded, more than the limit of {limit}")]
     NodeTooLarge {

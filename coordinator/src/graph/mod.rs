@@ -166,13 +166,21 @@ pub struct GraphConfig {
     pub response_queue: usize,
     /// How large a node may be; a larger one ends its session (see [`NodeLimits`]).
     pub node_limits: NodeLimits,
+    /// Most tunnels (`add_tunnel` destinations) one peer may hold; one more ends its session
+    /// with [`CoordinateError::TooManyTunnels`].
+    pub max_tunnels_per_peer: usize,
 }
+
+/// Default [`GraphConfig::max_tunnels_per_peer`]: far above one Coder Desktop client tunnelling
+/// to every agent it can see.
+pub const DEFAULT_MAX_TUNNELS_PER_PEER: usize = 1024;
 
 impl Default for GraphConfig {
     fn default() -> Self {
         Self {
             response_queue: DEFAULT_RESPONSE_QUEUE,
             node_limits: NodeLimits::default(),
+            max_tunnels_per_peer: DEFAULT_MAX_TUNNELS_PER_PEER,
         }
     }
 }
@@ -217,6 +225,8 @@ struct Metrics {
     node_bytes: IntGauge,
     /// Node updates refused by [`NodeLimits`].
     nodes_over_limit: IntCounter,
+    /// `add_tunnel` requests refused by [`GraphConfig::max_tunnels_per_peer`].
+    tunnels_over_limit: IntCounter,
 }
 
 impl Metrics {
@@ -273,6 +283,10 @@ impl Metrics {
                 "coordinator_nodes_over_limit_total",
                 "Node updates refused by the node limits (the session is ended)",
             )?,
+            tunnels_over_limit: IntCounter::new(
+                "coordinator_tunnels_over_limit_total",
+                "add_tunnel requests refused by the per-peer tunnel limit (the session is ended)",
+            )?,
         };
         reg.register(Box::new(peers))?;
         reg.register(Box::new(m.tunnels.clone()))?;
@@ -286,6 +300,7 @@ impl Metrics {
         reg.register(Box::new(m.remote_conflicts.clone()))?;
         reg.register(Box::new(m.node_bytes.clone()))?;
         reg.register(Box::new(m.nodes_over_limit.clone()))?;
+        reg.register(Box::new(m.tunnels_over_limit.clone()))?;
         Ok(m)
     }
 
@@ -647,8 +662,17 @@ impl PeerGraph {
         }
         if let Some(t) = &req.add_tunnel {
             let dst = core::parse_id(&t.id)?;
-            if !self.add_tunnel(conn, dst, kicks) {
-                return Ok(Flow::Close);
+            match self.add_tunnel(conn, dst, kicks) {
+                Ok(true) => {}
+                Ok(false) => return Ok(Flow::Close),
+                Err(e) => {
+                    if !self.remove(conn.id, Removal::Invalid(e.to_string()), kicks) {
+                        return Ok(Flow::Close);
+                    }
+                    self.metrics.tunnels_over_limit.inc();
+                    tracing::info!(peer = %conn.id.peer, error = %e, "invalid coordinate request; closing");
+                    return Err(e);
+                }
             }
         }
         if let Some(t) = &req.remove_tunnel {
@@ -727,12 +751,17 @@ impl PeerGraph {
 
     /// Records `conn`'s peer → `dst`, and introduces the two to each other if both are connected
     /// and have nodes. Holds both shards.
-    fn add_tunnel(&self, conn: &Arc<Conn>, dst: Uuid, kicks: &mut Kicks) -> bool {
+    fn add_tunnel(
+        &self,
+        conn: &Arc<Conn>,
+        dst: Uuid,
+        kicks: &mut Kicks,
+    ) -> Result<bool, CoordinateError> {
         let me = conn.id.peer;
         let mut l = self.shards.lock_peers(&[me, dst]);
         let me_node = match l.entry(me) {
             Some(e) if e.is_current(conn.id) => e.node.clone(),
-            _ => return false,
+            _ => return Ok(false),
         };
         let (dst_conn, dst_node) = match l.entry(dst) {
             Some(d) => (d.conn.clone(), d.node.clone()),
@@ -740,6 +769,14 @@ impl PeerGraph {
         };
         let mut new = false;
         if let Some(e) = l.entry(me) {
+            let limit = self.config.max_tunnels_per_peer;
+            // Counted only when a new tunnel would be added: no allocation, at most the peer's
+            // links walked, under the shard lock already held.
+            if !e.links.get(&dst).is_some_and(|link| link.out)
+                && e.links.values().filter(|link| link.out).count() >= limit
+            {
+                return Err(CoordinateError::TooManyTunnels { limit });
+            }
             let link = e.links.entry(dst).or_insert_with(|| Link {
                 out: false,
                 inc: false,
@@ -770,7 +807,9 @@ impl PeerGraph {
             self.metrics.tunnels.inc();
         }
         self.notify_all_watcher(|| SourceEvent::TunnelAdded { about: me, to: dst });
-        let Some(dc) = dst_conn else { return true };
+        let Some(dc) = dst_conn else {
+            return Ok(true);
+        };
         let mut p = Pusher { sent: 0, kicks };
         if let Some(n) = dst_node {
             let u = Update::new(dst, dc.id_bytes.clone(), Kind::Node, Some(n), "add tunnel");
@@ -782,7 +821,7 @@ impl PeerGraph {
         }
         drop(l);
         self.metrics.peer_updates_sent.inc_by(p.sent);
-        true
+        Ok(true)
     }
 
     /// Tells both ends DISCONNECTED (if they were told about each other), then deletes the tunnel

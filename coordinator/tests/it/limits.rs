@@ -339,3 +339,40 @@ async fn rss_largest_allowed_nodes() {
     )
     .await;
 }
+
+const TUNNELS_OVER_LIMIT: &str = "coordinator_tunnels_over_limit_total";
+
+/// One peer may hold at most `max_tunnels_per_peer` tunnels: repeating one it holds is fine, one
+/// more ends the session with an error and the graph drops every tunnel the session held.
+#[tokio::test]
+async fn one_tunnel_over_the_limit_ends_the_session() {
+    let h = Harness::start_with(
+        CoordinatorConfig {
+            max_tunnels_per_peer: 2,
+            ..test_config()
+        },
+        3,
+    )
+    .await;
+    let conn = V2Conn::dial(&h, "/api/v2/tailnet?version=2.3", USER_ALL).await;
+    let mut p = conn.coordinate().await;
+    p.add_tunnel(h.agents[0].id).await;
+    p.add_tunnel(h.agents[1].id).await;
+    p.add_tunnel(h.agents[1].id).await;
+    p.expect_quiet(Duration::from_millis(200)).await;
+    assert_eq!(h.metric("coordinator_tunnels", &[]), 2.0);
+    assert_eq!(h.metric(TUNNELS_OVER_LIMIT, &[]), 0.0);
+    p.add_tunnel(h.agents[2].id).await;
+    p.expect_error("add tunnel failed: peer already has 2 tunnels, the limit")
+        .await;
+    p.expect_closed().await;
+    assert_eq!(h.metric("coordinator_tunnels", &[]), 0.0);
+    assert_eq!(h.metric(TUNNELS_OVER_LIMIT, &[]), 1.0);
+    assert_eq!(
+        h.metric(
+            "coordinator_protocol_errors_total",
+            &[("kind", "coordinate_tunnels_over_limit")]
+        ),
+        1.0
+    );
+}
