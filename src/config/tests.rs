@@ -324,6 +324,17 @@ fn node_limits_from_flags_and_file() {
 }
 
 #[test]
+fn peer_max_tunnels_from_flags() {
+    let s = resolve(&["coordinator"]).unwrap();
+    assert_eq!(
+        s.coordinator.max_tunnels_per_peer,
+        coordinator::graph::DEFAULT_MAX_TUNNELS_PER_PEER
+    );
+    let s = resolve(&["coordinator", "--coordinator-peer-max-tunnels", "16"]).unwrap();
+    assert_eq!(s.coordinator.max_tunnels_per_peer, 16);
+}
+
+#[test]
 fn bad_auth_entries_name_the_field() {
     let (_d, path) = write_config("[auth.resume_key]\nid = \"1\"\nsecret_hex = \"abcd\"\n");
     let e = error(&["coordinator", "--config", &path]);
