@@ -415,10 +415,16 @@ impl RemoteSource {
                 }
             }
         }
+        self.settle(&g, peer, sent, kicks);
+        true
+    }
+
+    /// After an upsert or a tunnel from `peer`, with every lock released: `peer` is this
+    /// source's, the updates pushed are counted, and queues that overflowed are kicked.
+    fn settle(&mut self, g: &PeerGraph, peer: Uuid, sent: u64, kicks: Kicks) {
         self.peers.insert(peer);
         g.metrics.peer_updates_sent.inc_by(sent);
         g.run_kicks(kicks);
-        true
     }
 
     /// This source says remote `peer` has a tunnel to local peer `local`; `local` gets `peer`'s
@@ -510,9 +516,7 @@ impl RemoteSource {
                 }
             }
         }
-        self.peers.insert(peer);
-        g.metrics.peer_updates_sent.inc_by(sent);
-        g.run_kicks(kicks);
+        self.settle(&g, peer, sent, kicks);
         true
     }
 
