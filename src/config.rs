@@ -325,7 +325,12 @@ impl FileEntry for StaticAgent {
 impl FileEntry for StaticUser {
     fn summary(&self) -> String {
         let agents = match &self.agents {
-            coordinator::auth::AgentAccess::All(_) => "\"all\"".to_string(),
+            coordinator::auth::AgentAccess::Keyword(coordinator::auth::AccessKeyword::All) => {
+                "\"all\"".to_string()
+            }
+            coordinator::auth::AgentAccess::Keyword(coordinator::auth::AccessKeyword::Known) => {
+                "\"known\"".to_string()
+            }
             coordinator::auth::AgentAccess::Only(ids) => format!("{} agents", ids.len()),
         };
         let name = self.name.as_deref().unwrap_or("user");
@@ -554,6 +559,12 @@ settings! {
         credentials: Option<PathBuf> = |_| None;
         /// How long draining after SIGTERM/SIGINT may take before the process exits anyway.
         drain_deadline: Duration = |_| Duration::from_secs(10);
+        /// After SIGTERM/SIGINT, how long `/readyz` answers 503 while everything is still served,
+        /// so that load balancers stop sending new connections before the drain begins; `0s`
+        /// starts draining at once. A second signal cuts the pause short.
+        drain_pause: Duration = |role| {
+            if role == Role::Dev { Duration::ZERO } else { Duration::from_secs(5) }
+        };
         /// Log filter (tracing env-filter syntax), e.g. `info,derp=debug`.
         log: String = |_| "info".into();
         /// Log format: `text` or `json`.
@@ -763,8 +774,8 @@ settings! {
         /// Agent tokens: `[[auth.agents]]` tables with `token` (UUID), `id` (UUID) and an
         /// optional `name`.
         agents: Vec<StaticAgent> = |_| Vec::new();
-        /// User tokens: `[[auth.users]]` tables with `token`, `agents` (`"all"` or a list of
-        /// agent ids) and optional `name` and `id`.
+        /// User tokens: `[[auth.users]]` tables with `token`, `agents` (`"all"`: any agent id;
+        /// `"known"`: the agents above; or a list of agent ids) and optional `name` and `id`.
         users: Vec<StaticUser> = |_| Vec::new();
         /// Resume token signing key, `{ id = "1", secret_hex = "<64+ hex digits>" }`; replicas
         /// sharing it accept each other's tokens (default: a random key per process).
@@ -1038,6 +1049,8 @@ pub struct Settings {
     pub public_url: Option<String>,
     pub credentials: Option<PathBuf>,
     pub drain_deadline: Duration,
+    /// Readiness-off pause before the drain (see the setting's doc).
+    pub drain_pause: Duration,
     pub log: String,
     pub log_json: bool,
     /// The metrics listener (`None` = none).
@@ -1258,6 +1271,7 @@ impl Settings {
             public_url: general.public_url,
             credentials: general.credentials,
             drain_deadline: general.drain_deadline,
+            drain_pause: general.drain_pause,
             log: general.log,
             log_json: general.log_format == LogFormat::Json,
             metrics_addr,

@@ -359,7 +359,7 @@ async fn run(s: Settings) -> Result<()> {
         });
     }
 
-    let shutdown = shutdown_signal()?;
+    let mut signals = ShutdownSignals::register()?;
     health.ready.store(true, Ordering::Relaxed);
     announce(
         &s,
@@ -370,13 +370,24 @@ async fn run(s: Settings) -> Result<()> {
         dev_credentials.as_ref(),
     )?;
 
-    tokio::select! {
-        _ = shutdown => tracing::info!("signal received: draining"),
+    let signalled = tokio::select! {
+        _ = signals.next() => true,
         Some(_) = tasks.join_next() => {
             tracing::error!("a listener stopped unexpectedly: draining");
+            false
+        }
+    };
+    health.ready.store(false, Ordering::Relaxed);
+    if signalled && !s.drain_pause.is_zero() {
+        // Load balancers see 503 on /readyz and stop sending new connections while everything
+        // is still served; only then does the drain close anything.
+        tracing::info!(pause = ?s.drain_pause, "signal received: not ready; draining after the pause");
+        tokio::select! {
+            _ = tokio::time::sleep(s.drain_pause) => {}
+            _ = signals.next() => tracing::info!("second signal: pause cut short"),
         }
     }
-    health.ready.store(false, Ordering::Relaxed);
+    tracing::info!("draining");
     let drain = async {
         let relay_drain = async {
             if let Some(r) = &relay {
@@ -447,29 +458,49 @@ fn announce(
     Ok(())
 }
 
-/// Registers the SIGTERM and SIGINT handlers now and returns the future that waits for either.
-/// Called before readiness is announced: a supervisor that sends SIGTERM right after reading the
-/// announcement must get a drain, not the default action (death by signal).
-fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+/// The SIGTERM and SIGINT handlers, registered once and awaited as often as needed (the first
+/// signal starts the readiness-off pause, a second one cuts it short).
+struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-        let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
-        Ok(async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = interrupt.recv() => {}
-            }
-        })
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Registers the handlers now. Called before readiness is announced: a supervisor that sends
+    /// SIGTERM right after reading the announcement must get a drain, not the default action
+    /// (death by signal).
+    fn register() -> Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+                interrupt: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Self {})
+        }
     }
-    #[cfg(not(unix))]
-    {
-        Ok(async {
+
+    /// Waits for the next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.interrupt.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
             if let Err(e) = tokio::signal::ctrl_c().await {
                 tracing::error!(error = %e, "listening for Ctrl-C");
                 std::future::pending::<()>().await;
             }
-        })
+        }
     }
 }

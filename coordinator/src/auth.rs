@@ -236,18 +236,22 @@ pub struct StaticAgent {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum AgentAccess {
-    /// The string `"all"`: every agent, configured or not.
-    All(AllAgents),
+    /// `"all"` or `"known"`.
+    Keyword(AccessKeyword),
     /// Exactly these agent ids.
     Only(Vec<Uuid>),
 }
 
-/// Marker for `agents = "all"` in the configuration.
+/// The keyword forms of `agents = ...` in the configuration.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum AllAgents {
-    /// Every agent.
+pub enum AccessKeyword {
+    /// `"all"`: any agent id, configured or not (what Coder's coordinator conformance cases need:
+    /// they tunnel to ids no agent token names).
     All,
+    /// `"known"`: exactly the agents of `[[auth.agents]]`; a dial to any other id gets coderd's
+    /// 404, as a real deployment answers for an agent that does not exist.
+    Known,
 }
 
 /// One user in the static configuration.
@@ -335,7 +339,10 @@ impl StaticAuthenticator {
                 uuid::Builder::from_random_bytes(b).into_uuid()
             });
             let (all, set) = match &u.agents {
-                AgentAccess::All(_) => (true, HashSet::new()),
+                AgentAccess::Keyword(AccessKeyword::All) => (true, HashSet::new()),
+                AgentAccess::Keyword(AccessKeyword::Known) => {
+                    (false, config.agents.iter().map(|a| a.id).collect())
+                }
                 AgentAccess::Only(ids) => (false, ids.iter().copied().collect()),
             };
             let entry = UserEntry {

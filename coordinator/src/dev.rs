@@ -9,7 +9,7 @@ use rand::{CryptoRng, Rng, RngCore};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::auth::{AgentAccess, AllAgents, StaticAgent, StaticAuthConfig, StaticUser};
+use crate::auth::{AccessKeyword, AgentAccess, StaticAgent, StaticAuthConfig, StaticUser};
 
 /// Credentials printed by `tailnetd dev`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -56,7 +56,7 @@ impl DevCredentials {
                 token: self.client_token.clone(),
                 name: Some("dev".into()),
                 id: None,
-                agents: AgentAccess::All(AllAgents::All),
+                agents: AgentAccess::Keyword(AccessKeyword::Known),
             }],
         }
     }
@@ -79,6 +79,8 @@ mod tests {
         );
         let u = a.user(&c.client_token).await.unwrap();
         assert!(a.user_may_reach(&u, c.agent_id).await.unwrap());
+        // Only the generated agent: a dial to any other id is coderd's 404.
+        assert!(!a.user_may_reach(&u, uuid::Uuid::new_v4()).await.unwrap());
         assert_ne!(DevCredentials::generate(), c);
     }
 }

@@ -193,7 +193,7 @@ func (p *Process) running() bool {
 // start runs one process and waits for its announcement. On failure nothing is left running.
 func (p *Process) start() error {
 	cmd := exec.Command(p.bin, p.opts.Args...)
-	cmd.Env = append(os.Environ(), "NO_COLOR=1", "RUST_BACKTRACE=1")
+	cmd.Env = append(os.Environ(), "NO_COLOR=1", "RUST_BACKTRACE=1", "TAILNETD_DRAIN_PAUSE=0s")
 	if p.logFilter != "" {
 		cmd.Env = append(cmd.Env, "TAILNETD_LOG="+p.logFilter)
 	}

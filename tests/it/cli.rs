@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{bin, echo_upstream, get, start};
+use crate::support::{bin, echo_upstream, get, start, Running};
 
 #[test]
 fn bad_flag_fails_naming_the_field() {
@@ -92,6 +92,10 @@ fn dev_announces_working_credentials_and_drains_on_sigterm() {
     let path = format!("/api/v2/workspaceagents/{agent}/coordinate?version=2.0");
     let token = line["client_token"].as_str().unwrap();
     assert_eq!(get(addr, &path, &[("Coder-Session-Token", token)]).0, 426);
+    let unknown =
+        "/api/v2/workspaceagents/3f2a9c4e-8b1d-4e6f-9a0b-1c2d3e4f5a6b/coordinate?version=2.0";
+    let (status, body) = get(addr, unknown, &[("Coder-Session-Token", token)]);
+    assert_eq!(status, 404, "{body}");
     assert_eq!(
         get(
             addr,
@@ -264,5 +268,110 @@ fn sigterm_with_closed_stderr_exits_cleanly() {
             "tailnetd did not exit after SIGTERM"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sigterm(r: &Running) {
+    let pid = r.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// Waits for the exit and returns how long it took.
+fn wait_exit(r: &mut Running, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = r.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "tailnetd did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGTERM turns `/readyz` to 503 first; for `drain_pause` everything else is still served (a
+/// load balancer moves traffic away before anything closes), then the drain runs.
+#[test]
+fn sigterm_turns_readiness_off_and_serves_through_the_pause() {
+    let mut r = start(&["dev", "--http-addr", "127.0.0.1:0", "--drain-pause", "3s"]);
+    let addr = r.line["http_addr"].as_str().unwrap().to_string();
+    assert_eq!(get(&addr, "/readyz", &[]).0, 200);
+    sigterm(&r);
+    let signalled = Instant::now();
+    let deadline = signalled + Duration::from_secs(2);
+    while get(&addr, "/readyz", &[]).0 != 503 {
+        assert!(Instant::now() < deadline, "/readyz still 200 after SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Inside the pause: health, the relay and coordination are served as before.
+    assert_eq!(get(&addr, "/healthz", &[]).0, 200);
+    assert_eq!(get(&addr, "/derp/latency-check", &[]).0, 200);
+    let agent = r.line["agent_id"].as_str().unwrap().to_string();
+    let token = r.line["client_token"].as_str().unwrap().to_string();
+    let path = format!("/api/v2/workspaceagents/{agent}/coordinate?version=2.0");
+    assert_eq!(get(&addr, &path, &[("Coder-Session-Token", &token)]).0, 426);
+    assert!(
+        r.child.try_wait().unwrap().is_none(),
+        "exited inside the pause"
+    );
+    wait_exit(&mut r, Duration::from_secs(15));
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(3),
+        "the drain began before the pause ended ({:?})",
+        signalled.elapsed()
+    );
+}
+
+/// A second signal ends the pause at once (an operator's Ctrl-C twice).
+#[test]
+fn second_signal_cuts_the_drain_pause_short() {
+    let mut r = start(&["dev", "--http-addr", "127.0.0.1:0", "--drain-pause", "120s"]);
+    let addr = r.line["http_addr"].as_str().unwrap().to_string();
+    sigterm(&r);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while get(&addr, "/readyz", &[]).0 != 503 {
+        assert!(Instant::now() < deadline, "/readyz still 200 after SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sigterm(&r);
+    wait_exit(&mut r, Duration::from_secs(20));
+}
+
+/// The pause is on by default where a load balancer is in front, off for `dev`.
+#[test]
+fn drain_pause_defaults_by_role() {
+    for (role, want) in [
+        ("dev", "0s"),
+        ("derp", "5s"),
+        ("coordinator", "5s"),
+        ("serve", "5s"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("derp.key");
+        let mut args = vec![role, "--check"];
+        if role == "serve" {
+            args.extend(["--upstream", "http://127.0.0.1:1"]);
+        }
+        if role == "serve" || role == "derp" {
+            args.extend(["--key-file", key.to_str().unwrap()]);
+        }
+        let out = bin()
+            .env_remove("TAILNETD_DRAIN_PAUSE")
+            .args(&args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains("drain_pause"))
+            .unwrap_or_else(|| panic!("{role} --check: no drain_pause in {text}"));
+        assert!(line.contains(want), "{role}: {line}");
     }
 }

@@ -6,11 +6,13 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// The binary, with its metrics listener on a free port: tests run several processes at once,
-/// and the default metrics address is a fixed port (a flag still wins over this).
+/// The binary, with its metrics listener on a free port (tests run several processes at once,
+/// and the default metrics address is a fixed port) and no readiness-off pause before a drain
+/// (flags still win over both).
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tailnetd"));
-    c.env("TAILNETD_METRICS_ADDR", "127.0.0.1:0");
+    c.env("TAILNETD_METRICS_ADDR", "127.0.0.1:0")
+        .env("TAILNETD_DRAIN_PAUSE", "0s");
     c
 }
 

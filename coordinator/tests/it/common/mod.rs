@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use coordinator::auth::{AgentAccess, AllAgents, StaticAgent, StaticAuthConfig, StaticUser};
+use coordinator::auth::{AccessKeyword, AgentAccess, StaticAgent, StaticAuthConfig, StaticUser};
 use coordinator::authz::{addr_from_uuid, TAILSCALE_SERVICE_PREFIX};
 use coordinator::derpmap::{DerpMapConfig, DerpMapSource, EmbeddedRelay};
 use coordinator::{Coordinator, CoordinatorConfig, StaticAuthenticator};
@@ -85,7 +85,7 @@ impl Harness {
                     token: USER_ALL.into(),
                     name: Some("all".into()),
                     id: None,
-                    agents: AgentAccess::All(AllAgents::All),
+                    agents: AgentAccess::Keyword(AccessKeyword::All),
                 },
                 StaticUser {
                     token: USER_ONE.into(),
