@@ -10,7 +10,9 @@
 //! a text message into an error (close 1003, as `websocket.NetConn` does). The writer pump sends each
 //! queued write as one binary message, sends a WebSocket ping every `ping_interval` (Coder's
 //! `wsWatcher` does this every 15 s) and closes with 1001 `"liveness probe failed"` if the pong does
-//! not arrive within `ping_timeout`. The session layer picks the final close code through
+//! not arrive within `ping_timeout`; such a peer is known dead, so its byte stream ends at once
+//! (the session turns it LOST right then) instead of waiting `close_grace` for a close reply it will
+//! never send. The session layer picks the final close code through
 //! [`WsHandle::close`] (1000 normal, 1011 + error text); pings from the peer are answered by the
 //! WebSocket library itself.
 //!
@@ -538,6 +540,13 @@ async fn writer_pump<Si, M>(
     };
 
     if let Some((code, reason)) = close {
+        // A peer that failed the liveness probe is known dead: end the byte stream now (the
+        // session sees EOF and the peer turns LOST at once, as Coder's rule says) and send the
+        // close frame without waiting for a reply that will never come.
+        let peer_dead = matches!(shared.end(), WsEnd::LivenessFailed);
+        if peer_dead {
+            shared.stop.cancel();
+        }
         shared.set_end(WsEnd::ClosedByUs {
             code,
             reason: reason.clone(),
@@ -545,7 +554,7 @@ async fn writer_pump<Si, M>(
         let reason = truncate_reason(&reason).to_string();
         let sent =
             tokio::time::timeout(config.write_timeout, sink.send(M::close(code, &reason))).await;
-        if matches!(sent, Ok(Ok(()))) {
+        if matches!(sent, Ok(Ok(()))) && !peer_dead {
             // Wait (bounded) for the peer's close reply so the handshake completes cleanly.
             let _ = tokio::time::timeout(config.close_grace, shared.reader_done.cancelled()).await;
         }

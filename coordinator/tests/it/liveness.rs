@@ -1,7 +1,11 @@
 //! A peer that stops answering WebSocket pings is closed with 1001 "liveness probe failed" on
 //! every kind of session; a responsive neighbour is not.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::v2::*;
 use crate::common::*;
@@ -50,4 +54,95 @@ async fn silent_peers_fail_the_liveness_probe() {
     );
     // The responsive session is still up.
     p.expect_quiet(Duration::from_millis(800)).await;
+}
+
+/// A TCP relay to the harness that can freeze: once frozen it forwards nothing in either
+/// direction but keeps both sockets open, which is how a peer whose network died looks to a
+/// server (no FIN, no RST, no pong).
+struct Freezer {
+    addr: std::net::SocketAddr,
+    frozen: Arc<AtomicBool>,
+}
+
+impl Freezer {
+    async fn start(target: std::net::SocketAddr) -> Freezer {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let f = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = l.accept().await {
+                let outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+                let (ir, iw) = inbound.into_split();
+                let (or, ow) = outbound.into_split();
+                tokio::spawn(pipe(ir, ow, f.clone()));
+                tokio::spawn(pipe(or, iw, f.clone()));
+            }
+        });
+        Freezer { addr, frozen }
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+}
+
+async fn pipe(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 16384];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.load(Ordering::SeqCst) {
+            // A dead network: hold both sockets open and forward nothing, ever.
+            std::future::pending::<()>().await;
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A peer known dead is LOST as soon as the liveness rule says so (ping interval + pong
+/// timeout), not after a further wait for a close reply that a dead peer will never send.
+#[tokio::test]
+async fn a_silent_agent_is_lost_when_its_ping_goes_unanswered() {
+    let h = Harness::start_with(fast_pings(), 2).await;
+    let freezer = Freezer::start(h.addr).await;
+    let agent_id = h.agents[1].id;
+    let agent = v2_dial(
+        &format!(
+            "ws://{}/api/v2/workspaceagents/me/rpc?version=2.10&role=agent",
+            freezer.addr
+        ),
+        &[(
+            crate::support::SESSION_TOKEN,
+            &h.agents[1].token.to_string(),
+        )],
+    )
+    .await;
+    let a = agent.coordinate().await;
+    let agent_node = node(agent_id, true, 1);
+    a.update_self(agent_node.clone()).await;
+
+    let client = V2Conn::client(&h, 1, "").await;
+    let mut c = client.coordinate().await;
+    c.add_tunnel(agent_id).await;
+    c.expect_node(agent_id, &agent_node).await;
+
+    freezer.freeze();
+    let frozen_at = Instant::now();
+    c.expect_lost(agent_id).await;
+    let took = frozen_at.elapsed();
+    // Interval 200 ms + timeout 300 ms: the probe fails within 500 ms of the freeze. The old
+    // behaviour added the 5 s close grace on top.
+    assert!(
+        took < Duration::from_millis(2500),
+        "LOST after {took:?}; the liveness rule allows about 500 ms"
+    );
 }
