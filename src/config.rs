@@ -53,6 +53,7 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 use coordinator::auth::{StaticAgent, StaticAuthConfig, StaticAuthenticator, StaticUser};
 use coordinator::config::{CoordinatorConfig, ResumeKeyConfig};
 use coordinator::derpmap::DerpMapConfig;
+use coordinator::relay_health::RegionHealthConfig;
 use coordinator::upstream::UpstreamConfig;
 use derp::EdgeConfig;
 use proto::derpmap::DerpRegion;
@@ -672,6 +673,17 @@ settings! {
         regions: Vec<DerpRegion> = |_| Vec::new();
         /// External STUN servers (`host:port`); each becomes a STUN-only region.
         stun_servers: Vec<String> = |_| Vec::new();
+        /// How often every relay of the map is probed (`GET /derp/probe`, then a DERP round
+        /// trip); a region none of whose relays passes is marked `Avoid` for every subscriber
+        /// and restored when it passes again; `0s` disables probing.
+        health_interval: Duration = |_| RegionHealthConfig::default().interval;
+        /// Bound on one probe of one relay.
+        health_timeout: Duration = |_| RegionHealthConfig::default().probe_timeout;
+        /// Consecutive failed rounds before a region is marked `Avoid` (a relay that answers
+        /// "draining" marks it at once).
+        health_failures: u32 = |_| RegionHealthConfig::default().failures_to_avoid;
+        /// Consecutive good rounds before an avoided region is restored.
+        health_successes: u32 = |_| RegionHealthConfig::default().successes_to_restore;
     }
 
     /// The upstream Coder server (`[upstream]`): with a URL, tailnetd proxies every request it
@@ -1061,6 +1073,8 @@ pub struct Settings {
     pub region: Option<RegionSettings>,
     /// The coordinator's DERP map sources (the embedded relay is added at start).
     pub derp_map: DerpMapConfig,
+    /// Probing the map's relays and marking failed regions `Avoid`.
+    pub region_health: RegionHealthConfig,
     /// Static tokens, used when no upstream decides.
     pub auth: StaticAuthConfig,
     /// Coordinator tuning with the resume keys decoded; `upstream` is filled in at start.
@@ -1183,6 +1197,7 @@ impl Settings {
         }
 
         let mut derp_map = DerpMapConfig::default();
+        let mut region_health = RegionHealthConfig::default();
         if let Some(f) = map_file {
             derp_map.file = f.derp_map_file;
         }
@@ -1190,6 +1205,12 @@ impl Settings {
             derp_map.poll_interval = positive_duration("derp_map.poll_interval", m.poll_interval)?;
             derp_map.regions = m.regions;
             derp_map.stun_servers = m.stun_servers;
+            region_health = RegionHealthConfig {
+                interval: m.health_interval,
+                probe_timeout: positive_duration("derp_map.health_timeout", m.health_timeout)?,
+                failures_to_avoid: m.health_failures.max(1),
+                successes_to_restore: m.health_successes.max(1),
+            };
         }
 
         let bridge = upstream.as_ref().is_some_and(|u| u.bridge);
@@ -1278,6 +1299,7 @@ impl Settings {
             metrics_on_public_listener: general.metrics_on_public_listener,
             region,
             derp_map,
+            region_health,
             auth: static_auth,
             coordinator: coordinator_config,
             upstream,

@@ -7,6 +7,7 @@
 //! belongs in the library crates.
 
 mod config;
+mod relay_probe;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -241,6 +242,9 @@ async fn run(s: Settings) -> Result<()> {
     let base_url = public_url(&s, bound.http_addr, bound.https_addr);
 
     let dev_credentials = (s.role == Role::Dev).then(DevCredentials::generate);
+    // The coordinator's map, kept for region health (probing, and marking our own region when
+    // this process drains).
+    let mut map_source: Option<DerpMapSource> = None;
     let coordinator: Option<Arc<Coordinator>> = if s.role.runs_coordinator() {
         let mut tokens: StaticAuthConfig = s.auth.clone();
         if let Some(dev) = &dev_credentials {
@@ -276,6 +280,7 @@ async fn run(s: Settings) -> Result<()> {
             ..s.derp_map.clone()
         })
         .context("derp_map_file")?;
+        map_source = Some(source.clone());
         let config = CoordinatorConfig {
             upstream,
             upstream_bridge: coordinator::upstream::bridge::BridgeConfig {
@@ -344,12 +349,29 @@ async fn run(s: Settings) -> Result<()> {
     let edge = HttpEdge::with_relay_cap(derp_handler, app, &registry, bound.relay_cap)
         .context("registering metrics")?;
 
+    // Region health: probe every relay of the map, mark failing regions Avoid.
+    let region_health = match &map_source {
+        Some(src) if !s.region_health.interval.is_zero() => {
+            let metrics = coordinator::relay_health::RegionHealthMetrics::new(&registry)
+                .context("registering region health metrics")?;
+            let prober = Arc::new(relay_probe::DerpProber::new(s.region_health.probe_timeout));
+            Some(tokio::spawn(coordinator::relay_health::run(
+                src.clone(),
+                prober,
+                s.region_health.clone(),
+                metrics,
+                cancel.clone(),
+            )))
+        }
+        _ => None,
+    };
+
     // The metrics listener ends with `cancel`; its failure is logged, never a reason to drain.
     let metrics_addr = match s.metrics_addr {
         Some(addr) => Some(bind_metrics(addr, health.clone(), cancel.clone()).await?),
         None => None,
     };
-    let running = bound.spawn(edge, cancel.clone());
+    let running = bound.spawn(edge.clone(), cancel.clone());
     let mut tasks = tokio::task::JoinSet::new();
     for t in running.tasks {
         tasks.spawn(async move {
@@ -378,6 +400,15 @@ async fn run(s: Settings) -> Result<()> {
         }
     };
     health.ready.store(false, Ordering::Relaxed);
+    // Tell region health before anything closes: our relay's probe answers "draining", and a
+    // coordinator here takes its own region out of the map at once.
+    edge.set_draining();
+    if let (Some(src), Some(region)) = (&map_source, s.region.as_ref().filter(|_| relay.is_some()))
+    {
+        if let Err(e) = src.set_region_avoided(region.region_id, true) {
+            tracing::warn!(error = %e, "marking this relay's region Avoid before draining failed");
+        }
+    }
     if signalled && !s.drain_pause.is_zero() {
         // Load balancers see 503 on /readyz and stop sending new connections while everything
         // is still served; only then does the drain close anything.
@@ -407,6 +438,9 @@ async fn run(s: Settings) -> Result<()> {
             }
         }
         cancel.cancel();
+        if let Some(t) = region_health {
+            let _ = t.await;
+        }
         while tasks.join_next().await.is_some() {}
     };
     if tokio::time::timeout(s.drain_deadline, drain).await.is_err() {

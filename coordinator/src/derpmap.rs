@@ -10,8 +10,9 @@
 //! This module must never replace a good map with a broken one: a file that fails to parse or
 //! conflicts with the configured regions keeps the old map and is logged.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -142,10 +143,17 @@ impl DerpMapSnapshot {
 }
 
 /// The current DERP map plus its change notifications. Cheap to clone (shares one channel).
+///
+/// What is published is the *base* map (configuration, file, embedded relay) with every region
+/// that [`crate::relay_health`] found failing or draining marked `Avoid`; the two are kept apart
+/// so that a restored region gets back exactly what its base says.
 #[derive(Debug, Clone)]
 pub struct DerpMapSource {
     config: Arc<DerpMapConfig>,
     tx: Arc<watch::Sender<Arc<DerpMapSnapshot>>>,
+    /// The map before health overlays, and the regions marked `Avoid` by health (one lock for
+    /// both, never held across an await, so an overlay and a base change cannot interleave).
+    state: Arc<Mutex<Overlay>>,
     /// The file's stamp taken before the initial read, so a change made between construction
     /// and the start of [`DerpMapSource::watch_file`] is not missed.
     initial_stamp: Option<(SystemTime, u64)>,
@@ -169,20 +177,24 @@ impl DerpMapSource {
                 "the DERP map has no DERP (non-STUN) node: peers can only connect directly"
             );
         }
+        let state = Overlay::new(snapshot.map.clone());
         let (tx, _) = watch::channel(Arc::new(snapshot));
         Ok(Self {
             config: Arc::new(config),
             tx: Arc::new(tx),
+            state: Arc::new(Mutex::new(state)),
             initial_stamp,
         })
     }
 
     /// A fixed map (no file, no embedded relay); [`DerpMapSource::set`] can still change it.
     pub fn fixed(map: DerpMap) -> Result<Self, DerpMapSourceError> {
+        let state = Overlay::new(map.clone());
         let (tx, _) = watch::channel(Arc::new(DerpMapSnapshot::new(map)?));
         Ok(Self {
             config: Arc::new(DerpMapConfig::default()),
             tx: Arc::new(tx),
+            state: Arc::new(Mutex::new(state)),
             initial_stamp: None,
         })
     }
@@ -197,9 +209,54 @@ impl DerpMapSource {
         self.tx.subscribe()
     }
 
-    /// Replace the map. Returns false (and publishes nothing) if it equals the current one by
-    /// Coder's `CompareDERPMaps` rules.
+    /// Replace the base map. Returns false (and publishes nothing) if the published map stays
+    /// equal to the current one by Coder's `CompareDERPMaps` rules.
     pub fn set(&self, map: DerpMap) -> Result<bool, DerpMapSourceError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = self.publish(with_marks(&map, &state.avoided))?;
+        state.base = map;
+        Ok(changed)
+    }
+
+    /// The base map: what configuration and file say, before health overlays.
+    pub fn base(&self) -> DerpMap {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .base
+            .clone()
+    }
+
+    /// Marks `region` `Avoid` (or lifts the mark) on top of the base map and publishes the
+    /// result to every subscriber. A region the base already avoids stays avoided. Returns
+    /// whether the published map changed.
+    pub fn set_region_avoided(
+        &self,
+        region: i64,
+        avoided: bool,
+    ) -> Result<bool, DerpMapSourceError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = state.avoided.clone();
+        if avoided {
+            next.insert(region);
+        } else {
+            next.remove(&region);
+        }
+        let changed = self.publish(with_marks(&state.base, &next))?;
+        state.avoided = next;
+        Ok(changed)
+    }
+
+    /// The regions health has marked `Avoid`.
+    pub fn avoided_regions(&self) -> BTreeSet<i64> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .avoided
+            .clone()
+    }
+
+    fn publish(&self, map: DerpMap) -> Result<bool, DerpMapSourceError> {
         let snapshot = DerpMapSnapshot::new(map)?;
         let mut changed = false;
         self.tx.send_if_modified(|cur| {
@@ -271,6 +328,33 @@ impl DerpMapSource {
             }
         }
     }
+}
+
+/// The base map and the health marks laid over it.
+#[derive(Debug)]
+struct Overlay {
+    base: DerpMap,
+    avoided: BTreeSet<i64>,
+}
+
+impl Overlay {
+    fn new(base: DerpMap) -> Self {
+        Self {
+            base,
+            avoided: BTreeSet::new(),
+        }
+    }
+}
+
+/// `base` with every region in `avoided` (that exists there) marked `Avoid`.
+fn with_marks(base: &DerpMap, avoided: &BTreeSet<i64>) -> DerpMap {
+    let mut map = base.clone();
+    for id in avoided {
+        if let Some(r) = map.regions.get_mut(id) {
+            r.avoid = true;
+        }
+    }
+    map
 }
 
 /// How long after a modification the file is re-read on every poll.
@@ -515,5 +599,43 @@ mod tests {
         rx.borrow_and_update();
         assert!(!src.set(m).unwrap());
         assert!(!rx.has_changed().unwrap());
+    }
+
+    #[test]
+    fn health_marks_overlay_the_base_map_and_reach_subscribers() {
+        let src = DerpMapSource::new(DerpMapConfig {
+            embedded: Some(EmbeddedRelay::new("http://127.0.0.1:3000", Some(3478))),
+            ..Default::default()
+        })
+        .unwrap();
+        let mut rx = src.subscribe();
+        rx.borrow_and_update();
+        assert!(src.set_region_avoided(DEFAULT_REGION_ID, true).unwrap());
+        assert!(rx.has_changed().unwrap());
+        let cur = rx.borrow_and_update().clone();
+        assert!(cur.map.regions[&DEFAULT_REGION_ID].avoid);
+        assert!(cur.proto.regions[&DEFAULT_REGION_ID].avoid);
+        assert!(
+            !src.base().regions[&DEFAULT_REGION_ID].avoid,
+            "the base is untouched"
+        );
+        // Marking again changes nothing and publishes nothing.
+        assert!(!src.set_region_avoided(DEFAULT_REGION_ID, true).unwrap());
+        assert!(!rx.has_changed().unwrap());
+        // A base change keeps the mark.
+        let mut base = src.base();
+        base.regions
+            .get_mut(&DEFAULT_REGION_ID)
+            .unwrap()
+            .region_name = "renamed".into();
+        assert!(src.set(base).unwrap());
+        let cur = rx.borrow_and_update().clone();
+        assert!(cur.map.regions[&DEFAULT_REGION_ID].avoid);
+        assert_eq!(cur.map.regions[&DEFAULT_REGION_ID].region_name, "renamed");
+        // Restored: exactly the base again.
+        assert!(src.set_region_avoided(DEFAULT_REGION_ID, false).unwrap());
+        let cur = rx.borrow_and_update().clone();
+        assert!(!cur.map.regions[&DEFAULT_REGION_ID].avoid);
+        assert!(src.avoided_regions().is_empty());
     }
 }

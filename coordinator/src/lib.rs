@@ -14,6 +14,7 @@ pub mod dev;
 pub mod graph;
 pub mod ha;
 pub mod metrics;
+pub mod relay_health;
 pub mod resume;
 pub mod rpc;
 pub mod service;

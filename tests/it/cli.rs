@@ -310,9 +310,14 @@ fn sigterm_turns_readiness_off_and_serves_through_the_pause() {
         assert!(Instant::now() < deadline, "/readyz still 200 after SIGTERM");
         std::thread::sleep(Duration::from_millis(10));
     }
-    // Inside the pause: health, the relay and coordination are served as before.
+    // Inside the pause: health, the relay and coordination are served as before; only the
+    // relay's probe says "draining" (region health moves peers away on it).
     assert_eq!(get(&addr, "/healthz", &[]).0, 200);
-    assert_eq!(get(&addr, "/derp/latency-check", &[]).0, 200);
+    assert_eq!(get(&addr, "/derp", &[]).0, 426);
+    assert_eq!(
+        get(&addr, "/derp/probe", &[]),
+        (503, "draining\n".to_string())
+    );
     let agent = r.line["agent_id"].as_str().unwrap().to_string();
     let token = r.line["client_token"].as_str().unwrap().to_string();
     let path = format!("/api/v2/workspaceagents/{agent}/coordinate?version=2.0");

@@ -7,4 +7,5 @@ mod cli;
 mod config_examples;
 mod limits;
 mod metrics_addr;
+mod region_health;
 mod support;

@@ -7,12 +7,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// The binary, with its metrics listener on a free port (tests run several processes at once,
-/// and the default metrics address is a fixed port) and no readiness-off pause before a drain
-/// (flags still win over both).
+/// and the default metrics address is a fixed port), no readiness-off pause before a drain, and
+/// no relay probing (configuration examples name hosts that must not be dialled); flags still
+/// win over all three.
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tailnetd"));
     c.env("TAILNETD_METRICS_ADDR", "127.0.0.1:0")
-        .env("TAILNETD_DRAIN_PAUSE", "0s");
+        .env("TAILNETD_DRAIN_PAUSE", "0s")
+        .env("TAILNETD_DERP_MAP_HEALTH_INTERVAL", "0s");
     c
 }
 

@@ -142,11 +142,11 @@ pub enum DialError {
     Timeout,
 }
 
-struct Target {
+pub(crate) struct Target {
     tls: bool,
     host: String,
     port: u16,
-    authority: String,
+    pub(crate) authority: String,
     path: String,
 }
 
@@ -369,7 +369,15 @@ pub async fn dial(url: &str, opts: DialOptions) -> Result<Dialed, DialError> {
         .map_err(|_| DialError::Timeout)?
 }
 
-async fn dial_inner(url: &str, opts: DialOptions) -> Result<Dialed, DialError> {
+/// A TCP (and, for `https://`, TLS) stream to a DERP server, before any HTTP.
+pub(crate) struct Connected {
+    pub(crate) io: BoxedIo,
+    pub(crate) peer_certificates: Vec<CertificateDer<'static>>,
+    pub(crate) tls_version: Option<rustls::ProtocolVersion>,
+}
+
+/// TCP connect and, for TLS targets, the TLS handshake with `tls`'s trust settings.
+pub(crate) async fn connect(url: &str, tls: &DialTls) -> Result<(Target, Connected), DialError> {
     let target = parse_url(url)?;
     let addr = format!("{}:{}", bracket(&target.host), target.port);
     let tcp = TcpStream::connect(addr.as_str())
@@ -379,35 +387,57 @@ async fn dial_inner(url: &str, opts: DialOptions) -> Result<Dialed, DialError> {
             source,
         })?;
     let _ = tcp.set_nodelay(true);
+    if !target.tls {
+        let io: BoxedIo = Box::new(tcp);
+        return Ok((
+            target,
+            Connected {
+                io,
+                peer_certificates: Vec::new(),
+                tls_version: None,
+            },
+        ));
+    }
+    let cfg = client_config(tls)?;
+    let name = tls
+        .server_name
+        .clone()
+        .unwrap_or_else(|| target.host.clone());
+    let server_name =
+        ServerName::try_from(name).map_err(|e| DialError::Tls(format!("server name: {e}")))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| DialError::Tls(e.to_string()))?;
+    let (_, conn) = stream.get_ref();
+    let peer_certificates = conn
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let tls_version = conn.protocol_version();
+    Ok((
+        target,
+        Connected {
+            io: Box::new(stream),
+            peer_certificates,
+            tls_version,
+        },
+    ))
+}
 
-    let mut peer_certificates = Vec::new();
-    let mut tls_version = None;
-    let mut meta: Option<MetaCertInfo> = None;
-    let mut io: BoxedIo = if target.tls {
-        let cfg = client_config(&opts.tls)?;
-        let name = opts
-            .tls
-            .server_name
-            .clone()
-            .unwrap_or_else(|| target.host.clone());
-        let server_name =
-            ServerName::try_from(name).map_err(|e| DialError::Tls(format!("server name: {e}")))?;
-        let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(server_name, tcp)
-            .await
-            .map_err(|e| DialError::Tls(e.to_string()))?;
-        let (_, conn) = stream.get_ref();
-        peer_certificates = conn
-            .peer_certificates()
-            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-            .unwrap_or_default();
-        tls_version = conn.protocol_version();
-        if tls_version == Some(rustls::ProtocolVersion::TLSv1_3) {
-            meta = metacert::find_in_chain(peer_certificates.iter());
-        }
-        Box::new(stream)
+async fn dial_inner(url: &str, opts: DialOptions) -> Result<Dialed, DialError> {
+    let (
+        target,
+        Connected {
+            mut io,
+            peer_certificates,
+            tls_version,
+        },
+    ) = connect(url, &opts.tls).await?;
+    let meta: Option<MetaCertInfo> = if tls_version == Some(rustls::ProtocolVersion::TLSv1_3) {
+        metacert::find_in_chain(peer_certificates.iter())
     } else {
-        Box::new(tcp)
+        None
     };
 
     let mut client_opts = ClientOptions {

@@ -23,6 +23,7 @@
 //! to [`Client`].
 
 pub mod dial;
+pub mod probe;
 
 use std::io;
 use std::net::SocketAddr;

@@ -31,6 +31,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -203,6 +204,8 @@ pub struct HttpEdge {
     relay_slots: Arc<tokio::sync::Semaphore>,
     app: Router,
     metrics: HttpMetrics,
+    /// Set once the process starts to drain: the probe routes answer 503 from then on.
+    draining: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for HttpEdge {
@@ -238,8 +241,9 @@ impl HttpEdge {
         registry: &prometheus::Registry,
         relay_cap: usize,
     ) -> Result<Arc<Self>, prometheus::Error> {
+        let draining = Arc::new(AtomicBool::new(false));
         let app = if derp.is_some() {
-            routes().fallback_service(fallback)
+            routes(draining.clone()).fallback_service(fallback)
         } else {
             fallback
         };
@@ -250,7 +254,16 @@ impl HttpEdge {
             )),
             app,
             metrics: HttpMetrics::new(registry)?,
+            draining,
         }))
+    }
+
+    /// Marks the relay as draining: `/derp/probe` and `/derp/latency-check` answer
+    /// `503 draining` from now on (everything else is still served), so that a coordinator
+    /// probing its regions moves peers away before the relay goes, and clients measuring
+    /// latency over HTTP stop choosing it.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// The edge's metrics (shared with the listeners).
@@ -783,8 +796,10 @@ pub fn challenge_is_valid(challenge: &[u8]) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
 }
 
-async fn probe(method: Method) -> Response {
-    if method == Method::GET || method == Method::HEAD {
+async fn probe(draining: Arc<AtomicBool>, method: Method) -> Response {
+    if draining.load(Ordering::Relaxed) && (method == Method::GET || method == Method::HEAD) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if method == Method::GET || method == Method::HEAD {
         ([(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")], StatusCode::OK).into_response()
     } else {
         (StatusCode::METHOD_NOT_ALLOWED, "bogus probe method\n").into_response()
@@ -815,13 +830,18 @@ async fn upgrade_required() -> Response {
 }
 
 /// derper's small endpoints: `/derp/probe` and `/derp/latency-check` (GET/HEAD → 200 with
-/// `Access-Control-Allow-Origin: *`, else 405), `/generate_204` (captive portal check with the
+/// `Access-Control-Allow-Origin: *`, else 405; `503 draining` once `draining` is set, which
+/// derper, having no drain, never answers), `/generate_204` (captive portal check with the
 /// challenge echo), and `/derp` → 426 for requests that are not DERP upgrades.
-pub fn routes() -> Router {
+pub fn routes(draining: Arc<AtomicBool>) -> Router {
+    let for_latency = draining.clone();
     Router::new()
         .route("/derp", any(upgrade_required))
-        .route("/derp/probe", any(probe))
-        .route("/derp/latency-check", any(probe))
+        .route("/derp/probe", any(move |m| probe(draining.clone(), m)))
+        .route(
+            "/derp/latency-check",
+            any(move |m| probe(for_latency.clone(), m)),
+        )
         .route("/generate_204", any(generate_204))
 }
 
