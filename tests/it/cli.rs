@@ -380,3 +380,72 @@ fn drain_pause_defaults_by_role() {
         assert!(line.contains(want), "{role}: {line}");
     }
 }
+
+/// `--log-format json`: every line on stderr is one JSON object with the fields a log shipper
+/// indexes (timestamp, level, target, fields.message), and no line carries a token, even after
+/// requests that presented one.
+#[test]
+fn json_logs_are_one_object_per_line_and_never_carry_tokens() {
+    let mut child = bin()
+        .args([
+            "dev",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--stun-addr",
+            "",
+            "--log-format",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let announced: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addr = announced["http_addr"].as_str().unwrap();
+    let token = announced["client_token"].as_str().unwrap();
+    let agent = announced["agent_id"].as_str().unwrap();
+    let path = format!("/api/v2/workspaceagents/{agent}/coordinate?version=2.0");
+    assert_eq!(get(addr, &path, &[("Coder-Session-Token", token)]).0, 426);
+    assert_eq!(
+        get(
+            addr,
+            &path,
+            &[("Coder-Session-Token", "wrongwrong-0123456789012345678901")]
+        )
+        .0,
+        401
+    );
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(child.wait().unwrap().success());
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines.len() >= 2, "expected start and drain lines: {stderr}");
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["timestamp"].is_string(), "{l}");
+        assert!(v["level"].is_string(), "{l}");
+        assert!(v["target"].is_string(), "{l}");
+        assert!(v["fields"]["message"].is_string(), "{l}");
+        assert!(
+            !l.contains(token),
+            "a log line carries the session token: {l}"
+        );
+        assert!(
+            !l.contains("wrongwrong"),
+            "a log line carries a presented token: {l}"
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("draining")),
+        "no drain line: {stderr}"
+    );
+}
