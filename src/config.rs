@@ -1114,13 +1114,23 @@ fn positive_duration(key: &str, d: Duration) -> Result<Duration> {
 impl Settings {
     /// Resolves the settings of the invocation's role from its flags, environment and file.
     pub fn resolve(invocation: &Invocation) -> Result<Settings> {
-        let role = invocation.role;
         let m = &invocation.matches;
         let config_path = m.try_get_one::<String>("config").ok().flatten();
         let (file, file_name) = match config_path {
             Some(p) => (load_file(Path::new(p))?, format!("config file {p}")),
             None => (toml::Table::new(), "config file".to_string()),
         };
+        Self::resolve_with_file(invocation, file, file_name)
+    }
+
+    /// [`Settings::resolve`] with the file already parsed (the seam the TOML fuzz target uses).
+    fn resolve_with_file(
+        invocation: &Invocation,
+        file: toml::Table,
+        file_name: String,
+    ) -> Result<Settings> {
+        let role = invocation.role;
+        let m = &invocation.matches;
         let mut src = Sources {
             role,
             matches: m,
@@ -1377,3 +1387,9 @@ fn resolve_upstream(u: UpstreamSettings) -> Result<Option<UpstreamConfig>> {
 
 #[cfg(test)]
 mod tests;
+
+// The TOML fuzz target's entry point; `fuzz/fuzz_targets/config_toml.rs` compiles this file
+// (cargo-fuzz sets `cfg(fuzzing)`) and the tests replay its corpus.
+#[cfg(any(test, fuzzing))]
+#[path = "config/fuzzing.rs"]
+pub mod fuzzing;

@@ -11,6 +11,8 @@ pub mod authz;
 pub mod config;
 pub mod derpmap;
 pub mod dev;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod graph;
 pub mod ha;
 pub mod metrics;

@@ -24,8 +24,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::WebSocket;
 use bytes::{Bytes, BytesMut};
+use futures_util::{Sink, Stream};
 use proto::tailnet::v2::methods;
 use proto::tailnet::v2::{
     CoordinateRequest, CoordinateResponse, RefreshResumeTokenRequest, StreamDerpMapsRequest,
@@ -42,7 +42,7 @@ use crate::rpc::drpc::{
     self, CallFuture, DrpcConfig, Handler, RawInvoke, RpcError, RpcStream, TakeOverFuture,
 };
 use crate::rpc::wsio::{
-    WsConfig, WsEnd, WsIo, CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_NORMAL,
+    WsConfig, WsEnd, WsIo, WsMessage, CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_NORMAL,
 };
 use crate::rpc::yamux::{self, Session, SessionError};
 use crate::upstream::agent_rpc::UpstreamLink;
@@ -108,8 +108,14 @@ impl V2Peer {
 }
 
 /// Serve one upgraded WebSocket as a v2 session until it ends; in sidecar mode the session's
-/// telemetry pump runs next to it and drains (bounded) after it.
-pub(crate) async fn serve_session(coord: Arc<Coordinator>, ws: WebSocket, peer: V2Peer) {
+/// telemetry pump runs next to it and drains (bounded) after it. Generic over the WebSocket
+/// (axum's in production, tungstenite's in the `v2_session` fuzz target).
+pub(crate) async fn serve_session<S, M, E>(coord: Arc<Coordinator>, ws: S, peer: V2Peer)
+where
+    S: Stream<Item = Result<M, E>> + Sink<M, Error = E> + Send + Unpin + 'static,
+    M: WsMessage,
+    E: std::fmt::Display + Send + 'static,
+{
     let Some(link) = peer.telemetry.clone() else {
         return run_session(coord, ws, peer, None).await;
     };
@@ -123,12 +129,16 @@ pub(crate) async fn serve_session(coord: Arc<Coordinator>, ws: WebSocket, peer: 
     tokio::join!(session, pump.run(session_ended.clone(), shutdown));
 }
 
-async fn run_session(
+async fn run_session<S, M, E>(
     coord: Arc<Coordinator>,
-    ws: WebSocket,
+    ws: S,
     peer: V2Peer,
     telemetry: Option<TelemetryQueue>,
-) {
+) where
+    S: Stream<Item = Result<M, E>> + Sink<M, Error = E> + Send + Unpin + 'static,
+    M: WsMessage,
+    E: std::fmt::Display + Send + 'static,
+{
     let _tracked = coord.sessions.track();
     let _session = coord.metrics.session(peer.role(), Protocol::V2);
     let metrics = Some(coord.rpc_metrics.clone());

@@ -15,6 +15,8 @@
 pub mod client;
 pub mod core;
 pub mod edge;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 
 pub use client::dial::{dial, DialError, DialOptions, Dialed};
 pub use client::{Client, ClientError, ClientOptions, ClientReader, ClientWriter, ReceivedFrame};

@@ -5,7 +5,7 @@ use std::path::Path;
 
 fn replay(dir: &str, f: fn(&[u8])) -> usize {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
+        .join("../fuzz/corpus")
         .join(dir);
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).expect("corpus dir") {

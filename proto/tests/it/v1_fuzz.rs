@@ -6,7 +6,7 @@ use std::path::Path;
 
 #[test]
 fn v1_json_seed_corpus() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/v1_json");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/v1_json");
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).expect("corpus dir") {
         let data = std::fs::read(entry.expect("entry").path()).expect("read seed");

@@ -1,4 +1,4 @@
-//! dRPC frame parser + packet reassembler; see `proto::fuzzing::drpc`.
+//! Fuzz target `drpc`: dRPC frame parser + packet reassembler; see `proto::fuzzing::drpc`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

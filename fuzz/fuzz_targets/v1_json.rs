@@ -1,4 +1,4 @@
-//! v1 JSON node + JSON DERP map readers and converters; see `proto::fuzzing::v1_json`.
+//! Fuzz target `v1_json`: v1 JSON node stream and its protobuf conversion; see `proto::fuzzing::v1_json`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

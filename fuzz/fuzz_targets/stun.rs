@@ -1,4 +1,4 @@
-//! Fuzz target: arbitrary bytes into `proto::fuzzing::stun`.
+//! Fuzz target `stun`: STUN binding request/response parsers; see `proto::fuzzing::stun`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
