@@ -247,6 +247,19 @@ fn client_config(
         .with_no_client_auth())
 }
 
+/// Extra trusted roots the way Go programs take them: the PEM certificates in the file named by
+/// `SSL_CERT_FILE`, if set (empty otherwise).
+pub fn roots_from_env() -> Result<Vec<CertificateDer<'static>>, VerifyUrlError> {
+    let Some(path) = std::env::var_os("SSL_CERT_FILE") else {
+        return Ok(Vec::new());
+    };
+    let text = std::fs::read(&path)
+        .map_err(|e| VerifyUrlError::Tls(format!("{}: {e}", path.to_string_lossy())))?;
+    rustls_pemfile::certs(&mut text.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| VerifyUrlError::Tls(format!("{}: {e}", path.to_string_lossy())))
+}
+
 impl Admission for UrlVerifier {
     fn admit<'a>(&'a self, key: &'a NodePublic, remote: IpAddr) -> AdmitFuture<'a> {
         Box::pin(async move {
