@@ -904,10 +904,28 @@ fn unquote(toml_text: &str) -> String {
     }
 }
 
-/// Parses the process's command line; exits with clap's usage message on a malformed one.
+/// Parses the process's command line; exits with clap's usage message on a malformed one, and
+/// with status 64 on a derper flag tailnetd cannot honour ([`derper_flags`]).
 pub fn parse_command_line() -> Invocation {
-    let parsed = command().try_get_matches().and_then(|m| invocation(&m));
+    let args = match derper_args(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "tailnetd: invalid configuration: {e}");
+            std::process::exit(64);
+        }
+    };
+    let parsed = command()
+        .try_get_matches_from(args)
+        .and_then(|m| invocation(&m));
     parsed.unwrap_or_else(|e| e.exit())
+}
+
+/// derper's flags on a `tailnetd derp` command line, rewritten into tailnetd's.
+fn derper_args(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>, String> {
+    let derp = role_command(Role::Derp);
+    let has_flag = |name: &str| derp.get_arguments().any(|a| a.get_long() == Some(name));
+    derper_flags::translate(args, &has_flag)
 }
 
 /// Like [`parse_command_line`] on the given arguments (the first is the program name).
@@ -917,6 +935,9 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
+    let args = args.into_iter().map(Into::into).collect();
+    let args = derper_args(args)
+        .map_err(|e| command().error(clap::error::ErrorKind::ValueValidation, e))?;
     command()
         .try_get_matches_from(args)
         .and_then(|m| invocation(&m))
@@ -1429,5 +1450,6 @@ fn resolve_upstream(u: UpstreamSettings) -> Result<Option<UpstreamConfig>> {
     }))
 }
 
+pub mod derper_flags;
 #[cfg(test)]
 mod tests;
