@@ -351,7 +351,7 @@ impl Server {
             let why = task.run().await;
             drop(task);
             match &why {
-                Close::Eof | Close::Shutdown | Close::KickedByMesh => {
+                Close::Eof | Close::Shutdown | Close::KickedByMesh | Close::NotAdmitted => {
                     tracing::debug!(target: "derp", "derp connection closed: {why}")
                 }
                 _ => tracing::info!(target: "derp", "derp connection closed: {why}"),
@@ -575,7 +575,7 @@ impl Server {
             Decision::VerifierError { admit, error } => {
                 self.metrics.admission_verifier_errors.inc();
                 if admit {
-                    tracing::info!(target: "derp", peer = %key, remote = %info.remote,
+                    tracing::debug!(target: "derp", peer = %key, remote = %info.remote,
                         "admission verifier unreachable; admitting (fail open): {error}");
                     self.metrics.admission("admitted");
                     Ok(None)
@@ -598,7 +598,9 @@ impl Server {
                 metrics.admission("confirmed");
             } else if h.queue.request_close(CloseRequest::NotAdmitted) {
                 metrics.admission("expired");
-                tracing::info!(target: "derp", peer = %h.key, conn_id = h.id,
+                // Debug: an unauthenticated client must not turn each connection into an INFO
+                // line (counted in derp_admission_total{decision="expired"}).
+                tracing::debug!(target: "derp", peer = %h.key, conn_id = h.id,
                     "closing derp connection: its node key did not become known within {grace:?}");
             }
         });

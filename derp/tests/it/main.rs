@@ -8,6 +8,7 @@
 
 mod harness;
 
+mod core_admission;
 mod core_bad_input;
 mod core_dup_mesh;
 mod core_relay;
