@@ -1316,7 +1316,8 @@ impl Settings {
 
         let rate_config = relay_tuning_rate_config;
         if let Some(p) = &rate_config {
-            derp::RateConfig::load(p).map_err(|e| anyhow!("relay.rate_config (--rate-config): {e}"))?;
+            derp::RateConfig::load(p)
+                .map_err(|e| anyhow!("relay.rate_config (--rate-config): {e}"))?;
         }
         let relay_admission = RelayAdmission::resolve(admission, verify)?;
 

@@ -481,7 +481,9 @@ fn spawn_rate_config_reload(
                             "SIGHUP: rate config reloaded"
                         );
                     }
-                    Err(e) => tracing::warn!(error = %e, "SIGHUP: rate config reload failed; keeping the limits in force"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "SIGHUP: rate config reload failed; keeping the limits in force")
+                    }
                 }
             }
         });

@@ -97,7 +97,10 @@ const MESH_WITH_FLAG: &str = "--mesh-with";
 /// Rewrites a `tailnetd derp ...` command line that uses derper's flags into tailnetd's flags;
 /// any other command line is returned unchanged. `has_flag` says whether this build's `derp`
 /// role has a long flag (to map `-mesh-with` only where the mesh client exists).
-pub fn translate(args: Vec<OsString>, has_flag: &dyn Fn(&str) -> bool) -> Result<Vec<OsString>, String> {
+pub fn translate(
+    args: Vec<OsString>,
+    has_flag: &dyn Fn(&str) -> bool,
+) -> Result<Vec<OsString>, String> {
     if args.get(1).and_then(|a| a.to_str()) != Some("derp") {
         return Ok(args);
     }
@@ -225,18 +228,18 @@ impl Flags {
             on,
             "derper's localhost dev mode (ephemeral key, plain HTTP on :3340) is `tailnetd dev`",
         )?;
-        self.refuse(
-            "version",
-            on,
-            "print the version with `tailnetd --version`",
-        )?;
+        self.refuse("version", on, "print the version with `tailnetd --version`")?;
         self.refuse(
             "derp",
             |v| v == "false",
             "tailnetd cannot keep serving only probes and bootstrap DNS with the relay off",
         )?;
         self.refuse("verify-clients", on, "tailnetd cannot ask a local tailscaled about clients; use -verify-client-url (a tailnetd coordinator answers at /tailnetd/derp-admit)")?;
-        self.refuse("home", nonempty, "tailnetd does not serve a configurable home page")?;
+        self.refuse(
+            "home",
+            nonempty,
+            "tailnetd does not serve a configurable home page",
+        )?;
         self.refuse(
             "bootstrap-dns-names",
             nonempty,
@@ -252,7 +255,11 @@ impl Flags {
             nonempty,
             "tailnetd cannot fetch the mesh key from setec; use -mesh-psk-file",
         )?;
-        self.refuse("acme-ip-certs", on, "tailnetd has no ACME (Let's Encrypt) support yet")?;
+        self.refuse(
+            "acme-ip-certs",
+            on,
+            "tailnetd has no ACME (Let's Encrypt) support yet",
+        )?;
         self.refuse("ace", on, "tailnetd has no ACE (CONNECT proxy) server")?;
 
         // Shared names: the same flag, Go's syntax.
@@ -296,7 +303,11 @@ impl Flags {
                 return Err(format!("-accept-connection-limit={v}: must be 0 or more"));
             }
             if limit.is_finite() {
-                set(&mut out, "--relay-accept-connection-limit", &limit.to_string());
+                set(
+                    &mut out,
+                    "--relay-accept-connection-limit",
+                    &limit.to_string(),
+                );
             }
         }
         if let Some(v) = self.get("accept-connection-burst") {
@@ -305,7 +316,11 @@ impl Flags {
                 .parse()
                 .map_err(|_| format!("-accept-connection-burst={v}: not an integer"))?;
             let burst = u32::try_from(burst.max(0)).unwrap_or(u32::MAX);
-            set(&mut out, "--relay-accept-connection-burst", &burst.to_string());
+            set(
+                &mut out,
+                "--relay-accept-connection-burst",
+                &burst.to_string(),
+            );
         }
         for (derper, tailnetd) in [
             ("tcp-keepalive-time", "--relay-tcp-keepalive"),
@@ -544,10 +559,17 @@ mod tests {
         // A bare boolean is true and never takes the next argument.
         let out = tr("tailnetd derp --verify-client-url-fail-open --check").unwrap();
         assert_eq!(out[2..], ["--check", "--verify-client-url-fail-open=true"]);
-        assert!(tr("tailnetd derp -stun=maybe").unwrap_err().contains("-stun=maybe"));
-        assert!(tr("tailnetd derp -c").unwrap_err().contains("-c: flag needs an argument"));
+        assert!(tr("tailnetd derp -stun=maybe")
+            .unwrap_err()
+            .contains("-stun=maybe"));
+        assert!(tr("tailnetd derp -c")
+            .unwrap_err()
+            .contains("-c: flag needs an argument"));
         // Other roles and tailnetd's own flags pass through untouched.
-        assert_eq!(tr("tailnetd dev -a :1").unwrap(), ["tailnetd", "dev", "-a", ":1"]);
+        assert_eq!(
+            tr("tailnetd dev -a :1").unwrap(),
+            ["tailnetd", "dev", "-a", ":1"]
+        );
         assert_eq!(
             tr("tailnetd derp --http-addr 127.0.0.1:0 --key-file k").unwrap()[2..],
             ["--http-addr", "127.0.0.1:0", "--key-file", "k"]
@@ -572,7 +594,8 @@ mod tests {
 
     #[test]
     fn plain_http_when_not_443_and_not_manual() {
-        let out = tr("tailnetd derp -a 127.0.0.1:3340 -http-port=-1 -stun=false -c k.json").unwrap();
+        let out =
+            tr("tailnetd derp -a 127.0.0.1:3340 -http-port=-1 -stun=false -c k.json").unwrap();
         assert_eq!(
             out[2..],
             [
@@ -599,15 +622,27 @@ mod tests {
     #[test]
     fn missing_features_are_named_errors() {
         let e = tr("tailnetd derp -hostname=derp.example.com -c=k").unwrap_err();
-        assert!(e.starts_with("-certmode=letsencrypt: tailnetd has no ACME"), "{e}");
+        assert!(
+            e.starts_with("-certmode=letsencrypt: tailnetd has no ACME"),
+            "{e}"
+        );
         for (line, flag) in [
             ("tailnetd derp -verify-clients", "-verify-clients=true"),
             ("tailnetd derp -dev", "-dev=true"),
             ("tailnetd derp -derp=false -a :80 -c k", "-derp=false"),
             ("tailnetd derp -home=blank", "-home=blank"),
-            ("tailnetd derp -bootstrap-dns-names=a.b", "-bootstrap-dns-names=a.b"),
-            ("tailnetd derp -secrets-url=https://s", "-secrets-url=https://s"),
-            ("tailnetd derp -certmode=bogus -a :443 -c k", "-certmode=bogus"),
+            (
+                "tailnetd derp -bootstrap-dns-names=a.b",
+                "-bootstrap-dns-names=a.b",
+            ),
+            (
+                "tailnetd derp -secrets-url=https://s",
+                "-secrets-url=https://s",
+            ),
+            (
+                "tailnetd derp -certmode=bogus -a :443 -c k",
+                "-certmode=bogus",
+            ),
             ("tailnetd derp -mesh-with=a,b", "-mesh-with=a,b"),
         ] {
             let e = tr(line).unwrap_err();
@@ -623,7 +658,10 @@ mod tests {
             .unwrap_err();
         assert!(e.starts_with("-hostname=10.0.0.1"), "{e}");
         let e = tr("tailnetd derp -a :80 -c k --http-addr=1.2.3.4:5").unwrap_err();
-        assert!(e.starts_with("--http-addr=1.2.3.4:5: cannot be mixed"), "{e}");
+        assert!(
+            e.starts_with("--http-addr=1.2.3.4:5: cannot be mixed"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -41,8 +41,8 @@ use crate::service::{PeerKind, V2Peer};
 use crate::upstream::agent_rpc::{Endpoint, UpstreamLink};
 use crate::v1::V1Peer;
 use crate::Coordinator;
-use errors::INVALID_RESUME_TOKEN_MESSAGE;
 pub use admit::DERP_ADMIT_PATH;
+use errors::INVALID_RESUME_TOKEN_MESSAGE;
 pub use errors::{parse_version, ApiError, ApiVersion, VersionError};
 
 /// Coder's 404 when the user may not reach the agent.

@@ -143,7 +143,10 @@ mod tests {
 
         let g = PeerGraph::with_shards(GraphConfig::default(), 4, &prometheus::Registry::new())
             .unwrap();
-        let (local, remote) = (NodePublic::from_bytes([7; 32]), NodePublic::from_bytes([8; 32]));
+        let (local, remote) = (
+            NodePublic::from_bytes([7; 32]),
+            NodePublic::from_bytes([8; 32]),
+        );
         let agent = uuid::Uuid::from_u128(1);
         let (h, _rx) = g.connect(agent, "agent".into(), CoordinateeAuth::Agent { id: agent });
         assert!(!g.knows_node_key(&local), "connected without a node yet");
@@ -159,7 +162,10 @@ mod tests {
         source.upsert_node(uuid::Uuid::from_u128(2), (*node(&remote, 2)).clone());
         assert!(g.knows_node_key(&remote));
         drop(source);
-        assert!(!g.knows_node_key(&remote), "the source's peers left with it");
+        assert!(
+            !g.knows_node_key(&remote),
+            "the source's peers left with it"
+        );
         drop(h);
         assert!(!g.knows_node_key(&local));
         assert_eq!(g.node_key_count(), 0);

@@ -47,7 +47,10 @@ pub enum VerifyUrlError {
 #[derive(Debug, thiserror::Error)]
 enum Unreachable {
     #[error("connecting to {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("TLS: {0}")]
     Tls(std::io::Error),
     #[error("HTTP: {0}")]
@@ -172,12 +175,13 @@ impl UrlVerifier {
         body: Vec<u8>,
     ) -> Result<http::Response<hyper::body::Incoming>, Unreachable> {
         let addr = format!("{}:{}", bracket(&self.host), self.port);
-        let tcp = TcpStream::connect(addr.as_str())
-            .await
-            .map_err(|source| Unreachable::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
+        let tcp =
+            TcpStream::connect(addr.as_str())
+                .await
+                .map_err(|source| Unreachable::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
         let _ = tcp.set_nodelay(true);
         let path = self
             .uri
@@ -185,7 +189,10 @@ impl UrlVerifier {
             .map_or("/", |p| p.as_str())
             .to_string();
         let req = http::Request::post(path)
-            .header(http::header::HOST, self.uri.authority().map_or("", |a| a.as_str()))
+            .header(
+                http::header::HOST,
+                self.uri.authority().map_or("", |a| a.as_str()),
+            )
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::USER_AGENT, "tailnetd-derp")
             .body(Full::new(Bytes::from(body)))

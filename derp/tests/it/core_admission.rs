@@ -162,7 +162,11 @@ async fn core_verify_url_allow_sends_derpers_request() {
 
 #[tokio::test]
 async fn core_verify_url_deny_and_non_200_refuse() {
-    for (status, body) in [(200, r#"{"Allow":false}"#), (403, r#"{"Allow":true}"#), (200, "nonsense")] {
+    for (status, body) in [
+        (200, r#"{"Allow":false}"#),
+        (403, r#"{"Allow":true}"#),
+        (200, "nonsense"),
+    ] {
         let (url, seen) = verifier(status, body).await;
         let ts = url_server(&url, true).await;
         let mut c = dial(&ts, key(), ClientOptions::default()).await;

@@ -44,7 +44,10 @@ async fn pump(a: &mut derp::Client, b: &mut derp::Client, n: usize, size: usize)
         }
     };
     let (got, ()) = tokio::join!(recv, send);
-    assert_eq!(got, n, "every packet arrives: the limit is backpressure, not drops");
+    assert_eq!(
+        got, n,
+        "every packet arrives: the limit is backpressure, not drops"
+    );
     t0.elapsed()
 }
 
@@ -56,7 +59,10 @@ async fn core_rate_limit_slows_reading_without_drops() {
         RATE as f64
     );
     // The burst is raised to one maximum-size frame.
-    assert_eq!(ts.metric("derp_rate_limit_per_client_burst_bytes"), 65_568.0);
+    assert_eq!(
+        ts.metric("derp_rate_limit_per_client_burst_bytes"),
+        65_568.0
+    );
     let mut a = ts.client().await;
     let mut b = ts.client().await;
     // 1.2 MB at 1 MB/s with a 65 568-byte bucket: at least ~1.1 s.
@@ -81,12 +87,21 @@ async fn core_rate_limit_follows_changes_on_existing_connections() {
     let applied = ts.server.set_rate_config(limit());
     assert_eq!(applied.per_client_rate_burst_bytes, 65_568);
     let slow = pump(&mut a, &mut b, 120, 10_000).await;
-    assert!(slow >= Duration::from_millis(1_050), "limited took {slow:?}");
+    assert!(
+        slow >= Duration::from_millis(1_050),
+        "limited took {slow:?}"
+    );
     // Rate 0 turns it off again.
     ts.server.set_rate_config(RateConfig::default());
-    assert_eq!(ts.metric("derp_rate_limit_per_client_bytes_per_second"), 0.0);
+    assert_eq!(
+        ts.metric("derp_rate_limit_per_client_bytes_per_second"),
+        0.0
+    );
     let fast = pump(&mut a, &mut b, 120, 10_000).await;
-    assert!(fast < Duration::from_millis(800), "unlimited again took {fast:?}");
+    assert!(
+        fast < Duration::from_millis(800),
+        "unlimited again took {fast:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -175,12 +175,18 @@ mod tests {
         let json = String::from_utf8(req.to_json()).unwrap();
         assert_eq!(
             json,
-            format!(r#"{{"NodePublic":"nodekey:{}","Source":"10.1.2.3"}}"#, "ab".repeat(32))
+            format!(
+                r#"{{"NodePublic":"nodekey:{}","Source":"10.1.2.3"}}"#,
+                "ab".repeat(32)
+            )
         );
         let back = AdmitRequest::from_json(json.as_bytes()).unwrap();
         assert_eq!(back.node_public, k);
         assert_eq!(back.source, Some("10.1.2.3".parse().unwrap()));
-        let lower = format!(r#"{{"nodepublic":"nodekey:{}","source":"","x":1}}"#, "ab".repeat(32));
+        let lower = format!(
+            r#"{{"nodepublic":"nodekey:{}","source":"","x":1}}"#,
+            "ab".repeat(32)
+        );
         let back = AdmitRequest::from_json(lower.as_bytes()).unwrap();
         assert_eq!((back.node_public, back.source), (k, None));
         assert!(AdmitRequest::from_json(br#"{"NodePublic":"abc"}"#).is_err());
@@ -201,6 +207,9 @@ mod tests {
         big.extend(std::iter::repeat_n(b'x', MAX_RESPONSE_BYTES));
         big.extend(br#"","Allow":true}"#);
         assert_eq!(allow(&big), None);
-        assert_eq!(AdmitResponse { allow: true }.to_json(), br#"{"Allow":true}"#);
+        assert_eq!(
+            AdmitResponse { allow: true }.to_json(),
+            br#"{"Allow":true}"#
+        );
     }
 }

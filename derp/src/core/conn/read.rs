@@ -206,8 +206,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
         let generation = self.rate.generation();
         if generation != self.rate_generation {
             self.rate_generation = generation;
-            self.bucket = crate::core::rate::ReceiveBucket::new(self.rate.current(), Instant::now())
-                .map(Box::new);
+            self.bucket =
+                crate::core::rate::ReceiveBucket::new(self.rate.current(), Instant::now())
+                    .map(Box::new);
         }
         let bucket = self.bucket.as_mut()?;
         bucket.reserve(len, Instant::now())
