@@ -1315,10 +1315,6 @@ impl Settings {
         }
 
         let rate_config = relay_tuning_rate_config;
-        if let Some(p) = &rate_config {
-            derp::RateConfig::load(p)
-                .map_err(|e| anyhow!("relay.rate_config (--rate-config): {e}"))?;
-        }
         let relay_admission = RelayAdmission::resolve(admission, verify)?;
 
         let metrics_addr = derp::edge::config::parse_listen_addr(&general.metrics_addr)

@@ -298,7 +298,8 @@ async fn run(s: Settings) -> Result<()> {
             }
             cfg.admission = relay_admission(&s.relay_admission, coordinator.as_ref())?;
             if let Some(p) = &s.rate_config {
-                cfg.rate_config = derp::RateConfig::load(p).context("relay.rate_config")?;
+                cfg.rate_config =
+                    derp::RateConfig::load(p).context("relay.rate_config (--rate-config)")?;
             }
             let server = Server::new(cfg, &registry).context("starting the relay")?;
             if let Some(p) = &s.rate_config {

@@ -26,6 +26,8 @@
 //!
 //! Liveness: one `Sleep` serves both the keepalive (interval + per-connection jitter) and the
 //! write-stall check (no write progress for `write_timeout` → close); nothing is armed per packet.
+//! With a receive rate limit ([`crate::core::rate`]), a frame that must wait for its tokens pauses
+//! reading (TCP backpressure, nothing dropped) and the same `Sleep` resumes it.
 //!
 //! Must never: block or `.await` inside the poll loop (everything is non-blocking), log per
 //! packet, allocate per packet in a burst (only a nearly idle connection's short reads get one

@@ -10,8 +10,12 @@
 //! Reading itself keeps an idle connection free of heap memory (see the module doc of
 //! [`super`]): with no buffer, bytes land in a small stack buffer first.
 //!
+//! With a receive rate limit configured, each frame first takes its tokens
+//! ([`ConnTask::take_rate_tokens`]); a frame that must wait pauses reading until the connection's
+//! timer says the tokens are there.
+//!
 //! Must never: allocate, lock anything but the destination's shard and queue, or log per
-//! packet; buffer the payload of a frame type the server ignores; read a frame over 1 MiB.
+//! packet (a new rate limit configuration builds one bucket, once); buffer the payload of a frame type the server ignores; read a frame over 1 MiB.
 
 use std::io;
 use std::pin::Pin;
