@@ -136,7 +136,16 @@ pub fn translate(
         };
         let value = match (kind, inline) {
             (_, Some(v)) => v,
-            (Kind::Bool, None) => "true".to_string(),
+            // tailnetd's own syntax for booleans is `--flag true|false`: a boolean literal right
+            // after a bare boolean flag is its value (Go would stop parsing flags there).
+            (Kind::Bool, None) => match it.as_slice().first().and_then(|a| a.to_str()) {
+                Some(next) if go_bool(next).is_some() => {
+                    let v = next.to_string();
+                    it.next();
+                    v
+                }
+                _ => "true".to_string(),
+            },
             (Kind::Value, None) => match it.next() {
                 Some(v) => v
                     .into_string()
@@ -556,9 +565,11 @@ mod tests {
                 "--rate-config=/etc/rc.json"
             ]
         );
-        // A bare boolean is true and never takes the next argument.
+        // A bare boolean is true and takes the next argument only if it is a boolean.
         let out = tr("tailnetd derp --verify-client-url-fail-open --check").unwrap();
         assert_eq!(out[2..], ["--check", "--verify-client-url-fail-open=true"]);
+        let out = tr("tailnetd derp --verify-client-url-fail-open false --check").unwrap();
+        assert_eq!(out[2..], ["--check", "--verify-client-url-fail-open=false"]);
         assert!(tr("tailnetd derp -stun=maybe")
             .unwrap_err()
             .contains("-stun=maybe"));
