@@ -630,6 +630,43 @@ settings! {
         /// Accepted connections per second from one source address; unset = unlimited.
         accept_connection_limit_per_ip: Option<f64> =
             |_| EdgeConfig::default().accept_connection_limit_per_ip;
+        /// derper's per-client receive rate limit file (JSON: `PerClientRateLimitBytesPerSec`,
+        /// `PerClientRateBurstBytes`), applied as backpressure on reading; reloaded on SIGHUP.
+        #[flag = "rate-config"]
+        rate_config: Option<PathBuf> = |_| None;
+    }
+
+    /// Who may use the relay of `serve` and `dev`: the peers the coordinator knows.
+    group AdmissionSettings {
+        heading: "Relay admission",
+        section: "relay",
+        flag_prefix: "relay-",
+        roles: EMBEDDED_RELAY_ROLES,
+    } {
+        /// How long a node key the coordinator does not know yet may stay connected to the relay
+        /// (clients may reach the relay before their first node update); its connection is
+        /// closed if no node with that key arrives by then. `0s` refuses unknown keys at once.
+        admission_grace: Duration = |_| Duration::from_secs(10);
+        /// Admit every node key to the relay, known to the coordinator or not (off: only keys of
+        /// peers the coordinator knows, local or remote).
+        admit_any_key: bool = |_| false;
+    }
+
+    /// derper's client verification for a separate relay (`--verify-client-url`).
+    group VerifyClientSettings {
+        heading: "Relay admission",
+        section: "relay",
+        flag_prefix: "",
+        roles: &[Role::Derp],
+    } {
+        /// Admission controller URL (derper's protocol): each connecting client's node key and
+        /// IP are POSTed as JSON and `{"Allow":true}` admits it. A tailnetd coordinator answers
+        /// at `/tailnetd/derp-admit`. Unset: every key is admitted.
+        #[flag = "verify-client-url"]
+        verify_client_url: Option<String> = |_| None;
+        /// Admit clients when the verify URL cannot be reached (derper's default: true).
+        #[flag = "verify-client-url-fail-open"]
+        verify_client_url_fail_open: bool = |_| true;
     }
 
     /// The region under which the coordinator's DERP map lists this process's own relay.
@@ -890,10 +927,28 @@ fn unquote(toml_text: &str) -> String {
     }
 }
 
-/// Parses the process's command line; exits with clap's usage message on a malformed one.
+/// Parses the process's command line; exits with clap's usage message on a malformed one, and
+/// with status 64 on a derper flag tailnetd cannot honour ([`derper_flags`]).
 pub fn parse_command_line() -> Invocation {
-    let parsed = command().try_get_matches().and_then(|m| invocation(&m));
+    let args = match derper_args(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "tailnetd: invalid configuration: {e}");
+            std::process::exit(64);
+        }
+    };
+    let parsed = command()
+        .try_get_matches_from(args)
+        .and_then(|m| invocation(&m));
     parsed.unwrap_or_else(|e| e.exit())
+}
+
+/// derper's flags on a `tailnetd derp` command line, rewritten into tailnetd's.
+fn derper_args(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>, String> {
+    let derp = role_command(Role::Derp);
+    let has_flag = |name: &str| derp.get_arguments().any(|a| a.get_long() == Some(name));
+    derper_flags::translate(args, &has_flag)
 }
 
 /// Like [`parse_command_line`] on the given arguments (the first is the program name).
@@ -903,6 +958,9 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
+    let args = args.into_iter().map(Into::into).collect();
+    let args = derper_args(args)
+        .map_err(|e| command().error(clap::error::ErrorKind::ValueValidation, e))?;
     command()
         .try_get_matches_from(args)
         .and_then(|m| invocation(&m))
@@ -1085,6 +1143,10 @@ pub struct Settings {
     pub upstream_bridge: bool,
     /// Share the peer graph with other replicas through this PostgreSQL database.
     pub postgres_url: Option<String>,
+    /// Who may use the relay (see [`RelayAdmission`]).
+    pub relay_admission: RelayAdmission,
+    /// derper's rate configuration file for the relay (`relay.rate_config`).
+    pub rate_config: Option<PathBuf>,
     /// `--check` output: effective values and their origins.
     effective: Vec<(&'static GroupSpec, Vec<Option<String>>)>,
     origins: BTreeMap<String, &'static str>,
@@ -1133,6 +1195,8 @@ impl Settings {
             .ok_or_else(|| anyhow!("general settings apply to every role"))?;
         let relay_node = RelayNodeSettings::resolve(&mut src)?;
         let relay_tuning = RelayTuningSettings::resolve(&mut src)?;
+        let admission = AdmissionSettings::resolve(&mut src)?;
+        let verify = VerifyClientSettings::resolve(&mut src)?;
         let region = RegionSettings::resolve(&mut src)?;
         let map_file = DerpMapFileSettings::resolve(&mut src)?;
         let map = DerpMapSettings::resolve(&mut src)?;
@@ -1154,6 +1218,7 @@ impl Settings {
             listen.key_file = node.key_file;
             listen.mesh_psk_file = node.mesh_psk_file;
         }
+        let relay_tuning_rate_config = relay_tuning.as_ref().and_then(|t| t.rate_config.clone());
         if let Some(t) = relay_tuning {
             listen.queue_depth = t.queue_depth;
             listen.write_timeout = t.write_timeout;
@@ -1283,6 +1348,9 @@ impl Settings {
                 .collect::<Result<_>>()?;
         }
 
+        let rate_config = relay_tuning_rate_config;
+        let relay_admission = RelayAdmission::resolve(admission, verify)?;
+
         let metrics_addr = derp::edge::config::parse_listen_addr(&general.metrics_addr)
             .map_err(|e| anyhow!("metrics_addr (--metrics-addr): {e}"))?;
 
@@ -1305,6 +1373,8 @@ impl Settings {
             upstream,
             upstream_bridge,
             postgres_url,
+            relay_admission,
+            rate_config,
             effective: src.effective,
             origins: src.origins,
         })
@@ -1336,6 +1406,44 @@ impl Settings {
             }
         }
         out
+    }
+}
+
+/// Who may use the relay.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RelayAdmission {
+    /// Every key (the `derp` role without a verify URL, or `relay.admit_any_key`).
+    Open,
+    /// `serve`/`dev`: keys the coordinator's peer graph knows, and unknown keys for `grace`.
+    Coordinated { grace: Duration },
+    /// `derp`: derper's `--verify-client-url`.
+    VerifyUrl { url: String, fail_open: bool },
+}
+
+impl RelayAdmission {
+    fn resolve(
+        admission: Option<AdmissionSettings>,
+        verify: Option<VerifyClientSettings>,
+    ) -> Result<RelayAdmission> {
+        if let Some(a) = admission {
+            if a.admit_any_key {
+                return Ok(RelayAdmission::Open);
+            }
+            return Ok(RelayAdmission::Coordinated {
+                grace: a.admission_grace,
+            });
+        }
+        if let Some(v) = verify {
+            if let Some(url) = v.verify_client_url.filter(|u| !u.trim().is_empty()) {
+                derp::edge::verify_url::UrlVerifier::new(&url, v.verify_client_url_fail_open, &[])
+                    .map_err(|e| anyhow!("relay.verify_client_url (--verify-client-url): {e}"))?;
+                return Ok(RelayAdmission::VerifyUrl {
+                    url,
+                    fail_open: v.verify_client_url_fail_open,
+                });
+            }
+        }
+        Ok(RelayAdmission::Open)
     }
 }
 
@@ -1375,5 +1483,6 @@ fn resolve_upstream(u: UpstreamSettings) -> Result<Option<UpstreamConfig>> {
     }))
 }
 
+pub mod derper_flags;
 #[cfg(test)]
 mod tests;

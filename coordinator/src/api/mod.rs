@@ -9,6 +9,7 @@
 //!
 //! This module must never log tokens and never hold a lock across `.await`.
 
+mod admit;
 pub mod errors;
 
 use std::sync::Arc;
@@ -40,6 +41,7 @@ use crate::service::{PeerKind, V2Peer};
 use crate::upstream::agent_rpc::{Endpoint, UpstreamLink};
 use crate::v1::V1Peer;
 use crate::Coordinator;
+pub use admit::DERP_ADMIT_PATH;
 use errors::INVALID_RESUME_TOKEN_MESSAGE;
 pub use errors::{parse_version, ApiError, ApiVersion, VersionError};
 
@@ -69,6 +71,7 @@ pub(crate) fn router(coord: Arc<Coordinator>) -> Router {
         .route("/api/v2/tailnet", get(tailnet))
         .route("/api/v2/derp-map", get(derp_map))
         .route(DERP_MAP_JSON_PATH, get(derp_map_json))
+        .route(DERP_ADMIT_PATH, axum::routing::post(admit::derp_admit))
         .with_state(coord)
 }
 

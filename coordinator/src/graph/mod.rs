@@ -123,6 +123,7 @@
 //!   updates each (each counts against the queue).
 
 pub mod core;
+mod keys;
 #[cfg(test)]
 mod model;
 mod outbox;
@@ -392,6 +393,8 @@ pub struct PeerGraph {
     /// The one source that watches every local peer (the PostgreSQL store, see
     /// [`PeerGraph::remote_source_all`]).
     watch_all: std::sync::OnceLock<Arc<remote::SourceSink>>,
+    /// Node key → entries whose node carries it (the relay's admission question).
+    keys: keys::NodeKeyIndex,
     config: GraphConfig,
     metrics: Metrics,
 }
@@ -468,6 +471,7 @@ impl PeerGraph {
             tunnels: AtomicUsize::new(0),
             remote_peers: AtomicUsize::new(0),
             watch_all: std::sync::OnceLock::new(),
+            keys: keys::NodeKeyIndex::default(),
             config,
             metrics,
         }))
@@ -544,7 +548,7 @@ impl PeerGraph {
         };
         let replaced = e.conn.replace(conn.clone());
         // Like Coder: the newcomer starts without a node; tunnel peers are not told.
-        e.node = None;
+        self.keys.replace(&mut e.node, None);
         self.metrics
             .node_bytes
             .sub(gauge_delta(std::mem::take(&mut e.node_bytes)));
@@ -717,7 +721,7 @@ impl PeerGraph {
             if !e.is_current(conn.id) {
                 return false;
             }
-            e.node = Some(node.clone());
+            self.keys.replace(&mut e.node, Some(node.clone()));
             let held = std::mem::replace(&mut e.node_bytes, node_bytes);
             self.metrics
                 .node_bytes
@@ -971,7 +975,7 @@ impl PeerGraph {
             return false;
         }
         let Some(c) = e.conn.take() else { return false };
-        e.node = None;
+        self.keys.replace(&mut e.node, None);
         self.metrics
             .node_bytes
             .sub(gauge_delta(std::mem::take(&mut e.node_bytes)));
@@ -1101,6 +1105,18 @@ impl PeerGraph {
         let e = shard.peers.get(&id)?;
         e.conn.as_ref()?;
         e.node.as_deref().cloned()
+    }
+
+    /// Whether some peer the graph knows — a local peer or a remote one (the sidecar bridge's,
+    /// another replica's) — currently has a node with WireGuard key `key`. Cheap: one small
+    /// mutex of a key index, no graph shard. What the relay admits in `serve` and `dev`.
+    pub fn knows_node_key(&self, key: &proto::key::NodePublic) -> bool {
+        self.keys.contains(key)
+    }
+
+    /// Number of distinct node keys the graph holds (see [`PeerGraph::knows_node_key`]).
+    pub fn node_key_count(&self) -> usize {
+        self.keys.len()
     }
 
     /// Number of connected peers.

@@ -393,7 +393,7 @@ impl RemoteSource {
             let best = r.best();
             let id_bytes = r.id_bytes.clone();
             if !same_node(&best, &e.node) {
-                e.node = best.clone();
+                g.keys.replace(&mut e.node, best.clone());
                 if let Some(n) = best {
                     let u = Arc::new(Update::new(
                         peer,
@@ -664,7 +664,7 @@ fn unbind(g: &Arc<PeerGraph>, source: u64, peer: Uuid, kind: Kind, reason: &'sta
             g.metrics.remote_peers.dec();
         }
         if !shadowed && !same_node(&best, &e.node) {
-            e.node = best.clone();
+            g.keys.replace(&mut e.node, best.clone());
             if let Some(n) = best {
                 // Another source still knows the peer: its node is the best one now.
                 let u = Arc::new(Update::new(

@@ -7,7 +7,8 @@
 //! an axum router, [`tls`] loads and reloads certificates with the [`metacert`] appended, [`stun`]
 //! answers netcheck, [`keyfile`] stores the relay's keys and [`config`] holds the operator's
 //! settings ([`config::EdgeConfig`]), and [`fdlimit`] fits the connection caps under the open-file
-//! limit. The coordinator-only role uses the listener, HTTP edge and
+//! limit. [`verify_url`] asks an admission controller URL about connecting clients (derper's
+//! `--verify-client-url`). The coordinator-only role uses the listener, HTTP edge and
 //! TLS without a relay behind them.
 pub mod config;
 pub mod fdlimit;
@@ -17,4 +18,5 @@ pub mod listener;
 pub mod metacert;
 pub mod stun;
 pub mod tls;
+pub mod verify_url;
 pub mod websocket;

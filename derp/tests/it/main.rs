@@ -8,8 +8,10 @@
 
 mod harness;
 
+mod core_admission;
 mod core_bad_input;
 mod core_dup_mesh;
+mod core_rate_limit;
 mod core_relay;
 mod core_throughput;
 mod edge_http;

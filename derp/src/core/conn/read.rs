@@ -10,8 +10,12 @@
 //! Reading itself keeps an idle connection free of heap memory (see the module doc of
 //! [`super`]): with no buffer, bytes land in a small stack buffer first.
 //!
+//! With a receive rate limit configured, each frame first takes its tokens
+//! ([`ConnTask::take_rate_tokens`]); a frame that must wait pauses reading until the connection's
+//! timer says the tokens are there.
+//!
 //! Must never: allocate, lock anything but the destination's shard and queue, or log per
-//! packet; buffer the payload of a frame type the server ignores; read a frame over 1 MiB.
+//! packet (a new rate limit configuration builds one bucket, once); buffer the payload of a frame type the server ignores; read a frame over 1 MiB.
 
 use std::io;
 use std::pin::Pin;
@@ -128,7 +132,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
     /// Parses and handles every complete frame in the read buffer.
     pub(super) fn process_frames(&mut self) -> Result<(), Close> {
         loop {
-            if self.read_paused {
+            if self.read_paused || self.rate_wait.is_some() {
                 return Ok(());
             }
             if self.skip > 0 {
@@ -146,6 +150,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
             if len > MAX_FRAME_SIZE {
                 return Err(self.protocol_error("frame_too_large"));
             }
+            if !self.rate_paid {
+                self.rate_paid = true;
+                if let Some(until) = self.take_rate_tokens(len) {
+                    self.metrics.rate_limit_waited.inc();
+                    self.rate_wait = Some(until);
+                    return Ok(());
+                }
+            }
             let typ = hdr.frame_type();
             self.note_activity();
             if !handled(typ) {
@@ -153,6 +165,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
                 self.metrics.hot.add(Hot::UnknownFrames, 1);
                 self.rbuf.advance(FRAME_HEADER_LEN);
                 self.skip = len;
+                self.rate_paid = false;
                 continue;
             }
             if let Err(kind) = check_frame(&hdr, self.params.mesh) {
@@ -162,6 +175,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
                 return Ok(());
             }
             let frame = self.rbuf.split_to(FRAME_HEADER_LEN + len);
+            self.rate_paid = false;
             match typ {
                 FrameType::SendPacket => self.on_send_packet(frame)?,
                 FrameType::ForwardPacket => self.on_forward_packet(frame)?,
@@ -183,6 +197,25 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
                 _ => {}
             }
         }
+    }
+
+    /// The receive rate limit for a frame with a `len`-byte payload (derper's `rateLimit`, after
+    /// the header and before the body): `Some(t)` means wait until `t`. Mesh peers are exempt;
+    /// without a limit this is one atomic load.
+    #[inline]
+    fn take_rate_tokens(&mut self, len: usize) -> Option<Instant> {
+        if self.params.mesh {
+            return None;
+        }
+        let generation = self.rate.generation();
+        if generation != self.rate_generation {
+            self.rate_generation = generation;
+            self.bucket =
+                crate::core::rate::ReceiveBucket::new(self.rate.current(), Instant::now())
+                    .map(Box::new);
+        }
+        let bucket = self.bucket.as_mut()?;
+        bucket.reserve(len, Instant::now())
     }
 
     /// Any frame from a duplicate connection makes it the active one (derper's
