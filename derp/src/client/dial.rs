@@ -1,5 +1,5 @@
 //! Dialing a DERP server by URL: TCP, optional TLS, the HTTP upgrade (or a WebSocket), then the
-//! DERP handshake. Used by tests, the load generator and (later) mesh peering.
+//! DERP handshake. Used by tests, the load generator and the outbound mesh links.
 //!
 //! Why it mirrors the Go client (`derphttp.Client.connect`) closely: the point is to exercise the
 //! server the way real clients do. In particular, on TLS 1.3 when the server's chain carries a
@@ -77,6 +77,9 @@ pub struct DialOptions {
     pub ideal_node: Option<String>,
     /// Bound on the whole dial (TCP + TLS + HTTP + DERP handshake).
     pub timeout: Duration,
+    /// Connect to this host (name or IP) instead of the URL's; the URL's host still names the
+    /// server for TLS and in `Host` (derper's `--mesh-with host/dialhost`).
+    pub connect_host: Option<String>,
 }
 
 impl DialOptions {
@@ -91,6 +94,7 @@ impl DialOptions {
             can_ack_pings: true,
             ideal_node: None,
             timeout: Duration::from_secs(10),
+            connect_host: None,
         }
     }
 }
@@ -371,7 +375,8 @@ pub async fn dial(url: &str, opts: DialOptions) -> Result<Dialed, DialError> {
 
 async fn dial_inner(url: &str, opts: DialOptions) -> Result<Dialed, DialError> {
     let target = parse_url(url)?;
-    let addr = format!("{}:{}", bracket(&target.host), target.port);
+    let connect_host = opts.connect_host.as_deref().unwrap_or(&target.host);
+    let addr = format!("{}:{}", bracket(connect_host), target.port);
     let tcp = TcpStream::connect(addr.as_str())
         .await
         .map_err(|source| DialError::Connect {

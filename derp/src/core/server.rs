@@ -149,6 +149,7 @@ pub struct Server {
     public_key: NodePublic,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) registry: Registry,
+    pub(crate) mesh_metrics: crate::core::mesh::MeshMetrics,
     next_conn_id: AtomicU64,
     shutting_down: AtomicBool,
     /// Accepted connections whose task has not finished (handshaking included).
@@ -235,6 +236,7 @@ impl Server {
         let seed = [rng.next_u64(), rng.next_u64()];
         Ok(Arc::new(Server {
             registry: Registry::new(metrics.clone(), public_key, seed),
+            mesh_metrics: crate::core::mesh::MeshMetrics::new(registry)?,
             metrics,
             public_key,
             config,

@@ -14,6 +14,7 @@ mod core_relay;
 mod core_throughput;
 mod edge_http;
 mod edge_keyfile;
+mod edge_mesh;
 mod edge_relay;
 mod edge_start;
 mod edge_stun;
