@@ -9,7 +9,9 @@
 //! read past its head to the DERP client.
 //!
 //! TLS: no ALPN (like Go's DERP client), TLS 1.2 and 1.3, server name from the URL (or
-//! overridden); trust = bundled web PKI roots + extra roots, or no verification at all for tests.
+//! overridden); trust = bundled web PKI roots + extra roots (an extra root presented as the leaf
+//! itself is accepted even if it is marked as a CA, as Go accepts it), or no verification at all
+//! for tests.
 //! Everything is bounded by one overall timeout.
 
 use std::io;
@@ -231,6 +233,82 @@ impl ServerCertVerifier for NoVerify {
     }
 }
 
+/// Web PKI verification, plus what Go accepts and webpki does not: a trusted self-signed
+/// certificate presented as the leaf although it is marked as a CA (what `openssl req -x509`
+/// and Go's test certificates make). Such a leaf is accepted only if it is byte-equal to one of
+/// the extra roots, names the server and is within its validity period.
+#[derive(Debug)]
+struct TrustedLeafOrWebPki {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    trusted: Vec<CertificateDer<'static>>,
+}
+
+impl TrustedLeafOrWebPki {
+    fn trusted_leaf(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        server_name: &ServerName<'_>,
+        now: UnixTime,
+    ) -> bool {
+        if !self.trusted.iter().any(|t| t.as_ref() == end_entity.as_ref()) {
+            return false;
+        }
+        let Ok(parsed) = rustls::server::ParsedCertificate::try_from(end_entity) else {
+            return false;
+        };
+        if rustls::client::verify_server_name(&parsed, server_name).is_err() {
+            return false;
+        }
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(end_entity.as_ref()) else {
+            return false;
+        };
+        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        let v = cert.validity();
+        v.not_before.timestamp() <= now && now <= v.not_after.timestamp()
+    }
+}
+
+impl ServerCertVerifier for TrustedLeafOrWebPki {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .webpki
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Ok(v) => Ok(v),
+            Err(_) if self.trusted_leaf(end_entity, server_name, now) => {
+                Ok(ServerCertVerified::assertion())
+            }
+            Err(e) => Err(e),
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
 fn client_config(tls: &DialTls) -> Result<rustls::ClientConfig, DialError> {
     let provider = Arc::new(ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -251,7 +329,19 @@ fn client_config(tls: &DialTls) -> Result<rustls::ClientConfig, DialError> {
                 .add(c.clone())
                 .map_err(|e| DialError::Tls(format!("extra root: {e}")))?;
         }
-        builder.with_root_certificates(roots).with_no_client_auth()
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider,
+        )
+        .build()
+        .map_err(|e| DialError::Tls(e.to_string()))?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(TrustedLeafOrWebPki {
+                webpki,
+                trusted: tls.extra_roots.clone(),
+            }))
+            .with_no_client_auth()
     };
     Ok(cfg)
 }
