@@ -250,7 +250,11 @@ impl TrustedLeafOrWebPki {
         server_name: &ServerName<'_>,
         now: UnixTime,
     ) -> bool {
-        if !self.trusted.iter().any(|t| t.as_ref() == end_entity.as_ref()) {
+        if !self
+            .trusted
+            .iter()
+            .any(|t| t.as_ref() == end_entity.as_ref())
+        {
             return false;
         }
         let Ok(parsed) = rustls::server::ParsedCertificate::try_from(end_entity) else {
@@ -329,12 +333,10 @@ fn client_config(tls: &DialTls) -> Result<rustls::ClientConfig, DialError> {
                 .add(c.clone())
                 .map_err(|e| DialError::Tls(format!("extra root: {e}")))?;
         }
-        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider,
-        )
-        .build()
-        .map_err(|e| DialError::Tls(e.to_string()))?;
+        let webpki =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| DialError::Tls(e.to_string()))?;
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(TrustedLeafOrWebPki {

@@ -34,15 +34,39 @@ impl Node {
         listener: TcpListener,
         mesh_with: &str,
     ) -> Node {
+        Self::start_with(key, mesh_key, listener, mesh_with, None).await
+    }
+
+    /// `tls`: serve TLS with this certificate and key, and trust the certificate (as an extra
+    /// CA file, the way `--mesh-ca-file` does) when dialing peers.
+    async fn start_with(
+        key: &NodePrivate,
+        mesh_key: MeshKey,
+        listener: TcpListener,
+        mesh_with: &str,
+        tls: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Node {
         let registry = prometheus::Registry::new();
         let mut cfg = ServerConfig::new(key.clone());
         cfg.mesh_key = Some(mesh_key);
         let server = Server::new(cfg, &registry).expect("server");
         let edge = HttpEdge::new(Some(server.clone()), fallback(), &registry).expect("edge");
         let cancel = CancellationToken::new();
+        let (server_tls, extra_roots) = match tls {
+            Some((cert, key)) => {
+                let reloader = Arc::new(
+                    derp::edge::tls::TlsReloader::new(cert, key, None, &registry).expect("tls"),
+                );
+                (
+                    Some(reloader.server_config().expect("tls config")),
+                    derp::mesh::load_trust(Some(cert)).expect("trust"),
+                )
+            }
+            None => (None, Vec::new()),
+        };
         tokio::spawn(listener::serve(
             listener,
-            None,
+            server_tls,
             edge,
             ListenerOptions::default(),
             cancel.clone(),
@@ -51,7 +75,7 @@ impl Node {
             &server,
             MeshOptions {
                 peers: parse_mesh_with(mesh_with).expect("mesh_with"),
-                extra_roots: Vec::new(),
+                extra_roots,
                 queue_depth: 1024,
             },
         )
@@ -247,4 +271,67 @@ async fn edge_mesh_three_relays_every_way_peer_gone_restart() {
     for n in nodes.into_iter().flatten() {
         n.kill().await;
     }
+}
+
+/// Two relays meshed over TLS in derper's host syntax (`localhost:PORT`, dialed as
+/// `https://localhost:PORT/derp`), each serving a self-signed certificate marked as a CA (as
+/// `openssl req -x509` makes them) that the mesh trusts only through the extra CA file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_mesh_tls_self_signed_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key_pair = rcgen::KeyPair::generate().expect("key pair");
+    let cert = params.self_signed(&key_pair).expect("self-signed");
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key_pair.serialize_pem()).unwrap();
+
+    let mesh_key = MeshKey::from_bytes([9; 32]);
+    let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (pa, pb) = (
+        la.local_addr().unwrap().port(),
+        lb.local_addr().unwrap().port(),
+    );
+    let mesh_with = format!("localhost:{pa},localhost:{pb}");
+    let tls = Some((cert_path.as_path(), key_path.as_path()));
+    let a = Node::start_with(&key(), mesh_key, la, &mesh_with, tls).await;
+    let b = Node::start_with(&key(), mesh_key, lb, &mesh_with, tls).await;
+
+    let dial_tls = |port: u16| {
+        let trust = derp::mesh::load_trust(Some(&cert_path)).unwrap();
+        async move {
+            let mut o = DialOptions::new(key());
+            o.tls.extra_roots = trust;
+            let mut c = within(dial(&format!("https://localhost:{port}/derp"), o))
+                .await
+                .expect("dial")
+                .client;
+            expect_server_info(&mut c).await;
+            c
+        }
+    };
+    let mut ca = dial_tls(pa).await;
+    let mut cb = dial_tls(pb).await;
+    a.wait_routes(&[cb.public_key()]).await;
+    b.wait_routes(&[ca.public_key()]).await;
+    let mut pair = [ca, cb];
+    all_ways(&mut pair, "tls").await;
+    [ca, cb] = pair;
+
+    // Without the CA file the same certificate is refused.
+    let refused = dial(
+        &format!("https://localhost:{pa}/derp"),
+        DialOptions::new(key()),
+    )
+    .await;
+    assert!(
+        refused.is_err(),
+        "an untrusted self-signed certificate was accepted"
+    );
+    drop((ca, cb));
+    a.kill().await;
+    b.kill().await;
 }

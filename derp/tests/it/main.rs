@@ -10,6 +10,7 @@ mod harness;
 
 mod core_bad_input;
 mod core_dup_mesh;
+mod core_mesh_routes;
 mod core_relay;
 mod core_throughput;
 mod edge_http;
