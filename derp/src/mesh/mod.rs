@@ -364,19 +364,18 @@ impl Link {
                     Ok(Err(e)) => return LinkEnd::from(e),
                     Err(_) => return LinkEnd::Idle(READ_IDLE),
                 };
-                match frame {
-                    ReceivedFrame::PeerPresent { key, .. } => {
-                        // Our own mesh connection to the peer is one of its clients.
-                        if key != server.public_key() && present.insert(key) {
-                            server.mesh_peer_present(fwd, key);
-                        }
+                let (key, is_present) = match frame {
+                    ReceivedFrame::PeerPresent { key, .. } => (key, true),
+                    ReceivedFrame::PeerGone { key, .. } => (key, false),
+                    _ => continue,
+                };
+                if is_present {
+                    // Our own mesh connection to the peer is one of its clients: not a route.
+                    if key != server.public_key() && present.insert(key) {
+                        server.mesh_peer_present(fwd, key);
                     }
-                    ReceivedFrame::PeerGone { key, .. } => {
-                        if present.remove(&key) {
-                            server.mesh_peer_gone(fwd, key);
-                        }
-                    }
-                    _ => {}
+                } else if present.remove(&key) {
+                    server.mesh_peer_gone(fwd, key);
                 }
             }
         };

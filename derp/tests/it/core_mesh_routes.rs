@@ -46,7 +46,7 @@ async fn core_mesh_routes_local_wins_queue_bound_no_reforward_peer_gone() {
             .await
     );
     assert_eq!(ts.metric("derp_packets_forwarded_out"), 3.0);
-    assert_eq!(&within(rx.recv()).await.unwrap().payload()[..], b"1");
+    assert_eq!(within(rx.recv()).await.unwrap().payload(), b"1");
 
     // A mesh connection's ForwardPacket for a routed (not local) key is dropped, not forwarded.
     let mut m = ts
