@@ -5,9 +5,9 @@
 //! relay without waiting and without knowing the transport. A [`MeshForwarder`] is what the
 //! registry stores as a key's mesh route; the packet path pushes into its queue and moves on. A
 //! link (today the DERP-over-HTTP mesh client in [`crate::mesh`]; a QUIC link could be another)
-//! owns the receiving end ([`ForwardReceiver`]), writes what it takes from it as ForwardPacket
-//! frames, and reports what the peer announced through [`Server::mesh_peer_present`] and
-//! [`Server::mesh_peer_gone`].
+//! owns the receiving end ([`ForwardReceiver`], from [`Server::add_mesh_peer`]), writes what it
+//! takes from it as ForwardPacket frames, and reports what the peer announced through
+//! [`Server::mesh_peer_present`] and [`Server::mesh_peer_gone`].
 //!
 //! Semantics follow derper's `AddPacketForwarder`/`RemovePacketForwarder`: a local connection
 //! always wins over a mesh route; a key announced by several peers keeps them all, the first
@@ -15,7 +15,7 @@
 //! client that received packets from it gets PeerGone(Disconnected) (derper's
 //! `notePeerGoneFromRegion`). A packet that arrived as ForwardPacket is never forwarded again.
 //!
-//! Must never: block or allocate on [`MeshForwarder::forward`] beyond the queue's own slot, or
+//! Must never: block or allocate in `MeshForwarder::forward` beyond the queue's own slot, or
 //! let a slow peer hold packets without bound (the queue is bounded, overflow is dropped and
 //! counted in `derp_mesh_forward_dropped{peer}`).
 
@@ -28,8 +28,12 @@ use proto::derp::{KEY_LEN, PACKET_PREFIX_LEN};
 use proto::key::NodePublic;
 use tokio::sync::mpsc;
 
-use crate::core::registry::MeshPeerId;
+#[cfg(doc)]
 use crate::core::server::Server;
+
+/// Identifies a mesh peer (one outbound mesh link), process-unique.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MeshPeerId(pub u32);
 
 /// Default bound of a mesh peer's forward queue (packets).
 pub const DEFAULT_FORWARD_QUEUE: usize = 4096;
@@ -121,6 +125,23 @@ pub(crate) struct MeshMetrics {
 }
 
 impl MeshMetrics {
+    /// A new peer's forwarder with a queue of `depth` packets (at least 1) and its receiver.
+    pub(crate) fn new_peer(
+        &self,
+        name: &str,
+        depth: usize,
+    ) -> (Arc<MeshForwarder>, ForwardReceiver) {
+        let (tx, rx) = mpsc::channel(depth.max(1));
+        let fwd = Arc::new(MeshForwarder {
+            id: MeshPeerId(self.next_id.fetch_add(1, Ordering::Relaxed)),
+            name: name.to_string(),
+            tx,
+            dropped: self.dropped.with_label_values(&[name]),
+            connected: self.connected.with_label_values(&[name]),
+        });
+        (fwd, rx)
+    }
+
     pub(crate) fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = MeshMetrics {
             dropped: IntCounterVec::new(
@@ -148,47 +169,5 @@ impl MeshMetrics {
         registry.register(Box::new(m.connected.clone()))?;
         registry.register(Box::new(m.routes.clone()))?;
         Ok(m)
-    }
-}
-
-impl Server {
-    /// Creates the forwarder of a new mesh peer named `name`, with a queue of `depth` packets
-    /// (at least 1). The link keeps the receiver and drains it into its transport.
-    pub fn add_mesh_peer(&self, name: &str, depth: usize) -> (Arc<MeshForwarder>, ForwardReceiver) {
-        let (tx, rx) = mpsc::channel(depth.max(1));
-        let m = &self.mesh_metrics;
-        let fwd = Arc::new(MeshForwarder {
-            id: MeshPeerId(m.next_id.fetch_add(1, Ordering::Relaxed)),
-            name: name.to_string(),
-            tx,
-            dropped: m.dropped.with_label_values(&[name]),
-            connected: m.connected.with_label_values(&[name]),
-        });
-        (fwd, rx)
-    }
-
-    /// The peer announced `key` (PeerPresent): packets for it go to `fwd` unless it has a local
-    /// connection. Returns whether the route is new.
-    pub fn mesh_peer_present(&self, fwd: &Arc<MeshForwarder>, key: NodePublic) -> bool {
-        let added = self.registry.add_mesh_route(key, fwd);
-        if added {
-            self.mesh_metrics.routes.inc();
-        }
-        added
-    }
-
-    /// The peer no longer has `key` (PeerGone, or its link broke). Returns whether a route was
-    /// removed.
-    pub fn mesh_peer_gone(&self, fwd: &Arc<MeshForwarder>, key: NodePublic) -> bool {
-        let removed = self.registry.remove_mesh_route(key, fwd);
-        if removed {
-            self.mesh_metrics.routes.dec();
-        }
-        removed
-    }
-
-    /// The mesh peer whose route `key` follows, if it has no local connection (tests, debugging).
-    pub fn mesh_route_of(&self, key: &NodePublic) -> Option<MeshPeerId> {
-        self.registry.mesh_route_of(key)
     }
 }

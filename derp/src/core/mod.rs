@@ -9,7 +9,8 @@
 //! the keys it announced), whatever link carries it. [`admission`] decides who may connect and
 //! [`metrics`] counts it all.
 //!
-//! Dependencies point one way: `server` → `conn` → `registry` → `handle` → `queue`.
+//! Dependencies point one way: `server` → `conn` → `registry` → `handle` → `queue`, and
+//! `registry` → `mesh`.
 pub mod admission;
 pub(crate) mod conn;
 pub(crate) mod handle;

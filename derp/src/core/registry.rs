@@ -29,16 +29,12 @@ use proto::derp::PeerGoneReason;
 use proto::key::NodePublic;
 
 use crate::core::handle::ConnHandle;
-use crate::core::mesh::MeshForwarder;
+use crate::core::mesh::{MeshForwarder, MeshPeerId};
 use crate::core::metrics::Metrics;
 use crate::core::queue::{Control, ControlOutcome};
 
 /// Number of shards (power of two).
 pub(crate) const SHARDS: usize = 64;
-
-/// Identifies a mesh peer (one outbound mesh link), process-unique.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct MeshPeerId(pub u32);
 
 /// Where packets for a key go.
 #[derive(Debug)]
