@@ -607,6 +607,17 @@ settings! {
     } {
         /// Per-client send queue depth in packets.
         queue_depth: usize = |_| EdgeConfig::default().queue_depth;
+        /// Mesh peers to dial, derper's syntax: comma-separated hostnames (each dialed as
+        /// `https://HOST/derp`; `HOST/DIALHOST` connects to DIALHOST), or `http(s)://` URLs
+        /// dialed as written. This relay may list itself. Needs --mesh-psk-file.
+        #[flag = "mesh-with"]
+        mesh_with: String = |_| String::new();
+        /// Extra CA certificates (PEM) trusted for mesh peers' TLS, besides the web PKI roots
+        /// and the system bundle (or `SSL_CERT_FILE`).
+        #[flag = "mesh-ca-file"]
+        mesh_ca_file: Option<PathBuf> = |_| None;
+        /// Packets queued per mesh peer before new ones are dropped.
+        mesh_queue_depth: usize = |_| EdgeConfig::default().mesh_queue_depth;
         /// Per-frame write deadline for non-mesh clients; `0s` = none.
         write_timeout: Duration = |_| EdgeConfig::default().write_timeout;
         /// Interval of DERP KeepAlive frames (clients give up after 120s of silence).
@@ -1221,6 +1232,9 @@ impl Settings {
         let relay_tuning_rate_config = relay_tuning.as_ref().and_then(|t| t.rate_config.clone());
         if let Some(t) = relay_tuning {
             listen.queue_depth = t.queue_depth;
+            listen.mesh_with = t.mesh_with;
+            listen.mesh_ca_file = t.mesh_ca_file;
+            listen.mesh_queue_depth = t.mesh_queue_depth;
             listen.write_timeout = t.write_timeout;
             listen.keepalive = t.keepalive;
             listen.tcp_user_timeout = t.tcp_user_timeout;

@@ -28,7 +28,7 @@ use coordinator::dev::DevCredentials;
 use coordinator::upstream::proxy::ClientScheme;
 use coordinator::upstream::{Upstream, UpstreamAuthenticator};
 use coordinator::Coordinator;
-use derp::{DerpHandler, HttpEdge};
+use derp::{DerpHandler, EdgeConfig, HttpEdge};
 use derp::{Server, ServerConfig};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -399,6 +399,12 @@ async fn run(s: Settings) -> Result<()> {
         });
     }
 
+    // Outbound mesh links, once this relay serves: a peer that dials back finds it up.
+    let mesh = match &relay {
+        Some(r) => Some(start_mesh(r, &s.listen)?),
+        None => None,
+    };
+
     let mut signals = ShutdownSignals::register()?;
     health.ready.store(true, Ordering::Relaxed);
     announce(
@@ -439,6 +445,9 @@ async fn run(s: Settings) -> Result<()> {
     tracing::info!("draining");
     let drain = async {
         let relay_drain = async {
+            if let Some(m) = mesh {
+                m.shutdown().await;
+            }
             if let Some(r) = &relay {
                 r.shutdown().await;
             }
@@ -537,6 +546,28 @@ fn spawn_rate_config_reload(
     #[cfg(not(unix))]
     let _ = (server, path, cancel);
     Ok(())
+}
+
+/// Starts the outbound mesh links `--mesh-with` names (none if it is empty).
+fn start_mesh(relay: &Arc<Server>, listen: &EdgeConfig) -> Result<derp::mesh::MeshHandle> {
+    let peers = derp::mesh::parse_mesh_with(&listen.mesh_with).context("relay.mesh_with")?;
+    let extra_roots = if peers.is_empty() {
+        Vec::new()
+    } else {
+        derp::mesh::load_trust(listen.mesh_ca_file.as_deref()).context("mesh TLS roots")?
+    };
+    if !peers.is_empty() {
+        tracing::info!(peers = ?peers.iter().map(|p| &p.url).collect::<Vec<_>>(), "meshing with");
+    }
+    derp::mesh::start(
+        relay,
+        derp::mesh::MeshOptions {
+            peers,
+            extra_roots,
+            queue_depth: listen.mesh_queue_depth,
+        },
+    )
+    .context("relay.mesh_with")
 }
 
 /// Prints the one JSON line that tells operators and test harnesses where everything listens.

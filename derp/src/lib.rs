@@ -10,11 +10,15 @@
 //!   listener, HTTP edge and TLS too, without a relay behind them.
 //! - [`client`]: a DERP client over any byte stream, and [`client::dial`] to reach a server by
 //!   URL the way Go clients do.
+//! - [`mesh`]: the outbound mesh links, derper's mesh client: one DERP client per peer relay
+//!   that learns the peer's keys (WatchConns) and carries ForwardPacket frames to it. The
+//!   routes and forward queues they serve are in the core ([`core::mesh`]).
 //!
 //! The re-exports below are what the binary, the benchmarks and the tests use most.
 pub mod client;
 pub mod core;
 pub mod edge;
+pub mod mesh;
 
 pub use client::dial::{dial, DialError, DialOptions, Dialed};
 pub use client::{Client, ClientError, ClientOptions, ClientReader, ClientWriter, ReceivedFrame};

@@ -46,6 +46,7 @@ type serverOpts struct {
 	httpsAddr string // set together with tls
 	tls       *testCert
 	keyFile   string // default <tmp>/derp.key
+	extraArgs []string
 }
 
 // tailnetd is one running `tailnetd derp` process.
@@ -100,6 +101,7 @@ func (e *env) start(opts serverOpts) *tailnetd {
 		// Several relays run at once: none binds the fixed default metrics port.
 		"--metrics-addr", "",
 	}
+	args = append(args, opts.extraArgs...)
 	require := []string{"derp_public_key", "stun_addr"}
 	if opts.tls != nil {
 		if opts.httpsAddr == "" {

@@ -85,6 +85,7 @@ pub(crate) enum Hot {
     PacketsReceived,
     BytesReceived,
     PacketsForwardedIn,
+    PacketsForwardedOut,
     GotPing,
     SentPong,
     PeerGoneDisconnectedFrames,
@@ -93,7 +94,7 @@ pub(crate) enum Hot {
     WriteTimeouts,
 }
 
-const HOT_SCALARS: usize = 11;
+const HOT_SCALARS: usize = 12;
 const DROP_SERIES: usize = 14; // 7 reasons × 2 kinds
 const HOT_SLOTS: usize = HOT_SCALARS + 2 * DROP_SERIES;
 
@@ -114,6 +115,10 @@ const SCALAR_NAMES: [(&str, &str); HOT_SCALARS] = [
     (
         "derp_packets_forwarded_in",
         "ForwardPacket frames received from mesh peers.",
+    ),
+    (
+        "derp_packets_forwarded_out",
+        "Packets handed to a mesh peer's forward queue (drops: derp_mesh_forward_dropped).",
     ),
     ("derp_got_ping", "Ping frames received."),
     ("derp_sent_pong", "Pong frames sent."),

@@ -39,6 +39,7 @@ use tracing::Instrument;
 use crate::core::admission::{Admission, Decision};
 use crate::core::conn::{Close, ConnParams, ConnTask};
 use crate::core::handle::ConnHandle;
+use crate::core::mesh::{ForwardReceiver, MeshForwarder, MeshPeerId};
 use crate::core::metrics::Metrics;
 use crate::core::queue::{CloseRequest, SendQueue};
 use crate::core::rate::{RateConfig, RateLimits};
@@ -156,6 +157,7 @@ pub struct Server {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) registry: Registry,
     rate: RateLimits,
+    pub(crate) mesh_metrics: crate::core::mesh::MeshMetrics,
     next_conn_id: AtomicU64,
     shutting_down: AtomicBool,
     /// Accepted connections whose task has not finished (handshaking included).
@@ -244,6 +246,7 @@ impl Server {
         let server = Arc::new(Server {
             registry: Registry::new(metrics.clone(), public_key, seed),
             rate: RateLimits::default(),
+            mesh_metrics: crate::core::mesh::MeshMetrics::new(registry)?,
             metrics,
             public_key,
             config,
@@ -660,4 +663,38 @@ async fn read_at_least<IO: AsyncRead + Unpin>(
         }
     }
     Ok(())
+}
+
+/// Mesh peers (see [`crate::core::mesh`]): their forwarders and the routes they announce.
+impl Server {
+    /// Creates the forwarder of a new mesh peer named `name`, with a queue of `depth` packets
+    /// (at least 1). The link keeps the receiver and drains it into its transport.
+    pub fn add_mesh_peer(&self, name: &str, depth: usize) -> (Arc<MeshForwarder>, ForwardReceiver) {
+        self.mesh_metrics.new_peer(name, depth)
+    }
+
+    /// The peer announced `key` (PeerPresent): packets for it go to `fwd` unless it has a local
+    /// connection. Returns whether the route is new.
+    pub fn mesh_peer_present(&self, fwd: &Arc<MeshForwarder>, key: NodePublic) -> bool {
+        let added = self.registry.add_mesh_route(key, fwd);
+        if added {
+            self.mesh_metrics.routes.inc();
+        }
+        added
+    }
+
+    /// The peer no longer has `key` (PeerGone, or its link broke). Returns whether a route was
+    /// removed.
+    pub fn mesh_peer_gone(&self, fwd: &Arc<MeshForwarder>, key: NodePublic) -> bool {
+        let removed = self.registry.remove_mesh_route(key, fwd);
+        if removed {
+            self.mesh_metrics.routes.dec();
+        }
+        removed
+    }
+
+    /// The mesh peer whose route `key` follows, if it has no local connection (tests, debugging).
+    pub fn mesh_route_of(&self, key: &NodePublic) -> Option<MeshPeerId> {
+        self.registry.mesh_route_of(key)
+    }
 }

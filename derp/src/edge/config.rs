@@ -34,6 +34,14 @@ pub struct EdgeConfig {
     pub key_file: Option<PathBuf>,
     /// File holding the 64-hex-digit mesh key; `None` = no mesh.
     pub mesh_psk_file: Option<PathBuf>,
+    /// Mesh peers to dial, derper's `--mesh-with` syntax (see [`crate::mesh::parse_mesh_with`]);
+    /// empty = none. Needs `mesh_psk_file`.
+    pub mesh_with: String,
+    /// Extra CA certificates (PEM) trusted when dialing mesh peers over TLS, besides the web
+    /// PKI roots and the system bundle (or `SSL_CERT_FILE`).
+    pub mesh_ca_file: Option<PathBuf>,
+    /// Packets queued per mesh peer before new ones are dropped.
+    pub mesh_queue_depth: usize,
     /// Per-client send queue depth (packets).
     pub queue_depth: usize,
     /// Per-frame write deadline for non-mesh clients; `0s` = none.
@@ -73,6 +81,9 @@ impl Default for EdgeConfig {
             stun_addr: String::new(),
             key_file: None,
             mesh_psk_file: None,
+            mesh_with: String::new(),
+            mesh_ca_file: None,
+            mesh_queue_depth: crate::core::mesh::DEFAULT_FORWARD_QUEUE,
             queue_depth: 32,
             write_timeout: Duration::from_secs(2),
             keepalive: Duration::from_secs(60),
@@ -210,6 +221,26 @@ impl EdgeConfig {
             .is_some_and(|p| p.as_os_str().is_empty())
         {
             bad("mesh_psk_file", "empty path".into());
+        }
+        match crate::mesh::parse_mesh_with(&self.mesh_with) {
+            Err(e) => bad("mesh_with", e.to_string()),
+            Ok(peers) if !peers.is_empty() && self.mesh_psk_file.is_none() => {
+                bad("mesh_with", "mesh peers need mesh_psk_file".into())
+            }
+            Ok(_) => {}
+        }
+        if self
+            .mesh_ca_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            bad("mesh_ca_file", "empty path".into());
+        }
+        if self.mesh_queue_depth == 0 || self.mesh_queue_depth > 1 << 20 {
+            bad(
+                "mesh_queue_depth",
+                format!("{} is out of range 1..=1048576", self.mesh_queue_depth),
+            );
         }
         if self.queue_depth == 0 || self.queue_depth > 65_536 {
             bad(

@@ -33,6 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::{Close, ConnTask};
+use crate::core::mesh::ForwardItem;
 use crate::core::metrics::{DropReason, Hot, PacketKind};
 use crate::core::queue::{Control, PushOutcome};
 use crate::core::registry::Route;
@@ -285,17 +286,47 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
         let kind = PacketKind::from_disco(disco);
         let sent_to = &mut self.sent_to;
         let last_dst = &mut self.last_dst;
+        // A forwarded packet's source (in the RecvPacket frame): its local receivers are told
+        // when it leaves the region.
+        let mesh_src = (origin == Origin::Mesh).then(|| key_at(&frame, FRAME_HEADER_LEN));
+        let mut mesh_receiver = None;
+        let mut mesh_out = None;
         let outcome = self.registry.with_route(&dst, |r| match r {
             Route::Local(d) => {
-                if origin == Origin::Client && d.id != *last_dst {
-                    *last_dst = d.id;
-                    sent_to.entry(d.id).or_insert_with(|| Arc::downgrade(d));
+                match origin {
+                    Origin::Client if d.id != *last_dst => {
+                        *last_dst = d.id;
+                        sent_to.entry(d.id).or_insert_with(|| Arc::downgrade(d));
+                    }
+                    Origin::Mesh => {
+                        // Noted outside this shard's lock (the source's entry is elsewhere),
+                        // once per run of packets of one (source, receiver) pair.
+                        let pair = mesh_src.map_or(0, |s| pair_fingerprint(&s, d.id));
+                        if pair != *last_dst {
+                            *last_dst = pair;
+                            mesh_receiver = Some(d.clone());
+                        }
+                    }
+                    Origin::Client => {}
                 }
                 Some(d.queue.push_packet(frame, disco))
             }
-            // Mesh forwarding is not implemented yet; nothing registers mesh routes.
+            // A client's packet for a key on another relay; a forwarded one is never forwarded
+            // again (it counts as unknown_dest_on_fwd below).
+            Route::Mesh(f) if origin == Origin::Client => {
+                mesh_out = Some((f.clone(), frame));
+                None
+            }
             Route::Mesh(_) | Route::Unknown => None,
         });
+        if let (Some(receiver), Some(src)) = (mesh_receiver, mesh_src) {
+            self.registry.note_mesh_sender(&src, &receiver);
+        }
+        if let Some((fwd, frame)) = mesh_out {
+            hot.add(Hot::PacketsForwardedOut, 1);
+            fwd.forward(ForwardItem::new(dst, frame));
+            return;
+        }
         // Wake the destination's writer only now, outside the shard lock.
         let outcome = outcome.map(|(o, w)| {
             if let Some(w) = w {
@@ -358,6 +389,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
             }
         }
     }
+}
+
+/// Identifies a (source key, receiving connection) pair of a mesh connection's packets in its
+/// `last_dst` slot (a client connection keeps the receiver's id there).
+#[inline]
+fn pair_fingerprint(src: &NodePublic, receiver: u64) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&src.as_bytes()[..8]);
+    (u64::from_le_bytes(w) ^ receiver.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1
 }
 
 /// The key stored at `at` in a frame whose length was checked.
