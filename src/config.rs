@@ -746,6 +746,20 @@ settings! {
         node_max_bytes: usize = |_| CoordinatorConfig::default().node_limits.max_node_bytes;
         /// Most tunnels one peer may hold; one more `add_tunnel` ends its session.
         peer_max_tunnels: usize = |_| CoordinatorConfig::default().max_tunnels_per_peer;
+        /// Most concurrent client coordination sessions of one user (/api/v2/tailnet and
+        /// {agent}/coordinate together); one more is answered 429.
+        max_sessions_per_user: usize = |_| CoordinatorConfig::default().max_sessions_per_user;
+        /// Most concurrent coordination sessions of one agent id (/me/coordinate and /me/rpc
+        /// together); one more is answered 429.
+        max_sessions_per_agent: usize = |_| CoordinatorConfig::default().max_sessions_per_agent;
+        /// Bytes queued per peer before it is kicked as too slow (next to response_buffer).
+        response_buffer_bytes: usize = |_| CoordinatorConfig::default().response_buffer_bytes;
+        /// Most concurrent yamux streams of one v2 session; more are refused with RST.
+        session_max_streams: usize = |_| CoordinatorConfig::default().session_max_streams;
+        /// Most bytes one v2 session may hold buffered and unread across its streams; more ends
+        /// the session.
+        session_max_buffered_bytes: usize =
+            |_| CoordinatorConfig::default().session_max_buffered_bytes;
         /// PostgreSQL URL (`postgres://user:pass@host:port/db`): replicas share one peer graph
         /// through Coder's HA tables (see README, "Replicas"); unset = this process alone.
         #[flag = "postgres-url"]
@@ -1215,6 +1229,28 @@ impl Settings {
                 positive_duration("coordinator.resume_token_expiry", c.resume_token_expiry)?;
             coordinator_config.graph_shards = c.graph_shards;
             coordinator_config.max_tunnels_per_peer = c.peer_max_tunnels;
+            coordinator_config.max_sessions_per_user = checked_minimum(
+                1,
+                "coordinator.max_sessions_per_user",
+                c.max_sessions_per_user,
+            )?;
+            coordinator_config.max_sessions_per_agent = checked_minimum(
+                1,
+                "coordinator.max_sessions_per_agent",
+                c.max_sessions_per_agent,
+            )?;
+            coordinator_config.response_buffer_bytes = checked_minimum(
+                64 * 1024,
+                "coordinator.response_buffer_bytes",
+                c.response_buffer_bytes,
+            )?;
+            coordinator_config.session_max_streams =
+                checked_minimum(1, "coordinator.session_max_streams", c.session_max_streams)?;
+            coordinator_config.session_max_buffered_bytes = checked_minimum(
+                5 << 20,
+                "coordinator.session_max_buffered_bytes",
+                c.session_max_buffered_bytes,
+            )?;
             if c.node_max_bytes < 1024 {
                 bail!("coordinator.node_max_bytes: must be at least 1024 bytes");
             }
@@ -1301,6 +1337,14 @@ impl Settings {
         }
         out
     }
+}
+
+/// `value` if it is at least `min`, else an error naming the setting.
+fn checked_minimum(min: usize, field: &str, value: usize) -> Result<usize> {
+    if value < min {
+        bail!("{field}: must be at least {min}, got {value}");
+    }
+    Ok(value)
 }
 
 fn resolve_upstream(u: UpstreamSettings) -> Result<Option<UpstreamConfig>> {
