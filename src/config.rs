@@ -695,7 +695,9 @@ settings! {
         preserve_host: bool = |_| UpstreamConfig::default().preserve_host;
         /// Comma-separated IP addresses of the proxies in front (the load balancer) whose
         /// forwarding headers (X-Forwarded-*, X-Real-IP, True-Client-IP, Forwarded) are passed
-        /// on; from any other peer they are replaced by what tailnetd saw. Empty = none.
+        /// on; from any other peer they are replaced by what tailnetd saw. The relay's
+        /// per-address limits count relay upgrades through them against the forwarded client
+        /// address. Empty = none.
         trusted_proxies: String = |_| String::new();
         /// Mirror every agent into coderd's own coordinator (one Coordinate stream per agent on
         /// its upstream session), so that coderd's web terminal, apps, port-forwarding and
@@ -1193,6 +1195,12 @@ impl Settings {
             derp_map.stun_servers = m.stun_servers;
         }
 
+        // The relay limits per forwarded client behind the same trusted proxies (with or
+        // without an upstream URL).
+        listen.trusted_proxies = match &upstream {
+            Some(u) => parse_trusted_proxies(&u.trusted_proxies)?,
+            None => Vec::new(),
+        };
         let bridge = upstream.as_ref().is_some_and(|u| u.bridge);
         let upstream = match upstream {
             Some(u) => resolve_upstream(u)?,
@@ -1339,6 +1347,19 @@ impl Settings {
     }
 }
 
+/// `upstream.trusted_proxies`: comma-separated IP addresses.
+fn parse_trusted_proxies(text: &str) -> Result<Vec<std::net::IpAddr>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            a.parse::<std::net::IpAddr>().map_err(|_| {
+                anyhow!("upstream.trusted_proxies (--upstream-trusted-proxies): {a:?} is not an IP address")
+            })
+        })
+        .collect()
+}
+
 /// `value` if it is at least `min`, else an error naming the setting.
 fn checked_minimum(min: usize, field: &str, value: usize) -> Result<usize> {
     if value < min {
@@ -1368,17 +1389,7 @@ fn resolve_upstream(u: UpstreamSettings) -> Result<Option<UpstreamConfig>> {
         rewrite_derp_map: u.rewrite_derp_map,
         max_rewrite_bytes: u.max_rewrite_bytes,
         preserve_host: u.preserve_host,
-        trusted_proxies: u
-            .trusted_proxies
-            .split(',')
-            .map(str::trim)
-            .filter(|a| !a.is_empty())
-            .map(|a| {
-                a.parse::<std::net::IpAddr>().map_err(|_| {
-                    anyhow!("upstream.trusted_proxies (--upstream-trusted-proxies): {a:?} is not an IP address")
-                })
-            })
-            .collect::<Result<_>>()?,
+        trusted_proxies: parse_trusted_proxies(&u.trusted_proxies)?,
         ..UpstreamConfig::default()
     }))
 }
