@@ -549,10 +549,12 @@ impl PacketReader {
         }
     }
 
-    /// Charges what this reader holds now to the session; `Err` once that is over its limit
-    /// (the session has been ended).
+    /// Charges what this reader holds now to the session (the read buffer's whole capacity, so
+    /// that an idle stream costs its reserved chunk too); `Err` once that is over its limit (the
+    /// session has been ended).
     fn account(&mut self) -> Result<(), ReadError> {
-        let now = self.buf.len() + self.asm.buffered() + self.raw.as_ref().map_or(0, |r| r.len());
+        let now =
+            self.buf.capacity() + self.asm.buffered() + self.raw.as_ref().map_or(0, |r| r.len());
         self.held.set(now).map_err(|e| {
             ReadError::Io(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,

@@ -602,6 +602,9 @@ async fn buffered_bytes_per_session_are_bounded_and_end_the_session() {
     // A neighbour session that must survive.
     let neighbour = V2Conn::agent(&h, 1).await;
     let mut np = neighbour.coordinate().await;
+    // What the neighbour holds (its stream's reserved read buffer).
+    assert!(eventually(Duration::from_secs(10), || h.metric(BUFFERED, &[]) > 0.0).await);
+    let baseline = h.metric(BUFFERED, &[]);
     let session = raw_agent_session(&h, 0).await;
     let mut streams = Vec::new();
     // Each partial Invoke is held twice by the server: in the packet assembler and in the raw
@@ -611,7 +614,7 @@ async fn buffered_bytes_per_session_are_bounded_and_end_the_session() {
         s.write_all(&partial_invoke(PART)).await.unwrap();
         s.flush().await.unwrap();
         streams.push(s);
-        let want = ((i + 1) * 2 * PART) as f64;
+        let want = baseline + ((i + 1) * 2 * PART) as f64;
         assert!(
             eventually(Duration::from_secs(10), || h.metric(BUFFERED, &[]) >= want).await,
             "held {} want {want}",
@@ -643,7 +646,11 @@ async fn buffered_bytes_per_session_are_bounded_and_end_the_session() {
             == 1.0)
         .await
     );
-    assert!(eventually(Duration::from_secs(10), || h.metric(BUFFERED, &[]) == 0.0).await);
+    assert!(
+        eventually(Duration::from_secs(10), || h.metric(BUFFERED, &[])
+            == baseline)
+        .await
+    );
     // The neighbour is untouched.
     let n = node(h.agents[1].id, true, 1);
     np.update_self(n.clone()).await;
