@@ -758,10 +758,14 @@ settings! {
         response_buffer_bytes: usize = |_| CoordinatorConfig::default().response_buffer_bytes;
         /// Most concurrent yamux streams of one v2 session; more are refused with RST.
         session_max_streams: usize = |_| CoordinatorConfig::default().session_max_streams;
-        /// Most bytes one v2 session may hold buffered and unread across its streams; more ends
-        /// the session.
-        session_max_buffered_bytes: usize =
-            |_| CoordinatorConfig::default().session_max_buffered_bytes;
+        /// Most bytes one agent's v2 session may hold buffered and unread across its streams;
+        /// more ends the session.
+        agent_session_max_buffered_bytes: usize =
+            |_| CoordinatorConfig::default().agent_session_max_buffered_bytes;
+        /// Most bytes one client's v2 session may hold buffered and unread across its streams;
+        /// more ends the session.
+        client_session_max_buffered_bytes: usize =
+            |_| CoordinatorConfig::default().client_session_max_buffered_bytes;
         /// PostgreSQL URL (`postgres://user:pass@host:port/db`): replicas share one peer graph
         /// through Coder's HA tables (see README, "Replicas"); unset = this process alone.
         #[flag = "postgres-url"]
@@ -1254,10 +1258,15 @@ impl Settings {
             )?;
             coordinator_config.session_max_streams =
                 checked_minimum(1, "coordinator.session_max_streams", c.session_max_streams)?;
-            coordinator_config.session_max_buffered_bytes = checked_minimum(
+            coordinator_config.agent_session_max_buffered_bytes = checked_minimum(
                 5 << 20,
-                "coordinator.session_max_buffered_bytes",
-                c.session_max_buffered_bytes,
+                "coordinator.agent_session_max_buffered_bytes",
+                c.agent_session_max_buffered_bytes,
+            )?;
+            coordinator_config.client_session_max_buffered_bytes = checked_minimum(
+                256 * 1024,
+                "coordinator.client_session_max_buffered_bytes",
+                c.client_session_max_buffered_bytes,
             )?;
             if c.node_max_bytes < 1024 {
                 bail!("coordinator.node_max_bytes: must be at least 1024 bytes");

@@ -343,8 +343,12 @@ fn session_and_queue_bounds_from_defaults_flags_and_file() {
     assert_eq!(s.coordinator.response_buffer_bytes, d.response_buffer_bytes);
     assert_eq!(s.coordinator.session_max_streams, d.session_max_streams);
     assert_eq!(
-        s.coordinator.session_max_buffered_bytes,
-        d.session_max_buffered_bytes
+        s.coordinator.agent_session_max_buffered_bytes,
+        d.agent_session_max_buffered_bytes
+    );
+    assert_eq!(
+        s.coordinator.client_session_max_buffered_bytes,
+        d.client_session_max_buffered_bytes
     );
     let s = resolve(&[
         "coordinator",
@@ -362,17 +366,21 @@ fn session_and_queue_bounds_from_defaults_flags_and_file() {
     assert_eq!(s.coordinator.max_sessions_per_agent, 2);
     assert_eq!(s.coordinator.response_buffer_bytes, 100_000);
     assert_eq!(s.coordinator.session_max_streams, 16);
-    let (_d, path) = write_config("[coordinator]\nsession_max_buffered_bytes = 6000000\n");
+    let (_d, path) = write_config("[coordinator]\nagent_session_max_buffered_bytes = 6000000\nclient_session_max_buffered_bytes = 300000\n");
     let s = resolve(&["coordinator", "--config", &path]).unwrap();
-    assert_eq!(s.coordinator.session_max_buffered_bytes, 6_000_000);
+    assert_eq!(s.coordinator.agent_session_max_buffered_bytes, 6_000_000);
+    assert_eq!(s.coordinator.client_session_max_buffered_bytes, 300_000);
     let e = error(&["coordinator", "--coordinator-max-sessions-per-user", "0"]);
     assert!(e.contains("coordinator.max_sessions_per_user"), "{e}");
     let e = error(&[
         "coordinator",
-        "--coordinator-session-max-buffered-bytes",
+        "--coordinator-agent-session-max-buffered-bytes",
         "1000",
     ]);
-    assert!(e.contains("coordinator.session_max_buffered_bytes"), "{e}");
+    assert!(
+        e.contains("coordinator.agent_session_max_buffered_bytes"),
+        "{e}"
+    );
 }
 
 #[test]

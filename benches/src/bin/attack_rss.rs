@@ -51,6 +51,10 @@ struct Args {
     /// Node updates the agent sends in the `stalled` attack.
     #[arg(long, default_value_t = 400)]
     updates: usize,
+    /// The per-session buffered-bytes limit of client sessions the `partial` attack stays just
+    /// under (`coordinator.client_session_max_buffered_bytes`).
+    #[arg(long, default_value_t = 1 << 20)]
+    client_session_limit: usize,
     /// Extra arguments for `tailnetd dev` (e.g. `--coordinator-max-sessions-per-user=64`).
     #[arg(long, allow_hyphen_values = true)]
     server_arg: Vec<String>,
@@ -361,10 +365,11 @@ fn partial_invoke(len: usize) -> BytesMut {
 
 /// Attack 3: many yamux streams with partial packets, in every session one user may open.
 async fn attack_partial(args: &Args) -> Result<()> {
-    // Each stream's partial Invoke is held twice (assembler + raw prefix): 19 streams of 200 KiB
-    // hold 7.6 MiB, just under the default 8 MiB per session.
-    const PART: usize = 200 * 1024;
-    const STREAMS: usize = 19;
+    // Each stream's partial Invoke is held twice (assembler + raw prefix) next to the stream's
+    // 8 KiB read buffer: fill 90% of the per-session limit.
+    const PART: usize = 100 * 1024;
+    let per_stream = 2 * PART + 16 * 1024;
+    let streams_per_session = (args.client_session_limit * 9 / 10 / per_stream).max(1);
     let s = Server::start(args)?;
     let before = s.rss_mb();
     let mut held = Vec::new();
@@ -374,7 +379,7 @@ async fn attack_partial(args: &Args) -> Result<()> {
             Dial::Ok(io) => {
                 let session = Session::client(io, yamux::Config::default());
                 let mut streams = Vec::new();
-                for _ in 0..STREAMS {
+                for _ in 0..streams_per_session {
                     let mut st = session.open().await?;
                     st.write_all(&partial_invoke(PART)).await?;
                     streams.push(st);
@@ -395,7 +400,7 @@ async fn attack_partial(args: &Args) -> Result<()> {
     report(
         "partial",
         &format!(
-            "{} sessions tried, {} open, {refused} refused; {STREAMS} streams each with a {} KiB partial packet per session",
+            "{} sessions of one user tried, {} open, {refused} refused; {streams_per_session} streams each with a {} KiB partial packet per session",
             args.sessions,
             held.len(),
             PART / 1024
@@ -409,8 +414,15 @@ async fn attack_partial(args: &Args) -> Result<()> {
     );
     // One session more goes over its limit: it is ended and what it held is given back.
     drop(held.pop());
-    let Dial::Ok(io) = ws(s.addr, "/api/v2/tailnet?version=2.3", &s.client_token).await? else {
-        bail!("refused");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let io = loop {
+        match ws(s.addr, "/api/v2/tailnet?version=2.3", &s.client_token).await? {
+            Dial::Ok(io) => break io,
+            Dial::Refused(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Dial::Refused(status) => bail!("refused with {status}"),
+        }
     };
     let session = Session::client(io, yamux::Config::default());
     let mut streams = Vec::new();
@@ -432,7 +444,7 @@ async fn attack_partial(args: &Args) -> Result<()> {
         .await;
     report(
         "partial, one more over the limit",
-        "one more session writes 64 such streams",
+        "a session in its place writes 64 such streams",
         after,
         s.rss_mb(),
         &format!(

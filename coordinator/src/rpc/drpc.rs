@@ -578,6 +578,11 @@ impl PacketReader {
                     return Ok((p, held));
                 }
             }
+            if self.buf.is_empty() && self.buf.capacity() > 2 * READ_CHUNK {
+                // A large packet grew the buffer: give it back rather than keep it for the
+                // stream's life (an idle session holds one small chunk, see `READ_CHUNK`).
+                self.buf = BytesMut::with_capacity(READ_CHUNK);
+            }
             self.account()?;
             self.buf.reserve(READ_CHUNK);
             let before = self.buf.len();

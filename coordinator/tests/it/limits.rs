@@ -555,17 +555,51 @@ const BUFFER_EXCEEDED: &str = "tailnetd_yamux_buffer_limit_exceeded_total";
 
 /// A raw yamux client session on an agent's `/me/rpc`, for writing dRPC bytes by hand.
 async fn raw_agent_session(h: &Harness, idx: usize) -> coordinator::rpc::yamux::Session {
+    raw_session(
+        h,
+        "/api/v2/workspaceagents/me/rpc?version=2.10&role=agent",
+        &h.agents[idx].token.to_string(),
+    )
+    .await
+}
+
+/// A raw yamux client session on `path` with `token`.
+async fn raw_session(h: &Harness, path: &str, token: &str) -> coordinator::rpc::yamux::Session {
     use coordinator::rpc::wsio::{WsConfig, WsIo};
     use coordinator::rpc::yamux::{Config, Session};
-    let ws = h
-        .ws(
-            "/api/v2/workspaceagents/me/rpc?version=2.10&role=agent",
-            &h.agents[idx].token.to_string(),
-        )
-        .await
-        .unwrap();
+    let ws = h.ws(path, token).await.unwrap();
     let (io, _handle) = WsIo::new(ws, WsConfig::client());
     Session::client(io, Config::default())
+}
+
+/// Client sessions have their own, smaller bound (`client_session_max_buffered_bytes`): what a
+/// client sends is small, and one user may hold many sessions.
+#[tokio::test]
+async fn client_sessions_have_their_own_buffered_bytes_bound() {
+    use tokio::io::AsyncWriteExt;
+    let h = Harness::start_with(
+        CoordinatorConfig {
+            client_session_max_buffered_bytes: 512 * 1024,
+            ..test_config()
+        },
+        1,
+    )
+    .await;
+    let session = raw_session(&h, "/api/v2/tailnet?version=2.3", USER_ALL).await;
+    // 100 KiB partial Invokes are held twice: the third stream passes 512 KiB.
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let Ok(mut s) = session.open().await else {
+            break;
+        };
+        let _ = s.write_all(&partial_invoke(100 * 1024)).await;
+        streams.push(s);
+    }
+    tokio::time::timeout(Duration::from_secs(10), session.closed())
+        .await
+        .expect("session ended");
+    assert_eq!(h.metric(BUFFER_EXCEEDED, &[]), 1.0);
+    assert!(eventually(Duration::from_secs(10), || h.metric(BUFFERED, &[]) == 0.0).await);
 }
 
 /// One dRPC frame of an Invoke that never completes (`done` unset), `len` bytes of data.
@@ -584,7 +618,7 @@ fn partial_invoke(len: usize) -> bytes::BytesMut {
 }
 
 /// Streams each holding a partial dRPC packet: the session's accounting grows with them, and the
-/// stream whose bytes take it past `session_max_buffered_bytes` ends the whole session with
+/// stream whose bytes take it past `agent_session_max_buffered_bytes` ends the whole session with
 /// GoAway(protocol error); everything it held is given back.
 #[tokio::test]
 async fn buffered_bytes_per_session_are_bounded_and_end_the_session() {
@@ -593,7 +627,7 @@ async fn buffered_bytes_per_session_are_bounded_and_end_the_session() {
     const PART: usize = 200 * 1024;
     let h = Harness::start_with(
         CoordinatorConfig {
-            session_max_buffered_bytes: LIMIT,
+            agent_session_max_buffered_bytes: LIMIT,
             ..test_config()
         },
         2,
