@@ -250,6 +250,8 @@ struct Inner {
     max_window: u32,
     /// Bytes held for this session, see [`Config::max_buffered_bytes`].
     buffered: AtomicUsize,
+    /// Set by the first caller that found `buffered` over the limit (so it is counted once).
+    over_buffer_limit: AtomicBool,
 }
 
 impl Inner {
@@ -272,7 +274,7 @@ impl Inner {
     /// Ends the session for holding more than `max_buffered_bytes` (once; counted, logged).
     /// Takes stream locks: never call it while holding one.
     fn over_buffer_limit(&self) {
-        if self.is_shutdown() {
+        if self.over_buffer_limit.swap(true, Ordering::AcqRel) || self.is_shutdown() {
             return;
         }
         count(&self.config.metrics, |m| &m.yamux_buffer_limit_exceeded);
@@ -515,6 +517,7 @@ impl Session {
             local_goaway: AtomicBool::new(false),
             max_window,
             buffered: AtomicUsize::new(0),
+            over_buffer_limit: AtomicBool::new(false),
             config,
         });
         let (rd, wr) = tokio::io::split(io);
