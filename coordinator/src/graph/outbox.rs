@@ -776,6 +776,57 @@ mod tests {
     }
 
     #[test]
+    fn the_byte_bound_fails_the_queue_and_every_byte_is_given_back() {
+        let metrics = OutboxMetrics::unregistered();
+        let id = Uuid::from_u128(99);
+        let conn = Arc::new(Conn {
+            outbox: Outbox::new(100, 1000, metrics.clone()),
+            id: ConnId { peer: id, gen: 1 },
+            id_bytes: Bytes::copy_from_slice(id.as_bytes()),
+            name: "test".into(),
+            auth: CoordinateeAuth::Agent { id },
+        });
+        let ob = &conn.outbox;
+        let mut rx = PeerReceiver::new(conn.clone());
+        let big = resp(&"x".repeat(1500));
+        let charge = UPDATE_OVERHEAD + big.encoded_len();
+        // An empty queue takes one item larger than the bound.
+        assert_eq!(ob.try_push(big.clone()), Ok(()));
+        assert_eq!(metrics.bytes.get(), charge as i64);
+        assert_eq!(rx.try_recv().map(|r| r.error.len()), Ok(1500));
+        assert_eq!(metrics.bytes.get(), 0);
+        // Then items up to the bound, and one more fails the queue (counted).
+        let small = resp(&"y".repeat(400));
+        assert_eq!(ob.try_push(small.clone()), Ok(()));
+        assert_eq!(ob.try_push(small.clone()), Ok(()));
+        assert_eq!(metrics.byte_overflows.get(), 0);
+        assert_eq!(ob.try_push(small.clone()), Err(PushError::Full));
+        assert!(ob.is_failed());
+        assert_eq!(metrics.byte_overflows.get(), 1);
+        assert_eq!(ob.len(), 2);
+        // Closing, and dropping the receiver and the connection, give every byte back.
+        ob.close(None);
+        assert_eq!(metrics.bytes.get(), 0);
+        let c2 = test_conn_with(&metrics);
+        c2.outbox.try_push(small.clone()).unwrap();
+        assert!(metrics.bytes.get() > 0);
+        drop(c2);
+        assert_eq!(metrics.bytes.get(), 0);
+        drop(rx);
+    }
+
+    fn test_conn_with(metrics: &OutboxMetrics) -> Arc<Conn> {
+        let id = Uuid::from_u128(98);
+        Arc::new(Conn {
+            outbox: Outbox::new(10, usize::MAX, metrics.clone()),
+            id: ConnId { peer: id, gen: 1 },
+            id_bytes: Bytes::copy_from_slice(id.as_bytes()),
+            name: "test".into(),
+            auth: CoordinateeAuth::Agent { id },
+        })
+    }
+
+    #[test]
     fn full_queue_fails_until_closed() {
         let c = test_conn(2);
         let ob = &c.outbox;
