@@ -766,7 +766,9 @@ settings! {
         preserve_host: bool = |_| UpstreamConfig::default().preserve_host;
         /// Comma-separated IP addresses of the proxies in front (the load balancer) whose
         /// forwarding headers (X-Forwarded-*, X-Real-IP, True-Client-IP, Forwarded) are passed
-        /// on; from any other peer they are replaced by what tailnetd saw. Empty = none.
+        /// on; from any other peer they are replaced by what tailnetd saw. The relay's
+        /// per-address limits count relay upgrades through them against the forwarded client
+        /// address. Empty = none.
         trusted_proxies: String = |_| String::new();
         /// Mirror every agent into coderd's own coordinator (one Coordinate stream per agent on
         /// its upstream session), so that coderd's web terminal, apps, port-forwarding and
@@ -817,6 +819,24 @@ settings! {
         node_max_bytes: usize = |_| CoordinatorConfig::default().node_limits.max_node_bytes;
         /// Most tunnels one peer may hold; one more `add_tunnel` ends its session.
         peer_max_tunnels: usize = |_| CoordinatorConfig::default().max_tunnels_per_peer;
+        /// Most concurrent client coordination sessions of one user (/api/v2/tailnet and
+        /// {agent}/coordinate together); one more is answered 429.
+        max_sessions_per_user: usize = |_| CoordinatorConfig::default().max_sessions_per_user;
+        /// Most concurrent coordination sessions of one agent id (/me/coordinate and /me/rpc
+        /// together); one more is answered 429.
+        max_sessions_per_agent: usize = |_| CoordinatorConfig::default().max_sessions_per_agent;
+        /// Bytes queued per peer before it is kicked as too slow (next to response_buffer).
+        response_buffer_bytes: usize = |_| CoordinatorConfig::default().response_buffer_bytes;
+        /// Most concurrent yamux streams of one v2 session; more are refused with RST.
+        session_max_streams: usize = |_| CoordinatorConfig::default().session_max_streams;
+        /// Most bytes one agent's v2 session may hold buffered and unread across its streams;
+        /// more ends the session.
+        agent_session_max_buffered_bytes: usize =
+            |_| CoordinatorConfig::default().agent_session_max_buffered_bytes;
+        /// Most bytes one client's v2 session may hold buffered and unread across its streams;
+        /// more ends the session.
+        client_session_max_buffered_bytes: usize =
+            |_| CoordinatorConfig::default().client_session_max_buffered_bytes;
         /// PostgreSQL URL (`postgres://user:pass@host:port/db`): replicas share one peer graph
         /// through Coder's HA tables (see README, "Replicas"); unset = this process alone.
         #[flag = "postgres-url"]
@@ -1292,6 +1312,12 @@ impl Settings {
             };
         }
 
+        // The relay limits per forwarded client behind the same trusted proxies (with or
+        // without an upstream URL).
+        listen.trusted_proxies = match &upstream {
+            Some(u) => parse_trusted_proxies(&u.trusted_proxies)?,
+            None => Vec::new(),
+        };
         let bridge = upstream.as_ref().is_some_and(|u| u.bridge);
         let upstream = match upstream {
             Some(u) => resolve_upstream(u)?,
@@ -1328,6 +1354,33 @@ impl Settings {
                 positive_duration("coordinator.resume_token_expiry", c.resume_token_expiry)?;
             coordinator_config.graph_shards = c.graph_shards;
             coordinator_config.max_tunnels_per_peer = c.peer_max_tunnels;
+            coordinator_config.max_sessions_per_user = checked_minimum(
+                1,
+                "coordinator.max_sessions_per_user",
+                c.max_sessions_per_user,
+            )?;
+            coordinator_config.max_sessions_per_agent = checked_minimum(
+                1,
+                "coordinator.max_sessions_per_agent",
+                c.max_sessions_per_agent,
+            )?;
+            coordinator_config.response_buffer_bytes = checked_minimum(
+                64 * 1024,
+                "coordinator.response_buffer_bytes",
+                c.response_buffer_bytes,
+            )?;
+            coordinator_config.session_max_streams =
+                checked_minimum(1, "coordinator.session_max_streams", c.session_max_streams)?;
+            coordinator_config.agent_session_max_buffered_bytes = checked_minimum(
+                5 << 20,
+                "coordinator.agent_session_max_buffered_bytes",
+                c.agent_session_max_buffered_bytes,
+            )?;
+            coordinator_config.client_session_max_buffered_bytes = checked_minimum(
+                256 * 1024,
+                "coordinator.client_session_max_buffered_bytes",
+                c.client_session_max_buffered_bytes,
+            )?;
             if c.node_max_bytes < 1024 {
                 bail!("coordinator.node_max_bytes: must be at least 1024 bytes");
             }
@@ -1461,6 +1514,27 @@ impl RelayAdmission {
     }
 }
 
+/// `upstream.trusted_proxies`: comma-separated IP addresses.
+fn parse_trusted_proxies(text: &str) -> Result<Vec<std::net::IpAddr>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            a.parse::<std::net::IpAddr>().map_err(|_| {
+                anyhow!("upstream.trusted_proxies (--upstream-trusted-proxies): {a:?} is not an IP address")
+            })
+        })
+        .collect()
+}
+
+/// `value` if it is at least `min`, else an error naming the setting.
+fn checked_minimum(min: usize, field: &str, value: usize) -> Result<usize> {
+    if value < min {
+        bail!("{field}: must be at least {min}, got {value}");
+    }
+    Ok(value)
+}
+
 fn resolve_upstream(u: UpstreamSettings) -> Result<Option<UpstreamConfig>> {
     let Some(url) = u.url.filter(|u| !u.trim().is_empty()) else {
         return Ok(None);
@@ -1482,17 +1556,7 @@ fn resolve_upstream(u: UpstreamSettings) -> Result<Option<UpstreamConfig>> {
         rewrite_derp_map: u.rewrite_derp_map,
         max_rewrite_bytes: u.max_rewrite_bytes,
         preserve_host: u.preserve_host,
-        trusted_proxies: u
-            .trusted_proxies
-            .split(',')
-            .map(str::trim)
-            .filter(|a| !a.is_empty())
-            .map(|a| {
-                a.parse::<std::net::IpAddr>().map_err(|_| {
-                    anyhow!("upstream.trusted_proxies (--upstream-trusted-proxies): {a:?} is not an IP address")
-                })
-            })
-            .collect::<Result<_>>()?,
+        trusted_proxies: parse_trusted_proxies(&u.trusted_proxies)?,
         ..UpstreamConfig::default()
     }))
 }

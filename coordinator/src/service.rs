@@ -142,6 +142,11 @@ async fn run_session(
     let session = Session::server(
         io,
         yamux::Config {
+            max_streams: coord.config.session_max_streams.max(1),
+            max_buffered_bytes: match peer.kind {
+                PeerKind::Agent => coord.config.agent_session_max_buffered_bytes,
+                _ => coord.config.client_session_max_buffered_bytes,
+            },
             metrics: metrics.clone(),
             ..Default::default()
         },

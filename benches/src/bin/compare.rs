@@ -450,6 +450,9 @@ impl Ctx {
             let cfg = self.dir.join("coordinator.toml");
             std::fs::write(&cfg, auth.toml())?;
             let mut c = self.pin.command(0, &self.bins.tailnetd);
+            // Every client of the workload is one user's session: lift that user's cap above
+            // them (the cap is for real users, not for a load generator).
+            let sessions = (w.agents * w.clients).max(1).to_string();
             c.args([
                 "coordinator",
                 "--http-addr",
@@ -458,6 +461,8 @@ impl Ctx {
                 "warn",
                 "--metrics-addr",
                 "",
+                "--coordinator-max-sessions-per-user",
+                &sessions,
                 "--config",
             ])
             .arg(&cfg);

@@ -155,6 +155,9 @@ pub const ERR_UNHEALTHY: &str = "coordinator unhealthy";
 
 /// Coder's `ResponseBufferSize`.
 pub const DEFAULT_RESPONSE_QUEUE: usize = 512;
+/// Default [`GraphConfig::response_queue_bytes`] (8 MiB; see
+/// [`crate::config::DEFAULT_RESPONSE_BUFFER_BYTES`]).
+pub const DEFAULT_RESPONSE_QUEUE_BYTES: usize = 8 << 20;
 /// Upper bound on the shard count.
 pub const MAX_SHARDS: usize = 4096;
 /// How many receivers ahead a fan-out warms (see [`PeerGraph::update_self`]).
@@ -165,6 +168,9 @@ const WARM_AHEAD: usize = 8;
 pub struct GraphConfig {
     /// Responses queued per connection before that peer is removed (Coder: 512).
     pub response_queue: usize,
+    /// Bytes queued per connection (encoded nodes and responses, see `outbox.rs`) before that
+    /// peer is removed like for a full queue; counted in `coordinator_outbox_byte_overflows_total`.
+    pub response_queue_bytes: usize,
     /// How large a node may be; a larger one ends its session (see [`NodeLimits`]).
     pub node_limits: NodeLimits,
     /// Most tunnels (`add_tunnel` destinations) one peer may hold; one more ends its session
@@ -180,6 +186,7 @@ impl Default for GraphConfig {
     fn default() -> Self {
         Self {
             response_queue: DEFAULT_RESPONSE_QUEUE,
+            response_queue_bytes: DEFAULT_RESPONSE_QUEUE_BYTES,
             node_limits: NodeLimits::default(),
             max_tunnels_per_peer: DEFAULT_MAX_TUNNELS_PER_PEER,
         }
@@ -228,6 +235,8 @@ struct Metrics {
     nodes_over_limit: IntCounter,
     /// `add_tunnel` requests refused by [`GraphConfig::max_tunnels_per_peer`].
     tunnels_over_limit: IntCounter,
+    /// Bytes queued in every outbox, and pushes refused by the byte bound.
+    outbox: outbox::OutboxMetrics,
 }
 
 impl Metrics {
@@ -288,6 +297,16 @@ impl Metrics {
                 "coordinator_tunnels_over_limit_total",
                 "add_tunnel requests refused by the per-peer tunnel limit (the session is ended)",
             )?,
+            outbox: outbox::OutboxMetrics {
+                bytes: IntGauge::new(
+                    "coordinator_outbox_bytes",
+                    "Bytes (encoded nodes and responses) queued towards coordination peers",
+                )?,
+                byte_overflows: IntCounter::new(
+                    "coordinator_outbox_byte_overflows_total",
+                    "Peers kicked because their queued bytes reached the per-peer byte bound",
+                )?,
+            },
         };
         reg.register(Box::new(peers))?;
         reg.register(Box::new(m.tunnels.clone()))?;
@@ -302,6 +321,8 @@ impl Metrics {
         reg.register(Box::new(m.node_bytes.clone()))?;
         reg.register(Box::new(m.nodes_over_limit.clone()))?;
         reg.register(Box::new(m.tunnels_over_limit.clone()))?;
+        reg.register(Box::new(m.outbox.bytes.clone()))?;
+        reg.register(Box::new(m.outbox.byte_overflows.clone()))?;
         Ok(m)
     }
 
@@ -505,7 +526,11 @@ impl PeerGraph {
             id_bytes: Bytes::copy_from_slice(id.as_bytes()),
             name,
             auth,
-            outbox: Outbox::new(self.config.response_queue),
+            outbox: Outbox::new(
+                self.config.response_queue,
+                self.config.response_queue_bytes,
+                self.metrics.outbox.clone(),
+            ),
         });
         let receiver = PeerReceiver::new(conn.clone());
         tracing::debug!(peer = %id, name = %conn.name, role = conn.auth.role(), "coordinator peer connecting");

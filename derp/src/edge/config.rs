@@ -9,7 +9,7 @@
 //! Addresses are `host:port`, `[v6]:port`, or `:port` (all IPv4 interfaces); an empty string
 //! disables that listener.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -69,6 +69,10 @@ pub struct EdgeConfig {
     /// Accepted connections per second from one source address (token bucket, burst = the
     /// limit rounded up); `None` = unlimited.
     pub accept_connection_limit_per_ip: Option<f64>,
+    /// Proxies in front (the load balancer) whose `X-Forwarded-For` names the client: their
+    /// own connections are not limited per address; each relay upgrade through them counts
+    /// against the client address they forward instead. Empty = every peer is a client.
+    pub trusted_proxies: Vec<IpAddr>,
 }
 
 impl Default for EdgeConfig {
@@ -94,6 +98,7 @@ impl Default for EdgeConfig {
             max_connections: 100_000,
             max_connections_per_ip: 10_000,
             accept_connection_limit_per_ip: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
