@@ -472,10 +472,15 @@ pub(crate) struct Connected {
     pub(crate) tls_version: Option<rustls::ProtocolVersion>,
 }
 
-/// TCP connect and, for TLS targets, the TLS handshake with `tls`'s trust settings.
-pub(crate) async fn connect(url: &str, tls: &DialTls) -> Result<(Target, Connected), DialError> {
+/// TCP connect and, for TLS targets, the TLS handshake with `tls`'s trust settings. The TCP
+/// connection goes to `connect_host` if given, else to the URL's host.
+pub(crate) async fn connect(
+    url: &str,
+    connect_host: Option<&str>,
+    tls: &DialTls,
+) -> Result<(Target, Connected), DialError> {
     let target = parse_url(url)?;
-    let connect_host = opts.connect_host.as_deref().unwrap_or(&target.host);
+    let connect_host = connect_host.unwrap_or(&target.host);
     let addr = format!("{}:{}", bracket(connect_host), target.port);
     let tcp = TcpStream::connect(addr.as_str())
         .await
@@ -530,7 +535,7 @@ async fn dial_inner(url: &str, opts: DialOptions) -> Result<Dialed, DialError> {
             peer_certificates,
             tls_version,
         },
-    ) = connect(url, &opts.tls).await?;
+    ) = connect(url, opts.connect_host.as_deref(), &opts.tls).await?;
     let meta: Option<MetaCertInfo> = if tls_version == Some(rustls::ProtocolVersion::TLSv1_3) {
         metacert::find_in_chain(peer_certificates.iter())
     } else {

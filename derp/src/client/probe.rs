@@ -47,7 +47,7 @@ const MAX_PROBE_RESPONSE: usize = 4096;
 
 async fn probe_inner(url: &str, key: &NodePrivate, tls: &DialTls, timeout: Duration) -> NodeHealth {
     // 1. GET /derp/probe.
-    let (target, Connected { mut io, .. }) = match connect(url, tls).await {
+    let (target, Connected { mut io, .. }) = match connect(url, None, tls).await {
         Ok(c) => c,
         Err(e) => return NodeHealth::Down(e.to_string()),
     };
