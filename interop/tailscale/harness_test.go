@@ -46,6 +46,7 @@ type serverOpts struct {
 	httpsAddr string // set together with tls
 	tls       *testCert
 	keyFile   string // default <tmp>/derp.key
+	metrics   bool   // serve /metrics on a loopback port of its own (announced as metrics_addr)
 	extraArgs []string
 }
 
@@ -94,15 +95,20 @@ func (e *env) start(opts serverOpts) *tailnetd {
 	if opts.keyFile == "" {
 		opts.keyFile = filepath.Join(e.dir, "derp.key")
 	}
+	// Several relays run at once: none binds the fixed default metrics port.
+	metricsAddr := ""
+	require := []string{"derp_public_key", "stun_addr"}
+	if opts.metrics {
+		metricsAddr = "127.0.0.1:0"
+		require = append(require, "metrics_addr")
+	}
 	args := []string{"derp",
 		"--http-addr", opts.httpAddr,
 		"--stun-addr", opts.stunAddr,
 		"--key-file", opts.keyFile,
-		// Several relays run at once: none binds the fixed default metrics port.
-		"--metrics-addr", "",
+		"--metrics-addr", metricsAddr,
 	}
 	args = append(args, opts.extraArgs...)
-	require := []string{"derp_public_key", "stun_addr"}
 	if opts.tls != nil {
 		if opts.httpsAddr == "" {
 			opts.httpsAddr = "127.0.0.1:0"
