@@ -790,6 +790,10 @@ settings! {
         ws_ping_interval: Duration = |_| CoordinatorConfig::default().ws_ping_interval;
         /// How long a WebSocket ping may stay unanswered before the session is closed.
         ws_pong_timeout: Duration = |_| CoordinatorConfig::default().ws_pong_timeout;
+        /// Agent sessions on /me/rpc: closed (the agent LOST) once no pong has arrived for this
+        /// long, checked every ws_ping_interval (coderd's agent rule and default).
+        agent_inactive_disconnect_timeout: Duration =
+            |_| CoordinatorConfig::default().agent_inactive_disconnect_timeout;
         /// v1 sessions: a write that takes longer ends the session.
         v1_write_timeout: Duration = |_| CoordinatorConfig::default().v1_write_timeout;
         /// v1 sessions: largest JSON message in bytes accepted from a peer.
@@ -1346,6 +1350,10 @@ impl Settings {
                 positive_duration("coordinator.ws_ping_interval", c.ws_ping_interval)?;
             coordinator_config.ws_pong_timeout =
                 positive_duration("coordinator.ws_pong_timeout", c.ws_pong_timeout)?;
+            coordinator_config.agent_inactive_disconnect_timeout = positive_duration(
+                "coordinator.agent_inactive_disconnect_timeout",
+                c.agent_inactive_disconnect_timeout,
+            )?;
             coordinator_config.v1_write_timeout =
                 positive_duration("coordinator.v1_write_timeout", c.v1_write_timeout)?;
             coordinator_config.v1_max_message = c.v1_max_message;

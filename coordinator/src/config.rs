@@ -27,6 +27,10 @@ pub struct CoordinatorConfig {
     pub ws_ping_interval: Duration,
     /// How long a WebSocket ping may stay unanswered before the session is closed with 1001.
     pub ws_pong_timeout: Duration,
+    /// Agent v2 sessions (`/me/rpc`) follow coderd's agent rule instead: closed once no pong
+    /// has arrived for this long, checked every `ws_ping_interval` (coderd's
+    /// `AgentInactiveDisconnectTimeout`: twice its 15 s update frequency).
+    pub agent_inactive_disconnect_timeout: Duration,
     /// v1 sessions: a write that takes longer ends the session (Coder: 5 s).
     pub v1_write_timeout: Duration,
     /// v1 sessions: largest JSON value accepted from a peer before the session is ended.
@@ -94,6 +98,7 @@ impl Default for CoordinatorConfig {
             resume_expiry: DEFAULT_EXPIRY,
             ws_ping_interval: Duration::from_secs(15),
             ws_pong_timeout: Duration::from_secs(15),
+            agent_inactive_disconnect_timeout: Duration::from_secs(30),
             v1_write_timeout: Duration::from_secs(5),
             v1_max_message: 1 << 20,
             response_buffer: 512,

@@ -135,6 +135,10 @@ async fn run_session(
     let ws_config = WsConfig {
         ping_interval: Some(coord.config.ws_ping_interval),
         ping_timeout: coord.config.ws_pong_timeout,
+        inactivity_timeout: match peer.kind {
+            PeerKind::Agent => Some(coord.config.agent_inactive_disconnect_timeout),
+            _ => None,
+        },
         metrics: metrics.clone(),
         ..WsConfig::server()
     };
