@@ -647,6 +647,30 @@ fn main() -> Result<()> {
         ("Go coordinator".into(), if ctx.bins.gocoord.is_some() { format!("github.com/coder/coder/v2@{CODER_VERSION} tailnet.NewCoordinator via interop/gocoord") } else { "not run".into() }),
         ("pinning".into(), if pin.enabled { "server: taskset -c 0, load generator: taskset -c 1".into() } else { "none".into() }),
     ];
+    // Provenance: what exactly ran (hashes of every binary, Go build information).
+    let binaries = [
+        ("tailnetd", Some(&ctx.bins.tailnetd)),
+        ("loadgen", Some(&ctx.bins.loadgen)),
+        ("tcpfwd", Some(&ctx.bins.tcpfwd)),
+        ("derper", ctx.bins.derper.as_ref()),
+        ("Go coordinator", ctx.bins.gocoord.as_ref()),
+    ];
+    for (name, path) in binaries {
+        let Some(path) = path else { continue };
+        res.machine.push((
+            format!("sha256 {name}"),
+            sh(&format!("sha256sum '{}' | cut -d' ' -f1", path.display())),
+        ));
+        if go && matches!(name, "derper" | "Go coordinator") {
+            res.machine.push((
+                format!("go version -m {name}"),
+                sh(&format!(
+                    "go version -m '{}' | grep -E '^\\s*(path|mod|build\\s+(-compiler|CGO_ENABLED|GOARCH|GOAMD64|GOOS|-trimpath))|: go' | tr -s '\\t' ' '",
+                    path.display()
+                )),
+            ));
+        }
+    }
 
     let mut relays = vec![Relay::Tailnetd];
     if ctx.bins.derper.is_some() {
