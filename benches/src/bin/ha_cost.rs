@@ -11,9 +11,10 @@
 //!   round ends when the agent saw all of them (so nothing is coalesced: the per-update cost);
 //! * agent updates: U changed agent nodes, each awaited at every client (fan-out across replicas).
 //!
-//! Heartbeats (one statement per replica per 2 s) are excluded; statements are split into writes
+//! Statements the replicas send are counted (`pg_stat_statements.track = top`: not the foreign
+//! key checks they trigger). Heartbeats (one statement per replica per 2 s) are excluded; statements are split into writes
 //! (INSERT/UPDATE/DELETE/pg_notify) and reads (SELECT). One JSON line on stdout.
-#![allow(clippy::print_stdout, clippy::unwrap_used)]
+#![allow(clippy::print_stdout, clippy::print_stderr, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -138,10 +139,10 @@ async fn statements(db: &tokio_postgres::Client) -> Result<(i64, i64)> {
     let row = db
         .query_one(
             "SELECT \
-               coalesce(sum(calls) FILTER (WHERE query ~* '(insert|update|delete|pg_notify)'), 0)::int8, \
-               coalesce(sum(calls) FILTER (WHERE NOT query ~* '(insert|update|delete|pg_notify)'), 0)::int8 \
+               coalesce(sum(calls) FILTER (WHERE query ~* '(\\m(insert|update|delete)\\M|pg_notify)'), 0)::int8, \
+               coalesce(sum(calls) FILTER (WHERE NOT query ~* '(\\m(insert|update|delete)\\M|pg_notify)'), 0)::int8 \
              FROM pg_stat_statements \
-             WHERE query NOT LIKE '%tailnet_coordinator_heartbeat%' \
+             WHERE query NOT LIKE 'WITH h AS (INSERT INTO tailnet_coordinators%' \
                AND query NOT LIKE '%pg_stat_statements%' \
                AND query !~* '^\\s*(begin|commit|rollback|set|show|listen|discard)'",
             &[],
@@ -305,6 +306,18 @@ async fn main() -> Result<()> {
             "per_agent_update_reads": agent_cost.1 as f64 / rounds,
         })
     );
+    // Every statement with its calls, on stderr (what the figures above are made of).
+    for r in db
+        .query(
+            "SELECT calls, left(regexp_replace(query, '\\s+', ' ', 'g'), 110) FROM pg_stat_statements \
+             ORDER BY calls DESC LIMIT 15",
+            &[],
+        )
+        .await?
+    {
+        let (calls, q): (i64, String) = (r.get(0), r.get(1));
+        eprintln!("{calls:>8}  {q}");
+    }
     drop(clients);
     drop(agent);
     Ok(())

@@ -536,7 +536,8 @@ async fn clean(db: &Client) -> Result<(), HaError> {
 enum Hint {
     /// Local peer connected: map the remote ends of its tunnels.
     LocalConnected(Uuid),
-    /// Local peer `local`'s tunnel to a possibly remote `remote` was written: map that pair.
+    /// Local peer `local`'s tunnel to a possibly remote `remote` was written or deleted: map that
+    /// pair (the mapper skips the notification of that write).
     Remote {
         /// The other end.
         remote: Uuid,
@@ -835,6 +836,13 @@ impl Writer {
                 .await?;
                 writes.with_label_values(&["untunnel"]).inc();
                 self.tunnels.remove(&(about, to));
+                let _ = self
+                    .hints
+                    .send(Hint::Remote {
+                        remote: to,
+                        local: about,
+                    })
+                    .await;
             }
             SourceEvent::ReadyForHandshake { about, to } => {
                 let db = self.pool.get().await?;
@@ -1005,10 +1013,10 @@ impl Mapper {
             (CHANNEL_TUNNEL_UPDATE, [src, dst]) => {
                 let (src_local, dst_local) = (self.graph.is_local(*src), self.graph.is_local(*dst));
                 // Remote peers are only linked with local ones: a tunnel between two remote
-                // peers (or two local ones) changes nothing here.
-                if src_local && !dst_local {
-                    self.refresh_pair(*dst, *src).await?;
-                } else if dst_local && !src_local {
+                // peers (or two local ones) changes nothing here. A tunnel from a local peer was
+                // written by this replica's writer, which already had the pair re-read (rows of
+                // a local id under other coordinators are ignored anyway).
+                if dst_local && !src_local {
                     self.refresh_pair(*src, *dst).await?;
                 }
             }
