@@ -329,7 +329,11 @@ async fn run(s: Settings) -> Result<()> {
                      appear twice"
                 );
             }
-            let h = coordinator::ha::start(c.graph().clone(), url)
+            let options = coordinator::ha::HaOptions {
+                registry: registry.clone(),
+                ..Default::default()
+            };
+            let h = coordinator::ha::start_with(c.graph().clone(), url, options)
                 .await
                 .context("postgres_url: starting the replica store")?;
             tracing::info!(coordinator_id = %h.coordinator_id(), "sharing the peer graph through PostgreSQL");

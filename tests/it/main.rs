@@ -11,4 +11,8 @@ mod derper_compat;
 mod limits;
 mod metrics_addr;
 mod region_health;
+mod replicas;
 mod support;
+// The throwaway PostgreSQL server of the coordinator's replica tests.
+#[path = "../../coordinator/tests/it/pg_server.rs"]
+mod pg_server;

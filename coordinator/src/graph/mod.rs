@@ -144,7 +144,9 @@ pub use self::core::{
 };
 pub use self::outbox::{Encoded, PeerReceiver, TryRecvError};
 use self::outbox::{Outbox, PushError, Update};
-pub use self::remote::{RemoteSource, SourceEvent, SourceEvents, DEFAULT_SOURCE_QUEUE};
+pub use self::remote::{
+    LocalPeerState, RemoteSource, SourceEvent, SourceEvents, DEFAULT_SOURCE_QUEUE,
+};
 use self::shard::{Conn, Link, Locked, Shards};
 use crate::authz::{AuthzError, CoordinateeAuth};
 
