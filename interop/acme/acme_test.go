@@ -339,7 +339,20 @@ func TestACMEIssuesWithHTTP01(t *testing.T) {
 	p := startPebble(t, port(t, httpAddr), 1 /* no TLS-ALPN-01 here */, 3600)
 	roots := p.root(t)
 	certDir := filepath.Join(t.TempDir(), "certs")
+	// A stored file that is not a certificate: logged, counted, and replaced by a new order.
+	if err := os.MkdirAll(certDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(certDir, hostname), []byte("half-written"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	r := relay(t, p, certDir, "127.0.0.1:0", httpAddr, "--acme-challenge", "http-01")
+	if got := metric(t, r, "derp_acme_store_errors_total"); got != 1 {
+		t.Fatalf("derp_acme_store_errors_total = %v, want 1", got)
+	}
+	if !strings.Contains(r.Log().String(), "stored ACME certificate unusable") {
+		t.Fatalf("no log line for the unusable stored file")
+	}
 	httpsAddr := r.Announcement().HTTPSAddr
 	leaf := waitServed(t, httpsAddr, roots, "", 60*time.Second)
 	if got := storedLeaf(t, certDir); !got.Equal(leaf) {

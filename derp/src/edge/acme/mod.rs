@@ -153,6 +153,7 @@ struct AcmeMetrics {
     failed: prometheus::IntCounter,
     not_after: prometheus::IntGauge,
     challenges: prometheus::IntCounterVec,
+    store_errors: prometheus::IntCounter,
 }
 
 impl AcmeMetrics {
@@ -169,6 +170,11 @@ impl AcmeMetrics {
             "derp_acme_certificate_not_after_seconds",
             "Expiry (Unix time) of the ACME certificate in service; 0 = none.",
         )?;
+        let store_errors = prometheus::IntCounter::new(
+            "derp_acme_store_errors_total",
+            "Times the certificate directory could not be read at start (a new certificate is \
+             ordered) or written after an order (the new certificate is served anyway).",
+        )?;
         let challenges = prometheus::IntCounterVec::new(
             prometheus::Opts::new(
                 "derp_acme_challenges_answered_total",
@@ -179,7 +185,9 @@ impl AcmeMetrics {
         registry.register(Box::new(renewals.clone()))?;
         registry.register(Box::new(not_after.clone()))?;
         registry.register(Box::new(challenges.clone()))?;
+        registry.register(Box::new(store_errors.clone()))?;
         Ok(AcmeMetrics {
+            store_errors,
             issued: renewals.with_label_values(&["issued"]),
             failed: renewals.with_label_values(&["failed"]),
             not_after,
@@ -278,6 +286,7 @@ impl AcmeManager {
             }
             Ok(None) => {}
             Err(e) => {
+                manager.metrics.store_errors.inc();
                 tracing::error!(error = %e, "stored ACME certificate unusable; a new one will be ordered")
             }
         }
@@ -440,11 +449,12 @@ impl AcmeManager {
             )
             .await?;
         if new_key {
-            store::save_account_key(dir, pkcs8.secret_pkcs8_der())?;
             if let Some(email) = &self.cfg.email {
                 let contact = format!("mailto:{email}");
                 account.update_contacts(&[contact.as_str()]).await?;
             }
+            // Kept once the account is complete: a failure above starts afresh next time.
+            store::save_account_key(dir, pkcs8.secret_pkcs8_der())?;
         }
 
         let identifiers = [Identifier::Dns(self.cfg.hostname.clone())];
@@ -505,10 +515,16 @@ impl AcmeManager {
         order.finalize_csr(csr.der()).await?;
         let chain_pem = order.poll_certificate(&policy).await?;
         let key_pem = leaf_key.serialize_pem();
-        let path = store::save(dir, &self.cfg.hostname, &key_pem, &chain_pem)?;
+        let path = store::cert_file(dir, &self.cfg.hostname);
         let stored = store::parse(format!("{key_pem}{chain_pem}").as_bytes(), &path)?;
         let validity = stored.validity;
         self.install(stored)?;
+        // Served even when it cannot be kept: ordering again would not fix the directory and
+        // would spend the CA's rate limit. The next start orders anew.
+        if let Err(e) = store::save(dir, &self.cfg.hostname, &key_pem, &chain_pem) {
+            self.metrics.store_errors.inc();
+            tracing::error!(error = %e, "ACME certificate in service but not stored; fix acme.cert_dir");
+        }
         Ok(validity)
     }
 }
