@@ -546,7 +546,7 @@ settings! {
         http_addr: String = |role| {
             if role == Role::Dev { "127.0.0.1:3340" } else { "0.0.0.0:8080" }.into()
         };
-        /// HTTPS listen address (needs tls_cert and tls_key); empty disables.
+        /// HTTPS listen address (needs tls_cert and tls_key, or acme.hostname); empty disables.
         https_addr: String = |_| String::new();
         /// PEM certificate chain (leaf first) for HTTPS; reloaded when the file changes.
         tls_cert: Option<PathBuf> = |_| None;
@@ -578,6 +578,38 @@ settings! {
         };
         /// Also serve `/metrics` on the public listener(s) (on by default only for `dev`).
         metrics_on_public_listener: bool = |role| role == Role::Dev;
+    }
+
+    /// ACME certificates for the HTTPS listener (`[acme]`), instead of tls_cert/tls_key:
+    /// derper's `-certmode=letsencrypt`.
+    group AcmeSettings {
+        heading: "Certificates (ACME)",
+        section: "acme",
+        flag_prefix: "acme-",
+        roles: EVERY_ROLE,
+    } {
+        /// DNS name to obtain the HTTPS certificate for from an ACME CA (Let's Encrypt by
+        /// default); unset = off. Needs https_addr and acme.cert_dir.
+        hostname: Option<String> = |_| None;
+        /// Directory keeping the certificate (file named after the hostname, derper's layout)
+        /// and the ACME account key.
+        cert_dir: Option<PathBuf> = |_| None;
+        /// ACME directory URL of the CA (e.g. Let's Encrypt staging:
+        /// https://acme-staging-v02.api.letsencrypt.org/directory).
+        directory_url: String = |_| EdgeConfig::default().acme_directory_url;
+        /// Contact e-mail registered with a new ACME account.
+        email: Option<String> = |_| None;
+        /// Extra CA certificates (PEM) trusted for the ACME server's HTTPS (a private or test
+        /// CA), besides the web PKI roots.
+        ca_file: Option<PathBuf> = |_| None;
+        /// Challenge: `tls-alpn-01` (answered on the HTTPS listener, port 443) or `http-01`
+        /// (answered on the HTTP listener, port 80).
+        challenge: String = |_| EdgeConfig::default().acme_challenge;
+        /// Certificate profile to ask the CA for (e.g. `shortlived`); unset = the CA's default.
+        profile: Option<String> = |_| None;
+        /// Longest time between two looks at the certificate's expiry; it is renewed once less
+        /// than a third of its lifetime is left.
+        check_interval: Duration = |_| EdgeConfig::default().acme_check_interval;
     }
 
     /// The relay's own listener and identity: roles that run the relay.
@@ -1189,6 +1221,9 @@ pub struct Settings {
 
 /// Names a relay-crate config field the way the TOML file spells it.
 fn relay_field(field: &str) -> String {
+    if let Some(name) = field.strip_prefix("acme_") {
+        return AcmeSettings::SPEC.key(name);
+    }
     let top_level = GeneralSettings::SPEC
         .settings
         .iter()
@@ -1228,6 +1263,8 @@ impl Settings {
         };
         let general = GeneralSettings::resolve(&mut src)?
             .ok_or_else(|| anyhow!("general settings apply to every role"))?;
+        let acme = AcmeSettings::resolve(&mut src)?
+            .ok_or_else(|| anyhow!("ACME settings apply to every role"))?;
         let relay_node = RelayNodeSettings::resolve(&mut src)?;
         let relay_tuning = RelayTuningSettings::resolve(&mut src)?;
         let admission = AdmissionSettings::resolve(&mut src)?;
@@ -1246,6 +1283,14 @@ impl Settings {
             tls_cert: general.tls_cert,
             tls_key: general.tls_key,
             stun_addr: String::new(),
+            acme_hostname: acme.hostname,
+            acme_cert_dir: acme.cert_dir,
+            acme_directory_url: acme.directory_url,
+            acme_email: acme.email,
+            acme_ca_file: acme.ca_file,
+            acme_challenge: acme.challenge,
+            acme_profile: acme.profile,
+            acme_check_interval: acme.check_interval,
             ..EdgeConfig::default()
         };
         if let Some(node) = relay_node {

@@ -347,6 +347,10 @@ async fn run(s: Settings) -> Result<()> {
     };
 
     let mut app = ops_routes(health.clone(), s.metrics_on_public_listener);
+    // ACME HTTP-01 answers (the CA asks on the plain HTTP listener, port 80).
+    if let Some(acme) = &bound.acme {
+        app = app.merge(acme.http01_router());
+    }
     if let Some(c) = &coordinator {
         app = app.merge(c.router());
         if let Some(up) = c.upstream() {

@@ -11,7 +11,10 @@
 //!
 //! A flag whose feature tailnetd lacks is an error naming it (never silently ignored); a flag
 //! that only refines a feature left off (`-socket` without `-verify-clients`, `-acme-email`
-//! without ACME) is accepted and has no effect, as in derper. When any of derper's listener or
+//! without `-certmode=letsencrypt`) is accepted and has no effect, as in derper.
+//! `-certmode=letsencrypt` maps to the `[acme]` settings (hostname, cert directory, e-mail); the
+//! ACME directory and a private CA for it stay tailnetd's flags (`--acme-directory-url`,
+//! `--acme-ca-file`), which may be given alongside. When any of derper's listener or
 //! key flags (`-a`, `-http-port`, `-stun-port`, `-stun`, `-certmode`, `-certdir`, `-hostname`,
 //! `-c`) is present, derper's defaults apply to all of them (`-a :443`, `-http-port 80`,
 //! `-stun-port 3478`, `-certmode letsencrypt`, the key file `/var/lib/derper/derper.key` when
@@ -89,6 +92,8 @@ const LISTENER_FLAGS: &[&str] = &[
     "--tls-cert",
     "--tls-key",
     "--key-file",
+    "--acme-hostname",
+    "--acme-cert-dir",
 ];
 
 /// The setting that derper's `-mesh-with` maps to (`relay.mesh_with`, flag `--mesh-with`).
@@ -267,7 +272,7 @@ impl Flags {
         self.refuse(
             "acme-ip-certs",
             on,
-            "tailnetd has no ACME (Let's Encrypt) support yet",
+            "tailnetd obtains ACME certificates for DNS names only, not IP addresses",
         )?;
         self.refuse("ace", on, "tailnetd has no ACE (CONNECT proxy) server")?;
 
@@ -374,32 +379,47 @@ impl Flags {
         };
         if serve_tls {
             let hostname = self.get("hostname").unwrap_or("derp.tailscale.com");
-            match certmode {
-                "manual" => {}
-                "letsencrypt" | "gcp" => {
-                    return Err(format!(
-                        "-certmode={certmode}: tailnetd has no ACME (Let's Encrypt) support yet; \
-                         obtain a certificate and use -certmode=manual -certdir=DIR with \
-                         DIR/{}.crt and DIR/{}.key (TLS is on because {})",
-                        safe_hostname(hostname),
-                        safe_hostname(hostname),
-                        if port == "443" {
-                            "-a's port is 443"
-                        } else {
-                            "of -certmode"
-                        }
-                    ))
-                }
-                other => return Err(format!("-certmode={other}: unsupported cert mode")),
-            }
             let dir = self
                 .get("certdir")
                 .map(PathBuf::from)
                 .unwrap_or_else(default_cert_dir);
+            match certmode {
+                "manual" => {}
+                "letsencrypt" => {
+                    for eab in ["acme-eab-kid", "acme-eab-key"] {
+                        self.refuse(
+                            eab,
+                            |v| !v.is_empty(),
+                            "tailnetd does not do ACME External Account Binding",
+                        )?;
+                    }
+                    if hostname.parse::<std::net::IpAddr>().is_ok() {
+                        return Err(format!(
+                            "-hostname={hostname}: tailnetd obtains ACME certificates for DNS \
+                             names only; use -certmode=manual for an IP address"
+                        ));
+                    }
+                    out.push(format!("--https-addr={addr}"));
+                    out.push(format!("--acme-hostname={hostname}"));
+                    out.push(format!("--acme-cert-dir={}", dir.display()));
+                    if let Some(email) = self.get("acme-email").filter(|e| !e.is_empty()) {
+                        out.push(format!("--acme-email={email}"));
+                    }
+                }
+                "gcp" => {
+                    return Err(
+                        "-certmode=gcp: Google's CA needs ACME External Account Binding, which \
+                         tailnetd does not do; use -certmode=letsencrypt or -certmode=manual"
+                            .to_string(),
+                    )
+                }
+                other => return Err(format!("-certmode={other}: unsupported cert mode")),
+            }
             let name = safe_hostname(hostname);
             let crt = dir.join(format!("{name}.crt"));
             let key = dir.join(format!("{name}.key"));
-            if hostname.parse::<std::net::IpAddr>().is_ok() && !crt.exists() {
+            if certmode == "manual" && hostname.parse::<std::net::IpAddr>().is_ok() && !crt.exists()
+            {
                 return Err(format!(
                     "-hostname={hostname}: derper creates a self-signed certificate for an IP \
                      address when {} is missing; tailnetd does not: create it (and {})",
@@ -407,9 +427,11 @@ impl Flags {
                     key.display()
                 ));
             }
-            out.push(format!("--https-addr={addr}"));
-            out.push(format!("--tls-cert={}", crt.display()));
-            out.push(format!("--tls-key={}", key.display()));
+            if certmode == "manual" {
+                out.push(format!("--https-addr={addr}"));
+                out.push(format!("--tls-cert={}", crt.display()));
+                out.push(format!("--tls-key={}", key.display()));
+            }
             let http_port = port_of("http-port", 80)?;
             if http_port > -1 {
                 out.push(format!("--http-addr={}", join(&http_port.to_string())));
@@ -631,12 +653,55 @@ mod tests {
     }
 
     #[test]
-    fn missing_features_are_named_errors() {
-        let e = tr("tailnetd derp -hostname=derp.example.com -c=k").unwrap_err();
-        assert!(
-            e.starts_with("-certmode=letsencrypt: tailnetd has no ACME"),
-            "{e}"
+    fn letsencrypt_maps_to_the_acme_settings() {
+        let out = tr("tailnetd derp -hostname=derp.example.com -c=k -certdir=/var/cache/derper -acme-email=ops@example.com --acme-directory-url=https://ca.test/dir").unwrap();
+        assert_eq!(
+            out[2..],
+            [
+                "--acme-directory-url=https://ca.test/dir",
+                "--https-addr=:443",
+                "--acme-hostname=derp.example.com",
+                "--acme-cert-dir=/var/cache/derper",
+                "--acme-email=ops@example.com",
+                "--http-addr=:80",
+                "--stun-addr=:3478",
+                "--key-file=k",
+            ]
         );
+        // Not on 443 and not manual: plain HTTP, as derper; -acme-email then does nothing.
+        let out =
+            tr("tailnetd derp -a :8080 -hostname=h.example.com -acme-email=x@y -c k").unwrap();
+        assert_eq!(out[2], "--http-addr=:8080");
+        assert!(!out.iter().any(|a| a.starts_with("--acme")));
+        for (line, flag) in [
+            (
+                "tailnetd derp -hostname=10.0.0.1 -certdir=d -c k",
+                "-hostname=10.0.0.1",
+            ),
+            (
+                "tailnetd derp -hostname=h -certdir=d -acme-eab-kid=x -c k",
+                "-acme-eab-kid=x",
+            ),
+            (
+                "tailnetd derp -certmode=gcp -hostname=h -certdir=d -c k",
+                "-certmode=gcp",
+            ),
+            (
+                "tailnetd derp -acme-ip-certs -hostname=h -certdir=d -c k",
+                "-acme-ip-certs=true",
+            ),
+            (
+                "tailnetd derp -hostname=h -certdir=d -c k --acme-hostname=other",
+                "--acme-hostname=other: cannot be mixed",
+            ),
+        ] {
+            let e = tr(line).unwrap_err();
+            assert!(e.starts_with(flag), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn missing_features_are_named_errors() {
         for (line, flag) in [
             ("tailnetd derp -verify-clients", "-verify-clients=true"),
             ("tailnetd derp -dev", "-dev=true"),

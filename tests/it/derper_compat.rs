@@ -1,5 +1,6 @@
 //! derper's command lines, unchanged, with `tailnetd derp`: the documented manual-certificate
-//! line through `--check` and through a real start, flags whose feature tailnetd lacks failing
+//! line through `--check` and through a real start, the `-certmode=letsencrypt` line mapped to
+//! the ACME settings (issuance itself: interop/acme with Pebble), flags whose feature tailnetd lacks failing
 //! with the flag's name, `-rate-config` with its SIGHUP reload, and the accept-rate flags.
 
 use std::io::{Read, Write};
@@ -74,12 +75,44 @@ fn derper_readme_manual_cert_line_checks() {
 }
 
 #[test]
+fn derper_letsencrypt_line_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    // derper's default certmode is letsencrypt, and -a defaults to :443: ACME for -hostname,
+    // kept in -certdir, the HTTP listener on :80.
+    let (code, out, err) = check(&[
+        "derp",
+        "-hostname=derp.example.com",
+        &format!("-c={d}/derper.key"),
+        &format!("-certdir={d}"),
+        "-acme-email=ops@example.com",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    for line in [
+        "https_addr = \":443\"  # flag".to_string(),
+        "http_addr = \":80\"  # flag".to_string(),
+        "hostname = \"derp.example.com\"  # flag".to_string(),
+        format!("cert_dir = \"{d}\"  # flag"),
+        "email = \"ops@example.com\"  # flag".to_string(),
+        "directory_url = \"https://acme-v02.api.letsencrypt.org/directory\"  # default".to_string(),
+        "challenge = \"tls-alpn-01\"  # default".to_string(),
+    ] {
+        assert!(out.contains(&line), "{line} missing from:\n{out}");
+    }
+}
+
+#[test]
 fn derper_flags_tailnetd_lacks_fail_naming_the_flag() {
     for (args, flag) in [
-        // derper's default certmode is letsencrypt, and -a defaults to :443.
+        // Google's CA needs External Account Binding.
         (
-            vec!["derp", "-hostname=derp.example.com", "-c=/tmp/k"],
-            "-certmode=letsencrypt",
+            vec![
+                "derp",
+                "-certmode=gcp",
+                "-hostname=derp.example.com",
+                "-c=/tmp/k",
+            ],
+            "-certmode=gcp",
         ),
         (
             vec!["derp", "-verify-clients", "-a=:3340", "-c=/tmp/k"],

@@ -28,6 +28,24 @@ pub struct EdgeConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `https_addr`.
     pub tls_key: Option<PathBuf>,
+    /// Obtain the HTTPS certificate for this DNS name from an ACME CA (instead of `tls_cert` and
+    /// `tls_key`); `None` = off. See [`crate::edge::acme`].
+    pub acme_hostname: Option<String>,
+    /// Directory holding ACME certificates and the account key (derper's `-certdir` layout).
+    pub acme_cert_dir: Option<PathBuf>,
+    /// The CA's ACME directory URL (Let's Encrypt production by default).
+    pub acme_directory_url: String,
+    /// Contact e-mail given to the CA with a new account.
+    pub acme_email: Option<String>,
+    /// Extra CA certificates (PEM) trusted for the ACME server's HTTPS.
+    pub acme_ca_file: Option<PathBuf>,
+    /// `tls-alpn-01` (on the HTTPS listener) or `http-01` (on the HTTP listener, port 80).
+    pub acme_challenge: String,
+    /// The CA's certificate profile; `None` = the CA's default.
+    pub acme_profile: Option<String>,
+    /// Longest time between two looks at the certificate's expiry.
+    #[serde(with = "duration_text")]
+    pub acme_check_interval: Duration,
     /// UDP STUN listener; empty disables.
     pub stun_addr: String,
     /// derper-format JSON key file; created if missing. `None` = ephemeral key (dev only).
@@ -82,6 +100,14 @@ impl Default for EdgeConfig {
             https_addr: String::new(),
             tls_cert: None,
             tls_key: None,
+            acme_hostname: None,
+            acme_cert_dir: None,
+            acme_directory_url: crate::edge::acme::LETS_ENCRYPT_PRODUCTION.into(),
+            acme_email: None,
+            acme_ca_file: None,
+            acme_challenge: "tls-alpn-01".into(),
+            acme_profile: None,
+            acme_check_interval: Duration::from_secs(3600),
             stun_addr: String::new(),
             key_file: None,
             mesh_psk_file: None,
@@ -193,13 +219,28 @@ impl EdgeConfig {
                 "no listener: set http_addr or https_addr".into(),
             );
         }
+        let acme = self.acme_hostname.is_some();
         if let Ok(Some(_)) = https {
-            if self.tls_cert.is_none() {
-                bad("tls_cert", "required when https_addr is set".into());
+            if acme && (self.tls_cert.is_some() || self.tls_key.is_some()) {
+                bad(
+                    "acme_hostname",
+                    "set either acme_hostname or tls_cert and tls_key, not both".into(),
+                );
             }
-            if self.tls_key.is_none() {
-                bad("tls_key", "required when https_addr is set".into());
+            if self.tls_cert.is_none() && !acme {
+                bad(
+                    "tls_cert",
+                    "required when https_addr is set (or set acme_hostname)".into(),
+                );
             }
+            if self.tls_key.is_none() && !acme {
+                bad(
+                    "tls_key",
+                    "required when https_addr is set (or set acme_hostname)".into(),
+                );
+            }
+        } else if acme {
+            bad("acme_hostname", "needs https_addr".into());
         } else if self.tls_cert.is_some() != self.tls_key.is_some() {
             let field = if self.tls_cert.is_some() {
                 "tls_key"
@@ -211,6 +252,40 @@ impl EdgeConfig {
         if let (Ok(Some(a)), Ok(Some(b))) = (&http, &https) {
             if a == b && a.port() != 0 {
                 bad("https_addr", format!("same address as http_addr ({a})"));
+            }
+        }
+        if let Some(h) = &self.acme_hostname {
+            let valid = !h.is_empty()
+                && h.len() <= 253
+                && h.parse::<IpAddr>().is_err()
+                && h.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                });
+            if !valid {
+                bad("acme_hostname", format!("{h:?} is not a DNS name"));
+            }
+            if self.acme_cert_dir.is_none() {
+                bad("acme_cert_dir", "required with acme_hostname".into());
+            }
+            match crate::edge::acme::ChallengeKind::parse(&self.acme_challenge) {
+                Err(e) => bad("acme_challenge", e),
+                Ok(crate::edge::acme::ChallengeKind::Http01) if matches!(http, Ok(None)) => bad(
+                    "acme_challenge",
+                    "http-01 needs the plain HTTP listener (http_addr, port 80 for a real CA)"
+                        .into(),
+                ),
+                Ok(_) => {}
+            }
+            if !self.acme_directory_url.starts_with("https://") {
+                bad(
+                    "acme_directory_url",
+                    format!("{:?} must start with https://", self.acme_directory_url),
+                );
+            }
+            if self.acme_check_interval < Duration::from_secs(1) {
+                bad("acme_check_interval", "must be at least 1s".into());
             }
         }
         if self
@@ -400,6 +475,58 @@ mod edge_tests {
         );
         assert_eq!(parse_listen_addr("").unwrap(), None);
         assert!(parse_listen_addr("example.com:80").is_err());
+    }
+
+    #[test]
+    fn edge_acme_settings_are_checked() {
+        let acme = |f: &dyn Fn(&mut EdgeConfig)| {
+            let mut cfg = EdgeConfig {
+                https_addr: "127.0.0.1:443".into(),
+                acme_hostname: Some("derp.example.com".into()),
+                acme_cert_dir: Some("/var/lib/certs".into()),
+                ..EdgeConfig::default()
+            };
+            f(&mut cfg);
+            cfg.validate()
+                .err()
+                .map(|e| e.0.iter().map(|e| e.field).collect::<Vec<_>>())
+        };
+        assert_eq!(acme(&|_| {}), None, "ACME instead of certificate files");
+        assert_eq!(
+            acme(&|c| c.acme_cert_dir = None),
+            Some(vec!["acme_cert_dir"])
+        );
+        assert_eq!(
+            acme(&|c| c.tls_cert = Some("/c".into())),
+            Some(vec!["acme_hostname"])
+        );
+        assert_eq!(acme(&|c| c.https_addr.clear()), Some(vec!["acme_hostname"]));
+        for bad in ["10.0.0.1", "a..b", "", "x_y.example"] {
+            assert_eq!(
+                acme(&|c| c.acme_hostname = Some(bad.into())),
+                Some(vec!["acme_hostname"]),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            acme(&|c| c.acme_challenge = "dns-01".into()),
+            Some(vec!["acme_challenge"])
+        );
+        assert_eq!(
+            acme(&|c| {
+                c.acme_challenge = "http-01".into();
+                c.http_addr.clear();
+            }),
+            Some(vec!["acme_challenge"])
+        );
+        assert_eq!(
+            acme(&|c| c.acme_directory_url = "http://ca/dir".into()),
+            Some(vec!["acme_directory_url"])
+        );
+        assert_eq!(
+            acme(&|c| c.acme_check_interval = Duration::from_millis(10)),
+            Some(vec!["acme_check_interval"])
+        );
     }
 
     #[test]

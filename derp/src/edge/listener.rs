@@ -33,6 +33,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::edge::acme::{AcmeConfig, AcmeError, AcmeManager, ChallengeKind};
 use crate::edge::config::{ConfigErrors, EdgeConfig};
 use crate::edge::http::{serve_until_derp_limited, HttpEdge};
 use crate::edge::metacert::MetaCertError;
@@ -436,6 +437,14 @@ pub async fn serve(
                     }
                     Some(acceptor) => {
                         match tokio::time::timeout(hs_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(tls))
+                                if tls.get_ref().1.alpn_protocol()
+                                    == Some(crate::edge::acme::ACME_TLS_ALPN) =>
+                            {
+                                // A TLS-ALPN-01 validation: the handshake was the answer.
+                                tracing::debug!(%remote, "ACME TLS-ALPN-01 validation answered");
+                                None
+                            }
                             Ok(Ok(tls)) => {
                                 serve_until_derp_limited(tls, remote, edge, true, cancel, forwarded)
                                     .await
@@ -474,8 +483,11 @@ pub struct Bound {
     pub https_addr: Option<SocketAddr>,
     /// Actual address of the STUN socket.
     pub stun_addr: Option<SocketAddr>,
-    /// The certificate reloader of the HTTPS listener.
+    /// The certificate reloader of the HTTPS listener (certificate files).
     pub tls: Option<Arc<TlsReloader>>,
+    /// The ACME manager of the HTTPS listener (`acme_hostname`); its renewal loop starts with
+    /// [`Bound::spawn`], and its [`AcmeManager::http01_router`] belongs in the router.
+    pub acme: Option<Arc<AcmeManager>>,
     /// Cap on relay (DERP) connections: `max_connections`, lowered to fit under the open-file
     /// limit (see [`crate::edge::fdlimit`]). Hand it to [`HttpEdge::with_relay_cap`].
     pub relay_cap: usize,
@@ -522,6 +534,11 @@ impl Bound {
                 cancel.clone(),
             )));
         }
+        if let Some(acme) = &self.acme {
+            if self.https.is_some() {
+                tasks.push(tokio::spawn(acme.clone().run(cancel.clone())));
+            }
+        }
         if let Some((l, tls)) = self.https.take() {
             tasks.push(tokio::spawn(serve(
                 l,
@@ -554,6 +571,9 @@ pub enum StartError {
     /// TLS files could not be loaded.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The ACME manager could not start.
+    #[error(transparent)]
+    Acme(#[from] AcmeError),
     /// The meta cert could not be generated.
     #[error(transparent)]
     MetaCert(#[from] MetaCertError),
@@ -583,6 +603,7 @@ pub async fn bind(
         https_addr: None,
         stun_addr: None,
         tls: None,
+        acme: None,
         relay_cap: cfg.max_connections,
         opts: ListenerOptions::from_config(cfg),
         http: None,
@@ -635,6 +656,42 @@ pub async fn bind(
             })?;
         bound.https_addr = l.local_addr().ok();
         bound.tls = Some(reloader);
+        bound.https = Some((l, server_config));
+    }
+    if let (Some(addr), Some(hostname), Some(cert_dir)) =
+        (https, &cfg.acme_hostname, &cfg.acme_cert_dir)
+    {
+        let meta = derp_key.map(crate::edge::metacert::generate).transpose()?;
+        let challenge = ChallengeKind::parse(&cfg.acme_challenge).map_err(|reason| {
+            ConfigErrors(vec![crate::edge::config::ConfigError {
+                field: "acme_challenge",
+                reason,
+            }])
+        })?;
+        let acme = Arc::new(AcmeManager::new(
+            AcmeConfig {
+                hostname: hostname.clone(),
+                cert_dir: cert_dir.clone(),
+                directory_url: cfg.acme_directory_url.clone(),
+                email: cfg.acme_email.clone(),
+                ca_file: cfg.acme_ca_file.clone(),
+                challenge,
+                profile: cfg.acme_profile.clone(),
+                check_interval: cfg.acme_check_interval,
+            },
+            meta,
+            registry,
+        )?);
+        let server_config = acme.server_config().map_err(AcmeError::from)?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "https",
+                addr,
+                source,
+            })?;
+        bound.https_addr = l.local_addr().ok();
+        bound.acme = Some(acme);
         bound.https = Some((l, server_config));
     }
     if let Some(addr) = stun {
