@@ -147,6 +147,74 @@ impl SettingValue for String {
     }
 }
 
+/// A database URL: used as given, shown (by `--check`, in logs) with its password replaced.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(pub String);
+
+impl DatabaseUrl {
+    /// The URL with the password of its user info and any `password=` parameter replaced by
+    /// `(secret)`.
+    pub fn redacted(&self) -> String {
+        let url = &self.0;
+        let mut out = match url.find("://") {
+            Some(scheme_end) => {
+                let rest = &url[scheme_end + 3..];
+                let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+                let authority = &rest[..authority_end];
+                match authority.rfind('@') {
+                    Some(at) => {
+                        let user_info = &authority[..at];
+                        let user = user_info.split(':').next().unwrap_or("");
+                        let shown = if user_info.contains(':') {
+                            format!("{user}:(secret)")
+                        } else {
+                            user.to_string()
+                        };
+                        format!(
+                            "{}{shown}{}",
+                            &url[..scheme_end + 3],
+                            &url[scheme_end + 3 + at..]
+                        )
+                    }
+                    None => url.clone(),
+                }
+            }
+            None => url.clone(),
+        };
+        if let Some(q) = out.find('?') {
+            let (head, query) = out.split_at(q + 1);
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=(secret)"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            out = format!("{head}{}", query.join("&"));
+        }
+        out
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl SettingValue for DatabaseUrl {
+    const VALUE_NAME: &'static str = "URL";
+    fn from_text(text: &str) -> Result<Self, String> {
+        Ok(DatabaseUrl(text.to_string()))
+    }
+    fn from_toml(value: toml::Value) -> Result<Self, String> {
+        String::from_toml(value).map(DatabaseUrl)
+    }
+    fn to_toml(&self) -> Option<String> {
+        Some(toml::Value::String(self.redacted()).to_string())
+    }
+}
+
 impl SettingValue for PathBuf {
     const VALUE_NAME: &'static str = "PATH";
     fn from_text(text: &str) -> Result<Self, String> {
@@ -876,7 +944,7 @@ settings! {
         /// PostgreSQL URL (`postgres://user:pass@host:port/db`): replicas share one peer graph
         /// through Coder's HA tables (see README, "Replicas"); unset = this process alone.
         #[flag = "postgres-url"]
-        postgres_url: Option<String> = |_| None;
+        postgres_url: Option<DatabaseUrl> = |_| None;
     }
 
     /// Static tokens and resume-token keys (`[auth]`). The tokens are used when no upstream
@@ -1375,7 +1443,9 @@ impl Settings {
         let upstream_bridge = upstream.is_some() && bridge;
 
         let mut coordinator_config = CoordinatorConfig::default();
-        let postgres_url = coordinator.as_ref().and_then(|c| c.postgres_url.clone());
+        let postgres_url = coordinator
+            .as_ref()
+            .and_then(|c| c.postgres_url.as_ref().map(|u| u.0.clone()));
         if let Some(c) = coordinator {
             if c.response_buffer == 0 {
                 bail!("coordinator.response_buffer: must be at least 1");

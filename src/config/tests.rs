@@ -527,3 +527,25 @@ fn upstream_bridge_is_on_with_an_upstream_unless_switched_off() {
     let from_file = resolve(&["coordinator", "--config", path.to_str().unwrap()]).unwrap();
     assert!(!from_file.upstream_bridge);
 }
+
+#[test]
+fn postgres_url_password_stays_out_of_check() {
+    let url = "postgres://tailnetd:hunter2@db:5432/tailnet?sslmode=require&password=hunter3";
+    let s = resolve(&["coordinator", "--postgres-url", url]).unwrap();
+    assert_eq!(s.postgres_url.as_deref(), Some(url), "used as given");
+    let shown = s.effective_toml();
+    assert!(
+        !shown.contains("hunter2") && !shown.contains("hunter3"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(
+            "postgres://tailnetd:(secret)@db:5432/tailnet?sslmode=require&password=(secret)"
+        ),
+        "{shown}"
+    );
+    let no_password = DatabaseUrl("postgres://tailnetd@db/tailnet".into());
+    assert_eq!(no_password.redacted(), "postgres://tailnetd@db/tailnet");
+    let at_in_path = DatabaseUrl("postgresql://u:p@ss@db/x".into());
+    assert_eq!(at_in_path.redacted(), "postgresql://u:(secret)@db/x");
+}
