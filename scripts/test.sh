@@ -67,6 +67,21 @@ if [ ${#go_modules[@]} -gt 0 ]; then
       echo "== $mod"
       (cd "$mod" && go list -deps -test ./... >/dev/null)
     done
+    # interop/acme builds Pebble (the ACME test CA, a tool of its go.mod) in its test; compile
+    # it here so that build is a cache hit.
+    if [ -d interop/acme ]; then
+      echo "== pebble"
+      (cd interop/acme && go build -o /dev/null github.com/letsencrypt/pebble/v2/cmd/pebble)
+    fi
+    # interop/tailscale's mesh tests run Tailscale's derper and derpprobe, which they build with
+    # `go install ...@<pinned version>` once per run; fetch and compile them here, behind the
+    # Rust build, so that the test's own install finds everything cached.
+    if [ -d interop/tailscale ]; then
+      echo "== derper, derpprobe"
+      ts_version=$(cd interop/tailscale && go list -m -f '{{.Version}}' tailscale.com)
+      GOBIN="$logs/gotools" GOFLAGS=-mod=mod go install \
+        "tailscale.com/cmd/derper@$ts_version" "tailscale.com/cmd/derpprobe@$ts_version"
+    fi
   ) >"$logs/go-download.log" 2>&1 &
   go_download=$!
   bg_pids+=("$go_download")

@@ -147,6 +147,74 @@ impl SettingValue for String {
     }
 }
 
+/// A database URL: used as given, shown (by `--check`, in logs) with its password replaced.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(pub String);
+
+impl DatabaseUrl {
+    /// The URL with the password of its user info and any `password=` parameter replaced by
+    /// `(secret)`.
+    pub fn redacted(&self) -> String {
+        let url = &self.0;
+        let mut out = match url.find("://") {
+            Some(scheme_end) => {
+                let rest = &url[scheme_end + 3..];
+                let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+                let authority = &rest[..authority_end];
+                match authority.rfind('@') {
+                    Some(at) => {
+                        let user_info = &authority[..at];
+                        let user = user_info.split(':').next().unwrap_or("");
+                        let shown = if user_info.contains(':') {
+                            format!("{user}:(secret)")
+                        } else {
+                            user.to_string()
+                        };
+                        format!(
+                            "{}{shown}{}",
+                            &url[..scheme_end + 3],
+                            &url[scheme_end + 3 + at..]
+                        )
+                    }
+                    None => url.clone(),
+                }
+            }
+            None => url.clone(),
+        };
+        if let Some(q) = out.find('?') {
+            let (head, query) = out.split_at(q + 1);
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=(secret)"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            out = format!("{head}{}", query.join("&"));
+        }
+        out
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl SettingValue for DatabaseUrl {
+    const VALUE_NAME: &'static str = "URL";
+    fn from_text(text: &str) -> Result<Self, String> {
+        Ok(DatabaseUrl(text.to_string()))
+    }
+    fn from_toml(value: toml::Value) -> Result<Self, String> {
+        String::from_toml(value).map(DatabaseUrl)
+    }
+    fn to_toml(&self) -> Option<String> {
+        Some(toml::Value::String(self.redacted()).to_string())
+    }
+}
+
 impl SettingValue for PathBuf {
     const VALUE_NAME: &'static str = "PATH";
     fn from_text(text: &str) -> Result<Self, String> {
@@ -546,7 +614,7 @@ settings! {
         http_addr: String = |role| {
             if role == Role::Dev { "127.0.0.1:3340" } else { "0.0.0.0:8080" }.into()
         };
-        /// HTTPS listen address (needs tls_cert and tls_key); empty disables.
+        /// HTTPS listen address (needs tls_cert and tls_key, or acme.hostname); empty disables.
         https_addr: String = |_| String::new();
         /// PEM certificate chain (leaf first) for HTTPS; reloaded when the file changes.
         tls_cert: Option<PathBuf> = |_| None;
@@ -580,6 +648,38 @@ settings! {
         metrics_on_public_listener: bool = |role| role == Role::Dev;
     }
 
+    /// ACME certificates for the HTTPS listener (`[acme]`), instead of tls_cert/tls_key:
+    /// derper's `-certmode=letsencrypt`.
+    group AcmeSettings {
+        heading: "Certificates (ACME)",
+        section: "acme",
+        flag_prefix: "acme-",
+        roles: EVERY_ROLE,
+    } {
+        /// DNS name to obtain the HTTPS certificate for from an ACME CA (Let's Encrypt by
+        /// default); unset = off. Needs https_addr and acme.cert_dir.
+        hostname: Option<String> = |_| None;
+        /// Directory keeping the certificate (file named after the hostname, derper's layout)
+        /// and the ACME account key.
+        cert_dir: Option<PathBuf> = |_| None;
+        /// ACME directory URL of the CA (e.g. Let's Encrypt staging:
+        /// https://acme-staging-v02.api.letsencrypt.org/directory).
+        directory_url: String = |_| EdgeConfig::default().acme_directory_url;
+        /// Contact e-mail registered with a new ACME account.
+        email: Option<String> = |_| None;
+        /// Extra CA certificates (PEM) trusted for the ACME server's HTTPS (a private or test
+        /// CA), besides the web PKI roots.
+        ca_file: Option<PathBuf> = |_| None;
+        /// Challenge: `tls-alpn-01` (answered on the HTTPS listener, port 443) or `http-01`
+        /// (answered on the HTTP listener, port 80).
+        challenge: String = |_| EdgeConfig::default().acme_challenge;
+        /// Certificate profile to ask the CA for (e.g. `shortlived`); unset = the CA's default.
+        profile: Option<String> = |_| None;
+        /// Longest time between two looks at the certificate's expiry; it is renewed once less
+        /// than a third of its lifetime is left.
+        check_interval: Duration = |_| EdgeConfig::default().acme_check_interval;
+    }
+
     /// The relay's own listener and identity: roles that run the relay.
     group RelayNodeSettings {
         heading: "Relay",
@@ -607,6 +707,17 @@ settings! {
     } {
         /// Per-client send queue depth in packets.
         queue_depth: usize = |_| EdgeConfig::default().queue_depth;
+        /// Mesh peers to dial, derper's syntax: comma-separated hostnames (each dialed as
+        /// `https://HOST/derp`; `HOST/DIALHOST` connects to DIALHOST), or `http(s)://` URLs
+        /// dialed as written. This relay may list itself. Needs --mesh-psk-file.
+        #[flag = "mesh-with"]
+        mesh_with: String = |_| String::new();
+        /// Extra CA certificates (PEM) trusted for mesh peers' TLS, besides the web PKI roots
+        /// and the system bundle (or `SSL_CERT_FILE`).
+        #[flag = "mesh-ca-file"]
+        mesh_ca_file: Option<PathBuf> = |_| None;
+        /// Packets queued per mesh peer before new ones are dropped.
+        mesh_queue_depth: usize = |_| EdgeConfig::default().mesh_queue_depth;
         /// Per-frame write deadline for non-mesh clients; `0s` = none.
         write_timeout: Duration = |_| EdgeConfig::default().write_timeout;
         /// Interval of DERP KeepAlive frames (clients give up after 120s of silence).
@@ -630,6 +741,43 @@ settings! {
         /// Accepted connections per second from one source address; unset = unlimited.
         accept_connection_limit_per_ip: Option<f64> =
             |_| EdgeConfig::default().accept_connection_limit_per_ip;
+        /// derper's per-client receive rate limit file (JSON: `PerClientRateLimitBytesPerSec`,
+        /// `PerClientRateBurstBytes`), applied as backpressure on reading; reloaded on SIGHUP.
+        #[flag = "rate-config"]
+        rate_config: Option<PathBuf> = |_| None;
+    }
+
+    /// Who may use the relay of `serve` and `dev`: the peers the coordinator knows.
+    group AdmissionSettings {
+        heading: "Relay admission",
+        section: "relay",
+        flag_prefix: "relay-",
+        roles: EMBEDDED_RELAY_ROLES,
+    } {
+        /// How long a node key the coordinator does not know yet may stay connected to the relay
+        /// (clients may reach the relay before their first node update); its connection is
+        /// closed if no node with that key arrives by then. `0s` refuses unknown keys at once.
+        admission_grace: Duration = |_| Duration::from_secs(10);
+        /// Admit every node key to the relay, known to the coordinator or not (off: only keys of
+        /// peers the coordinator knows, local or remote).
+        admit_any_key: bool = |_| false;
+    }
+
+    /// derper's client verification for a separate relay (`--verify-client-url`).
+    group VerifyClientSettings {
+        heading: "Relay admission",
+        section: "relay",
+        flag_prefix: "",
+        roles: &[Role::Derp],
+    } {
+        /// Admission controller URL (derper's protocol): each connecting client's node key and
+        /// IP are POSTed as JSON and `{"Allow":true}` admits it. A tailnetd coordinator answers
+        /// at `/tailnetd/derp-admit`. Unset: every key is admitted.
+        #[flag = "verify-client-url"]
+        verify_client_url: Option<String> = |_| None;
+        /// Admit clients when the verify URL cannot be reached (derper's default: true).
+        #[flag = "verify-client-url-fail-open"]
+        verify_client_url_fail_open: bool = |_| true;
     }
 
     /// The region under which the coordinator's DERP map lists this process's own relay.
@@ -718,7 +866,9 @@ settings! {
         preserve_host: bool = |_| UpstreamConfig::default().preserve_host;
         /// Comma-separated IP addresses of the proxies in front (the load balancer) whose
         /// forwarding headers (X-Forwarded-*, X-Real-IP, True-Client-IP, Forwarded) are passed
-        /// on; from any other peer they are replaced by what tailnetd saw. Empty = none.
+        /// on; from any other peer they are replaced by what tailnetd saw. The relay's
+        /// per-address limits count relay upgrades through them against the forwarded client
+        /// address. Empty = none.
         trusted_proxies: String = |_| String::new();
         /// Mirror every agent into coderd's own coordinator (one Coordinate stream per agent on
         /// its upstream session), so that coderd's web terminal, apps, port-forwarding and
@@ -740,6 +890,10 @@ settings! {
         ws_ping_interval: Duration = |_| CoordinatorConfig::default().ws_ping_interval;
         /// How long a WebSocket ping may stay unanswered before the session is closed.
         ws_pong_timeout: Duration = |_| CoordinatorConfig::default().ws_pong_timeout;
+        /// Agent sessions on /me/rpc: closed (the agent LOST) once no pong has arrived for this
+        /// long, checked every ws_ping_interval (coderd's agent rule and default).
+        agent_inactive_disconnect_timeout: Duration =
+            |_| CoordinatorConfig::default().agent_inactive_disconnect_timeout;
         /// v1 sessions: a write that takes longer ends the session.
         v1_write_timeout: Duration = |_| CoordinatorConfig::default().v1_write_timeout;
         /// v1 sessions: largest JSON message in bytes accepted from a peer.
@@ -769,10 +923,28 @@ settings! {
         node_max_bytes: usize = |_| CoordinatorConfig::default().node_limits.max_node_bytes;
         /// Most tunnels one peer may hold; one more `add_tunnel` ends its session.
         peer_max_tunnels: usize = |_| CoordinatorConfig::default().max_tunnels_per_peer;
+        /// Most concurrent client coordination sessions of one user (/api/v2/tailnet and
+        /// {agent}/coordinate together); one more is answered 429.
+        max_sessions_per_user: usize = |_| CoordinatorConfig::default().max_sessions_per_user;
+        /// Most concurrent coordination sessions of one agent id (/me/coordinate and /me/rpc
+        /// together); one more is answered 429.
+        max_sessions_per_agent: usize = |_| CoordinatorConfig::default().max_sessions_per_agent;
+        /// Bytes queued per peer before it is kicked as too slow (next to response_buffer).
+        response_buffer_bytes: usize = |_| CoordinatorConfig::default().response_buffer_bytes;
+        /// Most concurrent yamux streams of one v2 session; more are refused with RST.
+        session_max_streams: usize = |_| CoordinatorConfig::default().session_max_streams;
+        /// Most bytes one agent's v2 session may hold buffered and unread across its streams;
+        /// more ends the session.
+        agent_session_max_buffered_bytes: usize =
+            |_| CoordinatorConfig::default().agent_session_max_buffered_bytes;
+        /// Most bytes one client's v2 session may hold buffered and unread across its streams;
+        /// more ends the session.
+        client_session_max_buffered_bytes: usize =
+            |_| CoordinatorConfig::default().client_session_max_buffered_bytes;
         /// PostgreSQL URL (`postgres://user:pass@host:port/db`): replicas share one peer graph
         /// through Coder's HA tables (see README, "Replicas"); unset = this process alone.
         #[flag = "postgres-url"]
-        postgres_url: Option<String> = |_| None;
+        postgres_url: Option<DatabaseUrl> = |_| None;
     }
 
     /// Static tokens and resume-token keys (`[auth]`). The tokens are used when no upstream
@@ -890,10 +1062,28 @@ fn unquote(toml_text: &str) -> String {
     }
 }
 
-/// Parses the process's command line; exits with clap's usage message on a malformed one.
+/// Parses the process's command line; exits with clap's usage message on a malformed one, and
+/// with status 64 on a derper flag tailnetd cannot honour ([`derper_flags`]).
 pub fn parse_command_line() -> Invocation {
-    let parsed = command().try_get_matches().and_then(|m| invocation(&m));
+    let args = match derper_args(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "tailnetd: invalid configuration: {e}");
+            std::process::exit(64);
+        }
+    };
+    let parsed = command()
+        .try_get_matches_from(args)
+        .and_then(|m| invocation(&m));
     parsed.unwrap_or_else(|e| e.exit())
+}
+
+/// derper's flags on a `tailnetd derp` command line, rewritten into tailnetd's.
+fn derper_args(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>, String> {
+    let derp = role_command(Role::Derp);
+    let has_flag = |name: &str| derp.get_arguments().any(|a| a.get_long() == Some(name));
+    derper_flags::translate(args, &has_flag)
 }
 
 /// Like [`parse_command_line`] on the given arguments (the first is the program name).
@@ -903,6 +1093,9 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
+    let args = args.into_iter().map(Into::into).collect();
+    let args = derper_args(args)
+        .map_err(|e| command().error(clap::error::ErrorKind::ValueValidation, e))?;
     command()
         .try_get_matches_from(args)
         .and_then(|m| invocation(&m))
@@ -1085,6 +1278,10 @@ pub struct Settings {
     pub upstream_bridge: bool,
     /// Share the peer graph with other replicas through this PostgreSQL database.
     pub postgres_url: Option<String>,
+    /// Who may use the relay (see [`RelayAdmission`]).
+    pub relay_admission: RelayAdmission,
+    /// derper's rate configuration file for the relay (`relay.rate_config`).
+    pub rate_config: Option<PathBuf>,
     /// `--check` output: effective values and their origins.
     effective: Vec<(&'static GroupSpec, Vec<Option<String>>)>,
     origins: BTreeMap<String, &'static str>,
@@ -1092,6 +1289,9 @@ pub struct Settings {
 
 /// Names a relay-crate config field the way the TOML file spells it.
 fn relay_field(field: &str) -> String {
+    if let Some(name) = field.strip_prefix("acme_") {
+        return AcmeSettings::SPEC.key(name);
+    }
     let top_level = GeneralSettings::SPEC
         .settings
         .iter()
@@ -1141,8 +1341,12 @@ impl Settings {
         };
         let general = GeneralSettings::resolve(&mut src)?
             .ok_or_else(|| anyhow!("general settings apply to every role"))?;
+        let acme = AcmeSettings::resolve(&mut src)?
+            .ok_or_else(|| anyhow!("ACME settings apply to every role"))?;
         let relay_node = RelayNodeSettings::resolve(&mut src)?;
         let relay_tuning = RelayTuningSettings::resolve(&mut src)?;
+        let admission = AdmissionSettings::resolve(&mut src)?;
+        let verify = VerifyClientSettings::resolve(&mut src)?;
         let region = RegionSettings::resolve(&mut src)?;
         let map_file = DerpMapFileSettings::resolve(&mut src)?;
         let map = DerpMapSettings::resolve(&mut src)?;
@@ -1157,6 +1361,14 @@ impl Settings {
             tls_cert: general.tls_cert,
             tls_key: general.tls_key,
             stun_addr: String::new(),
+            acme_hostname: acme.hostname,
+            acme_cert_dir: acme.cert_dir,
+            acme_directory_url: acme.directory_url,
+            acme_email: acme.email,
+            acme_ca_file: acme.ca_file,
+            acme_challenge: acme.challenge,
+            acme_profile: acme.profile,
+            acme_check_interval: acme.check_interval,
             ..EdgeConfig::default()
         };
         if let Some(node) = relay_node {
@@ -1164,8 +1376,12 @@ impl Settings {
             listen.key_file = node.key_file;
             listen.mesh_psk_file = node.mesh_psk_file;
         }
+        let relay_tuning_rate_config = relay_tuning.as_ref().and_then(|t| t.rate_config.clone());
         if let Some(t) = relay_tuning {
             listen.queue_depth = t.queue_depth;
+            listen.mesh_with = t.mesh_with;
+            listen.mesh_ca_file = t.mesh_ca_file;
+            listen.mesh_queue_depth = t.mesh_queue_depth;
             listen.write_timeout = t.write_timeout;
             listen.keepalive = t.keepalive;
             listen.tcp_user_timeout = t.tcp_user_timeout;
@@ -1223,6 +1439,12 @@ impl Settings {
             };
         }
 
+        // The relay limits per forwarded client behind the same trusted proxies (with or
+        // without an upstream URL).
+        listen.trusted_proxies = match &upstream {
+            Some(u) => parse_trusted_proxies(&u.trusted_proxies)?,
+            None => Vec::new(),
+        };
         let bridge = upstream.as_ref().is_some_and(|u| u.bridge);
         let upstream = match upstream {
             Some(u) => resolve_upstream(u)?,
@@ -1231,7 +1453,9 @@ impl Settings {
         let upstream_bridge = upstream.is_some() && bridge;
 
         let mut coordinator_config = CoordinatorConfig::default();
-        let postgres_url = coordinator.as_ref().and_then(|c| c.postgres_url.clone());
+        let postgres_url = coordinator
+            .as_ref()
+            .and_then(|c| c.postgres_url.as_ref().map(|u| u.0.clone()));
         if let Some(c) = coordinator {
             if c.response_buffer == 0 {
                 bail!("coordinator.response_buffer: must be at least 1");
@@ -1251,6 +1475,10 @@ impl Settings {
                 positive_duration("coordinator.ws_ping_interval", c.ws_ping_interval)?;
             coordinator_config.ws_pong_timeout =
                 positive_duration("coordinator.ws_pong_timeout", c.ws_pong_timeout)?;
+            coordinator_config.agent_inactive_disconnect_timeout = positive_duration(
+                "coordinator.agent_inactive_disconnect_timeout",
+                c.agent_inactive_disconnect_timeout,
+            )?;
             coordinator_config.v1_write_timeout =
                 positive_duration("coordinator.v1_write_timeout", c.v1_write_timeout)?;
             coordinator_config.v1_max_message = c.v1_max_message;
@@ -1259,6 +1487,33 @@ impl Settings {
                 positive_duration("coordinator.resume_token_expiry", c.resume_token_expiry)?;
             coordinator_config.graph_shards = c.graph_shards;
             coordinator_config.max_tunnels_per_peer = c.peer_max_tunnels;
+            coordinator_config.max_sessions_per_user = checked_minimum(
+                1,
+                "coordinator.max_sessions_per_user",
+                c.max_sessions_per_user,
+            )?;
+            coordinator_config.max_sessions_per_agent = checked_minimum(
+                1,
+                "coordinator.max_sessions_per_agent",
+                c.max_sessions_per_agent,
+            )?;
+            coordinator_config.response_buffer_bytes = checked_minimum(
+                64 * 1024,
+                "coordinator.response_buffer_bytes",
+                c.response_buffer_bytes,
+            )?;
+            coordinator_config.session_max_streams =
+                checked_minimum(1, "coordinator.session_max_streams", c.session_max_streams)?;
+            coordinator_config.agent_session_max_buffered_bytes = checked_minimum(
+                5 << 20,
+                "coordinator.agent_session_max_buffered_bytes",
+                c.agent_session_max_buffered_bytes,
+            )?;
+            coordinator_config.client_session_max_buffered_bytes = checked_minimum(
+                256 * 1024,
+                "coordinator.client_session_max_buffered_bytes",
+                c.client_session_max_buffered_bytes,
+            )?;
             if c.node_max_bytes < 1024 {
                 bail!("coordinator.node_max_bytes: must be at least 1024 bytes");
             }
@@ -1293,6 +1548,9 @@ impl Settings {
                 .collect::<Result<_>>()?;
         }
 
+        let rate_config = relay_tuning_rate_config;
+        let relay_admission = RelayAdmission::resolve(admission, verify)?;
+
         let metrics_addr = derp::edge::config::parse_listen_addr(&general.metrics_addr)
             .map_err(|e| anyhow!("metrics_addr (--metrics-addr): {e}"))?;
 
@@ -1315,6 +1573,8 @@ impl Settings {
             upstream,
             upstream_bridge,
             postgres_url,
+            relay_admission,
+            rate_config,
             effective: src.effective,
             origins: src.origins,
         })
@@ -1349,6 +1609,65 @@ impl Settings {
     }
 }
 
+/// Who may use the relay.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RelayAdmission {
+    /// Every key (the `derp` role without a verify URL, or `relay.admit_any_key`).
+    Open,
+    /// `serve`/`dev`: keys the coordinator's peer graph knows, and unknown keys for `grace`.
+    Coordinated { grace: Duration },
+    /// `derp`: derper's `--verify-client-url`.
+    VerifyUrl { url: String, fail_open: bool },
+}
+
+impl RelayAdmission {
+    fn resolve(
+        admission: Option<AdmissionSettings>,
+        verify: Option<VerifyClientSettings>,
+    ) -> Result<RelayAdmission> {
+        if let Some(a) = admission {
+            if a.admit_any_key {
+                return Ok(RelayAdmission::Open);
+            }
+            return Ok(RelayAdmission::Coordinated {
+                grace: a.admission_grace,
+            });
+        }
+        if let Some(v) = verify {
+            if let Some(url) = v.verify_client_url.filter(|u| !u.trim().is_empty()) {
+                derp::edge::verify_url::UrlVerifier::new(&url, v.verify_client_url_fail_open, &[])
+                    .map_err(|e| anyhow!("relay.verify_client_url (--verify-client-url): {e}"))?;
+                return Ok(RelayAdmission::VerifyUrl {
+                    url,
+                    fail_open: v.verify_client_url_fail_open,
+                });
+            }
+        }
+        Ok(RelayAdmission::Open)
+    }
+}
+
+/// `upstream.trusted_proxies`: comma-separated IP addresses.
+fn parse_trusted_proxies(text: &str) -> Result<Vec<std::net::IpAddr>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            a.parse::<std::net::IpAddr>().map_err(|_| {
+                anyhow!("upstream.trusted_proxies (--upstream-trusted-proxies): {a:?} is not an IP address")
+            })
+        })
+        .collect()
+}
+
+/// `value` if it is at least `min`, else an error naming the setting.
+fn checked_minimum(min: usize, field: &str, value: usize) -> Result<usize> {
+    if value < min {
+        bail!("{field}: must be at least {min}, got {value}");
+    }
+    Ok(value)
+}
+
 fn resolve_upstream(u: UpstreamSettings) -> Result<Option<UpstreamConfig>> {
     let Some(url) = u.url.filter(|u| !u.trim().is_empty()) else {
         return Ok(None);
@@ -1370,21 +1689,12 @@ fn resolve_upstream(u: UpstreamSettings) -> Result<Option<UpstreamConfig>> {
         rewrite_derp_map: u.rewrite_derp_map,
         max_rewrite_bytes: u.max_rewrite_bytes,
         preserve_host: u.preserve_host,
-        trusted_proxies: u
-            .trusted_proxies
-            .split(',')
-            .map(str::trim)
-            .filter(|a| !a.is_empty())
-            .map(|a| {
-                a.parse::<std::net::IpAddr>().map_err(|_| {
-                    anyhow!("upstream.trusted_proxies (--upstream-trusted-proxies): {a:?} is not an IP address")
-                })
-            })
-            .collect::<Result<_>>()?,
+        trusted_proxies: parse_trusted_proxies(&u.trusted_proxies)?,
         ..UpstreamConfig::default()
     }))
 }
 
+pub mod derper_flags;
 #[cfg(test)]
 mod tests;
 

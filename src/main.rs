@@ -28,12 +28,12 @@ use coordinator::dev::DevCredentials;
 use coordinator::upstream::proxy::ClientScheme;
 use coordinator::upstream::{Upstream, UpstreamAuthenticator};
 use coordinator::Coordinator;
-use derp::{DerpHandler, HttpEdge};
+use derp::{DerpHandler, EdgeConfig, HttpEdge};
 use derp::{Server, ServerConfig};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Role, Settings};
+use crate::config::{RelayAdmission, Role, Settings};
 
 /// Exit status for a configuration error (EX_USAGE), so supervisors can tell it from a crash.
 const EXIT_CONFIG: u8 = 64;
@@ -219,23 +219,17 @@ async fn run(s: Settings) -> Result<()> {
         registry: registry.clone(),
     };
 
-    let relay: Option<Arc<Server>> = if s.role.runs_relay() {
-        let mut cfg = ServerConfig::new(relay_key(&s)?);
-        s.listen.apply_to(&mut cfg);
-        if let Some(p) = &s.listen.mesh_psk_file {
-            cfg.mesh_key = Some(
-                derp::edge::keyfile::load_mesh_key(p)
-                    .with_context(|| format!("mesh_psk_file {}", p.display()))?,
-            );
-        }
-        Some(Server::new(cfg, &registry).context("starting the relay")?)
+    // The relay itself is created after the coordinator (its admission asks the coordinator's
+    // graph); its key is needed first, for the listeners' meta certificate.
+    let relay_private = if s.role.runs_relay() {
+        Some(relay_key(&s)?)
     } else {
         None
     };
 
     // Bind everything before building the coordinator, so that port 0 resolves before the DERP
     // map names this relay's own port.
-    let relay_key_bytes = relay.as_ref().map(|r| *r.public_key().as_bytes());
+    let relay_key_bytes = relay_private.as_ref().map(|k| *k.public().as_bytes());
     let mut bound = derp::edge::listener::bind(&s.listen, relay_key_bytes.as_ref(), &registry)
         .await
         .context("opening listeners")?;
@@ -267,7 +261,7 @@ async fn run(s: Settings) -> Result<()> {
         let embedded = s
             .region
             .as_ref()
-            .filter(|_| relay.is_some())
+            .filter(|_| relay_private.is_some())
             .map(|r| EmbeddedRelay {
                 region_id: r.region_id,
                 region_code: r.region_code.clone(),
@@ -297,6 +291,30 @@ async fn run(s: Settings) -> Result<()> {
         None
     };
 
+    let relay: Option<Arc<Server>> = match relay_private {
+        Some(key) => {
+            let mut cfg = ServerConfig::new(key);
+            s.listen.apply_to(&mut cfg);
+            if let Some(p) = &s.listen.mesh_psk_file {
+                cfg.mesh_key = Some(
+                    derp::edge::keyfile::load_mesh_key(p)
+                        .with_context(|| format!("mesh_psk_file {}", p.display()))?,
+                );
+            }
+            cfg.admission = relay_admission(&s.relay_admission, coordinator.as_ref())?;
+            if let Some(p) = &s.rate_config {
+                cfg.rate_config =
+                    derp::RateConfig::load(p).context("relay.rate_config (--rate-config)")?;
+            }
+            let server = Server::new(cfg, &registry).context("starting the relay")?;
+            if let Some(p) = &s.rate_config {
+                spawn_rate_config_reload(server.clone(), p.clone(), cancel.clone())?;
+            }
+            Some(server)
+        }
+        None => None,
+    };
+
     // Replicas: share the graph through PostgreSQL.
     let ha = match (&coordinator, &s.postgres_url) {
         (Some(c), Some(url)) => {
@@ -311,7 +329,11 @@ async fn run(s: Settings) -> Result<()> {
                      appear twice"
                 );
             }
-            let h = coordinator::ha::start(c.graph().clone(), url)
+            let options = coordinator::ha::HaOptions {
+                registry: registry.clone(),
+                ..Default::default()
+            };
+            let h = coordinator::ha::start_with(c.graph().clone(), url, options)
                 .await
                 .context("postgres_url: starting the replica store")?;
             tracing::info!(coordinator_id = %h.coordinator_id(), "sharing the peer graph through PostgreSQL");
@@ -325,6 +347,10 @@ async fn run(s: Settings) -> Result<()> {
     };
 
     let mut app = ops_routes(health.clone(), s.metrics_on_public_listener);
+    // ACME HTTP-01 answers (the CA asks on the plain HTTP listener, port 80).
+    if let Some(acme) = &bound.acme {
+        app = app.merge(acme.http01_router());
+    }
     if let Some(c) = &coordinator {
         app = app.merge(c.router());
         if let Some(up) = c.upstream() {
@@ -381,6 +407,12 @@ async fn run(s: Settings) -> Result<()> {
         });
     }
 
+    // Outbound mesh links, once this relay serves: a peer that dials back finds it up.
+    let mesh = match &relay {
+        Some(r) => Some(start_mesh(r, &s.listen)?),
+        None => None,
+    };
+
     let mut signals = ShutdownSignals::register()?;
     health.ready.store(true, Ordering::Relaxed);
     announce(
@@ -421,6 +453,9 @@ async fn run(s: Settings) -> Result<()> {
     tracing::info!("draining");
     let drain = async {
         let relay_drain = async {
+            if let Some(m) = mesh {
+                m.shutdown().await;
+            }
             if let Some(r) = &relay {
                 r.shutdown().await;
             }
@@ -451,6 +486,96 @@ async fn run(s: Settings) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The relay's admission for the configured policy: the coordinator's graph (`serve`, `dev`),
+/// derper's verify URL (`derp`), or none.
+fn relay_admission(
+    policy: &RelayAdmission,
+    coordinator: Option<&Arc<Coordinator>>,
+) -> Result<Option<Arc<dyn derp::Admission>>> {
+    Ok(match policy {
+        RelayAdmission::Open => None,
+        RelayAdmission::Coordinated { grace } => {
+            let graph = coordinator
+                .context("relay admission by the coordinator needs the coordinator role")?
+                .graph()
+                .clone();
+            tracing::info!(grace = ?grace, "relay admits node keys the coordinator knows");
+            Some(Arc::new(derp::KnownKeys::new(
+                move |k| graph.knows_node_key(k),
+                *grace,
+            )))
+        }
+        RelayAdmission::VerifyUrl { url, fail_open } => {
+            let roots = derp::edge::verify_url::roots_from_env()
+                .context("SSL_CERT_FILE (trusted roots for --verify-client-url)")?;
+            let v = derp::edge::verify_url::UrlVerifier::new(url, *fail_open, &roots)
+                .context("relay.verify_client_url")?;
+            tracing::info!(url = %url, fail_open, "relay asks an admission controller about each client");
+            Some(Arc::new(v))
+        }
+    })
+}
+
+/// Reloads derper's rate configuration file on SIGHUP (derper's `watchRateConfig`): a bad file
+/// is logged and the limits in force stay.
+fn spawn_rate_config_reload(
+    server: Arc<Server>,
+    path: std::path::PathBuf,
+    cancel: CancellationToken,
+) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    got = hup.recv() => if got.is_none() { return },
+                    _ = cancel.cancelled() => return,
+                }
+                match derp::RateConfig::load(&path) {
+                    Ok(rc) => {
+                        let applied = server.set_rate_config(rc);
+                        tracing::info!(
+                            bytes_per_sec = applied.per_client_rate_limit_bytes_per_sec,
+                            burst_bytes = applied.per_client_rate_burst_bytes,
+                            "SIGHUP: rate config reloaded"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "SIGHUP: rate config reload failed; keeping the limits in force")
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (server, path, cancel);
+    Ok(())
+}
+
+/// Starts the outbound mesh links `--mesh-with` names (none if it is empty).
+fn start_mesh(relay: &Arc<Server>, listen: &EdgeConfig) -> Result<derp::mesh::MeshHandle> {
+    let peers = derp::mesh::parse_mesh_with(&listen.mesh_with).context("relay.mesh_with")?;
+    let extra_roots = if peers.is_empty() {
+        Vec::new()
+    } else {
+        derp::mesh::load_trust(listen.mesh_ca_file.as_deref()).context("mesh TLS roots")?
+    };
+    if !peers.is_empty() {
+        tracing::info!(peers = ?peers.iter().map(|p| &p.url).collect::<Vec<_>>(), "meshing with");
+    }
+    derp::mesh::start(
+        relay,
+        derp::mesh::MeshOptions {
+            peers,
+            extra_roots,
+            queue_depth: listen.mesh_queue_depth,
+        },
+    )
+    .context("relay.mesh_with")
 }
 
 /// Prints the one JSON line that tells operators and test harnesses where everything listens.

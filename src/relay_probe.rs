@@ -15,8 +15,7 @@ use derp::client::probe::{probe_node, NodeHealth};
 use proto::derpmap::DerpNode;
 use proto::key::NodePrivate;
 
-/// Probes relays with one key for the life of the process (a relay that admits only known keys
-/// can admit exactly this one; see [`DerpProber::public_key`]).
+/// Probes relays with one key for the life of the process.
 pub struct DerpProber {
     key: NodePrivate,
     timeout: Duration,
@@ -29,12 +28,6 @@ impl DerpProber {
             key: NodePrivate::generate(&mut rand::rngs::OsRng),
             timeout,
         }
-    }
-
-    /// The key the prober's DERP round trips present.
-    #[allow(dead_code, reason = "read by relay admission when it is wired")]
-    pub fn public_key(&self) -> proto::key::NodePublic {
-        self.key.public()
     }
 }
 

@@ -150,6 +150,15 @@ pub struct CoordArgs {
     /// Client implementation.
     #[arg(long, value_enum, default_value_t = ClientKind::Lean)]
     pub client: ClientKind,
+    /// Base URL the clients dial (default: `--url`); with replicas, agents on one and clients
+    /// on another (lean client only).
+    #[arg(long)]
+    pub client_url: Option<String>,
+    /// Change the node (its preferred DERP) on every send, not only `as_of`: a replica writes
+    /// an update to PostgreSQL (and so to the other replicas) only if the node changed (lean
+    /// client only).
+    #[arg(long)]
+    pub vary_node: bool,
 }
 
 /// What one coordinator run measured.
@@ -507,11 +516,14 @@ async fn open_lean(
     counters: Arc<Counters>,
     plan_rx: watch::Receiver<Option<Plan>>,
 ) -> Result<PeerTask> {
-    let authority = args
-        .url
+    let base = match (&args.client_url, t.agent) {
+        (Some(u), false) => u,
+        _ => &args.url,
+    };
+    let authority = base
         .strip_prefix("http://")
         .map(|r| r.trim_end_matches('/'))
-        .ok_or_else(|| anyhow!("only http:// base URLs, got {}", args.url))?;
+        .ok_or_else(|| anyhow!("only http:// base URLs, got {base}"))?;
     let mut conn = LeanConn::connect(authority, &t.path, t.token.as_deref())
         .await
         .with_context(|| format!("websocket {}", t.path))?;
@@ -527,6 +539,7 @@ async fn open_lean(
     let want = (!t.agent).then_some(t.agent_id);
     let task = tokio::spawn(drive_lean(LeanPeer {
         conn,
+        vary: args.vary_node,
         req,
         agent: t.agent,
         want,
@@ -552,6 +565,8 @@ async fn open_lean(
 
 struct LeanPeer {
     conn: LeanConn,
+    /// `--vary-node`.
+    vary: bool,
     /// The update_self request, re-stamped and re-encoded for every send.
     req: CoordinateRequest,
     agent: bool,
@@ -612,6 +627,9 @@ async fn drive_lean(mut p: LeanPeer) -> (Histogram, Histogram) {
                         .and_then(|u| u.node.as_mut())
                     {
                         n.as_of = Some(stamp);
+                        if p.vary {
+                            n.preferred_derp = n.preferred_derp % 900 + 1;
+                        }
                     }
                     p.conn.wire.queue_request(&p.req)?;
                     // The timer is armed only while `next` is set, which needs a period and a plan.

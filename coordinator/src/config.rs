@@ -27,6 +27,10 @@ pub struct CoordinatorConfig {
     pub ws_ping_interval: Duration,
     /// How long a WebSocket ping may stay unanswered before the session is closed with 1001.
     pub ws_pong_timeout: Duration,
+    /// Agent v2 sessions (`/me/rpc`) follow coderd's agent rule instead: closed once no pong
+    /// has arrived for this long, checked every `ws_ping_interval` (coderd's
+    /// `AgentInactiveDisconnectTimeout`: twice its 15 s update frequency).
+    pub agent_inactive_disconnect_timeout: Duration,
     /// v1 sessions: a write that takes longer ends the session (Coder: 5 s).
     pub v1_write_timeout: Duration,
     /// v1 sessions: largest JSON value accepted from a peer before the session is ended.
@@ -51,7 +55,40 @@ pub struct CoordinatorConfig {
     /// Most tunnels one peer may hold; one more `add_tunnel` ends the session. See
     /// [`crate::graph::GraphConfig::max_tunnels_per_peer`].
     pub max_tunnels_per_peer: usize,
+    /// Most concurrent client coordination sessions of one user (`/api/v2/tailnet` and
+    /// `{agent}/coordinate` together); one more is answered 429 before the upgrade. See
+    /// [`crate::api::caps`].
+    pub max_sessions_per_user: usize,
+    /// Most concurrent coordination sessions of one agent id (`/me/coordinate` and `/me/rpc`
+    /// together); one more is answered 429 before the upgrade.
+    pub max_sessions_per_agent: usize,
+    /// Bytes (encoded nodes and responses) queued per peer before it is kicked as too slow, next
+    /// to the entry bound `response_buffer`. See [`crate::graph::GraphConfig::response_queue_bytes`].
+    pub response_buffer_bytes: usize,
+    /// Most concurrent yamux streams of one v2 session; a SYN beyond it is refused with RST.
+    pub session_max_streams: usize,
+    /// Most bytes one agent's v2 session may hold buffered and unread across all its streams
+    /// (yamux receive buffers, partial dRPC packets, complete messages not yet taken by their
+    /// call); more ends the session as a yamux protocol error. See [`crate::rpc::yamux::Config`].
+    pub agent_session_max_buffered_bytes: usize,
+    /// The same bound for a client's v2 session (`/api/v2/tailnet`, `{agent}/coordinate`).
+    pub client_session_max_buffered_bytes: usize,
 }
+
+/// Default [`CoordinatorConfig::response_buffer_bytes`] (8 MiB): a receiver that keeps up holds
+/// one or two responses; a real agent's init batch of 1,000 clients' nodes (~2 KB each) is 2 MB.
+pub const DEFAULT_RESPONSE_BUFFER_BYTES: usize = 8 << 20;
+/// Default [`CoordinatorConfig::session_max_streams`]: hashicorp's accept backlog; Coder's agents
+/// and clients keep a handful of streams open (Coordinate, DERP maps, one per unary call).
+pub const DEFAULT_SESSION_MAX_STREAMS: usize = 256;
+/// Default [`CoordinatorConfig::agent_session_max_buffered_bytes`] (8 MiB): one dRPC message of
+/// the 4 MiB maximum (an agent's largest, a batch of startup logs, is about 1 MiB) with its read
+/// buffer, plus the receive windows of a few busy streams.
+pub const DEFAULT_AGENT_SESSION_MAX_BUFFERED_BYTES: usize = 8 << 20;
+/// Default [`CoordinatorConfig::client_session_max_buffered_bytes`] (1 MiB): what clients send
+/// is small (a node of at most `node_max_bytes`, telemetry, token refreshes), and one user may
+/// hold `max_sessions_per_user` of these sessions.
+pub const DEFAULT_CLIENT_SESSION_MAX_BUFFERED_BYTES: usize = 1 << 20;
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
@@ -61,6 +98,7 @@ impl Default for CoordinatorConfig {
             resume_expiry: DEFAULT_EXPIRY,
             ws_ping_interval: Duration::from_secs(15),
             ws_pong_timeout: Duration::from_secs(15),
+            agent_inactive_disconnect_timeout: Duration::from_secs(30),
             v1_write_timeout: Duration::from_secs(5),
             v1_max_message: 1 << 20,
             response_buffer: 512,
@@ -70,6 +108,12 @@ impl Default for CoordinatorConfig {
             upstream_bridge: crate::upstream::bridge::BridgeConfig::default(),
             node_limits: crate::graph::NodeLimits::default(),
             max_tunnels_per_peer: crate::graph::DEFAULT_MAX_TUNNELS_PER_PEER,
+            max_sessions_per_user: crate::api::caps::DEFAULT_MAX_SESSIONS_PER_USER,
+            max_sessions_per_agent: crate::api::caps::DEFAULT_MAX_SESSIONS_PER_AGENT,
+            response_buffer_bytes: DEFAULT_RESPONSE_BUFFER_BYTES,
+            session_max_streams: DEFAULT_SESSION_MAX_STREAMS,
+            agent_session_max_buffered_bytes: DEFAULT_AGENT_SESSION_MAX_BUFFERED_BYTES,
+            client_session_max_buffered_bytes: DEFAULT_CLIENT_SESSION_MAX_BUFFERED_BYTES,
         }
     }
 }

@@ -109,6 +109,8 @@ pub struct Coordinator {
     pub(crate) sessions: Tracker,
     /// Live `Coordinate` streams and v1 sessions (they end when the graph shuts down).
     pub(crate) coordinations: Tracker,
+    /// Concurrent sessions per user and per agent id (see [`api::caps`]).
+    pub(crate) caps: api::caps::SessionCaps,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -136,11 +138,17 @@ impl Coordinator {
     ) -> Result<Arc<Self>, CoordinatorError> {
         let rt = tokio::runtime::Handle::try_current().map_err(|_| CoordinatorError::NoRuntime)?;
         let metrics = Metrics::new(registry)?;
+        let caps = api::caps::SessionCaps::new(
+            config.max_sessions_per_user,
+            config.max_sessions_per_agent,
+            registry,
+        )?;
         let rpc_metrics = RpcMetrics::new()?;
         rpc_metrics.register(registry)?;
         let graph = PeerGraph::with_shards(
             GraphConfig {
                 response_queue: config.response_buffer.max(1),
+                response_queue_bytes: config.response_buffer_bytes.max(1),
                 node_limits: config.node_limits.clone(),
                 max_tunnels_per_peer: config.max_tunnels_per_peer,
             },
@@ -177,6 +185,7 @@ impl Coordinator {
             cancel: CancellationToken::new(),
             sessions: Tracker::new(),
             coordinations: Tracker::new(),
+            caps,
         });
         let derp = coord.derp.clone();
         let cancel = coord.cancel.clone();

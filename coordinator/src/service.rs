@@ -145,6 +145,10 @@ async fn run_session<S, M, E>(
     let ws_config = WsConfig {
         ping_interval: Some(coord.config.ws_ping_interval),
         ping_timeout: coord.config.ws_pong_timeout,
+        inactivity_timeout: match peer.kind {
+            PeerKind::Agent => Some(coord.config.agent_inactive_disconnect_timeout),
+            _ => None,
+        },
         metrics: metrics.clone(),
         ..WsConfig::server()
     };
@@ -152,6 +156,11 @@ async fn run_session<S, M, E>(
     let session = Session::server(
         io,
         yamux::Config {
+            max_streams: coord.config.session_max_streams.max(1),
+            max_buffered_bytes: match peer.kind {
+                PeerKind::Agent => coord.config.agent_session_max_buffered_bytes,
+                _ => coord.config.client_session_max_buffered_bytes,
+            },
             metrics: metrics.clone(),
             ..Default::default()
         },

@@ -10,6 +10,9 @@
 //!   listener, HTTP edge and TLS too, without a relay behind them.
 //! - [`client`]: a DERP client over any byte stream, and [`client::dial`] to reach a server by
 //!   URL the way Go clients do.
+//! - [`mesh`]: the outbound mesh links, derper's mesh client: one DERP client per peer relay
+//!   that learns the peer's keys (WatchConns) and carries ForwardPacket frames to it. The
+//!   routes and forward queues they serve are in the core ([`core::mesh`]).
 //!
 //! The re-exports below are what the binary, the benchmarks and the tests use most.
 pub mod client;
@@ -17,10 +20,12 @@ pub mod core;
 pub mod edge;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod mesh;
 
 pub use client::dial::{dial, DialError, DialOptions, Dialed};
 pub use client::{Client, ClientError, ClientOptions, ClientReader, ClientWriter, ReceivedFrame};
-pub use core::admission::{Admission, AdmitAll, AdmitFn};
+pub use core::admission::{Admission, AdmitAll, AdmitFn, Decision, KnownKeys};
+pub use core::rate::RateConfig;
 pub use core::server::{ConnInfo, Server, ServerConfig, ServerError};
 pub use edge::config::EdgeConfig;
 pub use edge::http::{ConnScheme, DerpHandler, HttpEdge};

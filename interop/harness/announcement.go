@@ -22,6 +22,7 @@ type Announcement struct {
 	AgentID       string `json:"agent_id"`
 	AgentToken    string `json:"agent_token"`
 	ClientToken   string `json:"client_token"`
+	MetricsAddr   string `json:"metrics_addr"`
 }
 
 // ParseAnnouncement decodes an announcement line. The line must be one JSON object with a bound
@@ -50,7 +51,7 @@ func (a Announcement) Require(fields ...string) error {
 			return fmt.Errorf("announcement lacks %s: %+v", name, a)
 		}
 		switch name {
-		case "http_addr", "https_addr", "stun_addr":
+		case "http_addr", "https_addr", "stun_addr", "metrics_addr":
 			if err := checkBoundAddr(value); err != nil {
 				return fmt.Errorf("announcement: bad %s %q: %w", name, value, err)
 			}
@@ -85,6 +86,8 @@ func (a Announcement) field(name string) (string, bool) {
 		return a.AgentToken, true
 	case "client_token":
 		return a.ClientToken, true
+	case "metrics_addr":
+		return a.MetricsAddr, true
 	}
 	return "", false
 }

@@ -163,7 +163,31 @@ func (p *Process) Restart(t testing.TB) {
 	if err := p.Stop(); err != nil {
 		t.Errorf("tailnetd did not exit cleanly after SIGTERM: %v (contract: SIGTERM drains and exits 0)", err)
 	}
-	p.logs.Add("[harness] ---- restart ----")
+	p.StartAgain(t)
+}
+
+// Kill ends the process with SIGKILL (no drain: what a crash or the OOM killer does) and waits
+// for it to be gone. Killing a stopped process does nothing.
+func (p *Process) Kill() {
+	p.mu.Lock()
+	cmd, exited := p.cmd, p.exited
+	p.mu.Unlock()
+	if cmd == nil {
+		return
+	}
+	_ = cmd.Process.Kill()
+	<-exited
+	p.mu.Lock()
+	p.cmd = nil
+	p.mu.Unlock()
+	p.logs.Add("[harness] ---- killed (SIGKILL) ----")
+}
+
+// StartAgain starts a stopped or killed process again with the same options, retrying while the
+// old listener lingers ("address in use").
+func (p *Process) StartAgain(t testing.TB) {
+	t.Helper()
+	p.logs.Add("[harness] ---- start again ----")
 	deadline := time.Now().Add(restartRetryFor)
 	for {
 		err := p.start()
@@ -171,7 +195,7 @@ func (p *Process) Restart(t testing.TB) {
 			return
 		}
 		if time.Now().After(deadline) || !strings.Contains(err.Error(), "in use") {
-			t.Fatalf("restarting tailnetd: %v", err)
+			t.Fatalf("starting tailnetd again: %v", err)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}

@@ -46,6 +46,8 @@ type serverOpts struct {
 	httpsAddr string // set together with tls
 	tls       *testCert
 	keyFile   string // default <tmp>/derp.key
+	metrics   bool   // serve /metrics on a loopback port of its own (announced as metrics_addr)
+	extraArgs []string
 }
 
 // tailnetd is one running `tailnetd derp` process.
@@ -93,14 +95,20 @@ func (e *env) start(opts serverOpts) *tailnetd {
 	if opts.keyFile == "" {
 		opts.keyFile = filepath.Join(e.dir, "derp.key")
 	}
+	// Several relays run at once: none binds the fixed default metrics port.
+	metricsAddr := ""
+	require := []string{"derp_public_key", "stun_addr"}
+	if opts.metrics {
+		metricsAddr = "127.0.0.1:0"
+		require = append(require, "metrics_addr")
+	}
 	args := []string{"derp",
 		"--http-addr", opts.httpAddr,
 		"--stun-addr", opts.stunAddr,
 		"--key-file", opts.keyFile,
-		// Several relays run at once: none binds the fixed default metrics port.
-		"--metrics-addr", "",
+		"--metrics-addr", metricsAddr,
 	}
-	require := []string{"derp_public_key", "stun_addr"}
+	args = append(args, opts.extraArgs...)
 	if opts.tls != nil {
 		if opts.httpsAddr == "" {
 			opts.httpsAddr = "127.0.0.1:0"

@@ -335,6 +335,55 @@ fn peer_max_tunnels_from_flags() {
 }
 
 #[test]
+fn session_and_queue_bounds_from_defaults_flags_and_file() {
+    let d = CoordinatorConfig::default();
+    let s = resolve(&["coordinator"]).unwrap();
+    assert_eq!(s.coordinator.max_sessions_per_user, 256);
+    assert_eq!(s.coordinator.max_sessions_per_agent, 8);
+    assert_eq!(s.coordinator.response_buffer_bytes, d.response_buffer_bytes);
+    assert_eq!(s.coordinator.session_max_streams, d.session_max_streams);
+    assert_eq!(
+        s.coordinator.agent_session_max_buffered_bytes,
+        d.agent_session_max_buffered_bytes
+    );
+    assert_eq!(
+        s.coordinator.client_session_max_buffered_bytes,
+        d.client_session_max_buffered_bytes
+    );
+    let s = resolve(&[
+        "coordinator",
+        "--coordinator-max-sessions-per-user",
+        "3",
+        "--coordinator-max-sessions-per-agent",
+        "2",
+        "--coordinator-response-buffer-bytes",
+        "100000",
+        "--coordinator-session-max-streams",
+        "16",
+    ])
+    .unwrap();
+    assert_eq!(s.coordinator.max_sessions_per_user, 3);
+    assert_eq!(s.coordinator.max_sessions_per_agent, 2);
+    assert_eq!(s.coordinator.response_buffer_bytes, 100_000);
+    assert_eq!(s.coordinator.session_max_streams, 16);
+    let (_d, path) = write_config("[coordinator]\nagent_session_max_buffered_bytes = 6000000\nclient_session_max_buffered_bytes = 300000\n");
+    let s = resolve(&["coordinator", "--config", &path]).unwrap();
+    assert_eq!(s.coordinator.agent_session_max_buffered_bytes, 6_000_000);
+    assert_eq!(s.coordinator.client_session_max_buffered_bytes, 300_000);
+    let e = error(&["coordinator", "--coordinator-max-sessions-per-user", "0"]);
+    assert!(e.contains("coordinator.max_sessions_per_user"), "{e}");
+    let e = error(&[
+        "coordinator",
+        "--coordinator-agent-session-max-buffered-bytes",
+        "1000",
+    ]);
+    assert!(
+        e.contains("coordinator.agent_session_max_buffered_bytes"),
+        "{e}"
+    );
+}
+
+#[test]
 fn bad_auth_entries_name_the_field() {
     let (_d, path) = write_config("[auth.resume_key]\nid = \"1\"\nsecret_hex = \"abcd\"\n");
     let e = error(&["coordinator", "--config", &path]);
@@ -477,4 +526,26 @@ fn upstream_bridge_is_on_with_an_upstream_unless_switched_off() {
     .unwrap();
     let from_file = resolve(&["coordinator", "--config", path.to_str().unwrap()]).unwrap();
     assert!(!from_file.upstream_bridge);
+}
+
+#[test]
+fn postgres_url_password_stays_out_of_check() {
+    let url = "postgres://tailnetd:hunter2@db:5432/tailnet?sslmode=require&password=hunter3";
+    let s = resolve(&["coordinator", "--postgres-url", url]).unwrap();
+    assert_eq!(s.postgres_url.as_deref(), Some(url), "used as given");
+    let shown = s.effective_toml();
+    assert!(
+        !shown.contains("hunter2") && !shown.contains("hunter3"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(
+            "postgres://tailnetd:(secret)@db:5432/tailnet?sslmode=require&password=(secret)"
+        ),
+        "{shown}"
+    );
+    let no_password = DatabaseUrl("postgres://tailnetd@db/tailnet".into());
+    assert_eq!(no_password.redacted(), "postgres://tailnetd@db/tailnet");
+    let at_in_path = DatabaseUrl("postgresql://u:p@ss@db/x".into());
+    assert_eq!(at_in_path.redacted(), "postgresql://u:(secret)@db/x");
 }

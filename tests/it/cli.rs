@@ -33,6 +33,50 @@ fn bad_config_file_fails_naming_the_field() {
 }
 
 #[test]
+fn mesh_with_is_checked_before_start() {
+    // derper's rule: peers need the mesh key; and every entry must be a host or a URL.
+    for (args, want) in [
+        (
+            &["--mesh-with", "derp1.example.com"][..],
+            "mesh peers need mesh_psk_file",
+        ),
+        (
+            &["--mesh-with", "a,,b", "--mesh-psk-file", "/k"][..],
+            "empty entry",
+        ),
+        (
+            &["--mesh-with", "a/b/c", "--mesh-psk-file", "/k"][..],
+            "too many components",
+        ),
+    ] {
+        let out = bin()
+            .args(["derp", "--key-file", "/k.json", "--check"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("relay.mesh_with") && err.contains(want),
+            "{err}"
+        );
+    }
+    let out = bin()
+        .args([
+            "derp",
+            "--key-file",
+            "/k.json",
+            "--mesh-psk-file",
+            "/k",
+            "--check",
+        ])
+        .args(["--mesh-with", "a.example.com,b.example.com:8443/10.0.0.2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
 fn derp_role_requires_a_key_file() {
     let out = bin()
         .args(["derp", "--http-addr", "127.0.0.1:0", "--stun-addr", ""])

@@ -71,11 +71,20 @@ enum Upgrade {
 }
 
 fn derp_upgrade(source: IpAddr, to: SocketAddr) -> Upgrade {
+    derp_upgrade_forwarded(source, to, None)
+}
+
+/// A DERP upgrade from `source`, with `X-Forwarded-For: forwarded_for` when given.
+fn derp_upgrade_forwarded(source: IpAddr, to: SocketAddr, forwarded_for: Option<&str>) -> Upgrade {
     let Ok(mut s) = connect_from(source, to) else {
         return Upgrade::Closed;
     };
-    let req =
-        format!("GET /derp HTTP/1.1\r\nHost: {to}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n");
+    let xff = forwarded_for
+        .map(|v| format!("X-Forwarded-For: {v}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "GET /derp HTTP/1.1\r\nHost: {to}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n{xff}\r\n"
+    );
     if s.write_all(req.as_bytes()).is_err() {
         return Upgrade::Closed;
     }
@@ -225,4 +234,84 @@ fn limits_failed_handshakes_do_not_amplify_the_log() {
         lines <= 2,
         "{lines} INFO lines for {attempts} failed handshakes:\n{text}"
     );
+}
+
+/// Finding 2 with a proxy in front: the per-address cap applies to the address tailnetd trusts.
+/// Behind a trusted proxy (`upstream.trusted_proxies`), two clients with different
+/// `X-Forwarded-For` are counted separately and one client reaches its own cap (429); a peer that
+/// is not trusted is counted by its own address whatever `X-Forwarded-For` it sends.
+#[test]
+fn limits_per_address_cap_counts_the_forwarded_client_behind_a_trusted_proxy() {
+    let dev = start_dev(
+        None,
+        &[
+            "--relay-max-connections-per-ip",
+            "2",
+            "--upstream-trusted-proxies",
+            "127.0.0.2",
+        ],
+    );
+    let addr = http_addr(&dev);
+    let proxy = ip("127.0.0.2");
+    // Two connections each for two clients behind the proxy: four relay connections from one
+    // TCP peer address, twice the per-address cap.
+    let mut held = Vec::new();
+    for client in ["198.51.100.1", "198.51.100.2"] {
+        for _ in 0..2 {
+            let u = derp_upgrade_forwarded(proxy, addr, Some(client));
+            assert!(matches!(u, Upgrade::Relay(_)), "{client}: {u:?}");
+            held.push(u);
+        }
+    }
+    // A third for the first client is over its cap: 429, counted.
+    let over = derp_upgrade_forwarded(proxy, addr, Some("198.51.100.1"));
+    assert!(matches!(over, Upgrade::Refused(429)), "{over:?}");
+    // Only the rightmost untrusted hop counts: a client cannot pick its own address by
+    // prepending one (198.51.100.1 is still the one the proxy saw).
+    let spoofed = derp_upgrade_forwarded(proxy, addr, Some("203.0.113.7, 198.51.100.1"));
+    assert!(matches!(spoofed, Upgrade::Refused(429)), "{spoofed:?}");
+    let metrics = get(&addr.to_string(), "/metrics", &[]).1;
+    let rejected = |reason: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("derp_listener_rejected_connections_total")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(rejected("per_ip_cap"), 2.0, "{metrics}");
+
+    // An untrusted peer's X-Forwarded-For is ignored: it is counted by its own address.
+    let untrusted = ip("127.0.0.3");
+    let mut mine = Vec::new();
+    for client in ["198.51.100.10", "198.51.100.11"] {
+        let u = derp_upgrade_forwarded(untrusted, addr, Some(client));
+        assert!(matches!(u, Upgrade::Relay(_)), "{u:?}");
+        mine.push(u);
+    }
+    let over = derp_upgrade_forwarded(untrusted, addr, Some("198.51.100.12"));
+    assert!(matches!(over, Upgrade::Closed), "{over:?}");
+    let metrics = get(&addr.to_string(), "/metrics", &[]).1;
+    let rejected_now: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("derp_listener_rejected_connections_total")
+                && l.contains("reason=\"per_ip_cap\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(rejected_now, 3.0, "{metrics}");
+    // Closing one of the first client's connections gives its place back.
+    held.remove(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        match derp_upgrade_forwarded(proxy, addr, Some("198.51.100.1")) {
+            u @ Upgrade::Relay(_) => break u,
+            other if std::time::Instant::now() > deadline => panic!("{other:?}"),
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    drop((held, mine, again));
 }

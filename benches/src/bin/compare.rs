@@ -450,6 +450,9 @@ impl Ctx {
             let cfg = self.dir.join("coordinator.toml");
             std::fs::write(&cfg, auth.toml())?;
             let mut c = self.pin.command(0, &self.bins.tailnetd);
+            // Every client of the workload is one user's session: lift that user's cap above
+            // them (the cap is for real users, not for a load generator).
+            let sessions = (w.agents * w.clients).max(1).to_string();
             c.args([
                 "coordinator",
                 "--http-addr",
@@ -458,6 +461,8 @@ impl Ctx {
                 "warn",
                 "--metrics-addr",
                 "",
+                "--coordinator-max-sessions-per-user",
+                &sessions,
                 "--config",
             ])
             .arg(&cfg);
@@ -642,6 +647,30 @@ fn main() -> Result<()> {
         ("Go coordinator".into(), if ctx.bins.gocoord.is_some() { format!("github.com/coder/coder/v2@{CODER_VERSION} tailnet.NewCoordinator via interop/gocoord") } else { "not run".into() }),
         ("pinning".into(), if pin.enabled { "server: taskset -c 0, load generator: taskset -c 1".into() } else { "none".into() }),
     ];
+    // Provenance: what exactly ran (hashes of every binary, Go build information).
+    let binaries = [
+        ("tailnetd", Some(&ctx.bins.tailnetd)),
+        ("loadgen", Some(&ctx.bins.loadgen)),
+        ("tcpfwd", Some(&ctx.bins.tcpfwd)),
+        ("derper", ctx.bins.derper.as_ref()),
+        ("Go coordinator", ctx.bins.gocoord.as_ref()),
+    ];
+    for (name, path) in binaries {
+        let Some(path) = path else { continue };
+        res.machine.push((
+            format!("sha256 {name}"),
+            sh(&format!("sha256sum '{}' | cut -d' ' -f1", path.display())),
+        ));
+        if go && matches!(name, "derper" | "Go coordinator") {
+            res.machine.push((
+                format!("go version -m {name}"),
+                sh(&format!(
+                    "go version -m '{}' | grep -E '^\\s*(path|mod|build\\s+(-compiler|CGO_ENABLED|GOARCH|GOAMD64|GOOS|-trimpath))|: go' | tr -s '\\t' ' '",
+                    path.display()
+                )),
+            ));
+        }
+    }
 
     let mut relays = vec![Relay::Tailnetd];
     if ctx.bins.derper.is_some() {
@@ -884,8 +913,65 @@ fn main() -> Result<()> {
         {
             bail!("quick comparison incomplete: {:?}", res.errors);
         }
+        let insane = quick_sanity(&res);
+        if !insane.is_empty() {
+            bail!(
+                "quick comparison ran but its figures are not sane:\n  {}",
+                insane.join("\n  ")
+            );
+        }
     }
     Ok(())
+}
+
+/// What a quick run must show besides having run: every workload connected every client and
+/// delivered something, and closed-loop relay runs (which never offer more than the queues hold)
+/// lost nothing. Write-offs (a sender that waited 100 ms) are not judged here: on a busy machine
+/// they mean slowness, and speed is not what the smoke test is for. Returns one line per failure.
+fn quick_sanity(res: &Results) -> Vec<String> {
+    let mut bad = Vec::new();
+    let relay_runs = res
+        .relay_max
+        .iter()
+        .map(|(r, rep)| (r, rep))
+        .chain(res.relay_sweep.iter().map(|(r, _, rep)| (r, rep)));
+    for (r, rep) in relay_runs {
+        let what = format!("{} {}", r.name(), rep.label);
+        if rep.received_window == 0 || rep.delivered_pps <= 0.0 {
+            bad.push(format!("{what}: delivered nothing in the window"));
+        }
+        if rep.window > 0 && rep.drops > 0 {
+            bad.push(format!(
+                "{what}: closed loop lost {} packets ({} write-offs)",
+                rep.drops, rep.window_stalls
+            ));
+        }
+    }
+    for (r, rep) in &res.idle {
+        if rep.connected != rep.conns {
+            bad.push(format!(
+                "idle {}: {} of {} connections",
+                r.name(),
+                rep.connected,
+                rep.conns
+            ));
+        }
+    }
+    for (name, rep) in &res.coord {
+        if rep.failed_streams > 0 {
+            bad.push(format!(
+                "coordinator {name} {}: {} failed streams",
+                rep.label, rep.failed_streams
+            ));
+        }
+        if rep.delivered_updates_per_s <= 0.0 {
+            bad.push(format!(
+                "coordinator {name} {}: delivered no updates",
+                rep.label
+            ));
+        }
+    }
+    bad
 }
 
 fn write_chart(res: &Results, path: &Path) -> Result<()> {
@@ -1306,4 +1392,43 @@ fn markdown(res: &Results, quick: bool) -> String {
         w(&mut m, "");
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay_report(received: u64, window: u64, drops: u64) -> RelayReport {
+        serde_json::from_value(serde_json::json!({
+            "mode": "relay", "label": "P=10 S=1400", "transport": "derp",
+            "pairs": 10, "size": 1400, "offered_pps": 0.0, "offered_gbps": 0.0,
+            "window": window, "window_stalls": 0, "duration_s": 0.5,
+            "sent_window": received + drops, "received_window": received,
+            "sent_total": received + drops, "received_total": received,
+            "drops": drops, "loss": 0.0, "delivered_gbps": 0.0,
+            "delivered_pps": received as f64 * 2.0,
+            "latency_p50_us": 1.0, "latency_p99_us": 1.0, "latency_p999_us": 1.0,
+            "latency_max_us": 1.0
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn quick_sanity_accepts_a_good_run_and_names_each_bad_figure() {
+        let mut res = Results::default();
+        res.relay_max
+            .push((Relay::Tailnetd, relay_report(1000, 32, 0)));
+        res.relay_sweep
+            .push((Relay::Tailnetd, 0.5, relay_report(500, 0, 3)));
+        assert!(quick_sanity(&res).is_empty(), "{:?}", quick_sanity(&res));
+
+        res.relay_max
+            .push((Relay::Tailnetd, relay_report(0, 32, 0)));
+        res.relay_max
+            .push((Relay::Tailnetd, relay_report(900, 32, 7)));
+        let bad = quick_sanity(&res);
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert!(bad[0].contains("delivered nothing"), "{bad:?}");
+        assert!(bad[1].contains("lost 7 packets"), "{bad:?}");
+    }
 }

@@ -9,6 +9,8 @@
 //!
 //! This module must never log tokens and never hold a lock across `.await`.
 
+mod admit;
+pub mod caps;
 pub mod errors;
 
 use std::sync::Arc;
@@ -40,6 +42,8 @@ use crate::service::{PeerKind, V2Peer};
 use crate::upstream::agent_rpc::{Endpoint, UpstreamLink};
 use crate::v1::V1Peer;
 use crate::Coordinator;
+pub use admit::DERP_ADMIT_PATH;
+use caps::{CapKind, SessionSlot};
 use errors::INVALID_RESUME_TOKEN_MESSAGE;
 pub use errors::{parse_version, ApiError, ApiVersion, VersionError};
 
@@ -69,6 +73,7 @@ pub(crate) fn router(coord: Arc<Coordinator>) -> Router {
         .route("/api/v2/tailnet", get(tailnet))
         .route("/api/v2/derp-map", get(derp_map))
         .route(DERP_MAP_JSON_PATH, get(derp_map_json))
+        .route(DERP_ADMIT_PATH, axum::routing::post(admit::derp_admit))
         .with_state(coord)
 }
 
@@ -163,6 +168,24 @@ fn resume_peer_id(coord: &Coordinator, query: Option<&str>) -> Result<Uuid, ApiE
     }
 }
 
+/// A place for one more session of `key` under its cap (see [`caps`]), or Coder's 429 JSON
+/// answer (logged and counted), given before the WebSocket upgrade.
+fn session_slot(coord: &Coordinator, kind: CapKind, key: Uuid) -> Result<SessionSlot, ApiError> {
+    coord.caps.acquire(kind, key).map_err(|e| {
+        tracing::info!(
+            kind = kind.as_str(),
+            id = %key,
+            limit = e.limit,
+            "coordination session refused: too many concurrent sessions"
+        );
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many concurrent coordination sessions.",
+        )
+        .detail(e.to_string())
+    })
+}
+
 /// `GET /api/v2/workspaceagents/me/coordinate`: the agent's coordination socket. No `version` or
 /// 1.x = v1 JSON (as agents before v2.8 dialed it); 2.x = the v2 stack.
 async fn agent_coordinate(
@@ -187,6 +210,10 @@ async fn agent_coordinate(
         Ok(ws) => ws,
         Err(r) => return *r,
     };
+    let slot = match session_slot(&coord, CapKind::Agent, agent.agent_id) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
     if v.major == 1 {
         let peer = V1Peer {
             id: agent.agent_id,
@@ -195,7 +222,7 @@ async fn agent_coordinate(
             auth: CoordinateeAuth::Agent { id: agent.agent_id },
             tunnel_to: None,
         };
-        upgrade_v1(coord, ws, peer)
+        upgrade_v1(coord, ws, peer, slot)
     } else {
         let peer = V2Peer {
             id: agent.agent_id,
@@ -205,7 +232,7 @@ async fn agent_coordinate(
             upstream: None,
             telemetry: None,
         };
-        upgrade_v2(coord, ws, peer)
+        upgrade_v2(coord, ws, peer, slot)
     }
 }
 
@@ -231,6 +258,10 @@ async fn agent_rpc(
         Ok(ws) => ws,
         Err(r) => return *r,
     };
+    let slot = match session_slot(&coord, CapKind::Agent, agent.agent_id) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
     let role = query_value(q, "role").unwrap_or_default();
     tracing::debug!(agent = %agent.agent_id, role = %role, "agent rpc connection");
     let upstream = upstream_link(&coord, Endpoint::AgentRpc, &headers, q);
@@ -242,7 +273,7 @@ async fn agent_rpc(
         telemetry: upstream.clone(),
         upstream,
     };
-    upgrade_v2(coord, ws, peer)
+    upgrade_v2(coord, ws, peer, slot)
 }
 
 /// `GET /api/v2/workspaceagents/{agent}/coordinate`: a client's socket for one agent.
@@ -304,6 +335,10 @@ async fn client_coordinate(
         Ok(ws) => ws,
         Err(r) => return *r,
     };
+    let slot = match session_slot(&coord, CapKind::User, user.user_id) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
     tracing::debug!(user = %user.username, agent = %agent_id, peer = %peer_id, "client coordinate connection");
     if v.major == 1 {
         let peer = V1Peer {
@@ -313,7 +348,7 @@ async fn client_coordinate(
             auth: CoordinateeAuth::Client { agent_id },
             tunnel_to: Some(agent_id),
         };
-        upgrade_v1(coord, ws, peer)
+        upgrade_v1(coord, ws, peer, slot)
     } else {
         let peer = V2Peer {
             id: peer_id,
@@ -323,7 +358,7 @@ async fn client_coordinate(
             upstream: None,
             telemetry: telemetry_link(&coord, &headers, q),
         };
-        upgrade_v2(coord, ws, peer)
+        upgrade_v2(coord, ws, peer, slot)
     }
 }
 
@@ -362,6 +397,10 @@ async fn tailnet(
         Ok(ws) => ws,
         Err(r) => return *r,
     };
+    let slot = match session_slot(&coord, CapKind::User, user.user_id) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
     let upstream = upstream_link(&coord, Endpoint::Tailnet, &headers, q);
     let peer = V2Peer {
         id: peer_id,
@@ -374,7 +413,7 @@ async fn tailnet(
         telemetry: upstream.clone(),
         upstream,
     };
-    upgrade_v2(coord, ws, peer)
+    upgrade_v2(coord, ws, peer, slot)
 }
 
 /// The WebSocket layer's own checks, answered as coder/websocket's `Accept` does (plain text):
@@ -453,19 +492,38 @@ fn telemetry_link(
     Some(rpc.link(Endpoint::Tailnet, Some("version=2.3"), token))
 }
 
-fn upgrade_v1(coord: Arc<Coordinator>, ws: WebSocketUpgrade, peer: V1Peer) -> Response {
+/// Upgrades to a v1 session. `slot` is held until the session ends (dropped with the upgrade
+/// callback if the upgrade fails).
+fn upgrade_v1(
+    coord: Arc<Coordinator>,
+    ws: WebSocketUpgrade,
+    peer: V1Peer,
+    slot: SessionSlot,
+) -> Response {
     let max = coord.config.v1_max_message.saturating_add(64 * 1024);
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(RECOMMENDED_READ_BUFFER_SIZE)
-        .on_upgrade(move |socket| crate::v1::serve(coord, socket, peer))
+        .on_upgrade(move |socket| async move {
+            crate::v1::serve(coord, socket, peer).await;
+            drop(slot);
+        })
 }
 
-fn upgrade_v2(coord: Arc<Coordinator>, ws: WebSocketUpgrade, peer: V2Peer) -> Response {
+/// Upgrades to a v2 session, holding `slot` as [`upgrade_v1`] does.
+fn upgrade_v2(
+    coord: Arc<Coordinator>,
+    ws: WebSocketUpgrade,
+    peer: V2Peer,
+    slot: SessionSlot,
+) -> Response {
     ws.max_message_size(RECOMMENDED_MAX_MESSAGE_SIZE)
         .max_frame_size(RECOMMENDED_MAX_MESSAGE_SIZE)
         .read_buffer_size(RECOMMENDED_READ_BUFFER_SIZE)
-        .on_upgrade(move |socket| crate::service::serve_session(coord, socket, peer))
+        .on_upgrade(move |socket| async move {
+            crate::service::serve_session(coord, socket, peer).await;
+            drop(slot);
+        })
 }
 
 /// Where the current DERP map is served as plain JSON (Tailscale's `DERPMap` form, the same bytes

@@ -123,6 +123,7 @@
 //!   updates each (each counts against the queue).
 
 pub mod core;
+mod keys;
 #[cfg(test)]
 mod model;
 mod outbox;
@@ -143,7 +144,9 @@ pub use self::core::{
 };
 pub use self::outbox::{Encoded, PeerReceiver, TryRecvError};
 use self::outbox::{Outbox, PushError, Update};
-pub use self::remote::{RemoteSource, SourceEvent, SourceEvents, DEFAULT_SOURCE_QUEUE};
+pub use self::remote::{
+    LocalPeerState, RemoteSource, SourceEvent, SourceEvents, DEFAULT_SOURCE_QUEUE,
+};
 use self::shard::{Conn, Link, Locked, Shards};
 use crate::authz::{AuthzError, CoordinateeAuth};
 
@@ -154,6 +157,9 @@ pub const ERR_UNHEALTHY: &str = "coordinator unhealthy";
 
 /// Coder's `ResponseBufferSize`.
 pub const DEFAULT_RESPONSE_QUEUE: usize = 512;
+/// Default [`GraphConfig::response_queue_bytes`] (8 MiB; see
+/// [`crate::config::DEFAULT_RESPONSE_BUFFER_BYTES`]).
+pub const DEFAULT_RESPONSE_QUEUE_BYTES: usize = 8 << 20;
 /// Upper bound on the shard count.
 pub const MAX_SHARDS: usize = 4096;
 /// How many receivers ahead a fan-out warms (see [`PeerGraph::update_self`]).
@@ -164,6 +170,9 @@ const WARM_AHEAD: usize = 8;
 pub struct GraphConfig {
     /// Responses queued per connection before that peer is removed (Coder: 512).
     pub response_queue: usize,
+    /// Bytes queued per connection (encoded nodes and responses, see `outbox.rs`) before that
+    /// peer is removed like for a full queue; counted in `coordinator_outbox_byte_overflows_total`.
+    pub response_queue_bytes: usize,
     /// How large a node may be; a larger one ends its session (see [`NodeLimits`]).
     pub node_limits: NodeLimits,
     /// Most tunnels (`add_tunnel` destinations) one peer may hold; one more ends its session
@@ -179,6 +188,7 @@ impl Default for GraphConfig {
     fn default() -> Self {
         Self {
             response_queue: DEFAULT_RESPONSE_QUEUE,
+            response_queue_bytes: DEFAULT_RESPONSE_QUEUE_BYTES,
             node_limits: NodeLimits::default(),
             max_tunnels_per_peer: DEFAULT_MAX_TUNNELS_PER_PEER,
         }
@@ -227,6 +237,8 @@ struct Metrics {
     nodes_over_limit: IntCounter,
     /// `add_tunnel` requests refused by [`GraphConfig::max_tunnels_per_peer`].
     tunnels_over_limit: IntCounter,
+    /// Bytes queued in every outbox, and pushes refused by the byte bound.
+    outbox: outbox::OutboxMetrics,
 }
 
 impl Metrics {
@@ -287,6 +299,16 @@ impl Metrics {
                 "coordinator_tunnels_over_limit_total",
                 "add_tunnel requests refused by the per-peer tunnel limit (the session is ended)",
             )?,
+            outbox: outbox::OutboxMetrics {
+                bytes: IntGauge::new(
+                    "coordinator_outbox_bytes",
+                    "Bytes (encoded nodes and responses) queued towards coordination peers",
+                )?,
+                byte_overflows: IntCounter::new(
+                    "coordinator_outbox_byte_overflows_total",
+                    "Peers kicked because their queued bytes reached the per-peer byte bound",
+                )?,
+            },
         };
         reg.register(Box::new(peers))?;
         reg.register(Box::new(m.tunnels.clone()))?;
@@ -301,6 +323,8 @@ impl Metrics {
         reg.register(Box::new(m.node_bytes.clone()))?;
         reg.register(Box::new(m.nodes_over_limit.clone()))?;
         reg.register(Box::new(m.tunnels_over_limit.clone()))?;
+        reg.register(Box::new(m.outbox.bytes.clone()))?;
+        reg.register(Box::new(m.outbox.byte_overflows.clone()))?;
         Ok(m)
     }
 
@@ -392,6 +416,8 @@ pub struct PeerGraph {
     /// The one source that watches every local peer (the PostgreSQL store, see
     /// [`PeerGraph::remote_source_all`]).
     watch_all: std::sync::OnceLock<Arc<remote::SourceSink>>,
+    /// Node key → entries whose node carries it (the relay's admission question).
+    keys: keys::NodeKeyIndex,
     config: GraphConfig,
     metrics: Metrics,
 }
@@ -468,6 +494,7 @@ impl PeerGraph {
             tunnels: AtomicUsize::new(0),
             remote_peers: AtomicUsize::new(0),
             watch_all: std::sync::OnceLock::new(),
+            keys: keys::NodeKeyIndex::default(),
             config,
             metrics,
         }))
@@ -501,7 +528,11 @@ impl PeerGraph {
             id_bytes: Bytes::copy_from_slice(id.as_bytes()),
             name,
             auth,
-            outbox: Outbox::new(self.config.response_queue),
+            outbox: Outbox::new(
+                self.config.response_queue,
+                self.config.response_queue_bytes,
+                self.metrics.outbox.clone(),
+            ),
         });
         let receiver = PeerReceiver::new(conn.clone());
         tracing::debug!(peer = %id, name = %conn.name, role = conn.auth.role(), "coordinator peer connecting");
@@ -544,7 +575,7 @@ impl PeerGraph {
         };
         let replaced = e.conn.replace(conn.clone());
         // Like Coder: the newcomer starts without a node; tunnel peers are not told.
-        e.node = None;
+        self.keys.replace(&mut e.node, None);
         self.metrics
             .node_bytes
             .sub(gauge_delta(std::mem::take(&mut e.node_bytes)));
@@ -717,7 +748,7 @@ impl PeerGraph {
             if !e.is_current(conn.id) {
                 return false;
             }
-            e.node = Some(node.clone());
+            self.keys.replace(&mut e.node, Some(node.clone()));
             let held = std::mem::replace(&mut e.node_bytes, node_bytes);
             self.metrics
                 .node_bytes
@@ -971,7 +1002,7 @@ impl PeerGraph {
             return false;
         }
         let Some(c) = e.conn.take() else { return false };
-        e.node = None;
+        self.keys.replace(&mut e.node, None);
         self.metrics
             .node_bytes
             .sub(gauge_delta(std::mem::take(&mut e.node_bytes)));
@@ -1101,6 +1132,18 @@ impl PeerGraph {
         let e = shard.peers.get(&id)?;
         e.conn.as_ref()?;
         e.node.as_deref().cloned()
+    }
+
+    /// Whether some peer the graph knows — a local peer or a remote one (the sidecar bridge's,
+    /// another replica's) — currently has a node with WireGuard key `key`. Cheap: one small
+    /// mutex of a key index, no graph shard. What the relay admits in `serve` and `dev`.
+    pub fn knows_node_key(&self, key: &proto::key::NodePublic) -> bool {
+        self.keys.contains(key)
+    }
+
+    /// Number of distinct node keys the graph holds (see [`PeerGraph::knows_node_key`]).
+    pub fn node_key_count(&self) -> usize {
+        self.keys.len()
     }
 
     /// Number of connected peers.

@@ -29,6 +29,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use bytes::{Bytes, BytesMut};
+use prometheus::{IntCounter, IntGauge};
 use proto::tailnet::encode::{put_peer_update, PEER_UPDATES_FIELD};
 use proto::tailnet::v2::coordinate_response::peer_update::Kind;
 use proto::tailnet::v2::coordinate_response::PeerUpdate;
@@ -74,6 +75,18 @@ pub(crate) struct Update {
     /// The update's wire form (one `CoordinateResponse.peer_updates` entry), encoded by the first
     /// receiver that sends it and shared by all the others.
     pub(crate) wire: OnceLock<Bytes>,
+    /// What one queue holding this update is charged (see [`update_bytes`]).
+    bytes: usize,
+}
+
+/// Bytes charged per queued update besides its node and strings (the entry and its pointers).
+const UPDATE_OVERHEAD: usize = 32;
+
+/// What a queue is charged for holding an update about a peer: the node's encoded size (what
+/// the receiver will copy and send), the id and reason, and [`UPDATE_OVERHEAD`]. A fan-out shares
+/// one node among its receivers, so this is an upper bound of what one stalled receiver pins.
+fn update_bytes(id_bytes: &Bytes, node: Option<&Node>, reason: &str) -> usize {
+    UPDATE_OVERHEAD + id_bytes.len() + reason.len() + node.map_or(0, prost::Message::encoded_len)
 }
 
 impl Update {
@@ -86,6 +99,11 @@ impl Update {
         node: Option<Arc<Node>>,
         reason: &'static str,
     ) -> Self {
+        let counted = match kind {
+            Kind::Node => node.as_deref(),
+            _ => None,
+        };
+        let bytes = update_bytes(&id_bytes, counted, reason);
         Update {
             about,
             id_bytes,
@@ -93,6 +111,7 @@ impl Update {
             node,
             reason,
             wire: OnceLock::new(),
+            bytes,
         }
     }
 
@@ -122,8 +141,9 @@ impl Update {
     }
 }
 
-/// A chunk of an init batch: `(peer id bytes, node)` pairs and the reason.
-type InitChunk = (Vec<(Bytes, Arc<Node>)>, &'static str);
+/// A chunk of an init batch: `(peer id bytes, node)` pairs, the reason, and the bytes the chunk
+/// is charged (the sum of [`update_bytes`] of its entries).
+type InitChunk = (Vec<(Bytes, Arc<Node>)>, &'static str, usize);
 
 /// One queued response; each counts once against the queue's capacity. Two words: the rare
 /// variants are boxed so that the common one (a shared update) fits inline in [`Queue`].
@@ -138,13 +158,22 @@ enum Queued {
 }
 
 impl Queued {
+    /// What a queue is charged for this item: the same value when it is pushed and popped.
+    fn bytes(&self) -> usize {
+        match self {
+            Queued::Response(r) => UPDATE_OVERHEAD + prost::Message::encoded_len(&**r),
+            Queued::One(u) => u.bytes,
+            Queued::Nodes(b) => b.2,
+        }
+    }
+
     /// The response the session sends.
     fn into_response(self) -> CoordinateResponse {
         let peer_updates = match self {
             Queued::Response(r) => return *r,
             Queued::One(u) => vec![u.to_wire()],
             Queued::Nodes(b) => {
-                let (nodes, reason) = *b;
+                let (nodes, reason, _) = *b;
                 nodes
                     .into_iter()
                     .map(|(id, node)| PeerUpdate {
@@ -273,6 +302,29 @@ impl Queue {
     fn clear(&mut self) {
         self.first = None;
         self.rest.clear();
+        // A queue that once grew keeps no storage after a close.
+        self.rest.shrink_to_fit();
+    }
+}
+
+/// What every outbox of one graph reports: `coordinator_outbox_bytes` (bytes queued in all
+/// outboxes) and `coordinator_outbox_byte_overflows_total` (pushes refused by the byte bound).
+#[derive(Debug, Clone)]
+pub(crate) struct OutboxMetrics {
+    pub(crate) bytes: IntGauge,
+    pub(crate) byte_overflows: IntCounter,
+}
+
+impl OutboxMetrics {
+    /// Unregistered metrics (tests of this module).
+    #[cfg(test)]
+    pub(crate) fn unregistered() -> Self {
+        Self {
+            bytes: IntGauge::new("coordinator_outbox_bytes", "test")
+                .unwrap_or_else(|_| unreachable!()),
+            byte_overflows: IntCounter::new("coordinator_outbox_byte_overflows_total", "test")
+                .unwrap_or_else(|_| unreachable!()),
+        }
     }
 }
 
@@ -281,6 +333,8 @@ impl Queue {
 #[repr(C)]
 struct Inner {
     queue: Queue,
+    /// The sum of [`Queued::bytes`] of what `queue` holds.
+    bytes: usize,
     close: CloseState,
     receiver_gone: bool,
     /// Last node sent as NODE about each peer (Coder's `peer.sent`).
@@ -292,15 +346,50 @@ impl Inner {
         self.receiver_gone || !matches!(self.close, CloseState::Open)
     }
 
-    /// Appends, or marks the outbox failed if there is no room.
-    fn append(&mut self, item: Queued, capacity: usize) -> Result<(), PushError> {
-        if self.queue.len() >= capacity {
+    /// Appends, or marks the outbox failed if there is no room: `limits.capacity` entries, or
+    /// `limits.max_bytes` bytes (an item larger than that on its own is still taken by an empty
+    /// queue, so that one large node never kicks a receiver that keeps up).
+    fn append(&mut self, item: Queued, limits: &Limits) -> Result<(), PushError> {
+        if self.queue.len() >= limits.capacity {
             self.close = CloseState::Failed;
             return Err(PushError::Full);
         }
+        let bytes = item.bytes();
+        if self.queue.len() > 0 && self.bytes.saturating_add(bytes) > limits.max_bytes {
+            self.close = CloseState::Failed;
+            limits.metrics.byte_overflows.inc();
+            return Err(PushError::Full);
+        }
         self.queue.push_back(item);
+        self.bytes += bytes;
+        limits.metrics.bytes.add(gauge(bytes));
         Ok(())
     }
+
+    fn pop_front(&mut self, metrics: &OutboxMetrics) -> Option<Queued> {
+        let item = self.queue.pop_front()?;
+        let bytes = item.bytes();
+        self.bytes -= bytes;
+        metrics.bytes.sub(gauge(bytes));
+        Some(item)
+    }
+
+    fn clear_queue(&mut self, metrics: &OutboxMetrics) {
+        self.queue.clear();
+        metrics.bytes.sub(gauge(std::mem::take(&mut self.bytes)));
+    }
+}
+
+fn gauge(bytes: usize) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
+/// An outbox's bounds and where it reports (outside the cache lines a push touches first).
+#[derive(Debug)]
+struct Limits {
+    capacity: usize,
+    max_bytes: usize,
+    metrics: OutboxMetrics,
 }
 
 /// A connection's queue. It is embedded in its [`Conn`] (one allocation per connection, one pointer
@@ -312,20 +401,26 @@ impl Inner {
 pub(crate) struct Outbox {
     notify: Notify,
     inner: Mutex<Inner>,
-    capacity: usize,
+    limits: Limits,
 }
 
 impl Outbox {
-    pub(crate) fn new(capacity: usize) -> Self {
+    /// An outbox of at most `capacity` entries and `max_bytes` bytes (see [`Queued::bytes`]).
+    pub(crate) fn new(capacity: usize, max_bytes: usize, metrics: OutboxMetrics) -> Self {
         Self {
             notify: Notify::new(),
             inner: Mutex::new(Inner {
                 queue: Queue::default(),
+                bytes: 0,
                 close: CloseState::Open,
                 receiver_gone: false,
                 sent: Sent::default(),
             }),
-            capacity: capacity.max(1),
+            limits: Limits {
+                capacity: capacity.max(1),
+                max_bytes: max_bytes.max(1),
+                metrics,
+            },
         }
     }
 
@@ -336,7 +431,7 @@ impl Outbox {
     #[inline]
     pub(crate) fn warm(&self) {
         std::hint::black_box(self.inner.is_poisoned());
-        std::hint::black_box(self.capacity);
+        std::hint::black_box(self.limits.capacity);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -350,7 +445,7 @@ impl Outbox {
             if g.refuses() {
                 return Err(PushError::Closed);
             }
-            g.append(Queued::Response(Box::new(resp)), self.capacity)?;
+            g.append(Queued::Response(Box::new(resp)), &self.limits)?;
         }
         self.notify.notify_one();
         Ok(())
@@ -388,7 +483,7 @@ impl Outbox {
                 }
                 Kind::ReadyForHandshake | Kind::Unspecified => {}
             }
-            g.append(Queued::One(u.clone()), self.capacity)?;
+            g.append(Queued::One(u.clone()), &self.limits)?;
             // Only a queued update changes what the receiver knows.
             match u.kind {
                 Kind::Lost | Kind::Disconnected => {
@@ -425,6 +520,7 @@ impl Outbox {
                 return Err(PushError::Closed);
             }
             let mut updates = Vec::with_capacity(nodes.len().min(chunk));
+            let mut chunk_bytes = 0;
             let mut rest = nodes.into_iter();
             loop {
                 let next = rest.next();
@@ -432,13 +528,18 @@ impl Outbox {
                     if g.sent.get(id).is_some_and(|s| **s == **node) {
                         continue;
                     }
+                    chunk_bytes += update_bytes(id_bytes, Some(node), reason);
                     updates.push((id_bytes.clone(), node.clone()));
                     g.sent.insert(*id, node.clone());
                 }
                 if updates.len() == chunk || (next.is_none() && !updates.is_empty()) {
                     let n = updates.len();
                     let nodes = std::mem::take(&mut updates);
-                    g.append(Queued::Nodes(Box::new((nodes, reason))), self.capacity)?;
+                    let bytes = std::mem::take(&mut chunk_bytes);
+                    g.append(
+                        Queued::Nodes(Box::new((nodes, reason, bytes))),
+                        &self.limits,
+                    )?;
                     queued += n;
                 }
                 if next.is_none() {
@@ -460,7 +561,7 @@ impl Outbox {
             if !matches!(g.close, CloseState::Open | CloseState::Failed) {
                 return;
             }
-            g.queue.clear();
+            g.clear_queue(&self.limits.metrics);
             g.sent.clear();
             g.close = CloseState::Closing(error);
         }
@@ -515,7 +616,7 @@ impl Queued {
                 Encoded::Appended(1)
             }
             Queued::Nodes(b) => {
-                let (nodes, reason) = *b;
+                let (nodes, reason, _) = *b;
                 for (id, node) in &nodes {
                     put_peer_update(buf, id, Some(node), Kind::Node, reason);
                 }
@@ -556,7 +657,8 @@ impl PeerReceiver {
         match std::mem::replace(&mut g.close, CloseState::Done) {
             state @ (CloseState::Open | CloseState::Failed) => {
                 g.close = state;
-                g.queue.pop_front().map(Ok).ok_or(TryRecvError::Empty)
+                let metrics = &self.conn.outbox.limits.metrics;
+                g.pop_front(metrics).map(Ok).ok_or(TryRecvError::Empty)
             }
             CloseState::Closing(Some(error)) => Ok(Err(CoordinateResponse {
                 peer_updates: Vec::new(),
@@ -618,8 +720,15 @@ impl Drop for PeerReceiver {
     fn drop(&mut self) {
         let mut g = self.outbox().lock();
         g.receiver_gone = true;
-        g.queue.clear();
+        g.clear_queue(&self.conn.outbox.limits.metrics);
         g.sent.clear();
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let g = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+        g.clear_queue(&self.limits.metrics);
     }
 }
 
@@ -634,7 +743,7 @@ mod tests {
     fn test_conn(capacity: usize) -> Arc<Conn> {
         let id = Uuid::from_u128(99);
         Arc::new(Conn {
-            outbox: Outbox::new(capacity),
+            outbox: Outbox::new(capacity, usize::MAX, OutboxMetrics::unregistered()),
             id: ConnId { peer: id, gen: 1 },
             id_bytes: Bytes::copy_from_slice(id.as_bytes()),
             name: "test".into(),
@@ -664,6 +773,57 @@ mod tests {
         assert_eq!(rx.recv().await.map(|r| r.error), Some("bye".into()));
         assert_eq!(rx.recv().await, None);
         assert_eq!(rx.recv().await, None);
+    }
+
+    #[test]
+    fn the_byte_bound_fails_the_queue_and_every_byte_is_given_back() {
+        let metrics = OutboxMetrics::unregistered();
+        let id = Uuid::from_u128(99);
+        let conn = Arc::new(Conn {
+            outbox: Outbox::new(100, 1000, metrics.clone()),
+            id: ConnId { peer: id, gen: 1 },
+            id_bytes: Bytes::copy_from_slice(id.as_bytes()),
+            name: "test".into(),
+            auth: CoordinateeAuth::Agent { id },
+        });
+        let ob = &conn.outbox;
+        let mut rx = PeerReceiver::new(conn.clone());
+        let big = resp(&"x".repeat(1500));
+        let charge = UPDATE_OVERHEAD + big.encoded_len();
+        // An empty queue takes one item larger than the bound.
+        assert_eq!(ob.try_push(big.clone()), Ok(()));
+        assert_eq!(metrics.bytes.get(), charge as i64);
+        assert_eq!(rx.try_recv().map(|r| r.error.len()), Ok(1500));
+        assert_eq!(metrics.bytes.get(), 0);
+        // Then items up to the bound, and one more fails the queue (counted).
+        let small = resp(&"y".repeat(400));
+        assert_eq!(ob.try_push(small.clone()), Ok(()));
+        assert_eq!(ob.try_push(small.clone()), Ok(()));
+        assert_eq!(metrics.byte_overflows.get(), 0);
+        assert_eq!(ob.try_push(small.clone()), Err(PushError::Full));
+        assert!(ob.is_failed());
+        assert_eq!(metrics.byte_overflows.get(), 1);
+        assert_eq!(ob.len(), 2);
+        // Closing, and dropping the receiver and the connection, give every byte back.
+        ob.close(None);
+        assert_eq!(metrics.bytes.get(), 0);
+        let c2 = test_conn_with(&metrics);
+        c2.outbox.try_push(small.clone()).unwrap();
+        assert!(metrics.bytes.get() > 0);
+        drop(c2);
+        assert_eq!(metrics.bytes.get(), 0);
+        drop(rx);
+    }
+
+    fn test_conn_with(metrics: &OutboxMetrics) -> Arc<Conn> {
+        let id = Uuid::from_u128(98);
+        Arc::new(Conn {
+            outbox: Outbox::new(10, usize::MAX, metrics.clone()),
+            id: ConnId { peer: id, gen: 1 },
+            id_bytes: Bytes::copy_from_slice(id.as_bytes()),
+            name: "test".into(),
+            auth: CoordinateeAuth::Agent { id },
+        })
     }
 
     #[test]

@@ -42,7 +42,8 @@
 //!   uses the one watch-all source of a graph ([`PeerGraph::remote_source_all`]); it also
 //!   receives local connects and tunnel changes ([`SourceEvent::Connected`],
 //!   [`SourceEvent::TunnelAdded`], [`SourceEvent::TunnelRemoved`]), queued under the same shard
-//!   locks as the other events.
+//!   locks as the other events. It re-synchronises after an overflow without being replaced:
+//!   [`PeerGraph::resync_all`] restarts its queue and hands it every local peer, atomically.
 //!
 //! # Not yet general
 //!
@@ -118,6 +119,17 @@ pub enum SourceEvent {
     },
     /// The queue overflowed: events were dropped; the source must be replaced to re-synchronise.
     Overflow,
+}
+
+/// One connected local peer as [`PeerGraph::resync_all`] reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalPeerState {
+    /// The peer id.
+    pub id: Uuid,
+    /// Its current node, if it sent one.
+    pub node: Option<Arc<Node>>,
+    /// Destinations of its tunnels.
+    pub tunnels: Vec<Uuid>,
 }
 
 /// The bounded queue between the graph (which pushes under shard locks) and a source's owner.
@@ -291,6 +303,36 @@ impl PeerGraph {
         Some((source, events))
     }
 
+    /// Re-synchronises the watch-all source after [`SourceEvent::Overflow`]: with every shard
+    /// held, empties its queue and clears its failed mark (events are queued again from this
+    /// moment), and reads every connected local peer. Applying the returned state and then the
+    /// events queued after it gives the current graph. `None` without a watch-all source.
+    pub fn resync_all(&self) -> Option<Vec<LocalPeerState>> {
+        let w = self.watch_all.get()?;
+        let l = self.shards.lock_all();
+        {
+            let mut g = w.inner.lock().unwrap_or_else(|p| p.into_inner());
+            g.queue.clear();
+            g.failed = false;
+        }
+        let peers = l
+            .entries()
+            .filter(|(_, e)| e.conn.is_some())
+            .map(|(id, e)| LocalPeerState {
+                id: *id,
+                node: e.node.clone(),
+                tunnels: e
+                    .links
+                    .iter()
+                    .filter(|(_, link)| link.out)
+                    .map(|(to, _)| *to)
+                    .collect(),
+            })
+            .collect();
+        drop(l);
+        Some(peers)
+    }
+
     /// Queues `ev` to the watch-all source, if any (caller holds the shard of the peer `ev` is
     /// about).
     pub(crate) fn notify_all_watcher(&self, ev: impl Fn() -> SourceEvent) {
@@ -393,7 +435,7 @@ impl RemoteSource {
             let best = r.best();
             let id_bytes = r.id_bytes.clone();
             if !same_node(&best, &e.node) {
-                e.node = best.clone();
+                g.keys.replace(&mut e.node, best.clone());
                 if let Some(n) = best {
                     let u = Arc::new(Update::new(
                         peer,
@@ -664,7 +706,7 @@ fn unbind(g: &Arc<PeerGraph>, source: u64, peer: Uuid, kind: Kind, reason: &'sta
             g.metrics.remote_peers.dec();
         }
         if !shadowed && !same_node(&best, &e.node) {
-            e.node = best.clone();
+            g.keys.replace(&mut e.node, best.clone());
             if let Some(n) = best {
                 // Another source still knows the peer: its node is the best one now.
                 let u = Arc::new(Update::new(

@@ -229,6 +229,11 @@ impl<'a> Locked<'a> {
         }
     }
 
+    /// Every entry in the held shards.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (&Uuid, &Entry)> {
+        self.guards.iter().flat_map(|(_, g)| g.peers.iter())
+    }
+
     /// Every peer id with a live connection in the held shards.
     pub(crate) fn connected(&self) -> Vec<ConnId> {
         self.guards

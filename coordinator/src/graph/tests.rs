@@ -58,8 +58,12 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn node(derp: i32) -> Node {
+    // The key follows the DERP region, so that peers share keys and an update changes its key:
+    // what the node key index must follow.
+    let key = proto::key::NodePublic::from_bytes([derp as u8 + 1; 32]);
     Node {
         preferred_derp: derp,
+        key: Bytes::copy_from_slice(&key.to_np_bytes()),
         ..Default::default()
     }
 }
@@ -519,6 +523,17 @@ mod differential {
                     self.state.node(id),
                     "node of {id}"
                 );
+            }
+            // The node key index holds exactly the keys of the nodes the graph holds.
+            let keys: std::collections::HashSet<proto::key::NodePublic> = ids()
+                .into_iter()
+                .filter_map(|id| self.state.node(id))
+                .filter_map(|n| proto::key::NodePublic::from_np_bytes(&n.key).ok())
+                .filter(|k| !k.is_zero())
+                .collect();
+            assert_eq!(self.graph.node_key_count(), keys.len(), "node key index");
+            for k in &keys {
+                assert!(self.graph.knows_node_key(k), "node key index lacks {k}");
             }
             for h in self.handles.values() {
                 let conn = h.conn();

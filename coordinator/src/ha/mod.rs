@@ -23,6 +23,20 @@
 //!   `tailnet_ready_for_handshake` (`"<to>,<from>"`). Each write publishes on
 //!   `tailnet_peer_update` (`"<id>"`) or `tailnet_tunnel_update` (`"<src>,<dst>"`), in the same
 //!   statement. A node that differs from the last written one only in `as_of` is not written.
+//!   **Coalescing:** the writer takes what is queued (up to 4,096 events) and writes
+//!   only the last node of each peer between two of its other events, so a burst of updates is one
+//!   write of the latest (`coordinator_ha_coalesced_total`). It remembers only **connected** local
+//!   peers and their tunnels (a LOST or DISCONNECTED peer is forgotten: its row stays for the
+//!   others, and after a crash the others see it LOST anyway), so its memory follows the graph.
+//!   **Overflow:** its queue is bounded ([`HaOptions::writer_queue`]); when it overflows, events
+//!   are dropped (counted in `coordinator_remote_source_overflows_total`) and the writer
+//!   re-synchronises: [`PeerGraph::resync_all`] restarts the queue and hands it every local peer
+//!   atomically; peers it wrote that are gone are set `lost`, stale tunnels deleted, the rest
+//!   written (`coordinator_ha_resyncs_total`). A write that fails because the database is away is
+//!   retried (the queue fills meanwhile; an overflow ends in a re-sync).
+//! * **Connections:** one `deadpool-postgres` pool ([`POOL_SIZE`] connections) shared by writer,
+//!   mapper, heartbeat and clean-up (a connection found closed is replaced on its next use), and
+//!   one dedicated LISTEN connection. Statements per kind: `coordinator_ha_writes_total`.
 //! * The **mapper**: one `LISTEN` connection. A notification about peer X (or a tunnel with X at
 //!   one end) makes it re-read X's rows and X's tunnels, keep the ends that are local here, and
 //!   apply X's **best binding** to the graph: `ok` rows of live coordinators beat `lost` ones, newer
@@ -32,12 +46,13 @@
 //!   its death re-maps every remote peer. A new coordinator re-maps its peers.
 //! * Clean-up at start and every [`CLEANUP_PERIOD`]: Coder's `CleanTailnetCoordinators`,
 //!   `CleanTailnetLostPeers`, `CleanTailnetTunnels` (24 h).
-//! * **PostgreSQL restarts and crashes:** every connection redials when it is found closed. The
-//!   writer then re-writes every local peer and tunnel it mirrors (a crash truncates the UNLOGGED
-//!   tables) and has the mapper re-read the remote ends of local peers' tunnels; the LISTEN
-//!   connection redials, re-LISTENs and has the mapper re-read every remote peer it holds
-//!   (notifications sent while it was away are lost). A restart that takes longer than
-//!   [`MISSED_HEARTBEATS`] heartbeats makes the replica unhealthy meanwhile, as in pgcoord.
+//! * **PostgreSQL restarts and crashes** end every connection, the LISTEN one included. It
+//!   redials, re-LISTENs, and then has the writer re-write every local peer and tunnel it mirrors
+//!   (a crash truncates the UNLOGGED tables) and the mapper re-read every remote peer it holds
+//!   (notifications sent meanwhile are lost) and the remote ends of local peers' tunnels. Pooled
+//!   connections found closed are replaced on use; a failed mapper read re-reads everything. A
+//!   restart that takes longer than [`MISSED_HEARTBEATS`] heartbeats makes the replica unhealthy
+//!   meanwhile, as in pgcoord.
 //! * Shutdown ([`HaHandle::shutdown`]): own peers set `lost` and published; the coordinator row is
 //!   kept (pgcoord PR #14165: peers must not look disconnected during a rolling deploy).
 //!
@@ -52,24 +67,23 @@
 //!   rows and tunnels per notification, which gives the same result per peer.
 //! * **Local wins.** A peer id connected here is never also remote here (the graph's rule); rows
 //!   of that id under other coordinators are ignored while it is connected here.
-//!
-//! # Not built yet
-//!
-//! * Per-peer coalescing of writes beyond the `as_of` rule; a connection pool (four dedicated
-//!   connections: writer, mapper, heartbeat, LISTEN).
+//! * **Overflow re-syncs** (above): pgcoord's binder also keeps one pending binding per peer, but
+//!   its bounded channels drop what does not fit; here an overflow ends in a re-sync.
 
 mod schema;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::StreamExt;
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use prost::Message;
 use proto::tailnet::v2::coordinate_response::peer_update::Kind;
 use proto::tailnet::v2::Node;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use uuid::Uuid;
@@ -94,8 +108,10 @@ pub const CHANNEL_HEARTBEAT: &str = "tailnet_coordinator_heartbeat";
 pub const CHANNEL_READY_FOR_HANDSHAKE: &str = "tailnet_ready_for_handshake";
 pub use crate::graph::ERR_UNHEALTHY;
 
-/// Events queued from the graph to the writer before the writer's source fails.
-const WRITER_QUEUE: usize = 65_536;
+/// Events queued from the graph to the writer before it must re-synchronise.
+pub const WRITER_QUEUE: usize = 65_536;
+/// Pooled connections per replica (besides the LISTEN connection).
+pub const POOL_SIZE: usize = 4;
 /// Bounded queues between the tasks.
 const HINT_QUEUE: usize = 4096;
 const NOTIFY_QUEUE: usize = 8192;
@@ -112,9 +128,21 @@ pub enum HaError {
          database; run coderd's migrations): missing or mistyped columns: {0}"
     )]
     Schema(String),
+    /// No connection could be had from the pool (or the pool could not be built).
+    #[error("postgres pool: {0}")]
+    Pool(String),
     /// The graph already has a watch-all source.
     #[error("the peer graph already has a PostgreSQL store")]
     AlreadyAttached,
+}
+
+impl From<deadpool_postgres::PoolError> for HaError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => HaError::Postgres(e),
+            other => HaError::Pool(other.to_string()),
+        }
+    }
 }
 
 /// A running store.
@@ -123,7 +151,7 @@ pub struct HaHandle {
     coordinator_id: Uuid,
     healthy: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<()>>,
-    db: Arc<Client>,
+    pool: Pool,
 }
 
 impl HaHandle {
@@ -147,8 +175,8 @@ impl HaHandle {
         for t in &self.tasks {
             t.abort();
         }
-        let rows = self
-            .db
+        let db = self.pool.get().await?;
+        let rows = db
             .query(
                 "UPDATE tailnet_peers SET status = 'lost'::tailnet_status, \
                  updated_at = now() at time zone 'utc' WHERE coordinator_id = $1 RETURNING id",
@@ -157,7 +185,7 @@ impl HaHandle {
             .await?;
         for r in rows {
             let id: Uuid = r.get(0);
-            notify(&self.db, CHANNEL_PEER_UPDATE, &id.to_string()).await?;
+            notify(&db, CHANNEL_PEER_UPDATE, &id.to_string()).await?;
         }
         Ok(())
     }
@@ -178,10 +206,82 @@ impl Drop for HaHandle {
     }
 }
 
-/// Pause between redials of a lost connection.
+/// Pause before retrying after a connection failure.
 const REDIAL_PAUSE: Duration = Duration::from_millis(500);
 /// Pseudo-channel the listener uses to tell the mapper that notifications may have been missed.
 const RESYNC: &str = "";
+/// Most events the writer takes from its queue at once (and coalesces).
+const WRITER_BATCH: usize = 4096;
+
+/// Options of [`start_with`].
+#[derive(Debug, Clone)]
+pub struct HaOptions {
+    /// Where the store's metrics are registered.
+    pub registry: Registry,
+    /// Events queued from the graph to the writer before it must re-synchronise.
+    pub writer_queue: usize,
+    /// Most pooled connections (writer, mapper, heartbeat and clean-up share them; the LISTEN
+    /// connection is separate).
+    pub pool_size: usize,
+}
+
+impl Default for HaOptions {
+    fn default() -> Self {
+        Self {
+            registry: Registry::new(),
+            writer_queue: WRITER_QUEUE,
+            pool_size: POOL_SIZE,
+        }
+    }
+}
+
+/// The store's metrics.
+#[derive(Debug, Clone)]
+struct HaMetrics {
+    /// Statements sent by the writer, by what they write.
+    writes: IntCounterVec,
+    /// Node updates not written because a later one for the same peer was in the same batch.
+    coalesced: IntCounter,
+    /// Re-synchronisations of the writer after its queue overflowed.
+    resyncs: IntCounter,
+    /// Statements that failed (and were retried or given up).
+    errors: IntCounterVec,
+}
+
+impl HaMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let m = Self {
+            writes: IntCounterVec::new(
+                Opts::new(
+                    "coordinator_ha_writes_total",
+                    "Statements the PostgreSQL writer sent, by kind (peer, lost, delete, tunnel, \
+                     untunnel, rfh).",
+                ),
+                &["kind"],
+            )?,
+            coalesced: IntCounter::new(
+                "coordinator_ha_coalesced_total",
+                "Node updates not written because a newer one for the same peer replaced them.",
+            )?,
+            resyncs: IntCounter::new(
+                "coordinator_ha_resyncs_total",
+                "Writer re-synchronisations from the graph after its queue overflowed.",
+            )?,
+            errors: IntCounterVec::new(
+                Opts::new(
+                    "coordinator_ha_errors_total",
+                    "Failed PostgreSQL statements, by task (writer, mapper, heartbeat).",
+                ),
+                &["task"],
+            )?,
+        };
+        registry.register(Box::new(m.writes.clone()))?;
+        registry.register(Box::new(m.coalesced.clone()))?;
+        registry.register(Box::new(m.resyncs.clone()))?;
+        registry.register(Box::new(m.errors.clone()))?;
+        Ok(m)
+    }
+}
 
 /// One LISTEN connection: its client (the connection lives as long as it) and the task that pumps
 /// its notifications into `tx` (ends when the connection does).
@@ -224,43 +324,6 @@ async fn listen(
     Ok((client, pump))
 }
 
-/// A client that redials when its connection is gone.
-struct Db {
-    url: String,
-    client: Client,
-}
-
-impl Db {
-    async fn open(url: &str) -> Result<Db, HaError> {
-        Ok(Db {
-            url: url.to_owned(),
-            client: connect(url).await?,
-        })
-    }
-
-    /// Redials (once) if the connection is gone; true if it did.
-    async fn ensure(&mut self) -> Result<bool, HaError> {
-        if !self.client.is_closed() {
-            return Ok(false);
-        }
-        self.client = connect(&self.url).await?;
-        Ok(true)
-    }
-
-    /// Redials until it succeeds, if the connection is gone; true if it did.
-    async fn ensure_forever(&mut self) -> bool {
-        loop {
-            match self.ensure().await {
-                Ok(redialled) => return redialled,
-                Err(e) => {
-                    tracing::warn!(error = %e, "postgres redial failed");
-                    tokio::time::sleep(REDIAL_PAUSE).await;
-                }
-            }
-        }
-    }
-}
-
 async fn connect(url: &str) -> Result<Client, HaError> {
     let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(async move {
@@ -269,6 +332,24 @@ async fn connect(url: &str) -> Result<Client, HaError> {
         }
     });
     Ok(client)
+}
+
+fn pool(url: &str, size: usize) -> Result<Pool, HaError> {
+    let config: tokio_postgres::Config = url.parse()?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .runtime(Runtime::Tokio1)
+        .create_timeout(Some(Duration::from_secs(10)))
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .build()
+        .map_err(|e| HaError::Pool(e.to_string()))
 }
 
 async fn notify(db: &Client, channel: &str, payload: &str) -> Result<(), HaError> {
@@ -284,24 +365,40 @@ pub async fn coderd_managed_at(url: &str) -> Result<bool, HaError> {
     coderd_managed(&db).await
 }
 
-/// Connects to `url`, prepares Coder's tables ([`prepare`]), and starts mirroring `graph`.
+/// [`start_with`] with default options (metrics in a registry of their own).
 pub async fn start(graph: Arc<PeerGraph>, url: &str) -> Result<HaHandle, HaError> {
-    let admin = connect(url).await?;
-    prepare(&admin).await?;
+    start_with(graph, url, HaOptions::default()).await
+}
+
+/// Connects to `url`, prepares Coder's tables ([`prepare`]), and starts mirroring `graph`.
+pub async fn start_with(
+    graph: Arc<PeerGraph>,
+    url: &str,
+    options: HaOptions,
+) -> Result<HaHandle, HaError> {
+    let metrics = HaMetrics::new(&options.registry).map_err(|e| HaError::Pool(e.to_string()))?;
+    let pool = pool(url, options.pool_size)?;
+    {
+        let admin = pool.get().await?;
+        prepare(&admin).await?;
+    }
     let coordinator_id = Uuid::new_v4();
     let (source, events) = graph
-        .remote_source_all(WRITER_QUEUE)
+        .remote_source_all(options.writer_queue)
         .ok_or(HaError::AlreadyAttached)?;
 
     // LISTEN first, so nothing published after our first heartbeat is missed.
     let (notify_tx, notify_rx) = mpsc::channel::<(String, String)>(NOTIFY_QUEUE);
+    let republish = Arc::new(Notify::new());
     let first = listen(url, notify_tx.clone()).await?;
     let listen_url = url.to_owned();
+    let listen_republish = republish.clone();
     let listen_task = tokio::spawn(async move {
         let mut current = first;
         loop {
-            // Wait for the connection to end, then redial and tell the mapper to re-read what
-            // it may have missed.
+            // Wait for the connection to end (PostgreSQL restarted or crashed, or the network
+            // failed: every connection is gone then), redial, have the writer write everything
+            // again and the mapper re-read what it may have missed.
             let _ = (&mut current.1).await;
             drop(current);
             tracing::warn!("postgres LISTEN connection ended; redialling");
@@ -314,6 +411,7 @@ pub async fn start(graph: Arc<PeerGraph>, url: &str) -> Result<HaHandle, HaError
                     }
                 }
             };
+            listen_republish.notify_one();
             if notify_tx
                 .send((RESYNC.to_owned(), String::new()))
                 .await
@@ -325,33 +423,38 @@ pub async fn start(graph: Arc<PeerGraph>, url: &str) -> Result<HaHandle, HaError
     });
 
     let healthy = Arc::new(AtomicBool::new(true));
-    let mut hb_db = Db::open(url).await?;
-    heartbeat_once(&hb_db.client, coordinator_id).await?;
-    clean(&hb_db.client).await?;
+    {
+        let db = pool.get().await?;
+        heartbeat_once(&db, coordinator_id).await?;
+        clean(&db).await?;
+    }
     let hb_healthy = healthy.clone();
     let hb_graph = graph.clone();
+    let hb_pool = pool.clone();
+    let hb_errors = metrics.errors.with_label_values(&["heartbeat"]);
     let heartbeat_task = tokio::spawn(async move {
-        let failures = AtomicU32::new(0);
+        let mut failures = 0u32;
         let mut tick = tokio::time::interval(HEARTBEAT_PERIOD);
         let mut last_clean = Instant::now();
         loop {
             tick.tick().await;
-            let beat = match hb_db.ensure().await {
-                Ok(_) => heartbeat_once(&hb_db.client, coordinator_id).await,
-                Err(e) => Err(e),
+            let beat = match hb_pool.get().await {
+                Ok(db) => heartbeat_once(&db, coordinator_id).await,
+                Err(e) => Err(e.into()),
             };
             match beat {
                 Ok(()) => {
-                    failures.store(0, Ordering::Relaxed);
+                    failures = 0;
                     if !hb_healthy.swap(true, Ordering::AcqRel) {
                         tracing::info!("coordinator healthy again");
                         hb_graph.set_unhealthy(false);
                     }
                 }
                 Err(e) => {
-                    let n = failures.fetch_add(1, Ordering::Relaxed) + 1;
-                    tracing::warn!(error = %e, failures = n, "coordinator heartbeat failed");
-                    if n >= MISSED_HEARTBEATS && hb_healthy.swap(false, Ordering::AcqRel) {
+                    hb_errors.inc();
+                    failures += 1;
+                    tracing::warn!(error = %e, failures, "coordinator heartbeat failed");
+                    if failures >= MISSED_HEARTBEATS && hb_healthy.swap(false, Ordering::AcqRel) {
                         tracing::error!("coordinator unhealthy: heartbeats fail");
                         hb_graph.set_unhealthy(true);
                     }
@@ -359,32 +462,38 @@ pub async fn start(graph: Arc<PeerGraph>, url: &str) -> Result<HaHandle, HaError
             }
             if last_clean.elapsed() >= CLEANUP_PERIOD {
                 last_clean = Instant::now();
-                if let Err(e) = clean(&hb_db.client).await {
+                let r = match hb_pool.get().await {
+                    Ok(db) => clean(&db).await,
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = r {
                     tracing::warn!(error = %e, "tailnet cleanup failed");
                 }
             }
         }
     });
 
-    let writer_db = Db::open(url).await?;
     let (hint_tx, hint_rx) = mpsc::channel(HINT_QUEUE);
     let writer = Writer {
-        db: writer_db,
+        pool: pool.clone(),
         me: coordinator_id,
+        graph: graph.clone(),
         nodes: HashMap::new(),
         tunnels: HashSet::new(),
         hints: hint_tx,
+        republish,
+        metrics: metrics.clone(),
     };
     let writer_task = tokio::spawn(writer.run(events));
 
-    let mapper_db = Db::open(url).await?;
     let mut mapper = Mapper {
-        db: mapper_db,
+        pool: pool.clone(),
         me: coordinator_id,
         graph,
         source,
         coords: HashMap::new(),
         tracked: HashMap::new(),
+        errors: metrics.errors.with_label_values(&["mapper"]),
     };
     mapper.load_live_coordinators().await?;
     let mapper_task = tokio::spawn(mapper.run(notify_rx, hint_rx));
@@ -393,7 +502,7 @@ pub async fn start(graph: Arc<PeerGraph>, url: &str) -> Result<HaHandle, HaError
         coordinator_id,
         healthy,
         tasks: vec![listen_task, heartbeat_task, writer_task, mapper_task],
-        db: Arc::new(admin),
+        pool,
     })
 }
 
@@ -427,7 +536,8 @@ async fn clean(db: &Client) -> Result<(), HaError> {
 enum Hint {
     /// Local peer connected: map the remote ends of its tunnels.
     LocalConnected(Uuid),
-    /// Local peer `local`'s tunnel to a possibly remote `remote` was written: map that pair.
+    /// Local peer `local`'s tunnel to a possibly remote `remote` was written or deleted: map that
+    /// pair (the mapper skips the notification of that write).
     Remote {
         /// The other end.
         remote: Uuid,
@@ -436,196 +546,276 @@ enum Hint {
     },
 }
 
-/// What the writer last wrote about one local peer (to skip `as_of`-only updates and to
+/// What the writer last wrote about one connected local peer (to skip `as_of`-only updates and to
 /// re-publish after PostgreSQL lost its rows).
 struct Written {
     /// The node encoded without `as_of`.
     key: Vec<u8>,
     /// The node as written.
     bytes: Vec<u8>,
-    lost: bool,
+}
+
+/// Keeps, of the Node events in `batch`, only the last one of each peer between two of its
+/// other events (so a peer's order of node, tunnel, RFH and removal is kept); returns the events
+/// to write and how many node updates were dropped.
+fn coalesce(batch: Vec<SourceEvent>) -> (Vec<SourceEvent>, u64) {
+    let mut later_node: HashSet<Uuid> = HashSet::new();
+    let mut keep = vec![true; batch.len()];
+    let mut dropped = 0;
+    for (i, ev) in batch.iter().enumerate().rev() {
+        match ev {
+            SourceEvent::Node { about, .. } => {
+                if !later_node.insert(*about) {
+                    keep[i] = false;
+                    dropped += 1;
+                }
+            }
+            SourceEvent::Gone { about, .. }
+            | SourceEvent::Connected { about }
+            | SourceEvent::ReadyForHandshake { about, .. }
+            | SourceEvent::TunnelAdded { about, .. }
+            | SourceEvent::TunnelRemoved { about, .. } => {
+                later_node.remove(about);
+            }
+            SourceEvent::Overflow => {}
+        }
+    }
+    let out = batch
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(ev, k)| k.then_some(ev))
+        .collect();
+    (out, dropped)
+}
+
+/// Whether a failed statement is worth retrying: the connection (or the pool's next one) failed,
+/// or the server is shutting down / restarting (SQLSTATE classes 08 and 57).
+fn retryable(e: &HaError) -> bool {
+    match e {
+        HaError::Pool(_) => true,
+        HaError::Postgres(e) => {
+            e.is_closed()
+                || match e.code() {
+                    None => true,
+                    Some(c) => c.code().starts_with("08") || c.code().starts_with("57"),
+                }
+        }
+        HaError::Schema(_) | HaError::AlreadyAttached => false,
+    }
 }
 
 /// Mirrors local peers into the tables.
 struct Writer {
-    db: Db,
+    pool: Pool,
     me: Uuid,
+    graph: Arc<PeerGraph>,
+    /// Connected local peers as written (LOST and DISCONNECTED ones are forgotten).
     nodes: HashMap<Uuid, Written>,
-    /// Tunnels of local peers (src, dst) as written.
+    /// Tunnels of connected local peers (src, dst) as written.
     tunnels: HashSet<(Uuid, Uuid)>,
     hints: mpsc::Sender<Hint>,
+    /// Signalled after the LISTEN connection redialled: PostgreSQL may have lost everything.
+    republish: Arc<Notify>,
+    metrics: HaMetrics,
 }
 
 impl Writer {
     async fn run(mut self, mut events: SourceEvents) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
-            let ev = tokio::select! {
+            let first = tokio::select! {
                 ev = events.recv() => match ev {
                     Some(ev) => ev,
                     None => return,
                 },
-                _ = tick.tick() => {
-                    // Idle: notice a lost connection without waiting for the next write.
-                    if self.db.client.is_closed() {
-                        self.db.ensure_forever().await;
-                        self.republish().await;
-                    }
+                _ = self.republish.notified() => {
+                    self.republish().await;
                     continue;
                 }
             };
-            if matches!(ev, SourceEvent::Overflow) {
-                tracing::error!(
-                    "postgres writer queue overflowed; local peers are no longer mirrored"
-                );
-                return;
+            // Take what is queued behind it (bounded), and write each peer's latest node only.
+            let mut batch = vec![first];
+            while batch.len() < WRITER_BATCH && !matches!(batch.last(), Some(SourceEvent::Overflow))
+            {
+                match events.try_recv() {
+                    Some(Some(ev)) => batch.push(ev),
+                    Some(None) | None => break,
+                }
             }
-            loop {
-                match self.apply(ev.clone()).await {
-                    Ok(()) => break,
-                    Err(e) if self.db.client.is_closed() => {
-                        tracing::warn!(error = %e, "postgres write failed; redialling");
-                        self.db.ensure_forever().await;
-                        self.republish().await;
-                    }
-                    Err(e) => {
+            let overflowed = matches!(batch.last(), Some(SourceEvent::Overflow));
+            let (batch, dropped) = coalesce(batch);
+            self.metrics.coalesced.inc_by(dropped);
+            for ev in batch {
+                if !matches!(ev, SourceEvent::Overflow) {
+                    self.apply_retrying(ev).await;
+                }
+            }
+            if overflowed {
+                self.resync().await;
+            }
+        }
+    }
+
+    /// Applies `ev`, retrying while the database is unreachable (the queue fills meanwhile and,
+    /// if it overflows, [`Writer::resync`] catches up).
+    async fn apply_retrying(&mut self, ev: SourceEvent) {
+        loop {
+            match self.apply(ev.clone()).await {
+                Ok(()) => return,
+                Err(e) => {
+                    self.metrics.errors.with_label_values(&["writer"]).inc();
+                    if !retryable(&e) {
                         tracing::warn!(error = %e, "postgres write failed");
-                        break;
+                        return;
                     }
+                    tracing::warn!(error = %e, "postgres write failed; retrying");
+                    tokio::time::sleep(REDIAL_PAUSE).await;
                 }
             }
         }
     }
 
-    /// After a redial: PostgreSQL may have restarted, or crashed and truncated the UNLOGGED
+    /// The queue overflowed, so events were dropped: re-read every connected local peer from the
+    /// graph (which restarts the queue at the same moment) and write the difference.
+    async fn resync(&mut self) {
+        self.metrics.resyncs.inc();
+        let Some(snapshot) = self.graph.resync_all() else {
+            return;
+        };
+        tracing::warn!(
+            peers = snapshot.len(),
+            "postgres writer queue overflowed; re-synchronising from the graph"
+        );
+        let live: HashSet<Uuid> = snapshot.iter().map(|p| p.id).collect();
+        let tunnels: HashSet<(Uuid, Uuid)> = snapshot
+            .iter()
+            .flat_map(|p| p.tunnels.iter().map(move |t| (p.id, *t)))
+            .collect();
+        // Peers that left while events were dropped: how they left is unknown, so LOST (their
+        // tunnel peers keep WireGuard; the row is cleaned up on Coder's schedule).
+        let gone: Vec<Uuid> = self
+            .nodes
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.apply_retrying(SourceEvent::Gone {
+                about: id,
+                kind: Kind::Lost,
+            })
+            .await;
+        }
+        let stale: Vec<(Uuid, Uuid)> = self.tunnels.difference(&tunnels).copied().collect();
+        for (about, to) in stale {
+            self.apply_retrying(SourceEvent::TunnelRemoved { about, to })
+                .await;
+        }
+        for p in snapshot {
+            if let Some(node) = p.node {
+                self.apply_retrying(SourceEvent::Node { about: p.id, node })
+                    .await;
+            }
+            for to in p.tunnels {
+                if !self.tunnels.contains(&(p.id, to)) {
+                    self.apply_retrying(SourceEvent::TunnelAdded { about: p.id, to })
+                        .await;
+                }
+            }
+            let _ = self.hints.send(Hint::LocalConnected(p.id)).await;
+        }
+    }
+
+    /// After PostgreSQL came back: it may have restarted, or crashed and truncated the UNLOGGED
     /// tables; write every local peer and tunnel again (and publish them), and have the mapper
     /// re-read the remote ends of local peers' tunnels.
     async fn republish(&mut self) {
-        let r = async {
-            for (id, w) in &self.nodes {
-                self.write_peer(*id, &w.bytes, w.lost).await?;
+        loop {
+            let r = async {
+                let db = self.pool.get().await?;
+                for (id, w) in &self.nodes {
+                    write_peer(&db, self.me, *id, &w.bytes).await?;
+                    self.metrics.writes.with_label_values(&["peer"]).inc();
+                }
+                for (src, dst) in &self.tunnels {
+                    write_tunnel(&db, self.me, *src, *dst).await?;
+                    self.metrics.writes.with_label_values(&["tunnel"]).inc();
+                }
+                Ok::<(), HaError>(())
             }
-            for (src, dst) in &self.tunnels {
-                self.write_tunnel(*src, *dst).await?;
+            .await;
+            match r {
+                Ok(()) => break,
+                Err(e) if retryable(&e) => {
+                    tracing::warn!(error = %e, "re-publishing local peers failed; retrying");
+                    tokio::time::sleep(REDIAL_PAUSE).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "re-publishing local peers failed");
+                    return;
+                }
             }
-            Ok::<(), HaError>(())
-        }
-        .await;
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "re-publishing local peers failed");
-            return;
         }
         for id in self.nodes.keys() {
             let _ = self.hints.send(Hint::LocalConnected(*id)).await;
         }
     }
 
-    async fn write_peer(&self, id: Uuid, bytes: &[u8], lost: bool) -> Result<(), HaError> {
-        let status = if lost { "lost" } else { "ok" };
-        self.db
-            .client
-            .execute(
-                "WITH c AS (INSERT INTO tailnet_coordinators (id, heartbeat_at) \
-                 VALUES ($2, now() at time zone 'utc') ON CONFLICT (id) DO NOTHING), \
-                 p AS (INSERT INTO tailnet_peers \
-                 (id, coordinator_id, node, status, updated_at) \
-                 VALUES ($1, $2, $3, $4::text::tailnet_status, now() at time zone 'utc') \
-                 ON CONFLICT (id, coordinator_id) DO UPDATE SET node = $3, \
-                 status = $4::text::tailnet_status, updated_at = now() at time zone 'utc' \
-                 RETURNING id) \
-                 SELECT pg_notify('tailnet_peer_update', id::text) FROM p",
-                &[&id, &self.me, &bytes, &status],
-            )
-            .await?;
-        Ok(())
-    }
-
-    async fn write_tunnel(&self, src: Uuid, dst: Uuid) -> Result<(), HaError> {
-        self.db
-            .client
-            .execute(
-                "WITH c AS (INSERT INTO tailnet_coordinators (id, heartbeat_at) \
-                 VALUES ($1, now() at time zone 'utc') ON CONFLICT (id) DO NOTHING), \
-                 t AS (INSERT INTO tailnet_tunnels \
-                 (coordinator_id, src_id, dst_id, updated_at) \
-                 VALUES ($1, $2, $3, now() at time zone 'utc') \
-                 ON CONFLICT (coordinator_id, src_id, dst_id) \
-                 DO UPDATE SET updated_at = now() at time zone 'utc' \
-                 RETURNING src_id, dst_id) \
-                 SELECT pg_notify('tailnet_tunnel_update', \
-                 src_id::text || ',' || dst_id::text) FROM t",
-                &[&self.me, &src, &dst],
-            )
-            .await?;
-        Ok(())
-    }
-
     async fn apply(&mut self, ev: SourceEvent) -> Result<(), HaError> {
+        let writes = &self.metrics.writes;
         match ev {
             SourceEvent::Node { about, node } => {
                 let mut cmp = (*node).clone();
                 cmp.as_of = None;
                 let key = cmp.encode_to_vec();
-                if self
-                    .nodes
-                    .get(&about)
-                    .is_some_and(|w| !w.lost && w.key == key)
-                {
+                if self.nodes.get(&about).is_some_and(|w| w.key == key) {
                     return Ok(());
                 }
                 let bytes = node.encode_to_vec();
-                self.write_peer(about, &bytes, false).await?;
-                self.nodes.insert(
-                    about,
-                    Written {
-                        key,
-                        bytes,
-                        lost: false,
-                    },
-                );
+                let db = self.pool.get().await?;
+                write_peer(&db, self.me, about, &bytes).await?;
+                writes.with_label_values(&["peer"]).inc();
+                self.nodes.insert(about, Written { key, bytes });
             }
             SourceEvent::Gone { about, kind } => {
+                let db = self.pool.get().await?;
                 if kind == Kind::Disconnected {
-                    self.nodes.remove(&about);
-                    self.tunnels.retain(|(src, _)| *src != about);
-                    self.db
-                        .client
-                        .execute(
-                            "WITH p AS (DELETE FROM tailnet_peers WHERE id = $1 \
-                             AND coordinator_id = $2 RETURNING id) \
-                             SELECT pg_notify('tailnet_peer_update', id::text) FROM p",
-                            &[&about, &self.me],
-                        )
-                        .await?;
-                    self.db
-                        .client
-                        .execute(
-                            "WITH t AS (DELETE FROM tailnet_tunnels WHERE coordinator_id = $1 \
-                             AND src_id = $2 RETURNING src_id, dst_id) \
-                             SELECT pg_notify('tailnet_tunnel_update', \
-                             src_id::text || ',' || dst_id::text) FROM t",
-                            &[&self.me, &about],
-                        )
-                        .await?;
+                    db.execute(
+                        "WITH p AS (DELETE FROM tailnet_peers WHERE id = $1 \
+                         AND coordinator_id = $2 RETURNING id) \
+                         SELECT pg_notify('tailnet_peer_update', id::text) FROM p",
+                        &[&about, &self.me],
+                    )
+                    .await?;
+                    db.execute(
+                        "WITH t AS (DELETE FROM tailnet_tunnels WHERE coordinator_id = $1 \
+                         AND src_id = $2 RETURNING src_id, dst_id) \
+                         SELECT pg_notify('tailnet_tunnel_update', \
+                         src_id::text || ',' || dst_id::text) FROM t",
+                        &[&self.me, &about],
+                    )
+                    .await?;
+                    writes.with_label_values(&["delete"]).inc_by(2);
                 } else {
-                    if let Some(w) = self.nodes.get_mut(&about) {
-                        w.lost = true;
-                    }
-                    self.db
-                        .client
-                        .execute(
-                            "WITH p AS (UPDATE tailnet_peers SET status = 'lost'::tailnet_status, \
-                             updated_at = now() at time zone 'utc' WHERE id = $1 \
-                             AND coordinator_id = $2 RETURNING id) \
-                             SELECT pg_notify('tailnet_peer_update', id::text) FROM p",
-                            &[&about, &self.me],
-                        )
-                        .await?;
+                    db.execute(
+                        "WITH p AS (UPDATE tailnet_peers SET status = 'lost'::tailnet_status, \
+                         updated_at = now() at time zone 'utc' WHERE id = $1 \
+                         AND coordinator_id = $2 RETURNING id) \
+                         SELECT pg_notify('tailnet_peer_update', id::text) FROM p",
+                        &[&about, &self.me],
+                    )
+                    .await?;
+                    writes.with_label_values(&["lost"]).inc();
                 }
+                // Gone either way: the row (lost) and its tunnels stay in PostgreSQL for the
+                // others, but this writer keeps only connected peers.
+                self.nodes.remove(&about);
+                self.tunnels.retain(|(src, _)| *src != about);
             }
             SourceEvent::TunnelAdded { about, to } => {
+                let db = self.pool.get().await?;
+                write_tunnel(&db, self.me, about, to).await?;
+                writes.with_label_values(&["tunnel"]).inc();
                 self.tunnels.insert((about, to));
-                self.write_tunnel(about, to).await?;
                 let _ = self
                     .hints
                     .send(Hint::Remote {
@@ -635,25 +825,29 @@ impl Writer {
                     .await;
             }
             SourceEvent::TunnelRemoved { about, to } => {
-                self.tunnels.remove(&(about, to));
-                self.db
-                    .client
-                    .execute(
-                        "WITH t AS (DELETE FROM tailnet_tunnels WHERE coordinator_id = $1 \
-                         AND src_id = $2 AND dst_id = $3 RETURNING src_id, dst_id) \
-                         SELECT pg_notify('tailnet_tunnel_update', \
-                         src_id::text || ',' || dst_id::text) FROM t",
-                        &[&self.me, &about, &to],
-                    )
-                    .await?;
-            }
-            SourceEvent::ReadyForHandshake { about, to } => {
-                notify(
-                    &self.db.client,
-                    CHANNEL_READY_FOR_HANDSHAKE,
-                    &format!("{to},{about}"),
+                let db = self.pool.get().await?;
+                db.execute(
+                    "WITH t AS (DELETE FROM tailnet_tunnels WHERE coordinator_id = $1 \
+                     AND src_id = $2 AND dst_id = $3 RETURNING src_id, dst_id) \
+                     SELECT pg_notify('tailnet_tunnel_update', \
+                     src_id::text || ',' || dst_id::text) FROM t",
+                    &[&self.me, &about, &to],
                 )
                 .await?;
+                writes.with_label_values(&["untunnel"]).inc();
+                self.tunnels.remove(&(about, to));
+                let _ = self
+                    .hints
+                    .send(Hint::Remote {
+                        remote: to,
+                        local: about,
+                    })
+                    .await;
+            }
+            SourceEvent::ReadyForHandshake { about, to } => {
+                let db = self.pool.get().await?;
+                notify(&db, CHANNEL_READY_FOR_HANDSHAKE, &format!("{to},{about}")).await?;
+                writes.with_label_values(&["rfh"]).inc();
             }
             SourceEvent::Connected { about } => {
                 let _ = self.hints.send(Hint::LocalConnected(about)).await;
@@ -662,6 +856,41 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+async fn write_peer(db: &Client, me: Uuid, id: Uuid, bytes: &[u8]) -> Result<(), HaError> {
+    db.execute(
+        "WITH c AS (INSERT INTO tailnet_coordinators (id, heartbeat_at) \
+         VALUES ($2, now() at time zone 'utc') ON CONFLICT (id) DO NOTHING), \
+         p AS (INSERT INTO tailnet_peers \
+         (id, coordinator_id, node, status, updated_at) \
+         VALUES ($1, $2, $3, 'ok'::tailnet_status, now() at time zone 'utc') \
+         ON CONFLICT (id, coordinator_id) DO UPDATE SET node = $3, \
+         status = 'ok'::tailnet_status, updated_at = now() at time zone 'utc' \
+         RETURNING id) \
+         SELECT pg_notify('tailnet_peer_update', id::text) FROM p",
+        &[&id, &me, &bytes],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn write_tunnel(db: &Client, me: Uuid, src: Uuid, dst: Uuid) -> Result<(), HaError> {
+    db.execute(
+        "WITH c AS (INSERT INTO tailnet_coordinators (id, heartbeat_at) \
+         VALUES ($1, now() at time zone 'utc') ON CONFLICT (id) DO NOTHING), \
+         t AS (INSERT INTO tailnet_tunnels \
+         (coordinator_id, src_id, dst_id, updated_at) \
+         VALUES ($1, $2, $3, now() at time zone 'utc') \
+         ON CONFLICT (coordinator_id, src_id, dst_id) \
+         DO UPDATE SET updated_at = now() at time zone 'utc' \
+         RETURNING src_id, dst_id) \
+         SELECT pg_notify('tailnet_tunnel_update', \
+         src_id::text || ',' || dst_id::text) FROM t",
+        &[&me, &src, &dst],
+    )
+    .await?;
+    Ok(())
 }
 
 /// What the graph was last told about one remote peer.
@@ -675,13 +904,14 @@ struct Tracked {
 
 /// Feeds other coordinators' peers into the graph.
 struct Mapper {
-    db: Db,
+    pool: Pool,
     me: Uuid,
     graph: Arc<PeerGraph>,
     source: RemoteSource,
     /// Other coordinators: when their last heartbeat arrived here, and whether they are alive.
     coords: HashMap<Uuid, (Instant, bool)>,
     tracked: HashMap<Uuid, Tracked>,
+    errors: IntCounter,
 }
 
 impl Mapper {
@@ -691,8 +921,9 @@ impl Mapper {
 
     async fn load_live_coordinators(&mut self) -> Result<(), HaError> {
         let rows = self
-            .db
-            .client
+            .pool
+            .get()
+            .await?
             .query(
                 "SELECT id FROM tailnet_coordinators \
                  WHERE heartbeat_at > now() - INTERVAL '6 seconds' AND id <> $1",
@@ -712,6 +943,8 @@ impl Mapper {
         mut hints: mpsc::Receiver<Hint>,
     ) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        // A read failed, so something may be mapped stale: re-read everything on the next tick.
+        let mut need_resync = false;
         loop {
             let r = tokio::select! {
                 n = notes.recv() => match n {
@@ -723,16 +956,20 @@ impl Mapper {
                     Some(Hint::LocalConnected(id)) => self.on_local_connected(id).await,
                     None => return,
                 },
-                _ = tick.tick() => self.check_deaths().await,
+                _ = tick.tick() => {
+                    if std::mem::take(&mut need_resync) {
+                        if let Err(e) = self.resync().await {
+                            tracing::warn!(error = %e, "postgres re-mapping failed");
+                            need_resync = true;
+                        }
+                    }
+                    self.check_deaths().await
+                }
             };
             if let Err(e) = r {
+                self.errors.inc();
                 tracing::warn!(error = %e, "postgres mapping failed");
-                if self.db.client.is_closed() {
-                    self.db.ensure_forever().await;
-                    if let Err(e) = self.resync().await {
-                        tracing::warn!(error = %e, "postgres re-mapping failed");
-                    }
-                }
+                need_resync = true;
             }
         }
     }
@@ -759,8 +996,9 @@ impl Mapper {
                 let prev = self.coords.insert(*c, (Instant::now(), true));
                 if !matches!(prev, Some((_, true))) {
                     let rows = self
-                        .db
-                        .client
+                        .pool
+                        .get()
+                        .await?
                         .query(
                             "SELECT DISTINCT id FROM tailnet_peers WHERE coordinator_id = $1",
                             &[c],
@@ -775,10 +1013,10 @@ impl Mapper {
             (CHANNEL_TUNNEL_UPDATE, [src, dst]) => {
                 let (src_local, dst_local) = (self.graph.is_local(*src), self.graph.is_local(*dst));
                 // Remote peers are only linked with local ones: a tunnel between two remote
-                // peers (or two local ones) changes nothing here.
-                if src_local && !dst_local {
-                    self.refresh_pair(*dst, *src).await?;
-                } else if dst_local && !src_local {
+                // peers (or two local ones) changes nothing here. A tunnel from a local peer was
+                // written by this replica's writer, which already had the pair re-read (rows of
+                // a local id under other coordinators are ignored anyway).
+                if dst_local && !src_local {
                     self.refresh_pair(*src, *dst).await?;
                 }
             }
@@ -794,8 +1032,9 @@ impl Mapper {
 
     async fn on_local_connected(&mut self, local: Uuid) -> Result<(), HaError> {
         let rows = self
-            .db
-            .client
+            .pool
+            .get()
+            .await?
             .query(
                 "SELECT src_id, dst_id FROM tailnet_tunnels WHERE src_id = $1 OR dst_id = $1",
                 &[&local],
@@ -857,9 +1096,8 @@ impl Mapper {
         if self.graph.is_local(x) {
             return Ok(());
         }
-        let rows = self
-            .db
-            .client
+        let db = self.pool.get().await?;
+        let rows = db
             .query(
                 "SELECT coordinator_id, node, status::text, (extract(epoch FROM updated_at) * 1000000)::int8 \
                  FROM tailnet_peers WHERE id = $1 AND coordinator_id <> $2",
@@ -868,25 +1106,21 @@ impl Mapper {
             .await?;
         let tunnels = match only {
             None => {
-                self.db
-                    .client
-                    .query(
-                        "SELECT src_id, dst_id FROM tailnet_tunnels \
+                db.query(
+                    "SELECT src_id, dst_id FROM tailnet_tunnels \
                          WHERE src_id = $1 OR dst_id = $1",
-                        &[&x],
-                    )
-                    .await?
+                    &[&x],
+                )
+                .await?
             }
             Some(l) => {
-                self.db
-                    .client
-                    .query(
-                        "SELECT src_id, dst_id FROM tailnet_tunnels \
+                db.query(
+                    "SELECT src_id, dst_id FROM tailnet_tunnels \
                          WHERE (src_id = $1 AND dst_id = $2) OR (src_id = $2 AND dst_id = $1) \
                          LIMIT 1",
-                        &[&x, &l],
-                    )
-                    .await?
+                    &[&x, &l],
+                )
+                .await?
             }
         };
         // Best binding: (usable NODE, updated_at) maximal.

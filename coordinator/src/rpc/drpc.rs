@@ -19,7 +19,10 @@
 //!
 //! This module must never buffer more than one packet (≤ 4 MiB) plus one read chunk per
 //! transport, never let one transport's protocol error affect another (it resets only its own
-//! yamux stream, logs and counts), and never hold a lock across `.await`.
+//! yamux stream, logs and counts), and never hold a lock across `.await`. What it holds for a
+//! peer (the read buffer, the partial packet, the raw prefix, every message until its call takes
+//! it) is charged to the yamux session's buffered-bytes limit through
+//! [`super::yamux::HeldBytes`], so that the session's streams together stay under it.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -36,7 +39,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::yamux::{Session, SessionError, SessionHandle, Stream, StreamReader, StreamWriter};
+use super::yamux::{
+    HeldBytes, Session, SessionError, SessionHandle, Stream, StreamReader, StreamWriter,
+};
 use super::{count, MetricsRef};
 
 /// How much room we reserve per read. Small on purpose: a coordination session idles between
@@ -217,7 +222,9 @@ impl CallShared {
 }
 
 enum Inbound {
-    Message(Bytes),
+    /// A message and its charge against the session's buffered-bytes limit, given back when the
+    /// call takes it.
+    Message(Bytes, HeldBytes),
     End,
     Error(RpcError),
 }
@@ -357,7 +364,7 @@ impl RpcReceiver {
             return Ok(None);
         }
         match self.rx.recv().await {
-            Some(Inbound::Message(b)) => Ok(Some(b)),
+            Some(Inbound::Message(b, _held)) => Ok(Some(b)),
             Some(Inbound::End) => {
                 self.done = true;
                 Ok(None)
@@ -520,6 +527,8 @@ struct PacketReader {
     buf: BytesMut,
     asm: PacketAssembler,
     raw: Option<BytesMut>,
+    /// `buf`, the partial packet in `asm` and `raw`, charged to the session.
+    held: HeldBytes,
 }
 
 enum ReadError {
@@ -530,21 +539,51 @@ enum ReadError {
 
 impl PacketReader {
     fn new(rd: StreamReader, keep_raw: bool) -> Self {
+        let held = rd.held_bytes();
         PacketReader {
             rd,
             buf: BytesMut::with_capacity(READ_CHUNK),
             asm: PacketAssembler::new(),
             raw: keep_raw.then(BytesMut::new),
+            held,
         }
     }
 
-    async fn next(&mut self) -> Result<Packet, ReadError> {
+    /// Charges what this reader holds now to the session (the read buffer's whole capacity, so
+    /// that an idle stream costs its reserved chunk too); `Err` once that is over its limit (the
+    /// session has been ended).
+    fn account(&mut self) -> Result<(), ReadError> {
+        let now =
+            self.buf.capacity() + self.asm.buffered() + self.raw.as_ref().map_or(0, |r| r.len());
+        self.held.set(now).map_err(|e| {
+            ReadError::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                e.to_string(),
+            ))
+        })
+    }
+
+    /// The next packet, with its data's charge against the session's buffered-bytes limit.
+    async fn next(&mut self) -> Result<(Packet, HeldBytes), ReadError> {
         loop {
             while let Some(frame) = Frame::decode(&mut self.buf).map_err(ReadError::Protocol)? {
                 if let Some(p) = self.asm.push(frame).map_err(ReadError::Protocol)? {
-                    return Ok(p);
+                    self.account()?;
+                    let held = self.held.split(p.data.len()).map_err(|e| {
+                        ReadError::Io(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            e.to_string(),
+                        ))
+                    })?;
+                    return Ok((p, held));
                 }
             }
+            if self.buf.is_empty() && self.buf.capacity() > 2 * READ_CHUNK {
+                // A large packet grew the buffer: give it back rather than keep it for the
+                // stream's life (an idle session holds one small chunk, see `READ_CHUNK`).
+                self.buf = BytesMut::with_capacity(READ_CHUNK);
+            }
+            self.account()?;
             self.buf.reserve(READ_CHUNK);
             let before = self.buf.len();
             let n = self
@@ -562,6 +601,7 @@ impl PacketReader {
                     raw.extend_from_slice(&self.buf[before..]);
                 }
             }
+            self.account()?;
         }
     }
 }
@@ -729,7 +769,7 @@ pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc
                 }
             }
             pkt = reader.next(), if pending.is_none() => {
-                let pkt = match pkt {
+                let (pkt, held) = match pkt {
                     Ok(p) => p,
                     Err(ReadError::Eof) => break,
                     Err(ReadError::Io(e)) => {
@@ -753,7 +793,7 @@ pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc
                         abort.cancel();
                         break;
                     }
-                    match on_call_packet(current.as_mut(), pkt) {
+                    match on_call_packet(current.as_mut(), pkt, held) {
                         Ok(item) => pending = item,
                         Err(e) => {
                             log_protocol_error(&config.metrics, yamux_id, &e);
@@ -808,6 +848,7 @@ pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc
                                         buf: reader.buf,
                                         asm: reader.asm,
                                         raw: None,
+                                        held: reader.held,
                                     };
                                     writer = Some(back.writer);
                                 }
@@ -848,6 +889,7 @@ pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc
 fn on_call_packet(
     current: Option<&mut Current>,
     pkt: Packet,
+    held: HeldBytes,
 ) -> Result<Option<Inbound>, DrpcError> {
     let Some(c) = current else {
         return Ok(None);
@@ -856,7 +898,7 @@ fn on_call_packet(
     match pkt.kind {
         Kind::Message => {
             let open = shared.with(|f| !f.recv_closed && !f.terminated);
-            Ok(open.then_some(Inbound::Message(pkt.data)))
+            Ok(open.then_some(Inbound::Message(pkt.data, held)))
         }
         Kind::CloseSend => {
             let deliver = shared.with(|f| {
@@ -1112,7 +1154,7 @@ async fn client_reader(
             _ = &mut guarded => break,
             p = reader.next() => p,
         };
-        let pkt = match pkt {
+        let (pkt, held) = match pkt {
             Ok(p) => p,
             Err(ReadError::Eof) | Err(ReadError::Io(_)) => break,
             Err(ReadError::Protocol(e)) => {
@@ -1131,7 +1173,7 @@ async fn client_reader(
             in_tx: in_tx.clone(),
             fut: None,
         };
-        let item = match on_call_packet(Some(&mut current), pkt) {
+        let item = match on_call_packet(Some(&mut current), pkt, held) {
             Ok(i) => i,
             Err(e) => {
                 log_protocol_error(&metrics, yamux_id, &e);

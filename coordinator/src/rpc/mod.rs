@@ -31,6 +31,11 @@ pub struct RpcMetrics {
     pub yamux_sessions: IntGauge,
     /// Live yamux streams.
     pub yamux_streams: IntGauge,
+    /// yamux sessions ended because they held more than `max_buffered_bytes` unread.
+    pub yamux_buffer_limit_exceeded: IntCounter,
+    /// Bytes all sessions hold buffered and unread (yamux receive buffers, partial dRPC
+    /// packets, messages not yet taken by their call).
+    pub session_buffered_bytes: IntGauge,
     /// dRPC transports (yamux streams) closed because of malformed frames, oversized packets,
     /// id monotonicity violations or other protocol errors.
     pub drpc_protocol_errors: IntCounter,
@@ -76,6 +81,14 @@ impl RpcMetrics {
             )?,
             yamux_sessions: gauge("tailnetd_yamux_sessions", "live yamux sessions")?,
             yamux_streams: gauge("tailnetd_yamux_streams", "live yamux streams")?,
+            yamux_buffer_limit_exceeded: counter(
+                "tailnetd_yamux_buffer_limit_exceeded_total",
+                "yamux sessions ended because they held more unread bytes than allowed",
+            )?,
+            session_buffered_bytes: gauge(
+                "coordinator_session_buffered_bytes",
+                "bytes held buffered and unread for v2 sessions (yamux buffers, partial dRPC packets, queued messages)",
+            )?,
             drpc_protocol_errors: counter(
                 "tailnetd_drpc_protocol_errors_total",
                 "dRPC transports closed because of a protocol error",
@@ -107,6 +120,7 @@ impl RpcMetrics {
             &self.yamux_keepalive_timeouts,
             &self.yamux_write_timeouts,
             &self.yamux_streams_rejected,
+            &self.yamux_buffer_limit_exceeded,
             &self.drpc_protocol_errors,
             &self.drpc_unknown_methods,
             &self.drpc_calls,
@@ -119,6 +133,7 @@ impl RpcMetrics {
         }
         registry.register(Box::new(self.yamux_sessions.clone()))?;
         registry.register(Box::new(self.yamux_streams.clone()))?;
+        registry.register(Box::new(self.session_buffered_bytes.clone()))?;
         Ok(())
     }
 }

@@ -10,7 +10,11 @@
 //! a text message into an error (close 1003, as `websocket.NetConn` does). The writer pump sends each
 //! queued write as one binary message, sends a WebSocket ping every `ping_interval` (Coder's
 //! `wsWatcher` does this every 15 s) and closes with 1001 `"liveness probe failed"` if the pong does
-//! not arrive within `ping_timeout`; such a peer is known dead, so its byte stream ends at once
+//! not arrive within `ping_timeout`. With `inactivity_timeout` set it follows the rule coderd applies
+//! to an agent's `/me/rpc` instead (its `agentConnectionMonitor`): a ping every `ping_interval` with
+//! at most one outstanding, and a check every `ping_interval` that closes the socket once the last
+//! pong is older than `inactivity_timeout` (coderd: 30 s). Either way such a peer is known dead, so
+//! its byte stream ends at once
 //! (the session turns it LOST right then) instead of waiting `close_grace` for a close reply it will
 //! never send. The session layer picks the final close code through
 //! [`WsHandle::close`] (1000 normal, 1011 + error text); pings from the peer are answered by the
@@ -148,6 +152,10 @@ pub struct WsConfig {
     pub ping_interval: Option<Duration>,
     /// A ping not answered within this time closes with 1001 (Coder: 15 s).
     pub ping_timeout: Duration,
+    /// coderd's agent rule instead of `ping_timeout`: pings wait for their pong however long it
+    /// takes, and every `ping_interval` the socket is closed with 1001 if no pong has arrived for
+    /// longer than this (coderd's `AgentInactiveDisconnectTimeout`, 30 s).
+    pub inactivity_timeout: Option<Duration>,
     /// One message write blocked longer than this ends the stream.
     pub write_timeout: Duration,
     /// How long to wait for the session layer's close code after the byte stream is shut down,
@@ -165,6 +173,7 @@ impl WsConfig {
         WsConfig {
             ping_interval: Some(Duration::from_secs(15)),
             ping_timeout: Duration::from_secs(15),
+            inactivity_timeout: None,
             write_timeout: Duration::from_secs(10),
             close_grace: Duration::from_secs(5),
             queue_depth: 16,
@@ -457,6 +466,11 @@ async fn writer_pump<Si, M>(
     let ping_every = config.ping_interval.filter(|d| !d.is_zero());
     let mut next_ping = ping_every.map_or(far, |d| Instant::now() + d);
     let mut pong_deadline: Option<Instant> = None;
+    // The agent rule: a ping is outstanding until its pong, and liveness is the last pong's age.
+    let inactivity = config.inactivity_timeout.filter(|_| ping_every.is_some());
+    let mut awaiting_pong = false;
+    let mut last_pong = Instant::now();
+    let mut next_check = inactivity.map_or(far, |_| next_ping);
     let mut ping_counter: u64 = 0;
     let mut out_open = true;
     let mut handles_gone = false;
@@ -489,10 +503,21 @@ async fn writer_pump<Si, M>(
                 shared.set_end(WsEnd::LivenessFailed);
                 break Some((CLOSE_GOING_AWAY, LIVENESS_FAILED_REASON.into()));
             }
-            _ = shared.pong.notified(), if pong_deadline.is_some() => {
-                pong_deadline = None;
+            _ = tokio::time::sleep_until(next_check), if inactivity.is_some() => {
+                if inactivity.is_some_and(|limit| last_pong.elapsed() > limit) {
+                    count(&shared.metrics, |m| &m.ws_liveness_failures);
+                    tracing::info!("websocket: no pong within the inactivity timeout; closing 1001");
+                    shared.set_end(WsEnd::LivenessFailed);
+                    break Some((CLOSE_GOING_AWAY, LIVENESS_FAILED_REASON.into()));
+                }
+                next_check = Instant::now() + ping_every.unwrap_or(Duration::from_secs(15));
             }
-            _ = tokio::time::sleep_until(next_ping), if ping_every.is_some() && pong_deadline.is_none() => {
+            _ = shared.pong.notified(), if pong_deadline.is_some() || awaiting_pong => {
+                pong_deadline = None;
+                awaiting_pong = false;
+                last_pong = Instant::now();
+            }
+            _ = tokio::time::sleep_until(next_ping), if ping_every.is_some() && pong_deadline.is_none() && !awaiting_pong => {
                 ping_counter += 1;
                 shared.expect_pong.store(ping_counter, Ordering::Release);
                 let payload = Bytes::from(ping_counter.to_string());
@@ -507,7 +532,11 @@ async fn writer_pump<Si, M>(
                         break None;
                     }
                 }
-                pong_deadline = Some(Instant::now() + config.ping_timeout);
+                if inactivity.is_some() {
+                    awaiting_pong = true;
+                } else {
+                    pong_deadline = Some(Instant::now() + config.ping_timeout);
+                }
                 next_ping = Instant::now() + ping_every.unwrap_or(Duration::from_secs(15));
             }
             msg = out_rx.recv(), if out_open => match msg {

@@ -21,6 +21,10 @@
 //! - Memory is bounded: a stream buffers at most its receive window (256 KiB); a peer sending
 //!   more gets GoAway(protocol error) and the session ends (that session only); the accept queue,
 //!   the writer queues and the outstanding-ping table are bounded; the number of streams is capped.
+//! - Session-wide, what the peer made us hold and nobody has read yet (stream receive buffers,
+//!   plus what the layer above charges through [`HeldBytes`]: partial dRPC packets, messages not
+//!   yet taken) is at most `max_buffered_bytes`; one byte more ends the session like any protocol
+//!   violation (GoAway(protocol error), as hashicorp ends a session on a window violation).
 //! - No lock is held across `.await`; stream locks are never taken while the session map lock is
 //!   held in the other order (map lock first, then stream lock, never the reverse).
 //! - Control frames (ACK, window updates, ping replies, GoAway) never queue behind stream data: the
@@ -30,7 +34,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -83,6 +87,11 @@ pub struct Config {
     pub max_streams: usize,
     /// Depth of the queue of frames from streams to the writer.
     pub write_queue_depth: usize,
+    /// Most bytes the session may hold buffered and unread across all its streams (receive
+    /// buffers and [`HeldBytes`] charged by the layer above); more ends the session with
+    /// GoAway(protocol error). Not in hashicorp (unbounded but for the windows): default
+    /// `usize::MAX`; the coordinator's server sessions set it.
+    pub max_buffered_bytes: usize,
     /// Where to count protocol errors, keepalive and write timeouts, refused streams.
     pub metrics: MetricsRef,
 }
@@ -99,6 +108,7 @@ impl Default for Config {
             stream_close_timeout: Duration::from_secs(300),
             max_streams: 1024,
             write_queue_depth: 64,
+            max_buffered_bytes: usize::MAX,
             metrics: None,
         }
     }
@@ -238,9 +248,66 @@ struct Inner {
     remote_goaway: AtomicBool,
     local_goaway: AtomicBool,
     max_window: u32,
+    /// Bytes held for this session, see [`Config::max_buffered_bytes`].
+    buffered: AtomicUsize,
+    /// Set by the first caller that found `buffered` over the limit (so it is counted once).
+    over_buffer_limit: AtomicBool,
 }
 
 impl Inner {
+    /// Adds `n` to the session's held bytes (they stay charged until released, so the count
+    /// stays exact). Returns whether the session is still within its limit; if not, the caller
+    /// must call [`Inner::over_buffer_limit`] once it holds no stream lock.
+    fn add_buffered(&self, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
+        let now = self.buffered.fetch_add(n, Ordering::AcqRel) + n;
+        gauge_add(
+            &self.config.metrics,
+            |m| &m.session_buffered_bytes,
+            i64::try_from(n).unwrap_or(i64::MAX),
+        );
+        now <= self.config.max_buffered_bytes
+    }
+
+    /// Ends the session for holding more than `max_buffered_bytes` (once; counted, logged).
+    /// Takes stream locks: never call it while holding one.
+    fn over_buffer_limit(&self) {
+        if self.over_buffer_limit.swap(true, Ordering::AcqRel) || self.is_shutdown() {
+            return;
+        }
+        count(&self.config.metrics, |m| &m.yamux_buffer_limit_exceeded);
+        self.protocol_error(format!(
+            "session holds {} bytes buffered and unread, more than the limit of {}",
+            self.buffered.load(Ordering::Acquire),
+            self.config.max_buffered_bytes
+        ));
+    }
+
+    /// [`Inner::add_buffered`], ending the session when over the limit. No stream lock may be
+    /// held.
+    fn charge(&self, n: usize) -> bool {
+        if self.add_buffered(n) {
+            return true;
+        }
+        self.over_buffer_limit();
+        false
+    }
+
+    /// Gives back `n` charged bytes.
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.buffered.fetch_sub(n, Ordering::AcqRel);
+        gauge_add(
+            &self.config.metrics,
+            |m| &m.session_buffered_bytes,
+            -i64::try_from(n).unwrap_or(i64::MAX),
+        );
+    }
+
     fn streams(&self) -> MutexGuard<'_, HashMap<u32, Arc<StreamState>>> {
         self.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -449,6 +516,8 @@ impl Session {
             remote_goaway: AtomicBool::new(false),
             local_goaway: AtomicBool::new(false),
             max_window,
+            buffered: AtomicUsize::new(0),
+            over_buffer_limit: AtomicBool::new(false),
             config,
         });
         let (rd, wr) = tokio::io::split(io);
@@ -638,6 +707,11 @@ impl SessionHandle {
     pub fn is_client(&self) -> bool {
         self.inner.client
     }
+
+    /// Bytes the session holds buffered and unread right now (see [`Config::max_buffered_bytes`]).
+    pub fn buffered_bytes(&self) -> usize {
+        self.inner.buffered.load(Ordering::Acquire)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -810,6 +884,7 @@ where
     }
 
     let mut remove = false;
+    let mut over_budget = false;
     {
         let mut g = state.lock();
         if flags.contains(Flags::ACK) {
@@ -824,6 +899,9 @@ where
         if let Some(p) = payload {
             g.recv_window -= data_len;
             if !g.detached && !g.remote_closed && !g.reset {
+                // Charged while the stream lock is held so that a concurrent read or drop
+                // releases only what was charged.
+                over_budget = !inner.add_buffered(p.len());
                 g.buffered += p.len();
                 g.recv_buf.push_back(p);
                 if let Some(w) = g.read_waker.take() {
@@ -844,6 +922,10 @@ where
     }
     if remove {
         inner.remove_stream(&state);
+    }
+    if over_budget {
+        inner.over_buffer_limit();
+        return Err(inner.end_error());
     }
     Ok(Ok(()))
 }
@@ -1087,6 +1169,7 @@ impl StreamCore {
                 g.recv_buf.pop_front();
             }
             g.buffered -= n;
+            self.session.release(n);
             // hashicorp: send an update once the peer's remaining credit is below half the max.
             let max = self.session.max_window;
             let free = max.saturating_sub(g.buffered.min(u32::MAX as usize) as u32);
@@ -1229,7 +1312,7 @@ impl Drop for StreamCore {
             let mut g = self.state.lock();
             g.detached = true;
             g.recv_buf.clear();
-            g.buffered = 0;
+            self.session.release(std::mem::take(&mut g.buffered));
             let need_fin = !g.local_closed && !g.reset && !g.removed;
             if need_fin {
                 g.local_closed = true;
@@ -1263,6 +1346,62 @@ impl Drop for StreamCore {
         } else if need_fin {
             self.session.start_close_timer(&self.state);
         }
+    }
+}
+
+/// Bytes a layer above yamux holds on behalf of one session's peer (a partial dRPC packet, a
+/// message not yet taken by its call), charged against the session's
+/// [`Config::max_buffered_bytes`] and given back when changed or dropped.
+pub struct HeldBytes {
+    session: Arc<Inner>,
+    bytes: usize,
+}
+
+impl std::fmt::Debug for HeldBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldBytes")
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl HeldBytes {
+    /// Now `bytes` are held. `Err` when that takes the session over its limit: the session has
+    /// been ended with GoAway(protocol error) and the error says why.
+    pub fn set(&mut self, bytes: usize) -> Result<(), SessionError> {
+        if bytes <= self.bytes {
+            self.session.release(self.bytes - bytes);
+            self.bytes = bytes;
+            return Ok(());
+        }
+        let more = bytes - self.bytes;
+        self.bytes = bytes;
+        if self.session.charge(more) {
+            Ok(())
+        } else {
+            Err(self.session.end_error())
+        }
+    }
+
+    /// A new charge of `bytes` against the same session (a message split off from this one).
+    pub fn split(&self, bytes: usize) -> Result<HeldBytes, SessionError> {
+        let mut h = HeldBytes {
+            session: self.session.clone(),
+            bytes: 0,
+        };
+        h.set(bytes)?;
+        Ok(h)
+    }
+
+    /// The bytes held.
+    pub fn get(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for HeldBytes {
+    fn drop(&mut self) {
+        self.session.release(self.bytes);
     }
 }
 
@@ -1367,6 +1506,15 @@ impl StreamReader {
     /// The yamux stream id.
     pub fn id(&self) -> u32 {
         self.core.state.id
+    }
+
+    /// A charge of 0 bytes against the session's buffered-bytes limit, for the layer above to
+    /// account what it holds from this stream (see [`HeldBytes`]).
+    pub fn held_bytes(&self) -> HeldBytes {
+        HeldBytes {
+            session: self.core.session.clone(),
+            bytes: 0,
+        }
     }
 
     /// Rejoins the halves of one stream; gives them back if they belong to different streams.

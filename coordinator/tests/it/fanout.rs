@@ -11,7 +11,15 @@ const CLIENTS: usize = 1000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_agent_update_reaches_1000_clients() {
-    let h = Harness::start().await;
+    // One user holds every client session here: raise its cap above them.
+    let h = Harness::start_with(
+        coordinator::CoordinatorConfig {
+            max_sessions_per_user: CLIENTS,
+            ..test_config()
+        },
+        3,
+    )
+    .await;
     let agent_id = h.agent().id;
     let a = V2Conn::agent(&h, 0).await;
     let agent = a.coordinate().await;

@@ -3,8 +3,6 @@
 //! directory and a free port), one database per test, and two in-process replicas (a graph each,
 //! a store each) against it.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,140 +17,11 @@ use proto::tailnet::v2::{CoordinateRequest, Node};
 use uuid::Uuid;
 
 // ---------------------------------------------------------------------------------------------
-// A throwaway PostgreSQL server.
+// A throwaway PostgreSQL server (shared with the binary's replica tests).
 
-struct PgServer {
-    bin: PathBuf,
-    data: PathBuf,
-    _dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
-}
-
-fn pg_bin_dir() -> PathBuf {
-    if let Ok(d) = std::env::var("PG_BIN_DIR") {
-        return PathBuf::from(d);
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.path().join("bin"))
-                .collect()
-        })
-        .unwrap_or_default();
-    found.retain(|p| p.join("postgres").exists());
-    found.sort();
-    found.pop().unwrap_or_else(|| {
-        panic!(
-            "PostgreSQL server binaries not found (set PG_BIN_DIR or install PostgreSQL, e.g. \
-             `apt-get install postgresql`; scripts/test.sh installs it)"
-        )
-    })
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-/// `cmd args…`, as the `postgres` user when running as root (PostgreSQL refuses root).
-fn pg_command(bin: &std::path::Path, args: &[&str]) -> Command {
-    if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(bin).args(args);
-        c
-    } else {
-        let mut c = Command::new(bin);
-        c.args(args);
-        c
-    }
-}
+use crate::pg_server::PgServer;
 
 impl PgServer {
-    fn start() -> PgServer {
-        let bin = pg_bin_dir();
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        if is_root() {
-            let ok = Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(dir.path())
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "chown of the PostgreSQL temp dir failed");
-        }
-        let st = pg_command(
-            &bin.join("initdb"),
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-        assert!(st.success(), "initdb failed");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut s = PgServer {
-            bin,
-            data,
-            _dir: dir,
-            port,
-            child: None,
-        };
-        s.run();
-        s
-    }
-
-    fn run(&mut self) {
-        let child = pg_command(
-            &self.bin.join("postgres"),
-            &[
-                "-D",
-                self.data.to_str().unwrap(),
-                "-p",
-                &self.port.to_string(),
-                "-k",
-                self.data.to_str().unwrap(),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "fsync=off",
-                "-c",
-                "max_connections=200",
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "postgres did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
-    }
-
     async fn create_db(&self) -> String {
         let name = format!("t_{}", Uuid::new_v4().simple());
         // Retry: the server accepts TCP slightly before it accepts sessions.
@@ -171,21 +40,6 @@ impl PgServer {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
-        }
-    }
-}
-
-impl Drop for PgServer {
-    fn drop(&mut self) {
-        let _ = pg_command(
-            &self.bin.join("pg_ctl"),
-            &["-D", self.data.to_str().unwrap(), "stop", "-m", "immediate"],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-        if let Some(mut c) = self.child.take() {
-            let _ = c.wait();
         }
     }
 }
@@ -631,26 +485,6 @@ async fn replaced_connection_end_does_not_mark_its_successor_lost() {
     drop(new);
 }
 
-impl PgServer {
-    /// Stops the server (`fast`: graceful; `immediate`: a crash, which truncates UNLOGGED tables
-    /// at the next start) and starts it again on the same port.
-    fn restart(&mut self, mode: &str) {
-        let st = pg_command(
-            &self.bin.join("pg_ctl"),
-            &["-D", self.data.to_str().unwrap(), "stop", "-m", mode],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-        assert!(st.success(), "pg_ctl stop -m {mode} failed");
-        if let Some(mut c) = self.child.take() {
-            let _ = c.wait();
-        }
-        self.run();
-    }
-}
-
 async fn postgres_restart_keeps_sessions(mode: &str) {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let mut pg = PgServer::start();
@@ -787,4 +621,227 @@ async fn burst_of_1000_peers_across_three_replicas_converges() {
         "1,000 peers over three replicas converged in {:?}",
         start.elapsed()
     );
+}
+
+/// Three replicas: an agent on the first, one client on each of the others. Nodes,
+/// READY_FOR_HANDSHAKE, DISCONNECTED and LOST cross replicas both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_nodes_rfh_disconnected_lost() {
+    let pg = PgServer::start();
+    let url = pg.create_db().await;
+    let gs = [graph(), graph(), graph()];
+    let mut hs = Vec::new();
+    for g in &gs {
+        hs.push(ha::start(g.clone(), &url).await.unwrap());
+    }
+    let mut agent = Peer::connect(&gs[0], Uuid::new_v4());
+    agent.update(node(1));
+    let mut c2 = Peer::connect(&gs[1], Uuid::new_v4());
+    c2.tunnel(agent.id);
+    c2.update(node(2));
+    let mut c3 = Peer::connect(&gs[2], Uuid::new_v4());
+    c3.tunnel(agent.id);
+    c3.update(node(3));
+    c2.expect(agent.id, Kind::Node, Some(1), SOON).await;
+    c3.expect(agent.id, Kind::Node, Some(1), SOON).await;
+    // Both clients' nodes, in whichever order they arrive.
+    let mut want = std::collections::HashMap::from([(c2.id, 2), (c3.id, 3)]);
+    let deadline = tokio::time::Instant::now() + SOON;
+    while !want.is_empty() {
+        let r = tokio::time::timeout_at(deadline, agent.rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the agent still lacks {want:?}"))
+            .expect("agent stream closed");
+        for u in r.peer_updates {
+            let id = Uuid::from_slice(&u.id).unwrap();
+            if u.kind == Kind::Node as i32
+                && want.get(&id).copied() == u.node.as_ref().map(|n| n.preferred_derp)
+            {
+                want.remove(&id);
+            }
+        }
+    }
+
+    agent.ready(c3.id);
+    c3.expect(agent.id, Kind::ReadyForHandshake, None, SOON)
+        .await;
+    agent.update(node(4));
+    c2.expect(agent.id, Kind::Node, Some(4), SOON).await;
+    c3.expect(agent.id, Kind::Node, Some(4), SOON).await;
+
+    c2.disconnect();
+    agent.expect(c2.id, Kind::Disconnected, None, SOON).await;
+    c3.drop_conn();
+    agent.expect(c3.id, Kind::Lost, None, SOON).await;
+    drop(hs);
+}
+
+fn counter(reg: &Registry, name: &str, label: Option<(&str, &str)>) -> u64 {
+    for mf in reg.gather() {
+        if mf.name() != name {
+            continue;
+        }
+        for m in mf.get_metric() {
+            let ok = label.is_none_or(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == k && l.value() == v)
+            });
+            if ok {
+                return m.get_counter().get_value() as u64;
+            }
+        }
+    }
+    0
+}
+
+/// A burst of node updates from one peer is written as (about) one statement carrying the latest
+/// node: every update is either written or counted as coalesced, and the other replica ends on
+/// the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_of_updates_for_one_peer_is_coalesced_into_the_latest() {
+    let pg = PgServer::start();
+    let url = pg.create_db().await;
+    let (g1, g2) = (graph(), graph());
+    let reg = Registry::new();
+    let options = ha::HaOptions {
+        registry: reg.clone(),
+        ..Default::default()
+    };
+    let h1 = ha::start_with(g1.clone(), &url, options).await.unwrap();
+    let h2 = ha::start(g2.clone(), &url).await.unwrap();
+    let agent = Peer::connect(&g1, Uuid::new_v4());
+    agent.update(node(1));
+    let mut client = Peer::connect(&g2, Uuid::new_v4());
+    client.tunnel(agent.id);
+    client.update(node(2));
+    client.expect(agent.id, Kind::Node, Some(1), SOON).await;
+
+    let written = || counter(&reg, "coordinator_ha_writes_total", Some(("kind", "peer")));
+    let coalesced = || counter(&reg, "coordinator_ha_coalesced_total", None);
+    let (w0, c0) = (written(), coalesced());
+    for d in 10..210 {
+        agent.update(node(d));
+    }
+    client.expect(agent.id, Kind::Node, Some(209), SOON).await;
+    let deadline = Instant::now() + SOON;
+    while written() - w0 + coalesced() - c0 < 200 {
+        assert!(Instant::now() < deadline, "not every update accounted for");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (writes, merged) = (written() - w0, coalesced() - c0);
+    assert_eq!(writes + merged, 200);
+    assert!(
+        writes <= 5,
+        "200 updates took {writes} writes ({merged} coalesced)"
+    );
+    let row: Vec<u8> = sql(&url)
+        .await
+        .query_one("SELECT node FROM tailnet_peers WHERE id = $1", &[&agent.id])
+        .await
+        .unwrap()
+        .get(0);
+    let n = <Node as prost::Message>::decode(row.as_slice()).unwrap();
+    assert_eq!(n.preferred_derp, 209, "the row holds the latest node");
+    drop((h1, h2));
+}
+
+/// The writer's queue (16 events here) overflows under 300 connecting peers: it re-synchronises
+/// from the graph instead of losing them. Afterwards the table holds exactly the connected
+/// peers and their tunnels, peers that left during the overflow are not `ok`, and the other
+/// replica's agent has every client's node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_queue_overflow_resyncs_from_the_graph() {
+    let pg = PgServer::start();
+    let url = pg.create_db().await;
+    let (g1, g2) = (graph(), graph());
+    let reg = Registry::new();
+    let options = ha::HaOptions {
+        registry: reg.clone(),
+        writer_queue: 16,
+        ..Default::default()
+    };
+    let h1 = ha::start_with(g1.clone(), &url, options).await.unwrap();
+    let h2 = ha::start(g2.clone(), &url).await.unwrap();
+    let agent = Peer::connect(&g2, Uuid::new_v4());
+    agent.update(node(1));
+    let agent_id = agent.id;
+    let Peer {
+        handle: agent_handle,
+        rx: mut agent_rx,
+        ..
+    } = agent;
+
+    let clients: Vec<Peer> = (0..300)
+        .map(|_| {
+            let c = Peer::connect(&g1, Uuid::new_v4());
+            c.tunnel(agent_id);
+            c.update(node(2));
+            c
+        })
+        .collect();
+    let mut leavers: Vec<Peer> = (0..50)
+        .map(|_| {
+            let c = Peer::connect(&g1, Uuid::new_v4());
+            c.tunnel(agent_id);
+            c.update(node(3));
+            c
+        })
+        .collect();
+    for l in leavers.iter_mut() {
+        l.disconnect();
+    }
+
+    let want: std::collections::HashSet<Uuid> = clients.iter().map(|c| c.id).collect();
+    let mut seen = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < want.len() {
+        let r = tokio::time::timeout_at(deadline, agent_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the agent saw {} of 300 clients", seen.len()))
+            .expect("agent stream closed");
+        for u in r.peer_updates {
+            let id = Uuid::from_slice(&u.id).unwrap();
+            if u.kind == Kind::Node as i32 && want.contains(&id) {
+                seen.insert(id);
+            }
+        }
+    }
+    assert!(counter(&reg, "coordinator_ha_resyncs_total", None) >= 1);
+
+    let db = sql(&url).await;
+    let me = h1.coordinator_id();
+    let deadline = Instant::now() + SOON;
+    loop {
+        let ok: Vec<Uuid> = db
+            .query(
+                "SELECT id FROM tailnet_peers WHERE coordinator_id = $1 AND status = 'ok'",
+                &[&me],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let tunnels: i64 = db
+            .query_one(
+                "SELECT count(*) FROM tailnet_tunnels WHERE coordinator_id = $1",
+                &[&me],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let ok: std::collections::HashSet<Uuid> = ok.into_iter().collect();
+        if ok == want && tunnels == 300 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "table not re-synchronised: {} ok rows ({} of the clients), {tunnels} tunnels",
+            ok.len(),
+            ok.intersection(&want).count()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop((clients, leavers, agent_handle, h1, h2));
 }

@@ -1,5 +1,8 @@
 //! A peer that stops answering WebSocket pings is closed with 1001 "liveness probe failed" on
-//! every kind of session; a responsive neighbour is not.
+//! every kind of session; a responsive neighbour is not. Timing follows coderd per endpoint:
+//! clients and DERP map streams its `wsWatcher` (a ping every interval, closed when one is not
+//! answered within the timeout), agents on `/me/rpc` its agent monitor (closed once the last
+//! pong is older than the inactivity timeout, checked every interval).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,6 +17,7 @@ fn fast_pings() -> coordinator::CoordinatorConfig {
     coordinator::CoordinatorConfig {
         ws_ping_interval: Duration::from_millis(200),
         ws_pong_timeout: Duration::from_millis(300),
+        agent_inactive_disconnect_timeout: Duration::from_millis(900),
         ..test_config()
     }
 }
@@ -108,8 +112,10 @@ async fn pipe(
     }
 }
 
-/// A peer known dead is LOST as soon as the liveness rule says so (ping interval + pong
-/// timeout), not after a further wait for a close reply that a dead peer will never send.
+/// A peer known dead is LOST as soon as coderd's rule for its endpoint says so, not after a
+/// further wait for a close reply that a dead peer will never send. An agent on `/me/rpc`: its
+/// last pong is older than the inactivity timeout (900 ms here) at a check (every 200 ms); not
+/// earlier, since coderd would still count it connected.
 #[tokio::test]
 async fn a_silent_agent_is_lost_when_its_ping_goes_unanswered() {
     let h = Harness::start_with(fast_pings(), 2).await;
@@ -139,10 +145,47 @@ async fn a_silent_agent_is_lost_when_its_ping_goes_unanswered() {
     let frozen_at = Instant::now();
     c.expect_lost(agent_id).await;
     let took = frozen_at.elapsed();
-    // Interval 200 ms + timeout 300 ms: the probe fails within 500 ms of the freeze. The old
-    // behaviour added the 5 s close grace on top.
+    // The last pong came at most one interval (200 ms) before the freeze, so the agent is
+    // inactive for 900 ms at the earliest 700 ms after it, and a check follows within 200 ms.
+    // The old behaviour added the 5 s close grace on top; the client rule would have taken
+    // 500 ms.
     assert!(
-        took < Duration::from_millis(2500),
-        "LOST after {took:?}; the liveness rule allows about 500 ms"
+        took >= Duration::from_millis(650) && took < Duration::from_millis(2500),
+        "LOST after {took:?}; coderd's agent rule says 700–1100 ms"
+    );
+}
+
+/// A client known dead (the `wsWatcher` rule: a ping unanswered for the pong timeout) is gone
+/// for the agent within interval + timeout of the freeze.
+#[tokio::test]
+async fn a_silent_client_is_lost_when_its_ping_goes_unanswered() {
+    let h = Harness::start_with(fast_pings(), 2).await;
+    let freezer = Freezer::start(h.addr).await;
+    let agent_id = h.agents[1].id;
+    let agent = V2Conn::agent(&h, 1).await;
+    let mut a = agent.coordinate().await;
+    a.update_self(node(agent_id, true, 1)).await;
+
+    let client = v2_dial(
+        &format!(
+            "ws://{}/api/v2/workspaceagents/{agent_id}/coordinate?version=2.0",
+            freezer.addr
+        ),
+        &[(crate::support::SESSION_TOKEN, USER_ALL)],
+    )
+    .await;
+    let c = client.coordinate().await;
+    c.add_tunnel(agent_id).await;
+    c.update_self(node(uuid::Uuid::new_v4(), false, 2)).await;
+    a.until("the client's node", |p| !p.nodes.is_empty()).await;
+    let client_id = *a.nodes.keys().next().unwrap();
+
+    freezer.freeze();
+    let frozen_at = Instant::now();
+    a.expect_lost(client_id).await;
+    let took = frozen_at.elapsed();
+    assert!(
+        took < Duration::from_millis(2000),
+        "client LOST after {took:?}; the wsWatcher rule allows about 500 ms"
     );
 }

@@ -21,6 +21,7 @@ mod graph_cases;
 mod ha;
 mod limits;
 mod liveness;
+mod pg_server;
 mod rpc_drpc;
 mod rpc_ws;
 mod rpc_yamux;

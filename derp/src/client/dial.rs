@@ -1,5 +1,5 @@
 //! Dialing a DERP server by URL: TCP, optional TLS, the HTTP upgrade (or a WebSocket), then the
-//! DERP handshake. Used by tests, the load generator and (later) mesh peering.
+//! DERP handshake. Used by tests, the load generator and the outbound mesh links.
 //!
 //! Why it mirrors the Go client (`derphttp.Client.connect`) closely: the point is to exercise the
 //! server the way real clients do. In particular, on TLS 1.3 when the server's chain carries a
@@ -9,7 +9,9 @@
 //! read past its head to the DERP client.
 //!
 //! TLS: no ALPN (like Go's DERP client), TLS 1.2 and 1.3, server name from the URL (or
-//! overridden); trust = bundled web PKI roots + extra roots, or no verification at all for tests.
+//! overridden); trust = bundled web PKI roots + extra roots (an extra root presented as the leaf
+//! itself is accepted even if it is marked as a CA, as Go accepts it), or no verification at all
+//! for tests.
 //! Everything is bounded by one overall timeout.
 
 use std::io;
@@ -77,6 +79,9 @@ pub struct DialOptions {
     pub ideal_node: Option<String>,
     /// Bound on the whole dial (TCP + TLS + HTTP + DERP handshake).
     pub timeout: Duration,
+    /// Connect to this host (name or IP) instead of the URL's; the URL's host still names the
+    /// server for TLS and in `Host` (derper's `--mesh-with host/dialhost`).
+    pub connect_host: Option<String>,
 }
 
 impl DialOptions {
@@ -91,6 +96,7 @@ impl DialOptions {
             can_ack_pings: true,
             ideal_node: None,
             timeout: Duration::from_secs(10),
+            connect_host: None,
         }
     }
 }
@@ -227,6 +233,86 @@ impl ServerCertVerifier for NoVerify {
     }
 }
 
+/// Web PKI verification, plus what Go accepts and webpki does not: a trusted self-signed
+/// certificate presented as the leaf although it is marked as a CA (what `openssl req -x509`
+/// and Go's test certificates make). Such a leaf is accepted only if it is byte-equal to one of
+/// the extra roots, names the server and is within its validity period.
+#[derive(Debug)]
+struct TrustedLeafOrWebPki {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    trusted: Vec<CertificateDer<'static>>,
+}
+
+impl TrustedLeafOrWebPki {
+    fn trusted_leaf(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        server_name: &ServerName<'_>,
+        now: UnixTime,
+    ) -> bool {
+        if !self
+            .trusted
+            .iter()
+            .any(|t| t.as_ref() == end_entity.as_ref())
+        {
+            return false;
+        }
+        let Ok(parsed) = rustls::server::ParsedCertificate::try_from(end_entity) else {
+            return false;
+        };
+        if rustls::client::verify_server_name(&parsed, server_name).is_err() {
+            return false;
+        }
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(end_entity.as_ref()) else {
+            return false;
+        };
+        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        let v = cert.validity();
+        v.not_before.timestamp() <= now && now <= v.not_after.timestamp()
+    }
+}
+
+impl ServerCertVerifier for TrustedLeafOrWebPki {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .webpki
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Ok(v) => Ok(v),
+            Err(_) if self.trusted_leaf(end_entity, server_name, now) => {
+                Ok(ServerCertVerified::assertion())
+            }
+            Err(e) => Err(e),
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
 fn client_config(tls: &DialTls) -> Result<rustls::ClientConfig, DialError> {
     let provider = Arc::new(ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -247,7 +333,17 @@ fn client_config(tls: &DialTls) -> Result<rustls::ClientConfig, DialError> {
                 .add(c.clone())
                 .map_err(|e| DialError::Tls(format!("extra root: {e}")))?;
         }
-        builder.with_root_certificates(roots).with_no_client_auth()
+        let webpki =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| DialError::Tls(e.to_string()))?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(TrustedLeafOrWebPki {
+                webpki,
+                trusted: tls.extra_roots.clone(),
+            }))
+            .with_no_client_auth()
     };
     Ok(cfg)
 }
@@ -376,10 +472,16 @@ pub(crate) struct Connected {
     pub(crate) tls_version: Option<rustls::ProtocolVersion>,
 }
 
-/// TCP connect and, for TLS targets, the TLS handshake with `tls`'s trust settings.
-pub(crate) async fn connect(url: &str, tls: &DialTls) -> Result<(Target, Connected), DialError> {
+/// TCP connect and, for TLS targets, the TLS handshake with `tls`'s trust settings. The TCP
+/// connection goes to `connect_host` if given, else to the URL's host.
+pub(crate) async fn connect(
+    url: &str,
+    connect_host: Option<&str>,
+    tls: &DialTls,
+) -> Result<(Target, Connected), DialError> {
     let target = parse_url(url)?;
-    let addr = format!("{}:{}", bracket(&target.host), target.port);
+    let connect_host = connect_host.unwrap_or(&target.host);
+    let addr = format!("{}:{}", bracket(connect_host), target.port);
     let tcp = TcpStream::connect(addr.as_str())
         .await
         .map_err(|source| DialError::Connect {
@@ -433,7 +535,7 @@ async fn dial_inner(url: &str, opts: DialOptions) -> Result<Dialed, DialError> {
             peer_certificates,
             tls_version,
         },
-    ) = connect(url, &opts.tls).await?;
+    ) = connect(url, opts.connect_host.as_deref(), &opts.tls).await?;
     let meta: Option<MetaCertInfo> = if tls_version == Some(rustls::ProtocolVersion::TLSv1_3) {
         metacert::find_in_chain(peer_certificates.iter())
     } else {

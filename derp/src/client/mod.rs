@@ -1,5 +1,6 @@
 //! A DERP client over any byte stream that is already past HTTP (TCP after the 101, TLS, or a
-//! WebSocket byte stream): our tests, load generator and (later) mesh links use it.
+//! WebSocket byte stream): our tests, the load generator and the outbound mesh links
+//! ([`crate::mesh`]) use it.
 //!
 //! Why it looks like Go's `derp.Client`: the handshake reads ServerKey (unless the key is
 //! already known, e.g. from the TLS meta cert), sends ClientInfo and returns immediately — it
@@ -580,6 +581,18 @@ impl ClientWriter {
         dst: NodePublic,
         data: &[u8],
     ) -> Result<(), ClientError> {
+        self.buffer_forward_packet(src, dst, data)?;
+        self.flush().await
+    }
+
+    /// Appends a ForwardPacket to the write buffer without writing (see
+    /// [`flush`](Self::flush)); mesh links batch the packets waiting in their queue.
+    pub fn buffer_forward_packet(
+        &mut self,
+        src: NodePublic,
+        dst: NodePublic,
+        data: &[u8],
+    ) -> Result<(), ClientError> {
         if data.len() > MAX_PACKET_SIZE {
             return Err(ClientError::PacketTooLarge(data.len()));
         }
@@ -587,7 +600,7 @@ impl ClientWriter {
             FrameType::ForwardPacket.as_u8(),
             &[src.as_bytes(), dst.as_bytes(), data],
         );
-        self.flush().await
+        Ok(())
     }
 
     /// Sends an arbitrary frame (for testing the server's handling of bad input).

@@ -4,8 +4,10 @@
 //!
 //! Why both: the HTTP probe is what derper and tailnetd serve to anyone and the only place a
 //! relay can say "draining" while it still serves; the round trip proves the relay relays (a
-//! front end that answers HTTP while the DERP server behind it is gone fails it). The key is the
-//! caller's so that a relay that admits only known keys can admit its prober.
+//! front end that answers HTTP while the DERP server behind it is gone fails it). A relay that
+//! refuses the prober's key (admission: closed right after ClientInfo, before ServerInfo, as
+//! derper refuses) has still shown its DERP server working, and counts as up: relays of a fleet
+//! ask any coordinator replica about keys, and no replica knows another's prober key.
 
 use std::time::Duration;
 
@@ -14,7 +16,7 @@ use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::client::dial::{connect, dial, Connected, DialOptions, DialTls};
-use crate::client::ReceivedFrame;
+use crate::client::{ClientError, ReceivedFrame};
 
 /// What a probe found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +47,7 @@ const MAX_PROBE_RESPONSE: usize = 4096;
 
 async fn probe_inner(url: &str, key: &NodePrivate, tls: &DialTls, timeout: Duration) -> NodeHealth {
     // 1. GET /derp/probe.
-    let (target, Connected { mut io, .. }) = match connect(url, tls).await {
+    let (target, Connected { mut io, .. }) = match connect(url, None, tls).await {
         Ok(c) => c,
         Err(e) => return NodeHealth::Down(e.to_string()),
     };
@@ -94,11 +96,17 @@ async fn probe_inner(url: &str, key: &NodePrivate, tls: &DialTls, timeout: Durat
         return NodeHealth::Down(format!("DERP ping: {e}"));
     }
     // Bounded by the caller's timeout; a relay sends at most a handful of frames first.
+    let mut server_info = false;
     loop {
         match dialed.client.recv().await {
             Ok(ReceivedFrame::Pong(p)) if p == ping => return NodeHealth::Up,
             Ok(ReceivedFrame::Restarting { .. }) => return NodeHealth::Draining,
+            Ok(ReceivedFrame::ServerInfo(_)) => server_info = true,
             Ok(_) => {}
+            // Closed right after our ClientInfo, before any ServerInfo: derper's way of refusing
+            // a key its admission does not know. The relay sent its key and judged ours, so its
+            // DERP server is up; the prober's key simply is not one it admits.
+            Err(ClientError::Closed) if !server_info => return NodeHealth::Up,
             Err(e) => return NodeHealth::Down(format!("DERP round trip: {e}")),
         }
     }

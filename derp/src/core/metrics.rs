@@ -85,6 +85,7 @@ pub(crate) enum Hot {
     PacketsReceived,
     BytesReceived,
     PacketsForwardedIn,
+    PacketsForwardedOut,
     GotPing,
     SentPong,
     PeerGoneDisconnectedFrames,
@@ -93,7 +94,7 @@ pub(crate) enum Hot {
     WriteTimeouts,
 }
 
-const HOT_SCALARS: usize = 11;
+const HOT_SCALARS: usize = 12;
 const DROP_SERIES: usize = 14; // 7 reasons × 2 kinds
 const HOT_SLOTS: usize = HOT_SCALARS + 2 * DROP_SERIES;
 
@@ -114,6 +115,10 @@ const SCALAR_NAMES: [(&str, &str); HOT_SCALARS] = [
     (
         "derp_packets_forwarded_in",
         "ForwardPacket frames received from mesh peers.",
+    ),
+    (
+        "derp_packets_forwarded_out",
+        "Packets handed to a mesh peer's forward queue (drops: derp_mesh_forward_dropped).",
     ),
     ("derp_got_ping", "Ping frames received."),
     ("derp_sent_pong", "Pong frames sent."),
@@ -325,7 +330,25 @@ pub(crate) struct Metrics {
     pub protocol_errors: IntCounterVec,
     pub control_overflows: IntCounter,
     pub buffered_write_frames: Histogram,
+    /// Admission decisions about non-mesh clients (see [`ADMISSION_DECISIONS`]).
+    pub admission: IntCounterVec,
+    /// Admission verifier failures (unreachable, timeout), whatever the fail-open policy made
+    /// of them.
+    pub admission_verifier_errors: IntCounter,
+    /// Per-client receive rate limit in force (bytes per second; 0 = off).
+    pub rate_limit_bytes_per_second: IntGauge,
+    /// Per-client receive token bucket size in force (bytes; 0 = off).
+    pub rate_limit_burst_bytes: IntGauge,
+    /// Frames that had to wait for the receive rate limit.
+    pub rate_limit_waited: IntCounter,
 }
+
+/// Label values of `derp_admission_total{decision}`: `admitted` (known key, or verifier said
+/// allow, or fail open), `refused` (the connection was closed in the handshake), `pending`
+/// (unknown key admitted for its grace period), then for each pending one either `confirmed`
+/// (its key became known in time) or `expired` (it did not: the connection was closed).
+pub(crate) const ADMISSION_DECISIONS: &[&str] =
+    &["admitted", "refused", "pending", "confirmed", "expired"];
 
 impl Metrics {
     pub(crate) fn new(registry: &Registry) -> prometheus::Result<Self> {
@@ -373,8 +396,36 @@ impl Metrics {
                 )
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
             )?,
+            admission: IntCounterVec::new(
+                Opts::new(
+                    "derp_admission_total",
+                    "Admission decisions about non-mesh clients: admitted, refused, pending \
+                     (unknown key within its grace period), confirmed, expired.",
+                ),
+                &["decision"],
+            )?,
+            admission_verifier_errors: IntCounter::new(
+                "derp_admission_verifier_errors_total",
+                "Admission verifier calls that failed (unreachable, timeout), before the \
+                 fail-open policy decided.",
+            )?,
+            rate_limit_bytes_per_second: gauge(
+                "derp_rate_limit_per_client_bytes_per_second",
+                "Per-client receive rate limit in bytes per second (0 = off).",
+            )?,
+            rate_limit_burst_bytes: gauge(
+                "derp_rate_limit_per_client_burst_bytes",
+                "Per-client receive token bucket size in bytes (0 = off).",
+            )?,
+            rate_limit_waited: IntCounter::new(
+                "derp_rate_limit_per_client_waited",
+                "Frames whose reading waited for the per-client receive rate limit.",
+            )?,
             hot,
         };
+        for d in ADMISSION_DECISIONS {
+            m.admission.with_label_values(&[d]);
+        }
         for r in HANDSHAKE_REASONS {
             m.handshake_failures.with_label_values(&[r]);
         }
@@ -393,11 +444,20 @@ impl Metrics {
         registry.register(Box::new(m.protocol_errors.clone()))?;
         registry.register(Box::new(m.control_overflows.clone()))?;
         registry.register(Box::new(m.buffered_write_frames.clone()))?;
+        registry.register(Box::new(m.admission.clone()))?;
+        registry.register(Box::new(m.admission_verifier_errors.clone()))?;
+        registry.register(Box::new(m.rate_limit_bytes_per_second.clone()))?;
+        registry.register(Box::new(m.rate_limit_burst_bytes.clone()))?;
+        registry.register(Box::new(m.rate_limit_waited.clone()))?;
         Ok(m)
     }
 
     pub(crate) fn handshake_failed(&self, reason: &str) {
         self.handshake_failures.with_label_values(&[reason]).inc();
+    }
+
+    pub(crate) fn admission(&self, decision: &str) {
+        self.admission.with_label_values(&[decision]).inc();
     }
 
     pub(crate) fn protocol_error(&self, kind: &str) {

@@ -38,6 +38,9 @@ pub(crate) enum CloseRequest {
     /// The control list overflowed (a watcher that cannot keep up): it must reconnect to get a
     /// consistent presence flood.
     ControlOverflow,
+    /// The key's admission was pending and its grace period ended without the key becoming
+    /// known (see [`crate::core::admission`]).
+    NotAdmitted,
 }
 
 /// A non-packet frame queued for a connection by someone else.

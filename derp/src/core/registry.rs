@@ -12,8 +12,10 @@
 //! and when the active one leaves the most recently active remaining one takes over. PeerGone
 //! is sent only when the last connection of a key leaves.
 //!
-//! Each entry also has a slot for "reachable via mesh peer X" ([`Route::Mesh`]) so that mesh
-//! forwarding can be added without touching the packet path's shape; nothing sets it yet.
+//! Each entry also lists the mesh peers that announced the key ([`Route::Mesh`], set and
+//! cleared through [`crate::core::mesh`]); a local connection always wins over them, and among
+//! them the first announcer is used (derper's `multiForwarder`). When the last route and the last
+//! local connection of a key are gone, the local receivers of its packets get PeerGone.
 //!
 //! Lock order: control → shard → a connection's queue. Must never: hold a shard or control lock
 //! across `.await`, wake a task or log while holding a shard lock, or allocate on the lookup path.
@@ -27,24 +29,20 @@ use proto::derp::PeerGoneReason;
 use proto::key::NodePublic;
 
 use crate::core::handle::ConnHandle;
+use crate::core::mesh::{MeshForwarder, MeshPeerId};
 use crate::core::metrics::Metrics;
 use crate::core::queue::{Control, ControlOutcome};
 
 /// Number of shards (power of two).
 pub(crate) const SHARDS: usize = 64;
 
-/// Identifies a mesh peer link (a future outbound mesh client).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct MeshPeerId(pub u32);
-
 /// Where packets for a key go.
 #[derive(Debug)]
 pub(crate) enum Route<'a> {
     /// Deliver into this local connection's queue.
     Local(&'a Arc<ConnHandle>),
-    /// Forward to the mesh peer that announced the key (mesh forwarding: a later issue).
-    #[allow(dead_code)] // constructed once mesh forwarders are registered
-    Mesh(MeshPeerId),
+    /// Forward to the mesh peer that announced the key.
+    Mesh(&'a Arc<MeshForwarder>),
     /// Nobody has this key.
     Unknown,
 }
@@ -58,10 +56,11 @@ struct Entry {
     active: Option<Arc<ConnHandle>>,
     /// Other local connections of the same key, least recently active first.
     dups: Vec<Arc<ConnHandle>>,
-    /// Mesh peer announcing this key (designed for mesh forwarding; never set yet).
-    mesh_via: Option<MeshPeerId>,
+    /// Mesh peers announcing this key, first announcer first.
+    mesh_via: Vec<Arc<MeshForwarder>>,
     /// Receivers of packets sent by connections of this key that already left while others
-    /// remained; notified together with the last connection's own receivers.
+    /// remained, and local receivers of its packets forwarded by mesh peers; notified together
+    /// with the last connection's own receivers when the key leaves the region.
     orphan_sent_to: SentTo,
 }
 
@@ -135,9 +134,7 @@ impl Registry {
             Some(Entry {
                 active: Some(h), ..
             }) => f(Route::Local(h)),
-            Some(Entry {
-                mesh_via: Some(p), ..
-            }) => f(Route::Mesh(*p)),
+            Some(Entry { mesh_via, .. }) if !mesh_via.is_empty() => f(Route::Mesh(&mesh_via[0])),
             _ => f(Route::Unknown),
         }
     }
@@ -150,7 +147,7 @@ impl Registry {
             let e = shard.entry(h.key).or_insert_with(|| Entry {
                 active: None,
                 dups: Vec::new(),
-                mesh_via: None,
+                mesh_via: Vec::new(),
                 orphan_sent_to: SentTo::with_hasher(IdHasherBuilder),
             });
             let before = e.local_count();
@@ -220,7 +217,7 @@ impl Registry {
                     if e.local_count() == 0 {
                         let mut all = std::mem::take(&mut e.orphan_sent_to);
                         all.extend(sent_to);
-                        if e.mesh_via.is_some() {
+                        if !e.mesh_via.is_empty() {
                             // Still reachable through the mesh: not gone from the region yet.
                             e.orphan_sent_to = all;
                         } else {
@@ -256,6 +253,74 @@ impl Registry {
                 self.push_to_watcher(w, gone);
             }
         }
+    }
+
+    /// A mesh peer announced `key`. Returns whether `fwd` was not already a route of it.
+    pub(crate) fn add_mesh_route(&self, key: NodePublic, fwd: &Arc<MeshForwarder>) -> bool {
+        let mut shard = lock(self.shard(&key));
+        let e = shard.entry(key).or_insert_with(|| Entry {
+            active: None,
+            dups: Vec::new(),
+            mesh_via: Vec::new(),
+            orphan_sent_to: SentTo::with_hasher(IdHasherBuilder),
+        });
+        if e.mesh_via.iter().any(|m| Arc::ptr_eq(m, fwd)) {
+            return false;
+        }
+        e.mesh_via.push(fwd.clone());
+        true
+    }
+
+    /// A mesh peer no longer has `key`. If that was its last route and no local connection has
+    /// it, the key left the region: its local receivers get PeerGone(Disconnected). Returns
+    /// whether `fwd` was a route of `key`.
+    pub(crate) fn remove_mesh_route(&self, key: NodePublic, fwd: &Arc<MeshForwarder>) -> bool {
+        let gone_to = {
+            let mut shard = lock(self.shard(&key));
+            let Some(e) = shard.get_mut(&key) else {
+                return false;
+            };
+            let Some(i) = e.mesh_via.iter().position(|m| Arc::ptr_eq(m, fwd)) else {
+                return false;
+            };
+            e.mesh_via.remove(i);
+            if e.mesh_via.is_empty() && e.local_count() == 0 {
+                shard.remove(&key).map(|e| e.orphan_sent_to)
+            } else {
+                None
+            }
+        };
+        if let Some(receivers) = gone_to {
+            let gone = Control::PeerGone {
+                key,
+                reason: PeerGoneReason::Disconnected,
+            };
+            for w in receivers.values() {
+                if let Some(r) = w.upgrade() {
+                    r.queue.push_control(gone);
+                }
+            }
+        }
+        true
+    }
+
+    /// `receiver` got a packet from `src` through the mesh: it is told when `src` leaves the
+    /// region (derper's `noteSendFromSrc`). Nothing to do if `src` is not known here.
+    pub(crate) fn note_mesh_sender(&self, src: &NodePublic, receiver: &Arc<ConnHandle>) {
+        let mut shard = lock(self.shard(src));
+        if let Some(e) = shard.get_mut(src) {
+            e.orphan_sent_to
+                .entry(receiver.id)
+                .or_insert_with(|| Arc::downgrade(receiver));
+        }
+    }
+
+    /// The first mesh peer announcing `key`, if `key` has no local connection.
+    pub(crate) fn mesh_route_of(&self, key: &NodePublic) -> Option<MeshPeerId> {
+        self.with_route(key, |r| match r {
+            Route::Mesh(f) => Some(f.id()),
+            _ => None,
+        })
     }
 
     fn push_to_watcher(&self, w: &Arc<ConnHandle>, c: Control) {

@@ -36,11 +36,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tracing::Instrument;
 
-use crate::core::admission::Admission;
+use crate::core::admission::{Admission, Decision};
 use crate::core::conn::{Close, ConnParams, ConnTask};
 use crate::core::handle::ConnHandle;
+use crate::core::mesh::{ForwardReceiver, MeshForwarder, MeshPeerId};
 use crate::core::metrics::Metrics;
 use crate::core::queue::{CloseRequest, SendQueue};
+use crate::core::rate::{RateConfig, RateLimits};
 use crate::core::registry::Registry;
 
 /// Write timeout for mesh peers (derper's `privilegedWriteTimeout`).
@@ -66,6 +68,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Optional admission check for non-mesh clients.
     pub admission: Option<Arc<dyn Admission>>,
+    /// Per-client receive rate limit at start (derper's `-rate-config`; change it later with
+    /// [`Server::set_rate_config`]). Default: off.
+    pub rate_config: RateConfig,
 }
 
 impl ServerConfig {
@@ -79,6 +84,7 @@ impl ServerConfig {
             keepalive: proto::derp::KEEP_ALIVE,
             handshake_timeout: Duration::from_secs(10),
             admission: None,
+            rate_config: RateConfig::default(),
         }
     }
 }
@@ -93,6 +99,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("keepalive", &self.keepalive)
             .field("handshake_timeout", &self.handshake_timeout)
             .field("admission", &self.admission.is_some())
+            .field("rate_config", &self.rate_config)
             .finish()
     }
 }
@@ -149,6 +156,8 @@ pub struct Server {
     public_key: NodePublic,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) registry: Registry,
+    rate: RateLimits,
+    pub(crate) mesh_metrics: crate::core::mesh::MeshMetrics,
     next_conn_id: AtomicU64,
     shutting_down: AtomicBool,
     /// Accepted connections whose task has not finished (handshaking included).
@@ -233,8 +242,11 @@ impl Server {
         let public_key = config.private_key.public();
         let mut rng = rand::thread_rng();
         let seed = [rng.next_u64(), rng.next_u64()];
-        Ok(Arc::new(Server {
+        let rate_config = config.rate_config;
+        let server = Arc::new(Server {
             registry: Registry::new(metrics.clone(), public_key, seed),
+            rate: RateLimits::default(),
+            mesh_metrics: crate::core::mesh::MeshMetrics::new(registry)?,
             metrics,
             public_key,
             config,
@@ -243,7 +255,29 @@ impl Server {
             tasks: AtomicUsize::new(0),
             tasks_changed: Notify::new(),
             handshake_failures: HandshakeFailureLog::new(),
-        }))
+        });
+        server.set_rate_config(rate_config);
+        Ok(server)
+    }
+
+    /// Installs a per-client receive rate limit for every connection, existing ones included
+    /// (each gets a fresh, full bucket), as derper's `UpdateRateLimits` does. Returns the
+    /// configuration as applied (rate 0: off; burst raised to the minimum).
+    pub fn set_rate_config(&self, rc: RateConfig) -> RateConfig {
+        let applied = rc.applied();
+        self.rate.set(applied);
+        self.metrics
+            .rate_limit_bytes_per_second
+            .set(i64::try_from(applied.per_client_rate_limit_bytes_per_sec).unwrap_or(i64::MAX));
+        self.metrics
+            .rate_limit_burst_bytes
+            .set(i64::try_from(applied.per_client_rate_burst_bytes).unwrap_or(i64::MAX));
+        applied
+    }
+
+    /// The per-client receive rate limit in force.
+    pub fn rate_config(&self) -> RateConfig {
+        self.rate.current()
     }
 
     /// The server's DERP public key.
@@ -309,6 +343,7 @@ impl Server {
                 Some(e) => ConnTask::new(
                     &srv.registry,
                     &srv.metrics,
+                    &srv.rate,
                     e.handle,
                     e.io,
                     e.rbuf,
@@ -319,7 +354,7 @@ impl Server {
             let why = task.run().await;
             drop(task);
             match &why {
-                Close::Eof | Close::Shutdown | Close::KickedByMesh => {
+                Close::Eof | Close::Shutdown | Close::KickedByMesh | Close::NotAdmitted => {
                     tracing::debug!(target: "derp", "derp connection closed: {why}")
                 }
                 _ => tracing::info!(target: "derp", "derp connection closed: {why}"),
@@ -347,7 +382,7 @@ impl Server {
             self.handshake(&mut io, &mut rbuf, &info),
         )
         .await;
-        let (key, client_info, mesh) = match hs {
+        let (key, client_info, mesh, pending) = match hs {
             Ok(Ok(v)) => v,
             Ok(Err(f)) => {
                 self.metrics.handshake_failed(f.reason);
@@ -428,6 +463,9 @@ impl Server {
             }
         }
         drop(server_info);
+        if let (Some(grace), Some(adm)) = (pending, &self.config.admission) {
+            self.watch_pending(adm.clone(), &handle, grace);
+        }
         tracing::debug!(target: "derp", mesh, "derp client connected");
         Some(Established {
             handle,
@@ -451,7 +489,7 @@ impl Server {
         io: &mut IO,
         rbuf: &mut BytesMut,
         info: &ConnInfo,
-    ) -> Result<(NodePublic, ClientInfo, bool), HandshakeFailure>
+    ) -> Result<(NodePublic, ClientInfo, bool, Option<Duration>), HandshakeFailure>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
@@ -497,14 +535,10 @@ impl Server {
             (Some(ours), Some(theirs)) => !ours.is_zero() && ours == theirs,
             _ => false,
         };
+        let mut pending = None;
         if !mesh {
             if let Some(adm) = &self.config.admission {
-                if !adm.admit(&key, info.remote.ip()).await {
-                    return Err(HandshakeFailure::new(
-                        "admission_denied",
-                        format_args!("{key} not admitted"),
-                    ));
-                }
+                pending = self.decide(adm.as_ref(), &key, info).await?;
             }
         }
         if self.shutting_down.load(Ordering::Acquire) {
@@ -513,7 +547,66 @@ impl Server {
                 "server is shutting down",
             ));
         }
-        Ok((key, client_info, mesh))
+        Ok((key, client_info, mesh, pending))
+    }
+
+    /// Asks the admission about a non-mesh client and counts the answer. `Ok(Some(grace))`: admitted
+    /// pending confirmation after `grace`.
+    async fn decide(
+        &self,
+        adm: &dyn Admission,
+        key: &NodePublic,
+        info: &ConnInfo,
+    ) -> Result<Option<Duration>, HandshakeFailure> {
+        let refuse = |why: &dyn std::fmt::Display| {
+            self.metrics.admission("refused");
+            Err(HandshakeFailure::new(
+                "admission_denied",
+                format_args!("{key} not admitted: {why}"),
+            ))
+        };
+        match adm.admit(key, info.remote.ip()).await {
+            Decision::Admit => {
+                self.metrics.admission("admitted");
+                Ok(None)
+            }
+            Decision::Refuse(why) => refuse(&why),
+            Decision::AdmitPending { grace } => {
+                self.metrics.admission("pending");
+                Ok(Some(grace))
+            }
+            Decision::VerifierError { admit, error } => {
+                self.metrics.admission_verifier_errors.inc();
+                if admit {
+                    tracing::debug!(target: "derp", peer = %key, remote = %info.remote,
+                        "admission verifier unreachable; admitting (fail open): {error}");
+                    self.metrics.admission("admitted");
+                    Ok(None)
+                } else {
+                    refuse(&format_args!("verifier unreachable (fail closed): {error}"))
+                }
+            }
+        }
+    }
+
+    /// Closes `handle`'s connection after `grace` unless the admission knows its key by then.
+    /// One sleeping task per pending connection; it holds only a weak reference.
+    fn watch_pending(&self, adm: Arc<dyn Admission>, handle: &Arc<ConnHandle>, grace: Duration) {
+        let weak = Arc::downgrade(handle);
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let Some(h) = weak.upgrade() else { return };
+            if adm.confirm(&h.key) {
+                metrics.admission("confirmed");
+            } else if h.queue.request_close(CloseRequest::NotAdmitted) {
+                metrics.admission("expired");
+                // Debug: an unauthenticated client must not turn each connection into an INFO
+                // line (counted in derp_admission_total{decision="expired"}).
+                tracing::debug!(target: "derp", peer = %h.key, conn_id = h.id,
+                    "closing derp connection: its node key did not become known within {grace:?}");
+            }
+        });
     }
 
     /// Graceful shutdown: sends Restarting (reconnect in 1 s, keep trying for 30 s) to every
@@ -570,4 +663,38 @@ async fn read_at_least<IO: AsyncRead + Unpin>(
         }
     }
     Ok(())
+}
+
+/// Mesh peers (see [`crate::core::mesh`]): their forwarders and the routes they announce.
+impl Server {
+    /// Creates the forwarder of a new mesh peer named `name`, with a queue of `depth` packets
+    /// (at least 1). The link keeps the receiver and drains it into its transport.
+    pub fn add_mesh_peer(&self, name: &str, depth: usize) -> (Arc<MeshForwarder>, ForwardReceiver) {
+        self.mesh_metrics.new_peer(name, depth)
+    }
+
+    /// The peer announced `key` (PeerPresent): packets for it go to `fwd` unless it has a local
+    /// connection. Returns whether the route is new.
+    pub fn mesh_peer_present(&self, fwd: &Arc<MeshForwarder>, key: NodePublic) -> bool {
+        let added = self.registry.add_mesh_route(key, fwd);
+        if added {
+            self.mesh_metrics.routes.inc();
+        }
+        added
+    }
+
+    /// The peer no longer has `key` (PeerGone, or its link broke). Returns whether a route was
+    /// removed.
+    pub fn mesh_peer_gone(&self, fwd: &Arc<MeshForwarder>, key: NodePublic) -> bool {
+        let removed = self.registry.remove_mesh_route(key, fwd);
+        if removed {
+            self.mesh_metrics.routes.dec();
+        }
+        removed
+    }
+
+    /// The mesh peer whose route `key` follows, if it has no local connection (tests, debugging).
+    pub fn mesh_route_of(&self, key: &NodePublic) -> Option<MeshPeerId> {
+        self.registry.mesh_route_of(key)
+    }
 }

@@ -9,7 +9,7 @@
 //! Addresses are `host:port`, `[v6]:port`, or `:port` (all IPv4 interfaces); an empty string
 //! disables that listener.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -28,12 +28,38 @@ pub struct EdgeConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `https_addr`.
     pub tls_key: Option<PathBuf>,
+    /// Obtain the HTTPS certificate for this DNS name from an ACME CA (instead of `tls_cert` and
+    /// `tls_key`); `None` = off. See [`crate::edge::acme`].
+    pub acme_hostname: Option<String>,
+    /// Directory holding ACME certificates and the account key (derper's `-certdir` layout).
+    pub acme_cert_dir: Option<PathBuf>,
+    /// The CA's ACME directory URL (Let's Encrypt production by default).
+    pub acme_directory_url: String,
+    /// Contact e-mail given to the CA with a new account.
+    pub acme_email: Option<String>,
+    /// Extra CA certificates (PEM) trusted for the ACME server's HTTPS.
+    pub acme_ca_file: Option<PathBuf>,
+    /// `tls-alpn-01` (on the HTTPS listener) or `http-01` (on the HTTP listener, port 80).
+    pub acme_challenge: String,
+    /// The CA's certificate profile; `None` = the CA's default.
+    pub acme_profile: Option<String>,
+    /// Longest time between two looks at the certificate's expiry.
+    #[serde(with = "duration_text")]
+    pub acme_check_interval: Duration,
     /// UDP STUN listener; empty disables.
     pub stun_addr: String,
     /// derper-format JSON key file; created if missing. `None` = ephemeral key (dev only).
     pub key_file: Option<PathBuf>,
     /// File holding the 64-hex-digit mesh key; `None` = no mesh.
     pub mesh_psk_file: Option<PathBuf>,
+    /// Mesh peers to dial, derper's `--mesh-with` syntax (see [`crate::mesh::parse_mesh_with`]);
+    /// empty = none. Needs `mesh_psk_file`.
+    pub mesh_with: String,
+    /// Extra CA certificates (PEM) trusted when dialing mesh peers over TLS, besides the web
+    /// PKI roots and the system bundle (or `SSL_CERT_FILE`).
+    pub mesh_ca_file: Option<PathBuf>,
+    /// Packets queued per mesh peer before new ones are dropped.
+    pub mesh_queue_depth: usize,
     /// Per-client send queue depth (packets).
     pub queue_depth: usize,
     /// Per-frame write deadline for non-mesh clients; `0s` = none.
@@ -61,6 +87,10 @@ pub struct EdgeConfig {
     /// Accepted connections per second from one source address (token bucket, burst = the
     /// limit rounded up); `None` = unlimited.
     pub accept_connection_limit_per_ip: Option<f64>,
+    /// Proxies in front (the load balancer) whose `X-Forwarded-For` names the client: their
+    /// own connections are not limited per address; each relay upgrade through them counts
+    /// against the client address they forward instead. Empty = every peer is a client.
+    pub trusted_proxies: Vec<IpAddr>,
 }
 
 impl Default for EdgeConfig {
@@ -70,9 +100,20 @@ impl Default for EdgeConfig {
             https_addr: String::new(),
             tls_cert: None,
             tls_key: None,
+            acme_hostname: None,
+            acme_cert_dir: None,
+            acme_directory_url: crate::edge::acme::LETS_ENCRYPT_PRODUCTION.into(),
+            acme_email: None,
+            acme_ca_file: None,
+            acme_challenge: "tls-alpn-01".into(),
+            acme_profile: None,
+            acme_check_interval: Duration::from_secs(3600),
             stun_addr: String::new(),
             key_file: None,
             mesh_psk_file: None,
+            mesh_with: String::new(),
+            mesh_ca_file: None,
+            mesh_queue_depth: crate::core::mesh::DEFAULT_FORWARD_QUEUE,
             queue_depth: 32,
             write_timeout: Duration::from_secs(2),
             keepalive: Duration::from_secs(60),
@@ -83,6 +124,7 @@ impl Default for EdgeConfig {
             max_connections: 100_000,
             max_connections_per_ip: 10_000,
             accept_connection_limit_per_ip: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -177,13 +219,28 @@ impl EdgeConfig {
                 "no listener: set http_addr or https_addr".into(),
             );
         }
+        let acme = self.acme_hostname.is_some();
         if let Ok(Some(_)) = https {
-            if self.tls_cert.is_none() {
-                bad("tls_cert", "required when https_addr is set".into());
+            if acme && (self.tls_cert.is_some() || self.tls_key.is_some()) {
+                bad(
+                    "acme_hostname",
+                    "set either acme_hostname or tls_cert and tls_key, not both".into(),
+                );
             }
-            if self.tls_key.is_none() {
-                bad("tls_key", "required when https_addr is set".into());
+            if self.tls_cert.is_none() && !acme {
+                bad(
+                    "tls_cert",
+                    "required when https_addr is set (or set acme_hostname)".into(),
+                );
             }
+            if self.tls_key.is_none() && !acme {
+                bad(
+                    "tls_key",
+                    "required when https_addr is set (or set acme_hostname)".into(),
+                );
+            }
+        } else if acme {
+            bad("acme_hostname", "needs https_addr".into());
         } else if self.tls_cert.is_some() != self.tls_key.is_some() {
             let field = if self.tls_cert.is_some() {
                 "tls_key"
@@ -195,6 +252,40 @@ impl EdgeConfig {
         if let (Ok(Some(a)), Ok(Some(b))) = (&http, &https) {
             if a == b && a.port() != 0 {
                 bad("https_addr", format!("same address as http_addr ({a})"));
+            }
+        }
+        if let Some(h) = &self.acme_hostname {
+            let valid = !h.is_empty()
+                && h.len() <= 253
+                && h.parse::<IpAddr>().is_err()
+                && h.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                });
+            if !valid {
+                bad("acme_hostname", format!("{h:?} is not a DNS name"));
+            }
+            if self.acme_cert_dir.is_none() {
+                bad("acme_cert_dir", "required with acme_hostname".into());
+            }
+            match crate::edge::acme::ChallengeKind::parse(&self.acme_challenge) {
+                Err(e) => bad("acme_challenge", e),
+                Ok(crate::edge::acme::ChallengeKind::Http01) if matches!(http, Ok(None)) => bad(
+                    "acme_challenge",
+                    "http-01 needs the plain HTTP listener (http_addr, port 80 for a real CA)"
+                        .into(),
+                ),
+                Ok(_) => {}
+            }
+            if !self.acme_directory_url.starts_with("https://") {
+                bad(
+                    "acme_directory_url",
+                    format!("{:?} must start with https://", self.acme_directory_url),
+                );
+            }
+            if self.acme_check_interval < Duration::from_secs(1) {
+                bad("acme_check_interval", "must be at least 1s".into());
             }
         }
         if self
@@ -210,6 +301,26 @@ impl EdgeConfig {
             .is_some_and(|p| p.as_os_str().is_empty())
         {
             bad("mesh_psk_file", "empty path".into());
+        }
+        match crate::mesh::parse_mesh_with(&self.mesh_with) {
+            Err(e) => bad("mesh_with", e.to_string()),
+            Ok(peers) if !peers.is_empty() && self.mesh_psk_file.is_none() => {
+                bad("mesh_with", "mesh peers need mesh_psk_file".into())
+            }
+            Ok(_) => {}
+        }
+        if self
+            .mesh_ca_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            bad("mesh_ca_file", "empty path".into());
+        }
+        if self.mesh_queue_depth == 0 || self.mesh_queue_depth > 1 << 20 {
+            bad(
+                "mesh_queue_depth",
+                format!("{} is out of range 1..=1048576", self.mesh_queue_depth),
+            );
         }
         if self.queue_depth == 0 || self.queue_depth > 65_536 {
             bad(
@@ -364,6 +475,58 @@ mod edge_tests {
         );
         assert_eq!(parse_listen_addr("").unwrap(), None);
         assert!(parse_listen_addr("example.com:80").is_err());
+    }
+
+    #[test]
+    fn edge_acme_settings_are_checked() {
+        let acme = |f: &dyn Fn(&mut EdgeConfig)| {
+            let mut cfg = EdgeConfig {
+                https_addr: "127.0.0.1:443".into(),
+                acme_hostname: Some("derp.example.com".into()),
+                acme_cert_dir: Some("/var/lib/certs".into()),
+                ..EdgeConfig::default()
+            };
+            f(&mut cfg);
+            cfg.validate()
+                .err()
+                .map(|e| e.0.iter().map(|e| e.field).collect::<Vec<_>>())
+        };
+        assert_eq!(acme(&|_| {}), None, "ACME instead of certificate files");
+        assert_eq!(
+            acme(&|c| c.acme_cert_dir = None),
+            Some(vec!["acme_cert_dir"])
+        );
+        assert_eq!(
+            acme(&|c| c.tls_cert = Some("/c".into())),
+            Some(vec!["acme_hostname"])
+        );
+        assert_eq!(acme(&|c| c.https_addr.clear()), Some(vec!["acme_hostname"]));
+        for bad in ["10.0.0.1", "a..b", "", "x_y.example"] {
+            assert_eq!(
+                acme(&|c| c.acme_hostname = Some(bad.into())),
+                Some(vec!["acme_hostname"]),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            acme(&|c| c.acme_challenge = "dns-01".into()),
+            Some(vec!["acme_challenge"])
+        );
+        assert_eq!(
+            acme(&|c| {
+                c.acme_challenge = "http-01".into();
+                c.http_addr.clear();
+            }),
+            Some(vec!["acme_challenge"])
+        );
+        assert_eq!(
+            acme(&|c| c.acme_directory_url = "http://ca/dir".into()),
+            Some(vec!["acme_directory_url"])
+        );
+        assert_eq!(
+            acme(&|c| c.acme_check_interval = Duration::from_millis(10)),
+            Some(vec!["acme_check_interval"])
+        );
     }
 
     #[test]

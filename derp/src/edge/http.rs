@@ -46,6 +46,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
+use crate::edge::listener::{AddressGuard, ForwardedLimits};
 use crate::edge::websocket::{self, WsByteStream};
 
 /// Largest request head we read before deciding what the connection is.
@@ -545,11 +546,28 @@ pub async fn serve_connection<IO>(
 /// only the transport and the relay's per-connection state. The head buffer is freed here too:
 /// bytes read past the head travel on as their own small `Bytes`.
 pub async fn serve_until_derp<IO>(
+    io: IO,
+    remote: SocketAddr,
+    edge: Arc<HttpEdge>,
+    is_tls: bool,
+    cancel: CancellationToken,
+) -> Option<DerpConnection>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    serve_until_derp_limited(io, remote, edge, is_tls, cancel, None).await
+}
+
+/// [`serve_until_derp`] for a connection from a trusted proxy: a relay upgrade first takes a
+/// place for the client address the proxy forwarded (`forwarded`), held for the DERP
+/// connection's life; at that address's cap or rate it is answered 429 and closed.
+pub(crate) async fn serve_until_derp_limited<IO>(
     mut io: IO,
     remote: SocketAddr,
     edge: Arc<HttpEdge>,
     is_tls: bool,
     cancel: CancellationToken,
+    forwarded: Option<ForwardedLimits>,
 ) -> Option<DerpConnection>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -590,6 +608,7 @@ where
             fast_start,
             not_ideal,
         } => {
+            let client = admit_forwarded(forwarded, &buf[..head_len], remote, &mut io).await?;
             let (derp, slot) = relay_or_404(&edge, &mut io, remote).await?;
             // Copied out so that the head buffer is freed with this phase.
             let leftover = Bytes::copy_from_slice(&buf[head_len..]);
@@ -621,9 +640,11 @@ where
             Some(holding_slot(
                 derp.accept_boxed(Box::new(io), leftover, info),
                 slot,
+                client,
             ))
         }
         FirstRequest::WebSocket { not_ideal } => {
+            let client = admit_forwarded(forwarded, &buf[..head_len], remote, &mut io).await?;
             let (derp, slot) = relay_or_404(&edge, &mut io, remote).await?;
             metrics.requests.with_label_values(&["websocket"]).inc();
             let replay = Rewind::new(io, buf.freeze());
@@ -661,6 +682,7 @@ where
             Some(holding_slot(
                 derp.accept_boxed(Box::new(stream), Bytes::new(), info),
                 slot,
+                client,
             ))
         }
         FirstRequest::Http => {
@@ -671,12 +693,38 @@ where
     }
 }
 
-/// `conn`, keeping its relay slot until it ends.
-fn holding_slot(conn: DerpConnection, slot: tokio::sync::OwnedSemaphorePermit) -> DerpConnection {
+/// `conn`, keeping its relay slot (and its forwarded client's place) until it ends.
+fn holding_slot(
+    conn: DerpConnection,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    client: Option<AddressGuard>,
+) -> DerpConnection {
     Box::pin(async move {
         let _slot = slot;
+        let _client = client;
         conn.await;
     })
+}
+
+/// A place for the forwarded client of a trusted proxy's relay upgrade (`Some(None)` when the
+/// peer is not a trusted proxy: it was limited at accept), or a 429 answer and `None`.
+async fn admit_forwarded<IO: AsyncRead + AsyncWrite + Unpin>(
+    forwarded: Option<ForwardedLimits>,
+    head: &[u8],
+    remote: SocketAddr,
+    io: &mut IO,
+) -> Option<Option<AddressGuard>> {
+    let Some(limits) = forwarded else {
+        return Some(None);
+    };
+    match limits.admit(head, remote.ip()) {
+        Ok(guard) => Some(Some(guard)),
+        Err(client) => {
+            tracing::debug!(%remote, %client, "per-address limit for a forwarded client; answering 429");
+            write_error_and_close(io, "429 Too Many Requests").await;
+            None
+        }
+    }
 }
 
 /// The relay, or (in a process without one) a 404 answer and `None`, like derper's `-derp=false`.

@@ -33,8 +33,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::edge::acme::{AcmeConfig, AcmeError, AcmeManager, ChallengeKind};
 use crate::edge::config::{ConfigErrors, EdgeConfig};
-use crate::edge::http::{serve_until_derp, HttpEdge};
+use crate::edge::http::{serve_until_derp_limited, HttpEdge};
 use crate::edge::metacert::MetaCertError;
 use crate::edge::stun::StunMetrics;
 use crate::edge::tls::{TlsError, TlsReloader};
@@ -65,6 +66,9 @@ pub struct ListenerOptions {
     pub max_connections_per_ip: usize,
     /// Optional accept rate limit per source address.
     pub accept_limit_per_ip: Option<AcceptRateLimit>,
+    /// Peers whose `X-Forwarded-For` is trusted (see [`EdgeConfig::trusted_proxies`]): not
+    /// limited per address at accept; their relay upgrades count against the forwarded client.
+    pub trusted_proxies: Vec<IpAddr>,
 }
 
 impl Default for ListenerOptions {
@@ -77,6 +81,7 @@ impl Default for ListenerOptions {
             accept_limit: None,
             max_connections_per_ip: 0,
             accept_limit_per_ip: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -107,6 +112,7 @@ impl ListenerOptions {
                     burst: (per_second.ceil() as u32).max(1),
                 }
             }),
+            trusted_proxies: cfg.trusted_proxies.clone(),
         }
     }
 }
@@ -164,7 +170,7 @@ struct AddressShare {
 /// Open connections and accept buckets per source address, for one listener. The lock is a
 /// plain mutex held for a map operation, never across `.await`.
 #[derive(Debug, Default)]
-struct PerAddress {
+pub(crate) struct PerAddress {
     shares: Mutex<HashMap<IpAddr, AddressShare>>,
 }
 
@@ -210,7 +216,7 @@ impl PerAddress {
 }
 
 /// One open connection's claim on its source address's share; released on drop.
-struct AddressGuard {
+pub(crate) struct AddressGuard {
     table: Arc<PerAddress>,
     ip: IpAddr,
 }
@@ -225,6 +231,64 @@ impl Drop for AddressGuard {
             }
         }
     }
+}
+
+/// The per-address limits applied at a relay upgrade that came through a trusted proxy, to the
+/// client address the proxy forwarded (same table, cap and rate as at accept).
+pub(crate) struct ForwardedLimits {
+    table: Arc<PerAddress>,
+    opts: Arc<ListenerOptions>,
+    per_ip_cap: prometheus::IntCounter,
+    per_ip_rate: prometheus::IntCounter,
+}
+
+impl ForwardedLimits {
+    /// Admits one relay connection for the client named in `head` (a request head that came
+    /// from `proxy`): the rightmost `X-Forwarded-For` address that is not itself a trusted
+    /// proxy, or `proxy` when there is none. `Err` (counted) when that address is at its cap or
+    /// rate.
+    pub(crate) fn admit(&self, head: &[u8], proxy: IpAddr) -> Result<AddressGuard, IpAddr> {
+        let client = forwarded_client(head, &self.opts.trusted_proxies).unwrap_or(proxy);
+        self.table.admit(client, &self.opts).map_err(|refusal| {
+            match refusal {
+                AddressRefusal::Cap => self.per_ip_cap.inc(),
+                AddressRefusal::Rate => self.per_ip_rate.inc(),
+            }
+            client
+        })
+    }
+}
+
+/// The client address of a request head that came through trusted proxies: the rightmost
+/// `X-Forwarded-For` entry (over every such header, in order) that is not a trusted proxy.
+/// Entries left of it were written by the client and are not believed.
+fn forwarded_client(head: &[u8], trusted: &[IpAddr]) -> Option<IpAddr> {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(head).ok()?;
+    let mut hops: Vec<IpAddr> = Vec::new();
+    for h in req.headers.iter() {
+        if !h.name.eq_ignore_ascii_case("x-forwarded-for") {
+            continue;
+        }
+        let Ok(text) = std::str::from_utf8(h.value) else {
+            return None;
+        };
+        for entry in text.split(',') {
+            let entry = entry.trim();
+            // `1.2.3.4`, `[::1]:80`, `1.2.3.4:80`, `::1`.
+            let ip = entry
+                .parse::<IpAddr>()
+                .ok()
+                .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()));
+            match ip {
+                Some(ip) => hops.push(ip),
+                // An unreadable hop: nothing left of it can be attributed.
+                None => hops.clear(),
+            }
+        }
+    }
+    hops.into_iter().rev().find(|ip| !trusted.contains(ip))
 }
 
 /// Decrements the open-connections gauge when the connection task ends, however it ends.
@@ -277,6 +341,7 @@ pub async fn serve(
     let per_ip_cap = metrics.rejected.with_label_values(&[name, "per_ip_cap"]);
     let per_ip_rate = metrics.rejected.with_label_values(&[name, "per_ip_rate"]);
     let per_address = Arc::new(PerAddress::default());
+    let shared_opts = Arc::new(opts.clone());
     let mut next_sweep = Instant::now() + Duration::from_secs(60);
     let open = metrics.open.with_label_values(&[name]);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
@@ -318,17 +383,31 @@ pub async fn serve(
             per_address.sweep();
             next_sweep = Instant::now() + Duration::from_secs(60);
         }
-        let address_guard = match per_address.admit(remote.ip(), &opts) {
-            Ok(g) => g,
-            Err(refusal) => {
-                match refusal {
-                    AddressRefusal::Cap => per_ip_cap.inc(),
-                    AddressRefusal::Rate => per_ip_rate.inc(),
+        // A trusted proxy carries many clients: its relay upgrades are limited per forwarded
+        // client address instead (see `ForwardedLimits`).
+        let forwarded = opts
+            .trusted_proxies
+            .contains(&remote.ip())
+            .then(|| ForwardedLimits {
+                table: per_address.clone(),
+                opts: shared_opts.clone(),
+                per_ip_cap: per_ip_cap.clone(),
+                per_ip_rate: per_ip_rate.clone(),
+            });
+        let address_guard = match forwarded {
+            Some(_) => None,
+            None => match per_address.admit(remote.ip(), &opts) {
+                Ok(g) => Some(g),
+                Err(refusal) => {
+                    match refusal {
+                        AddressRefusal::Cap => per_ip_cap.inc(),
+                        AddressRefusal::Rate => per_ip_rate.inc(),
+                    }
+                    tracing::debug!(%remote, listener = name, ?refusal, "per-address limit; closing");
+                    drop(stream);
+                    continue;
                 }
-                tracing::debug!(%remote, listener = name, ?refusal, "per-address limit; closing");
-                drop(stream);
-                continue;
-            }
+            },
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             over_cap.inc();
@@ -352,10 +431,24 @@ pub async fn serve(
             // connection starts: the task itself stays a few pointers for its whole life.
             let derp = Box::pin(async move {
                 match acceptor {
-                    None => serve_until_derp(stream, remote, edge, false, cancel).await,
+                    None => {
+                        serve_until_derp_limited(stream, remote, edge, false, cancel, forwarded)
+                            .await
+                    }
                     Some(acceptor) => {
                         match tokio::time::timeout(hs_timeout, acceptor.accept(stream)).await {
-                            Ok(Ok(tls)) => serve_until_derp(tls, remote, edge, true, cancel).await,
+                            Ok(Ok(tls))
+                                if tls.get_ref().1.alpn_protocol()
+                                    == Some(crate::edge::acme::ACME_TLS_ALPN) =>
+                            {
+                                // A TLS-ALPN-01 validation: the handshake was the answer.
+                                tracing::debug!(%remote, "ACME TLS-ALPN-01 validation answered");
+                                None
+                            }
+                            Ok(Ok(tls)) => {
+                                serve_until_derp_limited(tls, remote, edge, true, cancel, forwarded)
+                                    .await
+                            }
                             Ok(Err(e)) => {
                                 hs_failures.with_label_values(&["error"]).inc();
                                 tracing::debug!(%remote, error = %e, "TLS handshake failed");
@@ -390,8 +483,11 @@ pub struct Bound {
     pub https_addr: Option<SocketAddr>,
     /// Actual address of the STUN socket.
     pub stun_addr: Option<SocketAddr>,
-    /// The certificate reloader of the HTTPS listener.
+    /// The certificate reloader of the HTTPS listener (certificate files).
     pub tls: Option<Arc<TlsReloader>>,
+    /// The ACME manager of the HTTPS listener (`acme_hostname`); its renewal loop starts with
+    /// [`Bound::spawn`], and its [`AcmeManager::http01_router`] belongs in the router.
+    pub acme: Option<Arc<AcmeManager>>,
     /// Cap on relay (DERP) connections: `max_connections`, lowered to fit under the open-file
     /// limit (see [`crate::edge::fdlimit`]). Hand it to [`HttpEdge::with_relay_cap`].
     pub relay_cap: usize,
@@ -438,6 +534,11 @@ impl Bound {
                 cancel.clone(),
             )));
         }
+        if let Some(acme) = &self.acme {
+            if self.https.is_some() {
+                tasks.push(tokio::spawn(acme.clone().run(cancel.clone())));
+            }
+        }
         if let Some((l, tls)) = self.https.take() {
             tasks.push(tokio::spawn(serve(
                 l,
@@ -470,6 +571,9 @@ pub enum StartError {
     /// TLS files could not be loaded.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The ACME manager could not start.
+    #[error(transparent)]
+    Acme(#[from] AcmeError),
     /// The meta cert could not be generated.
     #[error(transparent)]
     MetaCert(#[from] MetaCertError),
@@ -499,6 +603,7 @@ pub async fn bind(
         https_addr: None,
         stun_addr: None,
         tls: None,
+        acme: None,
         relay_cap: cfg.max_connections,
         opts: ListenerOptions::from_config(cfg),
         http: None,
@@ -553,6 +658,42 @@ pub async fn bind(
         bound.tls = Some(reloader);
         bound.https = Some((l, server_config));
     }
+    if let (Some(addr), Some(hostname), Some(cert_dir)) =
+        (https, &cfg.acme_hostname, &cfg.acme_cert_dir)
+    {
+        let meta = derp_key.map(crate::edge::metacert::generate).transpose()?;
+        let challenge = ChallengeKind::parse(&cfg.acme_challenge).map_err(|reason| {
+            ConfigErrors(vec![crate::edge::config::ConfigError {
+                field: "acme_challenge",
+                reason,
+            }])
+        })?;
+        let acme = Arc::new(AcmeManager::new(
+            AcmeConfig {
+                hostname: hostname.clone(),
+                cert_dir: cert_dir.clone(),
+                directory_url: cfg.acme_directory_url.clone(),
+                email: cfg.acme_email.clone(),
+                ca_file: cfg.acme_ca_file.clone(),
+                challenge,
+                profile: cfg.acme_profile.clone(),
+                check_interval: cfg.acme_check_interval,
+            },
+            meta,
+            registry,
+        )?);
+        let server_config = acme.server_config().map_err(AcmeError::from)?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "https",
+                addr,
+                source,
+            })?;
+        bound.https_addr = l.local_addr().ok();
+        bound.acme = Some(acme);
+        bound.https = Some((l, server_config));
+    }
     if let Some(addr) = stun {
         let sock = tokio::net::UdpSocket::bind(addr)
             .await
@@ -583,6 +724,33 @@ pub async fn start(
 #[cfg(test)]
 mod edge_tests {
     use super::*;
+
+    #[test]
+    fn the_forwarded_client_is_the_rightmost_untrusted_hop() {
+        let trusted: Vec<IpAddr> = vec!["10.0.0.5".parse().unwrap(), "10.0.0.6".parse().unwrap()];
+        let head = |xff: &str| format!("GET /derp HTTP/1.1\r\nHost: x\r\n{xff}\r\n").into_bytes();
+        let client = |xff: &str| forwarded_client(&head(xff), &trusted);
+        assert_eq!(client(""), None);
+        assert_eq!(
+            client("X-Forwarded-For: 198.51.100.1\r\n"),
+            Some("198.51.100.1".parse().unwrap())
+        );
+        // A client-written entry left of the proxy's is not believed; trusted hops are skipped.
+        assert_eq!(
+            client("X-Forwarded-For: 203.0.113.9, 198.51.100.1, 10.0.0.6\r\n"),
+            Some("198.51.100.1".parse().unwrap())
+        );
+        // Several headers read as one list, in order; ports and brackets are accepted.
+        assert_eq!(
+            client("X-Forwarded-For: 203.0.113.9\r\nx-forwarded-for: [2001:db8::1]:443\r\n"),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        // An unreadable hop hides everything left of it.
+        assert_eq!(
+            client("X-Forwarded-For: 198.51.100.1, junk, 10.0.0.5\r\n"),
+            None
+        );
+    }
 
     #[tokio::test]
     async fn edge_socket_options_applied() {

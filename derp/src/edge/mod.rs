@@ -4,11 +4,14 @@
 //! different job with different failure modes (internet-facing sockets, HTTP heads, certificates
 //! that rotate). [`listener`] accepts TCP (and TLS) with derper's socket options and limits,
 //! [`http`] turns a connection into DERP (raw upgrade, fast start, [`websocket`]) or hands it to
-//! an axum router, [`tls`] loads and reloads certificates with the [`metacert`] appended, [`stun`]
+//! an axum router, [`tls`] loads and reloads certificates with the [`metacert`] appended (or
+//! [`acme`] obtains and renews them from an ACME CA), [`stun`]
 //! answers netcheck, [`keyfile`] stores the relay's keys and [`config`] holds the operator's
 //! settings ([`config::EdgeConfig`]), and [`fdlimit`] fits the connection caps under the open-file
-//! limit. The coordinator-only role uses the listener, HTTP edge and
+//! limit. [`verify_url`] asks an admission controller URL about connecting clients (derper's
+//! `--verify-client-url`). The coordinator-only role uses the listener, HTTP edge and
 //! TLS without a relay behind them.
+pub mod acme;
 pub mod config;
 pub mod fdlimit;
 pub mod http;
@@ -17,4 +20,5 @@ pub mod listener;
 pub mod metacert;
 pub mod stun;
 pub mod tls;
+pub mod verify_url;
 pub mod websocket;

@@ -8,12 +8,16 @@
 
 mod harness;
 
+mod core_admission;
 mod core_bad_input;
 mod core_dup_mesh;
+mod core_mesh_routes;
+mod core_rate_limit;
 mod core_relay;
 mod core_throughput;
 mod edge_http;
 mod edge_keyfile;
+mod edge_mesh;
 mod edge_relay;
 mod edge_start;
 mod edge_stun;

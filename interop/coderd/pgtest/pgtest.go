@@ -195,6 +195,8 @@ func (s *Server) start(binDir string) error {
 		"-c", "fsync=off",
 		"-c", "synchronous_commit=off",
 		"-c", "full_page_writes=off",
+		// For BenchmarkPGCoordStatements (statement counts); part of the distribution's package.
+		"-c", "shared_preload_libraries=pg_stat_statements",
 	)
 	if err := asPostgresUser(server); err != nil {
 		return err

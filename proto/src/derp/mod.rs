@@ -12,6 +12,7 @@
 //! validation rules), [`info`] (ClientInfo/ServerInfo JSON), [`handshake`] (sealing and opening
 //! those), [`fast`] (zero-copy helpers for SendPacket/RecvPacket/ForwardPacket).
 
+pub mod admit;
 pub mod fast;
 pub mod frame;
 pub mod handshake;

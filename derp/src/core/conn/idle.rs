@@ -1,7 +1,8 @@
 //! Timers and idle memory: the connection's one `Sleep` and what it triggers.
 //!
 //! Why one timer: an idle relay connection must cost next to nothing, so keepalive (interval +
-//! per-connection jitter), the write-stall deadline and the idle check all share one `Sleep`,
+//! per-connection jitter), the write-stall deadline, the end of a receive rate-limit wait and the
+//! idle check all share one `Sleep`,
 //! re-armed for the earliest of them; nothing is armed per packet or per read. The idle check
 //! runs every [`IDLE_RELEASE`] while the connection holds any buffer: a side that saw no traffic
 //! for a whole period gives its buffers back (read buffer, write lists, queue storage, local
@@ -36,6 +37,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
     /// idle check, then re-arms for the earliest of them.
     pub(super) fn on_timer(&mut self, sleep: Pin<&mut Sleep>) -> Result<(), Close> {
         let now = Instant::now();
+        if self.rate_wait.is_some_and(|t| now >= t) {
+            // The rate limit's wait is over: handle the buffered frames, then read again.
+            self.rate_wait = None;
+            self.process_frames()?;
+        }
         if let Some(t) = self.stalled_since {
             if now.saturating_duration_since(t) >= self.params.write_timeout {
                 self.metrics.hot.add(Hot::WriteTimeouts, 1);
@@ -65,6 +71,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
             deadline = deadline.min(t + self.params.write_timeout);
         }
         if let Some(t) = self.release_at {
+            deadline = deadline.min(t);
+        }
+        if let Some(t) = self.rate_wait {
             deadline = deadline.min(t);
         }
         sleep.reset(deadline);

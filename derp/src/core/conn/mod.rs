@@ -26,6 +26,8 @@
 //!
 //! Liveness: one `Sleep` serves both the keepalive (interval + per-connection jitter) and the
 //! write-stall check (no write progress for `write_timeout` → close); nothing is armed per packet.
+//! With a receive rate limit ([`crate::core::rate`]), a frame that must wait for its tokens pauses
+//! reading (TCP backpressure, nothing dropped) and the same `Sleep` resumes it.
 //!
 //! Must never: block or `.await` inside the poll loop (everything is non-blocking), log per
 //! packet, allocate per packet in a burst (only a nearly idle connection's short reads get one
@@ -62,6 +64,7 @@ use tokio::time::{Instant, Sleep};
 use crate::core::handle::ConnHandle;
 use crate::core::metrics::{DropReason, Metrics, PacketKind};
 use crate::core::queue::Control;
+use crate::core::rate::{RateLimits, ReceiveBucket};
 use crate::core::registry::{IdHasherBuilder, Registry, SentTo};
 use read::{NOT_HERE_BURST, READ_CHUNK};
 
@@ -89,6 +92,8 @@ pub(crate) enum Close {
     KickedByMesh,
     /// The server is shutting down (Restarting was sent, or could not be).
     Shutdown,
+    /// Admitted pending confirmation, and the key did not become known in time.
+    NotAdmitted,
     /// The control list overflowed.
     ControlOverflow,
 }
@@ -103,6 +108,7 @@ impl std::fmt::Display for Close {
             Close::Protocol(k) => write!(f, "protocol error: {k}"),
             Close::KickedByMesh => f.write_str("closed by mesh peer (ClosePeer)"),
             Close::Shutdown => f.write_str("server shutting down"),
+            Close::NotAdmitted => f.write_str("node key not admitted after its grace period"),
             Close::ControlOverflow => f.write_str("control list overflow"),
         }
     }
@@ -123,6 +129,8 @@ pub(crate) struct ConnTask<'a, IO> {
     registry: &'a Registry,
     /// The server's metrics.
     metrics: &'a Metrics,
+    /// The server's receive rate limit (see [`crate::core::rate`]).
+    rate: &'a RateLimits,
     h: Arc<ConnHandle>,
     io: IO,
     params: ConnParams,
@@ -137,6 +145,15 @@ pub(crate) struct ConnTask<'a, IO> {
     /// Bytes of an ignored frame's payload still to discard.
     skip: usize,
     read_paused: bool,
+    // --- receive rate limit (non-mesh connections, while one is configured)
+    /// The rate limit generation `bucket` was built for.
+    rate_generation: u64,
+    /// Boxed: without a limit (the default) it costs one pointer.
+    bucket: Option<Box<ReceiveBucket>>,
+    /// The frame at the head of `rbuf` has taken its tokens.
+    rate_paid: bool,
+    /// Reading waits for the rate limit until then (the head frame is handled first).
+    rate_wait: Option<Instant>,
     // --- writing
     out: VecDeque<Bytes>,
     ctl: VecDeque<Control>,
@@ -168,6 +185,7 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
     pub(crate) fn new(
         registry: &'a Registry,
         metrics: &'a Metrics,
+        rate: &'a RateLimits,
         h: Arc<ConnHandle>,
         io: IO,
         rbuf: BytesMut,
@@ -182,6 +200,7 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
         Self {
             registry,
             metrics,
+            rate,
             h,
             io,
             params,
@@ -191,6 +210,10 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
             compacted: false,
             skip: 0,
             read_paused: false,
+            rate_generation: 0,
+            bucket: None,
+            rate_paid: false,
+            rate_wait: None,
             out: VecDeque::new(),
             ctl: VecDeque::new(),
             cbuf: BytesMut::new(),
@@ -234,7 +257,7 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
         // Bounded: each iteration either makes progress or returns.
         for _ in 0..4 {
             let mut yield_now = false;
-            if !self.read_paused {
+            if !self.read_paused && self.rate_wait.is_none() {
                 let mut reads = 0;
                 loop {
                     match self.poll_read_some(cx) {
@@ -242,6 +265,10 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
                         Poll::Ready(Ok(_)) => {
                             if let Err(c) = self.process_frames() {
                                 return Poll::Ready(c);
+                            }
+                            if self.rate_wait.is_some() {
+                                // Backpressure: read nothing more until the tokens are there.
+                                break;
                             }
                         }
                         Poll::Ready(Err(e)) => return Poll::Ready(Close::ReadError(e)),
@@ -256,6 +283,11 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
             }
             if let Poll::Ready(c) = self.poll_write_phase(cx, sleep.as_mut()) {
                 return Poll::Ready(c);
+            }
+            if let Some(t) = self.rate_wait {
+                if t < sleep.deadline() {
+                    sleep.as_mut().reset(t);
+                }
             }
             match sleep.as_mut().poll(cx) {
                 Poll::Ready(()) => {

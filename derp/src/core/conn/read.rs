@@ -10,8 +10,12 @@
 //! Reading itself keeps an idle connection free of heap memory (see the module doc of
 //! [`super`]): with no buffer, bytes land in a small stack buffer first.
 //!
+//! With a receive rate limit configured, each frame first takes its tokens
+//! ([`ConnTask::take_rate_tokens`]); a frame that must wait pauses reading until the connection's
+//! timer says the tokens are there.
+//!
 //! Must never: allocate, lock anything but the destination's shard and queue, or log per
-//! packet; buffer the payload of a frame type the server ignores; read a frame over 1 MiB.
+//! packet (a new rate limit configuration builds one bucket, once); buffer the payload of a frame type the server ignores; read a frame over 1 MiB.
 
 use std::io;
 use std::pin::Pin;
@@ -29,6 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::{Close, ConnTask};
+use crate::core::mesh::ForwardItem;
 use crate::core::metrics::{DropReason, Hot, PacketKind};
 use crate::core::queue::{Control, PushOutcome};
 use crate::core::registry::Route;
@@ -128,7 +133,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
     /// Parses and handles every complete frame in the read buffer.
     pub(super) fn process_frames(&mut self) -> Result<(), Close> {
         loop {
-            if self.read_paused {
+            if self.read_paused || self.rate_wait.is_some() {
                 return Ok(());
             }
             if self.skip > 0 {
@@ -146,6 +151,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
             if len > MAX_FRAME_SIZE {
                 return Err(self.protocol_error("frame_too_large"));
             }
+            if !self.rate_paid {
+                self.rate_paid = true;
+                if let Some(until) = self.take_rate_tokens(len) {
+                    self.metrics.rate_limit_waited.inc();
+                    self.rate_wait = Some(until);
+                    return Ok(());
+                }
+            }
             let typ = hdr.frame_type();
             self.note_activity();
             if !handled(typ) {
@@ -153,6 +166,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
                 self.metrics.hot.add(Hot::UnknownFrames, 1);
                 self.rbuf.advance(FRAME_HEADER_LEN);
                 self.skip = len;
+                self.rate_paid = false;
                 continue;
             }
             if let Err(kind) = check_frame(&hdr, self.params.mesh) {
@@ -162,6 +176,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
                 return Ok(());
             }
             let frame = self.rbuf.split_to(FRAME_HEADER_LEN + len);
+            self.rate_paid = false;
             match typ {
                 FrameType::SendPacket => self.on_send_packet(frame)?,
                 FrameType::ForwardPacket => self.on_forward_packet(frame)?,
@@ -183,6 +198,25 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
                 _ => {}
             }
         }
+    }
+
+    /// The receive rate limit for a frame with a `len`-byte payload (derper's `rateLimit`, after
+    /// the header and before the body): `Some(t)` means wait until `t`. Mesh peers are exempt;
+    /// without a limit this is one atomic load.
+    #[inline]
+    fn take_rate_tokens(&mut self, len: usize) -> Option<Instant> {
+        if self.params.mesh {
+            return None;
+        }
+        let generation = self.rate.generation();
+        if generation != self.rate_generation {
+            self.rate_generation = generation;
+            self.bucket =
+                crate::core::rate::ReceiveBucket::new(self.rate.current(), Instant::now())
+                    .map(Box::new);
+        }
+        let bucket = self.bucket.as_mut()?;
+        bucket.reserve(len, Instant::now())
     }
 
     /// Any frame from a duplicate connection makes it the active one (derper's
@@ -252,17 +286,47 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
         let kind = PacketKind::from_disco(disco);
         let sent_to = &mut self.sent_to;
         let last_dst = &mut self.last_dst;
+        // A forwarded packet's source (in the RecvPacket frame): its local receivers are told
+        // when it leaves the region.
+        let mesh_src = (origin == Origin::Mesh).then(|| key_at(&frame, FRAME_HEADER_LEN));
+        let mut mesh_receiver = None;
+        let mut mesh_out = None;
         let outcome = self.registry.with_route(&dst, |r| match r {
             Route::Local(d) => {
-                if origin == Origin::Client && d.id != *last_dst {
-                    *last_dst = d.id;
-                    sent_to.entry(d.id).or_insert_with(|| Arc::downgrade(d));
+                match origin {
+                    Origin::Client if d.id != *last_dst => {
+                        *last_dst = d.id;
+                        sent_to.entry(d.id).or_insert_with(|| Arc::downgrade(d));
+                    }
+                    Origin::Mesh => {
+                        // Noted outside this shard's lock (the source's entry is elsewhere),
+                        // once per run of packets of one (source, receiver) pair.
+                        let pair = mesh_src.map_or(0, |s| pair_fingerprint(&s, d.id));
+                        if pair != *last_dst {
+                            *last_dst = pair;
+                            mesh_receiver = Some(d.clone());
+                        }
+                    }
+                    Origin::Client => {}
                 }
                 Some(d.queue.push_packet(frame, disco))
             }
-            // Mesh forwarding is not implemented yet; nothing registers mesh routes.
+            // A client's packet for a key on another relay; a forwarded one is never forwarded
+            // again (it counts as unknown_dest_on_fwd below).
+            Route::Mesh(f) if origin == Origin::Client => {
+                mesh_out = Some((f.clone(), frame));
+                None
+            }
             Route::Mesh(_) | Route::Unknown => None,
         });
+        if let (Some(receiver), Some(src)) = (mesh_receiver, mesh_src) {
+            self.registry.note_mesh_sender(&src, &receiver);
+        }
+        if let Some((fwd, frame)) = mesh_out {
+            hot.add(Hot::PacketsForwardedOut, 1);
+            fwd.forward(ForwardItem::new(dst, frame));
+            return;
+        }
         // Wake the destination's writer only now, outside the shard lock.
         let outcome = outcome.map(|(o, w)| {
             if let Some(w) = w {
@@ -325,6 +389,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
             }
         }
     }
+}
+
+/// Identifies a (source key, receiving connection) pair of a mesh connection's packets in its
+/// `last_dst` slot (a client connection keeps the receiver's id there).
+#[inline]
+fn pair_fingerprint(src: &NodePublic, receiver: u64) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&src.as_bytes()[..8]);
+    (u64::from_le_bytes(w) ^ receiver.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1
 }
 
 /// The key stored at `at` in a frame whose length was checked.

@@ -15,6 +15,7 @@ use crate::core::queue::SendQueue;
 struct Rig {
     registry: Registry,
     metrics: Arc<Metrics>,
+    rate: crate::core::rate::RateLimits,
     h: Arc<ConnHandle>,
 }
 
@@ -37,6 +38,7 @@ fn rig() -> (Rig, DuplexStream, DuplexStream) {
         Rig {
             registry,
             metrics,
+            rate: Default::default(),
             h,
         },
         client,
@@ -50,6 +52,7 @@ impl Rig {
         let task = ConnTask::new(
             &self.registry,
             &self.metrics,
+            &self.rate,
             self.h.clone(),
             io,
             BytesMut::new(),

@@ -95,6 +95,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
         match req {
             None => Ok(()),
             Some(CloseRequest::ClosePeer) => Err(Close::KickedByMesh),
+            Some(CloseRequest::NotAdmitted) => Err(Close::NotAdmitted),
             Some(CloseRequest::ControlOverflow) => {
                 self.metrics.control_overflows.inc();
                 Err(Close::ControlOverflow)

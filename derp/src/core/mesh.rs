@@ -1,0 +1,173 @@
+//! The relay's side of a mesh peer, independent of how the peer is reached: the bounded queue
+//! of packets waiting to be forwarded to it, and the presence it announced.
+//!
+//! Why it is in the core: the packet path must hand a packet for a key on another relay to that
+//! relay without waiting and without knowing the transport. A [`MeshForwarder`] is what the
+//! registry stores as a key's mesh route; the packet path pushes into its queue and moves on. A
+//! link (today the DERP-over-HTTP mesh client in [`crate::mesh`]; a QUIC link could be another)
+//! owns the receiving end ([`ForwardReceiver`], from [`Server::add_mesh_peer`]), writes what it
+//! takes from it as ForwardPacket frames, and reports what the peer announced through
+//! [`Server::mesh_peer_present`] and [`Server::mesh_peer_gone`].
+//!
+//! Semantics follow derper's `AddPacketForwarder`/`RemovePacketForwarder`: a local connection
+//! always wins over a mesh route; a key announced by several peers keeps them all, the first
+//! announcer first; when a key's last route and last local connection are gone, every local
+//! client that received packets from it gets PeerGone(Disconnected) (derper's
+//! `notePeerGoneFromRegion`). A packet that arrived as ForwardPacket is never forwarded again.
+//!
+//! Must never: block or allocate in `MeshForwarder::forward` beyond the queue's own slot, or
+//! let a slow peer hold packets without bound (the queue is bounded, overflow is dropped and
+//! counted in `derp_mesh_forward_dropped{peer}`).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use proto::derp::{KEY_LEN, PACKET_PREFIX_LEN};
+use proto::key::NodePublic;
+use tokio::sync::mpsc;
+
+#[cfg(doc)]
+use crate::core::server::Server;
+
+/// Identifies a mesh peer (one outbound mesh link), process-unique.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MeshPeerId(pub u32);
+
+/// Default bound of a mesh peer's forward queue (packets).
+pub const DEFAULT_FORWARD_QUEUE: usize = 4096;
+
+/// One packet waiting to be forwarded: its destination and the RecvPacket frame the packet path
+/// built (`05 len src payload`), so the source and payload are borrowed from it, not copied.
+#[derive(Debug, Clone)]
+pub struct ForwardItem {
+    /// The destination key (a client of the mesh peer).
+    pub dst: NodePublic,
+    frame: Bytes,
+}
+
+impl ForwardItem {
+    pub(crate) fn new(dst: NodePublic, recv_frame: Bytes) -> Self {
+        Self {
+            dst,
+            frame: recv_frame,
+        }
+    }
+
+    /// The sender's key.
+    pub fn src(&self) -> NodePublic {
+        let mut k = [0u8; KEY_LEN];
+        k.copy_from_slice(&self.frame[PACKET_PREFIX_LEN - KEY_LEN..PACKET_PREFIX_LEN]);
+        NodePublic::from_bytes(k)
+    }
+
+    /// The packet bytes.
+    pub fn payload(&self) -> &[u8] {
+        &self.frame[PACKET_PREFIX_LEN..]
+    }
+}
+
+/// What the packet path sees of a mesh peer: a name, a bounded queue and its counters.
+#[derive(Debug)]
+pub struct MeshForwarder {
+    id: MeshPeerId,
+    name: String,
+    tx: mpsc::Sender<ForwardItem>,
+    dropped: IntCounter,
+    connected: IntGauge,
+}
+
+impl MeshForwarder {
+    /// Process-unique id of this peer.
+    pub fn id(&self) -> MeshPeerId {
+        self.id
+    }
+
+    /// The peer's name as configured (host or URL).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Queues one packet for the peer; `false` (and counted) when the queue is full or the link
+    /// is gone for good.
+    pub(crate) fn forward(&self, item: ForwardItem) -> bool {
+        if self.tx.try_send(item).is_ok() {
+            true
+        } else {
+            self.dropped.inc();
+            false
+        }
+    }
+
+    /// Counts `n` queued packets the link discarded (it went down before writing them).
+    pub fn count_discarded(&self, n: u64) {
+        self.dropped.inc_by(n);
+    }
+
+    /// Marks the link up or down (`derp_mesh_peer_connected{peer}`).
+    pub fn set_connected(&self, up: bool) {
+        self.connected.set(i64::from(up));
+    }
+}
+
+/// The receiving end of a forwarder's queue, owned by the peer's link.
+pub type ForwardReceiver = mpsc::Receiver<ForwardItem>;
+
+/// Mesh metrics (per peer, labelled with its configured name).
+#[derive(Debug)]
+pub(crate) struct MeshMetrics {
+    dropped: IntCounterVec,
+    connected: IntGaugeVec,
+    /// (key, peer) routes currently held.
+    pub routes: IntGauge,
+    next_id: AtomicU32,
+}
+
+impl MeshMetrics {
+    /// A new peer's forwarder with a queue of `depth` packets (at least 1) and its receiver.
+    pub(crate) fn new_peer(
+        &self,
+        name: &str,
+        depth: usize,
+    ) -> (Arc<MeshForwarder>, ForwardReceiver) {
+        let (tx, rx) = mpsc::channel(depth.max(1));
+        let fwd = Arc::new(MeshForwarder {
+            id: MeshPeerId(self.next_id.fetch_add(1, Ordering::Relaxed)),
+            name: name.to_string(),
+            tx,
+            dropped: self.dropped.with_label_values(&[name]),
+            connected: self.connected.with_label_values(&[name]),
+        });
+        (fwd, rx)
+    }
+
+    pub(crate) fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let m = MeshMetrics {
+            dropped: IntCounterVec::new(
+                Opts::new(
+                    "derp_mesh_forward_dropped",
+                    "Packets for a mesh peer dropped: its forward queue was full or its link went \
+                     down before they were written.",
+                ),
+                &["peer"],
+            )?,
+            connected: IntGaugeVec::new(
+                Opts::new(
+                    "derp_mesh_peer_connected",
+                    "1 while the outbound mesh link to the peer is up.",
+                ),
+                &["peer"],
+            )?,
+            routes: IntGauge::new(
+                "derp_mesh_routes",
+                "Keys routed to a mesh peer (one per key and announcing peer).",
+            )?,
+            next_id: AtomicU32::new(1),
+        };
+        registry.register(Box::new(m.dropped.clone()))?;
+        registry.register(Box::new(m.connected.clone()))?;
+        registry.register(Box::new(m.routes.clone()))?;
+        Ok(m)
+    }
+}
