@@ -4,11 +4,12 @@
 
 use libfuzzer_sys::fuzz_target;
 
-// The binary crate has no library target: its `src/config.rs` is compiled in here as it is. Its
-// `fuzzing` submodule (built under `cfg(fuzzing)`, which cargo-fuzz sets, and in the binary's
-// tests) holds the entry point the corpus replay test calls too.
+// The binary crate has no library target: its `src/config.rs` is compiled in here as it is,
+// through the symlinks `config.rs` -> ../../src/config.rs and `config/` -> ../../src/config/ (so
+// its own submodules resolve as in the binary). Its `fuzzing` submodule (built under
+// `cfg(fuzzing)`, which cargo-fuzz sets, and in the binary's tests) holds the entry point the
+// corpus replay test calls too.
 #[allow(dead_code, unused_imports)]
-#[path = "../../src/config.rs"]
 mod config;
 
 fuzz_target!(|data: &[u8]| {
