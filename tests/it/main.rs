@@ -10,5 +10,6 @@ mod config_examples;
 mod derper_compat;
 mod limits;
 mod metrics_addr;
+mod operator;
 mod region_health;
 mod support;
