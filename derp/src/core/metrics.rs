@@ -335,9 +335,6 @@ pub(crate) struct Metrics {
     /// NotePreferred(false) from connections older than [`HOME_MOVE_SETTLE`] (derper's
     /// `homeMovesOut`).
     pub home_moves_out: IntCounter,
-    /// How long the oldest packet of each batch a writer took from its queue had waited
-    /// (tailnetd's histogram for derper's `average_queue_duration_ms`).
-    pub queue_wait: Histogram,
     pub current_dup_client_keys: IntGauge,
     pub current_dup_client_conns: IntGauge,
     pub total_dup_client_conns: IntCounter,
@@ -394,17 +391,6 @@ impl Metrics {
                 "derp_home_moves_out",
                 "Established clients that moved their home away from this relay (NotePreferred \
                  false, not counting the first 5 s of a connection).",
-            )?,
-            queue_wait: Histogram::with_opts(
-                HistogramOpts::new(
-                    "derp_queue_wait_seconds",
-                    "Time the oldest packet of each batch waited in its destination's queue \
-                     before the writer took it (derper: average_queue_duration_ms).",
-                )
-                .buckets(vec![
-                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                    0.5, 1.0, 2.5,
-                ]),
             )?,
             current_dup_client_keys: gauge(
                 "derp_current_dup_client_keys",
@@ -484,7 +470,6 @@ impl Metrics {
         registry.register(Box::new(m.current_notideal_connections.clone()))?;
         registry.register(Box::new(m.home_moves_in.clone()))?;
         registry.register(Box::new(m.home_moves_out.clone()))?;
-        registry.register(Box::new(m.queue_wait.clone()))?;
         registry.register(Box::new(m.current_dup_client_keys.clone()))?;
         registry.register(Box::new(m.current_dup_client_conns.clone()))?;
         registry.register(Box::new(m.total_dup_client_conns.clone()))?;

@@ -18,7 +18,6 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::task::Waker;
-use std::time::Instant;
 
 use bytes::Bytes;
 use proto::derp::{PeerGoneReason, PeerPresentFlags};
@@ -89,9 +88,6 @@ struct Inner {
     waker: Option<Waker>,
     closed: bool,
     close_request: Option<CloseRequest>,
-    /// When the first packet of the current batch was queued (set when a push finds both packet
-    /// queues empty, taken by the writer's drain): the queue wait of the batch's oldest packet.
-    oldest: Option<Instant>,
 }
 
 /// The queue a connection's writer drains. Shared (via the connection handle) with every sender.
@@ -107,9 +103,6 @@ pub(crate) struct SendQueue {
 pub(crate) struct Drained {
     pub packets: usize,
     pub control: usize,
-    /// When the oldest drained packet was queued (an upper bound on its wait if head drops
-    /// happened meanwhile), if packets were drained.
-    pub oldest: Option<Instant>,
 }
 
 /// Queued items of one connection at one moment (status page).
@@ -151,10 +144,6 @@ impl SendQueue {
             return (PushOutcome::Closed, None);
         }
         let depth = self.depth;
-        if g.disco.is_empty() && g.regular.is_empty() {
-            // One clock read per batch, not per packet: only the first packet of a batch.
-            g.oldest = Some(Instant::now());
-        }
         let q = if disco { &mut g.disco } else { &mut g.regular };
         let outcome = if q.len() >= depth {
             let dropped = q.pop_front().map_or(0, |b| b.len());
@@ -223,10 +212,9 @@ impl SendQueue {
         waker: &Waker,
     ) -> (Drained, Option<CloseRequest>) {
         let mut g = self.lock();
-        let mut d = Drained {
+        let d = Drained {
             packets: g.disco.len() + g.regular.len(),
             control: g.control.len(),
-            oldest: None,
         };
         if d.control > 0 {
             control.extend(g.control.drain(..));
@@ -234,7 +222,6 @@ impl SendQueue {
         if d.packets > 0 {
             packets.extend(g.disco.drain(..));
             packets.extend(g.regular.drain(..));
-            d.oldest = g.oldest.take();
         }
         if d.packets == 0 && d.control == 0 && g.close_request.is_none() {
             match &g.waker {
@@ -251,7 +238,6 @@ impl SendQueue {
         let mut g = self.lock();
         g.closed = true;
         g.waker = None;
-        g.oldest = None;
         g.control = VecDeque::new();
         let disco = std::mem::take(&mut g.disco).into();
         let regular = std::mem::take(&mut g.regular).into();
@@ -351,29 +337,16 @@ mod tests {
     }
 
     #[test]
-    fn drain_reports_when_the_oldest_packet_of_the_batch_was_queued() {
+    fn depth_counts_what_is_queued() {
         let q = SendQueue::new(4, 4);
-        let w = Waker::from(Arc::new(CountWake(AtomicUsize::new(0))));
-        let (mut c, mut p) = (VecDeque::new(), VecDeque::new());
-        let before = Instant::now();
         q.push_packet(Bytes::from_static(b"a"), false);
-        std::thread::sleep(std::time::Duration::from_millis(20));
         q.push_packet(Bytes::from_static(b"b"), true);
-        let (d, _) = q.drain_into(&mut c, &mut p, &w);
-        let oldest = d
-            .oldest
-            .expect("packets drained: the batch has an oldest packet");
-        assert!(oldest >= before && oldest.elapsed() >= std::time::Duration::from_millis(20));
-        // Nothing queued: no wait to report; the next batch starts its own clock.
-        assert_eq!(q.drain_into(&mut c, &mut p, &w).0.oldest, None);
-        let second = Instant::now();
         q.push_packet(Bytes::from_static(b"c"), false);
-        assert!(q.drain_into(&mut c, &mut p, &w).0.oldest.unwrap() >= second);
         assert_eq!(
             q.depth(),
             QueueDepth {
-                disco: 0,
-                regular: 0,
+                disco: 1,
+                regular: 2,
                 control: 0
             }
         );

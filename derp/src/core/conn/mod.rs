@@ -166,7 +166,7 @@ pub(crate) struct ConnTask<'a, IO> {
     close_after_flush: Option<Close>,
     stalled_since: Option<Instant>,
     /// Boxed: most idle connections have none, and the task stays small.
-    hist: Option<Box<LocalHists>>,
+    hist: Option<Box<LocalHistogram>>,
     hist_pending: u32,
     // --- timers
     next_keepalive: Instant,
@@ -178,27 +178,6 @@ pub(crate) struct ConnTask<'a, IO> {
     not_here_tokens: f64,
     not_here_at: Instant,
     preferred: bool,
-}
-
-/// A connection's local copies of the shared histograms (batch sizes, queue waits), flushed to
-/// them now and then so that writers do not contend on the shared ones.
-pub(super) struct LocalHists {
-    pub(super) batch: LocalHistogram,
-    pub(super) queue_wait: LocalHistogram,
-}
-
-impl LocalHists {
-    pub(super) fn new(m: &Metrics) -> Self {
-        Self {
-            batch: m.buffered_write_frames.local(),
-            queue_wait: m.queue_wait.local(),
-        }
-    }
-
-    pub(super) fn flush(&self) {
-        self.batch.flush();
-        self.queue_wait.flush();
-    }
 }
 
 impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {

@@ -346,28 +346,3 @@ async fn not_ideal_connections_are_counted_while_registered() {
     let (r, _client, _io) = rig();
     assert_eq!(r.metrics.current_notideal_connections.get(), 0);
 }
-
-#[tokio::test]
-async fn relayed_packets_record_their_queue_wait() {
-    let (r, mut client, io) = rig();
-    let me = r.h.key;
-    let (mut task, mut sleep) = r.task(io);
-    poll(&mut task, sleep.as_mut()).await;
-    let payload = [7u8; 100];
-    let mut burst = Vec::new();
-    let mut expect = Vec::new();
-    for _ in 0..5 {
-        burst.extend_from_slice(&send_packet_frame(&me, &payload));
-        expect.extend_from_slice(&recv_packet_frame(&me, &payload));
-    }
-    client.write_all(&burst).await.unwrap();
-    let got = poll_until_read(&mut task, sleep.as_mut(), &mut client, expect.len()).await;
-    assert_eq!(got, expect);
-    task.finish(&Close::Eof);
-    let waits = r.metrics.queue_wait.get_sample_count();
-    assert!(
-        (1..=5).contains(&waits),
-        "one wait per drained batch, at least one batch: {waits}"
-    );
-    assert!(r.metrics.queue_wait.get_sample_sum() < 10.0);
-}

@@ -20,7 +20,7 @@ use proto::derp::{Frame, PeerGoneReason, PACKET_PREFIX_LEN};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
-use super::{Close, ConnTask, LocalHists};
+use super::{Close, ConnTask};
 use crate::core::metrics::Hot;
 use crate::core::queue::{CloseRequest, Control};
 
@@ -74,9 +74,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
             .h
             .queue
             .drain_into(&mut self.ctl, &mut self.out, cx.waker());
-        if let Some(t) = d.oldest {
-            self.observe_queue_wait(t);
-        }
         if d.packets > 0 {
             let bytes: usize = self
                 .out
@@ -242,25 +239,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
         }
         let v = f64::from(self.frames_in_batch);
         self.frames_in_batch = 0;
-        let metrics = self.metrics;
         let hist = self
             .hist
-            .get_or_insert_with(|| Box::new(LocalHists::new(metrics)));
-        hist.batch.observe(v);
-        self.hist_pending += 1;
-        if self.hist_pending >= HIST_FLUSH_EVERY {
-            hist.flush();
-            self.hist_pending = 0;
-        }
-    }
-
-    /// Records how long the oldest packet of a drained batch waited in the queue.
-    fn observe_queue_wait(&mut self, queued_at: std::time::Instant) {
-        let metrics = self.metrics;
-        let hist = self
-            .hist
-            .get_or_insert_with(|| Box::new(LocalHists::new(metrics)));
-        hist.queue_wait.observe(queued_at.elapsed().as_secs_f64());
+            .get_or_insert_with(|| Box::new(self.metrics.buffered_write_frames.local()));
+        hist.observe(v);
         self.hist_pending += 1;
         if self.hist_pending >= HIST_FLUSH_EVERY {
             hist.flush();
