@@ -3,8 +3,9 @@
 # (unit, integration, property and fuzz-corpus tests), and the Go interop suites that drive the
 # built tailnetd binary with the real Tailscale and Coder Go code (clients, coderd, agents).
 #
-# It installs only what the machine lacks (cargo-machete from crates.io, PostgreSQL from the
-# system's packages when a suite needs it), starts what the tests need, and cleans up after itself.
+# It installs only what the machine lacks (cargo-machete from crates.io, PostgreSQL and Chromium
+# from the system's packages when a suite needs them), starts what the tests need, and cleans up
+# after itself.
 # Nothing is cached outside the clone except what cargo and Go cache by themselves.
 #
 # Time on two cores is the constraint, so independent work overlaps: Go module downloads and
@@ -101,6 +102,27 @@ if [ "$needs_postgres" = 1 ] && ! find_pg; then
   bg_pids+=("$pg_install")
 fi
 
+# tests/it/operator.rs renders the status page in headless Chromium; here a missing browser is a
+# failure, not a skip (TAILNETD_REQUIRE_CHROMIUM). Installed after PostgreSQL's install (one apt
+# at a time holds the dpkg lock), behind the Rust build.
+find_chromium() { need chromium || need chromium-browser; }
+if ! find_chromium; then
+  step "background: install Chromium (apt-get; log: target/test-logs/chromium-install.log)"
+  (
+    export DEBIAN_FRONTEND=noninteractive
+    if [ -n "${pg_install:-}" ]; then
+      # Not this subshell's child: poll until PostgreSQL's install (and its apt-get update) ends.
+      while kill -0 "$pg_install" 2>/dev/null; do sleep 1; done
+    else
+      apt-get update
+    fi
+    apt-get install -y --no-install-recommends chromium fonts-dejavu-core
+  ) >"$logs/chromium-install.log" 2>&1 &
+  chromium_install=$!
+  bg_pids+=("$chromium_install")
+fi
+export TAILNETD_REQUIRE_CHROMIUM=1
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -145,6 +167,10 @@ if [ "$needs_postgres" = 1 ]; then
   find_pg || { echo "PostgreSQL server binaries not found after install"; exit 1; }
   export PG_BIN_DIR="$pg_bin"
 fi
+
+if [ -n "${chromium_install:-}" ] && ! wait "$chromium_install"; then cat "$logs/chromium-install.log"; exit 1; fi
+chromium_install=""
+find_chromium || { echo "Chromium not found after install"; exit 1; }
 
 step "cargo test (workspace)"
 cargo test --workspace --locked

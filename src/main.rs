@@ -8,6 +8,7 @@
 
 mod config;
 mod relay_probe;
+mod status;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -146,19 +147,58 @@ fn ops_routes(health: Health, with_metrics: bool) -> Router {
     routes.with_state(health)
 }
 
-/// The metrics listener: `/metrics` only, on its own address (loopback by default), served until
-/// `cancel`.
+/// `tailnetd_ready`: 1 while `/readyz` answers 200 (0 while draining, and with `postgres_url`
+/// while the replica's heartbeats fail), read at scrape time.
+struct ReadyGauge {
+    health: Health,
+    gauge: prometheus::IntGauge,
+}
+
+impl prometheus::core::Collector for ReadyGauge {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let ha_ok = self
+            .health
+            .ha_healthy
+            .as_ref()
+            .is_none_or(|f| f.load(Ordering::Relaxed));
+        let ready = ha_ok && self.health.ready.load(Ordering::Relaxed);
+        self.gauge.set(i64::from(ready));
+        self.gauge.collect()
+    }
+}
+
+/// The metrics/admin listener, on its own address (loopback by default), served until
+/// `cancel`: `/metrics`, and the status page at `/debug/` (see [`status`]).
 async fn bind_metrics(
     addr: SocketAddr,
     health: Health,
+    status: Arc<status::StatusPage>,
     cancel: CancellationToken,
 ) -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics listener on {addr}"))?;
     let bound = listener.local_addr().context("metrics listener address")?;
+    let page = move || {
+        let status = status.clone();
+        async move {
+            (
+                [(header::CACHE_CONTROL, "no-store")],
+                axum::response::Html(status.render()),
+            )
+        }
+    };
     let app = Router::new()
         .route("/metrics", get(metrics))
+        .route("/debug/", get(page))
+        .route(
+            "/debug",
+            get(|| async { axum::response::Redirect::permanent("/debug/") }),
+        )
         .with_state(health);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -345,6 +385,17 @@ async fn run(s: Settings) -> Result<()> {
         ha_healthy: ha.as_ref().map(|h| h.healthy_flag()),
         ..health
     };
+    registry
+        .register(Box::new(ReadyGauge {
+            health: health.clone(),
+            gauge: prometheus::IntGauge::new(
+                "tailnetd_ready",
+                "1 while /readyz answers 200: not draining and, with postgres_url, the replica's \
+                 heartbeats succeed.",
+            )
+            .context("tailnetd_ready")?,
+        }))
+        .context("registering tailnetd_ready")?;
 
     let mut app = ops_routes(health.clone(), s.metrics_on_public_listener);
     // ACME HTTP-01 answers (the CA asks on the plain HTTP listener, port 80).
@@ -394,7 +445,15 @@ async fn run(s: Settings) -> Result<()> {
 
     // The metrics listener ends with `cancel`; its failure is logged, never a reason to drain.
     let metrics_addr = match s.metrics_addr {
-        Some(addr) => Some(bind_metrics(addr, health.clone(), cancel.clone()).await?),
+        Some(addr) => {
+            let page = Arc::new(status::StatusPage::new(
+                s.role.name(),
+                coordinator.clone(),
+                relay.clone(),
+                map_source.clone(),
+            ));
+            Some(bind_metrics(addr, health.clone(), page, cancel.clone()).await?)
+        }
         None => None,
     };
     let running = bound.spawn(edge.clone(), cancel.clone());

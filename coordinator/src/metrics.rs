@@ -67,6 +67,8 @@ impl Metrics {
                     .set(0);
             }
         }
+        // Present at zero from the start, so that dashboards and alerts see the series.
+        dropped.with_label_values(&["v1_unconvertible_node"]);
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(auth_failures.clone()))?;
         registry.register(Box::new(protocol_errors.clone()))?;

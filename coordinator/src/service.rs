@@ -87,6 +87,15 @@ pub(crate) struct V2Peer {
 }
 
 impl V2Peer {
+    /// What kind of authenticated session this is, for the session log lines.
+    fn kind_name(&self) -> &'static str {
+        match self.kind {
+            PeerKind::Agent => "agent",
+            PeerKind::Client { .. } => "client",
+            PeerKind::ClientUser { .. } => "client_user",
+        }
+    }
+
     fn role(&self) -> Role {
         match self.kind {
             PeerKind::Agent => Role::Agent,
@@ -168,6 +177,8 @@ async fn run_session<S, M, E>(
     let yamux_handle = session.handle();
     let peer_id = peer.id;
     let role = peer.role();
+    let kind = peer.kind_name();
+    let opened = std::time::Instant::now();
     let upstream = peer.upstream.clone();
     let handler: Arc<dyn Handler> = Arc::new(TailnetService {
         coord: coord.clone(),
@@ -178,7 +189,10 @@ async fn run_session<S, M, E>(
         metrics,
         ..Default::default()
     };
-    tracing::debug!(peer = %peer_id, role = role.as_str(), "v2 session started");
+    // One line per authenticated session open and close (the credentials never appear: only
+    // the peer id and what kind of peer it is). Failed authentication never gets here.
+    tracing::info!(peer = %peer_id, role = role.as_str(), kind, protocol = "v2",
+        "coordination session opened");
     if let Some(link) = &upstream {
         if crate::upstream::bridge::wants_bridge(&coord.config.upstream_bridge, link) {
             tokio::spawn(crate::upstream::bridge::run(
@@ -241,7 +255,9 @@ async fn run_session<S, M, E>(
         }
         _ => {}
     }
-    tracing::debug!(peer = %peer_id, end = ?ws_end, "v2 session ended");
+    tracing::info!(peer = %peer_id, role = role.as_str(), kind, protocol = "v2", end = ?ws_end,
+        duration_ms = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "coordination session closed");
 }
 
 /// The Tailnet dRPC service bound to one session's peer.

@@ -26,6 +26,9 @@ pub use client::dial::{dial, DialError, DialOptions, Dialed};
 pub use client::{Client, ClientError, ClientOptions, ClientReader, ClientWriter, ReceivedFrame};
 pub use core::admission::{Admission, AdmitAll, AdmitFn, Decision, KnownKeys};
 pub use core::rate::RateConfig;
-pub use core::server::{ConnInfo, Server, ServerConfig, ServerError};
+pub use core::server::{
+    ClientSnapshot, ConnInfo, DropCount, MeshPeerSnapshot, QueueDepth, RelaySnapshot, Server,
+    ServerConfig, ServerError,
+};
 pub use edge::config::EdgeConfig;
 pub use edge::http::{ConnScheme, DerpHandler, HttpEdge};

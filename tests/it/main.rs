@@ -10,6 +10,7 @@ mod config_examples;
 mod derper_compat;
 mod limits;
 mod metrics_addr;
+mod operator;
 mod region_health;
 mod replicas;
 mod support;

@@ -134,7 +134,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use proto::tailnet::v2::coordinate_response::peer_update::Kind;
 use proto::tailnet::v2::{CoordinateRequest, CoordinateResponse, Node};
 use uuid::Uuid;
@@ -220,6 +222,8 @@ struct Metrics {
     others: IntGauge,
     tunnels: IntGauge,
     node_updates_received: IntCounter,
+    /// Time to apply one node update (store it, queue it to every tunnel peer).
+    node_update_seconds: Histogram,
     peer_updates_sent: IntCounter,
     kicked: IntCounterVec,
     authz_failures: IntCounter,
@@ -255,6 +259,17 @@ impl Metrics {
             node_updates_received: IntCounter::new(
                 "coordinator_node_updates_received_total",
                 "update_self requests received",
+            )?,
+            node_update_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "coordinator_node_update_seconds",
+                    "Time to apply one node update: store the node and queue it to every \
+                     tunnel peer",
+                )
+                .buckets(vec![
+                    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5,
+                    0.005, 0.01, 0.025, 0.05, 0.1,
+                ]),
             )?,
             peer_updates_sent: IntCounter::new(
                 "coordinator_peer_updates_sent_total",
@@ -313,6 +328,7 @@ impl Metrics {
         reg.register(Box::new(peers))?;
         reg.register(Box::new(m.tunnels.clone()))?;
         reg.register(Box::new(m.node_updates_received.clone()))?;
+        reg.register(Box::new(m.node_update_seconds.clone()))?;
         reg.register(Box::new(m.peer_updates_sent.clone()))?;
         reg.register(Box::new(m.kicked.clone()))?;
         reg.register(Box::new(m.authz_failures.clone()))?;
@@ -485,6 +501,14 @@ impl PeerGraph {
         for g in [&metrics.agents, &metrics.clients, &metrics.others] {
             g.set(0);
         }
+        // Present at zero from the start, so that dashboards and alerts see the series.
+        for r in [
+            CloseReason::QueueFull,
+            CloseReason::Overwritten,
+            CloseReason::InvalidRequest,
+        ] {
+            metrics.kicked.with_label_values(&[r.as_str()]);
+        }
         Ok(Arc::new(Self {
             shards: Shards::new(shards.clamp(1, MAX_SHARDS)),
             closed: AtomicBool::new(false),
@@ -576,6 +600,7 @@ impl PeerGraph {
         let replaced = e.conn.replace(conn.clone());
         // Like Coder: the newcomer starts without a node; tunnel peers are not told.
         self.keys.replace(&mut e.node, None);
+        e.updated_at = None;
         self.metrics
             .node_bytes
             .sub(gauge_delta(std::mem::take(&mut e.node_bytes)));
@@ -729,6 +754,7 @@ impl PeerGraph {
     /// [`NodeLimits::check`] measured it) and fans it out, holding only the sender's shard.
     /// Returns false if `conn` is no longer current.
     fn update_self(&self, conn: &Conn, node: Node, node_bytes: usize, kicks: &mut Kicks) -> bool {
+        let started = std::time::Instant::now();
         let me = conn.id.peer;
         let node = Arc::new(node);
         // Built once, outside the lock; every receiver's queue gets a pointer to it.
@@ -749,6 +775,7 @@ impl PeerGraph {
                 return false;
             }
             self.keys.replace(&mut e.node, Some(node.clone()));
+            e.updated_at = Some(started);
             let held = std::mem::replace(&mut e.node_bytes, node_bytes);
             self.metrics
                 .node_bytes
@@ -777,6 +804,9 @@ impl PeerGraph {
         }
         self.metrics.node_updates_received.inc();
         self.metrics.peer_updates_sent.inc_by(p.sent);
+        self.metrics
+            .node_update_seconds
+            .observe(started.elapsed().as_secs_f64());
         true
     }
 
@@ -1003,6 +1033,7 @@ impl PeerGraph {
         }
         let Some(c) = e.conn.take() else { return false };
         self.keys.replace(&mut e.node, None);
+        e.updated_at = None;
         self.metrics
             .node_bytes
             .sub(gauge_delta(std::mem::take(&mut e.node_bytes)));
@@ -1154,6 +1185,89 @@ impl PeerGraph {
     /// Number of directed tunnels (including tunnels to absent destinations).
     pub fn tunnel_count(&self) -> usize {
         self.tunnels.load(Ordering::Relaxed)
+    }
+}
+
+/// One peer as [`PeerGraph::snapshot`] sees it.
+#[derive(Debug, Clone)]
+pub struct PeerRow {
+    /// The peer id.
+    pub id: Uuid,
+    /// The name the session gave (peer-supplied: escape before display).
+    pub name: String,
+    /// `agent`, `client`, `other`, or `remote` (a peer another replica or coderd serves).
+    pub role: &'static str,
+    /// The home DERP region of its latest node (`None` without a node).
+    pub home_region: Option<i32>,
+    /// Time since its current connection last sent a node (local peers only).
+    pub last_update: Option<std::time::Duration>,
+    /// Tunnels from this peer.
+    pub tunnels_out: usize,
+}
+
+/// One directed tunnel as [`PeerGraph::snapshot`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelRow {
+    /// Who asked for it.
+    pub src: Uuid,
+    /// Its destination.
+    pub dst: Uuid,
+    /// The destination is connected (locally or remotely known).
+    pub dst_connected: bool,
+}
+
+/// What the graph holds at one moment, bounded (read by the status page).
+#[derive(Debug, Clone, Default)]
+pub struct GraphSnapshot {
+    /// Up to the requested number of peers (connected local peers and remote peers).
+    pub peers: Vec<PeerRow>,
+    /// Every such peer, listed or not.
+    pub total_peers: usize,
+    /// Up to the requested number of tunnels.
+    pub tunnels: Vec<TunnelRow>,
+    /// Every tunnel, listed or not.
+    pub total_tunnels: usize,
+}
+
+impl PeerGraph {
+    /// A read-only snapshot of at most `limit` peers and `limit` tunnels. Locks one shard at a
+    /// time, only to copy rows; different shards are seen at slightly different moments.
+    pub fn snapshot(&self, limit: usize) -> GraphSnapshot {
+        let mut s = GraphSnapshot::default();
+        self.shards.for_each(|shard| {
+            for (id, e) in &shard.peers {
+                let role = match (&e.conn, &e.remote) {
+                    (Some(c), _) => Some(c.auth.role()),
+                    (None, Some(_)) => Some("remote"),
+                    (None, None) => None,
+                };
+                let tunnels_out = e.links.values().filter(|l| l.out).count();
+                if let Some(role) = role {
+                    s.total_peers += 1;
+                    if s.peers.len() < limit {
+                        s.peers.push(PeerRow {
+                            id: *id,
+                            name: e.conn.as_ref().map(|c| c.name.clone()).unwrap_or_default(),
+                            role,
+                            home_region: e.node.as_ref().map(|n| n.preferred_derp),
+                            last_update: e.conn.as_ref().and(e.updated_at).map(|t| t.elapsed()),
+                            tunnels_out,
+                        });
+                    }
+                }
+                s.total_tunnels += tunnels_out;
+                for (dst, l) in &e.links {
+                    if l.out && s.tunnels.len() < limit {
+                        s.tunnels.push(TunnelRow {
+                            src: *id,
+                            dst: *dst,
+                            dst_connected: l.conn.is_some() || l.via_remote,
+                        });
+                    }
+                }
+            }
+        });
+        s
     }
 }
 

@@ -61,6 +61,8 @@ pub(crate) struct Entry {
     /// Encoded size of `node` while it is a local connection's node (0 otherwise); what the
     /// graph's `coordinator_graph_node_bytes` accounts for this entry.
     pub(crate) node_bytes: usize,
+    /// When the current connection last sent a node (`None` until it does; status page).
+    pub(crate) updated_at: Option<std::time::Instant>,
     pub(crate) links: HashMap<Uuid, Link>,
     /// Set while remote sources report this peer (see [`super::remote`]); `node` is then the best
     /// binding's node.
@@ -142,6 +144,14 @@ impl Shards {
     pub(crate) fn lock_peers(&self, ids: &[Uuid]) -> Locked<'_> {
         let mut idx: Vec<usize> = ids.iter().map(|id| self.index(*id)).collect();
         self.lock_indices(&mut idx)
+    }
+
+    /// Runs `f` on each shard in turn, holding only that shard's lock while `f` runs (read-only
+    /// snapshots: never more than one shard locked, so no order to respect).
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&ShardState)) {
+        for s in self.shards.iter() {
+            f(&lock(&s.0));
+        }
     }
 
     /// Locks every shard (shutdown).

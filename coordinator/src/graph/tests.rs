@@ -771,3 +771,80 @@ fn updates_on_other_shards_proceed_while_a_shard_is_locked() {
     }
     assert_eq!(about, vec![b, a]);
 }
+
+/// The status page's snapshot: connected peers with role, home region and last update, tunnels
+/// (also to an absent peer), bounded with the full counts, and the update latency histogram.
+#[test]
+fn snapshot_lists_peers_and_tunnels_bounded() {
+    use prometheus::Registry;
+
+    use crate::graph::{GraphConfig, PeerGraph};
+
+    let reg = Registry::new();
+    let g = PeerGraph::with_shards(GraphConfig::default(), 4, &reg).unwrap();
+    let (agent, client, absent) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let (ha, _ra) = g.connect(
+        agent,
+        "agent <b>".into(),
+        CoordinateeAuth::Agent { id: agent },
+    );
+    let (hc, _rc) = g.connect(client, "c".into(), CoordinateeAuth::SingleTailnet);
+    g.handle(
+        &ha,
+        CoordinateRequest {
+            update_self: Some(UpdateSelf {
+                node: Some(node(3)),
+            }),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for to in [agent, absent] {
+        g.handle(
+            &hc,
+            CoordinateRequest {
+                add_tunnel: tunnel(to),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    let s = g.snapshot(1000);
+    assert_eq!((s.total_peers, s.total_tunnels), (2, 2));
+    let a = s.peers.iter().find(|p| p.id == agent).unwrap();
+    assert_eq!(
+        (a.role, a.name.as_str(), a.home_region),
+        ("agent", "agent <b>", Some(3))
+    );
+    assert!(a.last_update.is_some_and(|d| d.as_secs() < 60));
+    let c = s.peers.iter().find(|p| p.id == client).unwrap();
+    assert_eq!(
+        (
+            c.role,
+            c.home_region,
+            c.last_update.is_none(),
+            c.tunnels_out
+        ),
+        ("other", None, true, 2)
+    );
+    let mut t: Vec<(Uuid, bool)> = s.tunnels.iter().map(|t| (t.dst, t.dst_connected)).collect();
+    t.sort();
+    let mut want = vec![(agent, true), (absent, false)];
+    want.sort();
+    assert_eq!(t, want);
+    assert!(s.tunnels.iter().all(|t| t.src == client));
+
+    let bounded = g.snapshot(1);
+    assert_eq!((bounded.peers.len(), bounded.tunnels.len()), (1, 1));
+    assert_eq!((bounded.total_peers, bounded.total_tunnels), (2, 2));
+
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&reg.gather())
+        .unwrap();
+    assert!(
+        text.contains("coordinator_node_update_seconds_count 1"),
+        "{text}"
+    );
+    drop((ha, hc));
+    assert_eq!(g.snapshot(10).total_peers, 0);
+}

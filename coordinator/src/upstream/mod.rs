@@ -220,6 +220,16 @@ impl UpstreamMetrics {
             "tailnetd_upstream_spliced_connections",
             "upgraded connections currently spliced to the upstream",
         ))?;
+        // Present at zero from the start, so that dashboards and alerts see the series.
+        for reason in [
+            "body_too_large",
+            "timeout",
+            "unreachable",
+            "upgrade",
+            "splice",
+        ] {
+            proxy_errors.with_label_values(&[reason]);
+        }
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(proxy_errors.clone()))?;
         registry.register(Box::new(auth_cache.clone()))?;

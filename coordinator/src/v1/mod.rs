@@ -104,7 +104,10 @@ pub(crate) async fn serve(coord: Arc<Coordinator>, ws: WebSocket, peer: V1Peer) 
     let (handle, mut rx) = coord
         .graph
         .connect(peer.id, peer.name.clone(), peer.auth.clone());
-    tracing::debug!(peer = %peer.id, role = peer.role.as_str(), "v1 session started");
+    let opened = std::time::Instant::now();
+    // One line per authenticated session open and close, never the credentials.
+    tracing::info!(peer = %peer.id, role = peer.role.as_str(), kind = peer.role.as_str(),
+        protocol = "v1", "coordination session opened");
 
     let end = run(&coord, &peer, &handle, &mut rx, &mut sink, &mut stream).await;
     let write_timeout = coord.config.v1_write_timeout;
@@ -140,7 +143,10 @@ pub(crate) async fn serve(coord: Arc<Coordinator>, ws: WebSocket, peer: V1Peer) 
     }
     // Dropping the handle now marks the peer LOST unless it disconnected above.
     drop(handle);
-    tracing::debug!(peer = %peer.id, "v1 session ended");
+    tracing::info!(peer = %peer.id, role = peer.role.as_str(), kind = peer.role.as_str(),
+        protocol = "v1",
+        duration_ms = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "coordination session closed");
 }
 
 fn truncate(s: &str) -> &str {

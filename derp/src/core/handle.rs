@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
+use std::time::Instant;
 
 use proto::derp::{PeerPresentFlags, PACKET_PREFIX_LEN};
 use proto::key::NodePublic;
@@ -34,6 +35,14 @@ pub(crate) struct ConnHandle {
     pub remote: SocketAddr,
     /// PeerPresent flags for this connection.
     pub presence_flags: PeerPresentFlags,
+    /// When the handshake completed (home moves within the first seconds are not counted, and
+    /// the status page shows it).
+    pub connected_at: Instant,
+    /// The client said this relay is not its ideal node (`derp_current_notideal_connections`).
+    pub not_ideal: bool,
+    /// The client marked this relay as its home (NotePreferred). Written by the connection's
+    /// own task, read by snapshots.
+    pub preferred: AtomicBool,
 }
 
 impl ConnHandle {
@@ -44,8 +53,12 @@ impl ConnHandle {
         queue: SendQueue,
         remote: SocketAddr,
         presence_flags: PeerPresentFlags,
+        not_ideal: bool,
     ) -> Self {
         Self {
+            connected_at: Instant::now(),
+            not_ideal,
+            preferred: AtomicBool::new(false),
             id,
             key,
             queue,

@@ -20,7 +20,7 @@
 //! counted in `derp_mesh_forward_dropped{peer}`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
@@ -109,6 +109,21 @@ impl MeshForwarder {
     pub fn set_connected(&self, up: bool) {
         self.connected.set(i64::from(up));
     }
+
+    /// Whether the link is up.
+    pub fn is_connected(&self) -> bool {
+        self.connected.get() != 0
+    }
+
+    /// Packets waiting in the forward queue now.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity().saturating_sub(self.tx.capacity())
+    }
+
+    /// Packets for this peer dropped so far (queue full or link down).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.get()
+    }
 }
 
 /// The receiving end of a forwarder's queue, owned by the peer's link.
@@ -122,6 +137,9 @@ pub(crate) struct MeshMetrics {
     /// (key, peer) routes currently held.
     pub routes: IntGauge,
     next_id: AtomicU32,
+    /// Every forwarder created and still alive (the status page lists them); dead entries are
+    /// pruned when a peer is added.
+    peers: Mutex<Vec<Weak<MeshForwarder>>>,
 }
 
 impl MeshMetrics {
@@ -139,7 +157,17 @@ impl MeshMetrics {
             dropped: self.dropped.with_label_values(&[name]),
             connected: self.connected.with_label_values(&[name]),
         });
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.retain(|w| w.strong_count() > 0);
+        peers.push(Arc::downgrade(&fwd));
+        drop(peers);
         (fwd, rx)
+    }
+
+    /// The live forwarders, in creation order.
+    pub(crate) fn peers(&self) -> Vec<Arc<MeshForwarder>> {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.iter().filter_map(Weak::upgrade).collect()
     }
 
     pub(crate) fn new(registry: &Registry) -> prometheus::Result<Self> {
@@ -164,6 +192,7 @@ impl MeshMetrics {
                 "Keys routed to a mesh peer (one per key and announcing peer).",
             )?,
             next_id: AtomicU32::new(1),
+            peers: Mutex::new(Vec::new()),
         };
         registry.register(Box::new(m.dropped.clone()))?;
         registry.register(Box::new(m.connected.clone()))?;

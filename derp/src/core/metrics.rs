@@ -236,6 +236,12 @@ impl HotCounters {
         s.0[i + DROP_SERIES].fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
+    /// Packets and bytes dropped so far for `reason` and `kind` (status page).
+    pub(crate) fn dropped(&self, reason: DropReason, kind: PacketKind) -> (u64, u64) {
+        let i = HOT_SCALARS + (reason as usize) * 2 + kind as usize;
+        (self.sum(i), self.sum(i + DROP_SERIES))
+    }
+
     fn sum(&self, slot: usize) -> u64 {
         self.shards
             .iter()
@@ -321,6 +327,14 @@ pub(crate) struct Metrics {
     pub hot: std::sync::Arc<HotCounters>,
     pub current_connections: IntGauge,
     pub current_home_connections: IntGauge,
+    /// Connections whose client said this relay is not its ideal node (`Ideal-Node` header).
+    pub current_notideal_connections: IntGauge,
+    /// NotePreferred(true) from connections older than [`HOME_MOVE_SETTLE`] (derper's
+    /// `homeMovesIn`).
+    pub home_moves_in: IntCounter,
+    /// NotePreferred(false) from connections older than [`HOME_MOVE_SETTLE`] (derper's
+    /// `homeMovesOut`).
+    pub home_moves_out: IntCounter,
     pub current_dup_client_keys: IntGauge,
     pub current_dup_client_conns: IntGauge,
     pub total_dup_client_conns: IntCounter,
@@ -343,6 +357,10 @@ pub(crate) struct Metrics {
     pub rate_limit_waited: IntCounter,
 }
 
+/// NotePreferred frames within this time of the handshake are a client's initial home
+/// announcement, not a move (derper ignores the first 5 seconds the same way).
+pub(crate) const HOME_MOVE_SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Label values of `derp_admission_total{decision}`: `admitted` (known key, or verifier said
 /// allow, or fail open), `refused` (the connection was closed in the handshake), `pending`
 /// (unknown key admitted for its grace period), then for each pending one either `confirmed`
@@ -359,6 +377,20 @@ impl Metrics {
             current_home_connections: gauge(
                 "derp_current_home_connections",
                 "Current connections whose client marked this server as home (NotePreferred).",
+            )?,
+            current_notideal_connections: gauge(
+                "derp_current_notideal_connections",
+                "Current connections whose client said this relay is not its ideal node.",
+            )?,
+            home_moves_in: IntCounter::new(
+                "derp_home_moves_in",
+                "Established clients that moved their home to this relay (NotePreferred true, \
+                 not counting the first 5 s of a connection).",
+            )?,
+            home_moves_out: IntCounter::new(
+                "derp_home_moves_out",
+                "Established clients that moved their home away from this relay (NotePreferred \
+                 false, not counting the first 5 s of a connection).",
             )?,
             current_dup_client_keys: gauge(
                 "derp_current_dup_client_keys",
@@ -435,6 +467,9 @@ impl Metrics {
         registry.register(Box::new(HotCollector(m.hot.clone())))?;
         registry.register(Box::new(m.current_connections.clone()))?;
         registry.register(Box::new(m.current_home_connections.clone()))?;
+        registry.register(Box::new(m.current_notideal_connections.clone()))?;
+        registry.register(Box::new(m.home_moves_in.clone()))?;
+        registry.register(Box::new(m.home_moves_out.clone()))?;
         registry.register(Box::new(m.current_dup_client_keys.clone()))?;
         registry.register(Box::new(m.current_dup_client_conns.clone()))?;
         registry.register(Box::new(m.total_dup_client_conns.clone()))?;

@@ -105,6 +105,17 @@ pub(crate) struct Drained {
     pub control: usize,
 }
 
+/// Queued items of one connection at one moment (status page).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Disco packets.
+    pub disco: usize,
+    /// Other (WireGuard) packets.
+    pub regular: usize,
+    /// Control frames (PeerGone, PeerPresent).
+    pub control: usize,
+}
+
 impl SendQueue {
     pub(crate) fn new(depth: usize, control_cap: usize) -> Self {
         Self {
@@ -247,10 +258,20 @@ impl SendQueue {
         }
     }
 
+    /// What is queued now (a snapshot for the status page; one short lock).
+    pub(crate) fn depth(&self) -> QueueDepth {
+        let g = self.lock();
+        QueueDepth {
+            disco: g.disco.len(),
+            regular: g.regular.len(),
+            control: g.control.len(),
+        }
+    }
+
     #[cfg(test)]
     fn lens(&self) -> (usize, usize, usize) {
-        let g = self.lock();
-        (g.disco.len(), g.regular.len(), g.control.len())
+        let d = self.depth();
+        (d.disco, d.regular, d.control)
     }
 }
 
@@ -313,6 +334,22 @@ mod tests {
             q.push_packet(Bytes::from_static(b"g"), false).0,
             PushOutcome::Closed
         ));
+    }
+
+    #[test]
+    fn depth_counts_what_is_queued() {
+        let q = SendQueue::new(4, 4);
+        q.push_packet(Bytes::from_static(b"a"), false);
+        q.push_packet(Bytes::from_static(b"b"), true);
+        q.push_packet(Bytes::from_static(b"c"), false);
+        assert_eq!(
+            q.depth(),
+            QueueDepth {
+                disco: 1,
+                regular: 2,
+                control: 0
+            }
+        );
     }
 
     #[test]

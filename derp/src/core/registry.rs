@@ -172,6 +172,9 @@ impl Registry {
             }
         }
         self.metrics.current_connections.inc();
+        if h.not_ideal {
+            self.metrics.current_notideal_connections.inc();
+        }
         let present = h.presence();
         for w in ctl.watchers.values() {
             self.push_to_watcher(w, present);
@@ -237,6 +240,9 @@ impl Registry {
             return;
         }
         self.metrics.current_connections.dec();
+        if h.not_ideal {
+            self.metrics.current_notideal_connections.dec();
+        }
         if let Some(receivers) = gone_to {
             let gone = Control::PeerGone {
                 key: h.key,
@@ -403,6 +409,25 @@ impl Registry {
             }
         }
         v
+    }
+
+    /// Up to `limit` registered connections (shard by shard, each lock held only to clone the
+    /// handles) and how many there are in all (status page).
+    pub(crate) fn sample(&self, limit: usize) -> (Vec<Arc<ConnHandle>>, usize) {
+        let mut v = Vec::new();
+        let mut total = 0;
+        for s in self.shards.iter() {
+            let g = lock(s);
+            for e in g.values() {
+                total += e.local_count();
+                for h in e.active.iter().chain(e.dups.iter()) {
+                    if v.len() < limit {
+                        v.push(h.clone());
+                    }
+                }
+            }
+        }
+        (v, total)
     }
 
     /// Number of local connections of `key` (tests and debugging).

@@ -40,7 +40,8 @@ use crate::core::admission::{Admission, Decision};
 use crate::core::conn::{Close, ConnParams, ConnTask};
 use crate::core::handle::ConnHandle;
 use crate::core::mesh::{ForwardReceiver, MeshForwarder, MeshPeerId};
-use crate::core::metrics::Metrics;
+use crate::core::metrics::{DropReason, Metrics, PacketKind};
+pub use crate::core::queue::QueueDepth;
 use crate::core::queue::{CloseRequest, SendQueue};
 use crate::core::rate::{RateConfig, RateLimits};
 use crate::core::registry::Registry;
@@ -409,6 +410,7 @@ impl Server {
             SendQueue::new(self.config.queue_depth, CONTROL_CAP),
             info.remote,
             flags,
+            info.not_ideal,
         ));
         let mut nonce = [0u8; proto::derp::NONCE_LEN];
         rand::thread_rng().fill_bytes(&mut nonce);
@@ -663,6 +665,126 @@ async fn read_at_least<IO: AsyncRead + Unpin>(
         }
     }
     Ok(())
+}
+
+/// One relay connection as [`Server::snapshot`] sees it.
+#[derive(Debug, Clone)]
+pub struct ClientSnapshot {
+    /// The client's node key.
+    pub key: NodePublic,
+    /// Process-unique connection id (as in the logs).
+    pub conn_id: u64,
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// Connected with the mesh key.
+    pub mesh: bool,
+    /// A prober (`ClientInfo.IsProber`).
+    pub prober: bool,
+    /// The client marked this relay as its home (NotePreferred).
+    pub preferred: bool,
+    /// The client said this relay is not its ideal node.
+    pub not_ideal: bool,
+    /// Another connection has the same key.
+    pub duplicate: bool,
+    /// This connection receives its key's packets.
+    pub active: bool,
+    /// Time since the handshake completed.
+    pub connected_for: Duration,
+    /// What waits in its queue.
+    pub queue: QueueDepth,
+}
+
+/// One outbound mesh link as [`Server::snapshot`] sees it.
+#[derive(Debug, Clone)]
+pub struct MeshPeerSnapshot {
+    /// The configured name (host or URL).
+    pub name: String,
+    /// The link is up.
+    pub connected: bool,
+    /// Packets waiting in its forward queue.
+    pub queued: usize,
+    /// Packets for it dropped so far.
+    pub dropped: u64,
+}
+
+/// Packets and bytes dropped so far for one reason and kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropCount {
+    /// derper's `reason` label.
+    pub reason: DropReason,
+    /// disco or other.
+    pub kind: PacketKind,
+    /// Packets.
+    pub packets: u64,
+    /// Payload bytes.
+    pub bytes: u64,
+}
+
+/// What the relay holds at one moment (read by the status page).
+#[derive(Debug, Clone)]
+pub struct RelaySnapshot {
+    /// Up to the requested number of connections.
+    pub clients: Vec<ClientSnapshot>,
+    /// Every registered connection, listed or not.
+    pub total_clients: usize,
+    /// Outbound mesh links.
+    pub mesh_peers: Vec<MeshPeerSnapshot>,
+    /// Drops so far, every reason and kind.
+    pub drops: Vec<DropCount>,
+}
+
+impl Server {
+    /// A read-only snapshot of at most `limit` connections, the mesh links and the drop
+    /// counters. Each registry shard is locked only to clone its handles, each queue only to
+    /// count it; nothing is held across an `.await` (there is none).
+    pub fn snapshot(&self, limit: usize) -> RelaySnapshot {
+        let (handles, total_clients) = self.registry.sample(limit);
+        let clients = handles
+            .iter()
+            .map(|h| ClientSnapshot {
+                key: h.key,
+                conn_id: h.id,
+                remote: h.remote,
+                mesh: h.presence_flags.contains(PeerPresentFlags::IS_MESH_PEER),
+                prober: h.presence_flags.contains(PeerPresentFlags::IS_PROBER),
+                preferred: h.preferred.load(Ordering::Relaxed),
+                not_ideal: h.not_ideal,
+                duplicate: h.is_dup.load(Ordering::Relaxed),
+                active: h.is_active.load(Ordering::Relaxed),
+                connected_for: h.connected_at.elapsed(),
+                queue: h.queue.depth(),
+            })
+            .collect();
+        let mesh_peers = self
+            .mesh_metrics
+            .peers()
+            .iter()
+            .map(|f| MeshPeerSnapshot {
+                name: f.name().to_string(),
+                connected: f.is_connected(),
+                queued: f.queued(),
+                dropped: f.dropped(),
+            })
+            .collect();
+        let mut drops = Vec::with_capacity(DropReason::ALL.len() * 2);
+        for reason in DropReason::ALL {
+            for kind in [PacketKind::Disco, PacketKind::Other] {
+                let (packets, bytes) = self.metrics.hot.dropped(reason, kind);
+                drops.push(DropCount {
+                    reason,
+                    kind,
+                    packets,
+                    bytes,
+                });
+            }
+        }
+        RelaySnapshot {
+            clients,
+            total_clients,
+            mesh_peers,
+            drops,
+        }
+    }
 }
 
 /// Mesh peers (see [`crate::core::mesh`]): their forwarders and the routes they announce.

@@ -382,10 +382,20 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
     fn on_note_preferred(&mut self, preferred: bool) {
         if preferred != self.preferred {
             self.preferred = preferred;
+            self.h
+                .preferred
+                .store(preferred, std::sync::atomic::Ordering::Relaxed);
+            let settled = self.h.connected_at.elapsed() > crate::core::metrics::HOME_MOVE_SETTLE;
             if preferred {
                 self.metrics.current_home_connections.inc();
+                if settled {
+                    self.metrics.home_moves_in.inc();
+                }
             } else {
                 self.metrics.current_home_connections.dec();
+                if settled {
+                    self.metrics.home_moves_out.inc();
+                }
             }
         }
     }

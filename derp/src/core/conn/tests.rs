@@ -21,17 +21,28 @@ struct Rig {
 
 /// The rig plus both ends of the connection's pipe: the client's and the task's.
 fn rig() -> (Rig, DuplexStream, DuplexStream) {
+    rig_with(Duration::ZERO, false)
+}
+
+/// [`rig`] for a connection established `connected_ago` ago, whose client said this relay is
+/// not its ideal node if `not_ideal`.
+fn rig_with(connected_ago: Duration, not_ideal: bool) -> (Rig, DuplexStream, DuplexStream) {
     let metrics = Arc::new(Metrics::new(&prometheus::Registry::new()).unwrap());
     let server_key = NodePrivate::generate(&mut rand::rngs::OsRng).public();
     let registry = Registry::new(metrics.clone(), server_key, [1, 2]);
     let me = NodePrivate::generate(&mut rand::rngs::OsRng).public();
-    let h = Arc::new(ConnHandle::new(
+    let mut h = ConnHandle::new(
         1,
         me,
         SendQueue::new(64, 16),
         "127.0.0.1:1".parse().unwrap(),
         PeerPresentFlags::default(),
-    ));
+        not_ideal,
+    );
+    h.connected_at = std::time::Instant::now()
+        .checked_sub(connected_ago)
+        .unwrap();
+    let h = Arc::new(h);
     registry.register(&h);
     let (client, server_io) = tokio::io::duplex(1 << 20);
     (
@@ -268,4 +279,70 @@ async fn oversized_frame_after_release_ends_the_connection() {
         "nothing big was allocated"
     );
     task.finish(&why);
+}
+
+/// NotePreferred(`preferred`) then a Ping, polled until the Pong is back (so the frame was
+/// handled).
+async fn note_preferred(
+    task: &mut ConnTask<'_, DuplexStream>,
+    sleep: Pin<&mut Sleep>,
+    client: &mut DuplexStream,
+    preferred: bool,
+) {
+    let mut f = FrameHeader::new(FrameType::NotePreferred, 1)
+        .encode()
+        .to_vec();
+    f.push(u8::from(preferred));
+    f.extend_from_slice(&FrameHeader::new(FrameType::Ping, PING_LEN as u32).encode());
+    f.extend_from_slice(b"12345678");
+    client.write_all(&f).await.unwrap();
+    let pong = poll_until_read(task, sleep, client, 13).await;
+    assert_eq!(pong[0], FrameType::Pong.as_u8());
+}
+
+#[tokio::test]
+async fn home_moves_count_only_after_the_first_seconds_like_derper() {
+    // A fresh connection announcing its home: not a move.
+    let (r, mut client, io) = rig();
+    let (mut task, mut sleep) = r.task(io);
+    note_preferred(&mut task, sleep.as_mut(), &mut client, true).await;
+    assert_eq!(r.metrics.current_home_connections.get(), 1);
+    assert!(r.h.preferred.load(std::sync::atomic::Ordering::Relaxed));
+    assert_eq!(r.metrics.home_moves_in.get(), 0);
+    task.finish(&Close::Eof);
+    assert_eq!(r.metrics.current_home_connections.get(), 0);
+
+    // An established connection (past HOME_MOVE_SETTLE) moving in, out, and a repeat that
+    // changes nothing.
+    let settled = crate::core::metrics::HOME_MOVE_SETTLE + Duration::from_secs(1);
+    let (r, mut client, io) = rig_with(settled, false);
+    let (mut task, mut sleep) = r.task(io);
+    note_preferred(&mut task, sleep.as_mut(), &mut client, true).await;
+    note_preferred(&mut task, sleep.as_mut(), &mut client, true).await;
+    assert_eq!(r.metrics.home_moves_in.get(), 1);
+    assert_eq!(r.metrics.current_home_connections.get(), 1);
+    note_preferred(&mut task, sleep.as_mut(), &mut client, false).await;
+    assert_eq!(r.metrics.home_moves_out.get(), 1);
+    assert_eq!(r.metrics.current_home_connections.get(), 0);
+    assert!(!r.h.preferred.load(std::sync::atomic::Ordering::Relaxed));
+    task.finish(&Close::Eof);
+    assert_eq!(
+        (
+            r.metrics.home_moves_in.get(),
+            r.metrics.home_moves_out.get()
+        ),
+        (1, 1),
+        "a disconnect is not a move"
+    );
+}
+
+#[tokio::test]
+async fn not_ideal_connections_are_counted_while_registered() {
+    let (r, _client, io) = rig_with(Duration::ZERO, true);
+    assert_eq!(r.metrics.current_notideal_connections.get(), 1);
+    let (mut task, _sleep) = r.task(io);
+    task.finish(&Close::Eof);
+    assert_eq!(r.metrics.current_notideal_connections.get(), 0);
+    let (r, _client, _io) = rig();
+    assert_eq!(r.metrics.current_notideal_connections.get(), 0);
 }
