@@ -26,7 +26,10 @@ func TestMain(m *testing.M) { harness.Main(m) }
 const configPath = "/etc/tailnetd/tailnetd.toml"
 
 // Stands in for the PostgreSQL URL that the pods read from their Secret.
-const placeholderPostgresURL = "postgres://tailnetd:secret@db.tailnetd.svc:5432/tailnet"
+const placeholderPostgresURL = "postgres://tailnetd:hunter2@db.tailnetd.svc:5432/tailnet"
+
+// How `tailnetd --check` shows it: the password never appears.
+const shownPostgresURL = "postgres://tailnetd:(secret)@db.tailnetd.svc:5432/tailnet"
 
 // example is one values file of deploy/helm/tailnetd/examples and what it must produce.
 type example struct {
@@ -494,7 +497,7 @@ func checkReplicas(t *testing.T, r *rendered, pod corev1.PodTemplateSpec, s sett
 		e.ValueFrom.SecretKeyRef.Name != "tailnetd-pg" || e.ValueFrom.SecretKeyRef.Key != "url" {
 		t.Errorf("TAILNETD_POSTGRES_URL is not taken from Secret tailnetd-pg/url: %+v", e)
 	}
-	s.want(t, "coordinator.postgres_url", `"`+placeholderPostgresURL+`"`, "environment")
+	s.want(t, "coordinator.postgres_url", `"`+shownPostgresURL+`"`, "environment")
 	s.want(t, "upstream.url", `"http://coder.coder.svc.cluster.local"`, "file")
 	if !strings.Contains(s["derp_map.regions"].value, `RegionID = 901`) || !strings.Contains(s["derp_map.regions"].value, "Nodes = 3") {
 		t.Errorf("derp_map.regions = %s", s["derp_map.regions"].value)
