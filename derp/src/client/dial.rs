@@ -156,24 +156,32 @@ pub(crate) struct Target {
     path: String,
 }
 
-fn parse_url(url: &str) -> Result<Target, DialError> {
-    let bad = |why| DialError::BadUrl(url.to_string(), why);
-    let uri: http::Uri = url.parse().map_err(|_| bad("unparsable"))?;
+/// Scheme, host (brackets of an IPv6 literal removed) and port (80/443 by default) of an
+/// `http://` or `https://` URI: what the dialer and the relay's verify-URL client both need.
+pub(crate) fn http_endpoint(uri: &http::Uri) -> Result<(bool, String, u16), &'static str> {
     let tls = match uri.scheme_str() {
         Some("https") => true,
         Some("http") => false,
-        _ => return Err(bad("scheme must be http or https")),
+        _ => return Err("scheme must be http or https"),
     };
-    let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+    let authority = uri.authority().ok_or("no host")?;
     let host = authority
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
     if host.is_empty() {
-        return Err(bad("no host"));
+        return Err("no host");
     }
     let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    Ok((tls, host, port))
+}
+
+fn parse_url(url: &str) -> Result<Target, DialError> {
+    let bad = |why| DialError::BadUrl(url.to_string(), why);
+    let uri: http::Uri = url.parse().map_err(|_| bad("unparsable"))?;
+    let (tls, host, port) = http_endpoint(&uri).map_err(bad)?;
+    let authority = uri.authority().ok_or_else(|| bad("no host"))?;
     let path = match uri.path() {
         "" | "/" => "/derp".to_string(),
         p => p.to_string(),

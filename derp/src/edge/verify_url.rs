@@ -92,21 +92,7 @@ impl UrlVerifier {
     ) -> Result<UrlVerifier, VerifyUrlError> {
         let bad = |why| VerifyUrlError::BadUrl(url.to_string(), why);
         let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return Err(bad("the scheme must be http or https")),
-        };
-        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        if host.is_empty() {
-            return Err(bad("no host"));
-        }
-        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let (tls, host, port) = crate::client::dial::http_endpoint(&uri).map_err(bad)?;
         let tls = if tls {
             Some(Arc::new(client_config(extra_roots)?))
         } else {
