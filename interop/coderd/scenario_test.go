@@ -182,7 +182,14 @@ func newScenario(t *testing.T, door frontDoor) *scenario {
 	// tailnetd first (coderd is "down" behind the forwarder until it starts), so that coderd
 	// can be configured with tailnetd's own DERP map.
 	s.fwd = newTCPForwarder(t)
-	s.tailnetd = startTailnetdServe(t, harness.FreeTCPAddr(t), "http://"+s.fwd.addr())
+	var relayArgs []string
+	if door == directToCoderd {
+		// In the control coderd coordinates the agent and its clients, so tailnetd's
+		// coordinator never learns their node keys: its relay must admit any key, or it drops
+		// them when the admission grace (10 s) runs out and a slow run fails.
+		relayArgs = []string{"--relay-admit-any-key", "true"}
+	}
+	s.tailnetd = startTailnetdServe(t, harness.FreeTCPAddr(t), "http://"+s.fwd.addr(), relayArgs...)
 	s.tailnetdURL, err = url.Parse(s.tailnetd.announcement().BaseURL)
 	if err != nil {
 		t.Fatal(err)

@@ -40,7 +40,7 @@ type tailnetdProcess struct {
 
 // startTailnetdServe runs `tailnetd serve` on addr (fixed, so a restart comes back on it) with
 // coderd at upstreamURL, a key file (the relay keeps its identity across restarts), no STUN.
-func startTailnetdServe(t *testing.T, addr, upstreamURL string) *tailnetdProcess {
+func startTailnetdServe(t *testing.T, addr, upstreamURL string, extra ...string) *tailnetdProcess {
 	t.Helper()
 	args := []string{"serve",
 		"--http-addr", addr,
@@ -52,6 +52,7 @@ func startTailnetdServe(t *testing.T, addr, upstreamURL string) *tailnetdProcess
 		"--metrics-on-public-listener", "true",
 	}
 	args = append(args, upstreamBridgeArgs(t)...)
+	args = append(args, extra...)
 	p := harness.Start(t, harness.Options{
 		Args:             args,
 		LogFilter:        "info,coordinator=debug",
