@@ -1,8 +1,8 @@
 //! The operator's kit (issue 18): the Grafana dashboard and the Prometheus alert rules use only
 //! metrics a running tailnetd exports; the status page at `/debug/` on the metrics/admin
 //! listener shows the peers, tunnels, relay clients and regions of a running `dev` (also as
-//! headless Chromium renders it); authenticated coordination sessions log one line when they
-//! open and one when they close, with the peer id and never a token.
+//! headless Chromium renders it); authenticated coordination sessions (v1 and v2) log one line
+//! when they open and one when they close, with the peer id and never a token.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -627,6 +627,7 @@ fn authenticated_sessions_log_open_and_close_without_tokens() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         ws.close(None).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
+        v2_client_session(addr, agent, client_token).await;
     });
     assert_eq!(
         get(
@@ -645,8 +646,8 @@ fn authenticated_sessions_log_open_and_close_without_tokens() {
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(child.wait().unwrap().success());
-    let mut opened = 0;
-    let mut closed = 0;
+    let mut opened = Vec::new();
+    let mut closed = Vec::new();
     for l in stderr.lines() {
         let v: serde_json::Value =
             serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
@@ -656,14 +657,19 @@ fn authenticated_sessions_log_open_and_close_without_tokens() {
         let msg = v["fields"]["message"].as_str().unwrap_or_default();
         if msg == "coordination session opened" || msg == "coordination session closed" {
             assert_eq!(v["level"], "INFO", "{l}");
-            assert_eq!(v["fields"]["peer"], agent, "{l}");
-            assert_eq!(v["fields"]["role"], "agent", "{l}");
-            assert_eq!(v["fields"]["protocol"], "v1", "{l}");
+            let f = &v["fields"];
+            let peer = f["peer"].as_str().unwrap_or_default();
+            assert!(uuid::Uuid::parse_str(peer).is_ok(), "no peer id: {l}");
+            let session = (
+                f["protocol"].as_str().unwrap_or_default().to_string(),
+                f["role"].as_str().unwrap_or_default().to_string(),
+                peer == agent,
+            );
             if msg.ends_with("opened") {
-                opened += 1;
+                opened.push(session);
             } else {
-                closed += 1;
-                assert!(v["fields"]["duration_ms"].is_u64(), "{l}");
+                assert!(f["duration_ms"].is_u64(), "{l}");
+                closed.push(session);
             }
         }
         if v["level"] == "INFO" || v["level"] == "WARN" {
@@ -673,5 +679,73 @@ fn authenticated_sessions_log_open_and_close_without_tokens() {
             );
         }
     }
-    assert_eq!((opened, closed), (1, 1), "{stderr}");
+    // The v1 agent session (peer = the dev agent's id), then the v2 client session (a peer id
+    // of its own), each opened and closed once.
+    let expected = vec![
+        ("v1".to_string(), "agent".to_string(), true),
+        ("v2".to_string(), "client".to_string(), false),
+    ];
+    assert_eq!(opened, expected, "{stderr}");
+    assert_eq!(closed, expected, "{stderr}");
+}
+
+/// A v2 client session of `agent` (Coder's `?version=2.0` coordinate endpoint: WebSocket →
+/// yamux → dRPC): opens a Coordinate stream, sends its node and a tunnel to the agent, then
+/// leaves gracefully and closes the connection.
+async fn v2_client_session(addr: &str, agent: &str, token: &str) {
+    use coordinator::rpc::drpc::{DrpcConfig, RpcClient};
+    use coordinator::rpc::wsio::{WsConfig, WsIo};
+    use coordinator::rpc::yamux::{self, Session};
+    use proto::tailnet::v2::coordinate_request::{Disconnect, Tunnel, UpdateSelf};
+    use proto::tailnet::v2::{methods, CoordinateRequest, Node};
+
+    let mut req = format!("ws://{addr}/api/v2/workspaceagents/{agent}/coordinate?version=2.0")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Coder-Session-Token", token.parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let (io, ws_handle) = WsIo::new(ws, WsConfig::client());
+    let rpc = RpcClient::new(
+        Session::client(io, yamux::Config::default()),
+        DrpcConfig::default(),
+    );
+    let stream = rpc.open_stream(methods::COORDINATE).await.unwrap();
+    let key = NodePrivate::generate(&mut rand::rngs::OsRng);
+    let addr = "fd7a:115c:a1e0:4242::1/128".to_string();
+    let node = Node {
+        id: 9,
+        key: key.public().to_np_bytes().to_vec().into(),
+        disco: format!("discokey:{}", "ab".repeat(32)),
+        preferred_derp: 999,
+        addresses: vec![addr.clone()],
+        allowed_ips: vec![addr],
+        ..Default::default()
+    };
+    let agent_id = uuid::Uuid::parse_str(agent).unwrap();
+    for req in [
+        CoordinateRequest {
+            update_self: Some(UpdateSelf { node: Some(node) }),
+            ..Default::default()
+        },
+        CoordinateRequest {
+            add_tunnel: Some(Tunnel {
+                id: agent_id.as_bytes().to_vec().into(),
+            }),
+            ..Default::default()
+        },
+    ] {
+        stream.send_msg(&req).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stream
+        .send_msg(&CoordinateRequest {
+            disconnect: Some(Disconnect {}),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = ws_handle.close(1000, "").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
 }
