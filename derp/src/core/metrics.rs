@@ -344,6 +344,8 @@ pub(crate) struct Metrics {
     pub protocol_errors: IntCounterVec,
     pub control_overflows: IntCounter,
     pub buffered_write_frames: Histogram,
+    /// How long the oldest packet of each batch a writer drained waited in its queue.
+    pub queue_wait: Histogram,
     /// Admission decisions about non-mesh clients (see [`ADMISSION_DECISIONS`]).
     pub admission: IntCounterVec,
     /// Admission verifier failures (unreachable, timeout), whatever the fail-open policy made
@@ -428,6 +430,18 @@ impl Metrics {
                 )
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
             )?,
+            queue_wait: Histogram::with_opts(
+                HistogramOpts::new(
+                    "derp_queue_wait_seconds",
+                    "Time the oldest packet of each batch a connection's writer took from its \
+                     queue had waited there (from the queue turning non-empty); derper's \
+                     average_queue_duration_ms as a histogram.",
+                )
+                .buckets(vec![
+                    0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+                    2.0,
+                ]),
+            )?,
             admission: IntCounterVec::new(
                 Opts::new(
                     "derp_admission_total",
@@ -478,6 +492,7 @@ impl Metrics {
         registry.register(Box::new(m.handshake_failures.clone()))?;
         registry.register(Box::new(m.protocol_errors.clone()))?;
         registry.register(Box::new(m.control_overflows.clone()))?;
+        registry.register(Box::new(m.queue_wait.clone()))?;
         registry.register(Box::new(m.buffered_write_frames.clone()))?;
         registry.register(Box::new(m.admission.clone()))?;
         registry.register(Box::new(m.admission_verifier_errors.clone()))?;

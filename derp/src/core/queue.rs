@@ -7,6 +7,11 @@
 //! WireGuard flood can never starve path discovery. Control items (PeerGone, PeerPresent for mesh
 //! watchers) have their own bounded list.
 //!
+//! Queue wait: the queue remembers when it last went from empty to non-empty (one clock read per
+//! such transition, under the lock, never per packet), and hands that instant to the writer with
+//! the batch it drains; the writer observes how long the oldest packet of that batch waited
+//! (`derp_queue_wait_seconds`, tailnetd's counterpart of derper's `average_queue_duration_ms`).
+//!
 //! The lock is per destination (never global) and is held only for a few pointer moves. No
 //! allocation happens until the first item is queued (`VecDeque::new` does not allocate), and the
 //! writer releases the storage again when it goes idle ([`SendQueue::shrink_if_idle`]).
@@ -18,6 +23,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::task::Waker;
+use std::time::Instant;
 
 use bytes::Bytes;
 use proto::derp::{PeerGoneReason, PeerPresentFlags};
@@ -88,6 +94,8 @@ struct Inner {
     waker: Option<Waker>,
     closed: bool,
     close_request: Option<CloseRequest>,
+    /// When the packet queues (disco and regular) last went from empty to non-empty.
+    nonempty_since: Option<Instant>,
 }
 
 /// The queue a connection's writer drains. Shared (via the connection handle) with every sender.
@@ -103,6 +111,9 @@ pub(crate) struct SendQueue {
 pub(crate) struct Drained {
     pub packets: usize,
     pub control: usize,
+    /// When the oldest of the drained packets was queued (the queue's empty → non-empty
+    /// transition); `None` when no packet was drained.
+    pub oldest_queued_at: Option<Instant>,
 }
 
 /// Queued items of one connection at one moment (status page).
@@ -142,6 +153,9 @@ impl SendQueue {
         let mut g = self.lock();
         if g.closed {
             return (PushOutcome::Closed, None);
+        }
+        if g.disco.is_empty() && g.regular.is_empty() {
+            g.nonempty_since = Some(Instant::now());
         }
         let depth = self.depth;
         let q = if disco { &mut g.disco } else { &mut g.regular };
@@ -212,9 +226,15 @@ impl SendQueue {
         waker: &Waker,
     ) -> (Drained, Option<CloseRequest>) {
         let mut g = self.lock();
+        let queued = g.disco.len() + g.regular.len();
         let d = Drained {
-            packets: g.disco.len() + g.regular.len(),
+            packets: queued,
             control: g.control.len(),
+            oldest_queued_at: if queued > 0 {
+                g.nonempty_since.take()
+            } else {
+                None
+            },
         };
         if d.control > 0 {
             control.extend(g.control.drain(..));
@@ -238,6 +258,7 @@ impl SendQueue {
         let mut g = self.lock();
         g.closed = true;
         g.waker = None;
+        g.nonempty_since = None;
         g.control = VecDeque::new();
         let disco = std::mem::take(&mut g.disco).into();
         let regular = std::mem::take(&mut g.regular).into();
@@ -366,5 +387,36 @@ mod tests {
         let (_, close) = q.drain_into(&mut VecDeque::new(), &mut VecDeque::new(), &w);
         assert_eq!(close, Some(CloseRequest::ControlOverflow));
         q.shrink_if_idle();
+    }
+
+    #[test]
+    fn drained_batch_carries_when_its_oldest_packet_was_queued() {
+        let q = SendQueue::new(8, 4);
+        let w = Waker::from(Arc::new(CountWake(AtomicUsize::new(0))));
+        let (mut c, mut p) = (VecDeque::new(), VecDeque::new());
+        let (d, _) = q.drain_into(&mut c, &mut p, &w);
+        assert_eq!(d.oldest_queued_at, None, "nothing drained, nothing waited");
+
+        let before = Instant::now();
+        q.push_packet(Bytes::from_static(b"a"), false);
+        let after_first = Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // A push to a queue that is not empty keeps the first packet's instant.
+        q.push_packet(Bytes::from_static(b"b"), true);
+        let (d, _) = q.drain_into(&mut c, &mut p, &w);
+        let at = d.oldest_queued_at.expect("two packets drained");
+        assert!(
+            at >= before && at <= after_first,
+            "not the first packet's instant"
+        );
+        assert!(at.elapsed() >= std::time::Duration::from_millis(20));
+
+        // Drained: the next batch starts its own clock.
+        let (d, _) = q.drain_into(&mut c, &mut p, &w);
+        assert_eq!(d.oldest_queued_at, None);
+        let before = Instant::now();
+        q.push_packet(Bytes::from_static(b"c"), false);
+        let (d, _) = q.drain_into(&mut c, &mut p, &w);
+        assert!(d.oldest_queued_at.expect("one packet drained") >= before);
     }
 }

@@ -30,6 +30,51 @@ async fn relays_packets_of_every_size() {
         .await;
     assert_eq!(ts.metric("derp_current_connections"), 2.0);
     assert_eq!(ts.metric("derp_accepts"), 2.0);
+    // Each packet was its own batch in b's queue; b's local histogram lands when it leaves.
+    drop(b);
+    ts.wait_metric("derp_queue_wait_seconds_count", 3.0).await;
+}
+
+/// `derp_queue_wait_seconds` shows a receiver that fell behind: while its socket is full its
+/// writer takes nothing from the queue, so the first batch taken after it reads again has
+/// waited at least as long as the receiver stalled.
+#[tokio::test]
+async fn queue_wait_shows_a_receiver_that_fell_behind() {
+    let ts = TestServer::with_config(|c| c.write_timeout = Duration::from_secs(60)).await;
+    let a = ts.client().await;
+    let mut slow = ts.client().await;
+    let slow_pub = slow.public_key();
+    let (_ar, mut aw) = a.split();
+    let pkt = vec![0x5au8; 60 * 1024];
+    // About 19 MiB: more than loopback socket buffers hold, so the queue fills behind them.
+    for _ in 0..40 {
+        for _ in 0..8 {
+            aw.buffer_packet(slow_pub, &pkt).expect("buffer");
+        }
+        within(aw.flush()).await.expect("flush");
+    }
+    let stall = Duration::from_millis(400);
+    tokio::time::sleep(stall).await;
+    let mut got = 0;
+    while let Ok(Ok(f)) = tokio::time::timeout(Duration::from_millis(500), slow.recv()).await {
+        if matches!(f, ReceivedFrame::Packet { .. }) {
+            got += 1;
+        }
+    }
+    assert!(got > 0, "the slow receiver got nothing");
+    // The slow connection's local histogram lands in the registry when it ends.
+    drop(slow);
+    let waited_long = || {
+        ts.metric("derp_queue_wait_seconds_bucket{le=\"0.1\"}")
+            < ts.metric("derp_queue_wait_seconds_count")
+    };
+    assert!(
+        wait_until(waited_long).await,
+        "no batch waited more than 0.1 s: {} of {} within 0.1 s",
+        ts.metric("derp_queue_wait_seconds_bucket{le=\"0.1\"}"),
+        ts.metric("derp_queue_wait_seconds_count")
+    );
+    assert!(ts.metric("derp_queue_wait_seconds_sum") >= stall.as_secs_f64());
 }
 
 #[tokio::test]

@@ -166,7 +166,7 @@ pub(crate) struct ConnTask<'a, IO> {
     close_after_flush: Option<Close>,
     stalled_since: Option<Instant>,
     /// Boxed: most idle connections have none, and the task stays small.
-    hist: Option<Box<LocalHistogram>>,
+    hist: Option<Box<ConnHistograms>>,
     hist_pending: u32,
     // --- timers
     next_keepalive: Instant,
@@ -338,5 +338,22 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'a, IO> {
         if let Some(h) = self.hist.take() {
             h.flush();
         }
+    }
+}
+
+/// A connection's local copies of the shared histograms (observed without touching shared
+/// atomics, flushed now and then and at the end).
+#[derive(Debug)]
+pub(super) struct ConnHistograms {
+    /// Frames per flushed batch (`derp_buffered_write_frames`).
+    pub(super) frames: LocalHistogram,
+    /// Wait of the oldest packet of each drained batch (`derp_queue_wait_seconds`).
+    pub(super) queue_wait: LocalHistogram,
+}
+
+impl ConnHistograms {
+    pub(super) fn flush(&self) {
+        self.frames.flush();
+        self.queue_wait.flush();
     }
 }

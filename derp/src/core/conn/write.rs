@@ -20,14 +20,15 @@ use proto::derp::{Frame, PeerGoneReason, PACKET_PREFIX_LEN};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
-use super::{Close, ConnTask};
+use super::{Close, ConnHistograms, ConnTask};
 use crate::core::metrics::Hot;
 use crate::core::queue::{CloseRequest, Control};
 
 /// Coalescing limit for one write (and the iovec count limit for vectored writes).
 const WRITE_BATCH_BYTES: usize = 64 << 10;
 const MAX_IOVECS: usize = 64;
-/// Flush the local `buffered_write_frames` histogram after this many observations.
+/// Flush the local histograms (`buffered_write_frames`, `queue_wait`) after this many
+/// observations.
 const HIST_FLUSH_EVERY: u32 = 64;
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
@@ -74,6 +75,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
             .h
             .queue
             .drain_into(&mut self.ctl, &mut self.out, cx.waker());
+        if let Some(at) = d.oldest_queued_at {
+            self.observe_queue_wait(at.elapsed().as_secs_f64());
+        }
         if d.packets > 0 {
             let bytes: usize = self
                 .out
@@ -239,13 +243,33 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ConnTask<'_, IO> {
         }
         let v = f64::from(self.frames_in_batch);
         self.frames_in_batch = 0;
-        let hist = self
-            .hist
-            .get_or_insert_with(|| Box::new(self.metrics.buffered_write_frames.local()));
-        hist.observe(v);
+        self.local_histograms().frames.observe(v);
+        self.note_observation();
+    }
+
+    /// Records how long the oldest packet of a drained batch waited in the queue.
+    fn observe_queue_wait(&mut self, seconds: f64) {
+        self.local_histograms().queue_wait.observe(seconds);
+        self.note_observation();
+    }
+
+    fn local_histograms(&mut self) -> &mut ConnHistograms {
+        let m = &self.metrics;
+        self.hist.get_or_insert_with(|| {
+            Box::new(ConnHistograms {
+                frames: m.buffered_write_frames.local(),
+                queue_wait: m.queue_wait.local(),
+            })
+        })
+    }
+
+    /// Flushes the local histograms into the shared ones every [`HIST_FLUSH_EVERY`] observations.
+    fn note_observation(&mut self) {
         self.hist_pending += 1;
         if self.hist_pending >= HIST_FLUSH_EVERY {
-            hist.flush();
+            if let Some(h) = &self.hist {
+                h.flush();
+            }
             self.hist_pending = 0;
         }
     }
