@@ -171,6 +171,26 @@ impl prometheus::core::Collector for ReadyGauge {
     }
 }
 
+/// `tailnetd_tokio_alive_tasks`: the tasks alive in tailnetd's runtime, read at each scrape (a
+/// leak of tasks shows as a rising line; the soak charts it).
+struct RuntimeGauges {
+    runtime: tokio::runtime::Handle,
+    alive_tasks: prometheus::IntGauge,
+}
+
+impl prometheus::core::Collector for RuntimeGauges {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.alive_tasks.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let alive = self.runtime.metrics().num_alive_tasks();
+        self.alive_tasks
+            .set(i64::try_from(alive).unwrap_or(i64::MAX));
+        self.alive_tasks.collect()
+    }
+}
+
 /// The metrics/admin listener, on its own address (loopback by default), served until
 /// `cancel`: `/metrics`, and the status page at `/debug/` (see [`status`]).
 async fn bind_metrics(
@@ -252,6 +272,16 @@ async fn run(s: Settings) -> Result<()> {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))
         .context("registering process metrics")?;
+    registry
+        .register(Box::new(RuntimeGauges {
+            runtime: tokio::runtime::Handle::current(),
+            alive_tasks: prometheus::IntGauge::new(
+                "tailnetd_tokio_alive_tasks",
+                "Tasks alive in tailnetd's async runtime (read at scrape).",
+            )
+            .context("tokio task gauge")?,
+        }))
+        .context("registering runtime metrics")?;
     let cancel = CancellationToken::new();
     let health = Health {
         ready: Arc::new(AtomicBool::new(false)),

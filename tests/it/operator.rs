@@ -749,3 +749,30 @@ async fn v2_client_session(addr: &str, agent: &str, token: &str) {
     let _ = ws_handle.close(1000, "").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
+
+/// `tailnetd_tokio_alive_tasks` counts the runtime's tasks: a coordination session adds some
+/// while it is open.
+#[test]
+fn alive_tasks_gauge_follows_sessions() {
+    let r = start_dev();
+    let tasks = |r: &Running| -> f64 {
+        scrape(r)
+            .lines()
+            .find_map(|l| l.strip_prefix("tailnetd_tokio_alive_tasks "))
+            .expect("tailnetd_tokio_alive_tasks exported")
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let idle = tasks(&r);
+    assert!(idle > 0.0, "a running tailnetd has tasks");
+    let addr = r.line["http_addr"].as_str().unwrap().to_string();
+    let token = r.line["agent_token"].as_str().unwrap().to_string();
+    let rt = rt();
+    let ws = rt.block_on(async {
+        let k = NodePrivate::generate(&mut rand::rngs::OsRng);
+        coordinate(&addr, "/api/v2/workspaceagents/me/coordinate", &token, &k).await
+    });
+    eventually("a session's tasks", || tasks(&r) > idle);
+    drop(ws);
+}
