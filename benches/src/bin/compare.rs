@@ -798,6 +798,76 @@ struct Results {
     errors: Vec<String>,
 }
 
+/// `results.json` as written before runs were stored one by one (one run per cell), so that
+/// `--render` still reads committed results of that time.
+#[derive(Deserialize)]
+struct LegacyResults {
+    command: String,
+    started_utc: String,
+    machine: Vec<(String, String)>,
+    relay_max: Vec<(Relay, serde_json::Value)>,
+    relay_sweep: Vec<(Relay, f64, serde_json::Value)>,
+    sweep_base_pps: f64,
+    idle: Vec<(Relay, serde_json::Value)>,
+    coord: Vec<(String, serde_json::Value)>,
+    coord_workloads: Vec<CoordWorkload>,
+    notes: Vec<String>,
+    errors: Vec<String>,
+}
+
+impl From<LegacyResults> for Results {
+    fn from(l: LegacyResults) -> Results {
+        let run = |part: &str, cell: String, server: &str, report: serde_json::Value| Run {
+            part: part.into(),
+            cell,
+            server: server.into(),
+            seq: 0,
+            utc: l.started_utc.clone(),
+            load1: 0.0,
+            busy: false,
+            report,
+        };
+        let field = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+        let mut runs = Vec::new();
+        for (r, rep) in &l.relay_max {
+            let cell = format!("P={} S={}", field(rep, "pairs"), field(rep, "size"));
+            runs.push(run("relay", cell, r.name(), rep.clone()));
+        }
+        for (r, f, rep) in &l.relay_sweep {
+            runs.push(run("sweep", format!("{f}x"), r.name(), rep.clone()));
+        }
+        for (r, rep) in &l.idle {
+            let cell = format!("{} conns", field(rep, "conns"));
+            runs.push(run("idle", cell, r.name(), rep.clone()));
+        }
+        for (name, rep) in &l.coord {
+            let cell = rep["label"].as_str().unwrap_or_default().to_string();
+            runs.push(run("coord", cell, name, rep.clone()));
+        }
+        Results {
+            command: l.command,
+            started_utc: l.started_utc,
+            machine: l.machine,
+            build: String::new(),
+            runs,
+            sweep_base_pps: l.sweep_base_pps,
+            coord_workloads: l.coord_workloads,
+            notes: l.notes,
+            errors: l.errors,
+        }
+    }
+}
+
+/// Reads a `results.json` of either format.
+fn read_results(bytes: &[u8]) -> Result<Results> {
+    match serde_json::from_slice::<Results>(bytes) {
+        Ok(r) => Ok(r),
+        Err(e) => serde_json::from_slice::<LegacyResults>(bytes)
+            .map(Results::from)
+            .map_err(|_| anyhow!("neither the per-run nor the one-run-per-cell format: {e}")),
+    }
+}
+
 impl Results {
     fn count(&self, part: &str, cell: &str, server: &str) -> usize {
         self.runs
@@ -969,7 +1039,7 @@ fn coord_workloads(quick: bool) -> Vec<CoordWorkload> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(path) = &cli.render {
-        let res: Results = serde_json::from_slice(&std::fs::read(path)?)?;
+        let res = read_results(&std::fs::read(path)?)?;
         let dir = cli
             .out
             .clone()
@@ -1078,7 +1148,7 @@ fn main() -> Result<()> {
     let mut merge_note = None;
     if !quick && !cli.fresh {
         if let Ok(bytes) = std::fs::read(&path) {
-            match serde_json::from_slice::<Results>(&bytes) {
+            match read_results(&bytes) {
                 Ok(prev) if prev.build == build => {
                     merge_note = Some(format!(
                         "added to {} runs stored by earlier invocations (first: `{}` at {})",
@@ -1098,10 +1168,10 @@ fn main() -> Result<()> {
                         prev.build
                     ))
                 }
-                Err(_) => {
-                    merge_note = Some(
-                        "the earlier results.json is not in the per-run format; not merged".into(),
-                    )
+                Err(e) => {
+                    merge_note = Some(format!(
+                        "the earlier results.json is unreadable ({e:#}); not merged"
+                    ))
                 }
             }
         }
@@ -2140,6 +2210,22 @@ mod tests {
         let saved: Results = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(saved.runs.len(), 6);
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn committed_results_render_in_either_format() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/results.json");
+        let res = read_results(&std::fs::read(path).unwrap()).unwrap();
+        assert!(res
+            .runs
+            .iter()
+            .any(|r| r.part == "relay" && r.server == "derper"));
+        let md = markdown(&res, false);
+        assert!(md.contains("| 100 | 1400 | tailnetd |"), "{md}");
+        assert!(
+            md.contains("## Idle connections") && md.contains("## Coordinator"),
+            "{md}"
+        );
     }
 
     #[test]
