@@ -247,8 +247,34 @@ impl Drop for Server {
     }
 }
 
+/// Every distinct server command line started (provenance: the flags in the results), with
+/// the per-invocation scratch directory written as `$DIR`.
+static COMMANDS: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+fn note_command(cmd: &Command, dir: &Path) {
+    let mut line = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        let a = a.to_string_lossy();
+        line.push(' ');
+        if a.is_empty() {
+            line.push_str("\"\"");
+        } else {
+            line.push_str(&a);
+        }
+    }
+    let line = line.replace(&dir.display().to_string(), "$DIR");
+    COMMANDS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(line);
+}
+
 /// Starts a server that prints a JSON line with `http_addr` on stdout.
 fn start_json_server(name: &str, mut cmd: Command, log: &Path) -> Result<Server> {
+    if let Some(dir) = log.parent() {
+        note_command(&cmd, dir);
+    }
     let log_file = std::fs::File::create(log)?;
     let mut child = cmd
         .stdin(Stdio::null())
@@ -314,6 +340,7 @@ fn start_derper(bin: &Path, pin: Pin, dir: &Path, tls: bool) -> Result<Server> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log));
+    note_command(&cmd, dir);
     let child = cmd.spawn().context("starting derper")?;
     let addr = format!("127.0.0.1:{port}");
     let s = Server {
@@ -1382,6 +1409,13 @@ fn main() -> Result<()> {
     }
     let mut res = run.res;
     let errors = run.errors;
+    let commands = COMMANDS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if !commands.is_empty() {
+        res.machine.push((
+            "server command lines".into(),
+            commands.into_iter().collect::<Vec<_>>().join("\n"),
+        ));
+    }
     res.coord_workloads = workloads;
     let mut notes = ctx.notes.clone();
     notes.extend(merge_note);
@@ -1434,7 +1468,11 @@ fn main() -> Result<()> {
 /// What a quick run must show besides having run: every workload connected every client and
 /// delivered something, and closed-loop relay runs (which never offer more than the queues hold)
 /// lost nothing. Write-offs (a sender that waited 100 ms) are not judged here: on a busy machine
-/// they mean slowness, and speed is not what the smoke test is for. Returns one line per failure.
+/// they mean slowness, and speed is not what the smoke test is for. A run with write-offs may
+/// also lose packets without a fault: the sender that wrote its in-flight packets off sends a
+/// new window while the old one may still be queued, so the relay's 32-packet queue can
+/// overflow and head-drop, as designed. So closed-loop loss fails only a run without
+/// write-offs. Returns one line per failure.
 fn quick_sanity(res: &Results) -> Vec<String> {
     let mut bad = Vec::new();
     for r in &res.runs {
@@ -1464,7 +1502,7 @@ fn quick_sanity(res: &Results) -> Vec<String> {
                     if rep.received_window == 0 || rep.delivered_pps <= 0.0 {
                         bad.push(format!("{what}: delivered nothing in the window"));
                     }
-                    if rep.window > 0 && rep.drops > 0 {
+                    if rep.window > 0 && rep.drops > 0 && rep.window_stalls == 0 {
                         bad.push(format!(
                             "{what}: closed loop lost {} packets ({} write-offs)",
                             rep.drops, rep.window_stalls
@@ -1894,7 +1932,14 @@ fn markdown(res: &Results, quick: bool) -> String {
     w(&mut m, "## Machine and versions");
     w(&mut m, "");
     for (k, v) in &res.machine {
-        w(&mut m, &format!("- **{k}**: {}", v.replace('\n', "; ")));
+        if k == "server command lines" {
+            w(&mut m, &format!("- **{k}**:"));
+            for line in v.lines() {
+                w(&mut m, &format!("  - `{line}`"));
+            }
+        } else {
+            w(&mut m, &format!("- **{k}**: {}", v.replace('\n', "; ")));
+        }
     }
     w(&mut m, "");
     w(&mut m, "Method: each server runs alone (restarted for every run) pinned to core 0; the load generator is pinned to core 1. Every cell runs several times with the servers interleaved (A B A B …); figures are medians with min–max in brackets. Loopback, no STUN. Relay runs: 1 s warm-up, then the measurement window. The relay tables are closed loop (each pair keeps at most 32 packets in flight, the relays' per-destination queue depth, so a relay never needs to drop); a sender that waits 100 ms for room writes its in-flight packets off (counted as write-offs) and a row with any is marked ⚠ and never used as a without-loss figure. The sweep is open loop at fixed total rates and shows latency against offered load; loss = (sent − received) / sent over the whole run after a 2 s drain; latency = one-way, sender timestamp to receiver, same clock. CPU = CPU seconds per second of the window (1.00 = the whole pinned core), server then client; µs/pkt = CPU per packet delivered in the window (the client's counts one send and one receive); limit = the side whose core was ≥ 0.90 busy. † = runs that started while the 1-minute load average said something else was running. tailnetd runs with `--log warn`; derper with its defaults (TLS: `-certmode manual` with a self-signed certificate for localhost; tailnetd: `--tls-cert`/`--tls-key` with the same certificate).");
@@ -2143,6 +2188,10 @@ mod tests {
             .push(run("relay-pp", "tailnetd", 0, relay_report(0, 32, 0)));
         res.runs
             .push(run("relay-tls", "tailnetd", 0, relay_report(900, 32, 7)));
+        // Loss after write-offs is explained (a second window on top of a queued one).
+        let mut stalled = relay_report(900, 32, 5);
+        stalled["window_stalls"] = 1.into();
+        res.runs.push(run("relay-ws", "tailnetd", 0, stalled));
         let bad = quick_sanity(&res);
         assert_eq!(bad.len(), 2, "{bad:?}");
         assert!(
