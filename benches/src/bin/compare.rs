@@ -800,7 +800,11 @@ struct Run {
     utc: String,
     /// The 1-minute load average just before it.
     load1: f64,
-    /// Full runs only: the load average said something else was running.
+    /// Full runs only: cores busy (all processes) during 0.5 s just before the run, while none
+    /// of ours ran.
+    #[serde(default)]
+    other_cpu: Option<f64>,
+    /// Full runs only: the load average or `other_cpu` said something else was running.
     busy: bool,
     /// The load generator's report (`RelayReport`, `IdleReport` or `CoordReport`).
     report: serde_json::Value,
@@ -851,6 +855,7 @@ impl From<LegacyResults> for Results {
             seq: 0,
             utc: l.started_utc.clone(),
             load1: 0.0,
+            other_cpu: None,
             busy: false,
             report,
         };
@@ -970,10 +975,17 @@ impl Runner {
                     continue;
                 }
                 let load1 = load1();
-                let busy = !self.quick && load1 > self.busy_load;
+                let other_cpu = if self.quick {
+                    None
+                } else {
+                    busy_cores(Duration::from_millis(500))
+                };
+                let busy = !self.quick
+                    && (load1 > self.busy_load || other_cpu.is_some_and(|c| c > BUSY_CORES));
                 eprintln!(
-                    "compare: {part} {cell} {name} run {}/{runs} (load {load1:.2}{})",
+                    "compare: {part} {cell} {name} run {}/{runs} (load {load1:.2}, other CPU {}{})",
                     seq + 1,
+                    opt(other_cpu, 2),
                     if busy { ", busy" } else { "" }
                 );
                 let utc = sh("date -u +%Y-%m-%dT%H:%M:%SZ");
@@ -986,6 +998,7 @@ impl Runner {
                             seq,
                             utc,
                             load1,
+                            other_cpu,
                             busy,
                             report,
                         });
@@ -1001,6 +1014,30 @@ impl Runner {
             }
         }
     }
+}
+
+/// Cores another process may keep busy between our runs before a run counts as disturbed.
+const BUSY_CORES: f64 = 0.25;
+
+/// Cores busy (user + nice + system + irq + softirq + steal, all processes) over `d`, from
+/// `/proc/stat`; `None` where it cannot be read.
+fn busy_cores(d: Duration) -> Option<f64> {
+    fn sample() -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().next()?.strip_prefix("cpu ")?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal
+        let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7)?;
+        Some((busy, v.iter().take(8).sum()))
+    }
+    let (b0, t0) = sample()?;
+    std::thread::sleep(d);
+    let (b1, t1) = sample()?;
+    let total = t1.saturating_sub(t0);
+    (total > 0).then(|| b1.saturating_sub(b0) as f64 / total as f64 * cpus() as f64)
 }
 
 fn load1() -> f64 {
@@ -1942,7 +1979,7 @@ fn markdown(res: &Results, quick: bool) -> String {
         }
     }
     w(&mut m, "");
-    w(&mut m, "Method: each server runs alone (restarted for every run) pinned to core 0; the load generator is pinned to core 1. Every cell runs several times with the servers interleaved (A B A B …); figures are medians with min–max in brackets. Loopback, no STUN. Relay runs: 1 s warm-up, then the measurement window. The relay tables are closed loop (each pair keeps at most 32 packets in flight, the relays' per-destination queue depth, so a relay never needs to drop); a sender that waits 100 ms for room writes its in-flight packets off (counted as write-offs) and a row with any is marked ⚠ and never used as a without-loss figure. The sweep is open loop at fixed total rates and shows latency against offered load; loss = (sent − received) / sent over the whole run after a 2 s drain; latency = one-way, sender timestamp to receiver, same clock. CPU = CPU seconds per second of the window (1.00 = the whole pinned core), server then client; µs/pkt = CPU per packet delivered in the window (the client's counts one send and one receive); limit = the side whose core was ≥ 0.90 busy. † = runs that started while the 1-minute load average said something else was running. tailnetd runs with `--log warn`; derper with its defaults (TLS: `-certmode manual` with a self-signed certificate for localhost; tailnetd: `--tls-cert`/`--tls-key` with the same certificate).");
+    w(&mut m, "Method: each server runs alone (restarted for every run) pinned to core 0; the load generator is pinned to core 1. Every cell runs several times with the servers interleaved (A B A B …); figures are medians with min–max in brackets. Loopback, no STUN. Relay runs: 1 s warm-up, then the measurement window. The relay tables are closed loop (each pair keeps at most 32 packets in flight, the relays' per-destination queue depth, so a relay never needs to drop); a sender that waits 100 ms for room writes its in-flight packets off (counted as write-offs) and a row with any is marked ⚠ and never used as a without-loss figure. The sweep is open loop at fixed total rates and shows latency against offered load; loss = (sent − received) / sent over the whole run after a 2 s drain; latency = one-way, sender timestamp to receiver, same clock. CPU = CPU seconds per second of the window (1.00 = the whole pinned core), server then client; µs/pkt = CPU per packet delivered in the window (the client's counts one send and one receive); limit = the side whose core was ≥ 0.90 busy. † = runs that started while something else was running: the 1-minute load average above CPUs + 0.5 (or `--busy-load`), or more than 0.25 core busy during 0.5 s just before the run, when none of our processes ran. tailnetd runs with `--log warn`; derper with its defaults (TLS: `-certmode manual` with a self-signed certificate for localhost; tailnetd: `--tls-cert`/`--tls-key` with the same certificate).");
     w(&mut m, "");
 
     w(
@@ -2117,22 +2154,26 @@ fn markdown(res: &Results, quick: bool) -> String {
         .filter(|r| r.busy)
         .map(|r| {
             format!(
-                "{} {} {} #{} (load {:.2})",
+                "{} {} {} #{} (load {:.2}, other CPU {} cores)",
                 r.part,
                 r.cell,
                 r.server,
                 r.seq + 1,
-                r.load1
+                r.load1,
+                opt(r.other_cpu, 2)
             )
         })
         .collect();
     if !busy.is_empty() {
-        w(&mut m, &format!(
-            "- **{} of {} runs started while the 1-minute load average said something else was running** (†): {}",
-            busy.len(),
-            res.runs.len(),
-            busy.join(", ")
-        ));
+        w(
+            &mut m,
+            &format!(
+                "- **{} of {} runs started while something else was running** (†): {}",
+                busy.len(),
+                res.runs.len(),
+                busy.join(", ")
+            ),
+        );
     }
     for n in &res.notes {
         w(&mut m, &format!("- {n}"));
@@ -2170,6 +2211,7 @@ mod tests {
             seq,
             utc: String::new(),
             load1: 0.0,
+            other_cpu: None,
             busy: false,
             report,
         }
