@@ -45,21 +45,29 @@ func TestRunAgainstTailnetd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	plain, tls := "http://"+a.HTTPAddr+"/derp", "https://localhost:"+httpsPort+"/derp"
 	for _, tc := range []struct {
 		name, url, ca, transport string
 		window                   uint64
 		rate                     float64
+		ws                       bool
 	}{
-		{"closed-loop", "http://" + a.HTTPAddr + "/derp", "", "derp", 32, 0},
-		{"open-loop", "http://" + a.HTTPAddr + "/derp", "", "derp", 0, 2000},
-		{"tls-closed-loop", "https://localhost:" + httpsPort + "/derp", certFile, "tls", 32, 0},
+		{"closed-loop", plain, "", "derp", 32, 0, false},
+		{"open-loop", plain, "", "derp", 0, 2000, false},
+		{"tls-closed-loop", tls, certFile, "tls", 32, 0, false},
+		// Run by TestWebSocket (a child go test with Tailscale's WebSocket build tag).
+		{"ws-closed-loop", plain, "", "ws", 32, 0, true},
+		{"wss-closed-loop", tls, certFile, "wss", 32, 0, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			if tc.ws && !wsCompiled {
+				t.Skip("needs -tags ts_debug_websockets (TestWebSocket runs it)")
+			}
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			r, err := run(ctx, config{
 				url: tc.url, pairs: 4, size: 1400, rate: tc.rate, duration: 1, warmup: 0.2,
-				window: tc.window, caFile: tc.ca,
+				window: tc.window, caFile: tc.ca, ws: tc.ws,
 			})
 			if err != nil {
 				t.Fatal(err)

@@ -26,6 +26,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net/http"
 	"os"
 	"strconv"
 	"strings"
@@ -184,8 +185,16 @@ func run(ctx context.Context, c config) (*report, error) {
 		}
 	}
 	if c.ws {
+		if !wsCompiled {
+			return nil, errors.New("-ws needs a build with -tags ts_debug_websockets (derphttp's WebSocket dialer)")
+		}
 		os.Setenv("TS_DEBUG_DERP_WS_CLIENT", "1")
-		transport += "+ws"
+		// derphttp's WebSocket dialer (coder/websocket) uses the default HTTP client, i.e.
+		// http.DefaultTransport, not the client's TLSConfig: trust -ca there too.
+		if tr, ok := http.DefaultTransport.(*http.Transport); ok && tlsConf != nil {
+			tr.TLSClientConfig = tlsConf.Clone()
+		}
+		transport = map[string]string{"derp": "ws", "tls": "wss"}[transport]
 	}
 
 	// Connect every pair, receivers first so nothing is sent to an unknown key.

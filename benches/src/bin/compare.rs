@@ -68,7 +68,7 @@ struct Cli {
     #[arg(long)]
     no_build: bool,
     /// Run only these parts (comma-separated): relay, relay-pp, relay-tls, relay-tls-pp,
-    /// relay-ws, relay-go, relay-go-tls, sweep, idle, coord; default all.
+    /// relay-ws, relay-go, relay-go-ws, relay-go-tls, sweep, idle, coord; default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Runs of every cell (overrides --headline-runs and --other-runs).
@@ -174,12 +174,24 @@ fn build_derper() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// Builds interop/derpload (the load generator on Tailscale's derphttp client) into target/gobin.
+/// Builds interop/derpload (the load generator on Tailscale's derphttp client) into
+/// target/gobin, twice: as is, and as `derpload-ws` with Tailscale's build tag
+/// `ts_debug_websockets` (derphttp's WebSocket dialer); the second sits next to the first.
 fn build_derpload() -> Result<PathBuf> {
     let bin = target_dir().join("gobin").join("derpload");
+    for (out, tags) in [
+        (bin.clone(), ""),
+        (bin.with_file_name("derpload-ws"), "ts_debug_websockets"),
+    ] {
+        build_derpload_one(&out, tags)?;
+    }
+    Ok(bin)
+}
+
+fn build_derpload_one(bin: &Path, tags: &str) -> Result<()> {
     let st = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&bin)
+        .args(["build", "-tags", tags, "-o"])
+        .arg(bin)
         .arg(".")
         .current_dir(root().join("interop").join("derpload"))
         .env("GOFLAGS", "-buildvcs=false")
@@ -188,7 +200,7 @@ fn build_derpload() -> Result<PathBuf> {
     if !st.success() {
         bail!("go build derpload failed");
     }
-    Ok(bin)
+    Ok(())
 }
 
 /// Builds interop/gocoord into target/gobin.
@@ -449,6 +461,14 @@ const MODES: &[Mode] = &[
         go: true,
     },
     Mode {
+        part: "relay-go-ws",
+        title: "Tailscale's derphttp client (interop/derpload built with ts_debug_websockets), WebSocket over plain HTTP, one frame per Send",
+        tls: false,
+        websocket: true,
+        flush: Flush::PerPacket,
+        go: true,
+    },
+    Mode {
         part: "relay-go-tls",
         title: "Tailscale's derphttp client (interop/derpload), TLS, one frame per Send",
         tls: true,
@@ -586,11 +606,13 @@ impl Ctx {
         let t = Duration::from_secs_f64(self.duration + self.warmup) * 3 + Duration::from_secs(120);
         let mut args: Vec<String>;
         let out = if mode.go {
-            let bin = self
+            let plain = self
                 .bins
                 .derpload
                 .as_ref()
                 .ok_or_else(|| anyhow!("derpload not available"))?;
+            let ws = plain.with_file_name("derpload-ws");
+            let bin = if mode.websocket { &ws } else { plain };
             args = vec![
                 "-url".into(),
                 url,
@@ -613,6 +635,9 @@ impl Ctx {
             ];
             if mode.tls {
                 args.extend(["-ca".into(), ca.display().to_string()]);
+            }
+            if mode.websocket {
+                args.push("-ws".into());
             }
             self.generator(bin, &args, t)?
         } else {
@@ -1253,6 +1278,11 @@ fn main() -> Result<()> {
         ("pinning".into(), if pin.enabled { "server: taskset -c 0, load generator: taskset -c 1".into() } else { "none".into() }),
     ];
     // Provenance: what exactly ran (hashes of every binary, Go build information).
+    let derpload_ws = ctx
+        .bins
+        .derpload
+        .as_ref()
+        .map(|p| p.with_file_name("derpload-ws"));
     let binaries = [
         ("tailnetd", Some(&ctx.bins.tailnetd)),
         ("loadgen", Some(&ctx.bins.loadgen)),
@@ -1260,6 +1290,7 @@ fn main() -> Result<()> {
         ("derper", ctx.bins.derper.as_ref()),
         ("Go coordinator", ctx.bins.gocoord.as_ref()),
         ("derpload", ctx.bins.derpload.as_ref()),
+        ("derpload-ws", derpload_ws.as_ref()),
     ];
     for (name, path) in binaries {
         let Some(path) = path else { continue };
@@ -1267,11 +1298,16 @@ fn main() -> Result<()> {
             format!("sha256 {name}"),
             sh(&format!("sha256sum '{}' | cut -d' ' -f1", path.display())),
         ));
-        if go && matches!(name, "derper" | "Go coordinator" | "derpload") {
+        if go
+            && matches!(
+                name,
+                "derper" | "Go coordinator" | "derpload" | "derpload-ws"
+            )
+        {
             res.machine.push((
                 format!("go version -m {name}"),
                 sh(&format!(
-                    "go version -m '{}' | grep -E '^\\s*(path|mod|build\\s+(-compiler|CGO_ENABLED|GOARCH|GOAMD64|GOOS|-trimpath))|: go' | tr -s '\\t' ' '",
+                    "go version -m '{}' | grep -E '^\\s*(path|mod|build\\s+(-compiler|-tags|CGO_ENABLED|GOARCH|GOAMD64|GOOS|-trimpath))|: go' | tr -s '\\t' ' '",
                     path.display()
                 )),
             ));
@@ -1775,7 +1811,13 @@ fn targets(m: &mut String, res: &Results) {
         }
     }
     // Issue 16: with Tailscale-style traffic, CPU per delivered packet.
-    for part in ["relay-go", "relay-go-tls", "relay-pp", "relay-tls-pp"] {
+    for part in [
+        "relay-go",
+        "relay-go-tls",
+        "relay-go-ws",
+        "relay-pp",
+        "relay-tls-pp",
+    ] {
         for p in [10, 100] {
             let cell = format!("P={p} S=1400");
             let t = relay_runs(res, part, &cell, "tailnetd");
