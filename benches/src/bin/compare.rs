@@ -81,9 +81,13 @@ struct Cli {
     /// Runs of every other cell; quick: 1.
     #[arg(long, default_value_t = 3)]
     other_runs: usize,
-    /// Forget the runs stored in the output directory's results.json instead of adding to them.
+    /// Forget the stored runs of the parts this invocation runs (all parts without --only)
+    /// instead of adding to them; the other parts' runs are kept.
     #[arg(long)]
     fresh: bool,
+    /// Forget the stored runs that were marked as disturbed (†), so they are measured again.
+    #[arg(long)]
+    rerun_busy: bool,
     /// Relay pair counts to run (default 1,10,100; quick 1,10).
     #[arg(long, value_delimiter = ',')]
     pairs: Vec<usize>,
@@ -1235,15 +1239,33 @@ fn main() -> Result<()> {
     // Merge with the runs stored by earlier invocations (of the same tailnetd build).
     let path = out_dir.join("results.json");
     let mut merge_note = None;
-    if !quick && !cli.fresh {
+    if !quick {
         if let Ok(bytes) = std::fs::read(&path) {
             match read_results(&bytes) {
-                Ok(prev) if prev.build == build => {
+                Ok(mut prev) if prev.build == build => {
+                    let stored = prev.runs.len();
+                    if cli.fresh {
+                        prev.runs.retain(|r| !want(&r.part));
+                        if want("sweep") {
+                            prev.sweep_base_pps = 0.0;
+                        }
+                    }
+                    if cli.rerun_busy {
+                        prev.runs.retain(|r| !r.busy);
+                    }
                     merge_note = Some(format!(
-                        "added to {} runs stored by earlier invocations (first: `{}` at {})",
+                        "added to {} runs stored by earlier invocations (first: `{}` at {}){}",
                         prev.runs.len(),
                         prev.command,
-                        prev.started_utc
+                        prev.started_utc,
+                        if prev.runs.len() < stored {
+                            format!(
+                                "; {} stored runs dropped (--fresh/--rerun-busy)",
+                                stored - prev.runs.len()
+                            )
+                        } else {
+                            String::new()
+                        }
                     ));
                     res.runs = prev.runs;
                     res.sweep_base_pps = prev.sweep_base_pps;
