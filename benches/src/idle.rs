@@ -1,13 +1,19 @@
 //! The idle-connection workload: N authenticated DERP connections that then sit idle, spread
 //! over source addresses 127.0.0.2, 127.0.0.3, ... so that N can exceed one source address's
 //! ephemeral port range; reports the server's RSS growth per connection.
+//!
+//! A garbage-collected server (derper) holds garbage that a collection would free; `--gc-url`
+//! (derper's `/debug/gc`, loopback only) is fetched before each RSS reading, then the reading
+//! waits `--settle` seconds, the same wait a server without a collector gets.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use derp::client::dial::DialTls;
 use derp::Client;
 use futures_util::stream::{self, StreamExt};
+use proto::key::NodePrivate;
 use serde::Serialize;
 
 use crate::dialer::{connect, host_path};
@@ -31,12 +37,67 @@ pub struct IdleArgs {
     /// Connections being set up at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
-    /// Seconds to let the server settle before reading RSS after connecting.
+    /// Seconds to let the server settle before each RSS reading (before and after connecting).
     #[arg(long, default_value_t = 2.0)]
     pub settle: f64,
     /// Free-form label copied into the JSON.
     #[arg(long, default_value = "")]
     pub label: String,
+    /// URL fetched (HTTP GET) before each RSS reading to make the server collect its garbage,
+    /// e.g. derper's `http://127.0.0.1:PORT/debug/gc`.
+    #[arg(long)]
+    pub gc_url: Option<String>,
+    /// PEM certificate(s) to trust for an `https://` URL (connections then use `derp::dial`
+    /// from one source address, so at most ~20,000).
+    #[arg(long)]
+    pub ca: Option<std::path::PathBuf>,
+}
+
+/// GETs `url` (`http://` or `https://` trusting `tls`) and waits for the response, so a
+/// collection it triggers is done.
+async fn get(url: &str, tls: &DialTls) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let https = url.strip_prefix("https://").map(|r| format!("http://{r}"));
+    let (authority, path) = host_path(https.as_deref().unwrap_or(url))?;
+    let tcp = tokio::net::TcpStream::connect(&authority).await?;
+    let mut s: Box<dyn Io> = match https {
+        None => Box::new(tcp),
+        Some(_) => {
+            let host = authority.rsplit_once(':').map_or(&*authority, |(h, _)| h);
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())?;
+            Box::new(
+                crate::relay::raw_tls_connector(tls)?
+                    .connect(name, tcp)
+                    .await?,
+            )
+        }
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut resp = Vec::new();
+    // A TLS server may end without close_notify: what arrived before counts.
+    let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut resp))
+        .await
+        .map_err(|_| anyhow!("{url}: no response within 30 s"))?;
+    if !resp.starts_with(b"HTTP/1.1 200") && !resp.starts_with(b"HTTP/1.0 200") {
+        bail!(
+            "{url}: {}",
+            String::from_utf8_lossy(&resp[..resp.len().min(60)])
+        );
+    }
+    Ok(())
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// RSS of `pid` after an optional collection (`gc_url`) and `settle` seconds.
+async fn settled_rss(pid: u32, gc_url: Option<&str>, settle: f64, tls: &DialTls) -> Result<u64> {
+    if let Some(u) = gc_url {
+        get(u, tls).await.context("--gc-url")?;
+    }
+    tokio::time::sleep(Duration::from_secs_f64(settle)).await;
+    procfs::rss_bytes(pid).ok_or_else(|| anyhow!("cannot read RSS of {pid}"))
 }
 
 /// What one idle run measured.
@@ -60,27 +121,64 @@ pub struct IdleReport {
     pub rss_per_conn_bytes: f64,
     /// Server peak RSS, bytes.
     pub server_peak_rss_bytes: Option<u64>,
+    /// `http` or `tls`.
+    #[serde(default)]
+    pub transport: String,
+    /// Whether the server was made to collect its garbage before each reading (`--gc-url`).
+    #[serde(default)]
+    pub gc: bool,
 }
 
 /// Runs the idle workload.
 pub async fn run(args: IdleArgs) -> Result<IdleReport> {
-    let (authority, path) = host_path(&args.url)?;
-    let dst: SocketAddr = tokio::net::lookup_host(&authority)
-        .await?
-        .next()
-        .ok_or_else(|| anyhow!("cannot resolve {authority}"))?;
+    let tls = args.url.starts_with("https://");
     let pid = args.server_pid;
-    let rss_before = procfs::rss_bytes(pid).ok_or_else(|| anyhow!("cannot read RSS of {pid}"))?;
+    let gc = args.gc_url.as_deref();
+    let mut dial_tls = DialTls::default();
+    if let Some(ca) = &args.ca {
+        dial_tls.extra_roots = derp::mesh::load_trust(Some(ca)).context("--ca")?;
+    }
+    let rss_before = settled_rss(pid, gc, args.settle, &dial_tls).await?;
     let t = Instant::now();
-    let results: Vec<Result<Client>> = stream::iter(0..args.conns)
-        .map(|i| {
-            let (a, p) = (authority.clone(), path.clone());
-            let src = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i / PER_SOURCE) as u8));
-            async move { connect(dst, Some(src), &a, &p, false).await }
-        })
-        .buffer_unordered(args.concurrency.max(1))
-        .collect()
-        .await;
+    let results: Vec<Result<Client>> = if tls {
+        let mut opts = derp::DialOptions::new(NodePrivate::generate(&mut rand::thread_rng()));
+        opts.tls = dial_tls.clone();
+        stream::iter(0..args.conns)
+            .map(|_| {
+                let mut o = opts.clone();
+                o.private_key = NodePrivate::generate(&mut rand::thread_rng());
+                let url = args.url.clone();
+                async move {
+                    let mut c = derp::dial(&url, o).await?.client;
+                    loop {
+                        match tokio::time::timeout(Duration::from_secs(10), c.recv()).await {
+                            Err(_) => bail!("no ServerInfo within 10 s"),
+                            Ok(Err(e)) => bail!("recv: {e}"),
+                            Ok(Ok(derp::ReceivedFrame::ServerInfo(_))) => return Ok(c),
+                            Ok(Ok(_)) => {}
+                        }
+                    }
+                }
+            })
+            .buffer_unordered(args.concurrency.max(1))
+            .collect()
+            .await
+    } else {
+        let (authority, path) = host_path(&args.url)?;
+        let dst: SocketAddr = tokio::net::lookup_host(&authority)
+            .await?
+            .next()
+            .ok_or_else(|| anyhow!("cannot resolve {authority}"))?;
+        stream::iter(0..args.conns)
+            .map(|i| {
+                let (a, p) = (authority.clone(), path.clone());
+                let src = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i / PER_SOURCE) as u8));
+                async move { connect(dst, Some(src), &a, &p, false).await }
+            })
+            .buffer_unordered(args.concurrency.max(1))
+            .collect()
+            .await
+    };
     let elapsed = t.elapsed().as_secs_f64();
     let mut clients = Vec::with_capacity(results.len());
     let mut first_err = None;
@@ -101,8 +199,7 @@ pub async fn run(args: IdleArgs) -> Result<IdleReport> {
             args.conns
         );
     }
-    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
-    let rss_after = procfs::rss_bytes(pid).ok_or_else(|| anyhow!("cannot read RSS of {pid}"))?;
+    let rss_after = settled_rss(pid, gc, args.settle, &dial_tls).await?;
     let connected = clients.len();
     let report = IdleReport {
         mode: "idle".into(),
@@ -118,6 +215,8 @@ pub async fn run(args: IdleArgs) -> Result<IdleReport> {
             (rss_after as f64 - rss_before as f64) / connected as f64
         },
         server_peak_rss_bytes: procfs::peak_rss_bytes(pid),
+        transport: if tls { "tls" } else { "http" }.into(),
+        gc: gc.is_some(),
     };
     drop(clients);
     Ok(report)

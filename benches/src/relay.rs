@@ -4,7 +4,15 @@
 //!
 //! Payload layout (little endian): `seq: u64`, `send_ns: u64` (monotonic ns since the run
 //! started), zero padding up to the packet size.
+//!
+//! Two traffic shapes (`--flush`): `batched` buffers up to 32 packets per write (the most a relay
+//! can be pushed with one client core), `per-packet` writes and flushes one frame per packet, as
+//! Tailscale's clients do (magicsock's DERP writer calls `derp.Client.Send`, one frame and one
+//! flush each). Transports: DERP over plain HTTP (`http://`), over TLS (`https://`, `--ca` to
+//! trust a self-signed certificate), over WebSocket (`--transport ws`, `ws`/`wss` by the URL's
+//! scheme), and the raw bytes of the TCP forwarder (plain or TLS).
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +29,6 @@ use proto::derp::{
 use proto::key::{NodePrivate, NodePublic};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use crate::dialer::{connect, host_path};
@@ -37,16 +44,39 @@ const BATCH: u64 = 32;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
-    /// DERP over plain HTTP upgrade (`http://host:port/derp`).
+    /// DERP over an HTTP upgrade: `http://host:port/derp`, or TLS with `https://`.
     Derp,
+    /// DERP over a WebSocket (subprotocol `derp`): `http://` or `https://` URL.
+    Ws,
     /// The TCP forwarder (`tcpfwd`): raw DERP-framed bytes, no server-side parsing.
     Raw,
+}
+
+/// How senders write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Flush {
+    /// Up to 32 packets buffered per write and flush.
+    Batched,
+    /// One frame per write and flush, like Tailscale's clients.
+    PerPacket,
+}
+
+impl Flush {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Flush::Batched => "batched",
+            Flush::PerPacket => "per-packet",
+        }
+    }
 }
 
 /// Relay workload settings.
 #[derive(Clone, Debug, clap::Args)]
 pub struct RelayArgs {
-    /// Server URL (`http://127.0.0.1:PORT/derp`) or, with `--transport raw`, `host:port`.
+    /// Server URL (`http://127.0.0.1:PORT/derp`, `https://localhost:PORT/derp`) or, with
+    /// `--transport raw`, `host:port` (`tls://host:port` for the TLS-terminating forwarder).
     #[arg(long)]
     pub url: String,
     /// Sender/receiver pairs.
@@ -72,9 +102,17 @@ pub struct RelayArgs {
     /// Server process id: report its CPU seconds during the window and its peak RSS.
     #[arg(long)]
     pub server_pid: Option<u32>,
-    /// `derp` or `raw` (the TCP-forward ceiling).
+    /// `derp` (HTTP upgrade; TLS by an `https://` URL), `ws` (WebSocket; TLS likewise), `raw`
+    /// (the TCP-forward ceiling).
     #[arg(long, value_enum, default_value_t = Transport::Derp)]
     pub transport: Transport,
+    /// `batched` (up to 32 packets per write) or `per-packet` (one frame per write and flush,
+    /// like Tailscale's clients).
+    #[arg(long, value_enum, default_value_t = Flush::Batched)]
+    pub flush: Flush,
+    /// PEM certificate(s) to trust for TLS (a self-signed leaf or a CA), besides the system's.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
     /// Free-form label copied into the JSON.
     #[arg(long, default_value = "")]
     pub label: String,
@@ -87,8 +125,14 @@ pub struct RelayReport {
     pub mode: String,
     /// The `--label`.
     pub label: String,
-    /// `derp` or `raw`.
+    /// `derp`, `tls`, `ws`, `wss`, `raw` or `raw-tls`.
     pub transport: String,
+    /// `batched` or `per-packet`.
+    #[serde(default)]
+    pub flush: String,
+    /// Which client: `loadgen` (ours) or `derphttp` (Tailscale's, `interop/derpload`).
+    #[serde(default)]
+    pub generator: String,
     /// Pairs.
     pub pairs: usize,
     /// Payload bytes per packet.
@@ -97,6 +141,9 @@ pub struct RelayReport {
     pub offered_pps: f64,
     /// Offered payload Gbit/s (0 = as fast as possible).
     pub offered_gbps: f64,
+    /// Packets/s the senders actually sent in the window (against `offered_pps`, the nominal).
+    #[serde(default)]
+    pub actual_offered_pps: f64,
     /// In-flight limit per pair (0 = open loop).
     #[serde(default)]
     pub window: u64,
@@ -141,11 +188,26 @@ pub struct RelayReport {
     /// cores it may use, the load generator rather than the server was the limit.
     #[serde(default)]
     pub loadgen_cpu_util: Option<f64>,
+    /// The load generator's own CPU seconds (user+system) during the window.
+    #[serde(default)]
+    pub loadgen_cpu_s: Option<f64>,
+    /// Server CPU µs per packet delivered in the window.
+    #[serde(default)]
+    pub server_cpu_us_per_packet: Option<f64>,
+    /// Client (load generator) CPU µs per packet delivered in the window: senders and
+    /// receivers together, so it counts one send and one receive per delivered packet.
+    #[serde(default)]
+    pub loadgen_cpu_us_per_packet: Option<f64>,
 }
+
+/// The write half of a raw (forwarder) connection, plain TCP or TLS.
+type RawWrite = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+/// The read half of a raw (forwarder) connection, plain TCP or TLS.
+type RawRead = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
 
 enum Writer {
     Derp(ClientWriter),
-    Raw(OwnedWriteHalf, Vec<u8>),
+    Raw(RawWrite, Vec<u8>),
 }
 
 impl Writer {
@@ -166,6 +228,7 @@ impl Writer {
             Writer::Raw(w, buf) => {
                 // Like `ClientWriter::flush`: one write, the buffer kept for the next batch.
                 w.write_all(buf).await?;
+                w.flush().await?;
                 buf.clear();
                 Ok(())
             }
@@ -175,7 +238,7 @@ impl Writer {
 
 enum Reader {
     Derp(ClientReader),
-    Raw(OwnedReadHalf, BytesMut),
+    Raw(RawRead, BytesMut),
 }
 
 impl Reader {
@@ -259,6 +322,8 @@ struct Target {
     /// For `http://` DERP URLs: address, authority and path for our buffered dialer; `None`
     /// means `derp::dial` (e.g. `https://`).
     dst: Option<(std::net::SocketAddr, String, String)>,
+    /// TLS trust (`--ca` added to the system roots).
+    tls: derp::client::dial::DialTls,
 }
 
 impl std::ops::Deref for Target {
@@ -268,15 +333,37 @@ impl std::ops::Deref for Target {
     }
 }
 
+/// A TLS client for the TLS-terminating forwarder, trusting `tls.extra_roots` (rustls with
+/// ring, as `derp::dial`).
+pub fn raw_tls_connector(tls: &derp::client::dial::DialTls) -> Result<tokio_rustls::TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in &tls.extra_roots {
+        // System roots that rustls cannot parse are skipped, as webpki does.
+        let _ = roots.add(c.clone());
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
 async fn connect_end(args: &Target, pair: u32, receiver: bool) -> Result<End> {
     let pk = NodePrivate::generate(&mut rand::thread_rng());
     match args.transport {
-        Transport::Derp => {
+        Transport::Derp | Transport::Ws => {
             let client = match &args.dst {
                 // Our own upgrade with a 64 KiB read buffer (see `dialer`).
-                Some((dst, authority, path)) => connect(*dst, None, authority, path, true).await?,
-                None => {
-                    let mut c = dial(&args.url, DialOptions::new(pk))
+                Some((dst, authority, path)) if args.transport == Transport::Derp => {
+                    connect(*dst, None, authority, path, true).await?
+                }
+                _ => {
+                    let mut opts = DialOptions::new(pk);
+                    opts.websocket = args.transport == Transport::Ws;
+                    opts.tls = args.tls.clone();
+                    let mut c = dial(&args.url, opts)
                         .await
                         .with_context(|| format!("dialing {}", args.url))?
                         .client;
@@ -293,12 +380,31 @@ async fn connect_end(args: &Target, pair: u32, receiver: bool) -> Result<End> {
             })
         }
         Transport::Raw => {
-            let mut s = TcpStream::connect(args.url.trim_start_matches("http://"))
+            let tls = args.url.strip_prefix("tls://");
+            let hostport = tls.unwrap_or_else(|| args.url.trim_start_matches("http://"));
+            let s = TcpStream::connect(hostport)
                 .await
                 .with_context(|| format!("connecting to {}", args.url))?;
             s.set_nodelay(true)?;
-            s.write_all(&raw_hello(receiver, pair)).await?;
-            let (r, w) = s.into_split();
+            let (r, mut w): (RawRead, RawWrite) = match tls {
+                None => {
+                    let (r, w) = s.into_split();
+                    (Box::new(r), Box::new(w))
+                }
+                Some(hp) => {
+                    let host = hp.rsplit_once(':').map_or(hp, |(h, _)| h).to_string();
+                    let name =
+                        rustls::pki_types::ServerName::try_from(host).context("TLS server name")?;
+                    let t = raw_tls_connector(&args.tls)?
+                        .connect(name, s)
+                        .await
+                        .with_context(|| format!("TLS to {}", args.url))?;
+                    let (r, w) = tokio::io::split(t);
+                    (Box::new(r), Box::new(w))
+                }
+            };
+            w.write_all(&raw_hello(receiver, pair)).await?;
+            w.flush().await?;
             Ok(End {
                 key: pk.public(),
                 reader: Reader::Raw(r, BytesMut::with_capacity(64 << 10)),
@@ -354,9 +460,14 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
         }
         _ => None,
     };
+    let mut tls = derp::client::dial::DialTls::default();
+    if let Some(path) = &args.ca {
+        tls.extra_roots = derp::mesh::load_trust(Some(path)).context("--ca")?;
+    }
     let args2 = Target {
         args: args.clone(),
         dst,
+        tls,
     };
     let pairs: Vec<(End, End)> = stream::iter(0..args.pairs)
         .map(|i| {
@@ -393,6 +504,7 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
         let c = counters.clone();
         let size = args.size;
         let window = args.window;
+        let per_packet = args.flush == Flush::PerPacket;
         let flow = Arc::new(Flow::default());
         let flow_rx = flow.clone();
         senders.push(tokio::spawn(async move {
@@ -439,8 +551,14 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
                     payload[8..16].copy_from_slice(&ns.to_le_bytes());
                     writer.buffer(dst, &payload)?;
                     seq += 1;
+                    if per_packet {
+                        // Tailscale's clients: one frame per write and flush.
+                        writer.flush().await?;
+                    }
                 }
-                writer.flush().await?;
+                if !per_packet {
+                    writer.flush().await?;
+                }
                 c.sent_total.fetch_add(n, Ordering::Relaxed);
                 if now >= win_start {
                     c.sent_window.fetch_add(n, Ordering::Relaxed);
@@ -548,14 +666,19 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
         _ => None,
     };
     let server_cpu_util = server_cpu_s.map(|c| c / secs);
+    let loadgen_cpu_s = own0.zip(own1).map(|(a, b)| b - a);
+    let per_packet_us = |cpu: Option<f64>| {
+        cpu.filter(|_| recv_window > 0)
+            .map(|c| c / recv_window as f64 * 1e6)
+    };
     let us = |ns: u64| ns as f64 / 1000.0;
     Ok(RelayReport {
         mode: "relay".into(),
         label: args.label.clone(),
-        transport: match args.transport {
-            Transport::Derp => "derp".into(),
-            Transport::Raw => "raw".into(),
-        },
+        transport: transport_name(args.transport, &args.url).into(),
+        flush: args.flush.name().into(),
+        generator: "loadgen".into(),
+        actual_offered_pps: counters.sent_window.load(Ordering::Relaxed) as f64 / secs,
         pairs: args.pairs,
         size: args.size,
         offered_pps: args.rate,
@@ -585,8 +708,24 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
         gbps_per_core: server_cpu_util
             .filter(|u| *u > 0.0)
             .map(|u| delivered_gbps / u),
-        loadgen_cpu_util: own0.zip(own1).map(|(a, b)| (b - a) / secs),
+        loadgen_cpu_util: loadgen_cpu_s.map(|c| c / secs),
+        loadgen_cpu_s,
+        server_cpu_us_per_packet: per_packet_us(server_cpu_s),
+        loadgen_cpu_us_per_packet: per_packet_us(loadgen_cpu_s),
     })
+}
+
+/// The report's name for a transport: TLS shows in the URL's scheme.
+fn transport_name(t: Transport, url: &str) -> &'static str {
+    let tls = url.starts_with("https://");
+    match (t, tls) {
+        (Transport::Derp, false) => "derp",
+        (Transport::Derp, true) => "tls",
+        (Transport::Ws, false) => "ws",
+        (Transport::Ws, true) => "wss",
+        (Transport::Raw, _) if url.starts_with("tls://") => "raw-tls",
+        (Transport::Raw, _) => "raw",
+    }
 }
 
 #[cfg(test)]
@@ -601,7 +740,7 @@ mod tests {
         let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
         let (r, _w) = a.unwrap().into_split();
         (
-            Reader::Raw(r, BytesMut::with_capacity(64 << 10)),
+            Reader::Raw(Box::new(r), BytesMut::with_capacity(64 << 10)),
             b.unwrap().0,
         )
     }

@@ -41,11 +41,14 @@ fn main() -> Result<()> {
             Cmd::Relay(a) => {
                 let r = relay::run(a).await?;
                 let h = format!(
-                    "relay {} P={} S={} offered={:.0}pps: {:.3} Gbit/s {:.0} pps loss {:.2}% p50 {:.0}µs p99 {:.0}µs p99.9 {:.0}µs cpu {} loadgen cpu {}",
-                    r.transport, r.pairs, r.size, r.offered_pps, r.delivered_gbps, r.delivered_pps,
-                    r.loss * 100.0, r.latency_p50_us, r.latency_p99_us, r.latency_p999_us,
+                    "relay {} {} P={} S={} offered={:.0}pps (actual {:.0}): {:.3} Gbit/s {:.0} pps loss {:.2}% stalls {} p50 {:.0}µs p99 {:.0}µs p99.9 {:.0}µs cpu {} loadgen cpu {}; µs/packet server {} client {}",
+                    r.transport, r.flush, r.pairs, r.size, r.offered_pps, r.actual_offered_pps,
+                    r.delivered_gbps, r.delivered_pps, r.loss * 100.0, r.window_stalls,
+                    r.latency_p50_us, r.latency_p99_us, r.latency_p999_us,
                     r.server_cpu_util.map_or("-".into(), |u| format!("{u:.2}")),
-                    r.loadgen_cpu_util.map_or("-".into(), |u| format!("{u:.2}"))
+                    r.loadgen_cpu_util.map_or("-".into(), |u| format!("{u:.2}")),
+                    r.server_cpu_us_per_packet.map_or("-".into(), |u| format!("{u:.2}")),
+                    r.loadgen_cpu_us_per_packet.map_or("-".into(), |u| format!("{u:.2}"))
                 );
                 (serde_json::to_string(&r)?, h)
             }
