@@ -7,8 +7,10 @@
 //! packet rules live in `proto::drpc`; this module owns the connection state machine.
 //!
 //! Per transport (yamux stream) the server runs one task that reads packets through
-//! `proto::drpc::PacketAssembler` and polls the active handler future in the same `select!`, plus
-//! one writer task that numbers outgoing packets and writes them. Handlers are cancelled by
+//! `proto::drpc::PacketAssembler` and polls the active handler future in the same `select!`.
+//! Outgoing packets need no task: senders number, encode and write them straight into the yamux
+//! stream through a shared `TransportWriter` (one packet in flight, back-pressure by the yamux send
+//! window, as Go's `drpcwire.Writer`). Handlers are cancelled by
 //! dropping their future (a new Invoke with a higher stream id, a Cancel, or the transport ending),
 //! so **handlers must be cancel-safe**; they can also watch [`RpcStream::cancelled`].
 //!
@@ -28,14 +30,15 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 use proto::drpc::{
     decode_error, decode_metadata, encode_error, encode_packet_with, unknown_rpc_message,
     DrpcError, Frame, Kind, Packet, PacketAssembler, MAX_PACKET_SIZE, UNIMPLEMENTED,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::io::{AsyncReadExt, AsyncWrite};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -162,8 +165,6 @@ pub trait Handler: Send + Sync + 'static {
 pub struct DrpcConfig {
     /// Messages queued towards a handler's `recv` before we stop reading the transport.
     pub recv_queue: usize,
-    /// Packets queued towards a transport's writer.
-    pub send_queue: usize,
     /// Where to count protocol errors, unknown methods and calls.
     pub metrics: MetricsRef,
 }
@@ -172,7 +173,6 @@ impl Default for DrpcConfig {
     fn default() -> Self {
         DrpcConfig {
             recv_queue: 4,
-            send_queue: 8,
             metrics: None,
         }
     }
@@ -229,19 +229,11 @@ enum Inbound {
     Error(RpcError),
 }
 
-struct Out {
-    stream_id: u64,
-    kind: Kind,
-    control: bool,
-    body: Bytes,
-    ack: Option<oneshot::Sender<Result<(), RpcError>>>,
-}
-
 /// Sending side of a call. Cloneable.
 #[derive(Clone)]
 pub struct RpcSender {
     stream_id: u64,
-    out: mpsc::Sender<Out>,
+    out: Arc<TransportWriter>,
     shared: Arc<CallShared>,
 }
 
@@ -255,16 +247,14 @@ impl std::fmt::Debug for RpcSender {
 
 impl RpcSender {
     async fn write(&self, kind: Kind, control: bool, body: Bytes) -> Result<(), RpcError> {
-        let (tx, rx) = oneshot::channel();
-        let out = Out {
-            stream_id: self.stream_id,
-            kind,
-            control,
-            body,
-            ack: Some(tx),
-        };
-        self.out.send(out).await.map_err(|_| RpcError::Closed)?;
-        rx.await.unwrap_or(Err(RpcError::Closed))
+        self.out
+            .send(OutPacket {
+                stream_id: self.stream_id,
+                kind,
+                control,
+                body,
+            })
+            .await
     }
 
     /// Sends one message (split into ≤ 64 KiB frames) and waits until it is written.
@@ -563,20 +553,28 @@ impl PacketReader {
         })
     }
 
+    /// The next packet if the bytes already read complete one (no I/O).
+    fn next_buffered(&mut self) -> Result<Option<(Packet, HeldBytes)>, ReadError> {
+        while let Some(frame) = Frame::decode(&mut self.buf).map_err(ReadError::Protocol)? {
+            if let Some(p) = self.asm.push(frame).map_err(ReadError::Protocol)? {
+                self.account()?;
+                let held = self.held.split(p.data.len()).map_err(|e| {
+                    ReadError::Io(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        e.to_string(),
+                    ))
+                })?;
+                return Ok(Some((p, held)));
+            }
+        }
+        Ok(None)
+    }
+
     /// The next packet, with its data's charge against the session's buffered-bytes limit.
     async fn next(&mut self) -> Result<(Packet, HeldBytes), ReadError> {
         loop {
-            while let Some(frame) = Frame::decode(&mut self.buf).map_err(ReadError::Protocol)? {
-                if let Some(p) = self.asm.push(frame).map_err(ReadError::Protocol)? {
-                    self.account()?;
-                    let held = self.held.split(p.data.len()).map_err(|e| {
-                        ReadError::Io(std::io::Error::new(
-                            std::io::ErrorKind::ConnectionAborted,
-                            e.to_string(),
-                        ))
-                    })?;
-                    return Ok((p, held));
-                }
+            if let Some(p) = self.next_buffered()? {
+                return Ok(p);
             }
             if self.buf.is_empty() && self.buf.capacity() > 2 * READ_CHUNK {
                 // A large packet grew the buffer: give it back rather than keep it for the
@@ -606,79 +604,253 @@ impl PacketReader {
     }
 }
 
-/// Owns a transport's write half: numbers packets per dRPC stream id (from 1) and writes each
-/// packet as soon as it is queued. Ends with FIN when every sender is gone (and, if `hold` is set,
-/// once it fires too: a client keeps its transport open until the call is over), or with RST when
-/// `abort` fires.
-async fn writer_task(
-    mut wr: StreamWriter,
-    mut rx: mpsc::Receiver<Out>,
-    abort: CancellationToken,
-    hold: Option<CancellationToken>,
-) {
-    let mut buf = BytesMut::new();
-    let mut cur_stream = 0u64;
-    let mut message_id = 0u64;
-    let aborted = abort.cancelled();
-    tokio::pin!(aborted);
-    loop {
-        let out = tokio::select! {
-            biased;
-            _ = &mut aborted => {
-                let _ = wr.reset().await;
-                return;
-            }
-            o = rx.recv() => o,
-        };
-        let Some(out) = out else { break };
-        if out.stream_id < cur_stream {
-            // A straggler from a superseded call: ids must never go backwards on the wire.
-            if let Some(ack) = out.ack {
-                let _ = ack.send(Err(RpcError::Canceled));
-            }
-            continue;
-        }
-        if out.stream_id != cur_stream {
-            cur_stream = out.stream_id;
-            message_id = 0;
-        }
-        message_id += 1;
-        buf.clear();
-        encode_packet_with(
-            out.stream_id,
-            message_id,
-            out.kind,
-            out.control,
-            &out.body,
-            &mut buf,
-        );
-        let res = tokio::select! {
-            biased;
-            _ = &mut aborted => {
-                let _ = wr.reset().await;
-                return;
-            }
-            r = wr.write_all(&buf) => r,
-        };
-        let failed = res.is_err();
-        if let Some(ack) = out.ack {
-            let _ = ack.send(res.map_err(|e| RpcError::Transport(e.to_string())));
-        }
-        if failed {
-            // Dropping `rx` fails every queued and future send.
-            return;
+// ---------------------------------------------------------------------------------------------
+// Transport writer: packets written straight into the yamux stream
+// ---------------------------------------------------------------------------------------------
+
+/// Above this capacity the encode buffer is given back once drained (a 4 MiB message must not
+/// keep a 4 MiB buffer for the transport's life).
+const KEEP_WRITE_BUFFER: usize = 16 * 1024;
+
+/// The write side of one transport, shared by every sender of its calls: numbers packets per dRPC
+/// stream id (from 1), encodes each into one buffer and writes it straight into the yamux stream.
+/// There is no writer task and no per-message acknowledgement: a send completes when the yamux
+/// stream took the whole packet, so back-pressure is the yamux send window (as Go's
+/// `drpcwire.Writer` blocks in `Write` on the stream). One packet is in flight at a time, so the
+/// frames of two packets never interleave; whoever is polled next finishes a packet whose sender
+/// was cancelled before it starts its own. The state sits under a short `std` mutex that is
+/// never held across `.await` (every step is a poll).
+struct TransportWriter {
+    st: Mutex<WriteState>,
+}
+
+struct WriteState {
+    /// `None` once reset, shut down or failed.
+    wr: Option<StreamWriter>,
+    /// The packet in flight (encoded), `buf[pos..]` not yet taken by the stream.
+    buf: BytesMut,
+    pos: usize,
+    /// Sequence number of the packet in `buf`, of the last one fully written, of the next one.
+    queued_seq: u64,
+    written_seq: u64,
+    next_seq: u64,
+    cur_stream: u64,
+    message_id: u64,
+    /// No new packet is accepted (the transport is ending).
+    closing: bool,
+    /// Why every later send fails.
+    failed: Option<RpcError>,
+    /// Senders waiting for the packet in flight to drain (at most one entry per waiting sender).
+    waiters: Vec<Waker>,
+}
+
+struct OutPacket {
+    stream_id: u64,
+    kind: Kind,
+    control: bool,
+    body: Bytes,
+}
+
+impl WriteState {
+    fn wake_waiters(&mut self) {
+        for w in self.waiters.drain(..) {
+            w.wake();
         }
     }
-    if let Some(hold) = hold {
-        tokio::select! {
-            _ = abort.cancelled() => {
-                let _ = wr.reset().await;
-                return;
-            }
-            _ = hold.cancelled() => {}
+
+    fn park(&mut self, cx: &Context<'_>) {
+        if !self.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            self.waiters.push(cx.waker().clone());
         }
     }
-    let _ = wr.shutdown().await;
+
+    fn fail(&mut self, e: RpcError) -> RpcError {
+        self.failed = Some(e.clone());
+        self.wr = None;
+        self.buf = BytesMut::new();
+        self.pos = 0;
+        self.wake_waiters();
+        e
+    }
+
+    /// Writes the packet in flight; `Ready(Ok)` once `buf` is empty.
+    fn poll_flush_packet(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RpcError>> {
+        while self.pos < self.buf.len() {
+            let Some(wr) = self.wr.as_mut() else {
+                return Poll::Ready(Err(self.fail(RpcError::Closed)));
+            };
+            match Pin::new(wr).poll_write(cx, &self.buf[self.pos..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(self.fail(RpcError::Transport("write zero".into()))));
+                }
+                Poll::Ready(Ok(n)) => self.pos += n,
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(Err(self.fail(RpcError::Transport(e.to_string()))));
+                }
+                Poll::Pending => {
+                    self.park(cx);
+                    return Poll::Pending;
+                }
+            }
+        }
+        if self.queued_seq != 0 {
+            self.written_seq = self.queued_seq;
+            self.queued_seq = 0;
+            if self.buf.capacity() > KEEP_WRITE_BUFFER {
+                self.buf = BytesMut::new();
+            } else {
+                self.buf.clear();
+            }
+            self.pos = 0;
+            self.wake_waiters();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl TransportWriter {
+    fn new(wr: StreamWriter) -> Arc<Self> {
+        Arc::new(TransportWriter {
+            st: Mutex::new(WriteState {
+                wr: Some(wr),
+                buf: BytesMut::new(),
+                pos: 0,
+                queued_seq: 0,
+                written_seq: 0,
+                next_seq: 1,
+                cur_stream: 0,
+                message_id: 0,
+                closing: false,
+                failed: None,
+                waiters: Vec::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WriteState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn poll_send(
+        &self,
+        cx: &mut Context<'_>,
+        mine: &mut u64,
+        pkt: &OutPacket,
+    ) -> Poll<Result<(), RpcError>> {
+        let mut g = self.lock();
+        loop {
+            if *mine != 0 && g.written_seq >= *mine {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(e) = &g.failed {
+                return Poll::Ready(Err(e.clone()));
+            }
+            if g.pos < g.buf.len() {
+                match g.poll_flush_packet(cx) {
+                    Poll::Ready(Ok(())) => continue,
+                    other => return other,
+                }
+            }
+            if *mine != 0 {
+                // Our packet left the buffer without being counted written: only a failure
+                // does that, and `failed` is checked above.
+                return Poll::Ready(Err(RpcError::Closed));
+            }
+            if g.closing {
+                return Poll::Ready(Err(RpcError::Closed));
+            }
+            if pkt.stream_id < g.cur_stream {
+                // A straggler from a superseded call: ids must never go backwards on the wire.
+                return Poll::Ready(Err(RpcError::Canceled));
+            }
+            if pkt.stream_id != g.cur_stream {
+                g.cur_stream = pkt.stream_id;
+                g.message_id = 0;
+            }
+            g.message_id += 1;
+            let (message_id, seq) = (g.message_id, g.next_seq);
+            g.next_seq += 1;
+            g.queued_seq = seq;
+            g.pos = 0;
+            encode_packet_with(
+                pkt.stream_id,
+                message_id,
+                pkt.kind,
+                pkt.control,
+                &pkt.body,
+                &mut g.buf,
+            );
+            *mine = seq;
+        }
+    }
+
+    /// Writes one packet; resolves once the yamux stream took all of it.
+    async fn send(&self, pkt: OutPacket) -> Result<(), RpcError> {
+        let mut mine = 0u64;
+        let guard = WakeOnDrop {
+            writer: self,
+            armed: true,
+        };
+        let res = std::future::poll_fn(|cx| self.poll_send(cx, &mut mine, &pkt)).await;
+        let mut guard = guard;
+        guard.armed = false;
+        res
+    }
+
+    /// Ends the transport in order: refuses new packets, finishes the one in flight, then FIN.
+    async fn finish(&self) {
+        self.lock().closing = true;
+        std::future::poll_fn(|cx| {
+            let mut g = self.lock();
+            if g.failed.is_some() {
+                return Poll::Ready(());
+            }
+            match g.poll_flush_packet(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
+            let Some(wr) = g.wr.as_mut() else {
+                return Poll::Ready(());
+            };
+            match Pin::new(wr).poll_shutdown(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(_) => {
+                    g.fail(RpcError::Closed);
+                    Poll::Ready(())
+                }
+            }
+        })
+        .await
+    }
+
+    /// Ends the transport at once with RST (a protocol error): the packet in flight is dropped.
+    async fn abort(&self) {
+        let wr = {
+            let mut g = self.lock();
+            let wr = g.wr.take();
+            g.fail(RpcError::Closed);
+            wr
+        };
+        if let Some(wr) = wr {
+            let _ = wr.reset().await;
+        }
+    }
+}
+
+/// A send cancelled while waiting may hold the only waker the yamux stream will wake: hand the
+/// turn to the other waiting senders.
+struct WakeOnDrop<'a> {
+    writer: &'a TransportWriter,
+    armed: bool,
+}
+
+impl Drop for WakeOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.writer.lock().wake_waiters();
+        }
+    }
 }
 
 fn log_protocol_error(metrics: &MetricsRef, stream: u32, err: &DrpcError) {
@@ -727,12 +899,14 @@ pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc
     let (rd, wr) = stream.into_split();
     let mut reader = PacketReader::new(rd, true);
     let mut writer: Option<StreamWriter> = Some(wr);
-    let abort = CancellationToken::new();
-    let mut out_tx: Option<mpsc::Sender<Out>> = None;
+    let mut aborted = false;
+    let mut out: Option<Arc<TransportWriter>> = None;
     let mut current: Option<Current> = None;
     let mut last_stream: u64 = 0;
     let mut meta: Option<(u64, BTreeMap<String, String>)> = None;
     let mut pending: Option<Inbound> = None;
+    // A packet already parsed from the read buffer (see below), processed in its turn.
+    let mut ahead: Option<(Packet, HeldBytes)> = None;
 
     loop {
         let running = current.as_ref().is_some_and(|c| c.fut.is_some());
@@ -748,7 +922,7 @@ pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc
                 let sender = match current.as_mut() {
                     Some(c) => {
                         c.fut = None;
-                        out_tx.as_ref().map(|out| RpcSender {
+                        out.as_ref().map(|out| RpcSender {
                             stream_id: c.stream_id,
                             out: out.clone(),
                             shared: c.shared.clone(),
@@ -767,8 +941,27 @@ pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc
                 if let (Some(p), Some(item)) = (permit, pending.take()) {
                     p.send(item);
                 }
+                // The call may answer as soon as it is polled, and its packets go straight to the
+                // stream: a protocol error already in the read buffer must end the transport
+                // before that (nothing is answered on a broken transport).
+                if ahead.is_none() {
+                    match reader.next_buffered() {
+                        Ok(p) => ahead = p,
+                        Err(ReadError::Protocol(e)) => {
+                            log_protocol_error(&config.metrics, yamux_id, &e);
+                            aborted = true;
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
             }
-            pkt = reader.next(), if pending.is_none() => {
+            pkt = async {
+                match ahead.take() {
+                    Some(p) => Ok(p),
+                    None => reader.next().await,
+                }
+            }, if pending.is_none() => {
                 let (pkt, held) = match pkt {
                     Ok(p) => p,
                     Err(ReadError::Eof) => break,
@@ -778,7 +971,7 @@ pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc
                     }
                     Err(ReadError::Protocol(e)) => {
                         log_protocol_error(&config.metrics, yamux_id, &e);
-                        abort.cancel();
+                        aborted = true;
                         break;
                     }
                 };
@@ -790,14 +983,14 @@ pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc
                     if is_invoke {
                         let e = DrpcError::Metadata("invoke on existing stream".into());
                         log_protocol_error(&config.metrics, yamux_id, &e);
-                        abort.cancel();
+                        aborted = true;
                         break;
                     }
                     match on_call_packet(current.as_mut(), pkt, held) {
                         Ok(item) => pending = item,
                         Err(e) => {
                             log_protocol_error(&config.metrics, yamux_id, &e);
-                            abort.cancel();
+                            aborted = true;
                             break;
                         }
                     }
@@ -813,7 +1006,7 @@ pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc
                         Ok(m) => meta = Some((pkt.stream_id, m)),
                         Err(e) => {
                             log_protocol_error(&config.metrics, yamux_id, &e);
-                            abort.cancel();
+                            aborted = true;
                             break;
                         }
                     },
@@ -855,12 +1048,11 @@ pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc
                             }
                         }
                         reader.raw = None;
-                        let tx = match (&out_tx, writer.take()) {
+                        let tx = match (&out, writer.take()) {
                             (Some(tx), _) => tx.clone(),
                             (None, Some(wr)) => {
-                                let (tx, rx) = mpsc::channel(config.send_queue.max(1));
-                                tokio::spawn(writer_task(wr, rx, abort.clone(), None));
-                                out_tx = Some(tx.clone());
+                                let tx = TransportWriter::new(wr);
+                                out = Some(tx.clone());
                                 tx
                             }
                             (None, None) => break,
@@ -877,12 +1069,19 @@ pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc
             }
         }
     }
-    // Transport over: cancel the call (dropping its future) and let the writer finish.
+    // Transport over: cancel the call (dropping its future), then end the write side: RST after
+    // a protocol error, else the packet in flight and FIN.
     if let Some(c) = current.take() {
         c.shared.terminate();
     }
-    drop(out_tx);
     drop(writer);
+    if let Some(out) = out {
+        if aborted {
+            out.abort().await;
+        } else {
+            out.finish().await;
+        }
+    }
 }
 
 /// Maps a packet for the current call to an inbound item (or nothing).
@@ -948,7 +1147,7 @@ async fn start_call(
     stream_id: u64,
     method: String,
     metadata: BTreeMap<String, String>,
-    out: mpsc::Sender<Out>,
+    out: Arc<TransportWriter>,
 ) -> Current {
     let shared = CallShared::new();
     let (in_tx, in_rx) = mpsc::channel(config.recv_queue.max(1));
@@ -1099,10 +1298,10 @@ async fn open_client_call(
         .await
         .map_err(|e| RpcError::Transport(e.to_string()))?;
     let (rd, wr) = stream.into_split();
-    let abort = CancellationToken::new();
-    let (out_tx, out_rx) = mpsc::channel(config.send_queue.max(1));
+    // The write side ends with FIN when the call's guard and every sender are gone (the last
+    // `Arc` drops the stream's write half), or with RST from the reader on a protocol error.
+    let out = TransportWriter::new(wr);
     let guard = CancellationToken::new();
-    tokio::spawn(writer_task(wr, out_rx, abort.clone(), Some(guard.clone())));
     let shared = CallShared::new();
     let (in_tx, in_rx) = mpsc::channel(config.recv_queue.max(1));
     tokio::spawn(client_reader(
@@ -1110,12 +1309,12 @@ async fn open_client_call(
         in_tx,
         shared.clone(),
         guard.clone(),
-        abort,
+        out.clone(),
         config.metrics.clone(),
     ));
     let sender = RpcSender {
         stream_id: 1,
-        out: out_tx,
+        out,
         shared: shared.clone(),
     };
     sender
@@ -1143,7 +1342,7 @@ async fn client_reader(
     in_tx: mpsc::Sender<Inbound>,
     shared: Arc<CallShared>,
     guard: CancellationToken,
-    abort: CancellationToken,
+    out: Arc<TransportWriter>,
     metrics: MetricsRef,
 ) {
     let yamux_id = reader.rd.id();
@@ -1160,7 +1359,7 @@ async fn client_reader(
             Err(ReadError::Protocol(e)) => {
                 log_protocol_error(&metrics, yamux_id, &e);
                 let _ = in_tx.try_send(Inbound::Error(RpcError::Protocol(e.to_string())));
-                abort.cancel();
+                out.abort().await;
                 break;
             }
         };
@@ -1178,7 +1377,7 @@ async fn client_reader(
             Err(e) => {
                 log_protocol_error(&metrics, yamux_id, &e);
                 let _ = in_tx.try_send(Inbound::Error(RpcError::Protocol(e.to_string())));
-                abort.cancel();
+                out.abort().await;
                 break;
             }
         };
