@@ -1,0 +1,277 @@
+//! The session's owner and handles: [`Session`] (accepts inbound streams; dropping it closes the
+//! session) and [`SessionHandle`] (open, ping, GoAway, close, observe the end). [`Session::new`]
+//! starts the one driver task that runs the reader, the writer and the keepalive loop and that
+//! ends with the session.
+
+use super::*;
+
+/// Owner of a yamux session: accepts inbound streams. Dropping it closes the session; use
+/// [`Session::handle`] for cloneable access (open, ping, close) from elsewhere.
+pub struct Session {
+    pub(super) handle: SessionHandle,
+    pub(super) accept_rx: mpsc::Receiver<Stream>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("client", &self.handle.inner.client)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Cloneable handle to a session.
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub(super) inner: Arc<Inner>,
+    pub(super) done: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for SessionHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionHandle")
+            .field("client", &self.inner.client)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Runs the server side (coderd's role: accepts odd client streams, never opens any).
+    pub fn server<T>(io: T, config: Config) -> Session
+    where
+        T: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        Session::new(io, config, false)
+    }
+
+    /// Runs the client side (agents' and CLIs' role: opens odd-numbered streams).
+    pub fn client<T>(io: T, config: Config) -> Session
+    where
+        T: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        Session::new(io, config, true)
+    }
+
+    pub(super) fn new<T>(io: T, config: Config, client: bool) -> Session
+    where
+        T: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (data_tx, data_rx) = mpsc::channel(config.write_queue_depth.max(1));
+        let (ctrl_tx, ctrl_rx) = mpsc::channel(256);
+        let (accept_tx, accept_rx) = mpsc::channel(config.accept_backlog.max(1));
+        let (done_tx, done_rx) = watch::channel(false);
+        let max_window = config.max_stream_window.max(INITIAL_WINDOW);
+        gauge_add(&config.metrics, |m| &m.yamux_sessions, 1);
+        let inner = Arc::new(Inner {
+            client,
+            streams: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(if client { 1 } else { 2 }),
+            data_tx,
+            ctrl_tx,
+            wu_pending: Mutex::new(Vec::new()),
+            wu_notify: Notify::new(),
+            pings: Mutex::new(HashMap::new()),
+            ping_id: AtomicU32::new(0),
+            shutdown: CancellationToken::new(),
+            shut: AtomicBool::new(false),
+            end: Mutex::new(None),
+            remote_goaway: AtomicBool::new(false),
+            local_goaway: AtomicBool::new(false),
+            max_window,
+            buffered: AtomicUsize::new(0),
+            over_buffer_limit: AtomicBool::new(false),
+            config,
+        });
+        let (rd, wr) = tokio::io::split(io);
+        let driver_inner = inner.clone();
+        tokio::spawn(async move {
+            let inner = driver_inner;
+            tokio::join!(
+                reader_loop(inner.clone(), rd, accept_tx),
+                writer_loop(inner.clone(), wr, data_rx, ctrl_rx),
+                keepalive_loop(inner.clone()),
+            );
+            // Whatever ended the session, make sure everything observes it.
+            inner.shutdown_with(SessionError::Closed);
+            let streams: Vec<Arc<StreamState>> = inner.streams().drain().map(|(_, s)| s).collect();
+            for s in streams {
+                let mut g = s.lock();
+                if !g.removed {
+                    g.removed = true;
+                    gauge_add(&inner.config.metrics, |m| &m.yamux_streams, -1);
+                }
+                wake_all(&mut g);
+            }
+            gauge_add(&inner.config.metrics, |m| &m.yamux_sessions, -1);
+            let _ = done_tx.send(true);
+        });
+        Session {
+            handle: SessionHandle {
+                inner,
+                done: done_rx,
+            },
+            accept_rx,
+        }
+    }
+
+    /// Waits for the next inbound stream (already ACKed). Fails once the session has ended.
+    pub async fn accept(&mut self) -> Result<Stream, SessionError> {
+        match self.accept_rx.recv().await {
+            Some(s) => Ok(s),
+            None => Err(self.handle.inner.end_error()),
+        }
+    }
+
+    /// A cloneable handle.
+    pub fn handle(&self) -> SessionHandle {
+        self.handle.clone()
+    }
+
+    /// See [`SessionHandle::open`].
+    pub async fn open(&self) -> Result<Stream, SessionError> {
+        self.handle.open().await
+    }
+
+    /// See [`SessionHandle::ping`].
+    pub async fn ping(&self) -> Result<Duration, SessionError> {
+        self.handle.ping().await
+    }
+
+    /// See [`SessionHandle::close`].
+    pub async fn close(&self) -> SessionError {
+        self.handle.close().await
+    }
+
+    /// See [`SessionHandle::closed`].
+    pub async fn closed(&self) -> SessionError {
+        self.handle.closed().await
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.handle.start_close();
+    }
+}
+
+impl SessionHandle {
+    /// Opens a stream (client role: odd ids). Returns at once, like hashicorp's `Open`: data may
+    /// be written before the ACK arrives; if no ACK arrives within `stream_open_timeout` the
+    /// session is closed.
+    pub async fn open(&self) -> Result<Stream, SessionError> {
+        let inner = &self.inner;
+        if inner.is_shutdown() {
+            return Err(inner.end_error());
+        }
+        if inner.remote_goaway.load(Ordering::Acquire) {
+            return Err(SessionError::RemoteGoAwayNormal);
+        }
+        if inner.local_goaway.load(Ordering::Acquire) {
+            return Err(SessionError::LocalGoAway);
+        }
+        let state = {
+            let mut map = inner.streams();
+            if map.len() >= inner.config.max_streams {
+                return Err(SessionError::StreamsExhausted);
+            }
+            let id = inner.next_id.fetch_add(2, Ordering::Relaxed);
+            if id >= u32::MAX - 1 {
+                return Err(SessionError::StreamsExhausted);
+            }
+            let state = Arc::new(StreamState::new(
+                id,
+                inner.max_window,
+                INITIAL_WINDOW,
+                false,
+            ));
+            map.insert(id, state.clone());
+            state
+        };
+        gauge_add(&inner.config.metrics, |m| &m.yamux_streams, 1);
+        let syn = OutFrame {
+            header: Header::window_update(Flags::SYN, state.id, inner.max_window - INITIAL_WINDOW),
+            body: Bytes::new(),
+        };
+        let sent = tokio::select! {
+            _ = inner.shutdown.cancelled() => Err(inner.end_error()),
+            r = inner.data_tx.send(syn) => r.map_err(|_| inner.end_error()),
+        };
+        if let Err(e) = sent {
+            inner.remove_stream(&state);
+            return Err(e);
+        }
+        // Open timeout: an un-ACKed stream aborts the session (hashicorp behaviour).
+        let weak = Arc::downgrade(inner);
+        let st = state.clone();
+        let timeout = inner.config.stream_open_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let Some(inner) = weak.upgrade() else { return };
+            let (acked, removed) = {
+                let g = st.lock();
+                (g.acked, g.removed)
+            };
+            if !acked && !removed && !inner.is_shutdown() {
+                tracing::info!(
+                    stream = st.id,
+                    "yamux: stream open not acknowledged; closing session"
+                );
+                inner.shutdown_with(SessionError::StreamOpenTimeout);
+            }
+        });
+        Ok(Stream::new(state, inner.clone()))
+    }
+
+    /// Sends a ping and waits for the reply (at most `connection_write_timeout`); returns the RTT.
+    pub async fn ping(&self) -> Result<Duration, SessionError> {
+        self.inner.ping().await
+    }
+
+    /// Sends GoAway(normal): the peer must not open new streams; existing streams continue.
+    pub async fn go_away(&self) -> Result<(), SessionError> {
+        self.inner.local_goaway.store(true, Ordering::Release);
+        self.inner.send_ctrl(Header::go_away(GO_AWAY_NORMAL)).await
+    }
+
+    pub(super) fn start_close(&self) {
+        if self.inner.is_shutdown() {
+            return;
+        }
+        let _ = self.inner.ctrl_tx.try_send(Header::go_away(GO_AWAY_NORMAL));
+        self.inner.shutdown_with(SessionError::Closed);
+    }
+
+    /// Closes the session (GoAway(normal) best effort, then the transport) and waits until its
+    /// tasks have finished. Returns why it ended (the first cause wins).
+    pub async fn close(&self) -> SessionError {
+        self.start_close();
+        self.closed().await
+    }
+
+    /// Waits until the session has ended and returns why.
+    pub async fn closed(&self) -> SessionError {
+        let mut done = self.done.clone();
+        let _ = done.wait_for(|d| *d).await;
+        self.inner.end_error()
+    }
+
+    /// Whether the session has been shut down (its tasks may still be finishing).
+    pub fn is_closed(&self) -> bool {
+        self.inner.is_shutdown()
+    }
+
+    /// Number of live streams.
+    pub fn num_streams(&self) -> usize {
+        self.inner.streams().len()
+    }
+
+    /// Whether this is the client side.
+    pub fn is_client(&self) -> bool {
+        self.inner.client
+    }
+
+    /// Bytes the session holds buffered and unread right now (see [`Config::max_buffered_bytes`]).
+    pub fn buffered_bytes(&self) -> usize {
+        self.inner.buffered.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,133 @@
+//! The session's writer, the only code that writes to the transport: control frames (ACK, window
+//! updates, ping replies, GoAway) before stream data, frames batched, and the session failed if
+//! one write blocks past `connection_write_timeout` (Go's rule).
+
+use super::*;
+
+pub(super) fn drain_control(
+    inner: &Inner,
+    ctrl_rx: &mut mpsc::Receiver<Header>,
+    batch: &mut BytesMut,
+) {
+    while let Ok(h) = ctrl_rx.try_recv() {
+        batch.extend_from_slice(&h.encode());
+    }
+    let ids: Vec<u32> = match inner.wu_pending.lock() {
+        Ok(mut v) => std::mem::take(&mut *v),
+        Err(_) => Vec::new(),
+    };
+    if ids.is_empty() {
+        return;
+    }
+    let map = inner.streams();
+    for id in ids {
+        let Some(state) = map.get(&id) else { continue };
+        let mut g = state.lock();
+        g.wu_queued = false;
+        if g.removed || g.reset || g.remote_closed || g.detached {
+            continue;
+        }
+        let free = inner
+            .max_window
+            .saturating_sub(g.buffered.min(u32::MAX as usize) as u32);
+        let delta = free.saturating_sub(g.recv_window);
+        if delta > 0 {
+            g.recv_window += delta;
+            batch.extend_from_slice(&Header::window_update(Flags::NONE, id, delta).encode());
+        }
+    }
+}
+
+pub(super) fn push_frame(batch: &mut BytesMut, f: OutFrame) {
+    batch.extend_from_slice(&f.header.encode());
+    batch.extend_from_slice(&f.body);
+}
+
+pub(super) async fn writer_loop<W>(
+    inner: Arc<Inner>,
+    mut wr: W,
+    mut data_rx: mpsc::Receiver<OutFrame>,
+    mut ctrl_rx: mpsc::Receiver<Header>,
+) where
+    W: AsyncWrite + Unpin,
+{
+    let timeout = inner.config.connection_write_timeout;
+    let mut batch = BytesMut::with_capacity(INITIAL_BATCH_CAPACITY);
+    let shutdown = inner.shutdown.clone();
+    let shut_down = shutdown.cancelled();
+    tokio::pin!(shut_down);
+    loop {
+        if inner.is_shutdown() {
+            break;
+        }
+        batch.clear();
+        drain_control(&inner, &mut ctrl_rx, &mut batch);
+        while batch.len() < WRITE_BATCH {
+            match data_rx.try_recv() {
+                Ok(f) => {
+                    // Control queued before this frame must go first (ACK before data).
+                    drain_control(&inner, &mut ctrl_rx, &mut batch);
+                    push_frame(&mut batch, f);
+                }
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            tokio::select! {
+                biased;
+                _ = &mut shut_down => break,
+                h = ctrl_rx.recv() => match h {
+                    Some(h) => batch.extend_from_slice(&h.encode()),
+                    None => break,
+                },
+                _ = inner.wu_notify.notified() => drain_control(&inner, &mut ctrl_rx, &mut batch),
+                f = data_rx.recv() => match f {
+                    Some(f) => {
+                        drain_control(&inner, &mut ctrl_rx, &mut batch);
+                        push_frame(&mut batch, f);
+                    }
+                    None => break,
+                },
+            }
+            if batch.is_empty() {
+                continue;
+            }
+        }
+        let write = async {
+            wr.write_all(&batch).await?;
+            wr.flush().await
+        };
+        // Not cancelled by shutdown: a half-written frame would corrupt the final GoAway.
+        let res = tokio::time::timeout(timeout, write).await;
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                inner.shutdown_with(SessionError::Io(e.to_string()));
+                break;
+            }
+            Err(_) => {
+                count(&inner.config.metrics, |m| &m.yamux_write_timeouts);
+                tracing::info!(
+                    "yamux: frame write blocked past the write timeout; closing session"
+                );
+                inner.shutdown_with(SessionError::WriteTimeout);
+                // The transport is stuck: don't try to write anything else.
+                let _ = tokio::time::timeout(Duration::from_millis(10), wr.shutdown()).await;
+                return;
+            }
+        }
+    }
+    // Final flush of control frames queued before shutdown (GoAway), bounded.
+    batch.clear();
+    while let Ok(h) = ctrl_rx.try_recv() {
+        batch.extend_from_slice(&h.encode());
+    }
+    let finish = async {
+        if !batch.is_empty() {
+            wr.write_all(&batch).await?;
+            wr.flush().await?;
+        }
+        wr.shutdown().await
+    };
+    let _ = tokio::time::timeout(timeout, finish).await;
+}
