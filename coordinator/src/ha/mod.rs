@@ -737,8 +737,9 @@ impl Stage {
         }
         match op {
             Op::Node { about, .. } => !self.peers.contains(about),
-            Op::Gone { about, .. } => {
-                !self.peers.contains(about) && !self.tunnel_srcs.contains(about)
+            Op::Gone { about, kind } => {
+                !self.peers.contains(about)
+                    && (*kind != Kind::Disconnected || !self.tunnel_srcs.contains(about))
             }
             Op::Tunnel { about, to } | Op::Untunnel { about, to } => {
                 !self.pairs.contains(&(*about, *to)) && !self.deleted.contains(about)
@@ -1589,5 +1590,99 @@ impl Mapper {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{stages, Op, STAGE_OPS};
+    use proto::tailnet::v2::coordinate_response::peer_update::Kind;
+    use uuid::Uuid;
+
+    const A: Uuid = Uuid::from_u128(0xa);
+    const B: Uuid = Uuid::from_u128(0xb);
+
+    fn node(about: Uuid) -> Op {
+        Op::Node {
+            about,
+            key: vec![1],
+            bytes: vec![1],
+        }
+    }
+
+    fn sizes(ops: Vec<Op>) -> Vec<usize> {
+        stages(ops).iter().map(|s| s.ops.len()).collect()
+    }
+
+    #[test]
+    fn disjoint_rows_share_a_stage() {
+        let ops = vec![
+            node(A),
+            node(B),
+            Op::Tunnel { about: A, to: B },
+            Op::Untunnel { about: B, to: A },
+            Op::Rfh { about: A, to: B },
+            Op::Connected { about: A },
+            Op::Gone {
+                about: Uuid::from_u128(0xc),
+                kind: Kind::Disconnected,
+            },
+        ];
+        assert_eq!(sizes(ops), vec![7]);
+    }
+
+    #[test]
+    fn a_row_touched_twice_starts_a_new_stage_in_order() {
+        // A node after the peer's graceful leave (it reconnected): delete first, then upsert.
+        let s = stages(vec![
+            node(A),
+            Op::Gone {
+                about: A,
+                kind: Kind::Disconnected,
+            },
+            node(A),
+        ]);
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[1].deletes, vec![A]);
+        assert_eq!(s[2].node_ids, vec![A]);
+        // A tunnel and the graceful leave of its source: the delete takes the tunnel with it.
+        assert_eq!(
+            sizes(vec![
+                Op::Tunnel { about: A, to: B },
+                Op::Gone {
+                    about: A,
+                    kind: Kind::Disconnected,
+                },
+                Op::Tunnel { about: A, to: B },
+            ]),
+            vec![1, 1, 1]
+        );
+        // The same tunnel added and removed.
+        assert_eq!(
+            sizes(vec![
+                Op::Tunnel { about: A, to: B },
+                Op::Untunnel { about: A, to: B },
+            ]),
+            vec![1, 1]
+        );
+        // A lost peer's tunnels stay, so they do not conflict with its status.
+        assert_eq!(
+            sizes(vec![
+                Op::Tunnel { about: A, to: B },
+                Op::Gone {
+                    about: A,
+                    kind: Kind::Lost,
+                },
+            ]),
+            vec![2]
+        );
+    }
+
+    #[test]
+    fn a_stage_holds_at_most_stage_ops() {
+        let ops = (0..STAGE_OPS as u128 + 1)
+            .map(|i| node(Uuid::from_u128(i + 100)))
+            .collect();
+        assert_eq!(sizes(ops), vec![STAGE_OPS, 1]);
     }
 }

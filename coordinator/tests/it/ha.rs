@@ -746,6 +746,92 @@ async fn burst_of_updates_for_one_peer_is_coalesced_into_the_latest() {
     drop((h1, h2));
 }
 
+/// A burst of 100 clients connecting to one replica (each with a tunnel to an agent on the
+/// other and a node) is written and read in batches: a handful of statements on each side, not
+/// one or more per client (before batching: 2 writes and about 8 reads per client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_of_connects_is_written_and_read_in_batches() {
+    let pg = PgServer::start();
+    let url = pg.create_db().await;
+    let (g1, g2) = (graph(), graph());
+    let (reg1, reg2) = (Registry::new(), Registry::new());
+    let h1 = ha::start_with(
+        g1.clone(),
+        &url,
+        ha::HaOptions {
+            registry: reg1.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let h2 = ha::start_with(
+        g2.clone(),
+        &url,
+        ha::HaOptions {
+            registry: reg2.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut agent = Peer::connect(&g2, Uuid::new_v4());
+    agent.update(node(1));
+    // The agent is written and known before the burst.
+    let mut first = Peer::connect(&g1, Uuid::new_v4());
+    first.tunnel(agent.id);
+    first.update(node(2));
+    agent.expect(first.id, Kind::Node, Some(2), SOON).await;
+    first.expect(agent.id, Kind::Node, Some(1), SOON).await;
+
+    let stmts = |r: &Registry| {
+        (
+            counter(r, "coordinator_ha_write_statements_total", None),
+            counter(r, "coordinator_ha_read_statements_total", None),
+        )
+    };
+    let (w1, r1) = stmts(&reg1);
+    let (w2, r2) = stmts(&reg2);
+    let clients: Vec<Peer> = (0..100)
+        .map(|_| {
+            let c = Peer::connect(&g1, Uuid::new_v4());
+            c.tunnel(agent.id);
+            c.update(node(3));
+            c
+        })
+        .collect();
+    let want: std::collections::HashSet<Uuid> = clients.iter().map(|c| c.id).collect();
+    let mut seen = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + SOON;
+    while seen.len() < want.len() {
+        let r = tokio::time::timeout_at(deadline, agent.rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the agent saw {} of 100 clients", seen.len()))
+            .expect("agent stream closed");
+        for u in r.peer_updates {
+            let id = Uuid::from_slice(&u.id).unwrap();
+            if u.kind == Kind::Node as i32 && want.contains(&id) {
+                seen.insert(id);
+            }
+        }
+    }
+    let mut clients = clients;
+    for c in clients.iter_mut() {
+        c.expect(agent.id, Kind::Node, Some(1), SOON).await;
+    }
+    let (w1, r1) = (stmts(&reg1).0 - w1, stmts(&reg1).1 - r1);
+    let (w2, r2) = (stmts(&reg2).0 - w2, stmts(&reg2).1 - r2);
+    assert!(
+        w1 + w2 <= 20 && r1 + r2 <= 20,
+        "100 connects took {w1}+{w2} write and {r1}+{r2} read statements"
+    );
+    assert!(
+        w1 >= 1 && r2 >= 1,
+        "nothing counted: {w1} writes, {r2} reads"
+    );
+    drop((clients, first, h1, h2));
+}
+
 /// The writer's queue (16 events here) overflows under 300 connecting peers: it re-synchronises
 /// from the graph instead of losing them. Afterwards the table holds exactly the connected
 /// peers (all `ok`) and their tunnels: the 50 peers that left gracefully are deleted with their
