@@ -77,7 +77,10 @@
 //! * **Batches by time, not by worker.** pgcoord's querier batches up to 50 keys per query over
 //!   10 workers and reads the bindings of all tunnel peers of a local peer; here one mapper reads
 //!   every remote peer (and tunnel pair) notified within [`MAPPER_DEBOUNCE`] in one statement
-//!   (up to `MAPPER_BATCH` keys), which gives the same result per peer.
+//!   (up to `MAPPER_BATCH` keys), which gives the same result per peer. A batch reaches a
+//!   local receiver as one update per remote peer, as fast as a local burst would (the graph's
+//!   512-response bound applies: a receiver that does not read is closed), where pgcoord's
+//!   mapper sends one response of up to 1,024 updates.
 //! * **Local wins.** A peer id connected here is never also remote here (the graph's rule); rows
 //!   of that id under other coordinators are ignored while it is connected here.
 //! * **Overflow re-syncs** (above): pgcoord's binder also keeps one pending binding per peer, but

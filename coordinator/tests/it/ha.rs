@@ -574,15 +574,11 @@ async fn burst_of_1000_peers_across_three_replicas_converges() {
         rx: mut agent_rx,
         ..
     } = agent;
-    let mut clients: Vec<Peer> = (0..999)
-        .map(|i| {
-            let c = Peer::connect(&gs[i % 3], Uuid::new_v4());
-            c.tunnel(agent_id);
-            c.update(node(2));
-            c
-        })
-        .collect();
-    let want: std::collections::HashSet<Uuid> = clients.iter().map(|c| c.id).collect();
+    // The agent reads from before the burst, as a real agent does (a receiver that lets 512
+    // responses queue up is closed; the mapper hands a whole batch of remote peers to the graph
+    // at once).
+    let ids: Vec<Uuid> = (0..999).map(|_| Uuid::new_v4()).collect();
+    let want: std::collections::HashSet<Uuid> = ids.iter().copied().collect();
     let agent_side = tokio::spawn(async move {
         let mut seen = std::collections::HashSet::new();
         while seen.len() < want.len() {
@@ -598,6 +594,16 @@ async fn burst_of_1000_peers_across_three_replicas_converges() {
         }
         agent_handle
     });
+    let mut clients: Vec<Peer> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let c = Peer::connect(&gs[i % 3], *id);
+            c.tunnel(agent_id);
+            c.update(node(2));
+            c
+        })
+        .collect();
     let start = Instant::now();
     // Clients stay connected until the agent has seen them all.
     for c in clients.iter_mut() {
