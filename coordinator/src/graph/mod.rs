@@ -147,7 +147,8 @@ pub use self::core::{
 pub use self::outbox::{Encoded, PeerReceiver, TryRecvError};
 use self::outbox::{Outbox, PushError, Update};
 pub use self::remote::{
-    LocalPeerState, RemoteSource, SourceEvent, SourceEvents, DEFAULT_SOURCE_QUEUE,
+    LocalPeerState, RemoteSource, Resync, SourceEvent, SourceEvents, DEFAULT_SOURCE_QUEUE,
+    RESYNC_LEAVES,
 };
 use self::shard::{Conn, Link, Locked, Shards};
 use crate::authz::{AuthzError, CoordinateeAuth};

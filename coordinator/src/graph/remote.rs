@@ -43,7 +43,10 @@
 //!   receives local connects and tunnel changes ([`SourceEvent::Connected`],
 //!   [`SourceEvent::TunnelAdded`], [`SourceEvent::TunnelRemoved`]), queued under the same shard
 //!   locks as the other events. It re-synchronises after an overflow without being replaced:
-//!   [`PeerGraph::resync_all`] restarts its queue and hands it every local peer, atomically.
+//!   [`PeerGraph::resync_all`] restarts its queue and hands it every local peer, atomically,
+//!   and the peers that left gracefully while it was failed (remembered, bounded by
+//!   [`RESYNC_LEAVES`]), so that it can delete what it wrote about them instead of marking them
+//!   LOST.
 //!
 //! # Not yet general
 //!
@@ -73,6 +76,9 @@ use super::{Kicks, PeerGraph, Pusher};
 
 /// Events queued to one source before it is marked failed.
 pub const DEFAULT_SOURCE_QUEUE: usize = 1024;
+/// Most graceful leaves the watch-all source remembers between an overflow and its re-sync
+/// (beyond, they are counted in [`Resync::leaves_forgotten`] and re-synced as LOST).
+pub const RESYNC_LEAVES: usize = 65_536;
 
 /// What a watched local peer did that a source must pass on.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,6 +138,20 @@ pub struct LocalPeerState {
     pub tunnels: Vec<Uuid>,
 }
 
+/// What [`PeerGraph::resync_all`] reads: the state to re-synchronise from.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Resync {
+    /// Every connected local peer.
+    pub peers: Vec<LocalPeerState>,
+    /// Peers that left gracefully (Disconnect) while events were dropped, at most
+    /// [`RESYNC_LEAVES`] (in no order; a peer may have connected again since: then it is also in
+    /// `peers`). A store must delete what it wrote about them, as for
+    /// `SourceEvent::Gone { kind: Kind::Disconnected }`.
+    pub left_gracefully: Vec<Uuid>,
+    /// Graceful leaves beyond [`RESYNC_LEAVES`] that were not remembered.
+    pub leaves_forgotten: u64,
+}
+
 /// The bounded queue between the graph (which pushes under shard locks) and a source's owner.
 #[derive(Debug)]
 pub(crate) struct SourceSink {
@@ -146,6 +166,11 @@ struct SinkInner {
     queue: VecDeque<SourceEvent>,
     failed: bool,
     closed: bool,
+    /// Only the watch-all source (it re-syncs instead of being replaced): remember graceful
+    /// leaves while failed, in `left` (bounded by [`RESYNC_LEAVES`]; the excess in `forgotten`).
+    record_leaves: bool,
+    left: HashSet<Uuid>,
+    forgotten: u64,
 }
 
 impl SourceSink {
@@ -153,11 +178,16 @@ impl SourceSink {
     /// Returns false if the push overflowed the queue just now.
     pub(crate) fn push(&self, ev: SourceEvent) -> bool {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if g.failed || g.closed {
+        if g.closed {
+            return true;
+        }
+        if g.failed {
+            g.remember_leave(&ev);
             return true;
         }
         if g.queue.len() >= self.capacity {
             g.failed = true;
+            g.remember_leave(&ev);
             drop(g);
             self.notify.notify_one();
             return false;
@@ -173,6 +203,26 @@ impl SourceSink {
         g.closed = true;
         drop(g);
         self.notify.notify_one();
+    }
+}
+
+impl SinkInner {
+    /// While failed: a graceful leave is remembered for the re-sync (the event itself is dropped).
+    fn remember_leave(&mut self, ev: &SourceEvent) {
+        if let SourceEvent::Gone {
+            about,
+            kind: Kind::Disconnected,
+        } = ev
+        {
+            if !self.record_leaves || self.left.contains(about) {
+                return;
+            }
+            if self.left.len() < RESYNC_LEAVES {
+                self.left.insert(*about);
+            } else {
+                self.forgotten += 1;
+            }
+        }
     }
 }
 
@@ -300,21 +350,33 @@ impl PeerGraph {
     ) -> Option<(RemoteSource, SourceEvents)> {
         let (source, events) = self.remote_source(queue);
         self.watch_all.set(source.sink.clone()).ok()?;
+        source
+            .sink
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record_leaves = true;
         Some((source, events))
     }
 
     /// Re-synchronises the watch-all source after [`SourceEvent::Overflow`]: with every shard
     /// held, empties its queue and clears its failed mark (events are queued again from this
-    /// moment), and reads every connected local peer. Applying the returned state and then the
-    /// events queued after it gives the current graph. `None` without a watch-all source.
-    pub fn resync_all(&self) -> Option<Vec<LocalPeerState>> {
+    /// moment), takes the graceful leaves it remembered while failed, and reads every connected
+    /// local peer. Applying the returned state (deleting the graceful leavers, marking other
+    /// vanished peers LOST) and then the events queued after it gives the current graph. `None`
+    /// without a watch-all source.
+    pub fn resync_all(&self) -> Option<Resync> {
         let w = self.watch_all.get()?;
         let l = self.shards.lock_all();
-        {
+        let (left, forgotten) = {
             let mut g = w.inner.lock().unwrap_or_else(|p| p.into_inner());
             g.queue.clear();
             g.failed = false;
-        }
+            (
+                std::mem::take(&mut g.left),
+                std::mem::take(&mut g.forgotten),
+            )
+        };
         let peers = l
             .entries()
             .filter(|(_, e)| e.conn.is_some())
@@ -330,7 +392,11 @@ impl PeerGraph {
             })
             .collect();
         drop(l);
-        Some(peers)
+        Some(Resync {
+            peers,
+            left_gracefully: left.into_iter().collect(),
+            leaves_forgotten: forgotten,
+        })
     }
 
     /// Queues `ev` to the watch-all source, if any (caller holds the shard of the peer `ev` is
@@ -1106,6 +1172,47 @@ mod tests {
         assert_eq!(got[2], SourceEvent::Overflow);
         assert_eq!(g.metrics.remote_source_overflows.get(), 1);
         assert_eq!(ev.try_recv(), Some(Some(SourceEvent::Overflow)));
+    }
+
+    /// The watch-all source remembers graceful leaves that fell into its overflow (not LOST
+    /// ones), and hands them over with the re-sync; a peer that left and came back is both live
+    /// and a leaver (its earlier rows must go).
+    #[test]
+    fn watch_all_overflow_remembers_graceful_leaves_for_the_resync() {
+        let g = graph();
+        let (_src, mut ev) = g.remote_source_all(2).unwrap();
+        let (ha, _ra) = agent(&g, A);
+        update(&g, &ha, 1);
+        update(&g, &ha, 2);
+        assert_eq!(events(&mut ev).last(), Some(&SourceEvent::Overflow));
+        let (hx, _rx) = agent(&g, X);
+        let disconnect = CoordinateRequest {
+            disconnect: Some(Disconnect {}),
+            ..Default::default()
+        };
+        let _ = g.handle(&hx, disconnect.clone());
+        drop(hx);
+        let (hc, _rc) = agent(&g, C);
+        drop(hc); // LOST: not remembered
+        let (ha2, _ra2) = agent(&g, A2);
+        let _ = g.handle(&ha2, disconnect);
+        drop(ha2);
+        let (ha2b, _ra2b) = agent(&g, A2); // back again
+        let r = g.resync_all().unwrap();
+        let mut left = r.left_gracefully.clone();
+        left.sort();
+        let mut want = vec![X, A2];
+        want.sort();
+        assert_eq!(left, want);
+        assert_eq!(r.leaves_forgotten, 0);
+        let mut live: Vec<Uuid> = r.peers.iter().map(|p| p.id).collect();
+        live.sort();
+        let mut want = vec![A, A2];
+        want.sort();
+        assert_eq!(live, want);
+        // Taken: the next re-sync starts empty.
+        assert!(g.resync_all().unwrap().left_gracefully.is_empty());
+        drop(ha2b);
     }
 
     #[test]

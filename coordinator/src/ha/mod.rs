@@ -25,21 +25,33 @@
 //!   statement. A node that differs from the last written one only in `as_of` is not written.
 //!   **Coalescing:** the writer takes what is queued (up to 4,096 events) and writes
 //!   only the last node of each peer between two of its other events, so a burst of updates is one
-//!   write of the latest (`coordinator_ha_coalesced_total`). It remembers only **connected** local
+//!   write of the latest (`coordinator_ha_coalesced_total`). **Batching:** what it took is split
+//!   into stages of at most `STAGE_OPS` operations that touch disjoint rows, each written by
+//!   one statement (multi-row upserts/deletes over arrays, one notification per row), and the
+//!   stages of a batch are pipelined on one connection: one round trip per batch, however many
+//!   peers it carries (`coordinator_ha_write_statements_total`). It remembers only **connected** local
 //!   peers and their tunnels (a LOST or DISCONNECTED peer is forgotten: its row stays for the
 //!   others, and after a crash the others see it LOST anyway), so its memory follows the graph.
 //!   **Overflow:** its queue is bounded ([`HaOptions::writer_queue`]); when it overflows, events
 //!   are dropped (counted in `coordinator_remote_source_overflows_total`) and the writer
 //!   re-synchronises: [`PeerGraph::resync_all`] restarts the queue and hands it every local peer
-//!   atomically; peers it wrote that are gone are set `lost`, stale tunnels deleted, the rest
-//!   written (`coordinator_ha_resyncs_total`). A write that fails because the database is away is
+//!   atomically, with the peers that left **gracefully** while events were dropped (the graph
+//!   remembers up to [`crate::graph::RESYNC_LEAVES`] of them; beyond, counted in
+//!   `coordinator_ha_resync_leaves_forgotten_total`). Those are deleted with the tunnels they are
+//!   the source of, as their Disconnect would have been; other peers it wrote that are gone are
+//!   set `lost` (row and tunnels kept); stale tunnels are deleted and the rest written
+//!   (`coordinator_ha_resyncs_total`). A write that fails because the database is away is
 //!   retried (the queue fills meanwhile; an overflow ends in a re-sync).
 //! * **Connections:** one `deadpool-postgres` pool ([`POOL_SIZE`] connections) shared by writer,
 //!   mapper, heartbeat and clean-up (a connection found closed is replaced on its next use), and
 //!   one dedicated LISTEN connection. Statements per kind: `coordinator_ha_writes_total`.
 //! * The **mapper**: one `LISTEN` connection. A notification about peer X (or a tunnel with X at
 //!   one end) makes it re-read X's rows and X's tunnels, keep the ends that are local here, and
-//!   apply X's **best binding** to the graph: `ok` rows of live coordinators beat `lost` ones, newer
+//!   apply X's **best binding** to the graph. **Batched:** it gathers notifications and hints for
+//!   [`MAPPER_DEBOUNCE`] after the first (or up to `MAPPER_BATCH` keys) and reads all of them
+//!   with one statement (`READ_BATCH`, `= ANY($1)`), so a burst of connects or updates costs one
+//!   read per batch (`coordinator_ha_read_statements_total`); READY_FOR_HANDSHAKE notifications
+//!   are passed on after the reads gathered before them. The best binding: `ok` rows of live coordinators beat `lost` ones, newer
 //!   `updated_at` beats older (pgcoord's rule). No row left → DISCONNECTED; only lost rows or
 //!   only rows of dead coordinators → LOST. A coordinator is dead [`MISSED_HEARTBEATS`] ×
 //!   [`HEARTBEAT_PERIOD`] after its last heartbeat *received here* (clock skew is irrelevant);
@@ -62,13 +74,18 @@
 //!   teardown can write LOST after the newcomer's first NODE. Here the graph ignores a stale
 //!   connection's end ([`crate::graph`], "Liveness is per connection"), so no stale LOST reaches
 //!   the writer.
-//! * **One re-read per notification, no batching.** pgcoord's querier batches up to 50 keys and
-//!   reads bindings of all tunnel peers of a local peer; here the mapper reads one remote peer's
-//!   rows and tunnels per notification, which gives the same result per peer.
+//! * **Batches by time, not by worker.** pgcoord's querier batches up to 50 keys per query over
+//!   10 workers and reads the bindings of all tunnel peers of a local peer; here one mapper reads
+//!   every remote peer (and tunnel pair) notified within [`MAPPER_DEBOUNCE`] in one statement
+//!   (up to `MAPPER_BATCH` keys), which gives the same result per peer. A batch reaches a
+//!   local receiver as one update per remote peer, as fast as a local burst would (the graph's
+//!   512-response bound applies: a receiver that does not read is closed), where pgcoord's
+//!   mapper sends one response of up to 1,024 updates.
 //! * **Local wins.** A peer id connected here is never also remote here (the graph's rule); rows
 //!   of that id under other coordinators are ignored while it is connected here.
 //! * **Overflow re-syncs** (above): pgcoord's binder also keeps one pending binding per peer, but
-//!   its bounded channels drop what does not fit; here an overflow ends in a re-sync.
+//!   its bounded channels drop what does not fit; here an overflow ends in a re-sync that keeps
+//!   pgcoord's semantics (graceful leavers deleted, lost ones kept as `lost`).
 
 mod schema;
 
@@ -246,6 +263,12 @@ struct HaMetrics {
     resyncs: IntCounter,
     /// Statements that failed (and were retried or given up).
     errors: IntCounterVec,
+    /// Statements the writer sent (each writes a whole stage).
+    statements: IntCounter,
+    /// Statements the mapper sent (reads).
+    reads: IntCounter,
+    /// Graceful leaves that fell into an overflow beyond what the graph remembers (set LOST).
+    resync_leaves_forgotten: IntCounter,
 }
 
 impl HaMetrics {
@@ -254,8 +277,8 @@ impl HaMetrics {
             writes: IntCounterVec::new(
                 Opts::new(
                     "coordinator_ha_writes_total",
-                    "Statements the PostgreSQL writer sent, by kind (peer, lost, delete, tunnel, \
-                     untunnel, rfh).",
+                    "Rows (and READY_FOR_HANDSHAKE notifications) the PostgreSQL writer wrote, by \
+                     kind (peer, lost, delete, tunnel, untunnel, rfh); several per statement.",
                 ),
                 &["kind"],
             )?,
@@ -274,8 +297,24 @@ impl HaMetrics {
                 ),
                 &["task"],
             )?,
+            statements: IntCounter::new(
+                "coordinator_ha_write_statements_total",
+                "Statements the PostgreSQL writer sent (each writes a batch of rows).",
+            )?,
+            reads: IntCounter::new(
+                "coordinator_ha_read_statements_total",
+                "Statements the PostgreSQL mapper sent (each reads a batch of peers).",
+            )?,
+            resync_leaves_forgotten: IntCounter::new(
+                "coordinator_ha_resync_leaves_forgotten_total",
+                "Graceful leaves during a writer overflow beyond what the graph remembers \
+                 (re-synchronised as lost instead of deleted).",
+            )?,
         };
         registry.register(Box::new(m.writes.clone()))?;
+        registry.register(Box::new(m.statements.clone()))?;
+        registry.register(Box::new(m.reads.clone()))?;
+        registry.register(Box::new(m.resync_leaves_forgotten.clone()))?;
         registry.register(Box::new(m.coalesced.clone()))?;
         registry.register(Box::new(m.resyncs.clone()))?;
         registry.register(Box::new(m.errors.clone()))?;
@@ -494,6 +533,7 @@ pub async fn start_with(
         coords: HashMap::new(),
         tracked: HashMap::new(),
         errors: metrics.errors.with_label_values(&["mapper"]),
+        reads: metrics.reads.clone(),
     };
     mapper.load_live_coordinators().await?;
     let mapper_task = tokio::spawn(mapper.run(notify_rx, hint_rx));
@@ -604,6 +644,168 @@ fn retryable(e: &HaError) -> bool {
     }
 }
 
+/// Most operations in one [`Stage`] (one statement).
+const STAGE_OPS: usize = 1024;
+
+/// One stage's statement: every write kind as a multi-row data-modifying CTE over arrays, and
+/// one notification per written row (pgcoord's channels and payloads), in one round trip.
+/// `$1` this coordinator; `$2` peers that left gracefully (row and all tunnels they are the
+/// source of deleted); `$3` peers lost (status `lost`, tunnels kept); `$4`/`$5` node upserts
+/// (ids, nodes); `$6`/`$7` tunnels deleted (src, dst); `$8`/`$9` tunnels upserted (src, dst);
+/// `$10` READY_FOR_HANDSHAKE payloads (`"<to>,<from>"`). The coordinator row is (re)created
+/// first, as pgcoord's rows reference it (after a crash truncated the table, before the next
+/// heartbeat). A stage never touches one row twice (see [`Stage::fits`]), so the CTEs, which
+/// see one snapshot, do not interfere.
+const WRITE_STAGE: &str = "\
+WITH c AS (INSERT INTO tailnet_coordinators (id, heartbeat_at) \
+    VALUES ($1, now() at time zone 'utc') ON CONFLICT (id) DO NOTHING), \
+dp AS (DELETE FROM tailnet_peers WHERE coordinator_id = $1 AND id = ANY($2::uuid[]) RETURNING id), \
+dt AS (DELETE FROM tailnet_tunnels WHERE coordinator_id = $1 AND (src_id = ANY($2::uuid[]) \
+    OR (src_id, dst_id) IN (SELECT s, d FROM unnest($6::uuid[], $7::uuid[]) AS u(s, d))) \
+    RETURNING src_id, dst_id), \
+lp AS (UPDATE tailnet_peers SET status = 'lost'::tailnet_status, \
+    updated_at = now() at time zone 'utc' WHERE coordinator_id = $1 AND id = ANY($3::uuid[]) \
+    RETURNING id), \
+up AS (INSERT INTO tailnet_peers (id, coordinator_id, node, status, updated_at) \
+    SELECT u.id, $1, u.node, 'ok'::tailnet_status, now() at time zone 'utc' \
+    FROM unnest($4::uuid[], $5::bytea[]) AS u(id, node) \
+    ON CONFLICT (id, coordinator_id) DO UPDATE SET node = excluded.node, \
+    status = 'ok'::tailnet_status, updated_at = now() at time zone 'utc' RETURNING id), \
+ut AS (INSERT INTO tailnet_tunnels (coordinator_id, src_id, dst_id, updated_at) \
+    SELECT $1, u.s, u.d, now() at time zone 'utc' FROM unnest($8::uuid[], $9::uuid[]) AS u(s, d) \
+    ON CONFLICT (coordinator_id, src_id, dst_id) DO UPDATE SET updated_at = now() at time zone 'utc' \
+    RETURNING src_id, dst_id), \
+n AS (SELECT 'tailnet_peer_update' AS ch, id::text AS msg FROM dp \
+    UNION ALL SELECT 'tailnet_peer_update', id::text FROM lp \
+    UNION ALL SELECT 'tailnet_peer_update', id::text FROM up \
+    UNION ALL SELECT 'tailnet_tunnel_update', src_id::text || ',' || dst_id::text FROM dt \
+    UNION ALL SELECT 'tailnet_tunnel_update', src_id::text || ',' || dst_id::text FROM ut \
+    UNION ALL SELECT 'tailnet_ready_for_handshake', r FROM unnest($10::text[]) AS r) \
+SELECT count(pg_notify(ch, msg))::int8 FROM n";
+
+/// One write, as the writer stages it.
+enum Op {
+    Node {
+        about: Uuid,
+        key: Vec<u8>,
+        bytes: Vec<u8>,
+    },
+    Gone {
+        about: Uuid,
+        kind: Kind,
+    },
+    Tunnel {
+        about: Uuid,
+        to: Uuid,
+    },
+    Untunnel {
+        about: Uuid,
+        to: Uuid,
+    },
+    Rfh {
+        about: Uuid,
+        to: Uuid,
+    },
+    Connected {
+        about: Uuid,
+    },
+}
+
+/// Writes of one batch that touch disjoint rows, sent as one statement ([`WRITE_STAGE`]). A new
+/// stage starts where an operation would touch a row the current one already touches (a peer's
+/// row twice; a tunnel twice; a graceful leave and a tunnel of the same source), so applying the
+/// stages in order is applying the events in order.
+#[derive(Default)]
+struct Stage {
+    ops: Vec<Op>,
+    deletes: Vec<Uuid>,
+    lost: Vec<Uuid>,
+    node_ids: Vec<Uuid>,
+    node_bytes: Vec<Vec<u8>>,
+    untunnel_src: Vec<Uuid>,
+    untunnel_dst: Vec<Uuid>,
+    tunnel_src: Vec<Uuid>,
+    tunnel_dst: Vec<Uuid>,
+    rfh: Vec<String>,
+    peers: HashSet<Uuid>,
+    pairs: HashSet<(Uuid, Uuid)>,
+    tunnel_srcs: HashSet<Uuid>,
+    deleted: HashSet<Uuid>,
+}
+
+impl Stage {
+    fn fits(&self, op: &Op) -> bool {
+        if self.ops.len() >= STAGE_OPS {
+            return false;
+        }
+        match op {
+            Op::Node { about, .. } => !self.peers.contains(about),
+            Op::Gone { about, kind } => {
+                !self.peers.contains(about)
+                    && (*kind != Kind::Disconnected || !self.tunnel_srcs.contains(about))
+            }
+            Op::Tunnel { about, to } | Op::Untunnel { about, to } => {
+                !self.pairs.contains(&(*about, *to)) && !self.deleted.contains(about)
+            }
+            Op::Rfh { .. } | Op::Connected { .. } => true,
+        }
+    }
+
+    fn push(&mut self, op: Op) {
+        match &op {
+            Op::Node { about, bytes, .. } => {
+                self.peers.insert(*about);
+                self.node_ids.push(*about);
+                self.node_bytes.push(bytes.clone());
+            }
+            Op::Gone { about, kind } => {
+                self.peers.insert(*about);
+                if *kind == Kind::Disconnected {
+                    self.deleted.insert(*about);
+                    self.deletes.push(*about);
+                } else {
+                    self.lost.push(*about);
+                }
+            }
+            Op::Tunnel { about, to } => {
+                self.pairs.insert((*about, *to));
+                self.tunnel_srcs.insert(*about);
+                self.tunnel_src.push(*about);
+                self.tunnel_dst.push(*to);
+            }
+            Op::Untunnel { about, to } => {
+                self.pairs.insert((*about, *to));
+                self.tunnel_srcs.insert(*about);
+                self.untunnel_src.push(*about);
+                self.untunnel_dst.push(*to);
+            }
+            Op::Rfh { about, to } => self.rfh.push(format!("{to},{about}")),
+            Op::Connected { .. } => {}
+        }
+        self.ops.push(op);
+    }
+
+    /// Whether the stage writes anything (a stage of only `Connected` has hints only).
+    fn writes(&self) -> bool {
+        self.ops.iter().any(|o| !matches!(o, Op::Connected { .. }))
+    }
+}
+
+/// Splits `ops` into [`Stage`]s, in order.
+fn stages(ops: impl IntoIterator<Item = Op>) -> Vec<Stage> {
+    let mut out: Vec<Stage> = vec![Stage::default()];
+    for op in ops {
+        if !out.last().is_some_and(|s| s.fits(&op)) {
+            out.push(Stage::default());
+        }
+        if let Some(s) = out.last_mut() {
+            s.push(op);
+        }
+    }
+    out.retain(|s| !s.ops.is_empty());
+    out
+}
+
 /// Mirrors local peers into the tables.
 struct Writer {
     pool: Pool,
@@ -644,253 +846,281 @@ impl Writer {
             let overflowed = matches!(batch.last(), Some(SourceEvent::Overflow));
             let (batch, dropped) = coalesce(batch);
             self.metrics.coalesced.inc_by(dropped);
-            for ev in batch {
-                if !matches!(ev, SourceEvent::Overflow) {
-                    self.apply_retrying(ev).await;
-                }
-            }
+            let ops = self.ops(batch);
+            self.write(stages(ops)).await;
             if overflowed {
                 self.resync().await;
             }
         }
     }
 
-    /// Applies `ev`, retrying while the database is unreachable (the queue fills meanwhile and,
-    /// if it overflows, [`Writer::resync`] catches up).
-    async fn apply_retrying(&mut self, ev: SourceEvent) {
-        loop {
-            match self.apply(ev.clone()).await {
-                Ok(()) => return,
-                Err(e) => {
-                    self.metrics.errors.with_label_values(&["writer"]).inc();
-                    if !retryable(&e) {
-                        tracing::warn!(error = %e, "postgres write failed");
-                        return;
+    /// The operations for `events`, in order; a node that differs from the one written (or
+    /// about to be, earlier in `events`) only in `as_of` is left out.
+    fn ops(&self, events: Vec<SourceEvent>) -> Vec<Op> {
+        // Node keys as they will be once the earlier ops are written (None: forgotten).
+        let mut ahead: HashMap<Uuid, Option<Vec<u8>>> = HashMap::new();
+        let mut out = Vec::with_capacity(events.len());
+        for ev in events {
+            let op = match ev {
+                SourceEvent::Node { about, node } => {
+                    let mut cmp = (*node).clone();
+                    cmp.as_of = None;
+                    let key = cmp.encode_to_vec();
+                    let current = match ahead.get(&about) {
+                        Some(k) => k.as_ref(),
+                        None => self.nodes.get(&about).map(|w| &w.key),
+                    };
+                    if current == Some(&key) {
+                        continue;
                     }
-                    tracing::warn!(error = %e, "postgres write failed; retrying");
-                    tokio::time::sleep(REDIAL_PAUSE).await;
+                    ahead.insert(about, Some(key.clone()));
+                    Op::Node {
+                        about,
+                        key,
+                        bytes: node.encode_to_vec(),
+                    }
                 }
+                SourceEvent::Gone { about, kind } => {
+                    ahead.insert(about, None);
+                    Op::Gone { about, kind }
+                }
+                SourceEvent::TunnelAdded { about, to } => Op::Tunnel { about, to },
+                SourceEvent::TunnelRemoved { about, to } => Op::Untunnel { about, to },
+                SourceEvent::ReadyForHandshake { about, to } => Op::Rfh { about, to },
+                SourceEvent::Connected { about } => Op::Connected { about },
+                SourceEvent::Overflow => continue,
+            };
+            out.push(op);
+        }
+        out
+    }
+
+    /// Writes `stages` in order: all of them pipelined on one connection (one round trip), then
+    /// each result in order. A stage that failed because the database is away is retried with
+    /// the ones after it (the queue fills meanwhile and, if it overflows, [`Writer::resync`]
+    /// catches up); one that failed otherwise is logged, counted and skipped.
+    async fn write(&mut self, stages: Vec<Stage>) {
+        let mut next = 0;
+        while next < stages.len() {
+            let results = match self.pool.get().await {
+                Ok(db) => match db.prepare_cached(WRITE_STAGE).await {
+                    Ok(stmt) => {
+                        let me = self.me;
+                        futures_util::future::join_all(stages[next..].iter().map(|s| {
+                            let db = &db;
+                            let stmt = &stmt;
+                            async move {
+                                if !s.writes() {
+                                    return Ok(());
+                                }
+                                db.query_one(
+                                    stmt,
+                                    &[
+                                        &me,
+                                        &s.deletes,
+                                        &s.lost,
+                                        &s.node_ids,
+                                        &s.node_bytes,
+                                        &s.untunnel_src,
+                                        &s.untunnel_dst,
+                                        &s.tunnel_src,
+                                        &s.tunnel_dst,
+                                        &s.rfh,
+                                    ],
+                                )
+                                .await
+                                .map(|_| ())
+                                .map_err(HaError::from)
+                            }
+                        }))
+                        .await
+                    }
+                    Err(e) => vec![Err(e.into())],
+                },
+                Err(e) => vec![Err(e.into())],
+            };
+            let mut retry = false;
+            for r in results {
+                match r {
+                    Ok(()) => {
+                        if stages[next].writes() {
+                            self.metrics.statements.inc();
+                        }
+                        self.written(&stages[next]).await;
+                        next += 1;
+                    }
+                    Err(e) => {
+                        self.metrics.errors.with_label_values(&["writer"]).inc();
+                        if retryable(&e) {
+                            tracing::warn!(error = %e, "postgres write failed; retrying");
+                            retry = true;
+                            break;
+                        }
+                        tracing::warn!(error = %e, "postgres write failed");
+                        next += 1;
+                    }
+                }
+            }
+            if retry {
+                tokio::time::sleep(REDIAL_PAUSE).await;
+            }
+        }
+    }
+
+    /// `stage` is in the database: remember it, count it, and have the mapper map what it
+    /// changed for local peers.
+    async fn written(&mut self, stage: &Stage) {
+        let writes = &self.metrics.writes;
+        for op in &stage.ops {
+            let hint = match op {
+                Op::Node { about, key, bytes } => {
+                    writes.with_label_values(&["peer"]).inc();
+                    self.nodes.insert(
+                        *about,
+                        Written {
+                            key: key.clone(),
+                            bytes: bytes.clone(),
+                        },
+                    );
+                    None
+                }
+                Op::Gone { about, kind } => {
+                    writes
+                        .with_label_values(&[if *kind == Kind::Disconnected {
+                            "delete"
+                        } else {
+                            "lost"
+                        }])
+                        .inc();
+                    // Gone either way: the row (lost) and its tunnels stay in PostgreSQL for
+                    // the others, but this writer keeps only connected peers.
+                    self.nodes.remove(about);
+                    self.tunnels.retain(|(src, _)| src != about);
+                    None
+                }
+                Op::Tunnel { about, to } => {
+                    writes.with_label_values(&["tunnel"]).inc();
+                    self.tunnels.insert((*about, *to));
+                    Some(Hint::Remote {
+                        remote: *to,
+                        local: *about,
+                    })
+                }
+                Op::Untunnel { about, to } => {
+                    writes.with_label_values(&["untunnel"]).inc();
+                    self.tunnels.remove(&(*about, *to));
+                    Some(Hint::Remote {
+                        remote: *to,
+                        local: *about,
+                    })
+                }
+                Op::Rfh { .. } => {
+                    writes.with_label_values(&["rfh"]).inc();
+                    None
+                }
+                Op::Connected { about } => Some(Hint::LocalConnected(*about)),
+            };
+            if let Some(h) = hint {
+                let _ = self.hints.send(h).await;
             }
         }
     }
 
     /// The queue overflowed, so events were dropped: re-read every connected local peer from the
-    /// graph (which restarts the queue at the same moment) and write the difference.
+    /// graph (which restarts the queue at the same moment) and write the difference. Peers this
+    /// writer wrote that left gracefully meanwhile (the graph remembers them) are deleted with
+    /// the tunnels they are the source of, as a Disconnect is; the others that vanished are set
+    /// LOST (row and tunnels kept).
     async fn resync(&mut self) {
         self.metrics.resyncs.inc();
-        let Some(snapshot) = self.graph.resync_all() else {
+        let Some(state) = self.graph.resync_all() else {
             return;
         };
+        self.metrics
+            .resync_leaves_forgotten
+            .inc_by(state.leaves_forgotten);
         tracing::warn!(
-            peers = snapshot.len(),
+            peers = state.peers.len(),
+            left_gracefully = state.left_gracefully.len(),
             "postgres writer queue overflowed; re-synchronising from the graph"
         );
-        let live: HashSet<Uuid> = snapshot.iter().map(|p| p.id).collect();
-        let tunnels: HashSet<(Uuid, Uuid)> = snapshot
+        let live: HashSet<Uuid> = state.peers.iter().map(|p| p.id).collect();
+        let left: HashSet<Uuid> = state.left_gracefully.into_iter().collect();
+        // Peers this writer has rows or tunnels of.
+        let known: HashSet<Uuid> = self
+            .nodes
+            .keys()
+            .copied()
+            .chain(self.tunnels.iter().map(|(src, _)| *src))
+            .collect();
+        let mut events = Vec::new();
+        let mut gone = HashSet::new();
+        for id in known {
+            // A graceful leaver that came back is deleted too: what was written before it left
+            // goes, and its current state is written below.
+            let kind = if left.contains(&id) {
+                Kind::Disconnected
+            } else if !live.contains(&id) {
+                Kind::Lost
+            } else {
+                continue;
+            };
+            gone.insert(id);
+            events.push(SourceEvent::Gone { about: id, kind });
+        }
+        // Tunnels as they will be once the leavers are written (the writer forgets theirs).
+        let kept: HashSet<(Uuid, Uuid)> = self
+            .tunnels
+            .iter()
+            .filter(|(src, _)| !gone.contains(src))
+            .copied()
+            .collect();
+        let current: HashSet<(Uuid, Uuid)> = state
+            .peers
             .iter()
             .flat_map(|p| p.tunnels.iter().map(move |t| (p.id, *t)))
             .collect();
-        // Peers that left while events were dropped: how they left is unknown, so LOST (their
-        // tunnel peers keep WireGuard; the row is cleaned up on Coder's schedule).
-        let gone: Vec<Uuid> = self
-            .nodes
-            .keys()
-            .filter(|id| !live.contains(id))
-            .copied()
-            .collect();
-        for id in gone {
-            self.apply_retrying(SourceEvent::Gone {
-                about: id,
-                kind: Kind::Lost,
-            })
-            .await;
+        for (about, to) in kept.difference(&current) {
+            events.push(SourceEvent::TunnelRemoved {
+                about: *about,
+                to: *to,
+            });
         }
-        let stale: Vec<(Uuid, Uuid)> = self.tunnels.difference(&tunnels).copied().collect();
-        for (about, to) in stale {
-            self.apply_retrying(SourceEvent::TunnelRemoved { about, to })
-                .await;
-        }
-        for p in snapshot {
+        for p in state.peers {
             if let Some(node) = p.node {
-                self.apply_retrying(SourceEvent::Node { about: p.id, node })
-                    .await;
+                events.push(SourceEvent::Node { about: p.id, node });
             }
             for to in p.tunnels {
-                if !self.tunnels.contains(&(p.id, to)) {
-                    self.apply_retrying(SourceEvent::TunnelAdded { about: p.id, to })
-                        .await;
+                if !kept.contains(&(p.id, to)) {
+                    events.push(SourceEvent::TunnelAdded { about: p.id, to });
                 }
             }
-            let _ = self.hints.send(Hint::LocalConnected(p.id)).await;
+            events.push(SourceEvent::Connected { about: p.id });
         }
+        let ops = self.ops(events);
+        self.write(stages(ops)).await;
     }
 
     /// After PostgreSQL came back: it may have restarted, or crashed and truncated the UNLOGGED
     /// tables; write every local peer and tunnel again (and publish them), and have the mapper
     /// re-read the remote ends of local peers' tunnels.
     async fn republish(&mut self) {
-        loop {
-            let r = async {
-                let db = self.pool.get().await?;
-                for (id, w) in &self.nodes {
-                    write_peer(&db, self.me, *id, &w.bytes).await?;
-                    self.metrics.writes.with_label_values(&["peer"]).inc();
-                }
-                for (src, dst) in &self.tunnels {
-                    write_tunnel(&db, self.me, *src, *dst).await?;
-                    self.metrics.writes.with_label_values(&["tunnel"]).inc();
-                }
-                Ok::<(), HaError>(())
-            }
-            .await;
-            match r {
-                Ok(()) => break,
-                Err(e) if retryable(&e) => {
-                    tracing::warn!(error = %e, "re-publishing local peers failed; retrying");
-                    tokio::time::sleep(REDIAL_PAUSE).await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "re-publishing local peers failed");
-                    return;
-                }
-            }
-        }
-        for id in self.nodes.keys() {
-            let _ = self.hints.send(Hint::LocalConnected(*id)).await;
-        }
+        let mut ops: Vec<Op> = self
+            .nodes
+            .iter()
+            .map(|(id, w)| Op::Node {
+                about: *id,
+                key: w.key.clone(),
+                bytes: w.bytes.clone(),
+            })
+            .collect();
+        ops.extend(self.tunnels.iter().map(|(about, to)| Op::Tunnel {
+            about: *about,
+            to: *to,
+        }));
+        ops.extend(self.nodes.keys().map(|id| Op::Connected { about: *id }));
+        self.write(stages(ops)).await;
     }
-
-    async fn apply(&mut self, ev: SourceEvent) -> Result<(), HaError> {
-        let writes = &self.metrics.writes;
-        match ev {
-            SourceEvent::Node { about, node } => {
-                let mut cmp = (*node).clone();
-                cmp.as_of = None;
-                let key = cmp.encode_to_vec();
-                if self.nodes.get(&about).is_some_and(|w| w.key == key) {
-                    return Ok(());
-                }
-                let bytes = node.encode_to_vec();
-                let db = self.pool.get().await?;
-                write_peer(&db, self.me, about, &bytes).await?;
-                writes.with_label_values(&["peer"]).inc();
-                self.nodes.insert(about, Written { key, bytes });
-            }
-            SourceEvent::Gone { about, kind } => {
-                let db = self.pool.get().await?;
-                if kind == Kind::Disconnected {
-                    db.execute(
-                        "WITH p AS (DELETE FROM tailnet_peers WHERE id = $1 \
-                         AND coordinator_id = $2 RETURNING id) \
-                         SELECT pg_notify('tailnet_peer_update', id::text) FROM p",
-                        &[&about, &self.me],
-                    )
-                    .await?;
-                    db.execute(
-                        "WITH t AS (DELETE FROM tailnet_tunnels WHERE coordinator_id = $1 \
-                         AND src_id = $2 RETURNING src_id, dst_id) \
-                         SELECT pg_notify('tailnet_tunnel_update', \
-                         src_id::text || ',' || dst_id::text) FROM t",
-                        &[&self.me, &about],
-                    )
-                    .await?;
-                    writes.with_label_values(&["delete"]).inc_by(2);
-                } else {
-                    db.execute(
-                        "WITH p AS (UPDATE tailnet_peers SET status = 'lost'::tailnet_status, \
-                         updated_at = now() at time zone 'utc' WHERE id = $1 \
-                         AND coordinator_id = $2 RETURNING id) \
-                         SELECT pg_notify('tailnet_peer_update', id::text) FROM p",
-                        &[&about, &self.me],
-                    )
-                    .await?;
-                    writes.with_label_values(&["lost"]).inc();
-                }
-                // Gone either way: the row (lost) and its tunnels stay in PostgreSQL for the
-                // others, but this writer keeps only connected peers.
-                self.nodes.remove(&about);
-                self.tunnels.retain(|(src, _)| *src != about);
-            }
-            SourceEvent::TunnelAdded { about, to } => {
-                let db = self.pool.get().await?;
-                write_tunnel(&db, self.me, about, to).await?;
-                writes.with_label_values(&["tunnel"]).inc();
-                self.tunnels.insert((about, to));
-                let _ = self
-                    .hints
-                    .send(Hint::Remote {
-                        remote: to,
-                        local: about,
-                    })
-                    .await;
-            }
-            SourceEvent::TunnelRemoved { about, to } => {
-                let db = self.pool.get().await?;
-                db.execute(
-                    "WITH t AS (DELETE FROM tailnet_tunnels WHERE coordinator_id = $1 \
-                     AND src_id = $2 AND dst_id = $3 RETURNING src_id, dst_id) \
-                     SELECT pg_notify('tailnet_tunnel_update', \
-                     src_id::text || ',' || dst_id::text) FROM t",
-                    &[&self.me, &about, &to],
-                )
-                .await?;
-                writes.with_label_values(&["untunnel"]).inc();
-                self.tunnels.remove(&(about, to));
-                let _ = self
-                    .hints
-                    .send(Hint::Remote {
-                        remote: to,
-                        local: about,
-                    })
-                    .await;
-            }
-            SourceEvent::ReadyForHandshake { about, to } => {
-                let db = self.pool.get().await?;
-                notify(&db, CHANNEL_READY_FOR_HANDSHAKE, &format!("{to},{about}")).await?;
-                writes.with_label_values(&["rfh"]).inc();
-            }
-            SourceEvent::Connected { about } => {
-                let _ = self.hints.send(Hint::LocalConnected(about)).await;
-            }
-            SourceEvent::Overflow => {}
-        }
-        Ok(())
-    }
-}
-
-async fn write_peer(db: &Client, me: Uuid, id: Uuid, bytes: &[u8]) -> Result<(), HaError> {
-    db.execute(
-        "WITH c AS (INSERT INTO tailnet_coordinators (id, heartbeat_at) \
-         VALUES ($2, now() at time zone 'utc') ON CONFLICT (id) DO NOTHING), \
-         p AS (INSERT INTO tailnet_peers \
-         (id, coordinator_id, node, status, updated_at) \
-         VALUES ($1, $2, $3, 'ok'::tailnet_status, now() at time zone 'utc') \
-         ON CONFLICT (id, coordinator_id) DO UPDATE SET node = $3, \
-         status = 'ok'::tailnet_status, updated_at = now() at time zone 'utc' \
-         RETURNING id) \
-         SELECT pg_notify('tailnet_peer_update', id::text) FROM p",
-        &[&id, &me, &bytes],
-    )
-    .await?;
-    Ok(())
-}
-
-async fn write_tunnel(db: &Client, me: Uuid, src: Uuid, dst: Uuid) -> Result<(), HaError> {
-    db.execute(
-        "WITH c AS (INSERT INTO tailnet_coordinators (id, heartbeat_at) \
-         VALUES ($1, now() at time zone 'utc') ON CONFLICT (id) DO NOTHING), \
-         t AS (INSERT INTO tailnet_tunnels \
-         (coordinator_id, src_id, dst_id, updated_at) \
-         VALUES ($1, $2, $3, now() at time zone 'utc') \
-         ON CONFLICT (coordinator_id, src_id, dst_id) \
-         DO UPDATE SET updated_at = now() at time zone 'utc' \
-         RETURNING src_id, dst_id) \
-         SELECT pg_notify('tailnet_tunnel_update', \
-         src_id::text || ',' || dst_id::text) FROM t",
-        &[&me, &src, &dst],
-    )
-    .await?;
-    Ok(())
 }
 
 /// What the graph was last told about one remote peer.
@@ -900,6 +1130,104 @@ struct Tracked {
     node: Option<Vec<u8>>,
     /// Local peers it is linked with through this source.
     tunnels: HashSet<Uuid>,
+}
+
+/// Most keys (peers, pairs, local peers) the mapper reads in one statement.
+const MAPPER_BATCH: usize = 1024;
+/// Most keys the mapper holds pending; beyond, it stops taking notifications and hints (their
+/// bounded queues then hold the rest) until a read went through.
+const MAPPER_PENDING: usize = 4 * MAPPER_BATCH;
+/// How long the mapper gathers notifications and hints before reading them all at once.
+pub const MAPPER_DEBOUNCE: Duration = Duration::from_millis(5);
+
+/// The mapper's one read per batch: `$1` remote peers to re-read fully; `$2` local peers that
+/// connected (the other ends of their tunnels are re-read fully too); `$3`/`$4` (remote, local)
+/// pairs whose tunnel is re-read; `$5` this coordinator. Returns the peer rows (`tunnel` false:
+/// id, coordinator, node, status, updated_at in µs) of every peer to re-read, then (`tunnel`
+/// true: src, dst) every tunnel of the peers re-read fully and the pairs' tunnels in either
+/// direction. pgcoord's `GetTailnetTunnelPeerBindingsBatch` reads the same, per local peer.
+const READ_BATCH: &str = "\
+WITH e AS (SELECT CASE WHEN src_id = ANY($2::uuid[]) THEN dst_id ELSE src_id END AS id \
+    FROM tailnet_tunnels WHERE src_id = ANY($2::uuid[]) OR dst_id = ANY($2::uuid[])), \
+f AS (SELECT unnest($1::uuid[]) AS id UNION SELECT id FROM e), \
+pr AS (SELECT r, l FROM unnest($3::uuid[], $4::uuid[]) AS pr(r, l)) \
+SELECT false AS tunnel, id, coordinator_id, node, status::text, \
+    (extract(epoch FROM updated_at) * 1000000)::int8 \
+    FROM tailnet_peers WHERE coordinator_id <> $5 \
+    AND (id IN (SELECT id FROM f) OR id = ANY($3::uuid[])) \
+UNION ALL \
+SELECT DISTINCT true, src_id, dst_id, NULL::bytea, NULL::text, NULL::int8 FROM tailnet_tunnels \
+    WHERE src_id IN (SELECT id FROM f) OR dst_id IN (SELECT id FROM f) \
+    OR (src_id, dst_id) IN (SELECT r, l FROM pr) OR (src_id, dst_id) IN (SELECT l, r FROM pr)";
+
+/// Reads the mapper has gathered and not yet made.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Remote peers to re-read fully, and what a peer without rows is reported as.
+    full: HashMap<Uuid, Kind>,
+    /// (remote, local) pairs: the remote's binding and only that tunnel.
+    pairs: HashSet<(Uuid, Uuid)>,
+    /// Local peers that connected: re-read the remote ends of their tunnels.
+    locals: HashSet<Uuid>,
+    /// READY_FOR_HANDSHAKE (from remote, to local), passed on after the reads gathered before it.
+    rfh: Vec<(Uuid, Uuid)>,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.full.len() + self.pairs.len() + self.locals.len() + self.rfh.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Puts a batch that failed back (later requests for the same keys win).
+    fn merge_back(&mut self, older: Pending) {
+        for (x, k) in older.full {
+            self.full.entry(x).or_insert(k);
+        }
+        self.pairs.extend(older.pairs);
+        self.locals.extend(older.locals);
+        let newer = std::mem::replace(&mut self.rfh, older.rfh);
+        self.rfh.extend(newer);
+    }
+
+    /// Takes at most [`MAPPER_BATCH`] keys out (READY_FOR_HANDSHAKE only once no read is left).
+    fn take_chunk(&mut self) -> Pending {
+        let mut out = Pending::default();
+        let mut room = MAPPER_BATCH;
+        let full: Vec<Uuid> = self.full.keys().take(room).copied().collect();
+        for x in full {
+            if let Some(k) = self.full.remove(&x) {
+                out.full.insert(x, k);
+            }
+        }
+        room -= out.full.len();
+        let pairs: Vec<(Uuid, Uuid)> = self.pairs.iter().take(room).copied().collect();
+        for p in pairs {
+            self.pairs.remove(&p);
+            out.pairs.insert(p);
+        }
+        room -= out.pairs.len();
+        let locals: Vec<Uuid> = self.locals.iter().take(room).copied().collect();
+        for l in locals {
+            self.locals.remove(&l);
+            out.locals.insert(l);
+        }
+        if self.full.is_empty() && self.pairs.is_empty() && self.locals.is_empty() {
+            out.rfh = std::mem::take(&mut self.rfh);
+        }
+        out
+    }
+}
+
+/// One `tailnet_peers` row of a remote peer.
+struct PeerRow {
+    coordinator: Uuid,
+    node: Vec<u8>,
+    ok: bool,
+    at: i64,
 }
 
 /// Feeds other coordinators' peers into the graph.
@@ -912,6 +1240,8 @@ struct Mapper {
     coords: HashMap<Uuid, (Instant, bool)>,
     tracked: HashMap<Uuid, Tracked>,
     errors: IntCounter,
+    /// Statements the mapper sent.
+    reads: IntCounter,
 }
 
 impl Mapper {
@@ -937,39 +1267,70 @@ impl Mapper {
         Ok(())
     }
 
+    /// Gathers notifications and hints into [`Pending`] for up to [`MAPPER_DEBOUNCE`] after the
+    /// first (or until [`MAPPER_BATCH`] keys), then reads them with one statement per
+    /// [`MAPPER_BATCH`] keys. A failed read is put back and retried after [`REDIAL_PAUSE`].
     async fn run(
         mut self,
         mut notes: mpsc::Receiver<(String, String)>,
         mut hints: mpsc::Receiver<Hint>,
     ) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
-        // A read failed, so something may be mapped stale: re-read everything on the next tick.
-        let mut need_resync = false;
+        let mut pending = Pending::default();
+        // When the pending reads are due (set when the first one is gathered).
+        let mut due: Option<tokio::time::Instant> = None;
         loop {
+            let taking = pending.len() < MAPPER_PENDING;
             let r = tokio::select! {
-                n = notes.recv() => match n {
-                    Some((channel, payload)) => self.on_notification(&channel, &payload).await,
+                n = notes.recv(), if taking => match n {
+                    Some((channel, payload)) => {
+                        self.on_notification(&mut pending, &channel, &payload).await
+                    }
                     None => return,
                 },
-                h = hints.recv() => match h {
-                    Some(Hint::Remote { remote, local }) => self.refresh_pair(remote, local).await,
-                    Some(Hint::LocalConnected(id)) => self.on_local_connected(id).await,
-                    None => return,
+                h = hints.recv(), if taking => {
+                    match h {
+                        Some(Hint::Remote { remote, local }) => {
+                            if !self.graph.is_local(remote) {
+                                pending.pairs.insert((remote, local));
+                            }
+                        }
+                        Some(Hint::LocalConnected(id)) => {
+                            pending.locals.insert(id);
+                        }
+                        None => return,
+                    }
+                    Ok(())
+                },
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)),
+                    if due.is_some() =>
+                {
+                    due = None;
+                    let r = self.flush(&mut pending).await;
+                    if r.is_err() {
+                        due = Some(tokio::time::Instant::now() + REDIAL_PAUSE);
+                    }
+                    r
                 },
                 _ = tick.tick() => {
-                    if std::mem::take(&mut need_resync) {
-                        if let Err(e) = self.resync().await {
-                            tracing::warn!(error = %e, "postgres re-mapping failed");
-                            need_resync = true;
-                        }
-                    }
-                    self.check_deaths().await
+                    self.check_deaths(&mut pending);
+                    Ok(())
                 }
             };
             if let Err(e) = r {
                 self.errors.inc();
                 tracing::warn!(error = %e, "postgres mapping failed");
-                need_resync = true;
+            }
+            if pending.is_empty() {
+                due = None;
+            } else if due.is_none() {
+                due = Some(tokio::time::Instant::now() + MAPPER_DEBOUNCE);
+            }
+            if pending.len() >= MAPPER_BATCH
+                && due.is_some_and(|d| d <= tokio::time::Instant::now() + MAPPER_DEBOUNCE)
+            {
+                // A full batch is read at once.
+                due = Some(tokio::time::Instant::now());
             }
         }
     }
@@ -977,22 +1338,33 @@ impl Mapper {
     /// Notifications may have been missed: re-read every remote peer the graph holds. A peer
     /// found without rows now is LOST, not DISCONNECTED: after a PostgreSQL crash its replica
     /// has not re-published it yet, and a graceful disconnect cannot be told apart.
-    async fn resync(&mut self) -> Result<(), HaError> {
-        let ids: Vec<Uuid> = self.tracked.keys().copied().collect();
-        for x in ids {
-            self.refresh_as(x, Kind::Lost).await?;
+    fn resync(&self, pending: &mut Pending) {
+        for x in self.tracked.keys() {
+            pending.full.insert(*x, Kind::Lost);
         }
-        Ok(())
     }
 
-    async fn on_notification(&mut self, channel: &str, payload: &str) -> Result<(), HaError> {
-        let ids: Vec<Uuid> = payload
-            .split(',')
-            .filter_map(|s| Uuid::parse_str(s.trim()).ok())
-            .collect();
-        match (channel, ids.as_slice()) {
-            (RESYNC, _) => self.resync().await?,
-            (CHANNEL_HEARTBEAT, [c]) if *c != self.me => {
+    async fn on_notification(
+        &mut self,
+        pending: &mut Pending,
+        channel: &str,
+        payload: &str,
+    ) -> Result<(), HaError> {
+        let mut ids = [Uuid::nil(); 2];
+        let mut n = 0;
+        for s in payload.split(',') {
+            let Ok(id) = Uuid::parse_str(s.trim()) else {
+                continue;
+            };
+            if n < ids.len() {
+                ids[n] = id;
+            }
+            n += 1;
+        }
+        let ids = &ids[..n.min(2)];
+        match (channel, n, ids) {
+            (RESYNC, _, _) => self.resync(pending),
+            (CHANNEL_HEARTBEAT, 1, [c]) if *c != self.me => {
                 let prev = self.coords.insert(*c, (Instant::now(), true));
                 if !matches!(prev, Some((_, true))) {
                     let rows = self
@@ -1004,54 +1376,40 @@ impl Mapper {
                             &[c],
                         )
                         .await?;
+                    self.reads.inc();
                     for r in rows {
-                        self.refresh(r.get(0)).await?;
+                        pending.full.insert(r.get(0), Kind::Disconnected);
                     }
                 }
             }
-            (CHANNEL_PEER_UPDATE, [x]) => self.refresh(*x).await?,
-            (CHANNEL_TUNNEL_UPDATE, [src, dst]) => {
+            (CHANNEL_PEER_UPDATE, 1, [x]) if !self.graph.is_local(*x) => {
+                pending.full.insert(*x, Kind::Disconnected);
+            }
+            (CHANNEL_TUNNEL_UPDATE, 2, [src, dst]) => {
                 let (src_local, dst_local) = (self.graph.is_local(*src), self.graph.is_local(*dst));
                 // Remote peers are only linked with local ones: a tunnel between two remote
                 // peers (or two local ones) changes nothing here. A tunnel from a local peer was
                 // written by this replica's writer, which already had the pair re-read (rows of
                 // a local id under other coordinators are ignored anyway).
                 if dst_local && !src_local {
-                    self.refresh_pair(*src, *dst).await?;
+                    pending.pairs.insert((*src, *dst));
                 }
             }
-            (CHANNEL_READY_FOR_HANDSHAKE, [to, from])
+            (CHANNEL_READY_FOR_HANDSHAKE, 2, [to, from])
                 if self.graph.is_local(*to) && !self.graph.is_local(*from) =>
             {
-                self.source.ready_for_handshake(*from, *to);
+                if pending.is_empty() {
+                    self.source.ready_for_handshake(*from, *to);
+                } else {
+                    pending.rfh.push((*from, *to));
+                }
             }
             _ => {}
         }
         Ok(())
     }
 
-    async fn on_local_connected(&mut self, local: Uuid) -> Result<(), HaError> {
-        let rows = self
-            .pool
-            .get()
-            .await?
-            .query(
-                "SELECT src_id, dst_id FROM tailnet_tunnels WHERE src_id = $1 OR dst_id = $1",
-                &[&local],
-            )
-            .await?;
-        let mut others = HashSet::new();
-        for r in rows {
-            let (s, d): (Uuid, Uuid) = (r.get(0), r.get(1));
-            others.insert(if s == local { d } else { s });
-        }
-        for x in others {
-            self.refresh(x).await?;
-        }
-        Ok(())
-    }
-
-    async fn check_deaths(&mut self) -> Result<(), HaError> {
+    fn check_deaths(&mut self, pending: &mut Pending) {
         let mut died = false;
         for (id, (seen, alive)) in self.coords.iter_mut() {
             if *alive && seen.elapsed() >= Self::dead_after() {
@@ -1061,96 +1419,133 @@ impl Mapper {
             }
         }
         if died {
-            self.resync().await?;
+            self.resync(pending);
         }
-        Ok(())
     }
 
     fn alive(&self, c: Uuid) -> bool {
         self.coords.get(&c).is_some_and(|(_, a)| *a)
     }
 
-    /// Re-reads remote peer `x` and applies its best binding and its tunnels with local peers.
-    async fn refresh(&mut self, x: Uuid) -> Result<(), HaError> {
-        self.refresh_as(x, Kind::Disconnected).await
+    /// Makes every pending read, [`MAPPER_BATCH`] keys per statement, then passes on the
+    /// READY_FOR_HANDSHAKEs gathered after them. On failure what was not read is put back.
+    async fn flush(&mut self, pending: &mut Pending) -> Result<(), HaError> {
+        while !pending.is_empty() {
+            let chunk = pending.take_chunk();
+            match self.read_and_apply(&chunk).await {
+                Ok(()) => {
+                    for (from, to) in chunk.rfh {
+                        self.source.ready_for_handshake(from, to);
+                    }
+                }
+                Err(e) => {
+                    pending.merge_back(chunk);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
-    /// [`Mapper::refresh`]; `absent` is what a peer without rows is reported as.
-    async fn refresh_as(&mut self, x: Uuid, absent: Kind) -> Result<(), HaError> {
-        self.refresh_inner(x, absent, None).await
-    }
-
-    /// Like [`Mapper::refresh`], but only the tunnel between `x` and local peer `local` is
-    /// re-read (a tunnel notification: reading all of an agent's tunnels for each of its
-    /// clients' tunnels would cost O(clients²)).
-    async fn refresh_pair(&mut self, x: Uuid, local: Uuid) -> Result<(), HaError> {
-        self.refresh_inner(x, Kind::Disconnected, Some(local)).await
-    }
-
-    async fn refresh_inner(
-        &mut self,
-        x: Uuid,
-        absent: Kind,
-        only: Option<Uuid>,
-    ) -> Result<(), HaError> {
-        if self.graph.is_local(x) {
+    async fn read_and_apply(&mut self, p: &Pending) -> Result<(), HaError> {
+        if p.full.is_empty() && p.pairs.is_empty() && p.locals.is_empty() {
             return Ok(());
         }
-        let db = self.pool.get().await?;
-        let rows = db
-            .query(
-                "SELECT coordinator_id, node, status::text, (extract(epoch FROM updated_at) * 1000000)::int8 \
-                 FROM tailnet_peers WHERE id = $1 AND coordinator_id <> $2",
-                &[&x, &self.me],
-            )
-            .await?;
-        let tunnels = match only {
-            None => {
-                db.query(
-                    "SELECT src_id, dst_id FROM tailnet_tunnels \
-                         WHERE src_id = $1 OR dst_id = $1",
-                    &[&x],
-                )
+        let full: Vec<Uuid> = p.full.keys().copied().collect();
+        let locals: Vec<Uuid> = p.locals.iter().copied().collect();
+        let (pair_r, pair_l): (Vec<Uuid>, Vec<Uuid>) = p.pairs.iter().copied().unzip();
+        let rows = {
+            let db = self.pool.get().await?;
+            let stmt = db.prepare_cached(READ_BATCH).await?;
+            db.query(&stmt, &[&full, &locals, &pair_r, &pair_l, &self.me])
                 .await?
-            }
-            Some(l) => {
-                db.query(
-                    "SELECT src_id, dst_id FROM tailnet_tunnels \
-                         WHERE (src_id = $1 AND dst_id = $2) OR (src_id = $2 AND dst_id = $1) \
-                         LIMIT 1",
-                    &[&x, &l],
-                )
-                .await?
-            }
         };
-        // Best binding: (usable NODE, updated_at) maximal.
-        let mut best: Option<(bool, i64, Vec<u8>)> = None;
+        self.reads.inc();
+        let mut peers: HashMap<Uuid, Vec<PeerRow>> = HashMap::new();
+        let mut tunnels: Vec<(Uuid, Uuid)> = Vec::new();
         for r in &rows {
-            let c: Uuid = r.get(0);
-            let node: Vec<u8> = r.get(1);
-            let status: String = r.get(2);
-            let at: i64 = r.get(3);
-            let usable = status == "ok" && self.alive(c);
-            let better = match &best {
-                None => true,
-                Some((bu, bat, _)) => (usable, at) > (*bu, *bat),
-            };
-            if better {
-                best = Some((usable, at, node));
+            let tunnel: bool = r.get(0);
+            let a: Uuid = r.get(1);
+            let b: Uuid = r.get(2);
+            if tunnel {
+                tunnels.push((a, b));
+            } else {
+                let status: String = r.get(4);
+                peers.entry(a).or_default().push(PeerRow {
+                    coordinator: b,
+                    node: r.get(3),
+                    ok: status == "ok",
+                    at: r.get(5),
+                });
             }
         }
-        let locals: HashSet<Uuid> = tunnels
-            .iter()
-            .map(|r| {
-                let (s, d): (Uuid, Uuid) = (r.get(0), r.get(1));
-                if s == x {
-                    d
-                } else {
-                    s
+        // Remote ends of the connected local peers' tunnels are re-read fully.
+        let mut full = p.full.clone();
+        for (s, d) in &tunnels {
+            for (l, o) in [(s, d), (d, s)] {
+                if p.locals.contains(l) && !self.graph.is_local(*o) {
+                    full.entry(*o).or_insert(Kind::Disconnected);
                 }
-            })
-            .filter(|o| *o != x && self.graph.is_local(*o))
-            .collect();
+            }
+        }
+        // Local tunnel peers of each remote peer, from the rows read.
+        let mut linked: HashMap<Uuid, HashSet<Uuid>> = HashMap::new();
+        for (s, d) in &tunnels {
+            for (x, o) in [(s, d), (d, s)] {
+                if x != o && self.graph.is_local(*o) {
+                    linked.entry(*x).or_default().insert(*o);
+                }
+            }
+        }
+        let none = HashSet::new();
+        for (x, absent) in &full {
+            let rows = peers.get(x).map_or(&[][..], Vec::as_slice);
+            let locals = linked.get(x).unwrap_or(&none);
+            self.apply(*x, rows, locals, *absent, None);
+        }
+        let mut only: HashMap<Uuid, HashSet<Uuid>> = HashMap::new();
+        for (x, l) in &p.pairs {
+            if !full.contains_key(x) {
+                only.entry(*x).or_default().insert(*l);
+            }
+        }
+        for (x, ls) in &only {
+            let rows = peers.get(x).map_or(&[][..], Vec::as_slice);
+            let locals: HashSet<Uuid> = linked
+                .get(x)
+                .map(|s| s.intersection(ls).copied().collect())
+                .unwrap_or_default();
+            self.apply(*x, rows, &locals, Kind::Disconnected, Some(ls));
+        }
+        Ok(())
+    }
+
+    /// Applies remote peer `x`'s best binding among `rows` and its tunnels with the local peers
+    /// `locals` (if `only` is given, only the tunnels with those local peers were read).
+    /// `absent` is what a peer without rows is reported as.
+    fn apply(
+        &mut self,
+        x: Uuid,
+        rows: &[PeerRow],
+        locals: &HashSet<Uuid>,
+        absent: Kind,
+        only: Option<&HashSet<Uuid>>,
+    ) {
+        if self.graph.is_local(x) {
+            return;
+        }
+        // Best binding: (usable NODE, updated_at) maximal.
+        let mut best: Option<(bool, i64, &[u8])> = None;
+        for r in rows {
+            let usable = r.ok && self.alive(r.coordinator);
+            let better = match &best {
+                None => true,
+                Some((bu, bat, _)) => (usable, r.at) > (*bu, *bat),
+            };
+            if better {
+                best = Some((usable, r.at, r.node.as_slice()));
+            }
+        }
         match best {
             None => {
                 if self.tracked.remove(&x).is_some() {
@@ -1167,29 +1562,29 @@ impl Mapper {
                 }
             }
             Some((true, _, bytes)) => {
-                let node = match Node::decode(bytes.as_slice()) {
+                let node = match Node::decode(bytes) {
                     Ok(n) => n,
                     Err(e) => {
                         tracing::warn!(peer = %x, error = %e, "undecodable node in tailnet_peers");
-                        return Ok(());
+                        return;
                     }
                 };
                 let t = self.tracked.entry(x).or_default();
-                if t.node.as_ref() != Some(&bytes) {
+                if t.node.as_deref() != Some(bytes) {
                     if !self.source.upsert_node(x, node) {
-                        return Ok(());
+                        return;
                     }
-                    t.node = Some(bytes);
+                    t.node = Some(bytes.to_vec());
                 }
-                for l in &locals {
+                for l in locals {
                     if !t.tunnels.contains(l) && self.source.add_tunnel(x, *l) {
                         t.tunnels.insert(*l);
                     }
                 }
                 let gone: Vec<Uuid> = t
                     .tunnels
-                    .difference(&locals)
-                    .filter(|l| only.is_none_or(|o| o == **l))
+                    .difference(locals)
+                    .filter(|l| only.is_none_or(|o| o.contains(*l)))
                     .copied()
                     .collect();
                 for l in gone {
@@ -1198,6 +1593,99 @@ impl Mapper {
                 }
             }
         }
-        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{stages, Op, STAGE_OPS};
+    use proto::tailnet::v2::coordinate_response::peer_update::Kind;
+    use uuid::Uuid;
+
+    const A: Uuid = Uuid::from_u128(0xa);
+    const B: Uuid = Uuid::from_u128(0xb);
+
+    fn node(about: Uuid) -> Op {
+        Op::Node {
+            about,
+            key: vec![1],
+            bytes: vec![1],
+        }
+    }
+
+    fn sizes(ops: Vec<Op>) -> Vec<usize> {
+        stages(ops).iter().map(|s| s.ops.len()).collect()
+    }
+
+    #[test]
+    fn disjoint_rows_share_a_stage() {
+        let ops = vec![
+            node(A),
+            node(B),
+            Op::Tunnel { about: A, to: B },
+            Op::Untunnel { about: B, to: A },
+            Op::Rfh { about: A, to: B },
+            Op::Connected { about: A },
+            Op::Gone {
+                about: Uuid::from_u128(0xc),
+                kind: Kind::Disconnected,
+            },
+        ];
+        assert_eq!(sizes(ops), vec![7]);
+    }
+
+    #[test]
+    fn a_row_touched_twice_starts_a_new_stage_in_order() {
+        // A node after the peer's graceful leave (it reconnected): delete first, then upsert.
+        let s = stages(vec![
+            node(A),
+            Op::Gone {
+                about: A,
+                kind: Kind::Disconnected,
+            },
+            node(A),
+        ]);
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[1].deletes, vec![A]);
+        assert_eq!(s[2].node_ids, vec![A]);
+        // A tunnel and the graceful leave of its source: the delete takes the tunnel with it.
+        assert_eq!(
+            sizes(vec![
+                Op::Tunnel { about: A, to: B },
+                Op::Gone {
+                    about: A,
+                    kind: Kind::Disconnected,
+                },
+                Op::Tunnel { about: A, to: B },
+            ]),
+            vec![1, 1, 1]
+        );
+        // The same tunnel added and removed.
+        assert_eq!(
+            sizes(vec![
+                Op::Tunnel { about: A, to: B },
+                Op::Untunnel { about: A, to: B },
+            ]),
+            vec![1, 1]
+        );
+        // A lost peer's tunnels stay, so they do not conflict with its status.
+        assert_eq!(
+            sizes(vec![
+                Op::Tunnel { about: A, to: B },
+                Op::Gone {
+                    about: A,
+                    kind: Kind::Lost,
+                },
+            ]),
+            vec![2]
+        );
+    }
+
+    #[test]
+    fn a_stage_holds_at_most_stage_ops() {
+        let ops = (0..STAGE_OPS as u128 + 1)
+            .map(|i| node(Uuid::from_u128(i + 100)))
+            .collect();
+        assert_eq!(sizes(ops), vec![STAGE_OPS, 1]);
     }
 }

@@ -574,15 +574,11 @@ async fn burst_of_1000_peers_across_three_replicas_converges() {
         rx: mut agent_rx,
         ..
     } = agent;
-    let mut clients: Vec<Peer> = (0..999)
-        .map(|i| {
-            let c = Peer::connect(&gs[i % 3], Uuid::new_v4());
-            c.tunnel(agent_id);
-            c.update(node(2));
-            c
-        })
-        .collect();
-    let want: std::collections::HashSet<Uuid> = clients.iter().map(|c| c.id).collect();
+    // The agent reads from before the burst, as a real agent does (a receiver that lets 512
+    // responses queue up is closed; the mapper hands a whole batch of remote peers to the graph
+    // at once).
+    let ids: Vec<Uuid> = (0..999).map(|_| Uuid::new_v4()).collect();
+    let want: std::collections::HashSet<Uuid> = ids.iter().copied().collect();
     let agent_side = tokio::spawn(async move {
         let mut seen = std::collections::HashSet::new();
         while seen.len() < want.len() {
@@ -598,6 +594,16 @@ async fn burst_of_1000_peers_across_three_replicas_converges() {
         }
         agent_handle
     });
+    let mut clients: Vec<Peer> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let c = Peer::connect(&gs[i % 3], *id);
+            c.tunnel(agent_id);
+            c.update(node(2));
+            c
+        })
+        .collect();
     let start = Instant::now();
     // Clients stay connected until the agent has seen them all.
     for c in clients.iter_mut() {
@@ -746,10 +752,97 @@ async fn burst_of_updates_for_one_peer_is_coalesced_into_the_latest() {
     drop((h1, h2));
 }
 
+/// A burst of 100 clients connecting to one replica (each with a tunnel to an agent on the
+/// other and a node) is written and read in batches: a handful of statements on each side, not
+/// one or more per client (before batching: 2 writes and about 8 reads per client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_of_connects_is_written_and_read_in_batches() {
+    let pg = PgServer::start();
+    let url = pg.create_db().await;
+    let (g1, g2) = (graph(), graph());
+    let (reg1, reg2) = (Registry::new(), Registry::new());
+    let h1 = ha::start_with(
+        g1.clone(),
+        &url,
+        ha::HaOptions {
+            registry: reg1.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let h2 = ha::start_with(
+        g2.clone(),
+        &url,
+        ha::HaOptions {
+            registry: reg2.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut agent = Peer::connect(&g2, Uuid::new_v4());
+    agent.update(node(1));
+    // The agent is written and known before the burst.
+    let mut first = Peer::connect(&g1, Uuid::new_v4());
+    first.tunnel(agent.id);
+    first.update(node(2));
+    agent.expect(first.id, Kind::Node, Some(2), SOON).await;
+    first.expect(agent.id, Kind::Node, Some(1), SOON).await;
+
+    let stmts = |r: &Registry| {
+        (
+            counter(r, "coordinator_ha_write_statements_total", None),
+            counter(r, "coordinator_ha_read_statements_total", None),
+        )
+    };
+    let (w1, r1) = stmts(&reg1);
+    let (w2, r2) = stmts(&reg2);
+    let clients: Vec<Peer> = (0..100)
+        .map(|_| {
+            let c = Peer::connect(&g1, Uuid::new_v4());
+            c.tunnel(agent.id);
+            c.update(node(3));
+            c
+        })
+        .collect();
+    let want: std::collections::HashSet<Uuid> = clients.iter().map(|c| c.id).collect();
+    let mut seen = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + SOON;
+    while seen.len() < want.len() {
+        let r = tokio::time::timeout_at(deadline, agent.rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the agent saw {} of 100 clients", seen.len()))
+            .expect("agent stream closed");
+        for u in r.peer_updates {
+            let id = Uuid::from_slice(&u.id).unwrap();
+            if u.kind == Kind::Node as i32 && want.contains(&id) {
+                seen.insert(id);
+            }
+        }
+    }
+    let mut clients = clients;
+    for c in clients.iter_mut() {
+        c.expect(agent.id, Kind::Node, Some(1), SOON).await;
+    }
+    let (w1, r1) = (stmts(&reg1).0 - w1, stmts(&reg1).1 - r1);
+    let (w2, r2) = (stmts(&reg2).0 - w2, stmts(&reg2).1 - r2);
+    assert!(
+        w1 + w2 <= 20 && r1 + r2 <= 20,
+        "100 connects took {w1}+{w2} write and {r1}+{r2} read statements"
+    );
+    assert!(
+        w1 >= 1 && r2 >= 1,
+        "nothing counted: {w1} writes, {r2} reads"
+    );
+    drop((clients, first, h1, h2));
+}
+
 /// The writer's queue (16 events here) overflows under 300 connecting peers: it re-synchronises
 /// from the graph instead of losing them. Afterwards the table holds exactly the connected
-/// peers and their tunnels, peers that left during the overflow are not `ok`, and the other
-/// replica's agent has every client's node.
+/// peers (all `ok`) and their tunnels: the 50 peers that left gracefully are deleted with their
+/// tunnels, also those whose Disconnect was among the dropped events (the graph remembers
+/// graceful leaves until the re-sync), and the other replica's agent has every client's node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writer_queue_overflow_resyncs_from_the_graph() {
     let pg = PgServer::start();
@@ -772,19 +865,44 @@ async fn writer_queue_overflow_resyncs_from_the_graph() {
         ..
     } = agent;
 
+    // 50 leavers, connected and written first (slowly enough for the 16-event queue)...
+    let db = sql(&url).await;
+    let me = h1.coordinator_id();
+    let mut leavers = Vec::new();
+    for i in 0..50 {
+        let c = Peer::connect(&g1, Uuid::new_v4());
+        c.tunnel(agent_id);
+        c.update(node(3));
+        leavers.push(c);
+        if i % 5 == 4 {
+            let deadline = Instant::now() + SOON;
+            loop {
+                let n: i64 = db
+                    .query_one(
+                        "SELECT count(*) FROM tailnet_tunnels t JOIN tailnet_peers p \
+                         ON p.id = t.src_id AND p.coordinator_id = t.coordinator_id \
+                         WHERE t.coordinator_id = $1",
+                        &[&me],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if n == i64::from(i + 1) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "leavers not written: {n}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    assert_eq!(counter(&reg, "coordinator_ha_resyncs_total", None), 0);
+    // ...then 300 clients at once (900 events: the queue overflows), and the 50 leave gracefully
+    // right behind them, so their Disconnects are dropped with the overflow, or overflow it again.
     let clients: Vec<Peer> = (0..300)
         .map(|_| {
             let c = Peer::connect(&g1, Uuid::new_v4());
             c.tunnel(agent_id);
             c.update(node(2));
-            c
-        })
-        .collect();
-    let mut leavers: Vec<Peer> = (0..50)
-        .map(|_| {
-            let c = Peer::connect(&g1, Uuid::new_v4());
-            c.tunnel(agent_id);
-            c.update(node(3));
             c
         })
         .collect();
@@ -809,28 +927,24 @@ async fn writer_queue_overflow_resyncs_from_the_graph() {
     }
     assert!(counter(&reg, "coordinator_ha_resyncs_total", None) >= 1);
 
-    let db = sql(&url).await;
-    let me = h1.coordinator_id();
+    let leaver_ids: std::collections::HashSet<Uuid> = leavers.iter().map(|l| l.id).collect();
     let deadline = Instant::now() + SOON;
     loop {
-        let ok: Vec<Uuid> = db
+        // Every row of this replica, whatever its status: a graceful leaver (even one whose
+        // Disconnect fell into the overflow) is deleted, not set lost.
+        let rows: Vec<(Uuid, String)> = db
             .query(
-                "SELECT id FROM tailnet_peers WHERE coordinator_id = $1 AND status = 'ok'",
+                "SELECT id, status::text FROM tailnet_peers WHERE coordinator_id = $1",
                 &[&me],
             )
             .await
             .unwrap()
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| (r.get(0), r.get(1)))
             .collect();
-        // Tunnels of the clients; a leaver whose graceful leave was among the dropped events
-        // is set `lost` by the re-sync (the writer cannot tell how it left) and keeps its
-        // tunnel, as a lost peer does; one that is not `lost` must have no tunnel left.
         let tunnel_srcs: Vec<Uuid> = db
             .query(
-                "SELECT t.src_id FROM tailnet_tunnels t WHERE t.coordinator_id = $1 AND NOT \
-                 EXISTS (SELECT 1 FROM tailnet_peers p WHERE p.id = t.src_id \
-                 AND p.coordinator_id = $1 AND p.status = 'lost')",
+                "SELECT src_id FROM tailnet_tunnels WHERE coordinator_id = $1",
                 &[&me],
             )
             .await
@@ -838,18 +952,30 @@ async fn writer_queue_overflow_resyncs_from_the_graph() {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let tunnels = tunnel_srcs.len();
+        let ids: std::collections::HashSet<Uuid> = rows.iter().map(|r| r.0).collect();
+        let all_ok = rows.iter().all(|r| r.1 == "ok");
         let client_tunnels = tunnel_srcs.iter().filter(|id| want.contains(id)).count();
-        let ok: std::collections::HashSet<Uuid> = ok.into_iter().collect();
-        if ok == want && tunnels == 300 && client_tunnels == 300 {
+        let leaver_rows = ids.intersection(&leaver_ids).count();
+        let leaver_tunnels = tunnel_srcs
+            .iter()
+            .filter(|id| leaver_ids.contains(id))
+            .count();
+        if ids == want
+            && rows.len() == 300
+            && all_ok
+            && tunnel_srcs.len() == 300
+            && client_tunnels == 300
+        {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "table not re-synchronised: {} ok rows ({} of the clients), {tunnels} tunnels of \
-             peers not lost ({client_tunnels} of the clients)",
-            ok.len(),
-            ok.intersection(&want).count()
+            "table not re-synchronised: {} rows ({} of the clients, {leaver_rows} of the \
+             leavers, all ok: {all_ok}), {} tunnels ({client_tunnels} of the clients, \
+             {leaver_tunnels} of the leavers)",
+            rows.len(),
+            ids.intersection(&want).count(),
+            tunnel_srcs.len(),
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
