@@ -473,11 +473,13 @@ impl Drop for PeerHandle {
 struct Pusher<'k> {
     sent: u64,
     kicks: &'k mut Kicks,
+    /// The remote batch these updates belong to (see [`RemoteSource::begin_batch`]).
+    batch: Option<u64>,
 }
 
 impl Pusher<'_> {
     fn mapping(&mut self, to: &Conn, u: &Arc<Update>) {
-        match to.outbox.push_mapping(u) {
+        match to.outbox.push_mapping(u, self.batch) {
             Ok(true) => self.sent += 1,
             Ok(false) | Err(PushError::Closed) => {}
             Err(PushError::Full) => self.kicks.push(to.id),
@@ -766,7 +768,11 @@ impl PeerGraph {
             Some(node.clone()),
             "node update",
         ));
-        let mut p = Pusher { sent: 0, kicks };
+        let mut p = Pusher {
+            sent: 0,
+            kicks,
+            batch: None,
+        };
         {
             let mut shard = self.shards.lock_one(me);
             let Some(e) = shard.peers.get_mut(&me) else {
@@ -872,7 +878,11 @@ impl PeerGraph {
         let Some(dc) = dst_conn else {
             return Ok(true);
         };
-        let mut p = Pusher { sent: 0, kicks };
+        let mut p = Pusher {
+            sent: 0,
+            kicks,
+            batch: None,
+        };
         if let Some(n) = dst_node {
             let u = Update::new(dst, dc.id_bytes.clone(), Kind::Node, Some(n), "add tunnel");
             p.mapping(conn, &Arc::new(u));
@@ -896,7 +906,11 @@ impl PeerGraph {
             _ => return false,
         }
         let dst_conn = l.entry(dst).and_then(|d| d.conn.clone());
-        let mut p = Pusher { sent: 0, kicks };
+        let mut p = Pusher {
+            sent: 0,
+            kicks,
+            batch: None,
+        };
         let dst_bytes = match &dst_conn {
             Some(dc) => dc.id_bytes.clone(),
             None => Bytes::copy_from_slice(dst.as_bytes()),
@@ -953,7 +967,11 @@ impl PeerGraph {
     /// tunnel. Holds the sender's shard only: `other`'s connection is the cached one (I1).
     fn ready_for_handshake(&self, conn: &Conn, other: Uuid, kicks: &mut Kicks) -> bool {
         let me = conn.id.peer;
-        let mut p = Pusher { sent: 0, kicks };
+        let mut p = Pusher {
+            sent: 0,
+            kicks,
+            batch: None,
+        };
         {
             let shard = self.shards.lock_one(me);
             let Some(e) = shard.peers.get(&me) else {
@@ -1047,7 +1065,11 @@ impl PeerGraph {
         };
         let (kind, reason, error, close_reason) = how.parts();
         let about = Arc::new(Update::new(me, c.id_bytes.clone(), kind, None, reason));
-        let mut p = Pusher { sent: 0, kicks };
+        let mut p = Pusher {
+            sent: 0,
+            kicks,
+            batch: None,
+        };
         let mut removed_tunnels = 0usize;
         for (x, out) in links {
             if out {

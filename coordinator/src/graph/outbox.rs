@@ -155,6 +155,9 @@ enum Queued {
     One(Arc<Update>),
     /// A chunk of an init batch: NODE about each `(peer id bytes, node)`, with the reason.
     Nodes(Box<InitChunk>),
+    /// Updates of one remote batch merged into one response while the receiver had not taken
+    /// them yet (see [`Outbox::push_mapping`]), with the bytes they are charged.
+    Many(Box<(Vec<Arc<Update>>, usize)>),
 }
 
 impl Queued {
@@ -164,6 +167,7 @@ impl Queued {
             Queued::Response(r) => UPDATE_OVERHEAD + prost::Message::encoded_len(&**r),
             Queued::One(u) => u.bytes,
             Queued::Nodes(b) => b.2,
+            Queued::Many(b) => b.1,
         }
     }
 
@@ -172,6 +176,7 @@ impl Queued {
         let peer_updates = match self {
             Queued::Response(r) => return *r,
             Queued::One(u) => vec![u.to_wire()],
+            Queued::Many(b) => b.0.iter().map(|u| u.to_wire()).collect(),
             Queued::Nodes(b) => {
                 let (nodes, reason, _) = *b;
                 nodes
@@ -191,6 +196,10 @@ impl Queued {
         }
     }
 }
+
+/// Most updates of one remote batch merged into one queued response (pgcoord's mapper also
+/// sends a batch of mappings as one response).
+const MERGE_MAX: usize = 1024;
 
 /// How many `sent` entries live inside the outbox before spilling into a hash map.
 const SENT_INLINE: usize = 1;
@@ -299,6 +308,14 @@ impl Queue {
         self.first.take().or_else(|| self.rest.pop_front())
     }
 
+    /// The newest item (not yet taken by the receiver).
+    fn back_mut(&mut self) -> Option<&mut Queued> {
+        match self.rest.back_mut() {
+            Some(b) => Some(b),
+            None => self.first.as_mut(),
+        }
+    }
+
     fn clear(&mut self) {
         self.first = None;
         self.rest.clear();
@@ -337,6 +354,9 @@ struct Inner {
     bytes: usize,
     close: CloseState,
     receiver_gone: bool,
+    /// The remote batch whose updates the newest queued item holds, while the receiver has not
+    /// taken it: a later update of the same batch joins that item (see [`Outbox::push_mapping`]).
+    open_batch: Option<u64>,
     /// Last node sent as NODE about each peer (Coder's `peer.sent`).
     sent: Sent,
 }
@@ -350,6 +370,7 @@ impl Inner {
     /// `limits.max_bytes` bytes (an item larger than that on its own is still taken by an empty
     /// queue, so that one large node never kicks a receiver that keeps up).
     fn append(&mut self, item: Queued, limits: &Limits) -> Result<(), PushError> {
+        self.open_batch = None;
         if self.queue.len() >= limits.capacity {
             self.close = CloseState::Failed;
             return Err(PushError::Full);
@@ -366,8 +387,57 @@ impl Inner {
         Ok(())
     }
 
+    /// Adds `u` of remote batch `batch` to the newest queued item if that item holds updates of
+    /// the same batch and has room ([`MERGE_MAX`]); otherwise appends it as an item of its own
+    /// that later updates of the batch may join. The byte bound applies as in [`Inner::append`].
+    fn append_in_batch(
+        &mut self,
+        u: &Arc<Update>,
+        batch: u64,
+        limits: &Limits,
+    ) -> Result<(), PushError> {
+        if self.open_batch == Some(batch) {
+            let bytes = u.bytes;
+            if self.bytes.saturating_add(bytes) > limits.max_bytes {
+                self.close = CloseState::Failed;
+                limits.metrics.byte_overflows.inc();
+                return Err(PushError::Full);
+            }
+            if let Some(back) = self.queue.back_mut() {
+                let merged = match back {
+                    Queued::One(first) => {
+                        let first_bytes = first.bytes;
+                        *back = Queued::Many(Box::new((
+                            vec![first.clone(), u.clone()],
+                            first_bytes + bytes,
+                        )));
+                        true
+                    }
+                    Queued::Many(m) if m.0.len() < MERGE_MAX => {
+                        m.0.push(u.clone());
+                        m.1 += bytes;
+                        true
+                    }
+                    _ => false,
+                };
+                if merged {
+                    self.bytes += bytes;
+                    limits.metrics.bytes.add(gauge(bytes));
+                    return Ok(());
+                }
+            }
+        }
+        self.append(Queued::One(u.clone()), limits)?;
+        self.open_batch = Some(batch);
+        Ok(())
+    }
+
     fn pop_front(&mut self, metrics: &OutboxMetrics) -> Option<Queued> {
         let item = self.queue.pop_front()?;
+        if self.queue.len() == 0 {
+            // The receiver took the batch's item: later updates of the batch start a new one.
+            self.open_batch = None;
+        }
         let bytes = item.bytes();
         self.bytes -= bytes;
         metrics.bytes.sub(gauge(bytes));
@@ -375,6 +445,7 @@ impl Inner {
     }
 
     fn clear_queue(&mut self, metrics: &OutboxMetrics) {
+        self.open_batch = None;
         self.queue.clear();
         metrics.bytes.sub(gauge(std::mem::take(&mut self.bytes)));
     }
@@ -414,6 +485,7 @@ impl Outbox {
                 bytes: 0,
                 close: CloseState::Open,
                 receiver_gone: false,
+                open_batch: None,
                 sent: Sent::default(),
             }),
             limits: Limits {
@@ -457,8 +529,18 @@ impl Outbox {
     /// READY_FOR_HANDSHAKE always. Returns whether an update was queued. Queues a pointer to `u`:
     /// no copy of the node is made here.
     ///
+    /// `batch`: the remote batch `u` belongs to (a replica's mapper applying what one read
+    /// returned). Updates of one batch that the receiver has not taken yet share one queued
+    /// response and count once against the capacity, as pgcoord's mapper sends a batch as one
+    /// response: a burst of remote peers never kicks a receiver that keeps reading. The byte
+    /// bound still applies to every update.
+    ///
     /// The caller must hold the shard lock of `u.about`.
-    pub(crate) fn push_mapping(&self, u: &Arc<Update>) -> Result<bool, PushError> {
+    pub(crate) fn push_mapping(
+        &self,
+        u: &Arc<Update>,
+        batch: Option<u64>,
+    ) -> Result<bool, PushError> {
         {
             let mut g = self.lock();
             if g.refuses() {
@@ -483,7 +565,10 @@ impl Outbox {
                 }
                 Kind::ReadyForHandshake | Kind::Unspecified => {}
             }
-            g.append(Queued::One(u.clone()), &self.limits)?;
+            match batch {
+                Some(b) => g.append_in_batch(u, b, &self.limits)?,
+                None => g.append(Queued::One(u.clone()), &self.limits)?,
+            }
             // Only a queued update changes what the receiver knows.
             match u.kind {
                 Kind::Lost | Kind::Disconnected => {
@@ -614,6 +699,12 @@ impl Queued {
             Queued::One(u) => {
                 buf.extend_from_slice(u.wire());
                 Encoded::Appended(1)
+            }
+            Queued::Many(b) => {
+                for u in &b.0 {
+                    buf.extend_from_slice(u.wire());
+                }
+                Encoded::Appended(b.0.len())
             }
             Queued::Nodes(b) => {
                 let (nodes, reason, _) = *b;
@@ -775,6 +866,72 @@ mod tests {
         assert_eq!(rx.recv().await, None);
     }
 
+    /// Updates of one batch join the newest queued item until the receiver takes it; another
+    /// batch, or an update outside a batch, starts a new item; the byte bound still counts every
+    /// update; the charge is given back when the merged item is taken.
+    #[test]
+    fn batch_updates_merge_until_taken_and_stay_under_the_byte_bound() {
+        let metrics = OutboxMetrics::unregistered();
+        let id = Uuid::from_u128(99);
+        let conn = Arc::new(Conn {
+            outbox: Outbox::new(2, 10_000, metrics.clone()),
+            id: ConnId { peer: id, gen: 1 },
+            id_bytes: Bytes::copy_from_slice(id.as_bytes()),
+            name: "test".into(),
+            auth: CoordinateeAuth::Agent { id },
+        });
+        let ob = &conn.outbox;
+        let mut rx = PeerReceiver::new(conn.clone());
+        let rfh = |n: u128| {
+            let about = Uuid::from_u128(n);
+            Arc::new(Update::new(
+                about,
+                Bytes::copy_from_slice(about.as_bytes()),
+                Kind::ReadyForHandshake,
+                None,
+                "",
+            ))
+        };
+        // Capacity 2, yet ten updates of batch 7 fit: they are one item.
+        for n in 0..10 {
+            assert_eq!(ob.push_mapping(&rfh(n), Some(7)), Ok(true));
+        }
+        assert_eq!(ob.len(), 1);
+        let one = rfh(0).bytes;
+        assert_eq!(metrics.bytes.get(), (10 * one) as i64);
+        // Batch 8 starts an item of its own; then the queue is full for anything else.
+        assert_eq!(ob.push_mapping(&rfh(10), Some(8)), Ok(true));
+        assert_eq!(ob.push_mapping(&rfh(11), Some(8)), Ok(true));
+        assert_eq!(ob.len(), 2);
+        let ids = |r: CoordinateResponse| -> Vec<u128> {
+            r.peer_updates
+                .iter()
+                .map(|u| Uuid::from_slice(&u.id).unwrap().as_u128())
+                .collect()
+        };
+        assert_eq!(rx.try_recv().map(ids), Ok((0..10).collect()));
+        assert_eq!(rx.try_recv().map(ids), Ok(vec![10, 11]));
+        assert_eq!(metrics.bytes.get(), 0);
+        // Taken: a later update of batch 8 starts a new item.
+        assert_eq!(ob.push_mapping(&rfh(12), Some(8)), Ok(true));
+        assert_eq!(ob.push_mapping(&rfh(13), None), Ok(true));
+        assert_eq!(ob.len(), 2);
+        assert_eq!(rx.try_recv().map(ids), Ok(vec![12]));
+        assert_eq!(rx.try_recv().map(ids), Ok(vec![13]));
+        // The byte bound: a batch merged into one item still fails the queue past 10,000 bytes.
+        let mut n = 100;
+        let failed = loop {
+            match ob.push_mapping(&rfh(n), Some(9)) {
+                Ok(true) => n += 1,
+                other => break other,
+            }
+        };
+        assert_eq!(failed, Err(PushError::Full));
+        assert!(ob.is_failed());
+        assert_eq!(metrics.byte_overflows.get(), 1);
+        assert!(((n - 100) as usize) * one <= 10_000);
+    }
+
     #[test]
     fn the_byte_bound_fails_the_queue_and_every_byte_is_given_back() {
         let metrics = OutboxMetrics::unregistered();
@@ -869,25 +1026,34 @@ mod tests {
         });
         let n1b = Arc::new((*n1).clone());
         // Nothing announced yet: LOST says nothing.
-        assert_eq!(ob.push_mapping(&upd(Kind::Lost, None, "lost")), Ok(false));
-        assert_eq!(ob.push_mapping(&upd(Kind::Node, Some(&n1), "x")), Ok(true));
+        assert_eq!(
+            ob.push_mapping(&upd(Kind::Lost, None, "lost"), None),
+            Ok(false)
+        );
+        assert_eq!(
+            ob.push_mapping(&upd(Kind::Node, Some(&n1), "x"), None),
+            Ok(true)
+        );
         // Same value (another allocation) is a duplicate.
         assert_eq!(
-            ob.push_mapping(&upd(Kind::Node, Some(&n1b), "x")),
+            ob.push_mapping(&upd(Kind::Node, Some(&n1b), "x"), None),
             Ok(false)
         );
         // NODE without a node says nothing.
-        assert_eq!(ob.push_mapping(&upd(Kind::Node, None, "x")), Ok(false));
         assert_eq!(
-            ob.push_mapping(&upd(Kind::ReadyForHandshake, None, "")),
+            ob.push_mapping(&upd(Kind::Node, None, "x"), None),
+            Ok(false)
+        );
+        assert_eq!(
+            ob.push_mapping(&upd(Kind::ReadyForHandshake, None, ""), None),
             Ok(true)
         );
         assert_eq!(
-            ob.push_mapping(&upd(Kind::Disconnected, None, "d")),
+            ob.push_mapping(&upd(Kind::Disconnected, None, "d"), None),
             Ok(true)
         );
         assert_eq!(
-            ob.push_mapping(&upd(Kind::Disconnected, None, "d")),
+            ob.push_mapping(&upd(Kind::Disconnected, None, "d"), None),
             Ok(false)
         );
         assert!(ob.sent_snapshot().is_empty());
@@ -1048,7 +1214,7 @@ mod tests {
                 Some(node.clone()),
                 "node update",
             ));
-            ob.push_mapping(&u).unwrap();
+            ob.push_mapping(&u, None).unwrap();
             let other = Uuid::from_u128(6);
             ob.push_batch(
                 vec![(

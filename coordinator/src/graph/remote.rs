@@ -316,6 +316,8 @@ pub struct RemoteSource {
     peers: HashSet<Uuid>,
     /// Local peers it watches.
     watched: HashSet<Uuid>,
+    /// The batch being applied, if any (see [`RemoteSource::begin_batch`]).
+    batch: Option<u64>,
 }
 
 impl PeerGraph {
@@ -335,6 +337,7 @@ impl PeerGraph {
                 sink: sink.clone(),
                 peers: HashSet::new(),
                 watched: HashSet::new(),
+                batch: None,
             },
             SourceEvents { sink },
         )
@@ -436,6 +439,19 @@ impl RemoteSource {
         self.peers.len()
     }
 
+    /// Until [`RemoteSource::end_batch`], the updates this source causes belong to one batch:
+    /// those a receiver has not taken yet share one queued response (one `CoordinateResponse`
+    /// with many updates, as pgcoord's mapper sends what one read returned), so a burst of remote
+    /// peers costs a receiver that keeps reading one slot of its queue, not one per peer.
+    pub fn begin_batch(&mut self) {
+        self.batch = Some(self.graph.next_gen.fetch_add(1, Ordering::Relaxed));
+    }
+
+    /// Ends the batch begun by [`RemoteSource::begin_batch`].
+    pub fn end_batch(&mut self) {
+        self.batch = None;
+    }
+
     /// Starts passing on what local peer `local` does (its node at once, if it has one). Returns
     /// false if it was already watched.
     pub fn watch(&mut self, local: Uuid) -> bool {
@@ -513,6 +529,7 @@ impl RemoteSource {
                     let mut p = Pusher {
                         sent: 0,
                         kicks: &mut kicks,
+                        batch: self.batch,
                     };
                     for link in e.links.values() {
                         if let Some(to) = &link.conn {
@@ -618,6 +635,7 @@ impl RemoteSource {
                     let mut p = Pusher {
                         sent: 0,
                         kicks: &mut kicks,
+                        batch: self.batch,
                     };
                     p.mapping(to, &u);
                     sent = p.sent;
@@ -660,6 +678,7 @@ impl RemoteSource {
                     Kind::Disconnected,
                     "remove tunnel",
                     &mut kicks,
+                    self.batch,
                 );
                 g.metrics.peer_updates_sent.inc_by(sent);
             }
@@ -695,6 +714,7 @@ impl RemoteSource {
                         let mut p = Pusher {
                             sent: 0,
                             kicks: &mut kicks,
+                            batch: self.batch,
                         };
                         p.mapping(to, &Arc::new(u));
                         sent = p.sent;
@@ -724,13 +744,20 @@ impl RemoteSource {
         if !self.peers.remove(&peer) {
             return false;
         }
-        unbind(&self.graph, self.id(), peer, kind, reason);
+        unbind(&self.graph, self.id(), peer, kind, reason, self.batch);
         true
     }
 }
 
 /// Removes `source`'s binding of `peer`, telling local peers as described in the module doc.
-fn unbind(g: &Arc<PeerGraph>, source: u64, peer: Uuid, kind: Kind, reason: &'static str) {
+fn unbind(
+    g: &Arc<PeerGraph>,
+    source: u64,
+    peer: Uuid,
+    kind: Kind,
+    reason: &'static str,
+    batch: Option<u64>,
+) {
     let mut kicks = Kicks::new();
     let mut sent = 0;
     {
@@ -762,6 +789,7 @@ fn unbind(g: &Arc<PeerGraph>, source: u64, peer: Uuid, kind: Kind, reason: &'sta
                     kind,
                     reason,
                     &mut kicks,
+                    batch,
                 );
             }
         }
@@ -785,6 +813,7 @@ fn unbind(g: &Arc<PeerGraph>, source: u64, peer: Uuid, kind: Kind, reason: &'sta
                 let mut p = Pusher {
                     sent: 0,
                     kicks: &mut kicks,
+                    batch,
                 };
                 for link in e.links.values() {
                     if let Some(to) = &link.conn {
@@ -812,8 +841,13 @@ fn drop_tunnel(
     kind: Kind,
     reason: &'static str,
     kicks: &mut Kicks,
+    batch: Option<u64>,
 ) -> u64 {
-    let mut p = Pusher { sent: 0, kicks };
+    let mut p = Pusher {
+        sent: 0,
+        kicks,
+        batch,
+    };
     let mut existed = false;
     if let Some(e) = l.entry(peer) {
         if let Some(link) = e.links.get_mut(&local) {
@@ -858,7 +892,7 @@ impl Drop for RemoteSource {
         }
         // A source that goes away loses all its peers at once: LOST keeps the data path up.
         for peer in self.peers.drain() {
-            unbind(&g, self.sink.id, peer, Kind::Lost, "lost");
+            unbind(&g, self.sink.id, peer, Kind::Lost, "lost", None);
         }
         self.sink.close();
         g.metrics.remote_sources.dec();
@@ -963,6 +997,58 @@ mod tests {
     const A2: Uuid = Uuid::from_u128(0xa2);
     const X: Uuid = Uuid::from_u128(0x1);
     const C: Uuid = Uuid::from_u128(0xc);
+
+    /// A burst of remote peers applied as one batch reaches an agent that has not read yet as
+    /// a few merged responses (pgcoord's mapper sends one per read), not one per peer: it is
+    /// never kicked for it. The same burst without a batch overflows a 512-response queue.
+    #[test]
+    fn a_remote_batch_shares_one_queue_slot_per_response() {
+        let g = graph();
+        let (_ha, mut ra) = agent(&g, A);
+        let b = Uuid::from_u128(0xb);
+        let (_hb, mut rb) = agent(&g, b);
+        let (mut src, _ev) = g.remote_source(16);
+        let ids: Vec<Uuid> = (0..1000u128).map(|i| Uuid::from_u128(0x1000 + i)).collect();
+        src.begin_batch();
+        for (i, x) in ids.iter().enumerate() {
+            assert!(src.upsert_node(*x, node(i as i32 + 1)));
+            assert!(src.add_tunnel(*x, A));
+        }
+        src.end_batch();
+        assert!(g.is_local(A), "the agent was kicked by a batch");
+        let mut responses = 0;
+        let mut got = Vec::new();
+        while let Ok(resp) = ra.try_recv() {
+            assert!(resp.error.is_empty(), "{}", resp.error);
+            responses += 1;
+            got.extend(
+                resp.peer_updates
+                    .iter()
+                    .map(|u| Uuid::from_slice(&u.id).unwrap()),
+            );
+        }
+        assert_eq!(got, ids, "every node, in order");
+        assert!(responses <= 2, "{responses} responses for one batch");
+
+        // Not a batch: one queue slot per update, and 600 overflow the receiver's 512.
+        for (i, x) in ids.iter().take(600).enumerate() {
+            src.upsert_node(*x, node(i as i32 + 5000));
+            src.add_tunnel(*x, b);
+        }
+        assert!(
+            !g.is_local(b),
+            "600 unbatched updates must overflow the queue"
+        );
+        drop(drain_until_end(&mut rb));
+    }
+
+    fn drain_until_end(rx: &mut PeerReceiver) -> usize {
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        n
+    }
 
     #[test]
     fn remote_peer_reaches_local_agent_and_rfh_goes_both_ways() {

@@ -77,10 +77,11 @@
 //! * **Batches by time, not by worker.** pgcoord's querier batches up to 50 keys per query over
 //!   10 workers and reads the bindings of all tunnel peers of a local peer; here one mapper reads
 //!   every remote peer (and tunnel pair) notified within [`MAPPER_DEBOUNCE`] in one statement
-//!   (up to `MAPPER_BATCH` keys), which gives the same result per peer. A batch reaches a
-//!   local receiver as one update per remote peer, as fast as a local burst would (the graph's
-//!   512-response bound applies: a receiver that does not read is closed), where pgcoord's
-//!   mapper sends one response of up to 1,024 updates.
+//!   (up to `MAPPER_BATCH` keys), which gives the same result per peer. What one read
+//!   returns is applied as one batch of the remote source ([`RemoteSource::begin_batch`]): the
+//!   updates a local receiver has not taken yet share one queued response of up to 1,024
+//!   updates, as pgcoord's mapper sends them, so a burst of remote peers takes one slot of the
+//!   receiver's 512-response queue, not one per peer (the byte bound still counts every update).
 //! * **Local wins.** A peer id connected here is never also remote here (the graph's rule); rows
 //!   of that id under other coordinators are ignored while it is connected here.
 //! * **Overflow re-syncs** (above): pgcoord's binder also keeps one pending binding per peer, but
@@ -1432,12 +1433,19 @@ impl Mapper {
     async fn flush(&mut self, pending: &mut Pending) -> Result<(), HaError> {
         while !pending.is_empty() {
             let chunk = pending.take_chunk();
-            match self.read_and_apply(&chunk).await {
-                Ok(()) => {
-                    for (from, to) in chunk.rfh {
-                        self.source.ready_for_handshake(from, to);
-                    }
+            // What one read returns reaches each local receiver as one response (pgcoord's
+            // mapper does the same), so a burst of remote peers never overflows the queue of a
+            // receiver that keeps reading.
+            self.source.begin_batch();
+            let applied = self.read_and_apply(&chunk).await;
+            if applied.is_ok() {
+                for (from, to) in chunk.rfh.iter() {
+                    self.source.ready_for_handshake(*from, *to);
                 }
+            }
+            self.source.end_batch();
+            match applied {
+                Ok(()) => {}
                 Err(e) => {
                     pending.merge_back(chunk);
                     return Err(e);
