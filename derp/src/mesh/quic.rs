@@ -116,7 +116,7 @@ pub enum QuicConfigError {
     /// QUIC mesh without a mesh key.
     #[error("the QUIC mesh requires a mesh key (--mesh-psk-file)")]
     NoMeshKey,
-    /// Peers to dial but nothing listening... is allowed; this is the UDP socket failing.
+    /// The UDP socket could not be bound.
     #[error("QUIC mesh UDP socket {addr}: {source}")]
     Bind {
         /// The address.
