@@ -718,6 +718,15 @@ settings! {
         mesh_ca_file: Option<PathBuf> = |_| None;
         /// Packets queued per mesh peer before new ones are dropped.
         mesh_queue_depth: usize = |_| EdgeConfig::default().mesh_queue_depth;
+        /// UDP address (ip:port) on which other tailnetd relays mesh with this one over QUIC
+        /// (datagrams, mesh key as authentication); empty = off. Needs --mesh-psk-file.
+        #[flag = "mesh-quic-addr"]
+        mesh_quic_addr: String = |_| String::new();
+        /// tailnetd relays to mesh with over QUIC: comma-separated `host:udpport` of their
+        /// --mesh-quic-addr. derper peers stay in --mesh-with. This relay may list itself.
+        /// Needs --mesh-psk-file.
+        #[flag = "mesh-quic-with"]
+        mesh_quic_with: String = |_| String::new();
         /// Per-frame write deadline for non-mesh clients; `0s` = none.
         write_timeout: Duration = |_| EdgeConfig::default().write_timeout;
         /// Interval of DERP KeepAlive frames (clients give up after 120s of silence).
@@ -1382,6 +1391,8 @@ impl Settings {
             listen.mesh_with = t.mesh_with;
             listen.mesh_ca_file = t.mesh_ca_file;
             listen.mesh_queue_depth = t.mesh_queue_depth;
+            listen.mesh_quic_addr = t.mesh_quic_addr;
+            listen.mesh_quic_with = t.mesh_quic_with;
             listen.write_timeout = t.write_timeout;
             listen.keepalive = t.keepalive;
             listen.tcp_user_timeout = t.tcp_user_timeout;

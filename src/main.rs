@@ -501,6 +501,10 @@ async fn run(s: Settings) -> Result<()> {
         Some(r) => Some(start_mesh(r, &s.listen)?),
         None => None,
     };
+    let quic_mesh = match &relay {
+        Some(r) => Some(start_quic_mesh(r, &s.listen)?),
+        None => None,
+    };
 
     let mut signals = ShutdownSignals::register()?;
     health.ready.store(true, Ordering::Relaxed);
@@ -543,6 +547,9 @@ async fn run(s: Settings) -> Result<()> {
     let drain = async {
         let relay_drain = async {
             if let Some(m) = mesh {
+                m.shutdown().await;
+            }
+            if let Some(m) = quic_mesh {
                 m.shutdown().await;
             }
             if let Some(r) = &relay {
@@ -665,6 +672,32 @@ fn start_mesh(relay: &Arc<Server>, listen: &EdgeConfig) -> Result<derp::mesh::Me
         },
     )
     .context("relay.mesh_with")
+}
+
+/// Starts the QUIC mesh (`--mesh-quic-addr`, `--mesh-quic-with`); nothing if both are empty.
+fn start_quic_mesh(
+    relay: &Arc<Server>,
+    listen: &EdgeConfig,
+) -> Result<derp::mesh::quic::QuicMeshHandle> {
+    use derp::mesh::quic;
+    let addr =
+        quic::parse_mesh_quic_addr(&listen.mesh_quic_addr).context("relay.mesh_quic_addr")?;
+    let peers =
+        quic::parse_mesh_quic_with(&listen.mesh_quic_with).context("relay.mesh_quic_with")?;
+    let h = quic::start(
+        relay,
+        quic::QuicMeshOptions {
+            listen: addr,
+            peers: peers.clone(),
+            queue_depth: listen.mesh_queue_depth,
+        },
+    )
+    .context("QUIC mesh")?;
+    if h.local_addr().is_some() || !peers.is_empty() {
+        tracing::info!(listen = ?h.local_addr(), peers = ?peers.iter().map(|p| &p.name).collect::<Vec<_>>(),
+            "QUIC mesh");
+    }
+    Ok(h)
 }
 
 /// Prints the one JSON line that tells operators and test harnesses where everything listens.

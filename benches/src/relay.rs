@@ -79,6 +79,10 @@ pub struct RelayArgs {
     /// `--transport raw`, `host:port` (`tls://host:port` for the TLS-terminating forwarder).
     #[arg(long)]
     pub url: String,
+    /// Receivers dial this DERP URL instead of `--url` (senders stay on `--url`): traffic
+    /// crosses the mesh between two relays of a region. `derp` transport only.
+    #[arg(long)]
+    pub recv_url: Option<String>,
     /// Sender/receiver pairs.
     #[arg(long, default_value_t = 10)]
     pub pairs: usize,
@@ -324,6 +328,8 @@ struct Target {
     dst: Option<(std::net::SocketAddr, String, String)>,
     /// TLS trust (`--ca` added to the system roots).
     tls: derp::client::dial::DialTls,
+    /// The same as `dst` for receivers with `--recv-url`.
+    recv_dst: Option<(std::net::SocketAddr, String, String)>,
 }
 
 impl std::ops::Deref for Target {
@@ -354,7 +360,11 @@ async fn connect_end(args: &Target, pair: u32, receiver: bool) -> Result<End> {
     let pk = NodePrivate::generate(&mut rand::thread_rng());
     match args.transport {
         Transport::Derp | Transport::Ws => {
-            let client = match &args.dst {
+            let (dst, url) = match &args.recv_url {
+                Some(u) if receiver => (&args.recv_dst, u),
+                _ => (&args.dst, &args.url),
+            };
+            let client = match dst {
                 // Our own upgrade with a 64 KiB read buffer (see `dialer`).
                 Some((dst, authority, path)) if args.transport == Transport::Derp => {
                     connect(*dst, None, authority, path, true).await?
@@ -363,9 +373,9 @@ async fn connect_end(args: &Target, pair: u32, receiver: bool) -> Result<End> {
                     let mut opts = DialOptions::new(pk);
                     opts.websocket = args.transport == Transport::Ws;
                     opts.tls = args.tls.clone();
-                    let mut c = dial(&args.url, opts)
+                    let mut c = dial(url, opts)
                         .await
-                        .with_context(|| format!("dialing {}", args.url))?
+                        .with_context(|| format!("dialing {url}"))?
                         .client;
                     wait_server_info(&mut c).await?;
                     c
@@ -449,16 +459,26 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
     if args.pairs == 0 {
         bail!("--pairs must be at least 1");
     }
+    if args.recv_url.is_some() && args.transport != Transport::Derp {
+        bail!("--recv-url needs --transport derp");
+    }
     // Connect every pair (receivers first so nothing is sent to an unknown key).
-    let dst = match (args.transport, host_path(&args.url)) {
-        (Transport::Derp, Ok((authority, path))) => {
-            let addr = tokio::net::lookup_host(&authority)
-                .await?
-                .next()
-                .ok_or_else(|| anyhow!("cannot resolve {authority}"))?;
-            Some((addr, authority, path))
-        }
-        _ => None,
+    let resolve = |url: String| async move {
+        Ok::<_, anyhow::Error>(match (args.transport, host_path(&url)) {
+            (Transport::Derp, Ok((authority, path))) => {
+                let addr = tokio::net::lookup_host(&authority)
+                    .await?
+                    .next()
+                    .ok_or_else(|| anyhow!("cannot resolve {authority}"))?;
+                Some((addr, authority, path))
+            }
+            _ => None,
+        })
+    };
+    let dst = resolve(args.url.clone()).await?;
+    let recv_dst = match &args.recv_url {
+        Some(u) => resolve(u.clone()).await?,
+        None => None,
     };
     let mut tls = derp::client::dial::DialTls::default();
     if let Some(path) = &args.ca {
@@ -468,6 +488,7 @@ pub async fn run(args: RelayArgs) -> Result<RelayReport> {
         args: args.clone(),
         dst,
         tls,
+        recv_dst,
     };
     let pairs: Vec<(End, End)> = stream::iter(0..args.pairs)
         .map(|i| {

@@ -15,18 +15,26 @@
 //! client that received packets from it gets PeerGone(Disconnected) (derper's
 //! `notePeerGoneFromRegion`). A packet that arrived as ForwardPacket is never forwarded again.
 //!
+//! A link that announces this relay's own clients to a peer (the QUIC mesh; a DERP mesh peer is
+//! a watcher connection instead) takes a [`PresenceFeed`]: a bounded queue of presence changes
+//! that starts with the complete list. When changes come faster than the link sends them, the
+//! queue is not grown: it is emptied, marked overflowed (`derp_mesh_presence_overflows`), and the
+//! link asks for the complete list again ([`Server::resync_presence`]), which the peer applies
+//! as a replacement, so nothing is lost and nothing is unbounded.
+//!
 //! Must never: block or allocate in `MeshForwarder::forward` beyond the queue's own slot, or
 //! let a slow peer hold packets without bound (the queue is bounded, overflow is dropped and
 //! counted in `derp_mesh_forward_dropped{peer}`).
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use proto::derp::{KEY_LEN, PACKET_PREFIX_LEN};
 use proto::key::NodePublic;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 #[cfg(doc)]
 use crate::core::server::Server;
@@ -65,6 +73,11 @@ impl ForwardItem {
     /// The packet bytes.
     pub fn payload(&self) -> &[u8] {
         &self.frame[PACKET_PREFIX_LEN..]
+    }
+
+    /// The whole RecvPacket frame (`05 len src payload`) the receiving relay will write.
+    pub fn recv_frame(&self) -> &[u8] {
+        &self.frame
     }
 }
 
@@ -129,6 +142,93 @@ impl MeshForwarder {
 /// The receiving end of a forwarder's queue, owned by the peer's link.
 pub type ForwardReceiver = mpsc::Receiver<ForwardItem>;
 
+/// A change of this relay's local presence, for a link announcing it to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceEvent {
+    /// A complete list follows.
+    SyncStart,
+    /// A local client with this key is connected.
+    Present(NodePublic),
+    /// The last local connection of this key left.
+    Gone(NodePublic),
+    /// The list started by `SyncStart` is complete.
+    SyncEnd,
+}
+
+/// Bounded queue of presence changes for one link (see the module doc).
+#[derive(Debug)]
+pub struct PresenceFeed {
+    pub(crate) id: u64,
+    cap: usize,
+    state: Mutex<FeedState>,
+    notify: Notify,
+    overflows: IntCounter,
+}
+
+#[derive(Debug, Default)]
+struct FeedState {
+    events: VecDeque<PresenceEvent>,
+    overflowed: bool,
+}
+
+static NEXT_FEED: AtomicU64 = AtomicU64::new(1);
+
+impl PresenceFeed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FeedState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues one change; on overflow empties the queue and asks for a resync instead.
+    pub(crate) fn push(&self, ev: PresenceEvent) {
+        {
+            let mut g = self.lock();
+            if g.overflowed {
+                return;
+            }
+            if g.events.len() >= self.cap {
+                g.events.clear();
+                g.overflowed = true;
+                self.overflows.inc();
+            } else {
+                g.events.push_back(ev);
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    /// Replaces the queue with a complete list (called under the registry's control lock, so
+    /// no change can fall between the list and the next change).
+    pub(crate) fn load(&self, keys: impl Iterator<Item = NodePublic>) {
+        {
+            let mut g = self.lock();
+            g.events.clear();
+            g.overflowed = false;
+            g.events.push_back(PresenceEvent::SyncStart);
+            g.events.extend(keys.map(PresenceEvent::Present));
+            g.events.push_back(PresenceEvent::SyncEnd);
+        }
+        self.notify.notify_one();
+    }
+
+    /// Waits for changes and moves them into `out`. Returns `true` if the queue overflowed
+    /// since the last call: the caller must ask for a resync ([`Server::resync_presence`]).
+    pub async fn next(&self, out: &mut Vec<PresenceEvent>) -> bool {
+        loop {
+            {
+                let mut g = self.lock();
+                if g.overflowed {
+                    return true;
+                }
+                if !g.events.is_empty() {
+                    out.extend(g.events.drain(..));
+                    return false;
+                }
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
 /// Mesh metrics (per peer, labelled with its configured name).
 #[derive(Debug)]
 pub(crate) struct MeshMetrics {
@@ -136,6 +236,11 @@ pub(crate) struct MeshMetrics {
     connected: IntGaugeVec,
     /// (key, peer) routes currently held.
     pub routes: IntGauge,
+    presence_overflows: IntCounter,
+    /// QUIC mesh connections and units refused, by reason (see `crate::mesh::quic`).
+    pub quic_rejected: IntCounterVec,
+    /// Packets the QUIC mesh sent on a stream because they exceeded the datagram limit.
+    pub quic_stream_packets: IntCounter,
     next_id: AtomicU32,
     /// Every forwarder created and still alive (the status page lists them); dead entries are
     /// pruned when a peer is added.
@@ -162,6 +267,17 @@ impl MeshMetrics {
         peers.push(Arc::downgrade(&fwd));
         drop(peers);
         (fwd, rx)
+    }
+
+    /// A presence feed of `cap` changes (at least 16) before it overflows.
+    pub(crate) fn new_feed(&self, cap: usize) -> Arc<PresenceFeed> {
+        Arc::new(PresenceFeed {
+            id: NEXT_FEED.fetch_add(1, Ordering::Relaxed),
+            cap: cap.max(16),
+            state: Mutex::new(FeedState::default()),
+            notify: Notify::new(),
+            overflows: self.presence_overflows.clone(),
+        })
     }
 
     /// The live forwarders, in creation order.
@@ -191,12 +307,33 @@ impl MeshMetrics {
                 "derp_mesh_routes",
                 "Keys routed to a mesh peer (one per key and announcing peer).",
             )?,
+            presence_overflows: IntCounter::new(
+                "derp_mesh_presence_overflows",
+                "Times a mesh link's queue of presence changes overflowed and the complete list \
+                 was sent again instead.",
+            )?,
+            quic_rejected: IntCounterVec::new(
+                Opts::new(
+                    "derp_mesh_quic_rejected",
+                    "QUIC mesh connections closed or units dropped because of bad input, by \
+                     reason (auth: wrong mesh key; bad_packet; bad_message; handshake).",
+                ),
+                &["reason"],
+            )?,
+            quic_stream_packets: IntCounter::new(
+                "derp_mesh_quic_stream_packets",
+                "Packets the QUIC mesh sent on a stream of their own because they exceeded the \
+                 path's datagram limit.",
+            )?,
             next_id: AtomicU32::new(1),
             peers: Mutex::new(Vec::new()),
         };
         registry.register(Box::new(m.dropped.clone()))?;
         registry.register(Box::new(m.connected.clone()))?;
         registry.register(Box::new(m.routes.clone()))?;
+        registry.register(Box::new(m.presence_overflows.clone()))?;
+        registry.register(Box::new(m.quic_rejected.clone()))?;
+        registry.register(Box::new(m.quic_stream_packets.clone()))?;
         Ok(m)
     }
 }

@@ -29,7 +29,7 @@ use proto::derp::PeerGoneReason;
 use proto::key::NodePublic;
 
 use crate::core::handle::ConnHandle;
-use crate::core::mesh::{MeshForwarder, MeshPeerId};
+use crate::core::mesh::{MeshForwarder, MeshPeerId, PresenceEvent, PresenceFeed};
 use crate::core::metrics::Metrics;
 use crate::core::queue::{Control, ControlOutcome};
 
@@ -74,6 +74,8 @@ type Shard = HashMap<NodePublic, Entry, KeyHasherBuilder>;
 
 struct ControlState {
     watchers: HashMap<u64, Arc<ConnHandle>, IdHasherBuilder>,
+    /// Presence feeds of mesh links that announce this relay's clients (QUIC mesh).
+    feeds: Vec<Arc<PresenceFeed>>,
 }
 
 /// The sharded key → connections map plus the watcher set.
@@ -111,6 +113,7 @@ impl Registry {
             hasher,
             control: Mutex::new(ControlState {
                 watchers: HashMap::with_hasher(IdHasherBuilder),
+                feeds: Vec::new(),
             }),
             metrics,
             server_key,
@@ -178,6 +181,9 @@ impl Registry {
         let present = h.presence();
         for w in ctl.watchers.values() {
             self.push_to_watcher(w, present);
+        }
+        for f in &ctl.feeds {
+            f.push(PresenceEvent::Present(h.key));
         }
     }
 
@@ -257,6 +263,9 @@ impl Registry {
             }
             for w in ctl.watchers.values() {
                 self.push_to_watcher(w, gone);
+            }
+            for f in &ctl.feeds {
+                f.push(PresenceEvent::Gone(h.key));
             }
         }
     }
@@ -377,6 +386,30 @@ impl Registry {
         }
         ctl.watchers.insert(h.id, h.clone());
         self.metrics.watchers.inc();
+    }
+
+    /// Loads `feed` with the complete list of keys with a local connection and (if it is new)
+    /// streams changes into it from now on. Also the resync after an overflow.
+    pub(crate) fn add_feed(&self, feed: &Arc<PresenceFeed>) {
+        let mut ctl = lock(&self.control);
+        let mut present = Vec::new();
+        for s in self.shards.iter() {
+            let g = lock(s);
+            present.extend(
+                g.iter()
+                    .filter(|(_, e)| e.active.is_some())
+                    .map(|(k, _)| *k),
+            );
+        }
+        feed.load(present.into_iter());
+        if !ctl.feeds.iter().any(|f| f.id == feed.id) {
+            ctl.feeds.push(feed.clone());
+        }
+    }
+
+    /// Stops streaming changes into `feed`.
+    pub(crate) fn remove_feed(&self, feed: &Arc<PresenceFeed>) {
+        lock(&self.control).feeds.retain(|f| f.id != feed.id);
     }
 
     /// ClosePeer: asks every local connection of `key` to close. Returns how many were asked.

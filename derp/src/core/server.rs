@@ -39,12 +39,14 @@ use tracing::Instrument;
 use crate::core::admission::{Admission, Decision};
 use crate::core::conn::{Close, ConnParams, ConnTask};
 use crate::core::handle::ConnHandle;
-use crate::core::mesh::{ForwardReceiver, MeshForwarder, MeshPeerId};
-use crate::core::metrics::{DropReason, Metrics, PacketKind};
+use crate::core::mesh::{ForwardReceiver, MeshForwarder, MeshPeerId, PresenceFeed};
+use crate::core::metrics::{DropReason, Hot, Metrics, PacketKind};
+use crate::core::queue::PushOutcome;
 pub use crate::core::queue::QueueDepth;
 use crate::core::queue::{CloseRequest, SendQueue};
 use crate::core::rate::{RateConfig, RateLimits};
 use crate::core::registry::Registry;
+use crate::core::registry::Route;
 
 /// Write timeout for mesh peers (derper's `privilegedWriteTimeout`).
 pub const MESH_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -818,5 +820,91 @@ impl Server {
     /// The mesh peer whose route `key` follows, if it has no local connection (tests, debugging).
     pub fn mesh_route_of(&self, key: &NodePublic) -> Option<MeshPeerId> {
         self.registry.mesh_route_of(key)
+    }
+
+    /// A presence feed for a link announcing this relay's clients to a peer: loaded with the
+    /// complete list, then every change (see [`crate::core::mesh`]). Holds up to `cap` changes.
+    pub fn presence_feed(&self, cap: usize) -> Arc<PresenceFeed> {
+        let feed = self.mesh_metrics.new_feed(cap);
+        self.registry.add_feed(&feed);
+        feed
+    }
+
+    /// Reloads `feed` with the complete list after it overflowed.
+    pub fn resync_presence(&self, feed: &Arc<PresenceFeed>) {
+        self.registry.add_feed(feed);
+    }
+
+    /// Stops feeding `feed` (its link ended).
+    pub fn drop_presence_feed(&self, feed: &Arc<PresenceFeed>) {
+        self.registry.remove_feed(feed);
+    }
+
+    /// Delivers a packet a mesh peer forwarded (not over a DERP connection: the QUIC mesh) to
+    /// the local client `dst`. `recv_frame` is the complete, checked RecvPacket frame
+    /// (`05 len src payload`). Never forwarded again; the outcome is counted as for
+    /// ForwardPacket frames. `last_pair` is the caller's memo of the last (source, receiver)
+    /// pair noted for PeerGone (start with 0), so a run of packets notes it once. Returns
+    /// whether it was queued.
+    pub fn deliver_forwarded(
+        &self,
+        dst: NodePublic,
+        recv_frame: Bytes,
+        last_pair: &mut u64,
+    ) -> bool {
+        use proto::derp::{looks_like_disco, FRAME_HEADER_LEN, KEY_LEN, PACKET_PREFIX_LEN};
+        let hot = &self.metrics.hot;
+        hot.add(Hot::PacketsForwardedIn, 1);
+        let Some(payload) = recv_frame.get(PACKET_PREFIX_LEN..) else {
+            return false;
+        };
+        let pkt_len = payload.len();
+        let disco = looks_like_disco(payload);
+        let kind = PacketKind::from_disco(disco);
+        let mut src = [0u8; KEY_LEN];
+        src.copy_from_slice(&recv_frame[FRAME_HEADER_LEN..PACKET_PREFIX_LEN]);
+        let src = NodePublic::from_bytes(src);
+        let mut receiver = None;
+        let outcome = self.registry.with_route(&dst, |r| match r {
+            Route::Local(d) => {
+                receiver = Some(d.clone());
+                Some(d.queue.push_packet(recv_frame, disco))
+            }
+            Route::Mesh(_) | Route::Unknown => None,
+        });
+        let outcome = outcome.map(|(o, w)| {
+            if let Some(w) = w {
+                w.wake();
+            }
+            o
+        });
+        if let Some(r) = receiver {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&src.as_bytes()[..8]);
+            let pair = (u64::from_le_bytes(w) ^ r.id.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
+            if pair != *last_pair {
+                *last_pair = pair;
+                self.registry.note_mesh_sender(&src, &r);
+            }
+        }
+        match outcome {
+            Some(PushOutcome::Queued) => true,
+            Some(PushOutcome::DroppedHead(n)) => {
+                hot.drop_packet(
+                    DropReason::QueueHead,
+                    kind,
+                    n.saturating_sub(PACKET_PREFIX_LEN),
+                );
+                true
+            }
+            Some(PushOutcome::Closed) => {
+                hot.drop_packet(DropReason::GoneDisconnected, kind, pkt_len);
+                false
+            }
+            None => {
+                hot.drop_packet(DropReason::UnknownDestOnFwd, kind, pkt_len);
+                false
+            }
+        }
     }
 }

@@ -60,6 +60,12 @@ pub struct EdgeConfig {
     pub mesh_ca_file: Option<PathBuf>,
     /// Packets queued per mesh peer before new ones are dropped.
     pub mesh_queue_depth: usize,
+    /// UDP address the QUIC mesh accepts tailnetd peers on; empty = off (see
+    /// [`crate::mesh::quic`]). Needs `mesh_psk_file`.
+    pub mesh_quic_addr: String,
+    /// tailnetd peers to mesh with over QUIC: comma-separated `host:udpport` of their
+    /// `mesh_quic_addr`; empty = none. Needs `mesh_psk_file`.
+    pub mesh_quic_with: String,
     /// Per-client send queue depth (packets).
     pub queue_depth: usize,
     /// Per-frame write deadline for non-mesh clients; `0s` = none.
@@ -114,6 +120,8 @@ impl Default for EdgeConfig {
             mesh_with: String::new(),
             mesh_ca_file: None,
             mesh_queue_depth: crate::core::mesh::DEFAULT_FORWARD_QUEUE,
+            mesh_quic_addr: String::new(),
+            mesh_quic_with: String::new(),
             queue_depth: 32,
             write_timeout: Duration::from_secs(2),
             keepalive: Duration::from_secs(60),
@@ -306,6 +314,20 @@ impl EdgeConfig {
             Err(e) => bad("mesh_with", e.to_string()),
             Ok(peers) if !peers.is_empty() && self.mesh_psk_file.is_none() => {
                 bad("mesh_with", "mesh peers need mesh_psk_file".into())
+            }
+            Ok(_) => {}
+        }
+        match crate::mesh::quic::parse_mesh_quic_addr(&self.mesh_quic_addr) {
+            Err(e) => bad("mesh_quic_addr", e.to_string()),
+            Ok(Some(_)) if self.mesh_psk_file.is_none() => {
+                bad("mesh_quic_addr", "the QUIC mesh needs mesh_psk_file".into())
+            }
+            Ok(_) => {}
+        }
+        match crate::mesh::quic::parse_mesh_quic_with(&self.mesh_quic_with) {
+            Err(e) => bad("mesh_quic_with", e.to_string()),
+            Ok(peers) if !peers.is_empty() && self.mesh_psk_file.is_none() => {
+                bad("mesh_quic_with", "mesh peers need mesh_psk_file".into())
             }
             Ok(_) => {}
         }

@@ -22,6 +22,8 @@
 //! Must never: block the packet path (it only pushes into the bounded queue), keep routes of a
 //! link that is down, or outlive [`MeshHandle::shutdown`].
 
+pub mod quic;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

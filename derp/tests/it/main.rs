@@ -18,6 +18,7 @@ mod core_throughput;
 mod edge_http;
 mod edge_keyfile;
 mod edge_mesh;
+mod edge_quic_mesh;
 mod edge_relay;
 mod edge_start;
 mod edge_stun;

@@ -18,6 +18,7 @@ pub mod frame;
 pub mod handshake;
 pub mod header;
 pub mod info;
+pub mod quicmesh;
 
 use core::time::Duration;
 

@@ -1,0 +1,267 @@
+//! The QUIC mesh between tailnetd relays (`derp::mesh::quic`): three relays list the whole
+//! region (themselves included), clients on every relay reach each other (small packets as
+//! datagrams, a 60 KB one on a stream), PeerGone crosses the mesh, a relay killed and restarted
+//! on the same UDP port rejoins, and a relay with the wrong mesh key is refused.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use derp::client::dial::{dial, DialOptions};
+use derp::edge::http::HttpEdge;
+use derp::edge::listener::{self, ListenerOptions};
+use derp::mesh::quic::{parse_mesh_quic_with, QuicMeshHandle, QuicMeshOptions};
+use derp::{Client, ReceivedFrame, Server, ServerConfig};
+use proto::derp::PeerGoneReason;
+use proto::key::{MeshKey, NodePrivate, NodePublic};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::*;
+
+struct Node {
+    server: Arc<Server>,
+    registry: prometheus::Registry,
+    cancel: CancellationToken,
+    quic: Option<QuicMeshHandle>,
+}
+
+impl Node {
+    async fn start(
+        key: &NodePrivate,
+        mesh_key: MeshKey,
+        listener: TcpListener,
+        udp: SocketAddr,
+        quic_with: &str,
+    ) -> Node {
+        let registry = prometheus::Registry::new();
+        let mut cfg = ServerConfig::new(key.clone());
+        cfg.mesh_key = Some(mesh_key);
+        let server = Server::new(cfg, &registry).expect("server");
+        let edge = HttpEdge::new(Some(server.clone()), fallback(), &registry).expect("edge");
+        let cancel = CancellationToken::new();
+        tokio::spawn(listener::serve(
+            listener,
+            None,
+            edge,
+            ListenerOptions::default(),
+            cancel.clone(),
+        ));
+        let quic = derp::mesh::quic::start(
+            &server,
+            QuicMeshOptions {
+                listen: Some(udp),
+                peers: parse_mesh_quic_with(quic_with).expect("mesh_quic_with"),
+                queue_depth: 1024,
+            },
+        )
+        .expect("quic mesh");
+        assert_eq!(quic.local_addr(), Some(udp));
+        Node {
+            server,
+            registry,
+            cancel,
+            quic: Some(quic),
+        }
+    }
+
+    async fn kill(mut self) {
+        if let Some(q) = self.quic.take() {
+            q.shutdown().await;
+        }
+        self.cancel.cancel();
+        self.server.shutdown_with(Duration::from_secs(2)).await;
+    }
+
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_matching(&self.registry, name, labels)
+    }
+
+    async fn wait_routes(&self, keys: &[NodePublic]) {
+        let ok = wait_until(|| keys.iter().all(|k| self.server.mesh_route_of(k).is_some())).await;
+        assert!(ok, "QUIC mesh routes for {keys:?} never appeared");
+    }
+}
+
+/// A free UDP port on loopback (bound, read, released).
+fn free_udp() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    s.local_addr().unwrap()
+}
+
+async fn client(addr: SocketAddr) -> Client {
+    let mut c = within(dial(
+        &format!("http://{addr}/derp"),
+        DialOptions::new(key()),
+    ))
+    .await
+    .expect("dial")
+    .client;
+    expect_server_info(&mut c).await;
+    c
+}
+
+async fn next_packet(c: &mut Client) -> (NodePublic, bytes::Bytes) {
+    loop {
+        match recv(c).await {
+            ReceivedFrame::Packet { src, data } => return (src, data),
+            ReceivedFrame::Ping(_) | ReceivedFrame::Health(_) => continue,
+            other => panic!("expected a packet, got {other:?}"),
+        }
+    }
+}
+
+async fn all_ways(clients: &mut [Client], tag: &str) {
+    let keys: Vec<NodePublic> = clients.iter().map(Client::public_key).collect();
+    for i in 0..clients.len() {
+        for j in 0..clients.len() {
+            if i == j {
+                continue;
+            }
+            let msg = format!("{tag} {i}->{j}");
+            clients[i]
+                .send_packet(keys[j], msg.as_bytes())
+                .await
+                .expect("send");
+            let (src, data) = next_packet(&mut clients[j]).await;
+            assert_eq!(src, keys[i], "{msg}: source");
+            assert_eq!(&data[..], msg.as_bytes());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_quic_mesh_three_relays_every_way_peer_gone_restart() {
+    let mesh_key = MeshKey::from_bytes([5; 32]);
+    let keys: Vec<NodePrivate> = (0..3).map(|_| key()).collect();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
+    }
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let udps: Vec<SocketAddr> = (0..3).map(|_| free_udp()).collect();
+    let quic_with = udps
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes = Vec::new();
+    for ((k, l), u) in keys.iter().zip(listeners).zip(&udps) {
+        nodes.push(Some(Node::start(k, mesh_key, l, *u, &quic_with).await));
+    }
+    let mut clients = Vec::new();
+    for a in &addrs {
+        clients.push(client(*a).await);
+    }
+    let ckeys: Vec<NodePublic> = clients.iter().map(Client::public_key).collect();
+    for (i, n) in nodes.iter().enumerate() {
+        let n = n.as_ref().unwrap();
+        let remote: Vec<NodePublic> = (0..3).filter(|j| *j != i).map(|j| ckeys[j]).collect();
+        n.wait_routes(&remote).await;
+        assert!(n.server.mesh_route_of(&ckeys[i]).is_none());
+        // The link to itself stopped at its own key.
+        let self_peer = format!("quic:{}", udps[i]);
+        assert_eq!(
+            n.metric("derp_mesh_peer_connected", &[("peer", &self_peer)]),
+            0.0
+        );
+    }
+    all_ways(&mut clients, "first").await;
+    let n0 = nodes[0].as_ref().unwrap();
+    assert!(n0.metric("derp_packets_forwarded_out", &[]) >= 2.0);
+    assert!(n0.metric("derp_packets_forwarded_in", &[]) >= 2.0);
+    assert_eq!(n0.metric("derp_mesh_forward_dropped", &[]), 0.0);
+
+    // Larger than any datagram: travels on a stream of its own, intact.
+    let big: Vec<u8> = (0..60_000u32).map(|i| (i % 251) as u8).collect();
+    let before = n0.metric("derp_mesh_quic_stream_packets", &[]);
+    clients[0].send_packet(ckeys[1], &big).await.expect("send");
+    let (src, data) = next_packet(&mut clients[1]).await;
+    assert_eq!(src, ckeys[0]);
+    assert_eq!(&data[..], &big[..]);
+    assert_eq!(
+        n0.metric("derp_mesh_quic_stream_packets", &[]),
+        before + 1.0
+    );
+
+    // PeerGone across the mesh: client 0 sent to clients 1 and 2; when it leaves, both hear it.
+    drop(clients.remove(0));
+    for c in clients.iter_mut() {
+        loop {
+            match recv(c).await {
+                ReceivedFrame::PeerGone { key, reason } => {
+                    assert_eq!(key, ckeys[0]);
+                    assert_eq!(reason, PeerGoneReason::Disconnected);
+                    break;
+                }
+                ReceivedFrame::Packet { .. } => continue,
+                other => panic!("expected PeerGone for client 0, got {other:?}"),
+            }
+        }
+    }
+    clients.insert(0, client(addrs[0]).await);
+
+    // Kill relay 2: its routes vanish, and client 1, which got packets from its client, hears
+    // PeerGone.
+    nodes[2].take().unwrap().kill().await;
+    clients.pop();
+    match recv(&mut clients[1]).await {
+        ReceivedFrame::PeerGone { key, .. } => assert_eq!(key, ckeys[2]),
+        other => panic!("expected PeerGone for the killed relay's client, got {other:?}"),
+    }
+    for n in nodes.iter().take(2) {
+        let n = n.as_ref().unwrap();
+        assert!(wait_until(|| n.server.mesh_route_of(&ckeys[2]).is_none()).await);
+    }
+
+    // Restart it with the same key on the same ports; a new client there reaches everyone.
+    let l = TcpListener::bind(addrs[2]).await.expect("rebind");
+    nodes[2] = Some(Node::start(&keys[2], mesh_key, l, udps[2], &quic_with).await);
+    clients.push(client(addrs[2]).await);
+    let ckeys: Vec<NodePublic> = clients.iter().map(Client::public_key).collect();
+    for (i, n) in nodes.iter().enumerate() {
+        let remote: Vec<NodePublic> = (0..3).filter(|j| *j != i).map(|j| ckeys[j]).collect();
+        n.as_ref().unwrap().wait_routes(&remote).await;
+    }
+    all_ways(&mut clients, "after restart").await;
+    for n in nodes.into_iter().flatten() {
+        n.kill().await;
+    }
+}
+
+/// A relay holding another mesh key dials: the acceptor refuses it (connection closed, counted
+/// as `auth`), the dialer never learns a route, and no packet of it is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_quic_mesh_wrong_key_is_refused() {
+    let (ua, ub) = (free_udp(), free_udp());
+    let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr_b = lb.local_addr().unwrap();
+    let a = Node::start(
+        &key(),
+        MeshKey::from_bytes([1; 32]),
+        la,
+        ua,
+        &ub.to_string(),
+    )
+    .await;
+    let b = Node::start(&key(), MeshKey::from_bytes([2; 32]), lb, ub, "").await;
+    let cb = client(addr_b).await;
+    assert!(
+        wait_until(|| b.metric("derp_mesh_quic_rejected", &[("reason", "auth")]) >= 1.0).await,
+        "the wrong key was not refused"
+    );
+    // It keeps retrying and keeps being refused; never a route, never connected.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(a.server.mesh_route_of(&cb.public_key()).is_none());
+    assert_eq!(
+        a.metric(
+            "derp_mesh_peer_connected",
+            &[("peer", &format!("quic:{ub}"))]
+        ),
+        0.0
+    );
+    drop(cb);
+    a.kill().await;
+    b.kill().await;
+}
