@@ -51,6 +51,43 @@ const READ_IDLE: Duration = Duration::from_secs(130);
 /// Bytes of ForwardPacket frames batched into one write.
 const WRITE_BATCH: usize = 64 << 10;
 
+/// Reconnect pacing of a mesh link (DERP or QUIC): exponential backoff from [`RETRY_MIN`] to
+/// [`RETRY_MAX`], jittered by up to a quarter so that a restarted region does not reconnect in
+/// step, and started over after a link that stayed up [`STABLE_LINK`].
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    delay: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Backoff { delay: RETRY_MIN }
+    }
+
+    /// The delay the next [`Backoff::wait`] starts from (for log lines).
+    pub(crate) fn delay(&self) -> Duration {
+        self.delay
+    }
+
+    /// A link that was up for `up_for` went down.
+    pub(crate) fn link_ended(&mut self, up_for: Duration) {
+        if up_for >= STABLE_LINK {
+            self.delay = RETRY_MIN;
+        }
+    }
+
+    /// Waits before the next attempt and doubles the delay. False if `stop` changed meanwhile.
+    pub(crate) async fn wait(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+        let jitter = rand::thread_rng().gen_range(Duration::ZERO..=self.delay / 4);
+        let go_on = tokio::select! {
+            _ = tokio::time::sleep(self.delay + jitter) => true,
+            _ = stop.changed() => false,
+        };
+        self.delay = (self.delay * 2).min(RETRY_MAX);
+        go_on
+    }
+}
+
 /// System CA bundles, in Go's order (`crypto/x509/root_linux.go`); the first that exists is used.
 const SYSTEM_CA_FILES: &[&str] = &[
     "/etc/ssl/certs/ca-certificates.crt",
@@ -270,7 +307,7 @@ struct Link {
 impl Link {
     async fn run(mut self) {
         let name = self.peer.name.clone();
-        let mut delay = RETRY_MIN;
+        let mut backoff = Backoff::new();
         loop {
             if *self.stop.borrow() {
                 break;
@@ -282,7 +319,7 @@ impl Link {
             match dialed {
                 Err(e) => {
                     tracing::info!(target: "derp", peer = %name, url = %self.peer.url,
-                        "mesh connect: {e}; retrying in {delay:?}");
+                        "mesh connect: {e}; retrying in {:?}", backoff.delay());
                 }
                 Ok(d) => {
                     if d.client.server_public_key() == self.server.public_key() {
@@ -302,18 +339,12 @@ impl Link {
                         break;
                     }
                     tracing::info!(target: "derp", peer = %name, "mesh link down: {end}");
-                    if since.elapsed() >= STABLE_LINK {
-                        delay = RETRY_MIN;
-                    }
+                    backoff.link_ended(since.elapsed());
                 }
             }
-            // Jittered by up to a quarter so that a restarted region does not reconnect in step.
-            let jitter = rand::thread_rng().gen_range(Duration::ZERO..=delay / 4);
-            tokio::select! {
-                _ = tokio::time::sleep(delay + jitter) => {}
-                _ = self.stop.changed() => break,
+            if !backoff.wait(&mut self.stop).await {
+                break;
             }
-            delay = (delay * 2).min(RETRY_MAX);
         }
         self.fwd.set_connected(false);
         self.forget();
@@ -412,6 +443,28 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_to_its_cap_starts_over_after_a_stable_link_and_stops() {
+        let (tx, mut stop) = watch::channel(false);
+        let mut b = Backoff::new();
+        for _ in 0..6 {
+            let d = b.delay();
+            let t = tokio::time::Instant::now();
+            assert!(b.wait(&mut stop).await);
+            let waited = t.elapsed();
+            // The delay plus up to a quarter of it, then doubled up to the cap.
+            assert!(waited >= d && waited <= d + d / 4, "{waited:?} for {d:?}");
+            assert_eq!(b.delay(), (d * 2).min(RETRY_MAX));
+        }
+        assert_eq!(b.delay(), RETRY_MAX);
+        b.link_ended(STABLE_LINK / 2);
+        assert_eq!(b.delay(), RETRY_MAX, "a short-lived link keeps the delay");
+        b.link_ended(STABLE_LINK);
+        assert_eq!(b.delay(), RETRY_MIN, "a stable link starts over");
+        tx.send(true).unwrap();
+        assert!(!b.wait(&mut stop).await, "a stop ends the wait");
+    }
 
     #[test]
     fn mesh_with_follows_derper_syntax() {

@@ -53,7 +53,6 @@ use hmac::{Hmac, Mac};
 use proto::derp::quicmesh::{decode_packet, encode_packet, MeshMsg, ALPN, PACKET_UNIT_MAX};
 use proto::derp::quicmesh::{QuicMeshError as WireError, TAG_LEN};
 use proto::key::{MeshKey, NodePublic};
-use rand::Rng;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use sha2::Sha256;
 use tokio::sync::watch;
@@ -61,13 +60,8 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::core::mesh::{ForwardReceiver, MeshForwarder, PresenceEvent, PresenceFeed};
 use crate::core::server::Server;
+use crate::mesh::Backoff;
 
-/// First reconnect delay; doubled per failure up to [`RETRY_MAX`].
-const RETRY_MIN: Duration = Duration::from_millis(250);
-/// Longest reconnect delay.
-const RETRY_MAX: Duration = Duration::from_secs(5);
-/// A link that stayed up this long starts over at [`RETRY_MIN`] when it breaks.
-const STABLE_LINK: Duration = Duration::from_secs(10);
 /// Deadline for the QUIC handshake plus the Hello exchange.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// QUIC keep-alive: the link notices a dead peer within [`IDLE_TIMEOUT`].
@@ -753,7 +747,7 @@ struct Link {
 impl Link {
     async fn run(mut self) {
         let name = self.peer.name.clone();
-        let mut delay = RETRY_MIN;
+        let mut backoff = Backoff::new();
         loop {
             if *self.stop.borrow() {
                 break;
@@ -773,7 +767,7 @@ impl Link {
                 }
                 Err(e) => {
                     tracing::info!(target: "derp", peer = %name,
-                        "QUIC mesh connect: {e}; retrying in {delay:?}");
+                        "QUIC mesh connect: {e}; retrying in {:?}", backoff.delay());
                 }
                 Ok((conn, reader, peer_key)) => {
                     let since = tokio::time::Instant::now();
@@ -787,18 +781,12 @@ impl Link {
                         break;
                     }
                     tracing::info!(target: "derp", peer = %name, "QUIC mesh link down: {end}");
-                    if since.elapsed() >= STABLE_LINK {
-                        delay = RETRY_MIN;
-                    }
+                    backoff.link_ended(since.elapsed());
                 }
             }
-            // Jittered by up to a quarter so that a restarted region does not reconnect in step.
-            let jitter = rand::thread_rng().gen_range(Duration::ZERO..=delay / 4);
-            tokio::select! {
-                _ = tokio::time::sleep(delay + jitter) => {}
-                _ = self.stop.changed() => break,
+            if !backoff.wait(&mut self.stop).await {
+                break;
             }
-            delay = (delay * 2).min(RETRY_MAX);
         }
         self.fwd.set_connected(false);
         self.forget();
