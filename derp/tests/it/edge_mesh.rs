@@ -258,7 +258,7 @@ async fn edge_mesh_three_relays_every_way_peer_gone_restart() {
     }
 
     // Restart it with the same key on the same port; a new client there reaches everyone.
-    let l = TcpListener::bind(addrs[2]).await.expect("rebind");
+    let l = rebind(addrs[2]).await;
     nodes[2] = Some(Node::start(&keys[2], mesh_key, l, &mesh_with).await);
     clients.push(client(addrs[2]).await);
     let ckeys: Vec<NodePublic> = clients.iter().map(Client::public_key).collect();

@@ -215,7 +215,7 @@ async fn edge_quic_mesh_three_relays_every_way_peer_gone_restart() {
     }
 
     // Restart it with the same key on the same ports; a new client there reaches everyone.
-    let l = TcpListener::bind(addrs[2]).await.expect("rebind");
+    let l = rebind(addrs[2]).await;
     nodes[2] = Some(Node::start(&keys[2], mesh_key, l, udps[2], &quic_with).await);
     clients.push(client(addrs[2]).await);
     let ckeys: Vec<NodePublic> = clients.iter().map(Client::public_key).collect();

@@ -89,6 +89,25 @@ pub async fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Listens on `addr` again after a relay there was stopped. Another socket (an outgoing
+/// connection of a test running at the same time, given that port as its ephemeral one) may hold
+/// the port for a moment, so an `AddrInUse` is retried for [`SOON`].
+pub async fn rebind(addr: std::net::SocketAddr) -> tokio::net::TcpListener {
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("rebinding {addr}: {e}"),
+        }
+    }
+}
+
 /// Runs `f`, failing the test if it takes longer than [`SOON`].
 pub async fn within<T>(f: impl Future<Output = T>) -> T {
     tokio::time::timeout(SOON, f).await.expect("timed out")
