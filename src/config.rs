@@ -727,6 +727,14 @@ settings! {
         /// Needs --mesh-psk-file.
         #[flag = "mesh-quic-with"]
         mesh_quic_with: String = |_| String::new();
+        /// QUIC mesh keep-alive: an idle link pings its peer this often (at most half the idle
+        /// timeout).
+        #[flag = "mesh-quic-keepalive"]
+        mesh_quic_keepalive: Duration = |_| EdgeConfig::default().mesh_quic_keepalive;
+        /// A QUIC mesh link that hears nothing from its peer for this long is down (routes
+        /// dropped, redial with backoff); at most 10m.
+        #[flag = "mesh-quic-idle-timeout"]
+        mesh_quic_idle_timeout: Duration = |_| EdgeConfig::default().mesh_quic_idle_timeout;
         /// Per-frame write deadline for non-mesh clients; `0s` = none.
         write_timeout: Duration = |_| EdgeConfig::default().write_timeout;
         /// Interval of DERP KeepAlive frames (clients give up after 120s of silence).
@@ -1393,6 +1401,8 @@ impl Settings {
             listen.mesh_queue_depth = t.mesh_queue_depth;
             listen.mesh_quic_addr = t.mesh_quic_addr;
             listen.mesh_quic_with = t.mesh_quic_with;
+            listen.mesh_quic_keepalive = t.mesh_quic_keepalive;
+            listen.mesh_quic_idle_timeout = t.mesh_quic_idle_timeout;
             listen.write_timeout = t.write_timeout;
             listen.keepalive = t.keepalive;
             listen.tcp_user_timeout = t.tcp_user_timeout;

@@ -690,6 +690,11 @@ fn start_quic_mesh(
             listen: addr,
             peers: peers.clone(),
             queue_depth: listen.mesh_queue_depth,
+            timers: quic::QuicTimers::new(
+                listen.mesh_quic_keepalive,
+                listen.mesh_quic_idle_timeout,
+            )
+            .context("relay.mesh_quic_keepalive / relay.mesh_quic_idle_timeout")?,
         },
     )
     .context("QUIC mesh")?;

@@ -307,3 +307,61 @@ pub fn yamux_header(data: &[u8]) {
         }
     }
 }
+
+/// The QUIC mesh between tailnetd relays: the first byte picks the unit. 0: a control stream
+/// (messages split as the reader splits them; each re-encodes to the same bytes); 1: a packet
+/// unit from a stream; 2: a datagram; 3: a run of 16-bit sequence steps driving the loss count,
+/// whose total must equal the numbers never seen.
+pub fn quic_mesh(data: &[u8]) {
+    use crate::derp::quicmesh::{decode_datagram, decode_packet, encode_datagram, encode_packet};
+    use crate::derp::quicmesh::{DatagramLoss, MeshMsg};
+    let Some((&kind, rest)) = data.split_first() else {
+        return;
+    };
+    match kind % 4 {
+        0 => {
+            let mut at = 0;
+            while let Ok(Some((m, n))) = MeshMsg::decode(&rest[at..]) {
+                let mut buf = BytesMut::new();
+                m.encode(&mut buf);
+                assert_eq!(&buf[..], &rest[at..at + n], "control message round trip");
+                assert_eq!(m.encoded_len(), n);
+                at += n;
+            }
+        }
+        1 => {
+            if let Ok((dst, frame)) = decode_packet(Bytes::copy_from_slice(rest)) {
+                assert_eq!(&encode_packet(&dst, &frame)[..], rest, "packet round trip");
+            }
+        }
+        2 => {
+            if let Ok((seq, dst, frame)) = decode_datagram(Bytes::copy_from_slice(rest)) {
+                assert_eq!(&encode_datagram(seq, &dst, &frame)[..], rest, "datagram round trip");
+            }
+        }
+        _ => {
+            // Each 2 bytes: a signed step from the last number (wide jumps and going back).
+            let mut loss = DatagramLoss::default();
+            let mut seen = std::collections::BTreeSet::new();
+            let mut seq: u64 = 0;
+            let mut lost = 0;
+            for step in rest.chunks_exact(2) {
+                let d = i64::from(i16::from_be_bytes([step[0], step[1]])) * 3;
+                seq = seq.saturating_add_signed(d);
+                if step == [0x7f, 0xff] {
+                    // The edge: a peer sending the largest number.
+                    let _ = loss.receive(u64::MAX);
+                    continue;
+                }
+                let late = loss.late();
+                lost += loss.receive(seq);
+                if loss.late() == late {
+                    seen.insert(seq);
+                }
+            }
+            lost += loss.finish();
+            let highest = seen.last().map_or(0, |h| h + 1);
+            assert_eq!(lost, highest - seen.len() as u64, "lost = numbers never seen");
+        }
+    }
+}

@@ -241,6 +241,10 @@ pub(crate) struct MeshMetrics {
     pub quic_rejected: IntCounterVec,
     /// Packets the QUIC mesh sent on a stream because they exceeded the datagram limit.
     pub quic_stream_packets: IntCounter,
+    /// QUIC mesh datagrams that never arrived (gaps in their sequence numbers).
+    pub quic_datagrams_lost: IntCounter,
+    /// QUIC mesh datagrams that arrived after being counted lost (or twice).
+    pub quic_datagrams_late: IntCounter,
     next_id: AtomicU32,
     /// Every forwarder created and still alive (the status page lists them); dead entries are
     /// pruned when a peer is added.
@@ -325,6 +329,18 @@ impl MeshMetrics {
                 "Packets the QUIC mesh sent on a stream of their own because they exceeded the \
                  path's datagram limit.",
             )?,
+            quic_datagrams_lost: IntCounter::new(
+                "derp_mesh_quic_datagrams_lost",
+                "QUIC mesh datagrams a peer sent that never arrived here, wherever they were lost \
+                 (the path, or the receive buffer inside QUIC that drops the oldest when full): \
+                 gaps in their sequence numbers, counted once a gap is 4096 behind the highest \
+                 number or the connection ends.",
+            )?,
+            quic_datagrams_late: IntCounter::new(
+                "derp_mesh_quic_datagrams_late",
+                "QUIC mesh datagrams that arrived after they had been counted lost (or twice); \
+                 they are delivered.",
+            )?,
             next_id: AtomicU32::new(1),
             peers: Mutex::new(Vec::new()),
         };
@@ -334,6 +350,8 @@ impl MeshMetrics {
         registry.register(Box::new(m.presence_overflows.clone()))?;
         registry.register(Box::new(m.quic_rejected.clone()))?;
         registry.register(Box::new(m.quic_stream_packets.clone()))?;
+        registry.register(Box::new(m.quic_datagrams_lost.clone()))?;
+        registry.register(Box::new(m.quic_datagrams_late.clone()))?;
         Ok(m)
     }
 }

@@ -817,6 +817,28 @@ impl Server {
         removed
     }
 
+    /// A mesh link went down (or stopped): drops the route of every key in `present` (emptying
+    /// it) and discards the packets still queued for the peer, counted as forward drops. Both
+    /// mesh transports call this, so a link that is down never keeps a route. Returns how many
+    /// routes were cleared.
+    pub fn mesh_link_down(
+        &self,
+        fwd: &Arc<MeshForwarder>,
+        present: &mut std::collections::HashSet<NodePublic>,
+        rx: &mut ForwardReceiver,
+    ) -> usize {
+        let n = present.len();
+        for key in present.drain() {
+            self.mesh_peer_gone(fwd, key);
+        }
+        let mut discarded = 0u64;
+        while rx.try_recv().is_ok() {
+            discarded += 1;
+        }
+        fwd.count_discarded(discarded);
+        n
+    }
+
     /// The mesh peer whose route `key` follows, if it has no local connection (tests, debugging).
     pub fn mesh_route_of(&self, key: &NodePublic) -> Option<MeshPeerId> {
         self.registry.mesh_route_of(key)

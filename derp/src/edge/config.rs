@@ -66,6 +66,13 @@ pub struct EdgeConfig {
     /// tailnetd peers to mesh with over QUIC: comma-separated `host:udpport` of their
     /// `mesh_quic_addr`; empty = none. Needs `mesh_psk_file`.
     pub mesh_quic_with: String,
+    /// QUIC mesh keep-alive interval: how often an idle link proves it is alive.
+    #[serde(with = "duration_text")]
+    pub mesh_quic_keepalive: Duration,
+    /// A QUIC mesh link that hears nothing from its peer (keep-alives included) for this long
+    /// is down: its routes go and it redials.
+    #[serde(with = "duration_text")]
+    pub mesh_quic_idle_timeout: Duration,
     /// Per-client send queue depth (packets).
     pub queue_depth: usize,
     /// Per-frame write deadline for non-mesh clients; `0s` = none.
@@ -122,6 +129,8 @@ impl Default for EdgeConfig {
             mesh_queue_depth: crate::core::mesh::DEFAULT_FORWARD_QUEUE,
             mesh_quic_addr: String::new(),
             mesh_quic_with: String::new(),
+            mesh_quic_keepalive: crate::mesh::quic::DEFAULT_KEEPALIVE,
+            mesh_quic_idle_timeout: crate::mesh::quic::DEFAULT_IDLE_TIMEOUT,
             queue_depth: 32,
             write_timeout: Duration::from_secs(2),
             keepalive: Duration::from_secs(60),
@@ -330,6 +339,12 @@ impl EdgeConfig {
                 bad("mesh_quic_with", "mesh peers need mesh_psk_file".into())
             }
             Ok(_) => {}
+        }
+        if let Err(e) = crate::mesh::quic::QuicTimers::new(
+            self.mesh_quic_keepalive,
+            self.mesh_quic_idle_timeout,
+        ) {
+            bad("mesh_quic_idle_timeout", e.to_string());
         }
         if self
             .mesh_ca_file
@@ -549,6 +564,30 @@ mod edge_tests {
             acme(&|c| c.acme_check_interval = Duration::from_millis(10)),
             Some(vec!["acme_check_interval"])
         );
+    }
+
+    #[test]
+    fn edge_quic_mesh_timers_are_checked() {
+        let timers = |keepalive: u64, idle: u64| {
+            EdgeConfig {
+                mesh_quic_keepalive: Duration::from_millis(keepalive),
+                mesh_quic_idle_timeout: Duration::from_millis(idle),
+                ..EdgeConfig::default()
+            }
+            .validate()
+            .err()
+            .map(|e| e.0.iter().map(|e| e.field).collect::<Vec<_>>())
+        };
+        assert_eq!(timers(300, 1_500), None);
+        assert_eq!(timers(3_000, 6_000), None, "exactly half");
+        let refused = Some(vec!["mesh_quic_idle_timeout"]);
+        assert_eq!(
+            timers(3_001, 6_000),
+            refused,
+            "one lost keep-alive would end it"
+        );
+        assert_eq!(timers(99, 1_000), refused, "keep-alive too short");
+        assert_eq!(timers(1_000, 600_001), refused, "idle timeout over 10m");
     }
 
     #[test]

@@ -364,19 +364,13 @@ impl Link {
 
     /// Drops every route the peer announced and every packet still queued for it.
     fn forget(&mut self) {
-        let n = self.present.len();
-        for key in self.present.drain() {
-            self.server.mesh_peer_gone(&self.fwd, key);
-        }
+        let n = self
+            .server
+            .mesh_link_down(&self.fwd, &mut self.present, &mut self.rx);
         if n > 0 {
             tracing::info!(target: "derp", peer = %self.peer.name,
                 "mesh: cleared {n} forwarding mappings");
         }
-        let mut discarded = 0u64;
-        while self.rx.try_recv().is_ok() {
-            discarded += 1;
-        }
-        self.fwd.count_discarded(discarded);
     }
 
     /// Runs one connection: WatchConns, then presence in and packets out until either fails

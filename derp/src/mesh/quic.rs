@@ -14,9 +14,10 @@
 //!   learns the peer's clients and sends it packets; on connections it accepts, it announces its
 //!   own clients and receives packets. A relay that lists itself sees its own key in the Hello
 //!   and stops that link for good.
-//! - Packets: `dst | RecvPacket frame` as a datagram; when that is larger than
+//! - Packets: `seq | dst | RecvPacket frame` as a datagram; when that is larger than
 //!   `Connection::max_datagram_size()` (before path MTU discovery, or packets near 64 KiB) it
-//!   goes on a unidirectional stream of its own, so nothing is cut or dropped for size.
+//!   goes (without `seq`) on a unidirectional stream of its own, so nothing is cut or dropped
+//!   for size.
 //! - Presence: one bidirectional stream, opened by the dialer. Both send Hello first; then the
 //!   acceptor sends its complete client list (SyncStart … SyncEnd) and every change. Its queue
 //!   of changes is bounded ([`crate::core::mesh::PresenceFeed`]): on overflow the complete list
@@ -34,8 +35,13 @@
 //! tag closes the connection (`derp_mesh_quic_rejected{reason="auth"}`, and a log line).
 //!
 //! Bounded: the forward queue per peer (core, drops in `derp_mesh_forward_dropped{peer}`); a
-//! full datagram send buffer makes the link wait (backpressure into that queue, never a silent
-//! drop); remotely opened streams are capped by QUIC flow control ([`MAX_UNI_STREAMS`]);
+//! full datagram send buffer makes the link wait (backpressure into that queue); datagrams
+//! still in QUIC's send buffer when a link ends count in `derp_mesh_forward_dropped{peer}` too
+//! (numbered minus sent, from QUIC's statistics). Datagrams are unreliable: those lost on the
+//! path, or dropped by the receiver's QUIC stack when its datagram buffer is full (it drops
+//! the oldest), are counted by the receiver from the gaps in their sequence numbers
+//! (`derp_mesh_quic_datagrams_lost`, [`DatagramLoss`]; one dropped by the sender's QUIC
+//! stack after a path MTU reduction may be counted on both sides); remotely opened streams are capped by QUIC flow control ([`MAX_UNI_STREAMS`]);
 //! presence as above. A malformed unit or message closes the connection with a log line and a
 //! count in `derp_mesh_quic_rejected{reason}`. A packet received from the mesh is delivered
 //! locally only ([`Server::deliver_forwarded`]), never forwarded again.
@@ -50,8 +56,10 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use hmac::{Hmac, Mac};
-use proto::derp::quicmesh::{decode_packet, encode_packet, MeshMsg, ALPN, PACKET_UNIT_MAX};
+use proto::derp::quicmesh::{decode_datagram, decode_packet, encode_datagram, encode_packet};
+use proto::derp::quicmesh::{DatagramLoss, MeshMsg, ALPN, PACKET_UNIT_MAX, SEQ_LEN};
 use proto::derp::quicmesh::{QuicMeshError as WireError, TAG_LEN};
+use proto::derp::KEY_LEN;
 use proto::key::{MeshKey, NodePublic};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use sha2::Sha256;
@@ -64,10 +72,12 @@ use crate::mesh::Backoff;
 
 /// Deadline for the QUIC handshake plus the Hello exchange.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// QUIC keep-alive: the link notices a dead peer within [`IDLE_TIMEOUT`].
-const KEEPALIVE: Duration = Duration::from_secs(1);
-/// No packet from the peer (keep-alives included) for this long ends the connection.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+/// Default QUIC keep-alive interval (`--mesh-quic-keepalive`): an idle link sends a PING this
+/// often, so the peer's idle timer is fed and a dead peer is noticed within the idle timeout.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(1);
+/// Default idle timeout (`--mesh-quic-idle-timeout`): no packet from the peer (keep-alives
+/// included) for this long ends the connection. Six keep-alives may be lost in a row first.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(6);
 /// Streams (one per oversized packet) a peer may have open at once towards us.
 pub const MAX_UNI_STREAMS: u32 = 256;
 /// Deadline for reading one oversized packet's stream.
@@ -121,6 +131,48 @@ pub enum QuicConfigError {
     /// Building the TLS configuration failed.
     #[error("QUIC mesh TLS: {0}")]
     Tls(String),
+    /// Keep-alive and idle timeout do not fit together.
+    #[error("QUIC mesh timers: {0}")]
+    Timers(&'static str),
+}
+
+/// The QUIC mesh's liveness timers, checked: a keep-alive of at least 100 ms and at most half
+/// the idle timeout (so one lost keep-alive does not end a healthy link), an idle timeout of
+/// at most 10 minutes (QUIC encodes it in milliseconds; a longer one hides dead peers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuicTimers {
+    keepalive: Duration,
+    idle_timeout: Duration,
+}
+
+impl Default for QuicTimers {
+    fn default() -> Self {
+        QuicTimers {
+            keepalive: DEFAULT_KEEPALIVE,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+impl QuicTimers {
+    /// Checks the pair (see the type's doc).
+    pub fn new(keepalive: Duration, idle_timeout: Duration) -> Result<Self, QuicConfigError> {
+        if keepalive < Duration::from_millis(100) {
+            return Err(QuicConfigError::Timers("keep-alive must be at least 100ms"));
+        }
+        if idle_timeout > Duration::from_secs(600) {
+            return Err(QuicConfigError::Timers("idle timeout must be at most 10m"));
+        }
+        if keepalive * 2 > idle_timeout {
+            return Err(QuicConfigError::Timers(
+                "keep-alive must be at most half the idle timeout",
+            ));
+        }
+        Ok(QuicTimers {
+            keepalive,
+            idle_timeout,
+        })
+    }
 }
 
 /// One QUIC mesh peer as configured: `host:port` of its UDP listener.
@@ -240,6 +292,8 @@ pub struct QuicMeshOptions {
     pub peers: Vec<QuicPeer>,
     /// Packets queued per peer before new ones are dropped.
     pub queue_depth: usize,
+    /// Keep-alive and idle timeout of every connection.
+    pub timers: QuicTimers,
 }
 
 /// The running QUIC mesh; [`shutdown`](Self::shutdown) ends it.
@@ -288,7 +342,7 @@ pub fn start(
         });
     }
     let mesh_key = server.config().mesh_key.ok_or(QuicConfigError::NoMeshKey)?;
-    let endpoint = make_endpoint(opts.listen)?;
+    let endpoint = make_endpoint(opts.listen, opts.timers)?;
     let local_addr = opts.listen.and_then(|_| endpoint.local_addr().ok());
     if opts.listen.is_some() {
         tasks.push(tokio::spawn(accept_loop(
@@ -308,6 +362,7 @@ pub fn start(
             rx,
             peer,
             present: HashSet::new(),
+            numbered: 0,
             stop: stop_rx.clone(),
         };
         tasks.push(tokio::spawn(link.run()));
@@ -320,18 +375,21 @@ pub fn start(
     })
 }
 
-fn transport() -> Arc<quinn::TransportConfig> {
+fn transport(timers: QuicTimers) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(MAX_UNI_STREAMS.into())
-        .keep_alive_interval(Some(KEEPALIVE))
-        .max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok())
+        .keep_alive_interval(Some(timers.keepalive))
+        .max_idle_timeout(quinn::IdleTimeout::try_from(timers.idle_timeout).ok())
         .datagram_receive_buffer_size(Some(DATAGRAM_RECV_BUFFER))
         .datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
     Arc::new(t)
 }
 
-fn make_endpoint(listen: Option<SocketAddr>) -> Result<quinn::Endpoint, QuicConfigError> {
+fn make_endpoint(
+    listen: Option<SocketAddr>,
+    timers: QuicTimers,
+) -> Result<quinn::Endpoint, QuicConfigError> {
     let tls_err = |e: &dyn std::fmt::Display| QuicConfigError::Tls(e.to_string());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cert = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])
@@ -356,9 +414,9 @@ fn make_endpoint(listen: Option<SocketAddr>) -> Result<quinn::Endpoint, QuicConf
     let client_crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).map_err(|e| tls_err(&e))?;
     let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-    server_cfg.transport_config(transport());
+    server_cfg.transport_config(transport(timers));
     let mut client_cfg = quinn::ClientConfig::new(Arc::new(client_crypto));
-    client_cfg.transport_config(transport());
+    client_cfg.transport_config(transport(timers));
     let addr = listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
     let bind_err = |source| QuicConfigError::Bind { addr, source };
     let mut ep = match listen {
@@ -692,10 +750,18 @@ async fn announce(server: &Server, feed: &Arc<PresenceFeed>, mut send: quinn::Se
 async fn receive_packets(server: &Server, conn: &quinn::Connection, mut reader: MsgReader) -> End {
     let mut streams: JoinSet<Result<Bytes, End>> = JoinSet::new();
     let mut last_pair = 0u64;
+    let mut loss = LossCount::new(server);
     loop {
         let unit = tokio::select! {
             d = conn.read_datagram() => match d {
-                Ok(d) => d,
+                Ok(d) => match decode_datagram(d) {
+                    Ok((seq, dst, frame)) => {
+                        loss.receive(seq);
+                        server.deliver_forwarded(dst, frame, &mut last_pair);
+                        continue;
+                    }
+                    Err(e) => return e.into(),
+                },
                 Err(e) => return e.into(),
             },
             s = conn.accept_uni() => match s {
@@ -731,6 +797,46 @@ async fn receive_packets(server: &Server, conn: &quinn::Connection, mut reader: 
     }
 }
 
+/// The receiving side's count of lost datagrams on one connection, published as it is found
+/// and the rest when the connection ends (drop).
+struct LossCount<'a> {
+    server: &'a Server,
+    loss: DatagramLoss,
+    late: u64,
+}
+
+impl<'a> LossCount<'a> {
+    fn new(server: &'a Server) -> Self {
+        LossCount {
+            server,
+            loss: DatagramLoss::default(),
+            late: 0,
+        }
+    }
+
+    fn receive(&mut self, seq: u64) {
+        let lost = self.loss.receive(seq);
+        if lost > 0 {
+            self.server.mesh_metrics.quic_datagrams_lost.inc_by(lost);
+        }
+        let late = self.loss.late();
+        if late > self.late {
+            self.server
+                .mesh_metrics
+                .quic_datagrams_late
+                .inc_by(late - self.late);
+            self.late = late;
+        }
+    }
+}
+
+impl Drop for LossCount<'_> {
+    fn drop(&mut self) {
+        let lost = self.loss.finish();
+        self.server.mesh_metrics.quic_datagrams_lost.inc_by(lost);
+    }
+}
+
 /// One outbound link: dial the peer, learn its clients, send it packets; reconnect on failure.
 struct Link {
     server: Arc<Server>,
@@ -741,6 +847,8 @@ struct Link {
     peer: QuicPeer,
     /// Keys the peer announced on the current connection.
     present: HashSet<NodePublic>,
+    /// Datagrams numbered on the current connection (the next sequence number).
+    numbered: u64,
     stop: watch::Receiver<bool>,
 }
 
@@ -773,10 +881,14 @@ impl Link {
                     let since = tokio::time::Instant::now();
                     tracing::info!(target: "derp", peer = %name, %peer_key, "QUIC mesh link up");
                     self.fwd.set_connected(true);
+                    self.numbered = 0;
                     let end = self.connected(&conn, reader).await;
                     self.fwd.set_connected(false);
                     self.forget();
                     close(&self.server, &conn, &name, &end);
+                    // Datagrams numbered but never sent died with the connection.
+                    let sent = conn.stats().frame_tx.datagram;
+                    self.fwd.count_discarded(self.numbered.saturating_sub(sent));
                     if matches!(end, End::Stopped) {
                         break;
                     }
@@ -827,19 +939,13 @@ impl Link {
 
     /// Drops every route the peer announced and every packet still queued for it.
     fn forget(&mut self) {
-        let n = self.present.len();
-        for key in self.present.drain() {
-            self.server.mesh_peer_gone(&self.fwd, key);
-        }
+        let n = self
+            .server
+            .mesh_link_down(&self.fwd, &mut self.present, &mut self.rx);
         if n > 0 {
             tracing::info!(target: "derp", peer = %self.peer.name,
                 "QUIC mesh: cleared {n} forwarding mappings");
         }
-        let mut discarded = 0u64;
-        while self.rx.try_recv().is_ok() {
-            discarded += 1;
-        }
-        self.fwd.count_discarded(discarded);
     }
 
     /// Presence in and packets out until either fails or the link is stopped.
@@ -891,14 +997,18 @@ impl Link {
                 }
             }
         };
+        let numbered = &mut self.numbered;
         let write = async {
             while let Some(item) = rx.recv().await {
-                let unit = encode_packet(&item.dst, item.recv_frame());
-                if unit.len() <= conn.max_datagram_size().unwrap_or(0) {
+                let frame = item.recv_frame();
+                if SEQ_LEN + KEY_LEN + frame.len() <= conn.max_datagram_size().unwrap_or(0) {
+                    let unit = encode_datagram(*numbered, &item.dst, frame);
+                    *numbered += 1;
                     if let Err(e) = conn.send_datagram_wait(unit).await {
                         return End::from(e);
                     }
                 } else {
+                    let unit = encode_packet(&item.dst, frame);
                     stream_packets.inc();
                     let mut s = match conn.open_uni().await {
                         Ok(s) => s,

@@ -1,7 +1,8 @@
 //! The QUIC mesh between tailnetd relays (`derp::mesh::quic`): three relays list the whole
 //! region (themselves included), clients on every relay reach each other (small packets as
 //! datagrams, a 60 KB one on a stream), PeerGone crosses the mesh, a relay killed and restarted
-//! on the same UDP port rejoins, and a relay with the wrong mesh key is refused.
+//! on the same UDP port rejoins, a relay with the wrong mesh key is refused, and datagrams lost
+//! on the way are counted.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use derp::client::dial::{dial, DialOptions};
 use derp::edge::http::HttpEdge;
 use derp::edge::listener::{self, ListenerOptions};
-use derp::mesh::quic::{parse_mesh_quic_with, QuicMeshHandle, QuicMeshOptions};
+use derp::mesh::quic::{parse_mesh_quic_with, QuicMeshHandle, QuicMeshOptions, QuicTimers};
 use derp::{Client, ReceivedFrame, Server, ServerConfig};
 use proto::derp::PeerGoneReason;
 use proto::key::{MeshKey, NodePrivate, NodePublic};
@@ -34,9 +35,29 @@ impl Node {
         udp: SocketAddr,
         quic_with: &str,
     ) -> Node {
+        Node::start_with(
+            key,
+            mesh_key,
+            listener,
+            udp,
+            quic_with,
+            QuicTimers::default(),
+        )
+        .await
+    }
+
+    async fn start_with(
+        key: &NodePrivate,
+        mesh_key: MeshKey,
+        listener: TcpListener,
+        udp: SocketAddr,
+        quic_with: &str,
+        timers: QuicTimers,
+    ) -> Node {
         let registry = prometheus::Registry::new();
         let mut cfg = ServerConfig::new(key.clone());
         cfg.mesh_key = Some(mesh_key);
+        cfg.queue_depth = 1024;
         let server = Server::new(cfg, &registry).expect("server");
         let edge = HttpEdge::new(Some(server.clone()), fallback(), &registry).expect("edge");
         let cancel = CancellationToken::new();
@@ -53,6 +74,7 @@ impl Node {
                 listen: Some(udp),
                 peers: parse_mesh_quic_with(quic_with).expect("mesh_quic_with"),
                 queue_depth: 1024,
+                timers,
             },
         )
         .expect("quic mesh");
@@ -262,6 +284,143 @@ async fn edge_quic_mesh_wrong_key_is_refused() {
         0.0
     );
     drop(cb);
+    a.kill().await;
+    b.kill().await;
+}
+
+/// A UDP forwarder between a dialing relay and its peer that drops every `nth` UDP datagram
+/// going towards the peer (0: none, 1: all; QUIC resends what was in them, except datagrams).
+async fn lossy_udp(
+    to: SocketAddr,
+    nth: Arc<std::sync::atomic::AtomicU64>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use std::sync::atomic::Ordering;
+    let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    back.connect(to).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut dialer: Option<SocketAddr> = None;
+        let (mut a, mut b) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+        let mut n = 0u64;
+        loop {
+            tokio::select! {
+                r = front.recv_from(&mut a) => {
+                    let Ok((len, from)) = r else { return };
+                    dialer = Some(from);
+                    n += 1;
+                    let every = nth.load(Ordering::Relaxed);
+                    if every != 0 && n.is_multiple_of(every) {
+                        continue;
+                    }
+                    let _ = back.send(&a[..len]).await;
+                }
+                r = back.recv(&mut b) => {
+                    let Ok(len) = r else { return };
+                    if let Some(d) = dialer {
+                        let _ = front.send_to(&b[..len], d).await;
+                    }
+                }
+            }
+        }
+    });
+    (addr, task)
+}
+
+/// Datagrams lost between two relays are counted, exactly: with every 7th UDP datagram
+/// towards the receiving relay dropped for a while, the packets its client misses equal
+/// `derp_mesh_quic_datagrams_lost` (nothing else drops: queues are deep and sends paced).
+/// Then the path goes black: the configured idle timeout (1.5 s, default 6 s) takes the link
+/// and its routes down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_quic_mesh_counts_lost_datagrams_and_idles_out() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let mesh_key = MeshKey::from_bytes([9; 32]);
+    let (ua, ub) = (free_udp(), free_udp());
+    let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (addr_a, addr_b) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
+    let drop_every = Arc::new(AtomicU64::new(0));
+    let (proxy, proxy_task) = lossy_udp(ub, drop_every.clone()).await;
+    // A dials B through the forwarder; B dials nobody (A→B traffic uses A's link only).
+    let timers = QuicTimers::new(Duration::from_millis(300), Duration::from_millis(1500)).unwrap();
+    let b = Node::start_with(&key(), mesh_key, lb, ub, "", timers).await;
+    let proxied = proxy.to_string();
+    let a = Node::start_with(&key(), mesh_key, la, ua, &proxied, timers).await;
+    let mut ca = client(addr_a).await;
+    let mut cb = client(addr_b).await;
+    let kb = cb.public_key();
+    a.wait_routes(&[kb]).await;
+    // The first packet (not lost) makes sure the path is up.
+    ca.send_packet(kb, b"hello").await.expect("send");
+    assert_eq!(&next_packet(&mut cb).await.1[..], b"hello");
+
+    let received = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            loop {
+                match cb.recv().await {
+                    Ok(ReceivedFrame::Packet { .. }) => {
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+    // 2,000 packets with losses, then 6,000 without: every gap of the first part ends up more
+    // than the loss window (4,096) behind the highest number and is counted.
+    let payload = [7u8; 1000];
+    let mut sent = 0u64;
+    for (count, every) in [(2_000u64, 7), (6_000, 0)] {
+        drop_every.store(every, Ordering::Relaxed);
+        for _ in 0..count / 16 {
+            for _ in 0..16 {
+                ca.send_packet(kb, &payload).await.expect("send");
+                sent += 1;
+            }
+            // Paced: neither the client queue (32) nor QUIC's buffers overflow.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let lost = || b.metric("derp_mesh_quic_datagrams_lost", &[]) as u64;
+    let settled =
+        wait_until(|| received.load(Ordering::Relaxed) + lost() == sent && lost() > 0).await;
+    assert!(
+        settled,
+        "sent {sent}, received {}, counted lost {}",
+        received.load(Ordering::Relaxed),
+        lost()
+    );
+    assert_eq!(b.metric("derp_mesh_quic_datagrams_late", &[]), 0.0);
+    assert_eq!(a.metric("derp_mesh_forward_dropped", &[]), 0.0);
+
+    // Black hole: keep-alives stop arriving; the idle timeout ends the link within seconds.
+    let peer = format!("quic:{proxied}");
+    assert_eq!(
+        a.metric("derp_mesh_peer_connected", &[("peer", &peer)]),
+        1.0
+    );
+    drop_every.store(1, Ordering::Relaxed);
+    let gone = tokio::time::timeout(Duration::from_secs(4), async {
+        while a.server.mesh_route_of(&kb).is_some() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        gone.is_ok(),
+        "the idle timeout did not take the silent link down"
+    );
+    assert_eq!(
+        a.metric("derp_mesh_peer_connected", &[("peer", &peer)]),
+        0.0
+    );
+    reader.abort();
+    proxy_task.abort();
+    drop(ca);
     a.kill().await;
     b.kill().await;
 }

@@ -12,7 +12,10 @@
 //! - **Packets**, as QUIC datagrams or (larger than the path's datagram limit) one
 //!   unidirectional stream each: `dst key | RecvPacket frame` where the frame is exactly what the
 //!   receiving relay writes to its client (`05 len src payload`), so the receiver delivers a
-//!   slice of what it received without copying.
+//!   slice of what it received without copying. A datagram is led by its sequence number
+//!   (`seq u64 BE`, from 0 on each connection): datagrams are unreliable, and the numbers are how
+//!   the receiver counts those that never arrived, wherever they were lost (the path, or a
+//!   receive buffer inside the QUIC stack that drops the oldest when full): [`DatagramLoss`].
 //!
 //! Strict: an unknown message type, a wrong length or a malformed packet is an error (the
 //! connection is closed); the version is the ALPN string [`ALPN`].
@@ -27,7 +30,7 @@ use super::{FRAME_HEADER_LEN, KEY_LEN, MAX_PACKET_SIZE};
 use crate::key::NodePublic;
 
 /// ALPN protocol of the QUIC mesh; a new incompatible format gets a new one.
-pub const ALPN: &[u8] = b"tailnetd-mesh/1";
+pub const ALPN: &[u8] = b"tailnetd-mesh/2";
 /// Length of an authentication tag (HMAC-SHA256).
 pub const TAG_LEN: usize = 32;
 /// Length of a control message header.
@@ -38,6 +41,11 @@ pub const MAX_MSG_PAYLOAD: usize = KEY_LEN + TAG_LEN;
 pub const PACKET_UNIT_MIN: usize = KEY_LEN + FRAME_HEADER_LEN + KEY_LEN;
 /// Largest packet unit (a 64 KiB packet).
 pub const PACKET_UNIT_MAX: usize = PACKET_UNIT_MIN + MAX_PACKET_SIZE;
+/// Length of the sequence number that leads a datagram.
+pub const SEQ_LEN: usize = 8;
+/// How far behind the highest sequence number a datagram may arrive and still fill its gap;
+/// a gap further behind is counted lost ([`DatagramLoss`]).
+pub const LOSS_WINDOW: u64 = 4096;
 
 const T_HELLO: u8 = 1;
 const T_PRESENT: u8 = 2;
@@ -195,6 +203,140 @@ pub fn decode_packet(unit: Bytes) -> Result<(NodePublic, Bytes), QuicMeshError> 
     Ok((NodePublic::from_bytes(k), unit.slice(KEY_LEN..)))
 }
 
+/// Builds a datagram: sequence number, then the packet unit of [`encode_packet`].
+pub fn encode_datagram(seq: u64, dst: &NodePublic, recv_frame: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(SEQ_LEN + KEY_LEN + recv_frame.len());
+    b.put_u64(seq);
+    b.put_slice(dst.as_bytes());
+    b.put_slice(recv_frame);
+    b.freeze()
+}
+
+/// Splits a received datagram into its sequence number and its packet unit, checked as
+/// [`decode_packet`] does.
+pub fn decode_datagram(d: Bytes) -> Result<(u64, NodePublic, Bytes), QuicMeshError> {
+    if d.len() < SEQ_LEN {
+        return Err(QuicMeshError::ShortPacket(d.len()));
+    }
+    let mut seq = [0u8; SEQ_LEN];
+    seq.copy_from_slice(&d[..SEQ_LEN]);
+    let (dst, frame) = decode_packet(d.slice(SEQ_LEN..))?;
+    Ok((u64::from_be_bytes(seq), dst, frame))
+}
+
+const LOSS_WORDS: usize = (LOSS_WINDOW / 64) as usize;
+
+/// Counts the datagrams of one connection that never arrived, from the sequence numbers of
+/// those that did.
+///
+/// A missing number is counted lost once it falls [`LOSS_WINDOW`] behind the highest number
+/// seen (QUIC reorders datagrams only within what is in flight), or when the connection ends
+/// ([`DatagramLoss::finish`]). One that arrives after being counted is counted as late
+/// instead of changing the past. Constant memory (a 512-byte ring of received bits) and
+/// constant work per datagram, whatever numbers a peer sends.
+#[derive(Debug, Clone)]
+pub struct DatagramLoss {
+    /// One past the highest number seen.
+    next: u64,
+    /// Bit `s % LOSS_WINDOW`: whether `s` arrived, for `s` in the window below `next`.
+    received: [u64; LOSS_WORDS],
+    late: u64,
+}
+
+impl Default for DatagramLoss {
+    fn default() -> Self {
+        DatagramLoss {
+            next: 0,
+            received: [0; LOSS_WORDS],
+            late: 0,
+        }
+    }
+}
+
+impl DatagramLoss {
+    /// Records the arrival of `seq`; returns how many numbers this made count as lost.
+    pub fn receive(&mut self, seq: u64) -> u64 {
+        if seq == u64::MAX {
+            // No sender numbers that far (2^64 datagrams); counted, not tracked.
+            self.late += 1;
+            return 0;
+        }
+        if seq < self.next {
+            if self.next - seq > LOSS_WINDOW || self.bit(seq) {
+                // Already counted lost, or a duplicate (QUIC itself never duplicates).
+                self.late += 1;
+            } else {
+                self.set(seq);
+            }
+            return 0;
+        }
+        let mut lost = 0;
+        let advance = seq - self.next + 1;
+        if advance >= LOSS_WINDOW {
+            // Everything in the window leaves it; of the numbers skipped, those that do not fit
+            // in the new window below `seq` are lost now, the rest stay pending.
+            lost += self.missing_in_window();
+            lost += (seq - self.next) - (LOSS_WINDOW - 1);
+            self.received = [0; LOSS_WORDS];
+        } else {
+            for s in self.next..seq {
+                lost += self.evict(s);
+                self.clear(s);
+            }
+            lost += self.evict(seq);
+        }
+        self.next = seq + 1;
+        self.set(seq);
+        lost
+    }
+
+    /// The connection ended: every number still missing in the window is lost.
+    pub fn finish(&mut self) -> u64 {
+        let lost = self.missing_in_window();
+        self.received = [0; LOSS_WORDS];
+        self.next = 0;
+        lost
+    }
+
+    /// Datagrams that arrived after they had been counted lost, or twice.
+    pub fn late(&self) -> u64 {
+        self.late
+    }
+
+    /// Numbers in the window below `next` (and at least 0) that have not arrived.
+    fn missing_in_window(&self) -> u64 {
+        let got = if self.next >= LOSS_WINDOW {
+            self.received
+                .iter()
+                .map(|w| u64::from(w.count_ones()))
+                .sum()
+        } else {
+            (0..self.next).filter(|&s| self.bit(s)).count() as u64
+        };
+        self.next.min(LOSS_WINDOW) - got
+    }
+
+    /// Making room for `s` evicts `s - LOSS_WINDOW`: 1 if that number existed and never came.
+    fn evict(&self, s: u64) -> u64 {
+        u64::from(s >= LOSS_WINDOW && !self.bit(s - LOSS_WINDOW))
+    }
+
+    fn bit(&self, s: u64) -> bool {
+        let i = (s % LOSS_WINDOW) as usize;
+        self.received[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    fn set(&mut self, s: u64) {
+        let i = (s % LOSS_WINDOW) as usize;
+        self.received[i / 64] |= 1 << (i % 64);
+    }
+
+    fn clear(&mut self, s: u64) {
+        let i = (s % LOSS_WINDOW) as usize;
+        self.received[i / 64] &= !(1 << (i % 64));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,6 +420,115 @@ mod tests {
         let mut frame = BytesMut::new();
         encode_recv_packet(&mut frame, &key(3), b"");
         assert!(decode_packet(encode_packet(&key(4), &frame)).is_ok());
+    }
+
+    #[test]
+    fn datagrams_round_trip_with_their_sequence() {
+        let mut frame = BytesMut::new();
+        encode_recv_packet(&mut frame, &key(3), b"hello");
+        let (seq, dst, f) =
+            decode_datagram(encode_datagram(u64::MAX - 1, &key(4), &frame)).unwrap();
+        assert_eq!((seq, dst), (u64::MAX - 1, key(4)));
+        assert_eq!(&f[..], &frame[..]);
+        assert_eq!(
+            decode_datagram(Bytes::from_static(&[0; 7])),
+            Err(QuicMeshError::ShortPacket(7))
+        );
+        assert_eq!(
+            decode_datagram(Bytes::from(vec![0u8; SEQ_LEN + 3])),
+            Err(QuicMeshError::ShortPacket(3))
+        );
+    }
+
+    /// Counts by brute force what `DatagramLoss` must report: a number is lost when it never
+    /// arrives before the highest number seen passes it by the window.
+    fn expected_loss(arrivals: &[u64]) -> (u64, u64) {
+        let mut seen = std::collections::HashSet::new();
+        let mut counted = std::collections::HashSet::new();
+        let mut next = 0u64;
+        let mut low = 0u64;
+        let mut late = 0;
+        for &s in arrivals {
+            if s < next && (next - s > LOSS_WINDOW || seen.contains(&s) || counted.contains(&s)) {
+                late += 1;
+                continue;
+            }
+            seen.insert(s);
+            next = next.max(s + 1);
+            for m in low..next.saturating_sub(LOSS_WINDOW) {
+                if !seen.contains(&m) {
+                    counted.insert(m);
+                }
+            }
+            low = low.max(next.saturating_sub(LOSS_WINDOW));
+        }
+        let lost_total = (0..next).filter(|m| !seen.contains(m)).count() as u64;
+        (lost_total, late)
+    }
+
+    #[test]
+    fn loss_counts_gaps_once_the_window_passes_and_the_rest_at_the_end() {
+        let mut l = DatagramLoss::default();
+        // In order: nothing lost.
+        for s in 0..10_000 {
+            assert_eq!(l.receive(s), 0);
+        }
+        // 10_000 and 10_001 missing; 10_001 arrives late but within the window.
+        assert_eq!(l.receive(10_002), 0);
+        assert_eq!(l.receive(10_001), 0);
+        // Only when the window passes 10_000 is it counted.
+        for s in 10_003..10_000 + LOSS_WINDOW {
+            assert_eq!(l.receive(s), 0);
+        }
+        assert_eq!(l.receive(10_000 + LOSS_WINDOW), 1);
+        // Arriving now, it is late.
+        assert_eq!(l.receive(10_000), 0);
+        assert_eq!(l.late(), 1);
+        // A jump far ahead: everything skipped beyond the window at once, the rest at the end.
+        let from = 10_000 + LOSS_WINDOW + 1;
+        let to = from + 3 * LOSS_WINDOW;
+        let skipped = to - from;
+        let now = l.receive(to);
+        let pending = LOSS_WINDOW - 1;
+        assert_eq!(now, skipped - pending);
+        assert_eq!(l.finish(), pending);
+        // The one number that cannot be tracked is counted as late, and nothing breaks.
+        assert_eq!(l.receive(u64::MAX), 0);
+        assert_eq!(l.late(), 2);
+        assert_eq!(l.receive(u64::MAX - 1), u64::MAX - 1 - (LOSS_WINDOW - 1));
+    }
+
+    #[test]
+    fn loss_matches_brute_force_on_shuffled_arrivals() {
+        // A deterministic pseudo-random walk: drops, reordering, duplicates, jumps.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..20 {
+            let mut arrivals = Vec::new();
+            let mut s = 0u64;
+            for _ in 0..3_000 {
+                let r = rnd() % 100;
+                match r {
+                    0..=79 => {}
+                    80..=89 => s += rnd() % 8, // a few lost
+                    90..=94 => s = s.saturating_sub(rnd() % 64), // reordered / duplicate
+                    95..=97 => s += rnd() % (2 * LOSS_WINDOW), // a burst lost
+                    _ => s = s.saturating_sub(LOSS_WINDOW + rnd() % 10), // far too late
+                }
+                arrivals.push(s);
+                s += 1;
+            }
+            let mut l = DatagramLoss::default();
+            let mut lost: u64 = arrivals.iter().map(|&a| l.receive(a)).sum();
+            lost += l.finish();
+            let (want_lost, want_late) = expected_loss(&arrivals);
+            assert_eq!((lost, l.late()), (want_lost, want_late), "round {round}");
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("v1_json", proto::fuzzing::v1_json),
     ("derp_map_json", proto::fuzzing::derp_map_json),
     ("yamux_header", proto::fuzzing::yamux_header),
+    ("quic_mesh", proto::fuzzing::quic_mesh),
 ];
 
 fn corpus_root() -> PathBuf {
