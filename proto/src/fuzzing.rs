@@ -336,7 +336,11 @@ pub fn quic_mesh(data: &[u8]) {
         }
         2 => {
             if let Ok((seq, dst, frame)) = decode_datagram(Bytes::copy_from_slice(rest)) {
-                assert_eq!(&encode_datagram(seq, &dst, &frame)[..], rest, "datagram round trip");
+                assert_eq!(
+                    &encode_datagram(seq, &dst, &frame)[..],
+                    rest,
+                    "datagram round trip"
+                );
             }
         }
         _ => {
@@ -361,7 +365,11 @@ pub fn quic_mesh(data: &[u8]) {
             }
             lost += loss.finish();
             let highest = seen.last().map_or(0, |h| h + 1);
-            assert_eq!(lost, highest - seen.len() as u64, "lost = numbers never seen");
+            assert_eq!(
+                lost,
+                highest - seen.len() as u64,
+                "lost = numbers never seen"
+            );
         }
     }
 }

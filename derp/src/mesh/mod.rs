@@ -265,17 +265,12 @@ pub fn start(server: &Arc<Server>, opts: MeshOptions) -> Result<MeshHandle, Mesh
         return Err(MeshConfigError::NoMeshKey);
     }
     for peer in opts.peers {
-        let (fwd, rx) = server.add_mesh_peer(&peer.name, opts.queue_depth);
-        let link = Link {
-            server: server.clone(),
-            fwd,
-            rx,
+        let link = LinkState::new(server, &peer.name, opts.queue_depth, stop_rx.clone());
+        let transport = DerpTransport {
             peer,
             extra_roots: opts.extra_roots.clone(),
-            present: HashSet::new(),
-            stop: stop_rx.clone(),
         };
-        tasks.push(tokio::spawn(link.run()));
+        tasks.push(tokio::spawn(run_link(transport, link)));
     }
     Ok(MeshHandle { stop, tasks })
 }
@@ -283,6 +278,8 @@ pub fn start(server: &Arc<Server>, opts: MeshOptions) -> Result<MeshHandle, Mesh
 /// Why a connected link ended.
 #[derive(Debug, thiserror::Error)]
 enum LinkEnd {
+    #[error("{0}")]
+    Dial(#[from] crate::client::dial::DialError),
     #[error("{0}")]
     Client(#[from] ClientError),
     #[error("no frame from the peer for {0:?}")]
@@ -293,65 +290,158 @@ enum LinkEnd {
     Stopped,
 }
 
-struct Link {
-    server: Arc<Server>,
-    fwd: Arc<MeshForwarder>,
-    rx: ForwardReceiver,
-    peer: MeshPeer,
-    extra_roots: Vec<CertificateDer<'static>>,
-    /// Keys the peer announced on the current connection.
-    present: HashSet<NodePublic>,
-    stop: watch::Receiver<bool>,
+/// A mesh transport's part of a link: dialing one peer and serving one connection. The rest
+/// (reconnecting with [`Backoff`], the link's up/down state, dropping its routes when it is
+/// down, stopping) is [`run_link`]'s, the same for the DERP and the QUIC mesh.
+pub(crate) trait LinkTransport {
+    /// A connected, authenticated connection to the peer.
+    type Conn;
+    /// Why a connection attempt or a connection ended.
+    type End: std::fmt::Display;
+    /// Log prefix ("mesh", "QUIC mesh").
+    const LABEL: &'static str;
+
+    /// Connects and authenticates, within the transport's own deadline.
+    async fn dial(&mut self, server: &Server) -> Result<Dialed<Self::Conn>, Self::End>;
+
+    /// Runs one connection: the peer's presence into `link.present` (routes through the
+    /// server), packets from `link.rx` out, until either fails or `link.stop` fires.
+    async fn serve(&mut self, link: &mut LinkState, conn: Self::Conn) -> Self::End;
+
+    /// Whether `end` means the link was stopped (not a failure to retry).
+    fn stopped(end: &Self::End) -> bool;
 }
 
-impl Link {
-    async fn run(mut self) {
-        let name = self.peer.name.clone();
-        let mut backoff = Backoff::new();
-        loop {
-            if *self.stop.borrow() {
-                break;
-            }
-            let dialed = tokio::select! {
-                d = dial(&self.peer.url, self.dial_options()) => d,
-                _ = self.stop.changed() => break,
-            };
-            match dialed {
-                Err(e) => {
-                    tracing::info!(target: "derp", peer = %name, url = %self.peer.url,
-                        "mesh connect: {e}; retrying in {:?}", backoff.delay());
-                }
-                Ok(d) => {
-                    if d.client.server_public_key() == self.server.public_key() {
-                        tracing::info!(target: "derp", peer = %name,
-                            "mesh: detected self-connect; ignoring host");
-                        break;
-                    }
-                    let since = tokio::time::Instant::now();
-                    tracing::info!(target: "derp", peer = %name,
-                        peer_key = %d.client.server_public_key(), "mesh link up");
-                    self.fwd.set_connected(true);
-                    let (reader, writer) = d.client.split();
-                    let end = self.connected(reader, writer).await;
-                    self.fwd.set_connected(false);
-                    self.forget();
-                    if matches!(end, LinkEnd::Stopped) {
-                        break;
-                    }
-                    tracing::info!(target: "derp", peer = %name, "mesh link down: {end}");
-                    backoff.link_ended(since.elapsed());
-                }
-            }
-            if !backoff.wait(&mut self.stop).await {
-                break;
-            }
+/// What a dial reached.
+pub(crate) enum Dialed<C> {
+    /// The peer, with its DERP public key.
+    Peer(C, NodePublic),
+    /// This relay itself (it is in its own peer list): the link stops for good.
+    Myself,
+}
+
+/// The transport-independent state of one outbound link.
+pub(crate) struct LinkState {
+    pub(crate) server: Arc<Server>,
+    pub(crate) fwd: Arc<MeshForwarder>,
+    pub(crate) rx: ForwardReceiver,
+    /// The peer as configured (log field).
+    pub(crate) name: String,
+    /// Keys the peer announced on the current connection.
+    pub(crate) present: HashSet<NodePublic>,
+    pub(crate) stop: watch::Receiver<bool>,
+}
+
+impl LinkState {
+    /// A link to the peer `name` (also its metric label) with a forward queue of `depth`.
+    pub(crate) fn new(
+        server: &Arc<Server>,
+        name: &str,
+        depth: usize,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        let (fwd, rx) = server.add_mesh_peer(name, depth);
+        LinkState {
+            server: server.clone(),
+            fwd,
+            rx,
+            name: name.to_string(),
+            present: HashSet::new(),
+            stop,
         }
-        self.fwd.set_connected(false);
-        self.forget();
     }
 
-    fn dial_options(&self) -> DialOptions {
-        let cfg = self.server.config();
+    /// Drops every route the peer announced and every packet still queued for it.
+    fn forget(&mut self, label: &str) {
+        let n = self
+            .server
+            .mesh_link_down(&self.fwd, &mut self.present, &mut self.rx);
+        if n > 0 {
+            tracing::info!(target: "derp", peer = %self.name,
+                "{label}: cleared {n} forwarding mappings");
+        }
+    }
+}
+
+/// One outbound link until stopped: dial, serve, and on failure forget the peer's routes and
+/// redial after a backoff.
+pub(crate) async fn run_link<T: LinkTransport>(mut transport: T, mut link: LinkState) {
+    let label = T::LABEL;
+    let name = link.name.clone();
+    let mut backoff = Backoff::new();
+    loop {
+        if *link.stop.borrow() {
+            break;
+        }
+        let mut stop = link.stop.clone();
+        let dialed = tokio::select! {
+            d = transport.dial(&link.server) => d,
+            _ = stop.changed() => break,
+        };
+        match dialed {
+            Err(e) => {
+                tracing::info!(target: "derp", peer = %name,
+                    "{label} connect: {e}; retrying in {:?}", backoff.delay());
+            }
+            Ok(Dialed::Myself) => {
+                tracing::info!(target: "derp", peer = %name,
+                    "{label}: detected self-connect; ignoring host");
+                break;
+            }
+            Ok(Dialed::Peer(conn, peer_key)) => {
+                let since = tokio::time::Instant::now();
+                tracing::info!(target: "derp", peer = %name, %peer_key, "{label} link up");
+                link.fwd.set_connected(true);
+                let end = transport.serve(&mut link, conn).await;
+                link.fwd.set_connected(false);
+                link.forget(label);
+                if T::stopped(&end) {
+                    break;
+                }
+                tracing::info!(target: "derp", peer = %name, "{label} link down: {end}");
+                backoff.link_ended(since.elapsed());
+            }
+        }
+        if !backoff.wait(&mut link.stop).await {
+            break;
+        }
+    }
+    link.fwd.set_connected(false);
+    link.forget(label);
+}
+
+/// The DERP mesh transport: a DERP client with the server's key and the mesh key.
+struct DerpTransport {
+    peer: MeshPeer,
+    extra_roots: Vec<CertificateDer<'static>>,
+}
+
+impl LinkTransport for DerpTransport {
+    type Conn = (ClientReader, ClientWriter);
+    type End = LinkEnd;
+    const LABEL: &'static str = "mesh";
+
+    async fn dial(&mut self, server: &Server) -> Result<Dialed<Self::Conn>, LinkEnd> {
+        let d = dial(&self.peer.url, self.dial_options(server)).await?;
+        let key = d.client.server_public_key();
+        if key == server.public_key() {
+            return Ok(Dialed::Myself);
+        }
+        Ok(Dialed::Peer(d.client.split(), key))
+    }
+
+    async fn serve(&mut self, link: &mut LinkState, conn: Self::Conn) -> LinkEnd {
+        serve_derp(link, conn.0, conn.1).await
+    }
+
+    fn stopped(end: &LinkEnd) -> bool {
+        matches!(end, LinkEnd::Stopped)
+    }
+}
+
+impl DerpTransport {
+    fn dial_options(&self, server: &Server) -> DialOptions {
+        let cfg = server.config();
         let mut o = DialOptions::new(cfg.private_key.clone());
         o.mesh_key = cfg.mesh_key;
         o.tls = DialTls {
@@ -361,76 +451,69 @@ impl Link {
         o.connect_host = self.peer.connect_host.clone();
         o
     }
+}
 
-    /// Drops every route the peer announced and every packet still queued for it.
-    fn forget(&mut self) {
-        let n = self
-            .server
-            .mesh_link_down(&self.fwd, &mut self.present, &mut self.rx);
-        if n > 0 {
-            tracing::info!(target: "derp", peer = %self.peer.name,
-                "mesh: cleared {n} forwarding mappings");
-        }
+/// Runs one DERP mesh connection: WatchConns, then presence in and packets out until either
+/// fails or the link is stopped.
+async fn serve_derp(
+    link: &mut LinkState,
+    mut reader: ClientReader,
+    mut writer: ClientWriter,
+) -> LinkEnd {
+    if let Err(e) = writer.watch_conns().await {
+        return e.into();
     }
-
-    /// Runs one connection: WatchConns, then presence in and packets out until either fails
-    /// or the link is stopped.
-    async fn connected(&mut self, mut reader: ClientReader, mut writer: ClientWriter) -> LinkEnd {
-        if let Err(e) = writer.watch_conns().await {
-            return e.into();
+    let server = &link.server;
+    let fwd = &link.fwd;
+    let present = &mut link.present;
+    let rx = &mut link.rx;
+    let mut stop = link.stop.clone();
+    let read = async {
+        loop {
+            let frame = match tokio::time::timeout(READ_IDLE, reader.recv()).await {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => return LinkEnd::from(e),
+                Err(_) => return LinkEnd::Idle(READ_IDLE),
+            };
+            let (key, is_present) = match frame {
+                ReceivedFrame::PeerPresent { key, .. } => (key, true),
+                ReceivedFrame::PeerGone { key, .. } => (key, false),
+                _ => continue,
+            };
+            if is_present {
+                // Our own mesh connection to the peer is one of its clients: not a route.
+                if key != server.public_key() && present.insert(key) {
+                    server.mesh_peer_present(fwd, key);
+                }
+            } else if present.remove(&key) {
+                server.mesh_peer_gone(fwd, key);
+            }
         }
-        let server = &self.server;
-        let fwd = &self.fwd;
-        let present = &mut self.present;
-        let rx = &mut self.rx;
-        let mut stop = self.stop.clone();
-        let read = async {
-            loop {
-                let frame = match tokio::time::timeout(READ_IDLE, reader.recv()).await {
-                    Ok(Ok(f)) => f,
-                    Ok(Err(e)) => return LinkEnd::from(e),
-                    Err(_) => return LinkEnd::Idle(READ_IDLE),
-                };
-                let (key, is_present) = match frame {
-                    ReceivedFrame::PeerPresent { key, .. } => (key, true),
-                    ReceivedFrame::PeerGone { key, .. } => (key, false),
-                    _ => continue,
-                };
-                if is_present {
-                    // Our own mesh connection to the peer is one of its clients: not a route.
-                    if key != server.public_key() && present.insert(key) {
-                        server.mesh_peer_present(fwd, key);
-                    }
-                } else if present.remove(&key) {
-                    server.mesh_peer_gone(fwd, key);
+    };
+    let write = async {
+        while let Some(item) = rx.recv().await {
+            let mut batch = Some(item);
+            while let Some(it) = batch.take() {
+                if let Err(e) = writer.buffer_forward_packet(it.src(), it.dst, it.payload()) {
+                    return LinkEnd::from(e);
+                }
+                if writer.buffered() < WRITE_BATCH {
+                    batch = rx.try_recv().ok();
                 }
             }
-        };
-        let write = async {
-            while let Some(item) = rx.recv().await {
-                let mut batch = Some(item);
-                while let Some(it) = batch.take() {
-                    if let Err(e) = writer.buffer_forward_packet(it.src(), it.dst, it.payload()) {
-                        return LinkEnd::from(e);
-                    }
-                    if writer.buffered() < WRITE_BATCH {
-                        batch = rx.try_recv().ok();
-                    }
-                }
-                match tokio::time::timeout(MESH_WRITE_TIMEOUT, writer.flush()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return LinkEnd::from(e),
-                    Err(_) => return LinkEnd::WriteStalled(MESH_WRITE_TIMEOUT),
-                }
+            match tokio::time::timeout(MESH_WRITE_TIMEOUT, writer.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return LinkEnd::from(e),
+                Err(_) => return LinkEnd::WriteStalled(MESH_WRITE_TIMEOUT),
             }
-            // The server (which holds the sender) is gone.
-            LinkEnd::Stopped
-        };
-        tokio::select! {
-            end = read => end,
-            end = write => end,
-            _ = stop.changed() => LinkEnd::Stopped,
         }
+        // The server (which holds the sender) is gone.
+        LinkEnd::Stopped
+    };
+    tokio::select! {
+        end = read => end,
+        end = write => end,
+        _ = stop.changed() => LinkEnd::Stopped,
     }
 }
 

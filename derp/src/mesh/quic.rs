@@ -66,9 +66,9 @@ use sha2::Sha256;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::core::mesh::{ForwardReceiver, MeshForwarder, PresenceEvent, PresenceFeed};
+use crate::core::mesh::{PresenceEvent, PresenceFeed};
 use crate::core::server::Server;
-use crate::mesh::Backoff;
+use crate::mesh::{run_link, Dialed, LinkState, LinkTransport};
 
 /// Deadline for the QUIC handshake plus the Hello exchange.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -353,19 +353,14 @@ pub fn start(
         )));
     }
     for peer in opts.peers {
-        let (fwd, rx) = server.add_mesh_peer(&format!("quic:{}", peer.name), opts.queue_depth);
-        let link = Link {
-            server: server.clone(),
+        let name = format!("quic:{}", peer.name);
+        let link = LinkState::new(server, &name, opts.queue_depth, stop_rx.clone());
+        let transport = QuicTransport {
             mesh_key,
             endpoint: endpoint.clone(),
-            fwd,
-            rx,
             peer,
-            present: HashSet::new(),
-            numbered: 0,
-            stop: stop_rx.clone(),
         };
-        tasks.push(tokio::spawn(link.run()));
+        tasks.push(tokio::spawn(run_link(transport, link)));
     }
     Ok(QuicMeshHandle {
         stop,
@@ -504,8 +499,6 @@ enum End {
     Auth,
     #[error("TLS exporter: {0:?}")]
     Exporter(quinn::crypto::ExportKeyingMaterialError),
-    #[error("peer is this relay")]
-    SelfConnect,
     #[error("stopping")]
     Stopped,
 }
@@ -527,7 +520,6 @@ impl End {
     fn close_code(&self) -> u32 {
         match self {
             End::Auth => code::AUTH,
-            End::SelfConnect => code::SELF,
             End::Stopped => code::SHUTDOWN,
             _ => code::PROTOCOL,
         }
@@ -837,75 +829,46 @@ impl Drop for LossCount<'_> {
     }
 }
 
-/// One outbound link: dial the peer, learn its clients, send it packets; reconnect on failure.
-struct Link {
-    server: Arc<Server>,
+/// The QUIC mesh transport of one outbound link: dial the peer, learn its clients, send it
+/// packets (the reconnect loop is [`run_link`]'s).
+struct QuicTransport {
     mesh_key: MeshKey,
     endpoint: quinn::Endpoint,
-    fwd: Arc<MeshForwarder>,
-    rx: ForwardReceiver,
     peer: QuicPeer,
-    /// Keys the peer announced on the current connection.
-    present: HashSet<NodePublic>,
-    /// Datagrams numbered on the current connection (the next sequence number).
-    numbered: u64,
-    stop: watch::Receiver<bool>,
 }
 
-impl Link {
-    async fn run(mut self) {
-        let name = self.peer.name.clone();
-        let mut backoff = Backoff::new();
-        loop {
-            if *self.stop.borrow() {
-                break;
-            }
-            let mut stop = self.stop.clone();
-            let dialed = tokio::select! {
-                d = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.dial()) => {
-                    d.unwrap_or(Err(End::Timeout(HANDSHAKE_TIMEOUT)))
-                }
-                _ = stop.changed() => break,
-            };
-            match dialed {
-                Err(End::SelfConnect) => {
-                    tracing::info!(target: "derp", peer = %name,
-                        "QUIC mesh: detected self-connect; ignoring host");
-                    break;
-                }
-                Err(e) => {
-                    tracing::info!(target: "derp", peer = %name,
-                        "QUIC mesh connect: {e}; retrying in {:?}", backoff.delay());
-                }
-                Ok((conn, reader, peer_key)) => {
-                    let since = tokio::time::Instant::now();
-                    tracing::info!(target: "derp", peer = %name, %peer_key, "QUIC mesh link up");
-                    self.fwd.set_connected(true);
-                    self.numbered = 0;
-                    let end = self.connected(&conn, reader).await;
-                    self.fwd.set_connected(false);
-                    self.forget();
-                    close(&self.server, &conn, &name, &end);
-                    // Datagrams numbered but never sent died with the connection.
-                    let sent = conn.stats().frame_tx.datagram;
-                    self.fwd.count_discarded(self.numbered.saturating_sub(sent));
-                    if matches!(end, End::Stopped) {
-                        break;
-                    }
-                    tracing::info!(target: "derp", peer = %name, "QUIC mesh link down: {end}");
-                    backoff.link_ended(since.elapsed());
-                }
-            }
-            if !backoff.wait(&mut self.stop).await {
-                break;
-            }
-        }
-        self.fwd.set_connected(false);
-        self.forget();
+impl LinkTransport for QuicTransport {
+    type Conn = (quinn::Connection, MsgReader);
+    type End = End;
+    const LABEL: &'static str = "QUIC mesh";
+
+    async fn dial(&mut self, server: &Server) -> Result<Dialed<Self::Conn>, End> {
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connect(server))
+            .await
+            .unwrap_or(Err(End::Timeout(HANDSHAKE_TIMEOUT)))
     }
 
+    async fn serve(&mut self, link: &mut LinkState, (conn, reader): Self::Conn) -> End {
+        let mut numbered = 0u64;
+        let end = connected(link, &conn, reader, &mut numbered).await;
+        close(&link.server, &conn, &link.name, &end);
+        // Datagrams numbered but never sent died with the connection.
+        let sent = conn.stats().frame_tx.datagram;
+        link.fwd.count_discarded(numbered.saturating_sub(sent));
+        end
+    }
+
+    fn stopped(end: &End) -> bool {
+        matches!(end, End::Stopped)
+    }
+}
+
+impl QuicTransport {
     /// Connects and exchanges Hellos. A wrong tag from the peer is counted and closes.
-    async fn dial(&self) -> Result<(quinn::Connection, MsgReader, NodePublic), End> {
+    async fn connect(
+        &self,
+        server: &Server,
+    ) -> Result<Dialed<(quinn::Connection, MsgReader)>, End> {
         let addr = tokio::net::lookup_host(&self.peer.name)
             .await
             .ok()
@@ -915,7 +878,7 @@ impl Link {
         let setup = async {
             let (mut send, recv) = conn.open_bi().await?;
             let ekm = exported(&conn)?;
-            send.write_all(&hello(&self.server, &self.mesh_key, Role::Dialer, &ekm))
+            send.write_all(&hello(server, &self.mesh_key, Role::Dialer, &ekm))
                 .await?;
             let mut reader = MsgReader::new(recv);
             let key = read_hello(&mut reader, &self.mesh_key, Role::Acceptor, &ekm).await?;
@@ -924,112 +887,106 @@ impl Link {
         };
         match setup.await {
             Ok((reader, key)) => {
-                if key == self.server.public_key() {
+                if key == server.public_key() {
                     conn.close(code::SELF.into(), b"self");
-                    return Err(End::SelfConnect);
+                    return Ok(Dialed::Myself);
                 }
-                Ok((conn, reader, key))
+                Ok(Dialed::Peer((conn, reader), key))
             }
             Err(e) => {
-                close(&self.server, &conn, &self.peer.name, &e);
+                close(server, &conn, &self.peer.name, &e);
                 Err(e)
             }
         }
     }
+}
 
-    /// Drops every route the peer announced and every packet still queued for it.
-    fn forget(&mut self) {
-        let n = self
-            .server
-            .mesh_link_down(&self.fwd, &mut self.present, &mut self.rx);
-        if n > 0 {
-            tracing::info!(target: "derp", peer = %self.peer.name,
-                "QUIC mesh: cleared {n} forwarding mappings");
-        }
-    }
-
-    /// Presence in and packets out until either fails or the link is stopped.
-    async fn connected(&mut self, conn: &quinn::Connection, mut reader: MsgReader) -> End {
-        let server = &self.server;
-        let fwd = &self.fwd;
-        let present = &mut self.present;
-        let rx = &mut self.rx;
-        let stream_packets = &server.mesh_metrics.quic_stream_packets;
-        let mut stop = self.stop.clone();
-        let read = async {
-            // Keys of a complete list being received.
-            let mut sync: Option<HashSet<NodePublic>> = None;
-            loop {
-                let msg = match reader.next().await {
-                    Ok(m) => m,
-                    Err(e) => return e,
-                };
-                match msg {
-                    MeshMsg::Present(key) => {
-                        if let Some(s) = sync.as_mut() {
-                            s.insert(key);
-                        }
-                        if key != server.public_key() && present.insert(key) {
-                            server.mesh_peer_present(fwd, key);
-                        }
+/// Presence in and packets out until either fails or the link is stopped; `numbered` counts
+/// the datagrams sent (their sequence numbers).
+async fn connected(
+    link: &mut LinkState,
+    conn: &quinn::Connection,
+    mut reader: MsgReader,
+    numbered: &mut u64,
+) -> End {
+    let server = &link.server;
+    let fwd = &link.fwd;
+    let present = &mut link.present;
+    let rx = &mut link.rx;
+    let stream_packets = &server.mesh_metrics.quic_stream_packets;
+    let mut stop = link.stop.clone();
+    let read = async {
+        // Keys of a complete list being received.
+        let mut sync: Option<HashSet<NodePublic>> = None;
+        loop {
+            let msg = match reader.next().await {
+                Ok(m) => m,
+                Err(e) => return e,
+            };
+            match msg {
+                MeshMsg::Present(key) => {
+                    if let Some(s) = sync.as_mut() {
+                        s.insert(key);
                     }
-                    MeshMsg::Gone(key) => {
-                        if let Some(s) = sync.as_mut() {
-                            s.remove(&key);
-                        }
-                        if present.remove(&key) {
-                            server.mesh_peer_gone(fwd, key);
-                        }
+                    if key != server.public_key() && present.insert(key) {
+                        server.mesh_peer_present(fwd, key);
                     }
-                    MeshMsg::SyncStart => sync = Some(HashSet::new()),
-                    MeshMsg::SyncEnd => {
-                        let Some(s) = sync.take() else {
-                            return End::Unexpected(MeshMsg::SyncEnd);
-                        };
-                        let stale: Vec<NodePublic> =
-                            present.iter().filter(|k| !s.contains(k)).copied().collect();
-                        for key in stale {
-                            present.remove(&key);
-                            server.mesh_peer_gone(fwd, key);
-                        }
-                    }
-                    m @ MeshMsg::Hello { .. } => return End::Unexpected(m),
                 }
-            }
-        };
-        let numbered = &mut self.numbered;
-        let write = async {
-            while let Some(item) = rx.recv().await {
-                let frame = item.recv_frame();
-                if SEQ_LEN + KEY_LEN + frame.len() <= conn.max_datagram_size().unwrap_or(0) {
-                    let unit = encode_datagram(*numbered, &item.dst, frame);
-                    *numbered += 1;
-                    if let Err(e) = conn.send_datagram_wait(unit).await {
-                        return End::from(e);
+                MeshMsg::Gone(key) => {
+                    if let Some(s) = sync.as_mut() {
+                        s.remove(&key);
                     }
-                } else {
-                    let unit = encode_packet(&item.dst, frame);
-                    stream_packets.inc();
-                    let mut s = match conn.open_uni().await {
-                        Ok(s) => s,
-                        Err(e) => return End::from(e),
+                    if present.remove(&key) {
+                        server.mesh_peer_gone(fwd, key);
+                    }
+                }
+                MeshMsg::SyncStart => sync = Some(HashSet::new()),
+                MeshMsg::SyncEnd => {
+                    let Some(s) = sync.take() else {
+                        return End::Unexpected(MeshMsg::SyncEnd);
                     };
-                    if let Err(e) = s.write_all(&unit).await {
-                        return End::from(e);
-                    }
-                    if let Err(e) = s.finish() {
-                        return End::from(e);
+                    let stale: Vec<NodePublic> =
+                        present.iter().filter(|k| !s.contains(k)).copied().collect();
+                    for key in stale {
+                        present.remove(&key);
+                        server.mesh_peer_gone(fwd, key);
                     }
                 }
+                m @ MeshMsg::Hello { .. } => return End::Unexpected(m),
             }
-            // The server (which holds the sender) is gone.
-            End::Stopped
-        };
-        tokio::select! {
-            end = read => end,
-            end = write => end,
-            _ = stop.changed() => End::Stopped,
         }
+    };
+    let write = async {
+        while let Some(item) = rx.recv().await {
+            let frame = item.recv_frame();
+            if SEQ_LEN + KEY_LEN + frame.len() <= conn.max_datagram_size().unwrap_or(0) {
+                let unit = encode_datagram(*numbered, &item.dst, frame);
+                *numbered += 1;
+                if let Err(e) = conn.send_datagram_wait(unit).await {
+                    return End::from(e);
+                }
+            } else {
+                let unit = encode_packet(&item.dst, frame);
+                stream_packets.inc();
+                let mut s = match conn.open_uni().await {
+                    Ok(s) => s,
+                    Err(e) => return End::from(e),
+                };
+                if let Err(e) = s.write_all(&unit).await {
+                    return End::from(e);
+                }
+                if let Err(e) = s.finish() {
+                    return End::from(e);
+                }
+            }
+        }
+        // The server (which holds the sender) is gone.
+        End::Stopped
+    };
+    tokio::select! {
+        end = read => end,
+        end = write => end,
+        _ = stop.changed() => End::Stopped,
     }
 }
 

@@ -105,10 +105,17 @@ impl Node {
     }
 }
 
-/// A free UDP port on loopback (bound, read, released).
+/// A free UDP port on loopback, for a relay to bind (and bind again after a restart). Taken
+/// below the kernel's ephemeral range (32768 and up here), so that sockets other tests bind
+/// to port 0 meanwhile cannot take it; tried by binding and releasing.
 fn free_udp() -> SocketAddr {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
-    s.local_addr().unwrap()
+    use rand::Rng;
+    loop {
+        let port = rand::thread_rng().gen_range(20_000..32_000);
+        if let Ok(s) = std::net::UdpSocket::bind(("127.0.0.1", port)) {
+            return s.local_addr().unwrap();
+        }
+    }
 }
 
 async fn client(addr: SocketAddr) -> Client {
