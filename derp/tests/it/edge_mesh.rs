@@ -108,49 +108,6 @@ impl Node {
     }
 }
 
-async fn client(addr: SocketAddr) -> Client {
-    let mut c = within(dial(
-        &format!("http://{addr}/derp"),
-        DialOptions::new(key()),
-    ))
-    .await
-    .expect("dial")
-    .client;
-    expect_server_info(&mut c).await;
-    c
-}
-
-/// Next packet, skipping keepalives and presence frames.
-async fn next_packet(c: &mut Client) -> (NodePublic, bytes::Bytes) {
-    loop {
-        match recv(c).await {
-            ReceivedFrame::Packet { src, data } => return (src, data),
-            ReceivedFrame::Ping(_) | ReceivedFrame::Health(_) => continue,
-            other => panic!("expected a packet, got {other:?}"),
-        }
-    }
-}
-
-/// Sends from every client to every other one and checks each arrives with its source.
-async fn all_ways(clients: &mut [Client], tag: &str) {
-    let keys: Vec<NodePublic> = clients.iter().map(Client::public_key).collect();
-    for i in 0..clients.len() {
-        for j in 0..clients.len() {
-            if i == j {
-                continue;
-            }
-            let msg = format!("{tag} {i}->{j}");
-            clients[i]
-                .send_packet(keys[j], msg.as_bytes())
-                .await
-                .expect("send");
-            let (src, data) = next_packet(&mut clients[j]).await;
-            assert_eq!(src, keys[i], "{msg}: source");
-            assert_eq!(&data[..], msg.as_bytes());
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_mesh_three_relays_every_way_peer_gone_restart() {
     let mesh_key = MeshKey::from_bytes([7; 32]);
@@ -173,7 +130,7 @@ async fn edge_mesh_three_relays_every_way_peer_gone_restart() {
 
     let mut clients = Vec::new();
     for a in &addrs {
-        clients.push(client(*a).await);
+        clients.push(plain_client(*a).await);
     }
     let ckeys: Vec<NodePublic> = clients.iter().map(Client::public_key).collect();
     for (i, n) in nodes.iter().enumerate() {
@@ -239,7 +196,7 @@ async fn edge_mesh_three_relays_every_way_peer_gone_restart() {
         let n = n.as_ref().unwrap();
         assert!(wait_until(|| n.server.mesh_route_of(&ckeys[0]).is_none()).await);
     }
-    clients.insert(0, client(addrs[0]).await);
+    clients.insert(0, plain_client(addrs[0]).await);
 
     // Kill relay 2: its routes vanish everywhere, its client is gone, and client 1, which got
     // packets from it, hears PeerGone.
@@ -260,7 +217,7 @@ async fn edge_mesh_three_relays_every_way_peer_gone_restart() {
     // Restart it with the same key on the same port; a new client there reaches everyone.
     let l = rebind(addrs[2]).await;
     nodes[2] = Some(Node::start(&keys[2], mesh_key, l, &mesh_with).await);
-    clients.push(client(addrs[2]).await);
+    clients.push(plain_client(addrs[2]).await);
     let ckeys: Vec<NodePublic> = clients.iter().map(Client::public_key).collect();
     for (i, n) in nodes.iter().enumerate() {
         let remote: Vec<NodePublic> = (0..3).filter(|j| *j != i).map(|j| ckeys[j]).collect();

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use derp::client::dial::{dial, DialOptions};
 use derp::edge::http::HttpEdge;
 use derp::edge::listener::{self, ListenerOptions};
 use derp::mesh::quic::{parse_mesh_quic_with, QuicMeshHandle, QuicMeshOptions, QuicTimers};
@@ -118,47 +117,6 @@ fn free_udp() -> SocketAddr {
     }
 }
 
-async fn client(addr: SocketAddr) -> Client {
-    let mut c = within(dial(
-        &format!("http://{addr}/derp"),
-        DialOptions::new(key()),
-    ))
-    .await
-    .expect("dial")
-    .client;
-    expect_server_info(&mut c).await;
-    c
-}
-
-async fn next_packet(c: &mut Client) -> (NodePublic, bytes::Bytes) {
-    loop {
-        match recv(c).await {
-            ReceivedFrame::Packet { src, data } => return (src, data),
-            ReceivedFrame::Ping(_) | ReceivedFrame::Health(_) => continue,
-            other => panic!("expected a packet, got {other:?}"),
-        }
-    }
-}
-
-async fn all_ways(clients: &mut [Client], tag: &str) {
-    let keys: Vec<NodePublic> = clients.iter().map(Client::public_key).collect();
-    for i in 0..clients.len() {
-        for j in 0..clients.len() {
-            if i == j {
-                continue;
-            }
-            let msg = format!("{tag} {i}->{j}");
-            clients[i]
-                .send_packet(keys[j], msg.as_bytes())
-                .await
-                .expect("send");
-            let (src, data) = next_packet(&mut clients[j]).await;
-            assert_eq!(src, keys[i], "{msg}: source");
-            assert_eq!(&data[..], msg.as_bytes());
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_quic_mesh_three_relays_every_way_peer_gone_restart() {
     let mesh_key = MeshKey::from_bytes([5; 32]);
@@ -180,7 +138,7 @@ async fn edge_quic_mesh_three_relays_every_way_peer_gone_restart() {
     }
     let mut clients = Vec::new();
     for a in &addrs {
-        clients.push(client(*a).await);
+        clients.push(plain_client(*a).await);
     }
     let ckeys: Vec<NodePublic> = clients.iter().map(Client::public_key).collect();
     for (i, n) in nodes.iter().enumerate() {
@@ -228,7 +186,7 @@ async fn edge_quic_mesh_three_relays_every_way_peer_gone_restart() {
             }
         }
     }
-    clients.insert(0, client(addrs[0]).await);
+    clients.insert(0, plain_client(addrs[0]).await);
 
     // Kill relay 2: its routes vanish, and client 1, which got packets from its client, hears
     // PeerGone.
@@ -246,7 +204,7 @@ async fn edge_quic_mesh_three_relays_every_way_peer_gone_restart() {
     // Restart it with the same key on the same ports; a new client there reaches everyone.
     let l = rebind(addrs[2]).await;
     nodes[2] = Some(Node::start(&keys[2], mesh_key, l, udps[2], &quic_with).await);
-    clients.push(client(addrs[2]).await);
+    clients.push(plain_client(addrs[2]).await);
     let ckeys: Vec<NodePublic> = clients.iter().map(Client::public_key).collect();
     for (i, n) in nodes.iter().enumerate() {
         let remote: Vec<NodePublic> = (0..3).filter(|j| *j != i).map(|j| ckeys[j]).collect();
@@ -275,7 +233,7 @@ async fn edge_quic_mesh_wrong_key_is_refused() {
     )
     .await;
     let b = Node::start(&key(), MeshKey::from_bytes([2; 32]), lb, ub, "").await;
-    let cb = client(addr_b).await;
+    let cb = plain_client(addr_b).await;
     assert!(
         wait_until(|| b.metric("derp_mesh_quic_rejected", &[("reason", "auth")]) >= 1.0).await,
         "the wrong key was not refused"
@@ -354,8 +312,8 @@ async fn edge_quic_mesh_counts_lost_datagrams_and_idles_out() {
     let b = Node::start_with(&key(), mesh_key, lb, ub, "", timers).await;
     let proxied = proxy.to_string();
     let a = Node::start_with(&key(), mesh_key, la, ua, &proxied, timers).await;
-    let mut ca = client(addr_a).await;
-    let mut cb = client(addr_b).await;
+    let mut ca = plain_client(addr_a).await;
+    let mut cb = plain_client(addr_b).await;
     let kb = cb.public_key();
     a.wait_routes(&[kb]).await;
     // The first packet (not lost) makes sure the path is up.

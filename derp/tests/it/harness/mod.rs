@@ -190,3 +190,47 @@ pub fn disco_packet() -> Vec<u8> {
     p.extend_from_slice(b"ping");
     p
 }
+
+/// A client of the relay at `addr` over plain HTTP, past its ServerInfo.
+pub async fn plain_client(addr: std::net::SocketAddr) -> Client {
+    let mut c = within(derp::client::dial::dial(
+        &format!("http://{addr}/derp"),
+        derp::client::dial::DialOptions::new(key()),
+    ))
+    .await
+    .expect("dial")
+    .client;
+    expect_server_info(&mut c).await;
+    c
+}
+
+/// Next packet, skipping keepalives and presence frames.
+pub async fn next_packet(c: &mut Client) -> (NodePublic, bytes::Bytes) {
+    loop {
+        match recv(c).await {
+            ReceivedFrame::Packet { src, data } => return (src, data),
+            ReceivedFrame::Ping(_) | ReceivedFrame::Health(_) => continue,
+            other => panic!("expected a packet, got {other:?}"),
+        }
+    }
+}
+
+/// Sends from every client to every other one and checks each arrives with its source.
+pub async fn all_ways(clients: &mut [Client], tag: &str) {
+    let keys: Vec<NodePublic> = clients.iter().map(Client::public_key).collect();
+    for i in 0..clients.len() {
+        for j in 0..clients.len() {
+            if i == j {
+                continue;
+            }
+            let msg = format!("{tag} {i}->{j}");
+            clients[i]
+                .send_packet(keys[j], msg.as_bytes())
+                .await
+                .expect("send");
+            let (src, data) = next_packet(&mut clients[j]).await;
+            assert_eq!(src, keys[i], "{msg}: source");
+            assert_eq!(&data[..], msg.as_bytes());
+        }
+    }
+}
