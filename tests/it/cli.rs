@@ -1,11 +1,10 @@
 //! The binary as an operator meets it: start-up errors that name the field, the announcement
 //! line, working dev credentials, the ops endpoints, and a clean exit on SIGTERM.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{bin, echo_upstream, get, start, Running};
+use crate::support::{bin, echo_upstream, get, sigterm, start, start_with_logs, wait_exit};
 
 #[test]
 fn bad_flag_fails_naming_the_field() {
@@ -278,66 +277,16 @@ fn dead_upstream_is_a_502_with_coders_error_shape() {
 /// lines written while draining must not panic the process; SIGTERM still exits 0.
 #[test]
 fn sigterm_with_closed_stderr_exits_cleanly() {
-    let mut child = bin()
-        .args([
-            "dev",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--stun-addr",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert!(!line.is_empty());
-    drop(child.stderr.take());
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert_eq!(status.code(), Some(0), "exit status {status}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tailnetd did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn sigterm(r: &Running) {
-    let pid = r.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-}
-
-/// Waits for the exit and returns how long it took.
-fn wait_exit(r: &mut Running, within: Duration) -> Duration {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = r.child.try_wait().unwrap() {
-            assert!(status.success(), "exit status {status}");
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < within,
-            "tailnetd did not exit within {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut r = start_with_logs(&[
+        "dev",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--stun-addr",
+        "127.0.0.1:0",
+    ]);
+    drop(r.child.stderr.take());
+    sigterm(&r);
+    wait_exit(&mut r, Duration::from_secs(20));
 }
 
 /// SIGTERM turns `/readyz` to 503 first; for `drain_pause` everything else is still served (a
@@ -430,24 +379,16 @@ fn drain_pause_defaults_by_role() {
 /// requests that presented one.
 #[test]
 fn json_logs_are_one_object_per_line_and_never_carry_tokens() {
-    let mut child = bin()
-        .args([
-            "dev",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--stun-addr",
-            "",
-            "--log-format",
-            "json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let announced: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let mut r = start_with_logs(&[
+        "dev",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--stun-addr",
+        "",
+        "--log-format",
+        "json",
+    ]);
+    let announced = r.line.clone();
     let addr = announced["http_addr"].as_str().unwrap();
     let token = announced["client_token"].as_str().unwrap();
     let agent = announced["agent_id"].as_str().unwrap();
@@ -462,14 +403,10 @@ fn json_logs_are_one_object_per_line_and_never_carry_tokens() {
         .0,
         401
     );
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    sigterm(&r);
     let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(child.wait().unwrap().success());
+    std::io::Read::read_to_string(&mut r.child.stderr.take().unwrap(), &mut stderr).unwrap();
+    wait_exit(&mut r, Duration::from_secs(20));
     let lines: Vec<&str> = stderr.lines().collect();
     assert!(lines.len() >= 2, "expected start and drain lines: {stderr}");
     for l in &lines {

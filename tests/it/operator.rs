@@ -5,7 +5,6 @@
 //! when they open and one when they close, with the peer id and never a token.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,7 @@ use proto::key::NodePrivate;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{bin, echo_upstream, get, start, Running};
+use crate::support::{echo_upstream, get, sigterm, start, start_with_logs, wait_exit, Running};
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -592,24 +591,16 @@ fn status_page_in_headless_chromium() {
 /// failed authentication logs nothing at info.
 #[test]
 fn authenticated_sessions_log_open_and_close_without_tokens() {
-    let mut child = bin()
-        .args([
-            "dev",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--stun-addr",
-            "",
-            "--log-format",
-            "json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let announced: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let mut r = start_with_logs(&[
+        "dev",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--stun-addr",
+        "",
+        "--log-format",
+        "json",
+    ]);
+    let announced = r.line.clone();
     let addr = announced["http_addr"].as_str().unwrap();
     let agent = announced["agent_id"].as_str().unwrap();
     let agent_token = announced["agent_token"].as_str().unwrap();
@@ -638,14 +629,10 @@ fn authenticated_sessions_log_open_and_close_without_tokens() {
         .0,
         401
     );
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    sigterm(&r);
     let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(child.wait().unwrap().success());
+    std::io::Read::read_to_string(&mut r.child.stderr.take().unwrap(), &mut stderr).unwrap();
+    wait_exit(&mut r, Duration::from_secs(20));
     let mut opened = Vec::new();
     let mut closed = Vec::new();
     for l in stderr.lines() {

@@ -4,15 +4,16 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// The binary, with its metrics listener on a free port (tests run several processes at once,
-/// and the default metrics address is a fixed port), no readiness-off pause before a drain, and
-/// no relay probing (configuration examples name hosts that must not be dialled); flags still
-/// win over all three.
+/// The binary, with its metrics listener and STUN socket on free ports (tests run several
+/// processes at once, and the defaults are fixed ports), no readiness-off pause before a drain,
+/// and no relay probing (configuration examples name hosts that must not be dialled); flags
+/// still win over all four.
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tailnetd"));
     c.env("TAILNETD_METRICS_ADDR", "127.0.0.1:0")
+        .env("TAILNETD_STUN_ADDR", "127.0.0.1:0")
         .env("TAILNETD_DRAIN_PAUSE", "0s")
         .env("TAILNETD_DERP_MAP_HEALTH_INTERVAL", "0s");
     c
@@ -30,11 +31,21 @@ impl Drop for Running {
     }
 }
 
+/// Starts the binary with `args` and reads its announcement line; its logs are discarded.
 pub fn start(args: &[&str]) -> Running {
+    spawn_announced(args, Stdio::null())
+}
+
+/// As [`start`], with stderr (the logs) piped for the test to read: `child.stderr`.
+pub fn start_with_logs(args: &[&str]) -> Running {
+    spawn_announced(args, Stdio::piped())
+}
+
+fn spawn_announced(args: &[&str], stderr: Stdio) -> Running {
     let mut child = bin()
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
@@ -88,4 +99,30 @@ pub fn echo_upstream() -> String {
         }
     });
     addr
+}
+
+/// Sends SIGTERM to the running binary.
+pub fn sigterm(r: &Running) {
+    let pid = r.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// Waits for the exit and returns how long it took.
+pub fn wait_exit(r: &mut Running, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = r.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "tailnetd did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
