@@ -15,6 +15,7 @@
 
 pub mod lean;
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -203,6 +204,10 @@ pub struct CoordReport {
     /// The load generator's own CPU seconds per window second (absent in older results).
     #[serde(default)]
     pub loadgen_cpu_util: Option<f64>,
+    /// NODE updates received again with the same (peer, stamp), not counted as delivered
+    /// (absent in older results).
+    #[serde(default)]
+    pub duplicate_updates: u64,
 }
 
 /// Where and as whom one peer connects.
@@ -267,6 +272,10 @@ fn target(args: &CoordArgs, auth: &AuthFile, agent_idx: usize, agent: bool) -> T
 struct Plan {
     /// Start of the send schedule (warm-up begins).
     start: Instant,
+    /// The wall clock (ns) at `start`: updates are stamped with the wall time of their
+    /// *scheduled* send ([`Plan::wall_at`]), so a sender held back (by a full window or a slow
+    /// server) shows up as latency instead of hiding it (no coordinated omission).
+    wall0: u64,
     /// Senders stop at `start + win_end`; receivers one second later.
     win_end: Duration,
     /// Updates stamped in `[win_start_wall, win_end_wall)` (wall clock, ns) are counted.
@@ -275,6 +284,11 @@ struct Plan {
 }
 
 impl Plan {
+    /// The wall clock (ns) at the instant `t` of the schedule.
+    fn wall_at(&self, t: Instant) -> u64 {
+        self.wall0 + t.saturating_duration_since(self.start).as_nanos() as u64
+    }
+
     /// First send of peer number `k`: phases spread evenly so the offered load is smooth.
     fn first_send(&self, k: usize, period: Duration) -> Instant {
         self.start + period.mul_f64(((k as f64) * 0.618_033_988_7).fract())
@@ -289,34 +303,52 @@ impl Plan {
     }
 }
 
-/// Accounts one response exactly the same way for both clients: NODE updates stamped inside the
-/// window are delivered; their latency goes to the agent's or the client's histogram. Returns how
-/// many were counted.
-fn tally(
-    resp: &CoordinateResponse,
-    agent: bool,
-    plan: &Plan,
-    fan: &mut Histogram,
-    to_agent: &mut Histogram,
-) -> u64 {
-    let now = wall_ns();
-    let mut n = 0;
-    for u in &resp.peer_updates {
-        if u.kind != Kind::Node as i32 {
-            continue;
+/// One receiver's accounting, the same for both clients: NODE updates stamped inside the
+/// window are delivered, once per (peer, stamp) (a coordinator may send a peer's unchanged
+/// node again, e.g. with a new tunnel); their latency goes to the agent's or the client's
+/// histogram.
+struct Tally {
+    fan: Histogram,
+    to_agent: Histogram,
+    seen: HashSet<(bytes::Bytes, u64)>,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Tally {
+            fan: Histogram::new(),
+            to_agent: Histogram::new(),
+            seen: HashSet::new(),
         }
-        let sent = timestamp_ns(u.node.as_ref().and_then(|n| n.as_of.as_ref()));
-        if sent >= plan.win_start_wall && sent < plan.win_end_wall {
+    }
+
+    /// Accounts `resp`; returns how many updates were counted (new, inside the window) and
+    /// how many were duplicates.
+    fn count(&mut self, resp: &CoordinateResponse, agent: bool, plan: &Plan) -> (u64, u64) {
+        let now = wall_ns();
+        let (mut n, mut dup) = (0, 0);
+        for u in &resp.peer_updates {
+            if u.kind != Kind::Node as i32 {
+                continue;
+            }
+            let sent = timestamp_ns(u.node.as_ref().and_then(|n| n.as_of.as_ref()));
+            if sent < plan.win_start_wall || sent >= plan.win_end_wall {
+                continue;
+            }
+            if !self.seen.insert((u.id.clone(), sent)) {
+                dup += 1;
+                continue;
+            }
             n += 1;
             let lat = now.saturating_sub(sent);
             if agent {
-                to_agent.record(lat);
+                self.to_agent.record(lat);
             } else {
-                fan.record(lat);
+                self.fan.record(lat);
             }
         }
+        (n, dup)
     }
-    n
 }
 
 /// Whether `resp` carries the NODE of peer `want`.
@@ -336,6 +368,7 @@ fn wall_ns() -> u64 {
 #[derive(Default)]
 struct Counters {
     delivered_window: AtomicU64,
+    duplicates: AtomicU64,
     failed: AtomicU64,
 }
 
@@ -465,7 +498,7 @@ fn run_full(
             while next < plan.send_end() {
                 tokio::time::sleep_until(next.into()).await;
                 if tx
-                    .send_msg(&update_self(node(id, agent, wall_ns())))
+                    .send_msg(&update_self(node(id, agent, plan.wall_at(next))))
                     .await
                     .is_err()
                 {
@@ -476,8 +509,7 @@ fn run_full(
         });
         let receiver = tokio::spawn(async move {
             let _keep = (_rpc, _ws);
-            let mut fan = Histogram::new();
-            let mut to_agent = Histogram::new();
+            let mut tally = Tally::new();
             loop {
                 let resp = match tokio::time::timeout_at(
                     plan.recv_end().into(),
@@ -495,10 +527,11 @@ fn run_full(
                 if !resp.error.is_empty() {
                     c.failed.fetch_add(1, Ordering::Relaxed);
                 }
-                let n = tally(&resp, agent, &plan, &mut fan, &mut to_agent);
+                let (n, dup) = tally.count(&resp, agent, &plan);
                 c.delivered_window.fetch_add(n, Ordering::Relaxed);
+                c.duplicates.fetch_add(dup, Ordering::Relaxed);
             }
-            (fan, to_agent)
+            (tally.fan, tally.to_agent)
         });
         tasks.push((sender, receiver));
     }
@@ -582,8 +615,7 @@ struct LeanPeer {
 /// The one task of a lean peer: reads and accounts responses, sends `update_self` on schedule,
 /// answers pings and returns window, all on one socket; every wake-up ends with one write.
 async fn drive_lean(mut p: LeanPeer) -> (Histogram, Histogram) {
-    let mut fan = Histogram::new();
-    let mut to_agent = Histogram::new();
+    let mut tally = Tally::new();
     let mut plan: Option<Plan> = None;
     let period = (p.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / p.rate));
     let mut next: Option<Instant> = None;
@@ -612,14 +644,19 @@ async fn drive_lean(mut p: LeanPeer) -> (Histogram, Histogram) {
                             }
                         }
                         if let Some(pl) = &plan {
-                            let n = tally(resp, *agent, pl, &mut fan, &mut to_agent);
+                            let (n, dup) = tally.count(resp, *agent, pl);
                             counters.delivered_window.fetch_add(n, Ordering::Relaxed);
+                            counters.duplicates.fetch_add(dup, Ordering::Relaxed);
                         }
                     };
                     conn.process(&mut on)?;
                 }
                 _ = &mut send_timer, if can_send => {
-                    let stamp = timestamp(wall_ns());
+                    // Stamped with its scheduled time (armed only while `next` and `plan` are set).
+                    let stamp = match (next, plan) {
+                        (Some(n), Some(pl)) => timestamp(pl.wall_at(n)),
+                        _ => timestamp(wall_ns()),
+                    };
                     if let Some(n) = p
                         .req
                         .update_self
@@ -669,7 +706,7 @@ async fn drive_lean(mut p: LeanPeer) -> (Histogram, Histogram) {
             let _ = tx.send(Err(e.to_string()));
         }
     }
-    (fan, to_agent)
+    (tally.fan, tally.to_agent)
 }
 
 /// Sets up every peer with the lean client; returns their tasks, agents first.
@@ -756,6 +793,7 @@ pub async fn run(args: CoordArgs) -> Result<CoordReport> {
     let win_end = warm + dur;
     let plan = Plan {
         start,
+        wall0,
         win_end,
         win_start_wall: wall0 + warm.as_nanos() as u64,
         win_end_wall: wall0 + win_end.as_nanos() as u64,
@@ -819,6 +857,7 @@ pub async fn run(args: CoordArgs) -> Result<CoordReport> {
         },
         server_peak_rss_bytes: args.server_pid.and_then(procfs::peak_rss_bytes),
         failed_streams: counters.failed.load(Ordering::Relaxed),
+        duplicate_updates: counters.duplicates.load(Ordering::Relaxed),
         loadgen_cpu_util: own0.zip(own1).map(|(a, b)| (b - a) / secs),
     })
 }

@@ -63,10 +63,10 @@ fn main() -> Result<()> {
             Cmd::Coordinator(a) => {
                 let r = coord::run(a).await?;
                 let h = format!(
-                    "coordinator {} {}x{} ({} peers): {:.0} updates/s delivered (offered {:.0}), fan-out p50 {:.2}ms p99 {:.2}ms, to-agent p99 {:.2}ms, setup {:.0} peers/s, {} failed",
+                    "coordinator {} {}x{} ({} peers): {:.0} updates/s delivered (offered {:.0}), fan-out p50 {:.2}ms p99 {:.2}ms, to-agent p99 {:.2}ms, setup {:.0} peers/s, {} failed, {} duplicates",
                     r.flavor, r.agents, r.clients_per_agent, r.peers, r.delivered_updates_per_s,
                     r.offered_deliveries_per_s, r.fanout_p50_ms, r.fanout_p99_ms, r.to_agent_p99_ms,
-                    r.setup_peers_per_s, r.failed_streams
+                    r.setup_peers_per_s, r.failed_streams, r.duplicate_updates
                 );
                 (serde_json::to_string(&r)?, h)
             }
