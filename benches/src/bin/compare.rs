@@ -25,6 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use benches::capacity::{self, CapacityReport, CpuShare, Probe, SearchPlan};
 use benches::chart::{self, Panel, Series};
 use benches::coord::{AuthFile, CoordReport};
 use benches::idle::IdleReport;
@@ -68,7 +69,8 @@ struct Cli {
     #[arg(long)]
     no_build: bool,
     /// Run only these parts (comma-separated): relay, relay-pp, relay-tls, relay-tls-pp,
-    /// relay-ws, relay-go, relay-go-ws, relay-go-tls, sweep, idle, coord; default all.
+    /// relay-ws, relay-go, relay-go-ws, relay-go-tls, sweep, idle, coord, coord-cap; default
+    /// all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Runs of every cell (overrides --headline-runs and --other-runs).
@@ -99,6 +101,10 @@ struct Cli {
     /// core). Not applied to --quick.
     #[arg(long)]
     busy_load: Option<f64>,
+    /// CPU share (cores) the coordinator is held to by a cgroup in the capacity search
+    /// (`coord-cap`), so that it, not the load generator, is the limit.
+    #[arg(long, default_value_t = 0.25)]
+    coord_cpu_share: f64,
     /// Only re-render RESULTS.md and relay.png (into --out or the file's directory) from a
     /// results.json written by an earlier run.
     #[arg(long)]
@@ -736,6 +742,20 @@ impl Ctx {
         serde_json::from_str(&out).with_context(|| format!("loadgen output {out:?}"))
     }
     fn coord_run(&self, go: bool, w: &CoordWorkload) -> Result<CoordReport> {
+        self.coord_run_in(go, w, None)
+    }
+
+    /// [`Ctx::coord_run`] with the server started in `share` (a CPU cgroup) if given.
+    fn coord_run_in(
+        &self,
+        go: bool,
+        w: &CoordWorkload,
+        share: Option<&CpuShare>,
+    ) -> Result<CoordReport> {
+        let held = |c: Command| match share {
+            Some(s) => s.wrap(&c),
+            None => c,
+        };
         let auth = AuthFile::generate(w.agents);
         let auth_path = self.dir.join("auth.json");
         std::fs::write(&auth_path, serde_json::to_vec(&auth)?)?;
@@ -747,7 +767,7 @@ impl Ctx {
                 .ok_or_else(|| anyhow!("gocoord not available"))?;
             let mut c = self.pin.command(0, bin);
             c.args(["-addr", "127.0.0.1:0"]);
-            start_json_server("gocoord", c, &self.dir.join("gocoord.log"))?
+            start_json_server("gocoord", held(c), &self.dir.join("gocoord.log"))?
         } else {
             let cfg = self.dir.join("coordinator.toml");
             std::fs::write(&cfg, auth.toml())?;
@@ -768,7 +788,7 @@ impl Ctx {
                 "--config",
             ])
             .arg(&cfg);
-            start_json_server("tailnetd", c, &self.dir.join("coordinator.log"))?
+            start_json_server("tailnetd", held(c), &self.dir.join("coordinator.log"))?
         };
         let args: Vec<String> = [
             "coordinator",
@@ -802,6 +822,68 @@ impl Ctx {
         drop(srv);
         serde_json::from_str(&out).with_context(|| format!("loadgen output {out:?}"))
     }
+}
+
+impl Ctx {
+    /// Searches the capacity of one server on one shape (see `benches::capacity`): fresh server
+    /// and load generator per probe, every peer at the probe's rate.
+    fn coord_capacity(
+        &self,
+        go: bool,
+        shape: &CoordWorkload,
+        share: Option<&CpuShare>,
+        plan: SearchPlan,
+    ) -> Result<CapacityReport> {
+        let mut probes = Vec::new();
+        capacity::search(plan, |rate| {
+            let w = CoordWorkload {
+                label: format!("{} at {rate}/s per peer", shape.label),
+                client_rate: rate,
+                agent_rate: rate,
+                ..shape.clone()
+            };
+            let report = self.coord_run_in(go, &w, share)?;
+            let failed = capacity::passes(&report).err();
+            eprintln!(
+                "compare: capacity {} {}: {rate}/s per peer: {}",
+                shape.label,
+                if go { "Go coordinator" } else { "tailnetd" },
+                failed.as_deref().unwrap_or("within bounds")
+            );
+            let pass = failed.is_none();
+            probes.push(Probe {
+                rate_per_peer: rate,
+                report,
+                failed,
+            });
+            Ok(pass)
+        })?;
+        Ok(CapacityReport {
+            shape: shape.label.clone(),
+            cpu_share: share.map(|s| s.cores),
+            probes,
+        })
+    }
+}
+
+/// The capacity shapes: every peer sends at the searched rate.
+fn capacity_shapes(quick: bool) -> Vec<CoordWorkload> {
+    let w = |label: &str, agents, clients| CoordWorkload {
+        label: label.into(),
+        agents,
+        clients,
+        client_rate: 0.0,
+        agent_rate: 0.0,
+        duration: if quick { 0.5 } else { 5.0 },
+    };
+    if quick {
+        return vec![w("2 x 5", 2, 5)];
+    }
+    vec![
+        w("10 x 100 (1,010 peers)", 10, 100),
+        w("100 x 100 (10,100 peers)", 100, 100),
+        w("fan-out 1 x 1000", 1, 1000),
+    ]
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -1156,7 +1238,7 @@ fn main() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("tailnetd-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let want = |part: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == part);
-    let known = ["sweep", "idle", "coord"];
+    let known = ["sweep", "idle", "coord", "coord-cap"];
     for o in &cli.only {
         if !known.contains(&o.as_str()) && !MODES.iter().any(|m| m.part == o) {
             bail!("--only: unknown part {o:?}");
@@ -1502,6 +1584,54 @@ fn main() -> Result<()> {
             });
         }
     }
+    // 5. Coordinator capacity: each server held to the same CPU share, searched per shape.
+    let mut cap_notes = Vec::new();
+    if want("coord-cap") {
+        let share = match CpuShare::new(cli.coord_cpu_share) {
+            Ok(s) => Some(s),
+            Err(e) if quick => {
+                // The smoke test runs the search anyway: it checks the code, not a figure.
+                cap_notes.push(format!("coord-cap without a CPU share: {e:#}"));
+                None
+            }
+            Err(e) => {
+                run.errors.push(format!("coord-cap skipped: {e:#}"));
+                None
+            }
+        };
+        if share.is_some() || quick {
+            let plan = if quick {
+                SearchPlan {
+                    start: 2.0,
+                    steps: 1,
+                    bisections: 0,
+                }
+            } else {
+                SearchPlan {
+                    start: 1.0,
+                    steps: 8,
+                    bisections: 3,
+                }
+            };
+            let mut servers = vec![("tailnetd".to_string(), false)];
+            if ctx.bins.gocoord.is_some() {
+                servers.push(("Go coordinator".into(), true));
+            }
+            for shape in capacity_shapes(quick) {
+                for (name, _) in &servers {
+                    planned.push(("coord-cap".into(), shape.label.clone(), name.clone()));
+                }
+                let headline = shape.agents * (shape.clients + 1) >= 10_000;
+                run.cell(
+                    "coord-cap",
+                    &shape.label,
+                    &servers,
+                    runs_for(headline),
+                    |g| ctx.coord_capacity(g, &shape, share.as_ref(), plan),
+                );
+            }
+        }
+    }
     let mut res = run.res;
     let errors = run.errors;
     let commands = COMMANDS.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -1513,6 +1643,7 @@ fn main() -> Result<()> {
     }
     res.coord_workloads = workloads;
     let mut notes = ctx.notes.clone();
+    notes.extend(cap_notes);
     notes.extend(merge_note);
     notes.push(format!(
         "load average at start: {load0}; at end: {}; total wall time {:.0} s",
@@ -1592,6 +1723,18 @@ fn quick_sanity(res: &Results) -> Vec<String> {
                 }
                 Err(e) => bad.push(format!("{what}: unreadable report: {e}")),
             },
+            "coord-cap" => match serde_json::from_value::<CapacityReport>(r.report.clone()) {
+                Ok(rep) => {
+                    if !rep
+                        .probes
+                        .iter()
+                        .any(|p| p.report.delivered_updates_per_s > 0.0)
+                    {
+                        bad.push(format!("{what}: no probe delivered anything"));
+                    }
+                }
+                Err(e) => bad.push(format!("{what}: unreadable report: {e}")),
+            },
             _ => match serde_json::from_value::<RelayReport>(r.report.clone()) {
                 Ok(rep) => {
                     if rep.received_window == 0 || rep.delivered_pps <= 0.0 {
@@ -1658,6 +1801,112 @@ fn fmt_spread(s: Option<Spread>, digits: usize) -> String {
 
 fn med<T>(runs: &[T], f: impl Fn(&T) -> Option<f64>) -> Option<f64> {
     spread(runs, f).map(|s| s.med)
+}
+
+/// The coordinator capacity table: per shape and server, the capacity (median and min–max over
+/// the searches), what the capacity probe cost, and the ratio tailnetd / Go on each shape.
+fn capacity_section(m: &mut String, res: &Results) {
+    let w = |m: &mut String, s: &str| {
+        m.push_str(s);
+        m.push('\n');
+    };
+    let cap = res.grouped::<CapacityReport>("coord-cap");
+    if cap.is_empty() {
+        return;
+    }
+    let share = cap
+        .iter()
+        .flat_map(|(_, s)| s)
+        .flat_map(|(_, runs)| runs)
+        .find_map(|r| r.cpu_share);
+    w(
+        m,
+        &format!(
+            "## Coordinator capacity (server held to {} by a CPU cgroup)",
+            share.map_or(
+                "no CPU share (cgroup unavailable)".to_string(),
+                |c| format!("{c} of a core")
+            )
+        ),
+    );
+    w(m, "");
+    w(m, &format!(
+        "Capacity: the highest offered update rate (every peer at the same rate) at which the server delivered ≥ {:.0} % of the offered updates with fan-out and to-agent p99 ≤ {:.0} ms and no failed stream, searched by doubling and bisection (`benches/src/capacity.rs`); a fresh server per probe. ≥ marks a capacity that was the highest rate tried (a lower bound).",
+        capacity::MIN_DELIVERED * 100.0,
+        capacity::MAX_P99_MS
+    ));
+    w(m, "");
+    w(m, "| shape | server | searches | capacity updates/s | per-peer rate at capacity | fan-out p99 ms at capacity | server CPU µs/update at capacity | CPU at capacity (server / load gen) | probes |");
+    w(m, "|---|---|---|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for (cell, servers) in &cap {
+        let mut medians = Vec::new();
+        for (server, runs) in servers {
+            let best = |f: &dyn Fn(&Probe) -> Option<f64>| spread(runs, |r| r.best().and_then(f));
+            let busy = res.busy_runs("coord-cap", cell, server);
+            let c = spread(runs, |r| Some(r.capacity()));
+            medians.push((
+                server.clone(),
+                c.map(|s| s.med),
+                med(runs, |r| {
+                    r.best()
+                        .and_then(|p| capacity::cpu_us_per_update(&p.report))
+                }),
+            ));
+            w(
+                m,
+                &format!(
+                    "| {cell} | {server} | {}{} | {}{} | {} | {} | {} | {} / {} | {} |",
+                    runs.len(),
+                    if busy > 0 {
+                        format!(" ({busy}†)")
+                    } else {
+                        String::new()
+                    },
+                    if runs.iter().any(CapacityReport::open_ended) {
+                        "≥ "
+                    } else {
+                        ""
+                    },
+                    fmt_spread(c, 0),
+                    fmt_spread(best(&|p| Some(p.rate_per_peer)), 2),
+                    fmt_spread(best(&|p| Some(p.report.fanout_p99_ms)), 1),
+                    fmt_spread(best(&|p| capacity::cpu_us_per_update(&p.report)), 1),
+                    opt(
+                        med(runs, |r| r.best().and_then(|p| p.report.server_cpu_util)),
+                        2
+                    ),
+                    opt(
+                        med(runs, |r| r.best().and_then(|p| p.report.loadgen_cpu_util)),
+                        2
+                    ),
+                    runs.iter().map(|r| r.probes.len()).sum::<usize>(),
+                ),
+            );
+        }
+        let get = |name: &str| medians.iter().find(|(s, _, _)| s == name);
+        if let (Some(t), Some(g)) = (get("tailnetd"), get("Go coordinator")) {
+            if let (Some(tc), Some(gc)) = (t.1, g.1) {
+                if gc > 0.0 {
+                    let cpu = match (t.2, g.2) {
+                        (Some(a), Some(b)) if b > 0.0 => {
+                            format!("; server CPU per update at capacity {:.2}× Go's", a / b)
+                        }
+                        _ => String::new(),
+                    };
+                    ratios.push(format!(
+                        "- {cell}: capacity tailnetd / Go = {:.2}×{cpu}",
+                        tc / gc
+                    ));
+                }
+            }
+        }
+    }
+    w(m, "");
+    for r in ratios {
+        w(m, &r);
+    }
+    w(m, "");
 }
 
 /// Whether any run of a closed-loop cell wrote packets off or lost them: such a row is not a
@@ -2209,6 +2458,7 @@ fn markdown(res: &Results, quick: bool) -> String {
         w(&mut m, "");
     }
 
+    capacity_section(&mut m, res);
     targets(&mut m, res);
     w(&mut m, "## Notes and errors");
     w(&mut m, "");
