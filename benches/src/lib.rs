@@ -14,5 +14,6 @@ pub mod dialer;
 pub mod fixtures;
 pub mod hist;
 pub mod idle;
+pub mod process;
 pub mod procfs;
 pub mod relay;

@@ -11,14 +11,15 @@
 //!
 //! `cargo build --release -p tailnetd -p benches && target/release/attack_rss`
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use benches::fixtures::node;
+use benches::process::{start_announced, Process};
 use benches::procfs;
 use bytes::{Bytes, BytesMut};
 use clap::Parser;
@@ -65,59 +66,40 @@ const MAX_NODE_BYTES: usize = 65_536;
 
 /// A running `tailnetd dev`.
 struct Server {
-    child: Child,
+    process: Process,
     addr: SocketAddr,
     agent_id: Uuid,
     agent_token: String,
     client_token: String,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Server {
     fn start(args: &Args) -> Result<Server> {
-        let mut child = Command::new(&args.tailnetd)
-            .args([
-                "dev",
-                "--http-addr",
-                "127.0.0.1:0",
-                "--stun-addr",
-                "",
-                "--metrics-addr",
-                "",
-                "--log",
-                "warn",
-            ])
-            .args(&args.server_arg)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", args.tailnetd.display()))?;
-        let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut line = String::new();
-        BufReader::new(out).read_line(&mut line)?;
-        let v: serde_json::Value = serde_json::from_str(&line).context("announcement")?;
-        let field = |k: &str| -> Result<String> {
-            v[k].as_str()
-                .map(str::to_string)
-                .ok_or_else(|| anyhow!("announcement lacks {k}"))
-        };
+        let mut cmd = Command::new(&args.tailnetd);
+        cmd.args([
+            "dev",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--stun-addr",
+            "",
+            "--metrics-addr",
+            "",
+            "--log",
+            "warn",
+        ])
+        .args(&args.server_arg);
+        let a = start_announced(&args.tailnetd.display().to_string(), cmd, None)?;
         Ok(Server {
-            addr: field("http_addr")?.parse()?,
-            agent_id: field("agent_id")?.parse()?,
-            agent_token: field("agent_token")?,
-            client_token: field("client_token")?,
-            child,
+            addr: a.field("http_addr")?.parse()?,
+            agent_id: a.field("agent_id")?.parse()?,
+            agent_token: a.field("agent_token")?,
+            client_token: a.field("client_token")?,
+            process: a.process,
         })
     }
 
     fn rss_mb(&self) -> f64 {
-        procfs::rss_bytes(self.child.id()).unwrap_or(0) as f64 / (1 << 20) as f64
+        procfs::rss_bytes(self.process.pid()).unwrap_or(0) as f64 / (1 << 20) as f64
     }
 
     /// Sum of every sample of `name` (with labels containing `label`) on `/metrics`.

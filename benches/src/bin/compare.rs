@@ -19,9 +19,9 @@
 //! into `target/bench-quick/`: a smoke test that every workload runs and reports sane figures. It
 //! needs neither Go nor derper and asserts nothing about speed.
 
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -29,6 +29,7 @@ use benches::capacity::{self, CapacityReport, CpuShare, Probe, SearchPlan};
 use benches::chart::{self, Panel, Series};
 use benches::coord::{AuthFile, CoordReport};
 use benches::idle::IdleReport;
+use benches::process::{start_announced, Process};
 use benches::relay::{Flush, RelayReport};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
@@ -250,7 +251,7 @@ impl Pin {
 
 /// A running server (killed on drop).
 struct Server {
-    child: Child,
+    process: Process,
     addr: String,
     /// The HTTPS listener, when started with TLS.
     tls_addr: Option<String>,
@@ -258,14 +259,7 @@ struct Server {
 
 impl Server {
     fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.pid()
     }
 }
 
@@ -293,45 +287,15 @@ fn note_command(cmd: &Command, dir: &Path) {
 }
 
 /// Starts a server that prints a JSON line with `http_addr` on stdout.
-fn start_json_server(name: &str, mut cmd: Command, log: &Path) -> Result<Server> {
+fn start_json_server(name: &str, cmd: Command, log: &Path) -> Result<Server> {
     if let Some(dir) = log.parent() {
         note_command(&cmd, dir);
     }
-    let log_file = std::fs::File::create(log)?;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log_file))
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(out).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(l) => l,
-        Err(_) => {
-            let _ = child.kill();
-            bail!(
-                "{name} printed no start-up line within 60 s (log: {})",
-                log.display()
-            );
-        }
-    };
-    let v: serde_json::Value = serde_json::from_str(line.trim())
-        .with_context(|| format!("{name} start-up line {line:?} (log: {})", log.display()))?;
-    let addr = v["http_addr"]
-        .as_str()
-        .ok_or_else(|| anyhow!("{name}: no http_addr in {line}"))?
-        .to_string();
-    let tls_addr = v["https_addr"].as_str().map(str::to_string);
+    let a = start_announced(name, cmd, Some(log))?;
     Ok(Server {
-        child,
-        addr,
-        tls_addr,
+        addr: a.field("http_addr")?,
+        tls_addr: a.optional("https_addr"),
+        process: a.process,
     })
 }
 
@@ -363,10 +327,10 @@ fn start_derper(bin: &Path, pin: Pin, dir: &Path, tls: bool) -> Result<Server> {
         .stdout(Stdio::null())
         .stderr(Stdio::from(log));
     note_command(&cmd, dir);
-    let child = cmd.spawn().context("starting derper")?;
+    let process = Process(cmd.spawn().context("starting derper")?);
     let addr = format!("127.0.0.1:{port}");
     let s = Server {
-        child,
+        process,
         addr: addr.clone(),
         tls_addr: tls.then(|| addr.clone()),
     };

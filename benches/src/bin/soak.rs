@@ -25,7 +25,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +34,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use benches::chart::{self, Panel, Series};
 use benches::coord::AuthFile;
 use benches::dialer::connect;
+use benches::process::{start_announced, Process};
 use benches::procfs;
 use clap::Parser;
 use derp::{Client, ReceivedFrame};
@@ -142,41 +143,19 @@ struct Report {
     load_average: String,
 }
 
-/// A started server: the child and the addresses it announced.
+/// A started server: the process and the addresses it announced.
 struct Server {
-    child: Child,
+    process: Process,
     http: String,
     metrics: String,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(name: &str, mut cmd: Command, log: &Path) -> Result<Server> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(std::fs::File::create(log)?))
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
-    let v: serde_json::Value = serde_json::from_str(line.trim())
-        .with_context(|| format!("{name}: start-up line {line:?} (log {})", log.display()))?;
-    let field = |k: &str| {
-        v[k].as_str()
-            .map(str::to_string)
-            .ok_or_else(|| anyhow!("{name}: no {k} in {line}"))
-    };
+fn start_server(name: &str, cmd: Command, log: &Path) -> Result<Server> {
+    let a = start_announced(name, cmd, Some(log))?;
     Ok(Server {
-        http: field("http_addr")?,
-        metrics: field("metrics_addr")?,
-        child,
+        http: a.field("http_addr")?,
+        metrics: a.field("metrics_addr")?,
+        process: a.process,
     })
 }
 
@@ -335,7 +314,7 @@ async fn main() -> Result<()> {
     coord_cmd.args(["--coordinator-max-sessions-per-user", &peers.to_string()]);
     coord_cmd.arg("--config").arg(&cfg);
     let coord = start_server("coordinator", coord_cmd, &work.path().join("coord.log"))?;
-    let (relay_pid, coord_pid) = (relay.child.id(), coord.child.id());
+    let (relay_pid, coord_pid) = (relay.process.pid(), coord.process.pid());
 
     // The relay's connections.
     let dst: SocketAddr = relay.http.parse()?;
