@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"go4.org/mem"
+	"tailnetd.test/interop/harness"
 	"tailscale.com/derp"
 	"tailscale.com/types/key"
 )
@@ -106,7 +107,7 @@ func checkServerKeyFrame(t *testing.T, r io.Reader, s *tailnetd) {
 // fast-start path (TLS 1.3 + meta cert).
 func TestTransportTLS(t *testing.T) {
 	e := newEnv(t)
-	cert := newTestCert(t, e.dir)
+	cert := harness.SelfSignedCert(t, e.dir)
 	s := e.start(serverOpts{tls: cert})
 	a := e.regionClient("alice", s, key.NewNode())
 	b := e.regionClient("bob", s, key.NewNode())
@@ -139,11 +140,11 @@ func TestTransportTLS(t *testing.T) {
 // be exactly [leaf, meta cert].
 func TestTransportTLSPinned(t *testing.T) {
 	e := newEnv(t)
-	cert := newTestCert(t, e.dir)
+	cert := harness.SelfSignedCert(t, e.dir)
 	s := e.start(serverOpts{tls: cert})
 	reg := testRegion(t, s)
 	reg.Nodes[0].InsecureForTests = false
-	reg.Nodes[0].CertName = fmt.Sprintf("sha256-raw:%x", sha256.Sum256(cert.leaf.Raw))
+	reg.Nodes[0].CertName = fmt.Sprintf("sha256-raw:%x", sha256.Sum256(cert.Leaf.Raw))
 	a := e.regionClientFor("alice", reg, key.NewNode())
 	b := e.regionClientFor("bob", reg, key.NewNode())
 	a.connect(t, s)
@@ -175,11 +176,11 @@ func checkMetaCert(t *testing.T, who string, cs *tls.ConnectionState, s *tailnet
 // derphttp does) completes the handshake and relays a packet to itself.
 func TestFastStartRaw(t *testing.T) {
 	e := newEnv(t)
-	cert := newTestCert(t, e.dir)
+	cert := harness.SelfSignedCert(t, e.dir)
 	s := e.start(serverOpts{tls: cert})
 
 	ctx := ctxTimeout(t, 10*time.Second)
-	conn, err := cert.tlsDial(ctx, s.info.HTTPSAddr)
+	conn, err := cert.TLSDial(ctx, s.info.HTTPSAddr)
 	if err != nil {
 		t.Fatalf("TLS dial (verifying the test cert for localhost): %v", err)
 	}
@@ -200,7 +201,7 @@ func TestFastStartRaw(t *testing.T) {
 
 	// Full fast-start handshake with the real derp.Client: HTTP request
 	// unflushed, ClientInfo sealed to the meta-cert key, one flush.
-	conn2, err := cert.tlsDial(ctx, s.info.HTTPSAddr)
+	conn2, err := cert.TLSDial(ctx, s.info.HTTPSAddr)
 	if err != nil {
 		t.Fatal(err)
 	}

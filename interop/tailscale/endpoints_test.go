@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"tailnetd.test/interop/harness"
 	"tailscale.com/derp/derphttp"
 )
 
@@ -19,7 +20,7 @@ import (
 // one TLS connection; any status above 299 counts as a failure.
 func TestHTTPSLatencyCheck(t *testing.T) {
 	e := newEnv(t)
-	cert := newTestCert(t, e.dir)
+	cert := harness.SelfSignedCert(t, e.dir)
 	s := e.start(serverOpts{tls: cert})
 	reg := testRegion(t, s)
 

@@ -8,17 +8,7 @@ package tailscale
 // behaviour.
 
 import (
-	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
 	"net"
-	"os"
 	"path/filepath"
 	"strconv"
 	"testing"
@@ -44,7 +34,7 @@ type serverOpts struct {
 	httpAddr  string // default 127.0.0.1:0
 	stunAddr  string // default 127.0.0.1:0
 	httpsAddr string // set together with tls
-	tls       *testCert
+	tls       *harness.Cert
 	keyFile   string // default <tmp>/derp.key
 	metrics   bool   // serve /metrics on a loopback port of its own (announced as metrics_addr)
 	extraArgs []string
@@ -115,8 +105,8 @@ func (e *env) start(opts serverOpts) *tailnetd {
 		}
 		args = append(args,
 			"--https-addr", opts.httpsAddr,
-			"--tls-cert", opts.tls.certFile,
-			"--tls-key", opts.tls.keyFile)
+			"--tls-cert", opts.tls.CertFile,
+			"--tls-key", opts.tls.KeyFile)
 		require = append(require, "https_addr")
 	}
 	// A non-zero exit at cleanup is not judged here (TestRestart checks the
@@ -145,75 +135,4 @@ func port(t testing.TB, addr string) int {
 		t.Fatalf("bad port in %q: %v", addr, err)
 	}
 	return n
-}
-
-// testCert is a self-signed ECDSA certificate for "localhost" and 127.0.0.1.
-type testCert struct {
-	certFile, keyFile string
-	leaf              *x509.Certificate
-	pool              *x509.CertPool
-}
-
-func newTestCert(t testing.TB, dir string) *testCert {
-	t.Helper()
-	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: "localhost"},
-		DNSNames:              []string{"localhost"},
-		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &priv.PublicKey, priv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(priv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := &testCert{
-		certFile: filepath.Join(dir, "cert.pem"),
-		keyFile:  filepath.Join(dir, "key.pem"),
-		leaf:     leaf,
-		pool:     x509.NewCertPool(),
-	}
-	c.pool.AddCert(leaf)
-	if err := os.WriteFile(c.certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(c.keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
-
-// tlsDial opens our own TLS 1.3 connection to addr trusting only c.
-func (c *testCert) tlsDial(ctx context.Context, addr string) (*tls.Conn, error) {
-	d := tls.Dialer{Config: &tls.Config{
-		ServerName: "localhost",
-		RootCAs:    c.pool,
-		MinVersion: tls.VersionTLS12,
-	}}
-	conn, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return nil, err
-	}
-	return conn.(*tls.Conn), nil
 }

@@ -139,7 +139,7 @@ func (d *derperProc) kill() {
 // mixedRegion is a tailnetd and a derper on localhost TLS ports meshed with
 // each other; both lists name both relays (a relay skips itself).
 type mixedRegion struct {
-	cert      *testCert
+	cert      *harness.Cert
 	tailnetd  *tailnetd
 	derper    *derperProc
 	tPort     int
@@ -150,7 +150,7 @@ type mixedRegion struct {
 func (e *env) startMixedRegion() *mixedRegion {
 	t := e.t
 	t.Helper()
-	cert := newTestCert(t, e.dir)
+	cert := harness.SelfSignedCert(t, e.dir)
 	psk := make([]byte, 32)
 	rand.Read(psk)
 	pskFile := filepath.Join(e.dir, "mesh.key")
@@ -166,7 +166,7 @@ func (e *env) startMixedRegion() *mixedRegion {
 	if err := os.MkdirAll(certDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	for src, dst := range map[string]string{cert.certFile: "localhost.crt", cert.keyFile: "localhost.key"} {
+	for src, dst := range map[string]string{cert.CertFile: "localhost.crt", cert.KeyFile: "localhost.key"} {
 		b, err := os.ReadFile(src)
 		if err != nil {
 			t.Fatal(err)
@@ -182,7 +182,7 @@ func (e *env) startMixedRegion() *mixedRegion {
 		extraArgs: []string{
 			"--mesh-psk-file", pskFile,
 			"--mesh-with", meshWith,
-			"--mesh-ca-file", cert.certFile,
+			"--mesh-ca-file", cert.CertFile,
 		},
 	})
 	m.derper = startDerper(t, dAddr, []string{
@@ -195,7 +195,7 @@ func (e *env) startMixedRegion() *mixedRegion {
 		"-c", filepath.Join(e.dir, "derper.json"),
 		"-mesh-psk-file", pskFile,
 		"-mesh-with", meshWith,
-	}, []string{"SSL_CERT_FILE=" + cert.certFile})
+	}, []string{"SSL_CERT_FILE=" + cert.CertFile})
 	m.regionFor = func(p int, name string) *tailcfg.DERPRegion {
 		return &tailcfg.DERPRegion{
 			RegionID:   900,
@@ -347,7 +347,7 @@ func TestMeshDerpprobe(t *testing.T) {
 		w.Header().Set("Content-Type", "application/json")
 		w.Write(mapJSON)
 	}))
-	pair, err := tls.LoadX509KeyPair(m.cert.certFile, m.cert.keyFile)
+	pair, err := tls.LoadX509KeyPair(m.cert.CertFile, m.cert.KeyFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -373,7 +373,7 @@ func TestMeshDerpprobe(t *testing.T) {
 		// The TLS probe wants certificates valid for weeks; the test one lasts a day.
 		"--tls-interval", "0",
 	)
-	cmd.Env = append(os.Environ(), "SSL_CERT_FILE="+m.cert.certFile)
+	cmd.Env = append(os.Environ(), "SSL_CERT_FILE="+m.cert.CertFile)
 	out, runErr := cmd.CombinedOutput()
 	text := string(out)
 	good := map[string]bool{}

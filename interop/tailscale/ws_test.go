@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"tailnetd.test/interop/harness"
 	"tailscale.com/types/key"
 )
 
@@ -35,13 +36,13 @@ func TestWebSocketTagged(t *testing.T) {
 	t.Run("TLS", func(t *testing.T) {
 		e := newEnv(t)
 		captureStdLog(t, e)
-		cert := newTestCert(t, e.dir)
+		cert := harness.SelfSignedCert(t, e.dir)
 		s := e.start(serverOpts{tls: cert})
 		// derphttp's WebSocket dialer uses coder/websocket with its default
 		// HTTP client, i.e. http.DefaultTransport: trust the test cert there.
 		tr := http.DefaultTransport.(*http.Transport)
 		old := tr.TLSClientConfig
-		tr.TLSClientConfig = &tls.Config{RootCAs: cert.pool}
+		tr.TLSClientConfig = &tls.Config{RootCAs: cert.Pool}
 		t.Cleanup(func() {
 			tr.TLSClientConfig = old
 			tr.CloseIdleConnections()
