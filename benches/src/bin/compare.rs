@@ -2173,10 +2173,10 @@ fn relay_table(m: &mut String, res: &Results, mode: &Mode) {
     });
     w(m, &format!("### `{}`: {}", mode.part, mode.title));
     w(m, "");
-    w(m, "| P | S (B) | server | runs | Gbit/s | kpps | loss (worst) | write-offs | p99 µs | CPU server / client | server µs/pkt | client µs/pkt | Gbit/s per server core | limit | tailnetd ÷ this | same per core |");
+    w(m, "| P | S (B) | server | runs | Gbit/s | kpps | offered kpps (actual) | loss (worst) | write-offs | p99 µs | CPU server / client | server µs/pkt | client µs/pkt | Gbit/s per server core | limit | tailnetd ÷ this | same per core |");
     w(
         m,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     );
     for (cell, servers) in &cells {
         let tailnetd = servers
@@ -2207,13 +2207,14 @@ fn relay_table(m: &mut String, res: &Results, mode: &Mode) {
                 _ => (String::new(), String::new()),
             };
             w(m, &format!(
-                "| {} | {} | {server} | {}{} | {}{flag} | {} | {:.2}% | {} | {} | {} / {} | {} | {} | {} | {} | {vs} | {vs_core} |",
+                "| {} | {} | {server} | {}{} | {}{flag} | {} | {} | {:.2}% | {} | {} | {} / {} | {} | {} | {} | {} | {vs} | {vs_core} |",
                 first.pairs,
                 first.size,
                 runs.len(),
                 if busy > 0 { format!(" ({busy}†)") } else { String::new() },
                 fmt_spread(spread(runs, |r| Some(r.delivered_gbps)), 3),
                 opt(med(runs, |r| Some(r.delivered_pps / 1e3)), 1),
+                opt(med(runs, |r| Some(r.actual_offered_pps / 1e3)), 1),
                 runs.iter().map(|r| r.loss).fold(0.0, f64::max) * 100.0,
                 runs.iter().map(|r| r.window_stalls).sum::<u64>(),
                 fmt_spread(spread(runs, |r| Some(r.latency_p99_us)), 0),
@@ -2256,7 +2257,7 @@ fn markdown(res: &Results, quick: bool) -> String {
         }
     }
     w(&mut m, "");
-    w(&mut m, "Method: each server runs alone (restarted for every run) pinned to core 0; the load generator is pinned to core 1. Every cell runs several times with the servers interleaved (A B A B …); figures are medians with min–max in brackets. Loopback, no STUN. Relay runs: 1 s warm-up, then the measurement window. The relay tables are closed loop (each pair keeps at most 32 packets in flight, the relays' per-destination queue depth, so a relay never needs to drop); a sender that waits 100 ms for room writes its in-flight packets off (counted as write-offs) and a row with any is marked ⚠ and never used as a without-loss figure. The sweep is open loop at fixed total rates and shows latency against offered load; loss = (sent − received) / sent over the whole run after a 2 s drain; latency = one-way, sender timestamp to receiver, same clock. CPU = CPU seconds per second of the window (1.00 = the whole pinned core), server then client; µs/pkt = CPU per packet delivered in the window (the client's counts one send and one receive); limit = the side whose core was ≥ 0.90 busy. † = runs that started while something else was running: the 1-minute load average above CPUs + 0.5 (or `--busy-load`), or more than 0.25 core busy during 0.5 s just before the run, when none of our processes ran. tailnetd runs with `--log warn`; derper with its defaults (TLS: `-certmode manual` with a self-signed certificate for localhost; tailnetd: `--tls-cert`/`--tls-key` with the same certificate).");
+    w(&mut m, "Method: each server runs alone (restarted for every run) pinned to core 0; the load generator is pinned to core 1. Every cell runs several times with the servers interleaved (A B A B …); figures are medians with min–max in brackets. Loopback, no STUN. Relay runs: 1 s warm-up, then the measurement window. The relay tables are closed loop (each pair keeps at most 32 packets in flight, the relays' per-destination queue depth, so a relay never needs to drop; the offered load is what the senders actually sent per second, the nominal rate being as fast as the window allows); a sender that waits 100 ms for room writes its in-flight packets off (counted as write-offs) and a row with any is marked ⚠ and never used as a without-loss figure. The sweep is open loop at fixed total rates and shows latency against offered load; loss = (sent − received) / sent over the whole run after a 2 s drain; latency = one-way, sender timestamp to receiver, same clock. CPU = CPU seconds per second of the window (1.00 = the whole pinned core), server then client; µs/pkt = CPU per packet delivered in the window (the client's counts one send and one receive); limit = the side whose core was ≥ 0.90 busy. † = runs that started while something else was running: the 1-minute load average above CPUs + 0.5 (or `--busy-load`), or more than 0.25 core busy during 0.5 s just before the run, when none of our processes ran. tailnetd runs with `--log warn`; derper with its defaults (TLS: `-certmode manual` with a self-signed certificate for localhost; tailnetd: `--tls-cert`/`--tls-key` with the same certificate).");
     w(&mut m, "");
 
     w(
