@@ -177,7 +177,9 @@ pub struct CoordReport {
     pub clients_per_agent: usize,
     /// Connected peers (agents + clients) after setup.
     pub peers: usize,
-    /// Offered updates delivered per second if nothing is lost: clients→agent + agents→clients.
+    /// Deliveries per second the send schedule offered in the window if nothing is lost
+    /// (clients → agent, agents → each client): every scheduled send stamped inside the window,
+    /// times its recipients.
     pub offered_deliveries_per_s: f64,
     /// Peer updates (NODE) delivered per second during the window.
     pub delivered_updates_per_s: f64,
@@ -276,6 +278,8 @@ struct Plan {
     /// *scheduled* send ([`Plan::wall_at`]), so a sender held back (by a full window or a slow
     /// server) shows up as latency instead of hiding it (no coordinated omission).
     wall0: u64,
+    /// The window starts at `start + win_start` (after the warm-up).
+    win_start: Duration,
     /// Senders stop at `start + win_end`; receivers one second later.
     win_end: Duration,
     /// Updates stamped in `[win_start_wall, win_end_wall)` (wall clock, ns) are counted.
@@ -292,6 +296,22 @@ impl Plan {
     /// First send of peer number `k`: phases spread evenly so the offered load is smooth.
     fn first_send(&self, k: usize, period: Duration) -> Instant {
         self.start + period.mul_f64(((k as f64) * 0.618_033_988_7).fract())
+    }
+
+    /// How many of the sends peer `k` schedules at `period` are stamped inside the window:
+    /// the same schedule the senders walk, so the offered load is exact (a peer with a low rate
+    /// in a short window offers a whole number of updates, not rate × duration).
+    fn scheduled_in_window(&self, k: usize, period: Duration) -> u64 {
+        let mut n = 0;
+        let mut t = self.first_send(k, period);
+        while t < self.send_end() {
+            let off = t - self.start;
+            if off >= self.win_start && off < self.win_end {
+                n += 1;
+            }
+            t += period;
+        }
+        n
     }
 
     fn send_end(&self) -> Instant {
@@ -367,6 +387,9 @@ fn wall_ns() -> u64 {
 
 #[derive(Default)]
 struct Counters {
+    /// Deliveries the schedule offers in the window: each send stamped inside it, times its
+    /// recipients (an agent's clients, or a client's agent).
+    offered_window: AtomicU64,
     delivered_window: AtomicU64,
     duplicates: AtomicU64,
     failed: AtomicU64,
@@ -489,6 +512,18 @@ fn run_full(
             mut rx,
         } = p;
         let c = counters.clone();
+        if rate > 0.0 {
+            let recipients = if agent {
+                args.clients_per_agent as u64
+            } else {
+                1
+            };
+            let period = Duration::from_secs_f64(1.0 / rate);
+            c.offered_window.fetch_add(
+                plan.scheduled_in_window(k, period) * recipients,
+                Ordering::Relaxed,
+            );
+        }
         let sender = tokio::spawn(async move {
             if rate <= 0.0 {
                 return;
@@ -579,6 +614,11 @@ async fn open_lean(
         ready: Some(ready_tx),
         k,
         rate,
+        recipients: if t.agent {
+            args.clients_per_agent as u64
+        } else {
+            1
+        },
         counters,
         plan_rx,
     }));
@@ -608,6 +648,8 @@ struct LeanPeer {
     ready: Option<oneshot::Sender<std::result::Result<(), String>>>,
     k: usize,
     rate: f64,
+    /// Peers each of its updates goes to (an agent's clients, or 1).
+    recipients: u64,
     counters: Arc<Counters>,
     plan_rx: watch::Receiver<Option<Plan>>,
 }
@@ -688,6 +730,10 @@ async fn drive_lean(mut p: LeanPeer) -> (Histogram, Histogram) {
                     plan = Some(pl);
                     end_timer.as_mut().reset(pl.recv_end().into());
                     if let Some(per) = period {
+                        p.counters.offered_window.fetch_add(
+                            pl.scheduled_in_window(p.k, per) * p.recipients,
+                            Ordering::Relaxed,
+                        );
                         let first = pl.first_send(p.k, per);
                         if first < pl.send_end() {
                             next = Some(first);
@@ -794,6 +840,7 @@ pub async fn run(args: CoordArgs) -> Result<CoordReport> {
     let plan = Plan {
         start,
         wall0,
+        win_start: warm,
         win_end,
         win_start_wall: wall0 + warm.as_nanos() as u64,
         win_end_wall: wall0 + win_end.as_nanos() as u64,
@@ -828,7 +875,6 @@ pub async fn run(args: CoordArgs) -> Result<CoordReport> {
     }
     let secs = dur.as_secs_f64();
     let ms = |ns: u64| ns as f64 / 1e6;
-    let n_clients = (args.agents * args.clients_per_agent) as f64;
     Ok(CoordReport {
         mode: "coordinator".into(),
         label: args.label.clone(),
@@ -839,7 +885,7 @@ pub async fn run(args: CoordArgs) -> Result<CoordReport> {
         agents: args.agents,
         clients_per_agent: args.clients_per_agent,
         peers,
-        offered_deliveries_per_s: n_clients * args.rate + n_clients * args.agent_rate,
+        offered_deliveries_per_s: counters.offered_window.load(Ordering::Relaxed) as f64 / secs,
         delivered_updates_per_s: counters.delivered_window.load(Ordering::Relaxed) as f64 / secs,
         fanout_p50_ms: ms(fan.quantile(0.5)),
         fanout_p99_ms: ms(fan.quantile(0.99)),
@@ -860,4 +906,35 @@ pub async fn run(args: CoordArgs) -> Result<CoordReport> {
         duplicate_updates: counters.duplicates.load(Ordering::Relaxed),
         loadgen_cpu_util: own0.zip(own1).map(|(a, b)| (b - a) / secs),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offered_load_counts_the_sends_scheduled_inside_the_window() {
+        let s = Duration::from_secs;
+        let plan = Plan {
+            start: Instant::now(),
+            wall0: 0,
+            win_start: s(1),
+            win_end: s(6),
+            win_start_wall: 1_000_000_000,
+            win_end_wall: 6_000_000_000,
+        };
+        // Peer 0 starts at once: sends at 0 s (warm-up) and 4 s (window); 8 s is past the end.
+        assert_eq!(plan.scheduled_in_window(0, s(4)), 1);
+        // At 0.25/s a 5 s window holds one or two sends, never 1.25; over many peers the mean
+        // is the nominal rate.
+        let counts: Vec<u64> = (0..1000)
+            .map(|k| plan.scheduled_in_window(k, s(4)))
+            .collect();
+        assert!(counts.iter().all(|&n| n == 1 || n == 2), "{counts:?}");
+        let total: u64 = counts.iter().sum();
+        assert!((1200..=1300).contains(&total), "{total} for a nominal 1250");
+        // Every stamp the senders would put inside the window is counted, none outside.
+        let fast = plan.scheduled_in_window(3, Duration::from_millis(100));
+        assert_eq!(fast, 50);
+    }
 }
