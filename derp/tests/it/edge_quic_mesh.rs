@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use derp::edge::http::HttpEdge;
 use derp::edge::listener::{self, ListenerOptions};
-use derp::mesh::quic::{parse_mesh_quic_with, QuicMeshHandle, QuicMeshOptions, QuicTimers};
+use derp::mesh::quic::{
+    parse_mesh_quic_with, QuicConfigError, QuicMeshHandle, QuicMeshOptions, QuicTimers,
+};
 use derp::{Client, ReceivedFrame, Server, ServerConfig};
 use proto::derp::PeerGoneReason;
 use proto::key::{MeshKey, NodePrivate, NodePublic};
@@ -67,16 +69,28 @@ impl Node {
             ListenerOptions::default(),
             cancel.clone(),
         ));
-        let quic = derp::mesh::quic::start(
-            &server,
-            QuicMeshOptions {
-                listen: Some(udp),
-                peers: parse_mesh_quic_with(quic_with).expect("mesh_quic_with"),
-                queue_depth: 1024,
-                timers,
-            },
-        )
-        .expect("quic mesh");
+        // A relay restarted in process binds the UDP port its predecessor held: quinn releases
+        // the socket when its endpoint driver task ends, a moment after shutdown returns.
+        let mut tries = 0;
+        let quic = loop {
+            match derp::mesh::quic::start(
+                &server,
+                QuicMeshOptions {
+                    listen: Some(udp),
+                    peers: parse_mesh_quic_with(quic_with).expect("mesh_quic_with"),
+                    queue_depth: 1024,
+                    timers,
+                },
+            ) {
+                Err(QuicConfigError::Bind { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse && tries < 100 =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                r => break r.expect("quic mesh"),
+            }
+        };
         assert_eq!(quic.local_addr(), Some(udp));
         Node {
             server,
