@@ -13,7 +13,6 @@
 //! within [`DEADLINE`] of virtual time: a session that outlives its peer's input is a leak.
 //! Keep it a flat list of `pub fn name(data: &[u8])`, one per fuzz target.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +20,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use proto::tailnet::v2::CoordinateRequest;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 use uuid::Uuid;
@@ -43,56 +42,6 @@ pub const DEADLINE: Duration = Duration::from_secs(3600);
 pub const AGENT: Uuid = Uuid::from_u128(0x0a6e_0000_0000_4000_8000_0000_0000_0001);
 /// A client of [`AGENT`].
 pub const CLIENT: Uuid = Uuid::from_u128(0xc11e_0000_0000_4000_8000_0000_0000_0002);
-
-/// How long the peer waits, once its input is sent, before ending it.
-const SETTLE: Duration = Duration::from_secs(1);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .expect("building a current-thread runtime")
-}
-
-/// Runs `fut` to completion, panicking if it takes more than [`DEADLINE`] of virtual time.
-fn run_bounded<F: Future>(what: &str, fut: F) -> F::Output {
-    runtime().block_on(async {
-        match tokio::time::timeout(DEADLINE, fut).await {
-            Ok(v) => v,
-            Err(_) => panic!("{what}: did not end within {DEADLINE:?} after the peer's input"),
-        }
-    })
-}
-
-/// The peer's side: writes `input` in pieces of `chunk` bytes, then shuts its write half, while
-/// reading and discarding everything the server sends until EOF or an error.
-async fn play<IO>(io: IO, input: &[u8], chunk: usize)
-where
-    IO: AsyncRead + AsyncWrite,
-{
-    let (mut rd, mut wr) = tokio::io::split(io);
-    let write = async {
-        for piece in input.chunks(chunk.max(1)) {
-            if wr.write_all(piece).await.is_err() {
-                return;
-            }
-        }
-        // Let the server answer everything before the input ends (virtual time: this only
-        // passes once every task is idle).
-        tokio::time::sleep(SETTLE).await;
-        let _ = wr.shutdown().await;
-    };
-    let read = async {
-        let mut buf = vec![0u8; 16 * 1024];
-        while let Ok(n) = rd.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
-    };
-    tokio::join!(write, read);
-}
 
 /// The first byte picks the write chunk size (1..=256 bytes, or whole).
 fn split_seed(data: &[u8]) -> Option<(u8, &[u8])> {
@@ -156,7 +105,7 @@ pub fn yamux_session(data: &[u8]) {
     let Some((seed, input)) = split_seed(data) else {
         return;
     };
-    run_bounded("yamux session", async move {
+    fuzzkit::run_bounded("yamux session", DEADLINE, async move {
         let (client, server) = tokio::io::duplex(16 * 1024);
         let mut session = Session::server(server, yamux::Config::default());
         let serve = async move {
@@ -174,7 +123,7 @@ pub fn yamux_session(data: &[u8]) {
             }
             while streams.join_next().await.is_some() {}
         };
-        tokio::join!(play(client, input, chunk_of(seed)), serve);
+        tokio::join!(fuzzkit::play(client, input, chunk_of(seed)), serve);
     });
 }
 
@@ -193,7 +142,7 @@ pub fn ws_stream(data: &[u8]) {
     let Some((seed, input)) = split_seed(data) else {
         return;
     };
-    run_bounded("websocket byte stream", async move {
+    fuzzkit::run_bounded("websocket byte stream", DEADLINE, async move {
         let (client, server) = tokio::io::duplex(16 * 1024);
         let serve = async move {
             let ws =
@@ -210,7 +159,7 @@ pub fn ws_stream(data: &[u8]) {
             drop(io);
             handle.ended().await;
         };
-        tokio::join!(play(client, input, chunk_of(seed)), serve);
+        tokio::join!(fuzzkit::play(client, input, chunk_of(seed)), serve);
     });
 }
 
@@ -258,7 +207,7 @@ pub fn v2_session(data: &[u8]) {
         telemetry: None,
     };
     let chunk = chunk_of(*size);
-    run_bounded("v2 session", async move {
+    fuzzkit::run_bounded("v2 session", DEADLINE, async move {
         let coord = Coordinator::new(
             CoordinatorConfig::default(),
             Arc::new(StaticAuthenticator::default()),
@@ -291,7 +240,7 @@ pub fn v2_session(data: &[u8]) {
                         return;
                     }
                 }
-                tokio::time::sleep(SETTLE).await;
+                tokio::time::sleep(fuzzkit::SETTLE).await;
                 let _ = tx.close().await;
             };
             // Reading also answers the server's pings and close.
@@ -324,21 +273,7 @@ mod tests {
     /// targets through the same functions the fuzz targets call.
     #[test]
     fn replay_fuzz_corpora() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
-        for (name, f) in TARGETS {
-            let dir = root.join(name);
-            let mut files: Vec<_> = std::fs::read_dir(&dir)
-                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-                .map(|e| e.expect("dir entry").path())
-                .collect();
-            files.sort();
-            assert!(!files.is_empty(), "{} is empty", dir.display());
-            for file in files {
-                let data = std::fs::read(&file).expect("corpus file");
-                let res = std::panic::catch_unwind(|| f(&data));
-                assert!(res.is_ok(), "{name}: {} failed", file.display());
-            }
-        }
+        fuzzkit::replay_corpora(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."), TARGETS);
     }
 
     /// Writes the seed files of the coordinator's targets. Ignored: run explicitly

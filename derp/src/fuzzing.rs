@@ -12,7 +12,6 @@
 //! and every connection must end within [`DEADLINE`] of virtual time.
 //! Keep it a flat list of `pub fn name(data: &[u8])`, one per fuzz target.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +19,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use proto::derp::{self, ClientInfo};
 use proto::key::{MeshKey, NodePrivate};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 use tokio_tungstenite::WebSocketStream;
 
@@ -37,26 +36,6 @@ pub const CLIENT_KEY: [u8; 32] = [0x22; 32];
 pub const PEER_KEY: [u8; 32] = [0x33; 32];
 /// The relay's mesh key (a client presenting it is a mesh peer).
 pub const MESH_KEY: [u8; 32] = [0x6d; 32];
-
-/// How long the peer waits, once its input is sent, before ending it.
-const SETTLE: Duration = Duration::from_secs(1);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .expect("building a current-thread runtime")
-}
-
-fn run_bounded<F: Future>(what: &str, fut: F) -> F::Output {
-    runtime().block_on(async {
-        match tokio::time::timeout(DEADLINE, fut).await {
-            Ok(v) => v,
-            Err(_) => panic!("{what}: did not end within {DEADLINE:?} after the client's input"),
-        }
-    })
-}
 
 fn server() -> Arc<Server> {
     let mut config = ServerConfig::new(NodePrivate::from_bytes(SERVER_KEY));
@@ -83,35 +62,6 @@ pub fn client_info(key: [u8; 32], mesh: bool) -> Bytes {
         &info,
         [7; 24],
     )
-}
-
-/// Writes `input` (in pieces of `chunk` bytes), shuts the write half, and reads everything the
-/// server sends until EOF.
-async fn play<IO>(io: IO, input: &[u8], chunk: usize)
-where
-    IO: AsyncRead + AsyncWrite,
-{
-    let (mut rd, mut wr) = tokio::io::split(io);
-    let write = async {
-        for piece in input.chunks(chunk.max(1)) {
-            if wr.write_all(piece).await.is_err() {
-                return;
-            }
-        }
-        // Let the server answer everything before the input ends (virtual time: this only
-        // passes once every task is idle).
-        tokio::time::sleep(SETTLE).await;
-        let _ = wr.shutdown().await;
-    };
-    let read = async {
-        let mut buf = vec![0u8; 16 * 1024];
-        while let Ok(n) = rd.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
-    };
-    tokio::join!(write, read);
 }
 
 /// The fuzzed client's bytes: by the first byte's low bits, raw (the handshake itself is
@@ -144,7 +94,7 @@ pub fn derp_conn(data: &[u8]) {
     let Some((input, chunk)) = client_bytes(data) else {
         return;
     };
-    run_bounded("derp connection", async move {
+    fuzzkit::run_bounded("derp connection", DEADLINE, async move {
         let srv = server();
         let (peer_io, peer_server_io) = tokio::io::duplex(64 * 1024);
         let (fuzz_io, fuzz_server_io) = tokio::io::duplex(64 * 1024);
@@ -155,7 +105,7 @@ pub fn derp_conn(data: &[u8]) {
         let fuzzed = async {
             // The peer registers first (its hello is already written), then the client speaks.
             tokio::time::sleep(Duration::from_millis(1)).await;
-            tokio::join!(play(fuzz_io, &input, chunk), fuzz_conn);
+            tokio::join!(fuzzkit::play(fuzz_io, &input, chunk), fuzz_conn);
             fuzz_done.notify_one();
         };
         let peer_side = async {
@@ -198,7 +148,7 @@ pub fn derp_ws(data: &[u8]) {
     } else {
         usize::from(*chunk)
     };
-    run_bounded("derp over websocket", async move {
+    fuzzkit::run_bounded("derp over websocket", DEADLINE, async move {
         let srv = server();
         let (client, server_io) = tokio::io::duplex(64 * 1024);
         let conn = {
@@ -217,7 +167,7 @@ pub fn derp_ws(data: &[u8]) {
                 srv.accept(WsByteStream::new(ws), Bytes::new(), info).await;
             }
         };
-        tokio::join!(play(client, input, chunk), conn);
+        tokio::join!(fuzzkit::play(client, input, chunk), conn);
         srv.shutdown().await;
         assert_eq!(
             srv.connection_count(),
@@ -242,21 +192,7 @@ mod tests {
     /// targets through the same functions the fuzz targets call.
     #[test]
     fn replay_fuzz_corpora() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
-        for (name, f) in TARGETS {
-            let dir = root.join(name);
-            let mut files: Vec<_> = std::fs::read_dir(&dir)
-                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-                .map(|e| e.expect("dir entry").path())
-                .collect();
-            files.sort();
-            assert!(!files.is_empty(), "{} is empty", dir.display());
-            for file in files {
-                let data = std::fs::read(&file).expect("corpus file");
-                let res = std::panic::catch_unwind(|| f(&data));
-                assert!(res.is_ok(), "{name}: {} failed", file.display());
-            }
-        }
+        fuzzkit::replay_corpora(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."), TARGETS);
     }
 
     /// Writes the seed files of the relay's targets. Ignored: run explicitly
