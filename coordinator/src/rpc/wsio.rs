@@ -12,7 +12,7 @@
 //! wakes every task currently waiting on the socket, so a timer or a socket event registered by
 //! one caller is never lost to another. `poll_read` concatenates binary payloads, matches pongs and
 //! turns a text message into an error (close 1003, as `websocket.NetConn` does). Every
-//! `poll_write` is one binary message; the next write waits until it is flushed (one message in
+//! `poll_write` is one binary message (at most [`MAX_OUTBOUND_MESSAGE`]); the next write waits until it is flushed (one message in
 //! flight), and a write or flush blocked longer than `write_timeout` ends the stream. One timer,
 //! armed at the earliest deadline, serves pings, pong deadlines and close phases: a WebSocket ping
 //! every `ping_interval` (Coder's `wsWatcher` does this every 15 s) and a close with 1001
@@ -66,7 +66,11 @@ pub const RECOMMENDED_MAX_MESSAGE_SIZE: usize = 1 << 20;
 /// before every socket read and pinned by every received payload until that payload is consumed:
 /// at 10,000 sessions that was most of the coordinator's memory and a fifth of its CPU. Coordination
 /// messages are a few hundred bytes; larger ones take several reads.
-pub const RECOMMENDED_READ_BUFFER_SIZE: usize = 8 * 1024;
+pub const RECOMMENDED_READ_BUFFER_SIZE: usize = 4 * 1024;
+/// Largest binary message we send: a longer write goes out as several messages (boundaries carry
+/// no meaning). The library keeps its send buffer at the largest message it ever sent, so this
+/// bounds what a burst (a 128 KiB yamux batch) leaves behind in every session.
+pub const MAX_OUTBOUND_MESSAGE: usize = 16 * 1024;
 /// Longest close reason a control frame can carry.
 const MAX_CLOSE_REASON: usize = 123;
 
@@ -943,7 +947,7 @@ fn truncate_reason(reason: &str) -> &str {
 }
 
 /// A WebSocket as a byte stream: `AsyncRead` concatenates binary messages, every `poll_write` is one
-/// binary message. EOF when the peer closes; a text message is an `InvalidData` error.
+/// binary message of at most [`MAX_OUTBOUND_MESSAGE`] bytes. EOF when the peer closes; a text message is an `InvalidData` error.
 pub struct WsIo {
     shared: Arc<Shared>,
 }
@@ -1064,6 +1068,7 @@ impl AsyncWrite for WsIo {
             if core.write_shut || !matches!(core.phase, Phase::Open) {
                 return Poll::Ready(Err(transport_err("closed")));
             }
+            let buf = &buf[..buf.len().min(MAX_OUTBOUND_MESSAGE)];
             match core.send(icx, Out::Binary(Bytes::copy_from_slice(buf))) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Ok(())) => Poll::Ready(Ok(buf.len())),
@@ -1176,6 +1181,29 @@ mod tests {
             peer.next().await.unwrap().unwrap(),
             Message::binary(&b"abc"[..])
         );
+    }
+
+    /// A long write goes out as several messages of at most `MAX_OUTBOUND_MESSAGE` bytes.
+    #[tokio::test]
+    async fn long_writes_are_split() {
+        let (mut io, _h, mut peer) = pair(1 << 20, quick()).await;
+        let data: Vec<u8> = (0..40_000u32).map(|i| i as u8).collect();
+        io.write_all(&data).await.unwrap();
+        io.flush().await.unwrap();
+        let mut got = Vec::new();
+        let mut messages = 0;
+        while got.len() < data.len() {
+            match peer.next().await.unwrap().unwrap() {
+                Message::Binary(b) => {
+                    assert!(b.len() <= MAX_OUTBOUND_MESSAGE, "{} bytes", b.len());
+                    messages += 1;
+                    got.extend_from_slice(&b);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, data);
+        assert_eq!(messages, 3);
     }
 
     /// A peer that never reads: the blocked write ends the stream after `write_timeout`.
