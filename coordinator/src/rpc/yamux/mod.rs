@@ -61,8 +61,13 @@ const WRITE_BATCH: usize = 128 * 1024;
 /// What the writer's batch buffer starts with; it grows towards [`WRITE_BATCH`] only under load,
 /// so that an idle session does not keep a 192 KiB buffer (a separate mapping per session).
 const INITIAL_BATCH_CAPACITY: usize = 4 * 1024;
-/// The reader's buffer: frames larger than this are read through it in several reads.
-const READ_BUFFER: usize = 8 * 1024;
+/// A batch buffer grown past this by a burst is given back once written (a backlog must not
+/// leave every session holding its peak).
+const KEEP_BATCH_CAPACITY: usize = 16 * 1024;
+/// The reader's buffer: frames larger than this are read through it in several reads. Small: the
+/// transport below (the WebSocket byte stream) already holds the received message, and a
+/// coordination update is a few hundred bytes.
+const READ_BUFFER: usize = 2 * 1024;
 /// Outstanding pings (keepalive + explicit [`SessionHandle::ping`]) per session.
 const MAX_OUTSTANDING_PINGS: usize = 64;
 

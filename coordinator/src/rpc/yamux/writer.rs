@@ -100,7 +100,11 @@ pub(super) async fn writer_loop<W>(
         // Not cancelled by shutdown: a half-written frame would corrupt the final GoAway.
         let res = tokio::time::timeout(timeout, write).await;
         match res {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                if batch.capacity() > KEEP_BATCH_CAPACITY {
+                    batch = BytesMut::with_capacity(INITIAL_BATCH_CAPACITY);
+                }
+            }
             Ok(Err(e)) => {
                 inner.shutdown_with(SessionError::Io(e.to_string()));
                 break;
