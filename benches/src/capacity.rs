@@ -35,6 +35,11 @@ pub fn passes(r: &CoordReport) -> Result<(), String> {
     if r.offered_deliveries_per_s <= 0.0 {
         return Err("nothing offered".into());
     }
+    // A direction without a single sample says nothing about its latency (a low rate in a
+    // short window may schedule no agent update at all): not a pass.
+    if r.fanout_p50_ms <= 0.0 || r.to_agent_p50_ms <= 0.0 {
+        return Err("no update measured in one direction".into());
+    }
     let share = r.delivered_updates_per_s / r.offered_deliveries_per_s;
     if share < MIN_DELIVERED {
         return Err(format!("delivered {:.1} % of the offered", share * 100.0));
@@ -150,6 +155,22 @@ impl CapacityReport {
         self.best().is_some_and(|b| b.rate_per_peer >= top)
     }
 }
+
+/// Measurement window of a probe at `rate` updates/s per peer: at least `base` seconds and long
+/// enough for every peer to send [`MIN_SENDS`] updates in it; `None` past [`MAX_WINDOW_S`]
+/// (the rate is below what one probe can measure).
+pub fn probe_window(base: f64, rate: f64) -> Option<f64> {
+    if rate <= 0.0 {
+        return None;
+    }
+    let w = base.max(MIN_SENDS / rate);
+    (w <= MAX_WINDOW_S).then_some(w)
+}
+
+/// Updates every peer sends inside a probe's window at least.
+pub const MIN_SENDS: f64 = 3.0;
+/// Longest probe window, seconds.
+pub const MAX_WINDOW_S: f64 = 60.0;
 
 /// Server CPU µs per delivered update of a run (`None` without a CPU reading).
 pub fn cpu_us_per_update(r: &CoordReport) -> Option<f64> {
@@ -277,6 +298,15 @@ mod tests {
     }
 
     #[test]
+    fn probe_windows_hold_three_sends_of_every_peer() {
+        assert_eq!(probe_window(5.0, 4.0), Some(5.0));
+        assert_eq!(probe_window(5.0, 0.25), Some(12.0));
+        assert_eq!(probe_window(5.0, 0.05), Some(60.0));
+        assert_eq!(probe_window(5.0, 0.04), None);
+        assert_eq!(probe_window(5.0, 0.0), None);
+    }
+
+    #[test]
     fn bounds_are_delivery_latency_and_failed_streams() {
         assert!(passes(&report(100.0, 99.0, 100.0, 100.0, 0)).is_ok());
         assert!(passes(&report(100.0, 98.9, 5.0, 5.0, 0)).is_err());
@@ -284,6 +314,10 @@ mod tests {
         assert!(passes(&report(100.0, 100.0, 5.0, 100.1, 0)).is_err());
         assert!(passes(&report(100.0, 100.0, 5.0, 5.0, 1)).is_err());
         assert!(passes(&report(0.0, 0.0, 0.0, 0.0, 0)).is_err());
+        // No sample in one direction (fan-out p50 of an empty histogram is 0): not a pass.
+        let mut none = report(100.0, 100.0, 5.0, 5.0, 0);
+        none.fanout_p50_ms = 0.0;
+        assert!(passes(&none).is_err());
         let r = report(100.0, 100.0, 5.0, 5.0, 0);
         assert_eq!(cpu_us_per_update(&r), Some(2_000.0));
     }

@@ -800,10 +800,18 @@ impl Ctx {
     ) -> Result<CapacityReport> {
         let mut probes = Vec::new();
         capacity::search(plan, |rate| {
+            let Some(duration) = capacity::probe_window(shape.duration, rate) else {
+                eprintln!(
+                    "compare: capacity {}: {rate}/s per peer is below what one probe measures",
+                    shape.label
+                );
+                return Ok(false);
+            };
             let w = CoordWorkload {
                 label: format!("{} at {rate}/s per peer", shape.label),
                 client_rate: rate,
                 agent_rate: rate,
+                duration,
                 ..shape.clone()
             };
             let report = self.coord_run_in(go, &w, share)?;
