@@ -1,7 +1,6 @@
 //! The binary as an operator meets it: start-up errors that name the field, the announcement
 //! line, working dev credentials, the ops endpoints, and a clean exit on SIGTERM.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::{bin, echo_upstream, get, sigterm, start, start_with_logs, wait_exit};
@@ -163,24 +162,8 @@ fn dev_announces_working_credentials_and_drains_on_sigterm() {
     let (status, _) = get(addr, "/derp/latency-check", &[]);
     assert_eq!(status, 200);
 
-    let pid = r.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = r.child.try_wait().unwrap() {
-            assert!(status.success(), "exit status {status}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tailnetd did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    sigterm(&r);
+    wait_exit(&mut r, Duration::from_secs(20));
 }
 
 #[test]
