@@ -7,7 +7,9 @@
 //
 // P sender→receiver pairs, S-byte packets carrying a sequence number and the send time
 // (monotonic ns since the run started, little endian, the layout of benches/src/relay.rs), either
-// closed loop (-window) or open loop at a total rate (-rate, 0 = as fast as possible). It prints
+// closed loop (-window) or open loop at a total rate (-window 0 -rate R; latency then counts from
+// each packet's scheduled send time, not the actual one, so a relay that pushes back is not
+// flattered by coordinated omission; -rate 0 = as fast as possible). It prints
 // one JSON object with the fields of `loadgen relay` (benches/src/relay.rs RelayReport), plus the
 // generator's own CPU seconds (getrusage), so compare can report the client's CPU per delivered
 // packet next to the server's.
@@ -358,15 +360,20 @@ func send(c config, p *pair, start time.Time, winStart, winEnd time.Duration, pe
 				}
 				continue
 			}
-		} else if perSender > 0 {
+		}
+		stamp := now
+		if c.window == 0 && perSender > 0 {
 			next := time.Duration(float64(seq) / perSender * float64(time.Second))
 			if next > now {
 				time.Sleep(next - now)
 				continue
 			}
+			// Open loop: latency counts from the scheduled send time, so a sender that fell
+			// behind (a slow relay pushing back) shows up in the latency (no coordinated omission).
+			stamp = next
 		}
 		binary.LittleEndian.PutUint64(payload[0:8], seq)
-		binary.LittleEndian.PutUint64(payload[8:16], uint64(now.Nanoseconds()))
+		binary.LittleEndian.PutUint64(payload[8:16], uint64(stamp.Nanoseconds()))
 		if err := p.tx.Send(dst, payload); err != nil {
 			cnt.errors.Add(1)
 			return

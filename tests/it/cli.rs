@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{bin, echo_upstream, get, sigterm, start, start_with_logs, wait_exit};
+use crate::support::{
+    bin, echo_upstream, get, sigterm, start, start_dev_json_logs, start_with_logs, wait_exit,
+};
 
 #[test]
 fn bad_flag_fails_naming_the_field() {
@@ -362,15 +364,7 @@ fn drain_pause_defaults_by_role() {
 /// requests that presented one.
 #[test]
 fn json_logs_are_one_object_per_line_and_never_carry_tokens() {
-    let mut r = start_with_logs(&[
-        "dev",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--stun-addr",
-        "",
-        "--log-format",
-        "json",
-    ]);
+    let mut r = start_dev_json_logs();
     let announced = r.line.clone();
     let addr = announced["http_addr"].as_str().unwrap();
     let token = announced["client_token"].as_str().unwrap();

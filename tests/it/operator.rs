@@ -14,7 +14,7 @@ use proto::key::NodePrivate;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{echo_upstream, get, sigterm, start, start_with_logs, wait_exit, Running};
+use crate::support::{echo_upstream, get, sigterm, start, start_dev_json_logs, wait_exit, Running};
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -591,15 +591,7 @@ fn status_page_in_headless_chromium() {
 /// failed authentication logs nothing at info.
 #[test]
 fn authenticated_sessions_log_open_and_close_without_tokens() {
-    let mut r = start_with_logs(&[
-        "dev",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--stun-addr",
-        "",
-        "--log-format",
-        "json",
-    ]);
+    let mut r = start_dev_json_logs();
     let announced = r.line.clone();
     let addr = announced["http_addr"].as_str().unwrap();
     let agent = announced["agent_id"].as_str().unwrap();

@@ -41,6 +41,19 @@ pub fn start_with_logs(args: &[&str]) -> Running {
     spawn_announced(args, Stdio::piped())
 }
 
+/// `tailnetd dev` on a free HTTP port, without STUN, logging JSON lines to a piped stderr.
+pub fn start_dev_json_logs() -> Running {
+    start_with_logs(&[
+        "dev",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--stun-addr",
+        "",
+        "--log-format",
+        "json",
+    ])
+}
+
 fn spawn_announced(args: &[&str], stderr: Stdio) -> Running {
     let mut child = bin()
         .args(args)

@@ -1,7 +1,15 @@
 //! The machine's ceiling for moving the relay workload's bytes: a plain TCP forwarder with no
 //! framing. Each connection starts with an 8-byte hello (`b"FW"`, role 0 = sender / 1 = receiver,
 //! 0, pair id as u32 big endian); once both ends of a pair are connected, every byte from the
-//! sender is copied to its receiver (64 KiB buffer). One process, tokio, no parsing, no queues.
+//! sender is copied to its receiver. One process, tokio, no parsing.
+//!
+//! The copy has the relay's I/O shape without its work: a reader task reads the sender in chunks
+//! of [`READ_CHUNK`] to [`READ_CHUNK_MAX`] bytes (tailnetd's read sizes) and hands each chunk to the
+//! receiver's writer task through a bounded queue; the writer writes everything queued in one
+//! vectored write. So the receiver gets the first bytes of a burst while the rest is still being
+//! read, as from a relay. A single task that reads 64 KiB and then writes it (the first version,
+//! `copy_buf`) turned a closed-loop burst into strict ping-pong and was beaten by tailnetd itself
+//! whenever the load was latency-bound (one or ten pairs), so it was no ceiling.
 //!
 //! With `--tls-cert`/`--tls-key` it terminates TLS first (rustls with ring, as tailnetd does) and
 //! forwards the decrypted bytes over a second TLS session to the receiver: the ceiling for the
@@ -11,13 +19,25 @@
 //! start-up line; with TLS also `"https_addr"`, the same address), then serves until killed.
 
 use std::collections::HashMap;
+use std::io::IoSlice;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
+use bytes::{Bytes, BytesMut};
 use clap::Parser;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// First read size: tailnetd's.
+const READ_CHUNK: usize = 16 << 10;
+/// Largest read: tailnetd's.
+const READ_CHUNK_MAX: usize = 64 << 10;
+/// Chunks queued between a pair's reader and writer (1 MiB at most): the reader waits when full.
+const QUEUE_CHUNKS: usize = 64;
+/// Chunks written by one vectored write.
+const MAX_IOVECS: usize = 64;
 
 #[derive(Debug, Parser)]
 #[command(name = "tcpfwd", about = "TCP forward ceiling for the relay benchmark")]
@@ -43,9 +63,75 @@ struct Pending {
     receivers: HashMap<u32, Box<dyn Io>>,
 }
 
-async fn pump(from: Box<dyn Io>, mut to: Box<dyn Io>) {
-    let mut rd = BufReader::with_capacity(64 << 10, from);
-    let _ = tokio::io::copy_buf(&mut rd, &mut to).await;
+/// Copies `from` to `to` until `from` ends: a reader task and this task as the writer.
+async fn pump(from: Box<dyn Io>, to: Box<dyn Io>) {
+    let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
+    let reader = tokio::spawn(read_chunks(from, tx));
+    write_chunks(rx, to).await;
+    reader.abort();
+}
+
+/// Reads `from` and queues each chunk as soon as it is read, as tailnetd's reader does: reads
+/// start at [`READ_CHUNK`] bytes and double, up to [`READ_CHUNK_MAX`], while they come back
+/// full (a burst), halving again when they do not; after each read the task yields once so the
+/// writer can send the chunk before the next read (tailnetd reads once per poll).
+async fn read_chunks(mut from: Box<dyn Io>, tx: mpsc::Sender<Bytes>) {
+    let mut buf = BytesMut::new();
+    let mut want = READ_CHUNK;
+    loop {
+        if buf.capacity() < want {
+            buf.reserve(4 * READ_CHUNK_MAX);
+        }
+        let n = match (&mut from).take(want as u64).read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        want = if n == want {
+            (want * 2).min(READ_CHUNK_MAX)
+        } else if n < want / 2 {
+            (want / 2).max(READ_CHUNK)
+        } else {
+            want
+        };
+        if tx.send(buf.split().freeze()).await.is_err() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Writes whatever is queued, up to [`MAX_IOVECS`] chunks per vectored write, and flushes when
+/// the queue is empty, until the queue closes; then shuts the receiver's write side.
+async fn write_chunks(mut rx: mpsc::Receiver<Bytes>, mut to: Box<dyn Io>) {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_IOVECS);
+    while rx.recv_many(&mut batch, MAX_IOVECS).await > 0 {
+        let mut at = 0;
+        while at < batch.len() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let n = slices.len().min(batch.len() - at);
+            for (slice, chunk) in slices.iter_mut().zip(&batch[at..]) {
+                *slice = IoSlice::new(chunk);
+            }
+            let mut written = match to.write_vectored(&slices[..n]).await {
+                Ok(0) | Err(_) => return,
+                Ok(w) => w,
+            };
+            while written > 0 {
+                let first = &mut batch[at];
+                if written >= first.len() {
+                    written -= first.len();
+                    at += 1;
+                } else {
+                    let _ = first.split_to(written);
+                    written = 0;
+                }
+            }
+        }
+        batch.clear();
+        if rx.is_empty() && to.flush().await.is_err() {
+            return;
+        }
+    }
     let _ = to.shutdown().await;
 }
 

@@ -643,22 +643,17 @@ async fn serve_inbound(
     let remote = incoming.remote_address();
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!("timed out after {HANDSHAKE_TIMEOUT:?}"),
+            };
             server
                 .mesh_metrics
                 .quic_rejected
                 .with_label_values(&["handshake"])
                 .inc();
-            tracing::info!(target: "derp", %remote, "QUIC mesh handshake failed: {e}");
-            return;
-        }
-        Err(_) => {
-            server
-                .mesh_metrics
-                .quic_rejected
-                .with_label_values(&["handshake"])
-                .inc();
-            tracing::info!(target: "derp", %remote, "QUIC mesh handshake timed out");
+            tracing::info!(target: "derp", %remote, "QUIC mesh handshake failed: {why}");
             return;
         }
     };
@@ -673,21 +668,18 @@ async fn serve_inbound(
         Ok::<_, End>((send, reader, peer_key))
     };
     let (send, reader, peer_key) = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, setup) => match r {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                close(&server, &conn, &name, &e);
-                if e.rejected_reason().is_none() {
-                    tracing::info!(target: "derp", peer = %name, "QUIC mesh setup failed: {e}");
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, setup) => {
+            match r.unwrap_or(Err(End::Timeout(HANDSHAKE_TIMEOUT))) {
+                Ok(v) => v,
+                Err(e) => {
+                    close(&server, &conn, &name, &e);
+                    if e.rejected_reason().is_none() {
+                        tracing::info!(target: "derp", peer = %name, "QUIC mesh setup failed: {e}");
+                    }
+                    return;
                 }
-                return;
             }
-            Err(_) => {
-                close(&server, &conn, &name, &End::Timeout(HANDSHAKE_TIMEOUT));
-                tracing::info!(target: "derp", peer = %name, "QUIC mesh setup timed out");
-                return;
-            }
-        },
+        }
         _ = stop.changed() => {
             close(&server, &conn, &name, &End::Stopped);
             return;
