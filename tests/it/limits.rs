@@ -175,6 +175,45 @@ fn limits_open_file_limit_bounds_the_relay() {
     drop(held);
 }
 
+/// The listeners share one descriptor pool: with an HTTPS listener beside the HTTP one, relay
+/// connections on the HTTP listener alone still reach the relay's cap (an even split between the
+/// listeners stopped them at (256 - 64) / 2 = 96 of the 128, closing the rest at accept).
+#[test]
+fn limits_listeners_share_the_descriptor_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let dev = start_dev(
+        Some(256),
+        &[
+            "--relay-max-connections-per-ip",
+            "0",
+            "--https-addr",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+        ],
+    );
+    assert!(dev.line["https_addr"].is_string(), "{}", dev.line);
+    let addr = http_addr(&dev);
+    // Under 256 descriptors: reserve R = 64, relay cap 256 - 2R = 128, listeners 256 - R = 192.
+    let mut held = Vec::new();
+    let mut answers = Vec::new();
+    for _ in 0..160 {
+        match derp_upgrade(ip("127.0.0.2"), addr) {
+            u @ Upgrade::Relay(_) => held.push(u),
+            other => answers.push(format!("{other:?}")),
+        }
+    }
+    assert_eq!(held.len(), 128, "relay connections; then {answers:?}");
+    assert!(answers.iter().all(|a| a == "Refused(503)"), "{answers:?}");
+    drop(held);
+}
+
 /// Finding 2: one address reaches the per-address cap; a second address still gets a relay
 /// connection.
 #[test]

@@ -8,8 +8,10 @@
 //!
 //! - a reserve `R` = min(512, limit / 4), at least 16, is never used by the listeners (upstream dials, the
 //!   key and certificate files, the process's own descriptors);
-//! - the listeners together accept at most `limit - R` connections (split evenly between them),
-//!   so `accept` itself never runs out of descriptors;
+//! - the listeners together accept at most `limit - R` connections, so `accept` itself never
+//!   runs out of descriptors. They draw on one shared pool rather than an even split: a relay
+//!   whose clients all arrive on HTTPS (the usual case: port 80 only answers captive-portal
+//!   checks) can use every descriptor, as derper can;
 //! - relay (DERP) connections stop at `min(max_connections, limit - 2R)`: the `R` descriptors
 //!   between the relay's cap and the listeners' cap keep health, readiness and coordination
 //!   requests served while the relay is full (new relay upgrades get a quick 503).
@@ -33,33 +35,26 @@ pub struct FdBudget {
     pub open_file_limit: u64,
     /// Descriptors no listener uses.
     pub reserve: u64,
-    /// Cap on the connections of each listener (HTTP and relay alike).
-    pub per_listener_cap: usize,
+    /// Connections all listeners together may hold (HTTP and relay alike): one pool.
+    pub listeners_cap: usize,
     /// Cap on relay (DERP) connections of the process.
     pub relay_cap: usize,
 }
 
-/// The caps for `listeners` TCP listeners under `open_file_limit`, given the operator's
-/// `max_connections` (relay) and per-listener `listener_cap`. `None` if the limit is too small to
-/// leave even one relay connection.
-pub fn budget(
-    open_file_limit: u64,
-    max_connections: usize,
-    listener_cap: usize,
-    listeners: usize,
-) -> Option<FdBudget> {
+/// The caps under `open_file_limit`, given the operator's `max_connections` (relay). `None` if the
+/// limit is too small to leave even one relay connection.
+pub fn budget(open_file_limit: u64, max_connections: usize) -> Option<FdBudget> {
     let reserve = MAX_RESERVE.min(open_file_limit / 4).max(MIN_RESERVE);
     let usable = open_file_limit.checked_sub(reserve)?;
     let relay = usable.checked_sub(reserve)?;
     if relay == 0 {
         return None;
     }
-    let per_listener = usable / (listeners.max(1) as u64);
     let clamp = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
     Some(FdBudget {
         open_file_limit,
         reserve,
-        per_listener_cap: listener_cap.min(clamp(per_listener)).max(1),
+        listeners_cap: clamp(usable),
         relay_cap: max_connections.min(clamp(relay)),
     })
 }
@@ -93,17 +88,16 @@ mod fdlimit_tests {
 
     #[test]
     fn fdlimit_budget_keeps_reserves() {
-        let b = budget(256, 100_000, 100_000, 1).unwrap();
+        let b = budget(256, 100_000).unwrap();
         assert_eq!(b.reserve, 64);
-        assert_eq!(b.per_listener_cap, 192);
+        assert_eq!(b.listeners_cap, 192);
         assert_eq!(b.relay_cap, 128);
-        let b = budget(1 << 20, 100_000, 100_000, 2).unwrap();
+        let b = budget(1 << 20, 100_000).unwrap();
         assert_eq!(b.reserve, 512);
         assert_eq!(b.relay_cap, 100_000);
-        assert_eq!(b.per_listener_cap, 100_000);
-        let b = budget(20_000, 100_000, 100_000, 2).unwrap();
+        let b = budget(20_000, 100_000).unwrap();
         assert_eq!(b.relay_cap, 20_000 - 1024);
-        assert_eq!(b.per_listener_cap, (20_000 - 512) / 2);
-        assert!(budget(1, 10, 10, 1).is_none());
+        assert_eq!(b.listeners_cap, 20_000 - 512);
+        assert!(budget(1, 10).is_none());
     }
 }

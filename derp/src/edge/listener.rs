@@ -54,6 +54,9 @@ pub struct AcceptRateLimit {
 pub struct ListenerOptions {
     /// Cap on concurrently open connections of this listener.
     pub max_connections: usize,
+    /// Descriptors that every listener of the process draws on together (one permit per open
+    /// connection; see [`crate::edge::fdlimit`]); `None`: only `max_connections` applies.
+    pub descriptors: Option<Arc<Semaphore>>,
     /// TCP keepalive idle time (`None` = off).
     pub tcp_keepalive: Option<Duration>,
     /// TCP_USER_TIMEOUT (`None` = system default; Linux only).
@@ -75,6 +78,7 @@ impl Default for ListenerOptions {
     fn default() -> Self {
         ListenerOptions {
             max_connections: 100_000,
+            descriptors: None,
             tcp_keepalive: Some(Duration::from_secs(600)),
             tcp_user_timeout: Some(Duration::from_secs(15)),
             tls_handshake_timeout: Duration::from_secs(30),
@@ -94,6 +98,7 @@ impl ListenerOptions {
             max_connections: cfg
                 .max_connections
                 .saturating_add(crate::edge::fdlimit::HTTP_HEADROOM),
+            descriptors: None,
             tcp_keepalive: nonzero(cfg.tcp_keepalive),
             tcp_user_timeout: nonzero(cfg.tcp_user_timeout),
             tls_handshake_timeout: Duration::from_secs(30),
@@ -409,7 +414,12 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let descriptor = match &opts.descriptors {
+            Some(pool) => pool.clone().try_acquire_owned().ok().map(Some),
+            None => Some(None),
+        };
+        let (Ok(permit), Some(descriptor)) = (permits.clone().try_acquire_owned(), descriptor)
+        else {
             over_cap.inc();
             tracing::debug!(%remote, listener = name, "connection cap reached; closing");
             drop(stream);
@@ -425,6 +435,7 @@ pub async fn serve(
         open.inc();
         tokio::spawn(async move {
             let _permit = permit;
+            let _descriptor = descriptor;
             let _address = address_guard;
             let _open = OpenGuard(open);
             // The TLS handshake and the HTTP phase run boxed and are freed before a DERP
@@ -610,27 +621,21 @@ pub async fn bind(
         https: None,
         stun: None,
     };
-    let listeners = usize::from(http.is_some()) + usize::from(https.is_some());
     if let Some(limit) = crate::edge::fdlimit::raise_open_file_limit() {
-        let fit = crate::edge::fdlimit::budget(
-            limit,
-            cfg.max_connections,
-            bound.opts.max_connections,
-            listeners,
-        )
-        .ok_or(StartError::OpenFileLimit(limit))?;
+        let fit = crate::edge::fdlimit::budget(limit, cfg.max_connections)
+            .ok_or(StartError::OpenFileLimit(limit))?;
         if fit.relay_cap < cfg.max_connections {
             tracing::warn!(
                 max_connections = cfg.max_connections,
                 relay_cap = fit.relay_cap,
-                per_listener_cap = fit.per_listener_cap,
+                listeners_cap = fit.listeners_cap,
                 open_file_limit = limit,
                 reserve = fit.reserve,
                 "max_connections lowered to fit under the open-file limit"
             );
         }
         bound.relay_cap = fit.relay_cap;
-        bound.opts.max_connections = fit.per_listener_cap;
+        bound.opts.descriptors = Some(Arc::new(Semaphore::new(fit.listeners_cap)));
     }
     if let Some(addr) = http {
         let l = TcpListener::bind(addr)
