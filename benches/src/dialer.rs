@@ -48,6 +48,11 @@ pub async fn connect(
         TcpSocket::new_v6()?
     };
     if let Some(ip) = src {
+        // A port taken by bind() stays reserved for every later connect() on the machine while
+        // its socket sits in TIME_WAIT (a minute), and the idle workload binds tens of
+        // thousands per run: such a connection ends with a reset instead (linger 0, no
+        // TIME_WAIT), or back-to-back runs run out of ports.
+        sock.set_zero_linger()?;
         sock.bind(SocketAddr::new(ip, 0))
             .with_context(|| format!("binding {ip}"))?;
     }
