@@ -145,6 +145,19 @@ impl CapacityReport {
             .map_or(0.0, |p| p.report.offered_deliveries_per_s)
     }
 
+    /// When no probe passed: the lowest offered updates/s that failed, an upper bound on the
+    /// capacity (`None` when something passed or nothing was probed).
+    pub fn failed_below(&self) -> Option<f64> {
+        if self.best().is_some() {
+            return None;
+        }
+        self.probes
+            .iter()
+            .map(|p| p.report.offered_deliveries_per_s)
+            .filter(|r| *r > 0.0)
+            .min_by(f64::total_cmp)
+    }
+
     /// Whether the best probe was also the highest rate tried (capacity is a lower bound).
     pub fn open_ended(&self) -> bool {
         let top = self

@@ -1290,12 +1290,23 @@ fn main() -> Result<()> {
         build: build.clone(),
         ..Default::default()
     };
-    // Merge with the runs stored by earlier invocations (of the same tailnetd build).
+    // Merge with the runs stored by earlier invocations (of the same tailnetd build, on the same
+    // machine: a cell's servers run interleaved on one machine, but parts measured on different
+    // CPUs are not comparable, so such runs are not merged).
+    let cpu = sh(LSCPU);
     let path = out_dir.join("results.json");
     let mut merge_note = None;
     if !quick {
         if let Ok(bytes) = std::fs::read(&path) {
             match read_results(&bytes) {
+                Ok(prev) if prev.build == build && stored_cpu(&prev) != Some(cpu.as_str()) => {
+                    merge_note =
+                        Some(format!(
+                        "{} runs stored earlier were measured on another machine ({}); not merged",
+                        prev.runs.len(),
+                        stored_cpu(&prev).unwrap_or("not recorded").replace('\n', "; ")
+                    ))
+                }
                 Ok(mut prev) if prev.build == build => {
                     let stored = prev.runs.len();
                     if cli.fresh {
@@ -1343,15 +1354,60 @@ fn main() -> Result<()> {
     }
     res.machine = vec![
         ("uname -a".into(), sh("uname -a")),
-        ("lscpu".into(), sh("lscpu | grep -E '^(Architecture|CPU\\(s\\)|Model name|Thread|Core|Socket|CPU max MHz|L2|L3|Hypervisor)'")),
+        ("lscpu".into(), cpu.clone()),
         ("memory".into(), sh("grep MemTotal /proc/meminfo")),
         ("rustc".into(), sh("rustc -V")),
-        ("go".into(), if go { sh("go version") } else { "not installed".into() }),
-        ("tailnetd".into(), format!("{} ({} build)", sh(&format!("git -C {} describe --always --dirty", root().display())), profile())),
-        ("derper".into(), if ctx.bins.derper.is_some() { format!("tailscale.com/cmd/derper@{DERPER_VERSION}") } else { "not run".into() }),
-        ("Go coordinator".into(), if ctx.bins.gocoord.is_some() { format!("github.com/coder/coder/v2@{CODER_VERSION} tailnet.NewCoordinator via interop/gocoord") } else { "not run".into() }),
-        ("Go load generator".into(), if ctx.bins.derpload.is_some() { format!("interop/derpload on tailscale.com@{DERPER_VERSION} derp/derphttp") } else { "not run".into() }),
-        ("pinning".into(), if pin.enabled { "server: taskset -c 0, load generator: taskset -c 1".into() } else { "none".into() }),
+        (
+            "go".into(),
+            if go {
+                sh("go version")
+            } else {
+                "not installed".into()
+            },
+        ),
+        (
+            "tailnetd".into(),
+            format!(
+                "{} ({} build)",
+                sh(&format!(
+                    "git -C {} describe --always --dirty",
+                    root().display()
+                )),
+                profile()
+            ),
+        ),
+        (
+            "derper".into(),
+            if ctx.bins.derper.is_some() {
+                format!("tailscale.com/cmd/derper@{DERPER_VERSION}")
+            } else {
+                "not run".into()
+            },
+        ),
+        (
+            "Go coordinator".into(),
+            if ctx.bins.gocoord.is_some() {
+                format!("github.com/coder/coder/v2@{CODER_VERSION} tailnet.NewCoordinator via interop/gocoord")
+            } else {
+                "not run".into()
+            },
+        ),
+        (
+            "Go load generator".into(),
+            if ctx.bins.derpload.is_some() {
+                format!("interop/derpload on tailscale.com@{DERPER_VERSION} derp/derphttp")
+            } else {
+                "not run".into()
+            },
+        ),
+        (
+            "pinning".into(),
+            if pin.enabled {
+                "server: taskset -c 0, load generator: taskset -c 1".into()
+            } else {
+                "none".into()
+            },
+        ),
     ];
     // Provenance: what exactly ran (hashes of every binary, Go build information).
     let derpload_ws = ctx
@@ -1881,6 +1937,103 @@ fn capacity_section(m: &mut String, res: &Results) {
     w(m, "");
 }
 
+/// The coordinator's capacity targets, one pair of rows per `coord-cap` shape: capacity ≥ 5× the
+/// Go coordinator's and server CPU per update at capacity ≤ 0.2× Go's (medians of the searches).
+/// Where the Go coordinator met the bounds at no rate probed in any search, its capacity is
+/// below the lowest rate that failed, so the ratio is a lower bound (written `>`).
+fn capacity_targets(m: &mut String, res: &Results) {
+    let share = |runs: &[CapacityReport]| {
+        runs.iter()
+            .find_map(|r| r.cpu_share)
+            .map_or("no CPU share".to_string(), |c| format!("{c} core"))
+    };
+    for (cell, servers) in &res.grouped::<CapacityReport>("coord-cap") {
+        let runs = |name: &str| servers.iter().find(|(s, _)| s == name).map(|(_, r)| r);
+        let (Some(t), Some(g)) = (runs("tailnetd"), runs("Go coordinator")) else {
+            continue;
+        };
+        let (tc, gc) = (
+            spread(t, |r| Some(r.capacity())),
+            spread(g, |r| Some(r.capacity())),
+        );
+        let Some(tc) = tc else { continue };
+        let go_upper = g
+            .iter()
+            .all(|r| r.best().is_none())
+            .then(|| {
+                g.iter()
+                    .filter_map(CapacityReport::failed_below)
+                    .fold(f64::INFINITY, f64::min)
+            })
+            .filter(|u| u.is_finite());
+        let (measured, ok) = match (gc, go_upper) {
+            (_, Some(upper)) => (
+                format!(
+                    "{} vs none (Go met the bounds at no rate probed; its lowest, {upper:.0} updates/s, failed) /s = > {:.1}×",
+                    fmt_spread(Some(tc), 0),
+                    tc.med / upper
+                ),
+                Some(tc.med / upper >= 5.0),
+            ),
+            (Some(gc), None) if gc.med > 0.0 => (
+                format!(
+                    "{} vs {} /s = {:.2}×",
+                    fmt_spread(Some(tc), 0),
+                    fmt_spread(Some(gc), 0),
+                    tc.med / gc.med
+                ),
+                Some(tc.med / gc.med >= 5.0),
+            ),
+            _ => ("–".to_string(), None),
+        };
+        w_line(
+            m,
+            &format!(
+                "| coordinator capacity ≥ 5× the Go coordinator's ({cell}, {}) | {measured} | {} |",
+                share(t),
+                verdict(ok)
+            ),
+        );
+        let cpu = |runs: &[CapacityReport]| {
+            spread(runs, |r| {
+                r.best()
+                    .and_then(|p| capacity::cpu_us_per_update(&p.report))
+            })
+        };
+        let (tu, gu) = (cpu(t), cpu(g));
+        let r = match (tu, gu) {
+            (Some(a), Some(b)) if b.med > 0.0 => Some(a.med / b.med),
+            _ => None,
+        };
+        w_line(
+            m,
+            &format!(
+                "| server CPU per update at capacity ≤ 0.2× Go's ({cell}) | {} vs {} µs = {}× | {} |",
+                fmt_spread(tu, 1),
+                fmt_spread(gu, 1),
+                opt(r, 2),
+                verdict(r.map(|r| r <= 0.2))
+            ),
+        );
+    }
+}
+
+/// What `compare` records of the machine's CPU (and compares before merging stored runs).
+const LSCPU: &str = "lscpu | grep -E '^(Architecture|CPU\\(s\\)|Model name|Thread|Core|Socket|CPU max MHz|L2|L3|Hypervisor)'";
+
+/// The CPU description stored with earlier runs.
+fn stored_cpu(prev: &Results) -> Option<&str> {
+    prev.machine
+        .iter()
+        .find(|(k, _)| k == "lscpu")
+        .map(|(_, v)| v.as_str())
+}
+
+fn w_line(m: &mut String, s: &str) {
+    m.push_str(s);
+    m.push('\n');
+}
+
 /// Whether any run of a closed-loop cell wrote packets off or lost them: such a row is not a
 /// "without loss" figure.
 fn stalled(runs: &[RelayReport]) -> bool {
@@ -2144,9 +2297,10 @@ fn targets(m: &mut String, res: &Results) {
     };
     let r = both(best(false), best(true));
     w(m, &format!(
-        "| coordinator delivered updates/s ≥ 5× the Go coordinator's (best median of a workload without failed streams in any run) | {} vs {} /s = {}× | {} |",
+        "| coordinator delivered updates/s ≥ 5× the Go coordinator's (best median of a workload without failed streams in any run; fixed offered rates, so below either server's capacity) | {} vs {} /s = {}× | {} |",
         opt(best(false), 0), opt(best(true), 0), opt(r, 2), verdict(r.map(|r| r >= 5.0))
     ));
+    capacity_targets(m, res);
     let big = coord
         .iter()
         .flat_map(|(_, s)| s.iter())
