@@ -394,6 +394,43 @@ mod rpc {
         assert_eq!(end, SessionError::StreamOpenTimeout);
     }
 
+    /// An opened stream arms the open timer (75 s) and a half-close the close timer (5 min);
+    /// neither may outlive its session: once both sessions report closed, no task of theirs runs.
+    #[tokio::test(flavor = "current_thread")]
+    async fn stream_timers_end_with_their_session() {
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let before = metrics.num_alive_tasks();
+        let (mut server, client) = pair(Config::default(), Config::default());
+        let mut c = client.open().await.expect("open");
+        let mut s = timeout(T, server.accept())
+            .await
+            .expect("in time")
+            .expect("accept");
+        c.write_all(b"x").await.expect("write");
+        c.shutdown().await.expect("client half-close");
+        let mut got = [0u8; 1];
+        timeout(T, s.read_exact(&mut got))
+            .await
+            .expect("in time")
+            .expect("read");
+        s.shutdown().await.expect("server half-close");
+        let (server_end, client_end) = (server.handle(), client.handle());
+        drop((server, client));
+        timeout(T, server_end.closed()).await.expect("server ends");
+        timeout(T, client_end.closed()).await.expect("client ends");
+        drop((c, s));
+        for _ in 0..200 {
+            if metrics.num_alive_tasks() == before {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "{} tasks still alive after both sessions closed",
+            metrics.num_alive_tasks() - before
+        );
+    }
+
     #[tokio::test]
     async fn blocked_write_times_out_session() {
         let metrics = Arc::new(RpcMetrics::new().expect("metrics"));

@@ -608,7 +608,9 @@ where
             fast_start,
             not_ideal,
         } => {
-            let client = admit_forwarded(forwarded, &buf[..head_len], remote, &mut io).await?;
+            let client = admit_forwarded(forwarded, &buf[..head_len], remote, &mut io)
+                .await
+                .ok()?;
             let (derp, slot) = relay_or_404(&edge, &mut io, remote).await?;
             // Copied out so that the head buffer is freed with this phase.
             let leftover = Bytes::copy_from_slice(&buf[head_len..]);
@@ -644,7 +646,9 @@ where
             ))
         }
         FirstRequest::WebSocket { not_ideal } => {
-            let client = admit_forwarded(forwarded, &buf[..head_len], remote, &mut io).await?;
+            let client = admit_forwarded(forwarded, &buf[..head_len], remote, &mut io)
+                .await
+                .ok()?;
             let (derp, slot) = relay_or_404(&edge, &mut io, remote).await?;
             metrics.requests.with_label_values(&["websocket"]).inc();
             let replay = Rewind::new(io, buf.freeze());
@@ -706,23 +710,27 @@ fn holding_slot(
     })
 }
 
-/// A place for the forwarded client of a trusted proxy's relay upgrade (`Some(None)` when the
-/// peer is not a trusted proxy: it was limited at accept), or a 429 answer and `None`.
+/// The peer was answered with an error status; its connection ends here.
+struct Answered;
+
+/// A place for the forwarded client of a trusted proxy's relay upgrade, held until the relay
+/// connection ends: `Ok(None)` when the peer is not a trusted proxy (its own address was limited
+/// at accept), `Err(Answered)` after a 429 when the forwarded client is over its limit.
 async fn admit_forwarded<IO: AsyncRead + AsyncWrite + Unpin>(
     forwarded: Option<ForwardedLimits>,
     head: &[u8],
     remote: SocketAddr,
     io: &mut IO,
-) -> Option<Option<AddressGuard>> {
+) -> Result<Option<AddressGuard>, Answered> {
     let Some(limits) = forwarded else {
-        return Some(None);
+        return Ok(None);
     };
     match limits.admit(head, remote.ip()) {
-        Ok(guard) => Some(Some(guard)),
+        Ok(guard) => Ok(Some(guard)),
         Err(client) => {
             tracing::debug!(%remote, %client, "per-address limit for a forwarded client; answering 429");
             write_error_and_close(io, "429 Too Many Requests").await;
-            None
+            Err(Answered)
         }
     }
 }

@@ -4,108 +4,50 @@
 //! again, and a relay killed and restarted (same key, same port) rejoins.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
 
 use derp::client::dial::{dial, DialOptions};
-use derp::edge::http::HttpEdge;
-use derp::edge::listener::{self, ListenerOptions};
-use derp::mesh::{parse_mesh_with, MeshHandle, MeshOptions};
-use derp::{Client, ReceivedFrame, Server, ServerConfig};
+use derp::mesh::{parse_mesh_with, MeshOptions};
+use derp::{Client, ReceivedFrame};
 use proto::derp::PeerGoneReason;
 use proto::key::{MeshKey, NodePrivate, NodePublic};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::harness::*;
 
-/// One relay of the region: server, HTTP edge on a fixed port, mesh links.
-struct Node {
-    server: Arc<Server>,
-    registry: prometheus::Registry,
-    cancel: CancellationToken,
-    mesh: Option<MeshHandle>,
+/// One relay of the region with TCP mesh links to every relay of `mesh_with`.
+async fn start(
+    key: &NodePrivate,
+    mesh_key: MeshKey,
+    listener: TcpListener,
+    mesh_with: &str,
+) -> RegionRelay {
+    start_with(key, mesh_key, listener, mesh_with, None).await
 }
 
-impl Node {
-    async fn start(
-        key: &NodePrivate,
-        mesh_key: MeshKey,
-        listener: TcpListener,
-        mesh_with: &str,
-    ) -> Node {
-        Self::start_with(key, mesh_key, listener, mesh_with, None).await
-    }
-
-    /// `tls`: serve TLS with this certificate and key, and trust the certificate (as an extra
-    /// CA file, the way `--mesh-ca-file` does) when dialing peers.
-    async fn start_with(
-        key: &NodePrivate,
-        mesh_key: MeshKey,
-        listener: TcpListener,
-        mesh_with: &str,
-        tls: Option<(&std::path::Path, &std::path::Path)>,
-    ) -> Node {
-        let registry = prometheus::Registry::new();
-        let mut cfg = ServerConfig::new(key.clone());
-        cfg.mesh_key = Some(mesh_key);
-        let server = Server::new(cfg, &registry).expect("server");
-        let edge = HttpEdge::new(Some(server.clone()), fallback(), &registry).expect("edge");
-        let cancel = CancellationToken::new();
-        let (server_tls, extra_roots) = match tls {
-            Some((cert, key)) => {
-                let reloader = Arc::new(
-                    derp::edge::tls::TlsReloader::new(cert, key, None, &registry).expect("tls"),
-                );
-                (
-                    Some(reloader.server_config().expect("tls config")),
-                    derp::mesh::load_trust(Some(cert)).expect("trust"),
-                )
-            }
-            None => (None, Vec::new()),
-        };
-        tokio::spawn(listener::serve(
-            listener,
-            server_tls,
-            edge,
-            ListenerOptions::default(),
-            cancel.clone(),
-        ));
-        let mesh = derp::mesh::start(
-            &server,
-            MeshOptions {
-                peers: parse_mesh_with(mesh_with).expect("mesh_with"),
-                extra_roots,
-                queue_depth: 1024,
-            },
-        )
-        .expect("mesh");
-        Node {
-            server,
-            registry,
-            cancel,
-            mesh: Some(mesh),
-        }
-    }
-
-    /// Stops everything: the mesh links, the listener, every connection.
-    async fn kill(mut self) {
-        if let Some(m) = self.mesh.take() {
-            m.shutdown().await;
-        }
-        self.cancel.cancel();
-        self.server.shutdown_with(Duration::from_secs(2)).await;
-    }
-
-    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        metric_matching(&self.registry, name, labels)
-    }
-
-    /// Waits until every key of `keys` is routed to a mesh peer here.
-    async fn wait_routes(&self, keys: &[NodePublic]) {
-        let ok = wait_until(|| keys.iter().all(|k| self.server.mesh_route_of(k).is_some())).await;
-        assert!(ok, "mesh routes for {keys:?} never appeared");
-    }
+/// `tls`: serve TLS with this certificate and key, and trust the certificate (as an extra CA
+/// file, the way `--mesh-ca-file` does) when dialing peers.
+async fn start_with(
+    key: &NodePrivate,
+    mesh_key: MeshKey,
+    listener: TcpListener,
+    mesh_with: &str,
+    tls: Option<(&std::path::Path, &std::path::Path)>,
+) -> RegionRelay {
+    let relay = RegionRelay::serve(key, mesh_key, listener, tls);
+    let extra_roots = match tls {
+        Some((cert, _)) => derp::mesh::load_trust(Some(cert)).expect("trust"),
+        None => Vec::new(),
+    };
+    let links = derp::mesh::start(
+        &relay.server,
+        MeshOptions {
+            peers: parse_mesh_with(mesh_with).expect("mesh_with"),
+            extra_roots,
+            queue_depth: 1024,
+        },
+    )
+    .expect("mesh");
+    relay.with_links(MeshLinks::Tcp(links))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,7 +67,7 @@ async fn edge_mesh_three_relays_every_way_peer_gone_restart() {
         .join(",");
     let mut nodes = Vec::new();
     for (k, l) in keys.iter().zip(listeners) {
-        nodes.push(Some(Node::start(k, mesh_key, l, &mesh_with).await));
+        nodes.push(Some(start(k, mesh_key, l, &mesh_with).await));
     }
 
     let mut clients = Vec::new();
@@ -216,7 +158,7 @@ async fn edge_mesh_three_relays_every_way_peer_gone_restart() {
 
     // Restart it with the same key on the same port; a new client there reaches everyone.
     let l = rebind(addrs[2]).await;
-    nodes[2] = Some(Node::start(&keys[2], mesh_key, l, &mesh_with).await);
+    nodes[2] = Some(start(&keys[2], mesh_key, l, &mesh_with).await);
     clients.push(plain_client(addrs[2]).await);
     let ckeys: Vec<NodePublic> = clients.iter().map(Client::public_key).collect();
     for (i, n) in nodes.iter().enumerate() {
@@ -254,8 +196,8 @@ async fn edge_mesh_tls_self_signed_ca_file() {
     );
     let mesh_with = format!("localhost:{pa},localhost:{pb}");
     let tls = Some((cert_path.as_path(), key_path.as_path()));
-    let a = Node::start_with(&key(), mesh_key, la, &mesh_with, tls).await;
-    let b = Node::start_with(&key(), mesh_key, lb, &mesh_with, tls).await;
+    let a = start_with(&key(), mesh_key, la, &mesh_with, tls).await;
+    let b = start_with(&key(), mesh_key, lb, &mesh_with, tls).await;
 
     let dial_tls = |port: u16| {
         let trust = derp::mesh::load_trust(Some(&cert_path)).unwrap();

@@ -8,114 +8,67 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use derp::edge::http::HttpEdge;
-use derp::edge::listener::{self, ListenerOptions};
-use derp::mesh::quic::{
-    parse_mesh_quic_with, QuicConfigError, QuicMeshHandle, QuicMeshOptions, QuicTimers,
-};
-use derp::{Client, ReceivedFrame, Server, ServerConfig};
+use derp::mesh::quic::{parse_mesh_quic_with, QuicConfigError, QuicMeshOptions, QuicTimers};
+use derp::{Client, ReceivedFrame};
 use proto::derp::PeerGoneReason;
 use proto::key::{MeshKey, NodePrivate, NodePublic};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::harness::*;
 
-struct Node {
-    server: Arc<Server>,
-    registry: prometheus::Registry,
-    cancel: CancellationToken,
-    quic: Option<QuicMeshHandle>,
+/// One relay of the region with QUIC mesh links (listening on `udp`) to every relay of
+/// `quic_with`.
+async fn start(
+    key: &NodePrivate,
+    mesh_key: MeshKey,
+    listener: TcpListener,
+    udp: SocketAddr,
+    quic_with: &str,
+) -> RegionRelay {
+    start_with(
+        key,
+        mesh_key,
+        listener,
+        udp,
+        quic_with,
+        QuicTimers::default(),
+    )
+    .await
 }
 
-impl Node {
-    async fn start(
-        key: &NodePrivate,
-        mesh_key: MeshKey,
-        listener: TcpListener,
-        udp: SocketAddr,
-        quic_with: &str,
-    ) -> Node {
-        Node::start_with(
-            key,
-            mesh_key,
-            listener,
-            udp,
-            quic_with,
-            QuicTimers::default(),
-        )
-        .await
-    }
-
-    async fn start_with(
-        key: &NodePrivate,
-        mesh_key: MeshKey,
-        listener: TcpListener,
-        udp: SocketAddr,
-        quic_with: &str,
-        timers: QuicTimers,
-    ) -> Node {
-        let registry = prometheus::Registry::new();
-        let mut cfg = ServerConfig::new(key.clone());
-        cfg.mesh_key = Some(mesh_key);
-        cfg.queue_depth = 1024;
-        let server = Server::new(cfg, &registry).expect("server");
-        let edge = HttpEdge::new(Some(server.clone()), fallback(), &registry).expect("edge");
-        let cancel = CancellationToken::new();
-        tokio::spawn(listener::serve(
-            listener,
-            None,
-            edge,
-            ListenerOptions::default(),
-            cancel.clone(),
-        ));
-        // A relay restarted in process binds the UDP port its predecessor held: quinn releases
-        // the socket when its endpoint driver task ends, a moment after shutdown returns.
-        let mut tries = 0;
-        let quic = loop {
-            match derp::mesh::quic::start(
-                &server,
-                QuicMeshOptions {
-                    listen: Some(udp),
-                    peers: parse_mesh_quic_with(quic_with).expect("mesh_quic_with"),
-                    queue_depth: 1024,
-                    timers,
-                },
-            ) {
-                Err(QuicConfigError::Bind { source, .. })
-                    if source.kind() == std::io::ErrorKind::AddrInUse && tries < 100 =>
-                {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                r => break r.expect("quic mesh"),
+async fn start_with(
+    key: &NodePrivate,
+    mesh_key: MeshKey,
+    listener: TcpListener,
+    udp: SocketAddr,
+    quic_with: &str,
+    timers: QuicTimers,
+) -> RegionRelay {
+    let relay = RegionRelay::serve(key, mesh_key, listener, None);
+    // A relay restarted in process binds the UDP port its predecessor held: quinn releases
+    // the socket when its endpoint driver task ends, a moment after shutdown returns.
+    let mut tries = 0;
+    let links = loop {
+        match derp::mesh::quic::start(
+            &relay.server,
+            QuicMeshOptions {
+                listen: Some(udp),
+                peers: parse_mesh_quic_with(quic_with).expect("mesh_quic_with"),
+                queue_depth: 1024,
+                timers,
+            },
+        ) {
+            Err(QuicConfigError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse && tries < 100 =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-        };
-        assert_eq!(quic.local_addr(), Some(udp));
-        Node {
-            server,
-            registry,
-            cancel,
-            quic: Some(quic),
+            r => break r.expect("quic mesh"),
         }
-    }
-
-    async fn kill(mut self) {
-        if let Some(q) = self.quic.take() {
-            q.shutdown().await;
-        }
-        self.cancel.cancel();
-        self.server.shutdown_with(Duration::from_secs(2)).await;
-    }
-
-    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        metric_matching(&self.registry, name, labels)
-    }
-
-    async fn wait_routes(&self, keys: &[NodePublic]) {
-        let ok = wait_until(|| keys.iter().all(|k| self.server.mesh_route_of(k).is_some())).await;
-        assert!(ok, "QUIC mesh routes for {keys:?} never appeared");
-    }
+    };
+    assert_eq!(links.local_addr(), Some(udp));
+    relay.with_links(MeshLinks::Quic(links))
 }
 
 /// A free UDP port on loopback, for a relay to bind (and bind again after a restart). Taken
@@ -148,7 +101,7 @@ async fn edge_quic_mesh_three_relays_every_way_peer_gone_restart() {
         .join(",");
     let mut nodes = Vec::new();
     for ((k, l), u) in keys.iter().zip(listeners).zip(&udps) {
-        nodes.push(Some(Node::start(k, mesh_key, l, *u, &quic_with).await));
+        nodes.push(Some(start(k, mesh_key, l, *u, &quic_with).await));
     }
     let mut clients = Vec::new();
     for a in &addrs {
@@ -217,7 +170,7 @@ async fn edge_quic_mesh_three_relays_every_way_peer_gone_restart() {
 
     // Restart it with the same key on the same ports; a new client there reaches everyone.
     let l = rebind(addrs[2]).await;
-    nodes[2] = Some(Node::start(&keys[2], mesh_key, l, udps[2], &quic_with).await);
+    nodes[2] = Some(start(&keys[2], mesh_key, l, udps[2], &quic_with).await);
     clients.push(plain_client(addrs[2]).await);
     let ckeys: Vec<NodePublic> = clients.iter().map(Client::public_key).collect();
     for (i, n) in nodes.iter().enumerate() {
@@ -238,7 +191,7 @@ async fn edge_quic_mesh_wrong_key_is_refused() {
     let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr_b = lb.local_addr().unwrap();
-    let a = Node::start(
+    let a = start(
         &key(),
         MeshKey::from_bytes([1; 32]),
         la,
@@ -246,7 +199,7 @@ async fn edge_quic_mesh_wrong_key_is_refused() {
         &ub.to_string(),
     )
     .await;
-    let b = Node::start(&key(), MeshKey::from_bytes([2; 32]), lb, ub, "").await;
+    let b = start(&key(), MeshKey::from_bytes([2; 32]), lb, ub, "").await;
     let cb = plain_client(addr_b).await;
     assert!(
         wait_until(|| b.metric("derp_mesh_quic_rejected", &[("reason", "auth")]) >= 1.0).await,
@@ -323,9 +276,9 @@ async fn edge_quic_mesh_counts_lost_datagrams_and_idles_out() {
     let (proxy, proxy_task) = lossy_udp(ub, drop_every.clone()).await;
     // A dials B through the forwarder; B dials nobody (A→B traffic uses A's link only).
     let timers = QuicTimers::new(Duration::from_millis(300), Duration::from_millis(1500)).unwrap();
-    let b = Node::start_with(&key(), mesh_key, lb, ub, "", timers).await;
+    let b = start_with(&key(), mesh_key, lb, ub, "", timers).await;
     let proxied = proxy.to_string();
-    let a = Node::start_with(&key(), mesh_key, la, ua, &proxied, timers).await;
+    let a = start_with(&key(), mesh_key, la, ua, &proxied, timers).await;
     let mut ca = plain_client(addr_a).await;
     let mut cb = plain_client(addr_b).await;
     let kb = cb.public_key();

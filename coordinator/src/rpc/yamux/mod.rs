@@ -14,7 +14,9 @@
 //! Shape: [`Session::server`] / [`Session::client`] spawn one driver task running three futures:
 //! a reader (parses 12-byte headers with `proto::yamux`, routes frames, enforces windows), a
 //! writer (the only code that writes to the transport; batches frames and fails the session if a
-//! write blocks past `connection_write_timeout`), and a keepalive loop. Streams ([`Stream`]) are
+//! write blocks past `connection_write_timeout`), and a keepalive loop. Timers (a stream's open
+//! and close deadlines) run as helper tasks the session tracks: they stop when the session ends,
+//! and the driver waits for them before it reports the session closed. Streams ([`Stream`]) are
 //! `AsyncRead + AsyncWrite` handles over per-stream state kept under a short `std` mutex.
 //!
 //! Files by role: `mod.rs` the configuration, errors and the session state the others share
@@ -51,6 +53,7 @@ use proto::yamux::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::{CancellationToken, PollSender};
+use tokio_util::task::TaskTracker;
 
 use super::{count, gauge_add, MetricsRef};
 
@@ -261,6 +264,10 @@ struct Inner {
     buffered: AtomicUsize,
     /// Set by the first caller that found `buffered` over the limit (so it is counted once).
     over_buffer_limit: AtomicBool,
+    /// The session's short-lived helper tasks (stream open and close timers, a FIN waiting for
+    /// room in the write queue). Each ends when the session does; the driver waits for them
+    /// before it reports the session closed, so none outlives its session.
+    helpers: TaskTracker,
 }
 
 impl Inner {
@@ -420,18 +427,43 @@ impl Inner {
         res
     }
 
+    /// Runs `on_expiry` after `delay` unless the session ends first, in a helper task the session
+    /// tracks (see [`Inner::helpers`]); the task holds only a weak reference to the session.
+    fn after(
+        self: &Arc<Self>,
+        delay: Duration,
+        on_expiry: impl FnOnce(&Arc<Inner>) + Send + 'static,
+    ) {
+        let weak: Weak<Inner> = Arc::downgrade(self);
+        self.spawn_helper(async move {
+            tokio::time::sleep(delay).await;
+            if let Some(inner) = weak.upgrade() {
+                on_expiry(&inner);
+            }
+        });
+    }
+
+    /// Runs `work` in a helper task that ends when it completes or when the session ends,
+    /// whichever comes first. Outside a runtime (a session dropped after its runtime) nothing
+    /// runs: the session is over anyway.
+    fn spawn_helper(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        if self.is_shutdown() || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let shutdown = self.shutdown.clone();
+        self.helpers.spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = work => {}
+            }
+        });
+    }
+
     /// Starts the close timer for a stream we half-closed: if the peer has not closed within
     /// `stream_close_timeout`, reset it (hashicorp's `closeTimeout`).
     fn start_close_timer(self: &Arc<Self>, state: &Arc<StreamState>) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let weak: Weak<Inner> = Arc::downgrade(self);
         let state = state.clone();
-        let timeout = self.config.stream_close_timeout;
-        rt.spawn(async move {
-            tokio::time::sleep(timeout).await;
-            let Some(inner) = weak.upgrade() else { return };
+        self.after(self.config.stream_close_timeout, move |inner| {
             let expired = {
                 let mut g = state.lock();
                 if g.removed || g.remote_closed || g.reset {

@@ -80,6 +80,7 @@ impl Session {
             max_window,
             buffered: AtomicUsize::new(0),
             over_buffer_limit: AtomicBool::new(false),
+            helpers: TaskTracker::new(),
             config,
         });
         let (rd, wr) = tokio::io::split(io);
@@ -102,6 +103,10 @@ impl Session {
                 }
                 wake_all(&mut g);
             }
+            // The helpers stop on the cancellation above; wait for them so that nothing of the
+            // session is left running once it reports closed.
+            inner.helpers.close();
+            inner.helpers.wait().await;
             gauge_add(&inner.config.metrics, |m| &m.yamux_sessions, -1);
             let _ = done_tx.send(true);
         });
@@ -201,12 +206,8 @@ impl SessionHandle {
             return Err(e);
         }
         // Open timeout: an un-ACKed stream aborts the session (hashicorp behaviour).
-        let weak = Arc::downgrade(inner);
         let st = state.clone();
-        let timeout = inner.config.stream_open_timeout;
-        tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
-            let Some(inner) = weak.upgrade() else { return };
+        inner.after(inner.config.stream_open_timeout, move |inner| {
             let (acked, removed) = {
                 let g = st.lock();
                 (g.acked, g.removed)

@@ -183,17 +183,11 @@ impl Drop for StreamCore {
                 body: Bytes::new(),
             };
             if let Err(mpsc::error::TrySendError::Full(fin)) = self.session.data_tx.try_send(fin) {
-                // Keep FIN ordered after the data already queued: wait for room in a task.
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    let tx = self.session.data_tx.clone();
-                    let shutdown = self.session.shutdown.clone();
-                    rt.spawn(async move {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => {}
-                            _ = tx.send(fin) => {}
-                        }
-                    });
-                }
+                // Keep FIN ordered after the data already queued: wait for room in a helper.
+                let tx = self.session.data_tx.clone();
+                self.session.spawn_helper(async move {
+                    let _ = tx.send(fin).await;
+                });
             }
         }
         if remove {
@@ -263,15 +257,14 @@ impl Drop for HeldBytes {
 /// One yamux stream: `AsyncRead + AsyncWrite`. `poll_shutdown` half-closes (FIN); reads return EOF
 /// after the peer's FIN and `ConnectionReset` after RST. Dropping it sends FIN if not yet sent.
 pub struct Stream {
-    pub(super) core: Arc<StreamCore>,
-    pub(super) tx: PollSender<OutFrame>,
+    /// The write half; reads go through its `core` too (a whole stream is its write half plus
+    /// read access, so the write path exists once).
+    writer: StreamWriter,
 }
 
 impl std::fmt::Debug for Stream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Stream")
-            .field("id", &self.core.state.id)
-            .finish()
+        f.debug_struct("Stream").field("id", &self.id()).finish()
     }
 }
 
@@ -306,32 +299,29 @@ impl Stream {
     pub(super) fn new(state: Arc<StreamState>, session: Arc<Inner>) -> Stream {
         let tx = PollSender::new(session.data_tx.clone());
         Stream {
-            core: Arc::new(StreamCore { state, session }),
-            tx,
+            writer: StreamWriter {
+                core: Arc::new(StreamCore { state, session }),
+                tx,
+            },
         }
     }
 
     /// The yamux stream id.
     pub fn id(&self) -> u32 {
-        self.core.state.id
+        self.writer.id()
     }
 
     /// Splits into independently usable halves (no lock shared between them).
     pub fn into_split(self) -> (StreamReader, StreamWriter) {
-        (
-            StreamReader {
-                core: self.core.clone(),
-            },
-            StreamWriter {
-                core: self.core,
-                tx: self.tx,
-            },
-        )
+        let reader = StreamReader {
+            core: self.writer.core.clone(),
+        };
+        (reader, self.writer)
     }
 
     /// Resets the stream (RST): both directions fail immediately on both sides.
     pub async fn reset(self) -> Result<(), SessionError> {
-        reset_stream(&self.core).await
+        self.writer.reset().await
     }
 }
 
@@ -375,10 +365,7 @@ impl StreamReader {
     /// Rejoins the halves of one stream; gives them back if they belong to different streams.
     pub fn reunite(self, writer: StreamWriter) -> Result<Stream, (StreamReader, StreamWriter)> {
         if Arc::ptr_eq(&self.core, &writer.core) {
-            Ok(Stream {
-                core: writer.core,
-                tx: writer.tx,
-            })
+            Ok(Stream { writer })
         } else {
             Err((self, writer))
         }
@@ -403,7 +390,7 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.core.poll_read(cx, buf)
+        self.writer.core.poll_read(cx, buf)
     }
 }
 
@@ -413,17 +400,15 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.core.poll_write(&mut this.tx, cx, buf)
+        Pin::new(&mut self.get_mut().writer).poll_write(cx, buf)
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().writer).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.core.poll_shutdown(&mut this.tx, cx)
+        Pin::new(&mut self.get_mut().writer).poll_shutdown(cx)
     }
 }
 

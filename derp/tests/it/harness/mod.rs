@@ -9,9 +9,11 @@
 #![allow(dead_code, unused_imports)]
 
 mod edge;
+mod region;
 mod server;
 
 pub use edge::*;
+pub use region::*;
 pub use server::*;
 
 use std::future::Future;
