@@ -1719,8 +1719,7 @@ pub mod derper_flags;
 #[cfg(test)]
 mod tests;
 
-// The TOML fuzz target's entry point; `fuzz/fuzz_targets/config_toml.rs` compiles this file
-// (cargo-fuzz sets `cfg(fuzzing)`) and the tests replay its corpus.
+// The TOML fuzz target's entry point (`fuzz/fuzz_targets/config_toml.rs`; cargo-fuzz sets
+// `cfg(fuzzing)`); the tests replay its corpus through it.
 #[cfg(any(test, fuzzing))]
-#[path = "config/fuzzing.rs"]
 pub mod fuzzing;

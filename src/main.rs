@@ -6,7 +6,6 @@
 //! non-DERP request to a router built from the coordinator's routes. Keep it thin: protocol logic
 //! belongs in the library crates.
 
-mod config;
 mod relay_probe;
 mod status;
 
@@ -34,7 +33,7 @@ use derp::{Server, ServerConfig};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{RelayAdmission, Role, Settings};
+use tailnetd::config::{self, RelayAdmission, Role, Settings};
 
 /// Exit status for a configuration error (EX_USAGE), so supervisors can tell it from a crash.
 const EXIT_CONFIG: u8 = 64;

@@ -2,9 +2,8 @@
 //! every role exactly as `tailnetd <role> --config FILE` would (file parse, per-setting TOML
 //! decoding, validation, the library configs' own checks), minus reading the file from disk.
 //!
-//! Shared by `fuzz/fuzz_targets/config_toml.rs` (which compiles `src/config.rs` into the fuzz
-//! crate, as the binary has no library target) and by the corpus replay test below, which runs
-//! in `cargo test`. It must never panic: a bad file is an error naming the field, and whatever
+//! Shared by `fuzz/fuzz_targets/config_toml.rs` (through the `tailnetd` library target) and by
+//! the corpus replay test below, which runs in `cargo test`. It must never panic: a bad file is an error naming the field, and whatever
 //! resolves prints (`--check`) as TOML that parses again.
 
 use super::{command, invocation, Settings, EVERY_ROLE};
