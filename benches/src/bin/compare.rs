@@ -1352,6 +1352,8 @@ fn main() -> Result<()> {
             }
         }
     }
+    // A Go counterpart's version, or that it did not run.
+    let ran = |built: bool, version: String| if built { version } else { "not run".into() };
     res.machine = vec![
         ("uname -a".into(), sh("uname -a")),
         ("lscpu".into(), cpu.clone()),
@@ -1376,30 +1378,9 @@ fn main() -> Result<()> {
                 profile()
             ),
         ),
-        (
-            "derper".into(),
-            if ctx.bins.derper.is_some() {
-                format!("tailscale.com/cmd/derper@{DERPER_VERSION}")
-            } else {
-                "not run".into()
-            },
-        ),
-        (
-            "Go coordinator".into(),
-            if ctx.bins.gocoord.is_some() {
-                format!("github.com/coder/coder/v2@{CODER_VERSION} tailnet.NewCoordinator via interop/gocoord")
-            } else {
-                "not run".into()
-            },
-        ),
-        (
-            "Go load generator".into(),
-            if ctx.bins.derpload.is_some() {
-                format!("interop/derpload on tailscale.com@{DERPER_VERSION} derp/derphttp")
-            } else {
-                "not run".into()
-            },
-        ),
+        ("derper".into(), ran(ctx.bins.derper.is_some(), format!("tailscale.com/cmd/derper@{DERPER_VERSION}"))),
+        ("Go coordinator".into(), ran(ctx.bins.gocoord.is_some(), format!("github.com/coder/coder/v2@{CODER_VERSION} tailnet.NewCoordinator via interop/gocoord"))),
+        ("Go load generator".into(), ran(ctx.bins.derpload.is_some(), format!("interop/derpload on tailscale.com@{DERPER_VERSION} derp/derphttp"))),
         (
             "pinning".into(),
             if pin.enabled {
