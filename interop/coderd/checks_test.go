@@ -152,8 +152,12 @@ func trim(b []byte, n int) string {
 
 // checkDialAgent dials the agent from a client coordinating through tailnetd
 // (workspacesdk.DialAgent) and echoes bytes over a TCP connection in the tunnel. With
-// telemetry on, the client also sends PostTelemetry.
-func (s *scenario) checkDialAgent(ctx context.Context, telemetry bool) error {
+// whileOpen set, the client has telemetry on, pings the agent (a ping is one of the events the
+// client reports with PostTelemetry) and calls whileOpen before it closes: the client posts its
+// events from background goroutines, and closing the connection ends its coordination session,
+// so an event still on its way when the connection closes is lost by the client itself.
+func (s *scenario) checkDialAgent(ctx context.Context, whileOpen func() error) error {
+	telemetry := whileOpen != nil
 	ctx, cancel := context.WithTimeout(ctx, checkTimeout)
 	defer cancel()
 	logger := slogtest.Make(s.t, &slogtest.Options{IgnoreErrors: true}).Leveled(logLevel()).Named("client")
@@ -188,10 +192,10 @@ func (s *scenario) checkDialAgent(ctx context.Context, telemetry bool) error {
 		return fmt.Errorf("echo: got %q, want %q", got, msg)
 	}
 	if telemetry {
-		// A successful ping is one of the events the client reports with PostTelemetry.
 		if _, _, _, err := conn.Ping(ctx); err != nil {
 			return fmt.Errorf("pinging the agent: %w", err)
 		}
+		return whileOpen()
 	}
 	return nil
 }
@@ -274,20 +278,19 @@ func (s *scenario) checkLifecycleReady(ctx context.Context) error {
 	}
 }
 
-// checkTelemetry dials the agent with telemetry on, pings it, and waits for the client's
-// network telemetry to reach coderd's telemetry reporter.
+// checkTelemetry dials the agent with telemetry on, pings it, and waits, with the connection
+// still open, for the client's network telemetry to reach coderd's telemetry reporter.
 func (s *scenario) checkTelemetry(ctx context.Context) error {
 	before := len(s.telemetry.networkEvents())
-	if err := s.checkDialAgent(ctx, true); err != nil {
-		return err
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for len(s.telemetry.networkEvents()) == before {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("no network telemetry reached coderd within 10 s (tailnetd's %s)",
-				s.tailnetd.metric(ctx, "coordinator_telemetry_events_total"))
+	return s.checkDialAgent(ctx, func() error {
+		deadline := time.Now().Add(10 * time.Second)
+		for len(s.telemetry.networkEvents()) == before {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("no network telemetry reached coderd within 10 s (tailnetd's %s)",
+					s.tailnetd.metric(ctx, "coordinator_telemetry_events_total"))
+			}
+			time.Sleep(100 * time.Millisecond)
 		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	return nil
+		return nil
+	})
 }

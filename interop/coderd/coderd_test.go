@@ -60,7 +60,7 @@ func TestThroughTailnetd(t *testing.T) {
 	})
 	t.Run("DialAgentEcho", func(t *testing.T) {
 		t.Parallel()
-		if err := s.checkDialAgent(ctx, false); err != nil {
+		if err := s.checkDialAgent(ctx, nil); err != nil {
 			t.Fatal(err)
 		}
 	})
@@ -151,7 +151,7 @@ func runAfterRestart(t *testing.T, s *scenario, restartedAt time.Time) {
 		name  string
 		check func(context.Context) error
 	}{
-		{"DialAgentEcho", func(ctx context.Context) error { return s.checkDialAgent(ctx, false) }},
+		{"DialAgentEcho", func(ctx context.Context) error { return s.checkDialAgent(ctx, nil) }},
 		{"WebTerminal", s.checkTerminal},
 		{"ListeningPorts", s.checkListeningPorts},
 		{"MetadataCollectedAfterRestart", func(ctx context.Context) error { return s.checkMetadata(ctx, restartedAt) }},
@@ -186,7 +186,7 @@ func TestControlDirectToCoderd(t *testing.T) {
 		name  string
 		check func(context.Context) error
 	}{
-		{"DialAgentEcho", func(ctx context.Context) error { return s.checkDialAgent(ctx, false) }},
+		{"DialAgentEcho", func(ctx context.Context) error { return s.checkDialAgent(ctx, nil) }},
 		{"WebTerminal", s.checkTerminal},
 		{"ListeningPorts", s.checkListeningPorts},
 		{"WorkspaceApp", s.checkApp},

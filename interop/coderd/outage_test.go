@@ -168,7 +168,7 @@ func TestCoderdOutage(t *testing.T) {
 		upAt.Sub(downAt).Round(time.Millisecond), time.Since(upAt).Round(time.Millisecond))
 
 	// The deployment works again: a new client reaches the agent.
-	if err := s.checkDialAgent(ctx, false); err != nil {
+	if err := s.checkDialAgent(ctx, nil); err != nil {
 		t.Fatalf("dialing the agent after the outage: %v", err)
 	}
 	if _, err := held.snapshot(); err != nil {
