@@ -22,9 +22,11 @@
 //! This module must never block the graph (it only calls its non-blocking API) and never keep a
 //! peer connected after its stream is gone (dropping the graph handle marks it LOST).
 
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::Either;
 use futures_util::{Sink, Stream};
 use proto::tailnet::v2::methods;
 use proto::tailnet::v2::{
@@ -42,7 +44,8 @@ use crate::rpc::drpc::{
     self, CallFuture, DrpcConfig, Handler, RawInvoke, RpcError, RpcStream, TakeOverFuture,
 };
 use crate::rpc::wsio::{
-    WsConfig, WsEnd, WsIo, WsMessage, CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_NORMAL,
+    WsConfig, WsEnd, WsHandle, WsIo, WsMessage, CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR,
+    CLOSE_NORMAL,
 };
 use crate::rpc::yamux::{self, Session, SessionError};
 use crate::upstream::agent_rpc::UpstreamLink;
@@ -119,38 +122,23 @@ impl V2Peer {
 /// Serve one upgraded WebSocket as a v2 session until it ends; in sidecar mode the session's
 /// telemetry pump runs next to it and drains (bounded) after it. Generic over the WebSocket
 /// (axum's in production, tungstenite's in the `v2_session` fuzz target).
-pub(crate) async fn serve_session<S, M, E>(coord: Arc<Coordinator>, ws: S, peer: V2Peer)
+///
+/// Not an `async fn`: the returned future lives as long as the session, in every session's task,
+/// and an `async fn` wrapper would keep its own copies of the WebSocket and the peer beside the
+/// ones `run_session` holds (a moved-from argument keeps its slot). A session with telemetry is
+/// boxed, so that the pump's state does not set the size of every other session's task.
+pub(crate) fn serve_session<S, M, E>(
+    coord: Arc<Coordinator>,
+    ws: S,
+    peer: V2Peer,
+) -> impl Future<Output = ()> + Send
 where
     S: Stream<Item = Result<M, E>> + Sink<M, Error = E> + Send + Unpin + 'static,
     M: WsMessage,
     E: std::fmt::Display + Send + 'static,
 {
-    let Some(link) = peer.telemetry.clone() else {
-        return run_session(coord, ws, peer, None).await;
-    };
-    let (queue, pump) = telemetry::channel(link, peer.id);
-    let session_ended = CancellationToken::new();
-    let shutdown = coord.cancel.clone();
-    let session = async {
-        run_session(coord, ws, peer, Some(queue)).await;
-        session_ended.cancel();
-    };
-    tokio::join!(session, pump.run(session_ended.clone(), shutdown));
-}
-
-async fn run_session<S, M, E>(
-    coord: Arc<Coordinator>,
-    ws: S,
-    peer: V2Peer,
-    telemetry: Option<TelemetryQueue>,
-) where
-    S: Stream<Item = Result<M, E>> + Sink<M, Error = E> + Send + Unpin + 'static,
-    M: WsMessage,
-    E: std::fmt::Display + Send + 'static,
-{
-    let _tracked = coord.sessions.track();
-    let _session = coord.metrics.session(peer.role(), Protocol::V2);
-    let metrics = Some(coord.rpc_metrics.clone());
+    // Wrapped here, not in `run_session`: the WebSocket (hundreds of bytes) would otherwise keep
+    // a slot in that future for the session's life after being moved into the `WsIo`.
     let ws_config = WsConfig {
         ping_interval: Some(coord.config.ws_ping_interval),
         ping_timeout: coord.config.ws_pong_timeout,
@@ -158,10 +146,35 @@ async fn run_session<S, M, E>(
             PeerKind::Agent => Some(coord.config.agent_inactive_disconnect_timeout),
             _ => None,
         },
-        metrics: metrics.clone(),
+        metrics: Some(coord.rpc_metrics.clone()),
         ..WsConfig::server()
     };
     let (io, ws_handle) = WsIo::new(ws, ws_config);
+    match peer.telemetry.clone() {
+        None => Either::Left(run_session(coord, io, ws_handle, peer, None)),
+        Some(link) => Either::Right(Box::pin(async move {
+            let (queue, pump) = telemetry::channel(link, peer.id);
+            let session_ended = CancellationToken::new();
+            let shutdown = coord.cancel.clone();
+            let session = async {
+                run_session(coord, io, ws_handle, peer, Some(queue)).await;
+                session_ended.cancel();
+            };
+            tokio::join!(session, pump.run(session_ended.clone(), shutdown));
+        })),
+    }
+}
+
+async fn run_session(
+    coord: Arc<Coordinator>,
+    io: WsIo,
+    ws_handle: WsHandle,
+    peer: V2Peer,
+    telemetry: Option<TelemetryQueue>,
+) {
+    let _tracked = coord.sessions.track();
+    let _session = coord.metrics.session(peer.role(), Protocol::V2);
+    let metrics = Some(coord.rpc_metrics.clone());
     let session = Session::server(
         io,
         yamux::Config {
@@ -314,11 +327,17 @@ impl TailnetService {
                 .connect(self.peer.id, self.peer.name.clone(), self.peer.auth());
         let mut wire = BytesMut::new();
         loop {
+            // Requests arrive boxed: a 312-byte request held across `preauthorize`'s await (and
+            // once more as the select's output) sized this future, which lives for the session.
+            let next_request = async {
+                let req = stream.recv_msg::<CoordinateRequest>().await;
+                req.map(|r| r.map(Box::new))
+            };
             tokio::select! {
-                req = stream.recv_msg::<CoordinateRequest>() => match req {
+                req = next_request => match req {
                     Ok(Some(req)) => {
                         self.preauthorize(&req).await;
-                        match coord.graph.handle(&handle, req) {
+                        match coord.graph.handle(&handle, *req) {
                             Ok(Flow::Continue) | Ok(Flow::Close) => {}
                             Err(e) => {
                                 // The error response is queued and the receiver closes after it.
@@ -346,7 +365,9 @@ impl TailnetService {
                     Some(first) => {
                         let whole = take_queued(&mut rx, &mut wire, first);
                         if !wire.is_empty() {
-                            stream.send(wire.split().freeze()).await?;
+                            // Taken whole (not split): the spare capacity of a split buffer would
+                            // stay allocated beside the sent bytes until the next batch.
+                            stream.send(std::mem::take(&mut wire).freeze()).await?;
                         }
                         if let Some(whole) = whole {
                             stream.send_msg(&whole).await?;

@@ -343,6 +343,30 @@ mod rpc {
         assert!(f.flags.contains(Flags::FIN));
     }
 
+    /// A data frame for a stream the server does not know is skipped, payload and all, through
+    /// the reader's own buffer (many times its size here), and the frames after it are read
+    /// exactly where they start.
+    #[tokio::test]
+    async fn data_for_an_unknown_stream_is_skipped_exactly() {
+        let (mut server, mut raw) = raw_server(Config::default());
+        write_header(&mut raw, Header::window_update(Flags::SYN, 1, 0)).await;
+        let mut s = timeout(T, server.accept())
+            .await
+            .expect("in time")
+            .expect("accept");
+        let junk = pattern(7, 100 * 1024 + 3);
+        write_header(&mut raw, Header::data(Flags::NONE, 5, junk.len() as u32)).await;
+        raw.write_all(&junk).await.expect("payload");
+        write_header(&mut raw, Header::data(Flags::FIN, 1, 5)).await;
+        raw.write_all(b"hello").await.expect("payload");
+        let mut got = Vec::new();
+        timeout(T, s.read_to_end(&mut got))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert_eq!(got, b"hello");
+    }
+
     #[tokio::test]
     async fn even_stream_from_client_is_protocol_error() {
         let (server, mut raw) = raw_server(Config::default());

@@ -143,7 +143,7 @@ pub(super) async fn open_client_call(
 
 pub(super) async fn client_reader(
     mut reader: PacketReader,
-    in_tx: mpsc::Sender<Inbound>,
+    in_tx: mpsc::Sender<Box<Inbound>>,
     shared: Arc<CallShared>,
     guard: CancellationToken,
     out: Arc<TransportWriter>,
@@ -162,7 +162,7 @@ pub(super) async fn client_reader(
             Err(ReadError::Eof) | Err(ReadError::Io(_)) => break,
             Err(ReadError::Protocol(e)) => {
                 log_protocol_error(&metrics, yamux_id, &e);
-                let _ = in_tx.try_send(Inbound::Error(RpcError::Protocol(e.to_string())));
+                let _ = in_tx.try_send(Box::new(Inbound::Error(RpcError::Protocol(e.to_string()))));
                 out.abort().await;
                 break;
             }
@@ -180,7 +180,7 @@ pub(super) async fn client_reader(
             Ok(i) => i,
             Err(e) => {
                 log_protocol_error(&metrics, yamux_id, &e);
-                let _ = in_tx.try_send(Inbound::Error(RpcError::Protocol(e.to_string())));
+                let _ = in_tx.try_send(Box::new(Inbound::Error(RpcError::Protocol(e.to_string()))));
                 out.abort().await;
                 break;
             }

@@ -52,9 +52,9 @@ use super::yamux::{
 use super::{count, MetricsRef};
 
 /// How much room we reserve per read. Small on purpose: a coordination session idles between
-/// updates of a few hundred bytes, and this buffer lives as long as the session (10,000 sessions ×
-/// 64 KiB was most of the coordinator's memory; 8 KiB was still an eighth of a peer's bytes); a
-/// large packet simply takes several reads (the buffer grows geometrically, and is given back).
+/// updates of a few hundred bytes (10,000 sessions × 64 KiB was most of the coordinator's memory);
+/// a large packet simply takes several reads (the buffer grows geometrically). The buffer is
+/// given back whenever it holds nothing partial, so an idle stream holds none.
 const READ_CHUNK: usize = 2 * 1024;
 /// Raw bytes kept for [`Handler::take_over`] before the first dispatch (Invoke + metadata).
 const MAX_RAW_PREFIX: usize = 2 * MAX_PACKET_SIZE + 128 * 1024;

@@ -5,7 +5,8 @@
 
 use super::*;
 
-/// Reads packets off one yamux stream. Cancel-safe: `next` only awaits inside `read_buf`.
+/// Reads packets off one yamux stream. Cancel-safe: `next` only awaits in `readable` and
+/// `read_buf`, neither of which takes bytes it then loses.
 pub(super) struct PacketReader {
     pub(super) rd: StreamReader,
     pub(super) buf: BytesMut,
@@ -21,12 +22,16 @@ pub(super) enum ReadError {
     Protocol(DrpcError),
 }
 
+/// Packets up to this size are copied out of the read chunk (see [`PacketReader::next_buffered`]);
+/// larger ones were read through a buffer grown for them and keep it.
+const MAX_SHARED_COPY: usize = 64 * 1024;
+
 impl PacketReader {
     pub(super) fn new(rd: StreamReader, keep_raw: bool) -> Self {
         let held = rd.held_bytes();
         PacketReader {
             rd,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::new(),
             asm: PacketAssembler::new(),
             raw: keep_raw.then(BytesMut::new),
             held,
@@ -50,7 +55,14 @@ impl PacketReader {
     /// The next packet if the bytes already read complete one (no I/O).
     pub(super) fn next_buffered(&mut self) -> Result<Option<(Packet, HeldBytes)>, ReadError> {
         while let Some(frame) = Frame::decode(&mut self.buf).map_err(ReadError::Protocol)? {
-            if let Some(p) = self.asm.push(frame).map_err(ReadError::Protocol)? {
+            if let Some(mut p) = self.asm.push(frame).map_err(ReadError::Protocol)? {
+                if p.data.len() <= MAX_SHARED_COPY {
+                    // The data is a slice of the read chunk, and the protobuf messages decoded
+                    // from it keep zero-copy slices of it (the Node a peer last sent stays in the
+                    // graph for the peer's life): copied out, it pins its own few hundred bytes
+                    // instead of the whole chunk.
+                    p.data = Bytes::copy_from_slice(&p.data);
+                }
                 self.account()?;
                 let held = self.held.split(p.data.len()).map_err(|e| {
                     ReadError::Io(std::io::Error::new(
@@ -70,10 +82,14 @@ impl PacketReader {
             if let Some(p) = self.next_buffered()? {
                 return Ok(p);
             }
-            if self.buf.is_empty() && self.buf.capacity() > 2 * READ_CHUNK {
-                // A large packet grew the buffer: give it back rather than keep it for the
-                // stream's life (an idle session holds one small chunk, see `READ_CHUNK`).
-                self.buf = BytesMut::with_capacity(READ_CHUNK);
+            if self.buf.is_empty() {
+                // Nothing partial is held: wait for the next bytes holding no read buffer (most
+                // streams are idle most of the time), and allocate a chunk once they are there.
+                if self.buf.capacity() > 0 {
+                    self.buf = BytesMut::new();
+                    self.account()?;
+                }
+                self.rd.readable().await;
             }
             self.account()?;
             self.buf.reserve(READ_CHUNK);

@@ -39,7 +39,7 @@ pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc
     let mut current: Option<Current> = None;
     let mut last_stream: u64 = 0;
     let mut meta: Option<(u64, BTreeMap<String, String>)> = None;
-    let mut pending: Option<Inbound> = None;
+    let mut pending: Option<Box<Inbound>> = None;
     // A packet already parsed from the read buffer (see below), processed in its turn.
     let mut ahead: Option<(Packet, HeldBytes)> = None;
 

@@ -4,8 +4,9 @@
 
 use super::*;
 
-/// Above this capacity the encode buffer is given back once drained (a 4 MiB message must not
-/// keep a 4 MiB buffer for the transport's life).
+/// Above this capacity the encode buffer is given back once drained even while other senders
+/// wait (a 4 MiB message must not keep a 4 MiB buffer for the transport's life); with nobody
+/// waiting it is always given back.
 pub(super) const KEEP_WRITE_BUFFER: usize = 16 * 1024;
 
 /// The write side of one transport, shared by every sender of its calls: numbers packets per dRPC
@@ -92,7 +93,9 @@ impl WriteState {
         if self.queued_seq != 0 {
             self.written_seq = self.queued_seq;
             self.queued_seq = 0;
-            if self.buf.capacity() > KEEP_WRITE_BUFFER {
+            if self.waiters.is_empty() || self.buf.capacity() > KEEP_WRITE_BUFFER {
+                // Nobody else is waiting to send: give the buffer back (most transports are
+                // idle between packets, and each would otherwise hold its largest packet).
                 self.buf = BytesMut::new();
             } else {
                 self.buf.clear();

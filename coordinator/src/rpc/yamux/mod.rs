@@ -50,7 +50,10 @@ use proto::yamux::{
     Flags, Header, HeaderError, Type, GO_AWAY_INTERNAL_ERROR, GO_AWAY_NORMAL,
     GO_AWAY_PROTOCOL_ERROR, HEADER_LEN, INITIAL_WINDOW,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+    ReadBuf,
+};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::{CancellationToken, PollSender};
 use tokio_util::task::TaskTracker;
@@ -61,16 +64,19 @@ use super::{count, gauge_add, MetricsRef};
 const MAX_DATA_FRAME: usize = 64 * 1024;
 /// The writer stops batching once a batch reaches this size.
 const WRITE_BATCH: usize = 128 * 1024;
-/// What the writer's batch buffer starts with; it grows towards [`WRITE_BATCH`] only under load,
-/// so that an idle session does not keep a 192 KiB buffer (a separate mapping per session).
+/// What the writer's batch buffer reserves when frames are queued; it grows towards
+/// [`WRITE_BATCH`] only under load, and a writer with nothing to write holds no buffer.
 const INITIAL_BATCH_CAPACITY: usize = 4 * 1024;
 /// A batch buffer grown past this by a burst is given back once written (a backlog must not
 /// leave every session holding its peak).
 const KEEP_BATCH_CAPACITY: usize = 16 * 1024;
-/// The reader's buffer: frames larger than this are read through it in several reads. Small: the
-/// transport below (the WebSocket byte stream) already holds the received message, and a
-/// coordination update is a few hundred bytes.
-const READ_BUFFER: usize = 2 * 1024;
+/// Control frames queued for the writer before a sender waits (see `Inner::send_ctrl`).
+const CTRL_QUEUE: usize = 256;
+/// The reader's buffer, held for the session's life. Small: the transport below (the WebSocket
+/// byte stream) already holds the received message, so refilling it is a copy, not a system
+/// call; a payload at least this large is read past it, straight into the frame's own buffer.
+/// 2 KiB was 7% of a connected peer's bytes.
+const READ_BUFFER: usize = 512;
 /// Outstanding pings (keepalive + explicit [`SessionHandle::ping`]) per session.
 const MAX_OUTSTANDING_PINGS: usize = 64;
 
@@ -247,9 +253,15 @@ struct Inner {
     streams: Mutex<HashMap<u32, Arc<StreamState>>>,
     next_id: AtomicU32,
     data_tx: mpsc::Sender<OutFrame>,
-    ctrl_tx: mpsc::Sender<Header>,
+    /// Control frames (ACK, RST, GoAway, ping replies) for the writer, at most [`CTRL_QUEUE`]. A
+    /// queue under a mutex rather than a channel: a channel allocates its shared state and a
+    /// first block of slots for every session when it is made (about 900 bytes).
+    ctrl: Mutex<VecDeque<Header>>,
+    /// Room was made in `ctrl` (senders waiting for it).
+    ctrl_room: Notify,
     wu_pending: Mutex<Vec<u32>>,
-    wu_notify: Notify,
+    /// Control work for the writer: a control frame or a window update was queued.
+    ctrl_notify: Notify,
     pings: Mutex<HashMap<u32, oneshot::Sender<()>>>,
     ping_id: AtomicU32,
     shutdown: CancellationToken,
@@ -268,6 +280,8 @@ struct Inner {
     /// room in the write queue). Each ends when the session does; the driver waits for them
     /// before it reports the session closed, so none outlives its session.
     helpers: TaskTracker,
+    /// Inbound streams waiting for `Session::accept`.
+    accept: session::AcceptQueue,
 }
 
 impl Inner {
@@ -328,6 +342,22 @@ impl Inner {
         self.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn ctrl_queue(&self) -> MutexGuard<'_, VecDeque<Header>> {
+        self.ctrl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a control frame for the writer if there is room; false if the queue is full.
+    fn try_ctrl(&self, h: Header) -> bool {
+        let mut q = self.ctrl_queue();
+        if q.len() >= CTRL_QUEUE {
+            return false;
+        }
+        q.push_back(h);
+        drop(q);
+        self.ctrl_notify.notify_one();
+        true
+    }
+
     fn end_error(&self) -> SessionError {
         self.end
             .lock()
@@ -362,9 +392,7 @@ impl Inner {
     fn protocol_error(&self, msg: String) {
         count(&self.config.metrics, |m| &m.yamux_protocol_errors);
         tracing::info!(error = %msg, "yamux: protocol error, closing session");
-        let _ = self
-            .ctrl_tx
-            .try_send(Header::go_away(GO_AWAY_PROTOCOL_ERROR));
+        let _ = self.try_ctrl(Header::go_away(GO_AWAY_PROTOCOL_ERROR));
         self.shutdown_with(SessionError::Protocol(msg));
     }
 
@@ -388,13 +416,23 @@ impl Inner {
         if let Ok(mut v) = self.wu_pending.lock() {
             v.push(id);
         }
-        self.wu_notify.notify_one();
+        self.ctrl_notify.notify_one();
     }
 
+    /// Queues a control frame, waiting for room while the queue is full; fails once the session
+    /// has ended.
     async fn send_ctrl(&self, h: Header) -> Result<(), SessionError> {
-        tokio::select! {
-            _ = self.shutdown.cancelled() => Err(self.end_error()),
-            r = self.ctrl_tx.send(h) => r.map_err(|_| self.end_error()),
+        loop {
+            let room = self.ctrl_room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if self.try_ctrl(h) {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Err(self.end_error()),
+                _ = room => {}
+            }
         }
     }
 
@@ -475,9 +513,7 @@ impl Inner {
                 }
             };
             if expired {
-                let _ = inner
-                    .ctrl_tx
-                    .try_send(Header::window_update(Flags::RST, state.id, 0));
+                let _ = inner.try_ctrl(Header::window_update(Flags::RST, state.id, 0));
                 inner.remove_stream(&state);
             }
         });

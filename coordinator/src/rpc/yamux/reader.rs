@@ -4,24 +4,24 @@
 
 use super::*;
 
-pub(super) async fn reader_loop<R>(inner: Arc<Inner>, rd: R, accept_tx: mpsc::Sender<Stream>)
+pub(super) async fn reader_loop<R>(inner: Arc<Inner>, rd: R)
 where
     R: AsyncRead + Unpin,
 {
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     let res = tokio::select! {
         _ = inner.shutdown.cancelled() => Ok(()),
-        r = read_frames(&inner, &mut rd, &accept_tx) => r,
+        r = read_frames(&inner, &mut rd) => r,
     };
     if let Err(e) = res {
         inner.shutdown_with(e);
     }
+    inner.accept.close();
 }
 
 pub(super) async fn read_frames<R>(
     inner: &Arc<Inner>,
     rd: &mut BufReader<R>,
-    accept_tx: &mpsc::Sender<Stream>,
 ) -> Result<(), SessionError>
 where
     R: AsyncRead + Unpin,
@@ -44,7 +44,7 @@ where
         };
         match hdr.typ {
             Type::Data | Type::WindowUpdate => {
-                if let Err(msg) = handle_stream_frame(inner, rd, accept_tx, hdr).await? {
+                if let Err(msg) = handle_stream_frame(inner, rd, hdr).await? {
                     inner.protocol_error(msg.clone());
                     return Err(SessionError::Protocol(msg));
                 }
@@ -88,16 +88,20 @@ pub(super) fn io_end(e: io::Error) -> SessionError {
     }
 }
 
-pub(super) async fn discard<R: AsyncRead + Unpin>(
+/// Skips `len` bytes of the transport by consuming them from the reader's own buffer: no scratch
+/// space of its own (a 4 KiB scratch array here made every session's driver task 4 KiB larger,
+/// for a path that only runs on frames nobody reads).
+pub(super) async fn discard<R: AsyncBufRead + Unpin>(
     rd: &mut R,
     mut len: u64,
 ) -> Result<(), SessionError> {
-    let mut scratch = [0u8; 4096];
     while len > 0 {
-        let n = usize::try_from(len)
-            .unwrap_or(usize::MAX)
-            .min(scratch.len());
-        rd.read_exact(&mut scratch[..n]).await.map_err(io_end)?;
+        let available = rd.fill_buf().await.map_err(io_end)?.len();
+        if available == 0 {
+            return Err(SessionError::Eof);
+        }
+        let n = usize::try_from(len).unwrap_or(usize::MAX).min(available);
+        rd.consume(n);
         len -= n as u64;
     }
     Ok(())
@@ -108,7 +112,6 @@ pub(super) async fn discard<R: AsyncRead + Unpin>(
 pub(super) async fn handle_stream_frame<R>(
     inner: &Arc<Inner>,
     rd: &mut BufReader<R>,
-    accept_tx: &mpsc::Sender<Stream>,
     hdr: Header,
 ) -> Result<Result<(), String>, SessionError>
 where
@@ -136,7 +139,7 @@ where
                 "stream {id}: {data_len} bytes exceed the initial window"
             )));
         }
-        match open_inbound(inner, accept_tx, id, hdr).await? {
+        match open_inbound(inner, id, hdr).await? {
             Some(s) => state = Some(s),
             None => {
                 // Refused with RST; drop any payload.
@@ -222,7 +225,6 @@ where
 /// Registers an inbound stream, ACKs it and queues it for `accept`. `Ok(None)` = refused (RST).
 pub(super) async fn open_inbound(
     inner: &Arc<Inner>,
-    accept_tx: &mpsc::Sender<Stream>,
     id: u32,
     hdr: Header,
 ) -> Result<Option<Arc<StreamState>>, SessionError> {
@@ -237,16 +239,13 @@ pub(super) async fn open_inbound(
             .await?;
         return Ok(None);
     }
-    let permit = match accept_tx.try_reserve() {
-        Ok(p) => p,
-        Err(_) => {
-            refuse("accept backlog full");
-            inner
-                .send_ctrl(Header::window_update(Flags::RST, id, 0))
-                .await?;
-            return Ok(None);
-        }
-    };
+    if !inner.accept.has_room(inner.config.accept_backlog) {
+        refuse("accept backlog full");
+        inner
+            .send_ctrl(Header::window_update(Flags::RST, id, 0))
+            .await?;
+        return Ok(None);
+    }
     // The SYN frame's own window delta is applied by the caller like any window update.
     let _ = hdr;
     let state = Arc::new(StreamState::new(id, inner.max_window, INITIAL_WINDOW, true));
@@ -260,7 +259,6 @@ pub(super) async fn open_inbound(
         }
     };
     if !inserted {
-        drop(permit);
         refuse("stream limit");
         inner
             .send_ctrl(Header::window_update(Flags::RST, id, 0))
@@ -278,6 +276,7 @@ pub(super) async fn open_inbound(
         .await?;
     // The window update in the ACK already applies to the payload check that follows, but the
     // payload (if any) was sent against the initial window, which `recv_window` covers.
-    permit.send(Stream::new(state.clone(), inner.clone()));
+    // Queued as its state, made a `Stream` when accepted.
+    inner.accept.push(state.clone());
     Ok(Some(state))
 }

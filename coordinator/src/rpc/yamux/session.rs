@@ -9,7 +9,63 @@ use super::*;
 /// [`Session::handle`] for cloneable access (open, ping, close) from elsewhere.
 pub struct Session {
     pub(super) handle: SessionHandle,
-    pub(super) accept_rx: mpsc::Receiver<Stream>,
+}
+
+/// Inbound streams, ACKed and waiting for [`Session::accept`] (at most `accept_backlog`). A queue
+/// under a mutex rather than a channel: a channel allocates its shared state and a first block of
+/// slots for every session when it is made (about 800 bytes, 4% of a connected peer), and most
+/// sessions see one inbound stream in their life.
+pub(super) struct AcceptQueue {
+    queue: Mutex<VecDeque<Arc<StreamState>>>,
+    /// The reader has ended: nothing more will be queued.
+    closed: AtomicBool,
+    ready: Notify,
+}
+
+impl AcceptQueue {
+    pub(super) fn new() -> Self {
+        AcceptQueue {
+            queue: Mutex::new(VecDeque::new()),
+            closed: AtomicBool::new(false),
+            ready: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Arc<StreamState>>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether one more stream fits. Only the reader queues, so the answer holds until it does.
+    pub(super) fn has_room(&self, backlog: usize) -> bool {
+        self.lock().len() < backlog.max(1)
+    }
+
+    pub(super) fn push(&self, state: Arc<StreamState>) {
+        self.lock().push_back(state);
+        self.ready.notify_one();
+    }
+
+    /// Called when the reader ends: `pop` returns what is queued, then `None`.
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.ready.notify_waiters();
+    }
+
+    /// The next queued stream; `None` once the queue is empty and closed. Cancel-safe.
+    async fn pop(&self) -> Option<Arc<StreamState>> {
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(state) = self.lock().pop_front() {
+                return Some(state);
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            notified.await;
+        }
+    }
 }
 
 impl std::fmt::Debug for Session {
@@ -57,8 +113,6 @@ impl Session {
         T: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (data_tx, data_rx) = mpsc::channel(config.write_queue_depth.max(1));
-        let (ctrl_tx, ctrl_rx) = mpsc::channel(256);
-        let (accept_tx, accept_rx) = mpsc::channel(config.accept_backlog.max(1));
         let (done_tx, done_rx) = watch::channel(false);
         let max_window = config.max_stream_window.max(INITIAL_WINDOW);
         gauge_add(&config.metrics, |m| &m.yamux_sessions, 1);
@@ -67,9 +121,10 @@ impl Session {
             streams: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(if client { 1 } else { 2 }),
             data_tx,
-            ctrl_tx,
+            ctrl: Mutex::new(VecDeque::new()),
+            ctrl_room: Notify::new(),
             wu_pending: Mutex::new(Vec::new()),
-            wu_notify: Notify::new(),
+            ctrl_notify: Notify::new(),
             pings: Mutex::new(HashMap::new()),
             ping_id: AtomicU32::new(0),
             shutdown: CancellationToken::new(),
@@ -81,6 +136,7 @@ impl Session {
             buffered: AtomicUsize::new(0),
             over_buffer_limit: AtomicBool::new(false),
             helpers: TaskTracker::new(),
+            accept: AcceptQueue::new(),
             config,
         });
         let (rd, wr) = tokio::io::split(io);
@@ -88,8 +144,8 @@ impl Session {
         tokio::spawn(async move {
             let inner = driver_inner;
             tokio::join!(
-                reader_loop(inner.clone(), rd, accept_tx),
-                writer_loop(inner.clone(), wr, data_rx, ctrl_rx),
+                reader_loop(inner.clone(), rd),
+                writer_loop(inner.clone(), wr, data_rx),
                 keepalive_loop(inner.clone()),
             );
             // Whatever ended the session, make sure everything observes it.
@@ -115,14 +171,13 @@ impl Session {
                 inner,
                 done: done_rx,
             },
-            accept_rx,
         }
     }
 
     /// Waits for the next inbound stream (already ACKed). Fails once the session has ended.
     pub async fn accept(&mut self) -> Result<Stream, SessionError> {
-        match self.accept_rx.recv().await {
-            Some(s) => Ok(s),
+        match self.handle.inner.accept.pop().await {
+            Some(state) => Ok(Stream::new(state, self.handle.inner.clone())),
             None => Err(self.handle.inner.end_error()),
         }
     }
@@ -238,7 +293,7 @@ impl SessionHandle {
         if self.inner.is_shutdown() {
             return;
         }
-        let _ = self.inner.ctrl_tx.try_send(Header::go_away(GO_AWAY_NORMAL));
+        let _ = self.inner.try_ctrl(Header::go_away(GO_AWAY_NORMAL));
         self.inner.shutdown_with(SessionError::Closed);
     }
 

@@ -52,6 +52,17 @@ impl StreamCore {
         Poll::Pending
     }
 
+    /// Ready once a read would not wait (data buffered, the stream half-closed or reset, or the
+    /// session ended), without reading: lets a reader wait holding no buffer.
+    pub(super) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut g = self.state.lock();
+        if !g.recv_buf.is_empty() || g.reset || g.remote_closed || self.session.is_shutdown() {
+            return Poll::Ready(());
+        }
+        g.read_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
     pub(super) fn poll_write(
         &self,
         tx: &mut PollSender<OutFrame>,
@@ -351,6 +362,12 @@ impl StreamReader {
     /// The yamux stream id.
     pub fn id(&self) -> u32 {
         self.core.state.id
+    }
+
+    /// Waits until a read would not wait (see [`StreamCore::poll_read_ready`]); reads nothing.
+    /// Cancel-safe.
+    pub async fn readable(&self) {
+        std::future::poll_fn(|cx| self.core.poll_read_ready(cx)).await
     }
 
     /// A charge of 0 bytes against the session's buffered-bytes limit, for the layer above to

@@ -4,14 +4,26 @@
 
 use super::*;
 
-pub(super) fn drain_control(
-    inner: &Inner,
-    ctrl_rx: &mut mpsc::Receiver<Header>,
-    batch: &mut BytesMut,
-) {
-    while let Ok(h) = ctrl_rx.try_recv() {
+/// Moves the queued control frames into `batch` (and makes room for waiting senders).
+fn take_control_frames(inner: &Inner, batch: &mut BytesMut) {
+    let mut q = inner.ctrl_queue();
+    if q.is_empty() {
+        return;
+    }
+    for h in q.drain(..) {
         batch.extend_from_slice(&h.encode());
     }
+    if q.capacity() > 16 {
+        // A burst grew it: give the room back.
+        *q = VecDeque::new();
+    }
+    drop(q);
+    inner.ctrl_room.notify_waiters();
+}
+
+/// Control frames, then window updates, into `batch`.
+pub(super) fn drain_control(inner: &Inner, batch: &mut BytesMut) {
+    take_control_frames(inner, batch);
     let ids: Vec<u32> = match inner.wu_pending.lock() {
         Ok(mut v) => std::mem::take(&mut *v),
         Err(_) => Vec::new(),
@@ -47,12 +59,13 @@ pub(super) async fn writer_loop<W>(
     inner: Arc<Inner>,
     mut wr: W,
     mut data_rx: mpsc::Receiver<OutFrame>,
-    mut ctrl_rx: mpsc::Receiver<Header>,
 ) where
     W: AsyncWrite + Unpin,
 {
     let timeout = inner.config.connection_write_timeout;
-    let mut batch = BytesMut::with_capacity(INITIAL_BATCH_CAPACITY);
+    // Holds no memory while the session is idle (most sessions, most of the time): allocated
+    // when there is something to write, given back before waiting again.
+    let mut batch = BytesMut::new();
     let shutdown = inner.shutdown.clone();
     let shut_down = shutdown.cancelled();
     tokio::pin!(shut_down);
@@ -61,29 +74,31 @@ pub(super) async fn writer_loop<W>(
             break;
         }
         batch.clear();
-        drain_control(&inner, &mut ctrl_rx, &mut batch);
+        if batch.capacity() < INITIAL_BATCH_CAPACITY && !data_rx.is_empty() {
+            batch.reserve(INITIAL_BATCH_CAPACITY);
+        }
+        drain_control(&inner, &mut batch);
         while batch.len() < WRITE_BATCH {
             match data_rx.try_recv() {
                 Ok(f) => {
                     // Control queued before this frame must go first (ACK before data).
-                    drain_control(&inner, &mut ctrl_rx, &mut batch);
+                    drain_control(&inner, &mut batch);
                     push_frame(&mut batch, f);
                 }
                 Err(_) => break,
             }
         }
         if batch.is_empty() {
+            if batch.capacity() > 0 {
+                batch = BytesMut::new();
+            }
             tokio::select! {
                 biased;
                 _ = &mut shut_down => break,
-                h = ctrl_rx.recv() => match h {
-                    Some(h) => batch.extend_from_slice(&h.encode()),
-                    None => break,
-                },
-                _ = inner.wu_notify.notified() => drain_control(&inner, &mut ctrl_rx, &mut batch),
+                _ = inner.ctrl_notify.notified() => drain_control(&inner, &mut batch),
                 f = data_rx.recv() => match f {
                     Some(f) => {
-                        drain_control(&inner, &mut ctrl_rx, &mut batch);
+                        drain_control(&inner, &mut batch);
                         push_frame(&mut batch, f);
                     }
                     None => break,
@@ -123,9 +138,7 @@ pub(super) async fn writer_loop<W>(
     }
     // Final flush of control frames queued before shutdown (GoAway), bounded.
     batch.clear();
-    while let Ok(h) = ctrl_rx.try_recv() {
-        batch.extend_from_slice(&h.encode());
-    }
+    take_control_frames(&inner, &mut batch);
     let finish = async {
         if !batch.is_empty() {
             wr.write_all(&batch).await?;
