@@ -7,6 +7,7 @@ require (
 	github.com/coder/coder/v2 v2.36.1
 	github.com/coder/websocket v1.8.14
 	github.com/google/uuid v1.6.0
+	google.golang.org/protobuf v1.36.11
 	tailscale.com v1.80.3
 )
 
@@ -224,7 +225,6 @@ require (
 	google.golang.org/genproto/googleapis/api v0.0.0-20260630182238-925bb5da69e7 // indirect
 	google.golang.org/genproto/googleapis/rpc v0.0.0-20260706201446-f0a921348800 // indirect
 	google.golang.org/grpc v1.82.1 // indirect
-	google.golang.org/protobuf v1.36.11 // indirect
 	gopkg.in/DataDog/dd-trace-go.v1 v1.74.0 // indirect
 	gopkg.in/ini.v1 v1.67.3 // indirect
 	gopkg.in/yaml.v3 v3.0.1 // indirect
