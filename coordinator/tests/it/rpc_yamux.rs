@@ -53,6 +53,21 @@ mod rpc {
         w.write_all(&h.encode()).await.expect("write header");
     }
 
+    /// The raw peer sends "hello" with FIN on stream 1; `s` reads exactly that, then EOF.
+    async fn fin_with_hello_arrives(
+        raw: &mut DuplexStream,
+        s: &mut coordinator::rpc::yamux::Stream,
+    ) {
+        write_header(raw, Header::data(Flags::FIN, 1, 5)).await;
+        raw.write_all(b"hello").await.expect("payload");
+        let mut got = Vec::new();
+        timeout(T, s.read_to_end(&mut got))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert_eq!(got, b"hello");
+    }
+
     fn raw_server(cfg: Config) -> (Session, DuplexStream) {
         let (a, b) = tokio::io::duplex(1 << 20);
         (Session::server(a, cfg), b)
@@ -323,14 +338,7 @@ mod rpc {
         assert_eq!(h.length, 0, "default window: delta 0");
         let mut s = server.accept().await.expect("accept");
         // Data then FIN from the raw client arrives in order.
-        write_header(&mut raw, Header::data(Flags::FIN, 1, 5)).await;
-        raw.write_all(b"hello").await.expect("payload");
-        let mut got = Vec::new();
-        timeout(T, s.read_to_end(&mut got))
-            .await
-            .expect("in time")
-            .expect("read");
-        assert_eq!(got, b"hello");
+        fin_with_hello_arrives(&mut raw, &mut s).await;
         // Our reply: data frame then FIN on stream 1.
         s.write_all(b"hi").await.expect("write");
         s.shutdown().await.expect("fin");
@@ -357,14 +365,7 @@ mod rpc {
         let junk = pattern(7, 100 * 1024 + 3);
         write_header(&mut raw, Header::data(Flags::NONE, 5, junk.len() as u32)).await;
         raw.write_all(&junk).await.expect("payload");
-        write_header(&mut raw, Header::data(Flags::FIN, 1, 5)).await;
-        raw.write_all(b"hello").await.expect("payload");
-        let mut got = Vec::new();
-        timeout(T, s.read_to_end(&mut got))
-            .await
-            .expect("in time")
-            .expect("read");
-        assert_eq!(got, b"hello");
+        fin_with_hello_arrives(&mut raw, &mut s).await;
     }
 
     #[tokio::test]
