@@ -56,31 +56,13 @@ cleanup() {
 trap cleanup EXIT
 
 # The CPU cgroup the server runs in: 0.25 core (quota per 100 ms period), v2 or v1.
-if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
-  cg="/sys/fs/cgroup/tailnetd-xcheck-$$"
-  mkdir "$cg"
-  echo "25000 100000" > "$cg/cpu.max"
-else
-  cg="/sys/fs/cgroup/cpu/tailnetd-xcheck-$$"
-  mkdir "$cg"
-  echo 100000 > "$cg/cpu.cfs_period_us"
-  echo 25000 > "$cg/cpu.cfs_quota_us"
-fi
+# shellcheck source=benches/coord_common.sh
+. "$repo/benches/coord_common.sh"
+cg="$(quarter_core_cgroup xcheck)"
 
 agents=10
 clients=100
-python3 - "$work" "$agents" <<'PY'
-import json, sys, uuid
-work, n = sys.argv[1], int(sys.argv[2])
-agents = [{"id": str(uuid.uuid4()), "token": str(uuid.uuid4())} for _ in range(n)]
-token = "crosscheck-" + uuid.uuid4().hex
-json.dump({"agents": agents, "client_token": token}, open(f"{work}/auth.json", "w"))
-with open(f"{work}/coord.toml", "w") as f:
-    f.write("[auth]\n")
-    for a in agents:
-        f.write(f'[[auth.agents]]\ntoken = "{a["token"]}"\nid = "{a["id"]}"\n')
-    f.write(f'[[auth.users]]\ntoken = "{token}"\nagents = "all"\n')
-PY
+write_coord_auth "$work" "$agents"
 
 # Starts a server in the cgroup, pinned to core 0; sets $srv_pid and $srv_addr.
 start_server() {

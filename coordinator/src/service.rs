@@ -34,6 +34,7 @@ use proto::tailnet::v2::{
     TelemetryRequest, TelemetryResponse,
 };
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use uuid::Uuid;
 
 use crate::auth::UserIdentity;
@@ -153,7 +154,7 @@ where
     match peer.telemetry.clone() {
         None => Either::Left(run_session(coord, io, ws_handle, peer, None)),
         Some(link) => Either::Right(Box::pin(async move {
-            let (queue, pump) = telemetry::channel(link, peer.id);
+            let (queue, pump) = telemetry::channel(link.clone(), peer.id);
             let session_ended = CancellationToken::new();
             let shutdown = coord.cancel.clone();
             let session = async {
@@ -161,6 +162,9 @@ where
                 session_ended.cancel();
             };
             tokio::join!(session, pump.run(session_ended.clone(), shutdown));
+            // A client's telemetry link is its own upstream session: closed with this one.
+            link.shutdown();
+            link.finished().await;
         })),
     }
 }
@@ -206,17 +210,21 @@ async fn run_session(
     // the peer id and what kind of peer it is). Failed authentication never gets here.
     tracing::info!(peer = %peer_id, role = role.as_str(), kind, protocol = "v2",
         "coordination session opened");
-    if let Some(link) = &upstream {
-        if crate::upstream::bridge::wants_bridge(&coord.config.upstream_bridge, link) {
-            tokio::spawn(crate::upstream::bridge::run(
+    // Its own task (it must not slow the session's), owned here: it ends by itself once the
+    // upstream link is shut down below, and is awaited (or aborted, if this future is dropped)
+    // before the session reports closed.
+    let bridge = upstream
+        .as_ref()
+        .filter(|link| crate::upstream::bridge::wants_bridge(&coord.config.upstream_bridge, link))
+        .map(|link| {
+            AbortOnDropHandle::new(tokio::spawn(crate::upstream::bridge::run(
                 coord.graph.clone(),
                 link.clone(),
                 peer_id,
                 coord.config.upstream_bridge.clone(),
                 coord.bridge_metrics.clone(),
-            ));
-        }
-    }
+            )))
+        });
     let upstream_failed = async {
         match &upstream {
             Some(u) => u.failed().await,
@@ -268,6 +276,16 @@ async fn run_session(
         }
         _ => {}
     }
+    // Nothing of the session outlives it: the bridge, the upstream session's task and the yamux
+    // driver (each bounded by its close grace or write timeout) have ended before it reports
+    // closed.
+    if let Some(bridge) = bridge {
+        let _ = bridge.await;
+    }
+    if let Some(u) = &upstream {
+        u.finished().await;
+    }
+    let _ = yamux_handle.closed().await;
     tracing::info!(peer = %peer_id, role = role.as_str(), kind, protocol = "v2", end = ?ws_end,
         duration_ms = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX),
         "coordination session closed");

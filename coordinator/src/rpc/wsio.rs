@@ -24,9 +24,10 @@
 //! ends at once (the session turns it LOST right then) instead of waiting `close_grace` for a close
 //! reply it will never send. The session layer picks the final close code through
 //! [`WsHandle::close`] (1000 normal, 1011 + error text); pings from the peer are answered by the
-//! WebSocket library itself. When the [`WsIo`] is dropped before the close handshake has finished,
-//! one small task finishes it (the handle's close code, or 1000 after `close_grace`); it is bounded
-//! by `close_grace` and `write_timeout` and ends with the socket.
+//! WebSocket library itself. A handle's owner finishes the close handshake in its own task
+//! ([`WsHandle::close`], [`WsHandle::ended`]); only when the [`WsIo`] and every handle are dropped
+//! before it has finished does one small task finish it (1000, or the close already requested),
+//! bounded by `close_grace` and `write_timeout` and ending with the socket.
 //!
 //! This module must never buffer without bound (at most one received and one sent message per
 //! socket; a stalled peer stalls us, bounded by `write_timeout`).
@@ -869,6 +870,21 @@ impl Shared {
         r
     }
 
+    /// The byte stream and every handle are gone before the close handshake finished, so nobody
+    /// is left to drive it: one small task finishes it (the close already requested, or 1000
+    /// after `close_grace`), bounded by `close_grace` and `write_timeout` per phase, and ends with
+    /// the socket. While a handle remains, its owner drives the close ([`WsHandle::close`] or
+    /// [`WsHandle::ended`]) in its own task and nothing is spawned: a coordinator session always
+    /// does.
+    fn finish_close_unattended(self: &Arc<Self>) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let shared = self.clone();
+            rt.spawn(async move {
+                std::future::poll_fn(|cx| shared.poll_done(cx)).await;
+            });
+        }
+    }
+
     fn poll_done(&self, cx: &mut Context<'_>) -> Poll<WsEnd> {
         self.with(cx, |core, icx| {
             core.drive(icx);
@@ -901,8 +917,12 @@ impl Drop for WsHandle {
         core.handles = core.handles.saturating_sub(1);
         if core.handles == 0 && core.write_shut {
             core.request_close(CLOSE_NORMAL, String::new(), false);
+            let unattended = !core.is_done();
             drop(core);
             self.shared.waker.wake_by_ref();
+            if unattended {
+                self.shared.finish_close_unattended();
+            }
         }
     }
 }
@@ -1026,22 +1046,14 @@ impl WsIo {
 
 impl Drop for WsIo {
     fn drop(&mut self) {
-        let done = {
+        let unattended = {
             let mut core = self.shared.lock();
             core.shutdown_write();
-            core.is_done()
+            !core.is_done() && core.handles == 0
         };
         self.shared.waker.wake_by_ref();
-        if done {
-            return;
-        }
-        // Finish the close handshake: the handle's code, or 1000 after `close_grace`. Bounded by
-        // `close_grace` and `write_timeout` per phase; the task ends with the socket.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let shared = self.shared.clone();
-            rt.spawn(async move {
-                std::future::poll_fn(|cx| shared.poll_done(cx)).await;
-            });
+        if unattended {
+            self.shared.finish_close_unattended();
         }
     }
 }
@@ -1235,21 +1247,29 @@ mod tests {
         assert_eq!(metrics.ws_write_timeouts.get(), 1);
     }
 
-    /// The byte stream is dropped while its handle stays: close 1000 after `close_grace`
-    /// (driven by the closer task); with no handle left, at once.
+    /// The byte stream is dropped while its handle stays: nothing is spawned, the handle's owner
+    /// drives the close (1000 after `close_grace`); with no handle left, a closer task closes at
+    /// once.
     #[tokio::test]
     async fn dropped_stream_closes_normally() {
+        let metrics = tokio::runtime::Handle::current().metrics();
         let (io, h, mut peer) = pair(1 << 16, quick()).await;
+        let tasks = metrics.num_alive_tasks();
         let t0 = Instant::now();
         drop(io);
         assert_eq!(
-            next_close(&mut peer).await,
-            Some((CLOSE_NORMAL, String::new()))
+            metrics.num_alive_tasks(),
+            tasks,
+            "no task while a handle remains"
         );
+        let (close, end) = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures_util::future::join(next_close(&mut peer), h.ended()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(close, Some((CLOSE_NORMAL, String::new())));
         assert!(t0.elapsed() >= Duration::from_millis(200));
-        let end = tokio::time::timeout(Duration::from_secs(5), h.ended())
-            .await
-            .unwrap();
         assert_eq!(
             end,
             WsEnd::ClosedByUs {
@@ -1262,6 +1282,17 @@ mod tests {
         drop(h);
         let t0 = Instant::now();
         drop(io);
+        assert_eq!(
+            next_close(&mut peer).await,
+            Some((CLOSE_NORMAL, String::new()))
+        );
+        assert!(t0.elapsed() < Duration::from_millis(200));
+
+        // The handle's owner gives up without closing: the last handle's drop leaves a closer.
+        let (io, h, mut peer) = pair(1 << 16, quick()).await;
+        drop(io);
+        let t0 = Instant::now();
+        drop(h);
         assert_eq!(
             next_close(&mut peer).await,
             Some((CLOSE_NORMAL, String::new()))

@@ -64,6 +64,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::SESSION_TOKEN_HEADER;
 use crate::rpc::drpc::RawInvoke;
@@ -274,6 +275,7 @@ impl UpstreamRpc {
             session: OnceCell::new(),
             signals: Arc::new(Signals::default()),
             monitored_agent,
+            tasks: TaskTracker::new(),
         })
     }
 
@@ -376,6 +378,9 @@ pub struct UpstreamLink {
     signals: Arc<Signals>,
     /// An `/me/rpc` session whose `role` coderd monitors (empty or `agent`).
     monitored_agent: bool,
+    /// The upstream session's one task (its yamux driver and [`monitor`]), held here so that the
+    /// downstream session can wait for it ([`UpstreamLink::finished`]) and nothing outlives it.
+    tasks: TaskTracker,
 }
 
 impl std::fmt::Debug for UpstreamLink {
@@ -409,6 +414,14 @@ impl UpstreamLink {
     /// The downstream session ended: close the upstream session (if any) in the background.
     pub fn shutdown(&self) {
         self.signals.done.cancel();
+    }
+
+    /// Waits until the upstream session's task has finished (after [`UpstreamLink::shutdown`]:
+    /// the upstream session closed, bounded by its close grace and write timeout). The
+    /// downstream session waits for this before it reports closed.
+    pub async fn finished(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// Whether an upstream session was dialed successfully and is still up.
@@ -606,17 +619,20 @@ impl UpstreamLink {
         };
         rpc.metrics.dials.with_label_values(&[endpoint, "ok"]).inc();
         let (io, ws_handle) = WsIo::new(ws, WsConfig::client());
-        let session = Session::client(io, yamux::Config::default());
+        let (session, driver) = Session::client_driven(io, yamux::Config::default());
         let handle = session.handle();
         rpc.metrics.sessions.inc();
         tracing::debug!(endpoint, "upstream session established");
-        tokio::spawn(monitor(
+        let monitor = monitor(
             session,
             ws_handle,
             self.signals.clone(),
             rpc.metrics.clone(),
             self.endpoint,
-        ));
+        );
+        self.tasks.spawn(async move {
+            tokio::join!(driver, monitor);
+        });
         Ok(handle)
     }
 

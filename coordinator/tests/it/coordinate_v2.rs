@@ -461,3 +461,77 @@ async fn session_gauge_tracks_sessions() {
         .await
     );
 }
+
+/// A v2 session with a Coordinate call holds exactly three tasks on the server (the session's,
+/// the yamux driver's, the dRPC stream's), and none of them outlives it. The clients run on a
+/// runtime of their own, so only the server's tasks are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_task_of_a_v2_session_ends_with_it() {
+    const TASKS_PER_SESSION: usize = 3;
+    const SESSIONS: usize = 4;
+    let h = Harness::start().await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    let agent_id = h.agent().id;
+    let url = h.url(&format!(
+        "/api/v2/workspaceagents/{agent_id}/coordinate?version=2.0"
+    ));
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let clients = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut conns = Vec::new();
+            for _ in 0..SESSIONS {
+                let conn = v2_dial(&url, &[(crate::support::SESSION_TOKEN, USER_ALL)]).await;
+                let peer = conn.coordinate().await;
+                peer.add_tunnel(agent_id).await;
+                peer.update_self(node(Uuid::nil(), false, 1)).await;
+                conns.push((conn, peer));
+            }
+            ready_tx.send(()).unwrap();
+            let _ = stop_rx.await;
+            for (conn, peer) in conns {
+                drop(peer);
+                let _ = conn.rpc.session().close().await;
+                let _ = conn.ws.close(1000, "").await;
+            }
+        });
+    });
+    ready_rx.await.unwrap();
+    let sessions = || {
+        h.metric(
+            "coordinator_sessions",
+            &[("role", "client"), ("protocol", "v2")],
+        )
+    };
+    assert!(eventually(WAIT, || sessions() == SESSIONS as f64).await);
+    // The tunnels were added, so every session's Coordinate call is running by now.
+    assert!(
+        eventually(WAIT, || h.coord.graph().tunnel_count() == SESSIONS).await,
+        "every client's tunnel is in the graph"
+    );
+    let settled = eventually(WAIT, || {
+        metrics.num_alive_tasks() == before + TASKS_PER_SESSION * SESSIONS
+    })
+    .await;
+    assert!(
+        settled,
+        "{} server tasks for {SESSIONS} v2 sessions (expected {TASKS_PER_SESSION} each)",
+        metrics.num_alive_tasks() - before
+    );
+    stop_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || clients.join().unwrap())
+        .await
+        .unwrap();
+    assert!(eventually(WAIT, || sessions() == 0.0).await);
+    let drained = eventually(WAIT, || metrics.num_alive_tasks() == before).await;
+    assert!(
+        drained,
+        "{} server tasks left after every session ended",
+        metrics.num_alive_tasks() - before
+    );
+}

@@ -1,6 +1,6 @@
 //! One dRPC call as its handler or client sees it: [`RpcStream`], its cloneable [`RpcSender`]
 //! and its [`RpcReceiver`], plus the flags both sides of the call share (half-close, terminated,
-//! cancelled). Owns no task and no socket: sends go through the transport's
+//! cancelled). Owns no socket, and no task but a client call's reader: sends go through the transport's
 //! [`super::writer::TransportWriter`], messages arrive through a bounded queue the transport's
 //! reader fills.
 
@@ -236,11 +236,17 @@ impl std::fmt::Debug for RpcStream {
     }
 }
 
-pub(super) struct ClientGuard(pub(super) CancellationToken);
+/// Owns a client call's reader task ([`super::client::client_reader`]): dropping the call's
+/// stream (or its receiving half) cancels the call and ends the task with it.
+pub(super) struct ClientGuard {
+    pub(super) shared: Arc<CallShared>,
+    pub(super) _reader: tokio_util::task::AbortOnDropHandle<()>,
+}
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
-        self.0.cancel();
+        // What the reader does when it ends; it is aborted (by `_reader`'s drop) instead.
+        self.shared.cancel.cancel();
     }
 }
 

@@ -105,17 +105,15 @@ pub(super) async fn open_client_call(
     // The write side ends with FIN when the call's guard and every sender are gone (the last
     // `Arc` drops the stream's write half), or with RST from the reader on a protocol error.
     let out = TransportWriter::new(wr);
-    let guard = CancellationToken::new();
     let shared = CallShared::new();
     let (in_tx, in_rx) = mpsc::channel(config.recv_queue.max(1));
-    tokio::spawn(client_reader(
+    let reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(client_reader(
         PacketReader::new(rd, false),
         in_tx,
         shared.clone(),
-        guard.clone(),
         out.clone(),
         config.metrics.clone(),
-    ));
+    )));
     let sender = RpcSender {
         stream_id: 1,
         out,
@@ -134,10 +132,13 @@ pub(super) async fn open_client_call(
         tx: sender,
         rx: RpcReceiver {
             rx: in_rx,
-            shared,
+            shared: shared.clone(),
             done: false,
         },
-        _client_guard: Some(ClientGuard(guard)),
+        _client_guard: Some(ClientGuard {
+            shared,
+            _reader: reader,
+        }),
     })
 }
 
@@ -145,18 +146,12 @@ pub(super) async fn client_reader(
     mut reader: PacketReader,
     in_tx: mpsc::Sender<Box<Inbound>>,
     shared: Arc<CallShared>,
-    guard: CancellationToken,
     out: Arc<TransportWriter>,
     metrics: MetricsRef,
 ) {
     let yamux_id = reader.rd.id();
-    let guarded = guard.cancelled();
-    tokio::pin!(guarded);
     loop {
-        let pkt = tokio::select! {
-            _ = &mut guarded => break,
-            p = reader.next() => p,
-        };
+        let pkt = reader.next().await;
         let (pkt, held) = match pkt {
             Ok(p) => p,
             Err(ReadError::Eof) | Err(ReadError::Io(_)) => break,
@@ -186,9 +181,8 @@ pub(super) async fn client_reader(
             }
         };
         if let Some(item) = item {
-            tokio::select! {
-                _ = &mut guarded => break,
-                r = in_tx.send(item) => if r.is_err() { break },
+            if in_tx.send(item).await.is_err() {
+                break;
             }
         }
     }

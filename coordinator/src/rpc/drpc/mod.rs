@@ -7,7 +7,9 @@
 //! packet rules live in `proto::drpc`; this module owns the connection state machine.
 //!
 //! Per transport (yamux stream) the server runs one task that reads packets through
-//! `proto::drpc::PacketAssembler` and polls the active handler future in the same `select!`.
+//! `proto::drpc::PacketAssembler` and polls the active handler future in the same `select!`; the
+//! tasks are held by [`serve`] and end with it. A client call has one reader task, owned by the
+//! call (dropping the call's stream aborts it).
 //! Outgoing packets need no task: senders number, encode and write them straight into the yamux
 //! stream through a shared `TransportWriter` (one packet in flight, back-pressure by the yamux send
 //! window, as Go's `drpcwire.Writer`). Handlers are cancelled by

@@ -8,10 +8,12 @@
 //! 256 KiB (more memory per stream than we want to promise); it has no per-frame write timeout
 //! (Go kills a session whose frame write blocks for 10 s); and it is driven by polling a
 //! `Connection` rather than by tasks with bounded queues. Matching Go's observable behaviour is
-//! the requirement, so the session below implements the spec directly (reader task, writer task,
+//! the requirement, so the session below implements the spec directly (reader, writer,
 //! keepalive loop, per-stream bounded buffers).
 //!
-//! Shape: [`Session::server`] / [`Session::client`] spawn one driver task running three futures:
+//! Shape: one driver future running three futures, spawned as the session's task by
+//! [`Session::server`] / [`Session::client`], or handed to the caller to poll in its own task by
+//! [`Session::client_driven`]:
 //! a reader (parses 12-byte headers with `proto::yamux`, routes frames, enforces windows), a
 //! writer (the only code that writes to the transport; batches frames and fails the session if a
 //! write blocks past `connection_write_timeout`), and a keepalive loop. Timers (a stream's open

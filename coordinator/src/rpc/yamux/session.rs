@@ -1,7 +1,9 @@
 //! The session's owner and handles: [`Session`] (accepts inbound streams; dropping it closes the
-//! session) and [`SessionHandle`] (open, ping, GoAway, close, observe the end). [`Session::new`]
-//! starts the one driver task that runs the reader, the writer and the keepalive loop and that
-//! ends with the session.
+//! session) and [`SessionHandle`] (open, ping, GoAway, close, observe the end). The driver (the
+//! reader, the writer and the keepalive loop) is one future that ends with the session: either
+//! spawned as the session's one task ([`Session::server`], [`Session::client`]) or handed to the
+//! caller to run inside a task of its own ([`Session::client_driven`]: the sidecar's upstream
+//! session runs it beside the task that watches the session).
 
 use super::*;
 
@@ -108,7 +110,41 @@ impl Session {
         Session::new(io, config, true)
     }
 
+    /// The client side with the driver handed to the caller instead of spawned: the session
+    /// makes no progress (reads nothing, writes nothing, answers no ping) unless the returned
+    /// future is polled, and it must be polled until it completes (after the session has ended:
+    /// it flushes the final GoAway and waits for the session's timers). It completes once the
+    /// session has ended; [`SessionHandle::closed`] waits for it.
+    pub fn client_driven<T>(
+        io: T,
+        config: Config,
+    ) -> (
+        Session,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    )
+    where
+        T: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        Session::with_driver(io, config, true)
+    }
+
     pub(super) fn new<T>(io: T, config: Config, client: bool) -> Session
+    where
+        T: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (session, driver) = Session::with_driver(io, config, client);
+        tokio::spawn(driver);
+        session
+    }
+
+    fn with_driver<T>(
+        io: T,
+        config: Config,
+        client: bool,
+    ) -> (
+        Session,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    )
     where
         T: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -141,7 +177,7 @@ impl Session {
         });
         let (rd, wr) = tokio::io::split(io);
         let driver_inner = inner.clone();
-        tokio::spawn(async move {
+        let driver = async move {
             let inner = driver_inner;
             tokio::join!(
                 reader_loop(inner.clone(), rd),
@@ -165,13 +201,14 @@ impl Session {
             inner.helpers.wait().await;
             gauge_add(&inner.config.metrics, |m| &m.yamux_sessions, -1);
             let _ = done_tx.send(true);
-        });
-        Session {
+        };
+        let session = Session {
             handle: SessionHandle {
                 inner,
                 done: done_rx,
             },
-        }
+        };
+        (session, driver)
     }
 
     /// Waits for the next inbound stream (already ACKed). Fails once the session has ended.
