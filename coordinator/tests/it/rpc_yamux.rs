@@ -419,6 +419,64 @@ mod rpc {
         assert_eq!(end, SessionError::StreamOpenTimeout);
     }
 
+    /// The writer's queue of stream frames holds at most `write_queue_depth`: with the transport
+    /// stalled, writes stop completing once it is full (a stream waits, nothing piles up), and
+    /// every waiting write completes, in order, once the transport drains.
+    #[tokio::test]
+    async fn stream_writes_wait_for_room_in_the_write_queue() {
+        const DEPTH: usize = 2;
+        // A 64-byte pipe the raw peer does not read yet: the writer's first batch blocks.
+        let (a, mut raw) = tokio::io::duplex(64);
+        let client = Session::client(
+            a,
+            Config {
+                write_queue_depth: DEPTH,
+                enable_keepalive: false,
+                ..Config::default()
+            },
+        );
+        let mut s = client.open().await.expect("open");
+        let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = written.clone();
+        const WRITES: usize = 200;
+        let writer = tokio::spawn(async move {
+            for i in 0..WRITES {
+                s.write_all(&[i as u8]).await.expect("write");
+                w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            s
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stalled = written.load(std::sync::atomic::Ordering::SeqCst);
+        // What the pipe took (64 bytes: at most 5 frames of 13 bytes), the writer's blocked
+        // batch (at most DEPTH frames) and a full queue (DEPTH): nothing more.
+        assert!(
+            stalled <= 5 + 2 * DEPTH,
+            "{stalled} one-byte writes completed with the transport stalled"
+        );
+        // Drain: the SYN, then every byte in order.
+        let syn = timeout(T, read_header(&mut raw)).await.expect("syn");
+        assert_eq!(
+            (syn.typ, syn.flags, syn.stream_id),
+            (Type::WindowUpdate, Flags::SYN, 1)
+        );
+        let mut got = Vec::new();
+        while got.len() < WRITES {
+            let h = timeout(T, read_header(&mut raw)).await.expect("frame");
+            assert_eq!((h.typ, h.stream_id), (Type::Data, 1));
+            let mut body = vec![0u8; h.length as usize];
+            raw.read_exact(&mut body).await.expect("payload");
+            got.extend_from_slice(&body);
+        }
+        let expected: Vec<u8> = (0..WRITES).map(|i| i as u8).collect();
+        assert_eq!(got, expected);
+        timeout(T, writer)
+            .await
+            .expect("writes finish")
+            .expect("task");
+        assert_eq!(written.load(std::sync::atomic::Ordering::SeqCst), WRITES);
+    }
+
     /// An opened stream arms the open timer (75 s) and a half-close the close timer (5 min);
     /// neither may outlive its session: once both sessions report closed, no task of theirs runs.
     #[tokio::test(flavor = "current_thread")]

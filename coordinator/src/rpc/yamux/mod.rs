@@ -56,8 +56,8 @@ use tokio::io::{
     AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
     ReadBuf,
 };
-use tokio::sync::{mpsc, oneshot, watch, Notify};
-use tokio_util::sync::{CancellationToken, PollSender};
+use tokio::sync::{oneshot, watch, Notify};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{count, gauge_add, MetricsRef};
@@ -254,7 +254,8 @@ struct Inner {
     client: bool,
     streams: Mutex<HashMap<u32, Arc<StreamState>>>,
     next_id: AtomicU32,
-    data_tx: mpsc::Sender<OutFrame>,
+    /// Stream frames (data, SYN, FIN, RST) for the writer, at most `write_queue_depth`.
+    data: DataQueue,
     /// Control frames (ACK, RST, GoAway, ping replies) for the writer, at most [`CTRL_QUEUE`]. A
     /// queue under a mutex rather than a channel: a channel allocates its shared state and a
     /// first block of slots for every session when it is made (about 900 bytes).
@@ -262,7 +263,7 @@ struct Inner {
     /// Room was made in `ctrl` (senders waiting for it).
     ctrl_room: Notify,
     wu_pending: Mutex<Vec<u32>>,
-    /// Control work for the writer: a control frame or a window update was queued.
+    /// Work for the writer: a control frame, a window update or a stream frame was queued.
     ctrl_notify: Notify,
     pings: Mutex<HashMap<u32, oneshot::Sender<()>>>,
     ping_id: AtomicU32,
@@ -385,9 +386,41 @@ impl Inner {
         for s in streams {
             wake_all(&mut s.lock());
         }
+        self.data.wake_waiting();
         if let Ok(mut p) = self.pings.lock() {
             p.clear();
         }
+    }
+
+    /// Queues a stream frame for the writer, waiting for room while the queue is full; fails once
+    /// the session has ended.
+    async fn send_data(&self, frame: OutFrame) -> Result<(), SessionError> {
+        let mut frame = Some(frame);
+        std::future::poll_fn(|cx| {
+            let mut q = std::task::ready!(self.data.poll_room(self, cx));
+            if self.is_shutdown() {
+                return Poll::Ready(Err(self.end_error()));
+            }
+            if let Some(f) = frame.take() {
+                q.push_back(f);
+            }
+            drop(q);
+            self.ctrl_notify.notify_one();
+            Poll::Ready(Ok(()))
+        })
+        .await
+    }
+
+    /// Queues a stream frame if there is room; gives it back if the queue is full.
+    fn try_send_data(&self, frame: OutFrame) -> Result<(), OutFrame> {
+        let mut q = self.data.lock();
+        if q.len() >= self.data.cap {
+            return Err(frame);
+        }
+        q.push_back(frame);
+        drop(q);
+        self.ctrl_notify.notify_one();
+        Ok(())
     }
 
     /// Ends the session for a peer protocol violation: GoAway(protocol error), count, log.
@@ -532,4 +565,4 @@ use keepalive::keepalive_loop;
 use reader::reader_loop;
 pub use session::{Session, SessionHandle};
 pub use stream::{HeldBytes, Stream, StreamReader, StreamWriter};
-use writer::writer_loop;
+use writer::{writer_loop, DataQueue};

@@ -148,7 +148,6 @@ impl Session {
     where
         T: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let (data_tx, data_rx) = mpsc::channel(config.write_queue_depth.max(1));
         let (done_tx, done_rx) = watch::channel(false);
         let max_window = config.max_stream_window.max(INITIAL_WINDOW);
         gauge_add(&config.metrics, |m| &m.yamux_sessions, 1);
@@ -156,7 +155,7 @@ impl Session {
             client,
             streams: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(if client { 1 } else { 2 }),
-            data_tx,
+            data: DataQueue::new(config.write_queue_depth),
             ctrl: Mutex::new(VecDeque::new()),
             ctrl_room: Notify::new(),
             wu_pending: Mutex::new(Vec::new()),
@@ -181,7 +180,7 @@ impl Session {
             let inner = driver_inner;
             tokio::join!(
                 reader_loop(inner.clone(), rd),
-                writer_loop(inner.clone(), wr, data_rx),
+                writer_loop(inner.clone(), wr),
                 keepalive_loop(inner.clone()),
             );
             // Whatever ended the session, make sure everything observes it.
@@ -291,7 +290,7 @@ impl SessionHandle {
         };
         let sent = tokio::select! {
             _ = inner.shutdown.cancelled() => Err(inner.end_error()),
-            r = inner.data_tx.send(syn) => r.map_err(|_| inner.end_error()),
+            r = inner.send_data(syn) => r,
         };
         if let Err(e) = sent {
             inner.remove_stream(&state);

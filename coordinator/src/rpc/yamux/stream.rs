@@ -63,12 +63,7 @@ impl StreamCore {
         Poll::Pending
     }
 
-    pub(super) fn poll_write(
-        &self,
-        tx: &mut PollSender<OutFrame>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    pub(super) fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -82,11 +77,12 @@ impl StreamCore {
                 return Poll::Pending;
             }
         }
-        match tx.poll_reserve(cx) {
+        // Room in the writer's queue, held (the queue's lock) while the window is taken, so the
+        // frame is queued in the order its bytes were taken. Lock order: queue, then stream.
+        let mut q = match self.session.data.poll_room(&self.session, cx) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(_)) => return Poll::Ready(Err(self.session.end_error().to_io())),
-            Poll::Ready(Ok(())) => {}
-        }
+            Poll::Ready(q) => q,
+        };
         let n = {
             let mut g = self.state.lock();
             if let Some(e) = self.write_error(&g) {
@@ -100,14 +96,13 @@ impl StreamCore {
             g.send_window -= n as u32;
             n
         };
-        let frame = OutFrame {
+        q.push_back(OutFrame {
             header: Header::data(Flags::NONE, self.state.id, n as u32),
             body: Bytes::copy_from_slice(&buf[..n]),
-        };
-        match tx.send_item(frame) {
-            Ok(()) => Poll::Ready(Ok(n)),
-            Err(_) => Poll::Ready(Err(self.session.end_error().to_io())),
-        }
+        });
+        drop(q);
+        self.session.ctrl_notify.notify_one();
+        Poll::Ready(Ok(n))
     }
 
     pub(super) fn write_error(&self, g: &StreamInner) -> Option<io::Error> {
@@ -129,11 +124,7 @@ impl StreamCore {
         None
     }
 
-    pub(super) fn poll_shutdown(
-        &self,
-        tx: &mut PollSender<OutFrame>,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<()>> {
+    pub(super) fn poll_shutdown(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         {
             let g = self.state.lock();
             if g.local_closed || g.reset {
@@ -143,10 +134,12 @@ impl StreamCore {
         if self.session.is_shutdown() {
             return Poll::Ready(Err(self.session.end_error().to_io()));
         }
-        match tx.poll_reserve(cx) {
+        let mut q = match self.session.data.poll_room(&self.session, cx) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(_)) => return Poll::Ready(Err(self.session.end_error().to_io())),
-            Poll::Ready(Ok(())) => {}
+            Poll::Ready(q) => q,
+        };
+        if self.session.is_shutdown() {
+            return Poll::Ready(Err(self.session.end_error().to_io()));
         }
         let remote_closed = {
             let mut g = self.state.lock();
@@ -156,13 +149,12 @@ impl StreamCore {
             g.local_closed = true;
             g.remote_closed
         };
-        let fin = OutFrame {
+        q.push_back(OutFrame {
             header: Header::window_update(Flags::FIN, self.state.id, 0),
             body: Bytes::new(),
-        };
-        if tx.send_item(fin).is_err() {
-            return Poll::Ready(Err(self.session.end_error().to_io()));
-        }
+        });
+        drop(q);
+        self.session.ctrl_notify.notify_one();
         if remote_closed {
             self.session.remove_stream(&self.state);
         } else {
@@ -193,11 +185,13 @@ impl Drop for StreamCore {
                 header: Header::window_update(Flags::FIN, self.state.id, 0),
                 body: Bytes::new(),
             };
-            if let Err(mpsc::error::TrySendError::Full(fin)) = self.session.data_tx.try_send(fin) {
+            if let Err(fin) = self.session.try_send_data(fin) {
                 // Keep FIN ordered after the data already queued: wait for room in a helper.
-                let tx = self.session.data_tx.clone();
+                let session = Arc::downgrade(&self.session);
                 self.session.spawn_helper(async move {
-                    let _ = tx.send(fin).await;
+                    if let Some(session) = session.upgrade() {
+                        let _ = session.send_data(fin).await;
+                    }
                 });
             }
         }
@@ -295,7 +289,6 @@ impl std::fmt::Debug for StreamReader {
 /// Write half of a [`Stream`].
 pub struct StreamWriter {
     pub(super) core: Arc<StreamCore>,
-    pub(super) tx: PollSender<OutFrame>,
 }
 
 impl std::fmt::Debug for StreamWriter {
@@ -308,11 +301,9 @@ impl std::fmt::Debug for StreamWriter {
 
 impl Stream {
     pub(super) fn new(state: Arc<StreamState>, session: Arc<Inner>) -> Stream {
-        let tx = PollSender::new(session.data_tx.clone());
         Stream {
             writer: StreamWriter {
                 core: Arc::new(StreamCore { state, session }),
-                tx,
             },
         }
     }
@@ -352,7 +343,7 @@ pub(super) async fn reset_stream(core: &StreamCore) -> Result<(), SessionError> 
     };
     let res = tokio::select! {
         _ = core.session.shutdown.cancelled() => Err(core.session.end_error()),
-        r = core.session.data_tx.send(rst) => r.map_err(|_| core.session.end_error()),
+        r = core.session.send_data(rst) => r,
     };
     core.session.remove_stream(&core.state);
     res
@@ -445,8 +436,7 @@ impl AsyncWrite for StreamWriter {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.core.poll_write(&mut this.tx, cx, buf)
+        self.core.poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -454,7 +444,6 @@ impl AsyncWrite for StreamWriter {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.core.poll_shutdown(&mut this.tx, cx)
+        self.core.poll_shutdown(cx)
     }
 }

@@ -1,8 +1,77 @@
 //! The session's writer, the only code that writes to the transport: control frames (ACK, window
 //! updates, ping replies, GoAway) before stream data, frames batched, and the session failed if
-//! one write blocks past `connection_write_timeout` (Go's rule).
+//! one write blocks past `connection_write_timeout` (Go's rule); and its queue of stream frames
+//! ([`DataQueue`]).
 
 use super::*;
+
+/// Stream frames (data, SYN, FIN, RST) waiting for the writer: at most `cap`, a stream that finds
+/// it full waits (its waker is kept) until the writer takes frames or the session ends. A queue
+/// under a mutex rather than a channel: a channel allocates its shared state and a first block of
+/// 32 slots for every session when it is made (1.6 KB, 8% of a connected peer), and every
+/// stream's `PollSender` a boxed future besides; this holds nothing while empty.
+pub(super) struct DataQueue {
+    frames: Mutex<VecDeque<OutFrame>>,
+    pub(super) cap: usize,
+    /// Streams waiting for room.
+    waiting: Mutex<Vec<Waker>>,
+}
+
+impl DataQueue {
+    pub(super) fn new(cap: usize) -> Self {
+        DataQueue {
+            frames: Mutex::new(VecDeque::new()),
+            cap: cap.max(1),
+            waiting: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, VecDeque<OutFrame>> {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The queue, locked, with room for one more frame, or (after the session has ended) as it
+    /// is: the caller checks the session before queueing. `Pending` (the waker kept) while full.
+    pub(super) fn poll_room(
+        &self,
+        inner: &Inner,
+        cx: &mut Context<'_>,
+    ) -> Poll<MutexGuard<'_, VecDeque<OutFrame>>> {
+        let q = self.lock();
+        if q.len() < self.cap || inner.is_shutdown() {
+            return Poll::Ready(q);
+        }
+        // Registered while the queue is locked: the writer takes frames under the same lock and
+        // wakes the waiting after it, so no wake-up is lost.
+        let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if !w.iter().any(|x| x.will_wake(cx.waker())) {
+            w.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    fn pop(&self) -> Option<OutFrame> {
+        let mut q = self.lock();
+        let f = q.pop_front();
+        if q.is_empty() && q.capacity() > 16 {
+            // A burst grew it: give the room back.
+            *q = VecDeque::new();
+        }
+        f
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Wakes every stream waiting for room (the writer took frames, or the session ended).
+    pub(super) fn wake_waiting(&self) {
+        let waiting = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in waiting {
+            w.wake();
+        }
+    }
+}
 
 /// Moves the queued control frames into `batch` (and makes room for waiting senders).
 fn take_control_frames(inner: &Inner, batch: &mut BytesMut) {
@@ -55,11 +124,8 @@ pub(super) fn push_frame(batch: &mut BytesMut, f: OutFrame) {
     batch.extend_from_slice(&f.body);
 }
 
-pub(super) async fn writer_loop<W>(
-    inner: Arc<Inner>,
-    mut wr: W,
-    mut data_rx: mpsc::Receiver<OutFrame>,
-) where
+pub(super) async fn writer_loop<W>(inner: Arc<Inner>, mut wr: W)
+where
     W: AsyncWrite + Unpin,
 {
     let timeout = inner.config.connection_write_timeout;
@@ -74,19 +140,20 @@ pub(super) async fn writer_loop<W>(
             break;
         }
         batch.clear();
-        if batch.capacity() < INITIAL_BATCH_CAPACITY && !data_rx.is_empty() {
+        if batch.capacity() < INITIAL_BATCH_CAPACITY && !inner.data.is_empty() {
             batch.reserve(INITIAL_BATCH_CAPACITY);
         }
         drain_control(&inner, &mut batch);
+        let mut took = false;
         while batch.len() < WRITE_BATCH {
-            match data_rx.try_recv() {
-                Ok(f) => {
-                    // Control queued before this frame must go first (ACK before data).
-                    drain_control(&inner, &mut batch);
-                    push_frame(&mut batch, f);
-                }
-                Err(_) => break,
-            }
+            let Some(f) = inner.data.pop() else { break };
+            took = true;
+            // Control queued before this frame must go first (ACK before data).
+            drain_control(&inner, &mut batch);
+            push_frame(&mut batch, f);
+        }
+        if took {
+            inner.data.wake_waiting();
         }
         if batch.is_empty() {
             if batch.capacity() > 0 {
@@ -95,18 +162,9 @@ pub(super) async fn writer_loop<W>(
             tokio::select! {
                 biased;
                 _ = &mut shut_down => break,
-                _ = inner.ctrl_notify.notified() => drain_control(&inner, &mut batch),
-                f = data_rx.recv() => match f {
-                    Some(f) => {
-                        drain_control(&inner, &mut batch);
-                        push_frame(&mut batch, f);
-                    }
-                    None => break,
-                },
+                _ = inner.ctrl_notify.notified() => {}
             }
-            if batch.is_empty() {
-                continue;
-            }
+            continue;
         }
         let write = async {
             wr.write_all(&batch).await?;
