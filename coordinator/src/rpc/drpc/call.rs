@@ -55,6 +55,172 @@ pub(super) enum Inbound {
     Error(RpcError),
 }
 
+/// The queue from a call's transport reader to the call: at most `cap` items, one producer (the
+/// reader, through [`InboxSender`]) and one consumer (the call's [`RpcReceiver`]). Not a tokio
+/// channel: a channel allocates its shared state and a first block of slots when it is made
+/// (about 800 bytes for every call, 5% of a connected peer); this holds a few pointers once used.
+pub(super) struct Inbox {
+    st: Mutex<InboxState>,
+}
+
+struct InboxState {
+    items: VecDeque<Box<Inbound>>,
+    cap: usize,
+    /// Live [`InboxSender`]s: none left = the call's transport is gone.
+    senders: usize,
+    receiver_gone: bool,
+    recv_waker: Option<Waker>,
+    send_waker: Option<Waker>,
+}
+
+impl Inbox {
+    /// A bounded inbox and its first sender and receiver.
+    pub(super) fn bounded(cap: usize) -> (InboxSender, InboxReceiver) {
+        let inbox = Arc::new(Inbox {
+            st: Mutex::new(InboxState {
+                items: VecDeque::new(),
+                cap: cap.max(1),
+                senders: 1,
+                receiver_gone: false,
+                recv_waker: None,
+                send_waker: None,
+            }),
+        });
+        (InboxSender(inbox.clone()), InboxReceiver(inbox))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, InboxState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `Ready(true)` once one more item fits, `Ready(false)` once the receiver is gone; only the
+    /// one producer queues, so room found stays room until it does.
+    pub(super) fn poll_room(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut st = self.lock();
+        if st.receiver_gone {
+            return Poll::Ready(false);
+        }
+        if st.items.len() < st.cap {
+            return Poll::Ready(true);
+        }
+        st.send_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Queues `item` (after [`Inbox::poll_room`]); false (and the item dropped) when the receiver
+    /// is gone.
+    pub(super) fn push(&self, item: Box<Inbound>) -> bool {
+        let mut st = self.lock();
+        if st.receiver_gone {
+            drop(st);
+            drop(item);
+            return false;
+        }
+        st.items.push_back(item);
+        let w = st.recv_waker.take();
+        drop(st);
+        if let Some(w) = w {
+            w.wake();
+        }
+        true
+    }
+}
+
+/// The transport reader's end of an [`Inbox`]; the call sees the end of its messages once every
+/// sender is dropped.
+pub(super) struct InboxSender(Arc<Inbox>);
+
+impl InboxSender {
+    /// The inbox itself (no sender of its own: for polling room beside a borrow of the call).
+    pub(super) fn inbox(&self) -> Arc<Inbox> {
+        self.0.clone()
+    }
+
+    /// Waits for room, then queues; `Err` (the item dropped) once the receiver is gone.
+    pub(super) async fn send(&self, item: Box<Inbound>) -> Result<(), ()> {
+        if std::future::poll_fn(|cx| self.0.poll_room(cx)).await && self.0.push(item) {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+
+    /// Queues if there is room now; the item is dropped otherwise.
+    pub(super) fn try_send(&self, item: Box<Inbound>) {
+        let has_room = {
+            let st = self.0.lock();
+            !st.receiver_gone && st.items.len() < st.cap
+        };
+        if has_room {
+            self.0.push(item);
+        }
+    }
+}
+
+impl Clone for InboxSender {
+    fn clone(&self) -> Self {
+        self.0.lock().senders += 1;
+        InboxSender(self.0.clone())
+    }
+}
+
+impl Drop for InboxSender {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.senders -= 1;
+        let w = if st.senders == 0 {
+            st.recv_waker.take()
+        } else {
+            None
+        };
+        drop(st);
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+}
+
+/// The call's end of an [`Inbox`]. Dropping it drops what is queued (giving back its charge
+/// against the session's buffered bytes) and fails the sender.
+pub(super) struct InboxReceiver(Arc<Inbox>);
+
+impl InboxReceiver {
+    /// The next item; `None` once the queue is empty and every sender is gone. Cancel-safe.
+    pub(super) async fn recv(&mut self) -> Option<Box<Inbound>> {
+        std::future::poll_fn(|cx| {
+            let mut st = self.0.lock();
+            if let Some(item) = st.items.pop_front() {
+                let w = st.send_waker.take();
+                drop(st);
+                if let Some(w) = w {
+                    w.wake();
+                }
+                return Poll::Ready(Some(item));
+            }
+            if st.senders == 0 {
+                return Poll::Ready(None);
+            }
+            st.recv_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+impl Drop for InboxReceiver {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.receiver_gone = true;
+        let items = std::mem::take(&mut st.items);
+        let w = st.send_waker.take();
+        drop(st);
+        drop(items);
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+}
+
 /// Sending side of a call. Cloneable.
 #[derive(Clone)]
 pub struct RpcSender {
@@ -164,7 +330,7 @@ impl RpcSender {
 
 /// Receiving side of a call.
 pub struct RpcReceiver {
-    pub(super) rx: mpsc::Receiver<Box<Inbound>>,
+    pub(super) rx: InboxReceiver,
     pub(super) shared: Arc<CallShared>,
     pub(super) done: bool,
 }
@@ -348,7 +514,7 @@ impl std::ops::DerefMut for RpcReceiverOwned {
 pub(super) struct Current {
     pub(super) stream_id: u64,
     pub(super) shared: Arc<CallShared>,
-    pub(super) in_tx: mpsc::Sender<Box<Inbound>>,
+    pub(super) in_tx: InboxSender,
     pub(super) fut: Option<CallFuture>,
 }
 
@@ -406,5 +572,57 @@ pub(super) fn on_call_packet(
                 Err(DrpcError::Metadata(format!("unknown packet kind {k}")))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end() -> Box<Inbound> {
+        Box::new(Inbound::End)
+    }
+
+    /// Bounded: the sender waits while `cap` items are queued and resumes when the call takes
+    /// one; the call sees what was queued, in order, then the end once every sender is gone.
+    #[tokio::test]
+    async fn inbox_is_bounded_and_ends_with_its_senders() {
+        let (tx, mut rx) = Inbox::bounded(2);
+        let tx2 = tx.clone();
+        tx.send(end()).await.unwrap();
+        tx.send(Box::new(Inbound::Error(RpcError::Canceled)))
+            .await
+            .unwrap();
+        let mut third = Box::pin(tx.send(end()));
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(third.as_mut().poll(&mut cx).is_pending(), "full at 2");
+        assert!(matches!(rx.recv().await.as_deref(), Some(Inbound::End)));
+        assert_eq!(third.as_mut().poll(&mut cx), Poll::Ready(Ok(())));
+        assert!(matches!(
+            rx.recv().await.as_deref(),
+            Some(Inbound::Error(RpcError::Canceled))
+        ));
+        drop(third);
+        drop((tx, tx2));
+        assert!(
+            matches!(rx.recv().await.as_deref(), Some(Inbound::End)),
+            "queued items outlive the senders"
+        );
+        assert!(rx.recv().await.is_none());
+    }
+
+    /// A gone receiver fails the sender, also one waiting for room.
+    #[tokio::test]
+    async fn inbox_without_receiver_refuses() {
+        let (tx, rx) = Inbox::bounded(1);
+        tx.send(end()).await.unwrap();
+        let mut waiting = Box::pin(tx.send(end()));
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(waiting.as_mut().poll(&mut cx).is_pending());
+        drop(rx);
+        assert_eq!(waiting.as_mut().poll(&mut cx), Poll::Ready(Err(())));
+        assert_eq!(tx.send(end()).await, Err(()));
     }
 }

@@ -106,7 +106,7 @@ pub(super) async fn open_client_call(
     // `Arc` drops the stream's write half), or with RST from the reader on a protocol error.
     let out = TransportWriter::new(wr);
     let shared = CallShared::new();
-    let (in_tx, in_rx) = mpsc::channel(config.recv_queue.max(1));
+    let (in_tx, in_rx) = Inbox::bounded(config.recv_queue);
     let reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(client_reader(
         PacketReader::new(rd, false),
         in_tx,
@@ -144,7 +144,7 @@ pub(super) async fn open_client_call(
 
 pub(super) async fn client_reader(
     mut reader: PacketReader,
-    in_tx: mpsc::Sender<Box<Inbound>>,
+    in_tx: InboxSender,
     shared: Arc<CallShared>,
     out: Arc<TransportWriter>,
     metrics: MetricsRef,
@@ -157,7 +157,7 @@ pub(super) async fn client_reader(
             Err(ReadError::Eof) | Err(ReadError::Io(_)) => break,
             Err(ReadError::Protocol(e)) => {
                 log_protocol_error(&metrics, yamux_id, &e);
-                let _ = in_tx.try_send(Box::new(Inbound::Error(RpcError::Protocol(e.to_string()))));
+                in_tx.try_send(Box::new(Inbound::Error(RpcError::Protocol(e.to_string()))));
                 out.abort().await;
                 break;
             }
@@ -175,7 +175,7 @@ pub(super) async fn client_reader(
             Ok(i) => i,
             Err(e) => {
                 log_protocol_error(&metrics, yamux_id, &e);
-                let _ = in_tx.try_send(Box::new(Inbound::Error(RpcError::Protocol(e.to_string()))));
+                in_tx.try_send(Box::new(Inbound::Error(RpcError::Protocol(e.to_string()))));
                 out.abort().await;
                 break;
             }

@@ -32,7 +32,7 @@
 //! it) is charged to the yamux session's buffered-bytes limit through
 //! [`super::yamux::HeldBytes`], so that the session's streams together stay under it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -44,7 +44,6 @@ use proto::drpc::{
     DrpcError, Frame, Kind, Packet, PacketAssembler, MAX_PACKET_SIZE, UNIMPLEMENTED,
 };
 use tokio::io::{AsyncReadExt, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -191,7 +190,7 @@ mod reader;
 mod server;
 mod writer;
 
-use call::{on_call_packet, CallShared, ClientGuard, Current, Inbound};
+use call::{on_call_packet, CallShared, ClientGuard, Current, Inbound, Inbox, InboxSender};
 pub use call::{RpcReceiver, RpcReceiverOwned, RpcSender, RpcStream};
 pub use client::{invoke_unary_on, open_call, RpcClient};
 use reader::{log_protocol_error, PacketReader, ReadError};

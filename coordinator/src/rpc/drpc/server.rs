@@ -45,7 +45,7 @@ pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc
 
     loop {
         let running = current.as_ref().is_some_and(|c| c.fut.is_some());
-        let deliver_to = current.as_ref().map(|c| c.in_tx.clone());
+        let deliver_to = current.as_ref().map(|c| c.in_tx.inbox());
         tokio::select! {
             biased;
             res = async {
@@ -67,14 +67,14 @@ pub async fn serve_stream(stream: Stream, handler: Arc<dyn Handler>, config: Arc
                 };
                 finish_call(sender, res).await;
             }
-            permit = async {
+            room = async {
                 match deliver_to.as_ref() {
-                    Some(tx) => tx.reserve().await.ok(),
-                    None => None,
+                    Some(inbox) => std::future::poll_fn(|cx| inbox.poll_room(cx)).await,
+                    None => false,
                 }
             }, if pending.is_some() => {
-                if let (Some(p), Some(item)) = (permit, pending.take()) {
-                    p.send(item);
+                if let (true, Some(inbox), Some(item)) = (room, deliver_to.as_ref(), pending.take()) {
+                    inbox.push(item);
                 }
                 // The call may answer as soon as it is polled, and its packets go straight to the
                 // stream: a protocol error already in the read buffer must end the transport
@@ -228,7 +228,7 @@ pub(super) async fn start_call(
     out: Arc<TransportWriter>,
 ) -> Current {
     let shared = CallShared::new();
-    let (in_tx, in_rx) = mpsc::channel(config.recv_queue.max(1));
+    let (in_tx, in_rx) = Inbox::bounded(config.recv_queue);
     let sender = RpcSender {
         stream_id,
         out,
