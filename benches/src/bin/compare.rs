@@ -106,6 +106,10 @@ struct Cli {
     /// (`coord-cap`), so that it, not the load generator, is the limit.
     #[arg(long, default_value_t = 0.25)]
     coord_cpu_share: f64,
+    /// CPU share (cores) the relays are held to by a cgroup in the `-held` relay parts, so that
+    /// the server, not the load generator, is the limit in every cell.
+    #[arg(long, default_value_t = 0.5)]
+    relay_cpu_share: f64,
     /// Only re-render RESULTS.md and relay.png (into --out or the file's directory) from a
     /// results.json written by an earlier run.
     #[arg(long)]
@@ -306,7 +310,13 @@ fn free_port() -> Result<u16> {
 
 /// Starts derper; with `tls`, in its manual certificate mode on the self-signed certificate
 /// `tls_files` wrote for `localhost` (`-certmode manual -certdir D -hostname localhost`).
-fn start_derper(bin: &Path, pin: Pin, dir: &Path, tls: bool) -> Result<Server> {
+fn start_derper(
+    bin: &Path,
+    pin: Pin,
+    dir: &Path,
+    tls: bool,
+    wrap: impl FnOnce(Command) -> Command,
+) -> Result<Server> {
     let port = free_port()?;
     let log = std::fs::File::create(dir.join("derper.log"))?;
     let mut cmd = pin.command(0, bin);
@@ -323,6 +333,7 @@ fn start_derper(bin: &Path, pin: Pin, dir: &Path, tls: bool) -> Result<Server> {
         cmd.args(["-certmode", "manual", "-hostname", "localhost", "-certdir"])
             .arg(dir.join("certs"));
     }
+    let mut cmd = wrap(cmd);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log));
@@ -380,6 +391,8 @@ struct Mode {
     flush: Flush,
     /// Tailscale's derphttp client (`interop/derpload`) instead of our load generator.
     go: bool,
+    /// The server held to `--relay-cpu-share` by a CPU cgroup (P = 100 only).
+    held: bool,
 }
 
 /// Every relay mode, in table order. The forwarder ceiling runs in the modes of our load
@@ -393,6 +406,7 @@ const MODES: &[Mode] = &[
         websocket: false,
         flush: Flush::Batched,
         go: false,
+        held: false,
     },
     Mode {
         part: "relay-pp",
@@ -401,6 +415,25 @@ const MODES: &[Mode] = &[
         websocket: false,
         flush: Flush::PerPacket,
         go: false,
+        held: false,
+    },
+    Mode {
+        part: "relay-held",
+        title: "plain HTTP, batched writes, server held to a CPU share (the server is the limit)",
+        tls: false,
+        websocket: false,
+        flush: Flush::Batched,
+        go: false,
+        held: true,
+    },
+    Mode {
+        part: "relay-pp-held",
+        title: "plain HTTP, one frame per write and flush, server held to a CPU share (the server is the limit)",
+        tls: false,
+        websocket: false,
+        flush: Flush::PerPacket,
+        go: false,
+        held: true,
     },
     Mode {
         part: "relay-tls",
@@ -409,6 +442,7 @@ const MODES: &[Mode] = &[
         websocket: false,
         flush: Flush::Batched,
         go: false,
+        held: false,
     },
     Mode {
         part: "relay-tls-pp",
@@ -417,6 +451,7 @@ const MODES: &[Mode] = &[
         websocket: false,
         flush: Flush::PerPacket,
         go: false,
+        held: false,
     },
     Mode {
         part: "relay-ws",
@@ -425,6 +460,7 @@ const MODES: &[Mode] = &[
         websocket: true,
         flush: Flush::Batched,
         go: false,
+        held: false,
     },
     Mode {
         part: "relay-go",
@@ -433,6 +469,7 @@ const MODES: &[Mode] = &[
         websocket: false,
         flush: Flush::PerPacket,
         go: true,
+        held: false,
     },
     Mode {
         part: "relay-go-ws",
@@ -441,6 +478,7 @@ const MODES: &[Mode] = &[
         websocket: true,
         flush: Flush::PerPacket,
         go: true,
+        held: false,
     },
     Mode {
         part: "relay-go-tls",
@@ -449,6 +487,7 @@ const MODES: &[Mode] = &[
         websocket: false,
         flush: Flush::PerPacket,
         go: true,
+        held: false,
     },
 ];
 
@@ -463,10 +502,21 @@ struct Ctx {
     duration: f64,
     warmup: f64,
     notes: Vec<String>,
+    /// The forwarder's engine for plain TCP: `uring` where the kernel allows io_uring, else
+    /// `tokio` (TLS cells always use `tokio`: the TLS-terminating engine).
+    ceiling_engine: &'static str,
+    /// The cgroup of the `-held` relay parts (absent when they do not run or it could not be
+    /// made: then the quick mode runs them unheld, a full run skips them).
+    relay_share: Option<CpuShare>,
 }
 
 impl Ctx {
-    fn start_relay(&self, which: Relay, tls: bool) -> Result<Server> {
+    /// Starts a relay, held to [`Ctx::relay_share`] when `held`.
+    fn start_relay(&self, which: Relay, tls: bool, held: bool) -> Result<Server> {
+        let wrap = |c: Command| match (held, &self.relay_share) {
+            (true, Some(share)) => share.wrap(&c),
+            _ => c,
+        };
         match which {
             Relay::Tailnetd => {
                 let mut c = self.pin.command(0, &self.bins.tailnetd);
@@ -490,7 +540,7 @@ impl Ctx {
                         .arg("--tls-key")
                         .arg(key);
                 }
-                start_json_server("tailnetd", c, &self.dir.join("tailnetd.log"))
+                start_json_server("tailnetd", wrap(c), &self.dir.join("tailnetd.log"))
             }
             Relay::Derper => {
                 let bin = self
@@ -501,16 +551,21 @@ impl Ctx {
                 if tls {
                     tls_files(&self.dir)?;
                 }
-                start_derper(bin, self.pin, &self.dir, tls)
+                start_derper(bin, self.pin, &self.dir, tls, wrap)
             }
             Relay::Ceiling => {
                 let mut c = self.pin.command(0, &self.bins.tcpfwd);
                 c.args(["--listen", "127.0.0.1:0"]);
                 if tls {
                     let (cert, key) = tls_files(&self.dir)?;
-                    c.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+                    c.args(["--engine", "tokio", "--tls-cert"])
+                        .arg(cert)
+                        .arg("--tls-key")
+                        .arg(key);
+                } else {
+                    c.args(["--engine", self.ceiling_engine]);
                 }
-                start_json_server("tcpfwd", c, &self.dir.join("tcpfwd.log"))
+                start_json_server("tcpfwd", wrap(c), &self.dir.join("tcpfwd.log"))
             }
         }
     }
@@ -562,7 +617,7 @@ impl Ctx {
         window: u64,
         label: &str,
     ) -> Result<RelayReport> {
-        let srv = self.start_relay(which, mode.tls)?;
+        let srv = self.start_relay(which, mode.tls, mode.held)?;
         let tls_port = || {
             srv.tls_addr
                 .as_deref()
@@ -658,7 +713,7 @@ impl Ctx {
     }
 
     fn idle_run(&self, which: Relay, conns: usize, tls: bool) -> Result<IdleReport> {
-        let srv = self.start_relay(which, tls)?;
+        let srv = self.start_relay(which, tls, false)?;
         let url = if tls {
             let port = srv
                 .tls_addr
@@ -910,6 +965,9 @@ struct Results {
     coord_workloads: Vec<CoordWorkload>,
     notes: Vec<String>,
     errors: Vec<String>,
+    /// The CPU share (cores) of the `-held` relay parts, when they ran.
+    #[serde(default)]
+    relay_cpu_share: Option<f64>,
 }
 
 /// `results.json` as written before runs were stored one by one (one run per cell), so that
@@ -969,6 +1027,7 @@ impl From<LegacyResults> for Results {
             coord_workloads: l.coord_workloads,
             notes: l.notes,
             errors: l.errors,
+            relay_cpu_share: None,
         }
     }
 }
@@ -1262,11 +1321,48 @@ fn main() -> Result<()> {
         notes.push("not pinned: needs taskset and at least 2 CPUs".to_string());
     }
     let duration = cli.duration.unwrap_or(if quick { 0.5 } else { 5.0 });
+    let tcpfwd = bin_dir.join("tcpfwd");
+    let ceiling_engine = match start_announced(
+        "tcpfwd --engine uring",
+        {
+            let mut c = Command::new(&tcpfwd);
+            c.args(["--listen", "127.0.0.1:0", "--engine", "uring"]);
+            c
+        },
+        Some(&dir.join("tcpfwd-probe.log")),
+    ) {
+        Ok(_) => "uring",
+        Err(e) => {
+            notes.push(format!(
+                "tcp-forward: io_uring refused here ({e:#}); the plain cells use its tokio engine"
+            ));
+            "tokio"
+        }
+    };
+    let held_modes = MODES.iter().any(|m| m.held && want(m.part));
+    let relay_share = if held_modes {
+        match CpuShare::new(cli.relay_cpu_share) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                notes.push(format!(
+                    "no CPU share for the -held relay parts: {e:#}{}",
+                    if quick {
+                        " (quick: run unheld)"
+                    } else {
+                        " (skipped)"
+                    }
+                ));
+                None
+            }
+        }
+    } else {
+        None
+    };
     let ctx = Ctx {
         bins: Bins {
             tailnetd: bin_dir.join("tailnetd"),
             loadgen: bin_dir.join("loadgen"),
-            tcpfwd: bin_dir.join("tcpfwd"),
+            tcpfwd,
             derper,
             gocoord,
             derpload,
@@ -1277,6 +1373,8 @@ fn main() -> Result<()> {
         duration,
         warmup: if quick { 0.2 } else { 1.0 },
         notes,
+        ceiling_engine,
+        relay_share,
     };
 
     let load0 = sh("cat /proc/loadavg");
@@ -1334,6 +1432,7 @@ fn main() -> Result<()> {
                     ));
                     res.runs = prev.runs;
                     res.sweep_base_pps = prev.sweep_base_pps;
+                    res.relay_cpu_share = prev.relay_cpu_share;
                     res.notes = prev.notes;
                     res.errors = prev.errors;
                 }
@@ -1482,8 +1581,20 @@ fn main() -> Result<()> {
             .iter()
             .flat_map(|&p| grid_s.iter().map(move |&s| (p, s)))
             .filter(|&(p, s)| !mode.go || (s == 1400 && p >= 10))
+            .filter(|&(p, _)| !mode.held || quick || p == 100)
             .filter(|&(p, _)| !quick || mode.part == "relay" || p == 10)
             .collect();
+        if mode.held {
+            match &ctx.relay_share {
+                Some(share) => run.res.relay_cpu_share = Some(share.cores),
+                None if quick => {}
+                None => {
+                    run.errors
+                        .push(format!("{} skipped: no CPU share", mode.part));
+                    continue;
+                }
+            }
+        }
         for (p, s) in cells {
             let cell = format!("P={p} S={s}");
             for (name, _) in &servers {
@@ -2022,11 +2133,12 @@ fn stalled(runs: &[RelayReport]) -> bool {
         .any(|r| r.window_stalls > 0 || (r.window > 0 && r.drops > 0))
 }
 
-/// Which side was the limit, from the CPU medians: a core near full.
-fn limit(runs: &[RelayReport]) -> &'static str {
+/// Which side was at ≥ 90% of the CPU it had: `server_cores` is 1 (a pinned core) or the
+/// share of a held part.
+fn limit(runs: &[RelayReport], server_cores: f64) -> &'static str {
     let s = med(runs, |r| r.server_cpu_util).unwrap_or(0.0);
     let c = med(runs, |r| r.loadgen_cpu_util).unwrap_or(0.0);
-    match (s >= 0.9, c >= 0.9) {
+    match (s >= 0.9 * server_cores, c >= 0.9) {
         (true, true) => "both",
         (true, false) => "server",
         (false, true) => "client",
@@ -2086,6 +2198,74 @@ fn write_chart(res: &Results, path: &Path) -> Result<()> {
             },
         ],
     )
+}
+
+/// The targets row "the forwarder is not beaten" of one relay part: tailnetd against
+/// `tcp-forward` in every cell, raw (Gbit/s) and per core of server CPU; "beyond the spread" =
+/// tailnetd's slowest run ahead of the forwarder's fastest. Cells with write-offs are left out.
+fn ceiling_row(res: &Results, mode: &Mode) -> Option<String> {
+    let cells = res.grouped::<RelayReport>(mode.part);
+    let (mut n, mut ahead, mut beyond) = (0, 0, 0);
+    let (mut ahead_core, mut beyond_core) = (0, 0);
+    let mut limits: Vec<String> = Vec::new();
+    let server_cores = if mode.held {
+        res.relay_cpu_share.unwrap_or(1.0)
+    } else {
+        1.0
+    };
+    for (cell, servers) in &cells {
+        let get = |name: &str| servers.iter().find(|(s, _)| s == name).map(|(_, r)| r);
+        let (Some(t), Some(c)) = (get("tailnetd"), get("tcp-forward")) else {
+            continue;
+        };
+        if stalled(t) || stalled(c) {
+            continue;
+        }
+        n += 1;
+        let mut is_ahead = false;
+        for (f, a, b) in [
+            (
+                (|r: &RelayReport| Some(r.delivered_gbps)) as fn(&RelayReport) -> Option<f64>,
+                &mut ahead,
+                &mut beyond,
+            ),
+            (
+                |r: &RelayReport| r.gbps_per_core,
+                &mut ahead_core,
+                &mut beyond_core,
+            ),
+        ] {
+            if let (Some(ts), Some(cs)) = (spread(t, f), spread(c, f)) {
+                if ts.med > cs.med {
+                    *a += 1;
+                    is_ahead = true;
+                }
+                if ts.min > cs.max {
+                    *b += 1;
+                }
+            }
+        }
+        if is_ahead {
+            limits.push(format!("{cell}: {}", limit(t, server_cores)));
+        }
+    }
+    if n == 0 {
+        return None;
+    }
+    let verdict = if beyond + beyond_core == 0 {
+        "not beaten beyond the spread"
+    } else {
+        "**beaten**"
+    };
+    Some(format!(
+        "| the TCP-forward ceiling is not beaten ({}, {n} cells) | tailnetd's median ahead in {ahead} raw, {ahead_core} per core; beyond the spread in {beyond} raw, {beyond_core} per core{} | {verdict} |",
+        mode.part,
+        if limits.is_empty() {
+            String::new()
+        } else {
+            format!(" (limit where ahead, from the CPU columns: {})", limits.join("; "))
+        }
+    ))
 }
 
 fn verdict(ok: Option<bool>) -> &'static str {
@@ -2185,6 +2365,13 @@ fn targets(m: &mut String, res: &Results) {
                     }
                 ),
             );
+        }
+    }
+    // Issue 15: is the forwarder a ceiling? Per relay part with forwarder rows, the cells where
+    // tailnetd is ahead of it, by the medians and beyond the spread.
+    for mode in MODES.iter().filter(|m| !m.go && !m.websocket) {
+        if let Some(line) = ceiling_row(res, mode) {
+            w(m, &line);
         }
     }
     // Issue 16: with Tailscale-style traffic, CPU per delivered packet.
@@ -2314,7 +2501,26 @@ fn relay_table(m: &mut String, res: &Results, mode: &Mode) {
             .and_then(|(_, r)| r.first())
             .map_or((0, 0), |r| (r.pairs, r.size))
     });
-    w(m, &format!("### `{}`: {}", mode.part, mode.title));
+    let server_cores = match (mode.held, res.relay_cpu_share) {
+        (true, Some(share)) => share,
+        _ => 1.0,
+    };
+    if mode.held {
+        w(
+            m,
+            &format!(
+                "### `{}`: {} ({})",
+                mode.part,
+                mode.title,
+                res.relay_cpu_share.map_or(
+                    "no share: the cgroup could not be made".into(),
+                    |c| format!("{c} core")
+                ),
+            ),
+        );
+    } else {
+        w(m, &format!("### `{}`: {}", mode.part, mode.title));
+    }
     w(m, "");
     w(m, "| P | S (B) | server | runs | Gbit/s | kpps | offered kpps (actual) | loss (worst) | write-offs | p99 µs | CPU server / client | server µs/pkt | client µs/pkt | Gbit/s per server core | limit | tailnetd ÷ this | same per core |");
     w(
@@ -2366,7 +2572,7 @@ fn relay_table(m: &mut String, res: &Results, mode: &Mode) {
                 fmt_spread(spread(runs, |r| r.server_cpu_us_per_packet), 2),
                 fmt_spread(spread(runs, |r| r.loadgen_cpu_us_per_packet), 2),
                 opt(med(runs, |r| r.gbps_per_core), 2),
-                limit(runs),
+                limit(runs, server_cores),
             ));
         }
     }
@@ -2663,6 +2869,56 @@ mod tests {
             "{bad:?}"
         );
         assert!(bad[1].contains("lost 7 packets"), "{bad:?}");
+    }
+
+    #[test]
+    fn the_ceiling_row_counts_cells_where_tailnetd_is_ahead_and_beyond_the_spread() {
+        let mode = MODES
+            .iter()
+            .find(|m| m.part == "relay")
+            .expect("relay mode");
+        let mut res = Results::default();
+        for (seq, (t, c)) in [(1000, 1300), (1100, 1400), (1200, 1500)]
+            .into_iter()
+            .enumerate()
+        {
+            res.runs
+                .push(run("relay", "tailnetd", seq, relay_report(t, 32, 0)));
+            res.runs
+                .push(run("relay", "tcp-forward", seq, relay_report(c, 32, 0)));
+        }
+        let row = ceiling_row(&res, mode).expect("a row");
+        assert!(row.contains("ahead in 0 raw"), "{row}");
+        assert!(row.contains("not beaten beyond the spread"), "{row}");
+
+        // Overlapping ranges with tailnetd's median ahead: ahead, not beyond the spread.
+        res.runs.clear();
+        for (seq, (t, c)) in [(1000, 900), (1100, 1050), (1200, 1150)]
+            .into_iter()
+            .enumerate()
+        {
+            res.runs
+                .push(run("relay", "tailnetd", seq, relay_report(t, 32, 0)));
+            res.runs
+                .push(run("relay", "tcp-forward", seq, relay_report(c, 32, 0)));
+        }
+        let row = ceiling_row(&res, mode).expect("a row");
+        assert!(
+            row.contains("ahead in 1 raw") && row.contains("beyond the spread in 0 raw"),
+            "{row}"
+        );
+
+        // tailnetd's slowest run ahead of the forwarder's fastest: beaten.
+        res.runs.retain(|r| r.server != "tailnetd");
+        for (seq, t) in [1200, 1300, 1400].into_iter().enumerate() {
+            res.runs
+                .push(run("relay", "tailnetd", seq, relay_report(t, 32, 0)));
+        }
+        let row = ceiling_row(&res, mode).expect("a row");
+        assert!(
+            row.contains("beyond the spread in 1 raw") && row.contains("**beaten**"),
+            "{row}"
+        );
     }
 
     #[test]
