@@ -2871,50 +2871,37 @@ mod tests {
         assert!(bad[1].contains("lost 7 packets"), "{bad:?}");
     }
 
-    #[test]
-    fn the_ceiling_row_counts_cells_where_tailnetd_is_ahead_and_beyond_the_spread() {
+    /// The `relay` part's ceiling row for one cell with these tailnetd and forwarder runs.
+    fn ceiling_row_of(tailnetd: [u64; 3], forwarder: [u64; 3]) -> String {
         let mode = MODES
             .iter()
             .find(|m| m.part == "relay")
             .expect("relay mode");
         let mut res = Results::default();
-        for (seq, (t, c)) in [(1000, 1300), (1100, 1400), (1200, 1500)]
-            .into_iter()
-            .enumerate()
-        {
+        for (seq, (t, c)) in tailnetd.into_iter().zip(forwarder).enumerate() {
             res.runs
                 .push(run("relay", "tailnetd", seq, relay_report(t, 32, 0)));
             res.runs
                 .push(run("relay", "tcp-forward", seq, relay_report(c, 32, 0)));
         }
-        let row = ceiling_row(&res, mode).expect("a row");
+        ceiling_row(&res, mode).expect("a row")
+    }
+
+    #[test]
+    fn the_ceiling_row_counts_cells_where_tailnetd_is_ahead_and_beyond_the_spread() {
+        let row = ceiling_row_of([1000, 1100, 1200], [1300, 1400, 1500]);
         assert!(row.contains("ahead in 0 raw"), "{row}");
         assert!(row.contains("not beaten beyond the spread"), "{row}");
 
         // Overlapping ranges with tailnetd's median ahead: ahead, not beyond the spread.
-        res.runs.clear();
-        for (seq, (t, c)) in [(1000, 900), (1100, 1050), (1200, 1150)]
-            .into_iter()
-            .enumerate()
-        {
-            res.runs
-                .push(run("relay", "tailnetd", seq, relay_report(t, 32, 0)));
-            res.runs
-                .push(run("relay", "tcp-forward", seq, relay_report(c, 32, 0)));
-        }
-        let row = ceiling_row(&res, mode).expect("a row");
+        let row = ceiling_row_of([1000, 1100, 1200], [900, 1050, 1150]);
         assert!(
             row.contains("ahead in 1 raw") && row.contains("beyond the spread in 0 raw"),
             "{row}"
         );
 
         // tailnetd's slowest run ahead of the forwarder's fastest: beaten.
-        res.runs.retain(|r| r.server != "tailnetd");
-        for (seq, t) in [1200, 1300, 1400].into_iter().enumerate() {
-            res.runs
-                .push(run("relay", "tailnetd", seq, relay_report(t, 32, 0)));
-        }
-        let row = ceiling_row(&res, mode).expect("a row");
+        let row = ceiling_row_of([1200, 1300, 1400], [900, 1050, 1150]);
         assert!(
             row.contains("beyond the spread in 1 raw") && row.contains("**beaten**"),
             "{row}"
