@@ -2223,7 +2223,8 @@ fn ceiling_row(res: &Results, mode: &Mode) -> Option<String> {
     let mut limits: Vec<String> = Vec::new();
     // Cells where tailnetd is ahead beyond the spread while the forwarder was at its own limit
     // (its core, or both cores): only there is a ceiling measured and beaten. Where the load
-    // generator's core bounded the forwarder, the cell measured the client, not the ceiling.
+    // generator's core (or latency, at one pair) bounded the forwarder, the cell did not measure
+    // the ceiling.
     let mut beaten_at_limit: Vec<String> = Vec::new();
     let server_cores = if mode.held {
         res.relay_cpu_share.unwrap_or(1.0)
@@ -2278,7 +2279,7 @@ fn ceiling_row(res: &Results, mode: &Mode) -> Option<String> {
         "not beaten beyond the spread".to_string()
     } else if beaten_at_limit.is_empty() {
         "not beaten where the forwarder was the limit (ahead beyond the spread only where the \
-         load generator bounded the forwarder)"
+         forwarder was below its core's limit: the load generator or latency bounded it)"
             .to_string()
     } else {
         format!(
@@ -2903,7 +2904,6 @@ mod tests {
         assert!(bad[1].contains("lost 7 packets"), "{bad:?}");
     }
 
-    /// The `relay` part's ceiling row for one cell with these tailnetd and forwarder runs.
     /// The ceiling row of one `relay` cell; the forwarder's runs used `forwarder_cpu` of a core
     /// and the load generator all of its own, so the forwarder's limit is "both" at 1.0 core and
     /// "client" below 0.9.
