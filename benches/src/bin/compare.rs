@@ -395,9 +395,16 @@ struct Mode {
     held: bool,
 }
 
-/// Every relay mode, in table order. The forwarder ceiling runs in the modes of our load
-/// generator without WebSocket (plain, or TLS-terminating in the TLS modes); it speaks no DERP
-/// handshake, so not with Tailscale's client.
+impl Mode {
+    /// Whether the forwarder ceiling runs in this mode: with our load generator and without
+    /// WebSocket (plain, or TLS-terminating in the TLS modes); it speaks no DERP handshake, so
+    /// not with Tailscale's client.
+    fn has_ceiling(&self) -> bool {
+        !self.websocket && !self.go
+    }
+}
+
+/// Every relay mode, in table order (which of them have a ceiling: [`Mode::has_ceiling`]).
 const MODES: &[Mode] = &[
     Mode {
         part: "relay",
@@ -1323,11 +1330,12 @@ fn main() -> Result<()> {
     let duration = cli.duration.unwrap_or(if quick { 0.5 } else { 5.0 });
     let tcpfwd = bin_dir.join("tcpfwd");
     // The plain ceiling's engine: io_uring where the kernel allows it. Probed only when a part
-    // with the plain forwarder runs (the TLS ceiling is always the tokio engine).
+    // with the plain forwarder runs (the TLS ceiling is always the tokio engine; without a plain
+    // part the engine named below is never started).
     let plain_ceiling = want("sweep")
         || MODES
             .iter()
-            .any(|m| !m.tls && !m.websocket && !m.go && want(m.part));
+            .any(|m| m.has_ceiling() && !m.tls && want(m.part));
     let probe = if plain_ceiling {
         start_announced(
             "tcpfwd --engine uring",
@@ -1583,7 +1591,7 @@ fn main() -> Result<()> {
         if ctx.bins.derper.is_some() {
             servers.push(("derper".into(), Relay::Derper));
         }
-        if !mode.websocket && !mode.go {
+        if mode.has_ceiling() {
             servers.push(("tcp-forward".into(), Relay::Ceiling));
         }
         // The Go client is for the cells a Tailscale node meets: 1400-byte packets; the other
@@ -2402,7 +2410,7 @@ fn targets(m: &mut String, res: &Results) {
     }
     // Issue 15: is the forwarder a ceiling? Per relay part with forwarder rows, the cells where
     // tailnetd is ahead of it, by the medians and beyond the spread.
-    for mode in MODES.iter().filter(|m| !m.go && !m.websocket) {
+    for mode in MODES.iter().filter(|m| m.has_ceiling()) {
         if let Some(line) = ceiling_row(res, mode) {
             w(m, &line);
         }
