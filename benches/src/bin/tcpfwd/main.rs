@@ -92,12 +92,18 @@ async fn pump(from: Box<dyn Io>, to: Box<dyn Io>) {
 /// start at [`READ_CHUNK`] bytes and double, up to [`READ_CHUNK_MAX`], while they come back
 /// full (a burst), halving again when they do not; after each read the task yields once so the
 /// writer can send the chunk before the next read (tailnetd reads once per poll).
+///
+/// Space is reserved one largest read at a time, so that a chunk's memory is reused as soon as
+/// the writer has sent it: reserving four (the first version) walked every pair's reads through
+/// 256 KiB of memory, 25 MiB at 100 pairs, and the copy of each decrypted record into it missed
+/// the cache (TLS, 100 pairs, 8000 B per packet: 7.8% of the forwarder's CPU in that copy and
+/// 7.9% in freeing rustls's records, against 3.5% and 3.0% with one read reserved).
 async fn read_chunks(mut from: Box<dyn Io>, tx: mpsc::Sender<Bytes>) {
     let mut buf = BytesMut::new();
     let mut want = READ_CHUNK;
     loop {
         if buf.capacity() < want {
-            buf.reserve(4 * READ_CHUNK_MAX);
+            buf.reserve(READ_CHUNK_MAX);
         }
         let n = match (&mut from).take(want as u64).read_buf(&mut buf).await {
             Ok(0) | Err(_) => return,

@@ -33,8 +33,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use io_uring::{opcode, squeue, types, IoUring};
 
-/// Size of one receive buffer: tailnetd's largest read.
-const BUF: usize = 64 << 10;
+/// Size of one receive buffer. Not tailnetd's largest read (64 KiB): with 64 KiB receives the
+/// engine fell, in about half the runs at one pair and 8000 B per packet, into a state that costs
+/// 3.1–4.7 µs per packet instead of 2.4–2.9 (fewer, larger receives and sends, the thread never
+/// sleeping, interrupt and softirq work on its core); with 32 KiB it stayed out of it in 12 runs
+/// of 12 (`benches/results/findings.md`, "The forwarder's two mended cells").
+const BUF: usize = 32 << 10;
 /// Buffers per pair: at most `BUFS * BUF` bytes read and not yet written.
 const BUFS: usize = 4;
 /// Submission queue entries; completions get [`CQ_ENTRIES`] (a pair has at most two operations in
