@@ -48,49 +48,19 @@ done
 mkdir -p "$out"
 work="$(mktemp -d)"
 cg=""
-cleanup() {
-  pkill -P $$ 2>/dev/null || true
-  [ -n "$cg" ] && rmdir "$cg" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-# The CPU cgroup the server runs in: 0.25 core (quota per 100 ms period), v2 or v1.
+srv=""
+# shellcheck source=benches/ab_common.sh
+. "$repo/benches/ab_common.sh"
 # shellcheck source=benches/coord_common.sh
 . "$repo/benches/coord_common.sh"
-cg="$(quarter_core_cgroup xcheck)"
+trap ab_cleanup EXIT
+
+# The CPU cgroup the server runs in (0.25 core; the server is pinned to core 0).
+cg="$(cpu_share_cgroup xcheck 0.25)"
 
 agents=10
 clients=100
 write_coord_auth "$work" "$agents"
-
-# Starts a server in the cgroup, pinned to core 0; sets $srv_pid and $srv_addr.
-start_server() {
-  local which="$1" log="$work/server.log"
-  : > "$work/server.out"
-  if [ "$which" = tailnetd ]; then
-    sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$cg" taskset -c 0 "$tailnetd" \
-      coordinator --http-addr 127.0.0.1:0 --log warn --metrics-addr "" \
-      --coordinator-max-sessions-per-user 100000 --config "$work/coord.toml" \
-      > "$work/server.out" 2> "$log" &
-  else
-    sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$cg" taskset -c 0 "$gobin/gocoord" \
-      -addr 127.0.0.1:0 > "$work/server.out" 2> "$log" &
-  fi
-  srv_pid=$!
-  for _ in $(seq 100); do
-    srv_addr="$(grep -o '"http_addr":"[^"]*"' "$work/server.out" 2>/dev/null | cut -d'"' -f4 || true)"
-    [ -n "$srv_addr" ] && return 0
-    sleep 0.1
-  done
-  echo "server $which did not start: $(cat "$log")" >&2
-  return 1
-}
-
-stop_server() {
-  kill "$srv_pid" 2>/dev/null || true
-  wait "$srv_pid" 2>/dev/null || true
-}
 
 results="$out/crosscheck.jsonl"
 : > "$results"
@@ -100,16 +70,21 @@ for case in "tailnetd 1" "tailnetd 7.5" "gocoord 1"; do
   for run in $(seq "$runs"); do
     for client in lean coder-go; do
       echo "crosscheck: $server rate $rate, $client, run $run/$runs" >&2
-      start_server "$server"
+      if [ "$server" = tailnetd ]; then
+        start_server "$work" "$cg" "$tailnetd" coordinator --http-addr 127.0.0.1:0 --log warn \
+          --metrics-addr "" --coordinator-max-sessions-per-user 100000 --config "$work/coord.toml"
+      else
+        start_server "$work" "$cg" "$gobin/gocoord" -addr 127.0.0.1:0
+      fi
       if [ "$client" = lean ]; then
         line="$(taskset -c 1 "$loadgen" coordinator --url "http://$srv_addr" --flavor "$server" \
           --auth-file "$work/auth.json" --agents "$agents" --clients-per-agent "$clients" \
-          --rate "$rate" --agent-rate "$rate" --duration 5 --warmup 1 --server-pid "$srv_pid" \
+          --rate "$rate" --agent-rate "$rate" --duration 5 --warmup 1 --server-pid "$srv" \
           | tail -n 1)"
       else
         line="$(taskset -c 1 "$gobin/coordload" -url "http://$srv_addr" -flavor "$server" \
           -auth-file "$work/auth.json" -agents "$agents" -clients-per-agent "$clients" \
-          -rate "$rate" -agent-rate "$rate" -duration 5 -warmup 1 -server-pid "$srv_pid" \
+          -rate "$rate" -agent-rate "$rate" -duration 5 -warmup 1 -server-pid "$srv" \
           | tail -n 1)"
       fi
       stop_server

@@ -26,54 +26,34 @@ runs=${3:-3}
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 loadgen=${LOADGEN:-$repo/target/release/loadgen}
 [ -x "$loadgen" ] || { echo "no load generator at $loadgen (cargo build --release -p benches --bin loadgen)" >&2; exit 1; }
+# shellcheck source=benches/ab_common.sh
+. "$repo/benches/ab_common.sh"
+# shellcheck source=benches/coord_common.sh
+. "$repo/benches/coord_common.sh"
 work=$(mktemp -d)
 out=${4:-$work/ab.jsonl}
 cg=""
 srv=""
-cleanup() {
-  [ -n "$srv" ] && kill "$srv" 2>/dev/null || true
-  [ -n "$cg" ] && rmdir "$cg" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-# shellcheck source=benches/coord_common.sh
-. "$repo/benches/coord_common.sh"
-cg="$(quarter_core_cgroup coordab)"
+trap ab_cleanup EXIT
+cg="$(cpu_share_cgroup coordab 0.25)"
 
 write_coord_auth "$work" 40
 
 one_run() { # bin label cell run -> appends the loadgen JSON line to $out
-  local bin=$1 label=$2 cell=$3 run=$4 mode rate agents clients
+  local bin=$1 label=$2 cell=$3 run=$4 mode rate agents clients held=""
   mode=${cell%-*}
   rate=${cell#*-}
   agents=10 clients=100
   [ "$mode" = idle ] && agents=40 clients=50
-  : > "$work/server.out"
-  if [ "$mode" = quarter ]; then
-    sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$cg" taskset -c 0 "$bin" \
-      coordinator --http-addr 127.0.0.1:0 --log warn --metrics-addr "" \
-      --coordinator-max-sessions-per-user 100000 --config "$work/coord.toml" \
-      > "$work/server.out" 2> "$work/server.log" &
-  else
-    taskset -c 0 "$bin" coordinator --http-addr 127.0.0.1:0 --log warn --metrics-addr "" \
-      --coordinator-max-sessions-per-user 100000 --config "$work/coord.toml" \
-      > "$work/server.out" 2> "$work/server.log" &
-  fi
-  srv=$!
-  local addr=""
-  for _ in $(seq 100); do
-    addr="$(grep -o '"http_addr":"[^"]*"' "$work/server.out" 2>/dev/null | cut -d'"' -f4 || true)"
-    [ -n "$addr" ] && break
-    sleep 0.1
-  done
-  [ -n "$addr" ] || { echo "server did not start: $(cat "$work/server.log")" >&2; exit 1; }
+  [ "$mode" = quarter ] && held=$cg
+  start_server "$work" "$held" "$bin" coordinator --http-addr 127.0.0.1:0 --log warn \
+    --metrics-addr "" --coordinator-max-sessions-per-user 100000 --config "$work/coord.toml"
   local line warmup=1
   [ "$mode" = idle ] && warmup=2
-  line=$(taskset -c 1 "$loadgen" coordinator --url "http://$addr" --auth-file "$work/auth.json" \
+  line=$(taskset -c 1 "$loadgen" coordinator --url "http://$srv_addr" --auth-file "$work/auth.json" \
     --agents "$agents" --clients-per-agent "$clients" --rate "$rate" --agent-rate "$rate" \
     --duration 5 --warmup "$warmup" --server-pid "$srv" --threads 1 2>/dev/null | tail -n 1)
-  kill "$srv"; wait "$srv" 2>/dev/null || true; srv=""
+  stop_server
   python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r.update(ab_label=sys.argv[2], ab_cell=sys.argv[3], ab_run=int(sys.argv[4])); print(json.dumps(r))' \
     "$line" "$label" "$cell" "$run" >> "$out"
 }

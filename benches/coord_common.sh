@@ -1,23 +1,8 @@
-# Shared by the coordinator benchmark scripts (sourced, not run).
+# Shared by the coordinator benchmark scripts (sourced, not run; the server and cgroup helpers
+# are in ab_common.sh).
 #
-#   quarter_core_cgroup TAG   creates a CPU cgroup held to 0.25 core (v2 or v1) and prints its path
 #   write_coord_auth DIR N    writes DIR/auth.json (for the load generators) and DIR/coord.toml
 #                             (tailnetd's static auth) for N agents and one user allowed all
-
-quarter_core_cgroup() {
-  local cg
-  if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
-    cg="/sys/fs/cgroup/tailnetd-$1-$$"
-    mkdir "$cg"
-    echo "25000 100000" > "$cg/cpu.max"
-  else
-    cg="/sys/fs/cgroup/cpu/tailnetd-$1-$$"
-    mkdir "$cg"
-    echo 100000 > "$cg/cpu.cfs_period_us"
-    echo 25000 > "$cg/cpu.cfs_quota_us"
-  fi
-  echo "$cg"
-}
 
 write_coord_auth() {
   python3 - "$1" "$2" <<'PY'

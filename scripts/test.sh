@@ -126,6 +126,11 @@ export TAILNETD_REQUIRE_CHROMIUM=1
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "shell scripts parse (bash -n)"
+for f in scripts/*.sh benches/*.sh deploy/*.sh .ci/run; do
+  [ -f "$f" ] && bash -n "$f"
+done
+
 step "unused dependencies (cargo-machete)"
 if ! need cargo-machete; then cargo install --locked --quiet cargo-machete; fi
 cargo machete
