@@ -404,6 +404,16 @@ impl Mode {
     }
 }
 
+/// Whether the parts `want` selects start the plain forwarder (so its io_uring engine is probed
+/// first): the sweep, and every plain relay mode with a ceiling. The TLS modes' ceiling is always
+/// the tokio engine.
+fn runs_plain_ceiling(want: &dyn Fn(&str) -> bool) -> bool {
+    want("sweep")
+        || MODES
+            .iter()
+            .any(|m| m.has_ceiling() && !m.tls && want(m.part))
+}
+
 /// Every relay mode, in table order (which of them have a ceiling: [`Mode::has_ceiling`]).
 const MODES: &[Mode] = &[
     Mode {
@@ -1332,10 +1342,7 @@ fn main() -> Result<()> {
     // The plain ceiling's engine: io_uring where the kernel allows it. Probed only when a part
     // with the plain forwarder runs (the TLS ceiling is always the tokio engine; without a plain
     // part the engine named below is never started).
-    let plain_ceiling = want("sweep")
-        || MODES
-            .iter()
-            .any(|m| m.has_ceiling() && !m.tls && want(m.part));
+    let plain_ceiling = runs_plain_ceiling(&want);
     let probe = if plain_ceiling {
         start_announced(
             "tcpfwd --engine uring",
@@ -3026,6 +3033,32 @@ mod tests {
                 && row.contains("**beaten** with the forwarder at its limit: P=10 S=1400"),
             "{row}"
         );
+    }
+
+    #[test]
+    fn the_io_uring_probe_runs_only_for_parts_with_the_plain_forwarder() {
+        let only = |parts: &'static [&'static str]| move |p: &str| parts.contains(&p);
+        for parts in [
+            &["sweep"][..],
+            &["relay"],
+            &["relay-pp"],
+            &["relay-held"],
+            &["relay-pp-held"],
+            &["idle", "relay-pp"],
+        ] {
+            assert!(runs_plain_ceiling(&only(parts)), "{parts:?}");
+        }
+        for parts in [
+            &["relay-tls"][..],
+            &["relay-tls-pp"],
+            &["relay-ws"],
+            &["relay-go", "relay-go-ws", "relay-go-tls"],
+            &["idle", "coord", "coord-cap"],
+        ] {
+            assert!(!runs_plain_ceiling(&only(parts)), "{parts:?}");
+        }
+        // No --only: every part, the plain ones among them.
+        assert!(runs_plain_ceiling(&|_| true));
     }
 
     #[test]
