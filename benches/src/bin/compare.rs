@@ -2257,42 +2257,23 @@ fn ceiling_row(res: &Results, mode: &Mode) -> Option<String> {
             continue;
         }
         n += 1;
-        let mut is_ahead = false;
-        // Beyond the spread: raw, per core.
-        let mut is_beyond = [false, false];
-        for ((f, a, b), beyond_here) in [
-            (
-                (|r: &RelayReport| Some(r.delivered_gbps)) as fn(&RelayReport) -> Option<f64>,
-                &mut ahead,
-                &mut beyond,
-            ),
-            (
-                |r: &RelayReport| r.gbps_per_core,
-                &mut ahead_core,
-                &mut beyond_core,
-            ),
-        ]
-        .into_iter()
-        .zip(&mut is_beyond)
-        {
-            if let (Some(ts), Some(cs)) = (spread(t, f), spread(c, f)) {
-                if ts.med > cs.med {
-                    *a += 1;
-                    is_ahead = true;
-                }
-                if ts.min > cs.max {
-                    *b += 1;
-                    *beyond_here = true;
-                }
-            }
-        }
-        if is_ahead {
+        // (tailnetd's median ahead, tailnetd's slowest run ahead of the forwarder's fastest)
+        let compare = |f: fn(&RelayReport) -> Option<f64>| match (spread(t, f), spread(c, f)) {
+            (Some(ts), Some(cs)) => (ts.med > cs.med, ts.min > cs.max),
+            _ => (false, false),
+        };
+        let (raw_ahead, raw_beyond) = compare(|r| Some(r.delivered_gbps));
+        let (core_ahead, core_beyond) = compare(|r| r.gbps_per_core);
+        ahead += usize::from(raw_ahead);
+        beyond += usize::from(raw_beyond);
+        ahead_core += usize::from(core_ahead);
+        beyond_core += usize::from(core_beyond);
+        if raw_ahead || core_ahead {
             let forwarder = limit(c, server_cores);
             limits.push(format!("{cell}: {} / {forwarder}", limit(t, server_cores)));
-            let [raw, per_core] = is_beyond;
             let beaten = match forwarder {
-                "server" => raw || per_core,
-                "both" => per_core,
+                "server" => raw_beyond || core_beyond,
+                "both" => core_beyond,
                 _ => false,
             };
             if beaten {
