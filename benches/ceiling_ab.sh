@@ -47,6 +47,10 @@ one_run() { # server label -> prints the loadgen JSON line
     tcpfwd-uring) start_server "$work" "$cg" "$bin/tcpfwd" --listen 127.0.0.1:0 --engine uring
       url=$srv_addr ;;
   esac
+  # One run is a command substitution, where `set -e` does not hold: a server that did not start
+  # ends the run here (and, through the failed assignment, the script) instead of running the
+  # load generator against nothing.
+  [ -n "$srv_addr" ] || exit 1
   local transport=raw
   [ "$which" = tailnetd ] && transport=derp
   relay_load "$url" "$transport" "$flush" "$pairs" "$size" "$label"
